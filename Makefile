@@ -1,0 +1,38 @@
+# Front door for people; CMake does the building.
+#   make test    install deps, build with ASan+UBSan (gcc), run every test,
+#                and check that clang builds warning-free
+#   make build   optimised build in build/ (bin: build/kdkit)
+#   make bench   run the benchmarks in bench/ (installs the peers first)
+JOBS ?= 2
+
+.PHONY: all deps build test test-asan clang-check bench clean
+
+all: build
+
+deps:
+	@./scripts/install-deps.sh
+
+build: deps
+	@cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DKD_BUILD_TESTS=OFF >/dev/null
+	@cmake --build build -j$(JOBS)
+
+test-asan: deps
+	@cmake -S . -B build-asan -DCMAKE_C_COMPILER=gcc -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKD_SANITIZE=ON >/dev/null
+	@cmake --build build-asan -j$(JOBS)
+	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  ctest --test-dir build-asan --output-on-failure -j$(JOBS)
+
+clang-check: deps
+	@cmake -S . -B build-clang -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=Release -DKD_FUZZ=ON >/dev/null
+	@cmake --build build-clang -j$(JOBS)
+
+test: test-asan clang-check
+
+bench: deps
+	@./scripts/install-deps.sh --bench
+	@cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+	@cmake --build build -j$(JOBS)
+	@./bench/run.sh build
+
+clean:
+	rm -rf build build-asan build-clang

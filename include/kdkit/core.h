@@ -1,0 +1,244 @@
+/*
+ * kdkit/core.h - crash-safe files, JSONL journals, directory locks, canonical
+ * JSON, SHA-256, clocks, configs and fault injection.  Every other layer
+ * writes and reads its files through these functions.
+ *
+ * Ownership: a function that returns memory through a `char **out` hands it
+ * to the caller, who frees it with free(); handles are freed by their
+ * *_close() / *_abort() / *_unlock() function, which also accepts NULL.
+ *
+ * Durability rules implemented here (see docs/recovery.md):
+ *   - whole files are replaced atomically: write a temp file in the same
+ *     directory, fsync it, rename it over the target, fsync the directory;
+ *   - JSONL journals only ever grow by whole lines ("...}\n"); a torn or
+ *     invalid last line left by a crash is moved aside and truncated away
+ *     when the journal is opened for writing;
+ *   - every system call that touches a file goes through an internal table
+ *     that tests can make fail (kd_fault_*), the way SQLite's os_unix.c does.
+ */
+#ifndef KDKIT_CORE_H
+#define KDKIT_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kdkit/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Clock                                                                     */
+
+/* Seconds since the Unix epoch, with sub-microsecond resolution. */
+double kd_now(void);
+/* Monotonic seconds (for intervals; unaffected by clock changes). */
+double kd_monotonic(void);
+
+/* ------------------------------------------------------------------------ */
+/* Whole files                                                               */
+
+/*
+ * Replace `path` with `len` bytes atomically and durably.  On any failure the
+ * previous content of `path` is untouched and no temp file is left behind.
+ */
+int kd_file_write_atomic(const char *path, const void *data, size_t len, kd_err *e);
+
+/*
+ * Streaming form of the same, for files too large to hold in memory
+ * (checkpoints).  kd_atomic_begin creates "<dir>/.<name>.tmp.<pid>.<n>";
+ * kd_atomic_commit fsyncs, renames over `path` and fsyncs the directory, then
+ * frees the handle whatever the outcome (on failure the temp file is removed
+ * and `path` is untouched).  kd_atomic_abort discards everything.
+ */
+typedef struct kd_atomic kd_atomic;
+int kd_atomic_begin(kd_atomic **out, const char *path, kd_err *e);
+int kd_atomic_write(kd_atomic *a, const void *data, size_t len, kd_err *e);
+int kd_atomic_commit(kd_atomic *a, kd_err *e);
+void kd_atomic_abort(kd_atomic *a);
+
+/* fsync a directory so that a rename or create inside it is durable. */
+int kd_fsync_dir(const char *dir, kd_err *e);
+
+/*
+ * Read a whole file into a NUL-terminated buffer.  Fails with KD_ELIMIT when
+ * the file is larger than `max` bytes, KD_ENOTFOUND when it does not exist.
+ */
+int kd_file_read_all(const char *path, size_t max, char **out, size_t *len, kd_err *e);
+
+/* mkdir -p; existing directories are fine. */
+int kd_mkdir_p(const char *path, kd_err *e);
+
+/* 1 if path exists (any type), 0 if not. */
+int kd_path_exists(const char *path);
+
+/* ------------------------------------------------------------------------ */
+/* JSONL journals                                                            */
+
+typedef enum kd_sync_policy {
+    KD_SYNC_ALWAYS = 0, /* fdatasync before every append returns (default) */
+    KD_SYNC_INTERVAL,   /* fdatasync when interval_ms has passed since the last */
+    KD_SYNC_EXPLICIT,   /* only at kd_jsonl_sync() and close */
+    KD_SYNC_NEVER,      /* leave it to the OS (close still flushes the buffer) */
+} kd_sync_policy;
+
+typedef struct kd_jsonl_opts {
+    kd_sync_policy sync;
+    int interval_ms;      /* for KD_SYNC_INTERVAL */
+    size_t buffer_bytes;  /* 0: each append is one write(); >0: lines collect in
+                             memory and go out in one write() when the buffer is
+                             full, at a sync point, or when the interval passes */
+    size_t max_line;      /* longest accepted line in bytes; 0 = 16 MiB */
+} kd_jsonl_opts;
+
+/* What kd_jsonl_open found and did at the tail of an existing journal. */
+typedef struct kd_jsonl_repair {
+    int repaired;            /* 1 when a torn/invalid tail was moved aside */
+    uint64_t bytes_moved;    /* how many bytes went to aside_path */
+    uint64_t size;           /* journal size after the repair */
+    char aside_path[4096];   /* sibling file now holding those bytes */
+    char reason[256];        /* "no newline at end" / "last line is not valid JSON" */
+} kd_jsonl_repair;
+
+typedef struct kd_jsonl kd_jsonl;
+
+/*
+ * Open (creating if needed) a journal for appending.  If the file ends in a
+ * partial line, or its last line is not valid JSON, those bytes are copied to
+ * "<path>.torn-<UTC time>[-n]" (durably) and truncated away; *rep (may be
+ * NULL) says what happened.  opts may be NULL for the defaults.
+ */
+int kd_jsonl_open(kd_jsonl **out, const char *path, const kd_jsonl_opts *opts,
+                  kd_jsonl_repair *rep, kd_err *e);
+
+/*
+ * Append one record.  `line` is the JSON text without the trailing newline and
+ * must not contain '\n'.  With KD_SYNC_ALWAYS the record is on disk when this
+ * returns KD_OK.  If a write fails part-way, the partial bytes are truncated
+ * away so the journal still ends on a whole line.
+ */
+int kd_jsonl_append(kd_jsonl *j, const char *line, size_t len, kd_err *e);
+
+/* Write out buffered lines (no fsync). */
+int kd_jsonl_flush(kd_jsonl *j, kd_err *e);
+/* Write out buffered lines and fdatasync. */
+int kd_jsonl_sync(kd_jsonl *j, kd_err *e);
+/* Bytes in the journal, counting buffered lines. */
+uint64_t kd_jsonl_size(const kd_jsonl *j);
+
+/*
+ * Move every byte from `offset` to the end into `aside_path` (created or
+ * appended to, durably), then truncate the journal to `offset`.  Used to
+ * rewind a metrics log after a resume without deleting anything.
+ */
+int kd_jsonl_move_tail(kd_jsonl *j, uint64_t offset, const char *aside_path, kd_err *e);
+
+/* Flush, sync (unless KD_SYNC_NEVER) and close.  Accepts NULL. */
+int kd_jsonl_close(kd_jsonl *j, kd_err *e);
+
+/*
+ * Sequential reader.  kd_jsonl_next returns 1 with a line (without '\n', valid
+ * until the next call), 0 at the end, or a negative code: KD_ECORRUPT for a
+ * last line without newline, KD_ELIMIT for a line longer than max_line.  It
+ * does not parse JSON; kd_jsonl_reader_lineno gives the 1-based line number
+ * and kd_jsonl_reader_offset the byte offset of the line just returned.
+ */
+typedef struct kd_jsonl_reader kd_jsonl_reader;
+int kd_jsonl_reader_open(kd_jsonl_reader **out, const char *path, size_t max_line, kd_err *e);
+int kd_jsonl_reader_seek(kd_jsonl_reader *r, uint64_t offset, int64_t lineno, kd_err *e);
+int kd_jsonl_next(kd_jsonl_reader *r, const char **line, size_t *len, kd_err *e);
+int64_t kd_jsonl_reader_lineno(const kd_jsonl_reader *r);
+uint64_t kd_jsonl_reader_offset(const kd_jsonl_reader *r);
+void kd_jsonl_reader_close(kd_jsonl_reader *r);
+
+/*
+ * Read the last complete line of a file without reading the rest: *out gets a
+ * malloc'd copy (without '\n'), *offset its byte offset.  Returns KD_ENOTFOUND
+ * when the file has no complete line.  Cost is proportional to the line.
+ */
+int kd_jsonl_last_line(const char *path, char **out, uint64_t *offset, kd_err *e);
+
+/* ------------------------------------------------------------------------ */
+/* Directory lock                                                            */
+
+/*
+ * Take an exclusive flock on "<dir>/.kdkit.lock" and write our pid into it.
+ * A second process gets KD_ELOCKED with a message naming the holder's pid.
+ * The lock is released by kd_dir_unlock or by the process ending.
+ */
+typedef struct kd_lock kd_lock;
+int kd_dir_lock(kd_lock **out, const char *dir, kd_err *e);
+void kd_dir_unlock(kd_lock *l);
+
+/* ------------------------------------------------------------------------ */
+/* SHA-256 (OpenSSL libcrypto underneath)                                    */
+
+#define KD_SHA256_HEX 65 /* 64 hex digits and the NUL */
+
+typedef struct kd_sha256 kd_sha256;
+int kd_sha256_new(kd_sha256 **out);
+void kd_sha256_update(kd_sha256 *h, const void *data, size_t len);
+/* Writes 64 lowercase hex digits and a NUL; the handle can be reused after. */
+void kd_sha256_final_hex(kd_sha256 *h, char hex[KD_SHA256_HEX]);
+void kd_sha256_free(kd_sha256 *h);
+/* One-shot forms. */
+int kd_sha256_hex(const void *data, size_t len, char hex[KD_SHA256_HEX]);
+/* Hash a file's content; *size (may be NULL) gets its length. */
+int kd_sha256_file(const char *path, char hex[KD_SHA256_HEX], uint64_t *size, kd_err *e);
+
+/* ------------------------------------------------------------------------ */
+/* Canonical JSON and configs                                                */
+
+/*
+ * Canonical form of a JSON text: object keys sorted by their UTF-8 bytes, no
+ * insignificant whitespace, strings escaped minimally ( \" \\ and control
+ * characters as \uXXXX except \b \f \n \r \t ), numbers in one format: an
+ * integral value with |v| < 2^53 as a plain integer (so 1, 1.0 and 1e0 are the
+ * same), any other as the shortest "%.17g"-family text that reads back to the
+ * same double.  Duplicate keys and invalid UTF-8 are rejected.
+ */
+int kd_json_canonical(const char *json, size_t len, char **out, kd_err *e);
+
+/* SHA-256 hex of the canonical form: the config hash of a session. */
+int kd_json_hash(const char *json, size_t len, char hex[KD_SHA256_HEX], kd_err *e);
+
+/*
+ * Read a YAML (or JSON, which is YAML) config file into JSON text.  Plain
+ * scalars become null / true / false / integers / reals where YAML 1.2's core
+ * schema says so, and strings otherwise; quoted scalars are always strings.
+ * Anchors/aliases, tags and duplicate keys are rejected; errors name the file,
+ * line and column.
+ */
+int kd_config_load_yaml(const char *path, char **json_out, kd_err *e);
+
+/* ------------------------------------------------------------------------ */
+/* Fault injection (for tests; costs one branch per system call otherwise)   */
+
+typedef enum kd_fault_op {
+    KD_FAULT_OPEN = 0,
+    KD_FAULT_WRITE,     /* write and pwrite */
+    KD_FAULT_FSYNC,     /* fsync and fdatasync */
+    KD_FAULT_RENAME,
+    KD_FAULT_TRUNCATE,  /* ftruncate */
+    KD_FAULT_READ,
+    KD_FAULT_NOPS
+} kd_fault_op;
+
+/*
+ * Make the nth call (1-based, counted from now) of `op` fail with errno `err`.
+ * For KD_FAULT_WRITE, short != 0 makes that call write only part of its
+ * buffer and report it (a short write) instead of failing; the next write
+ * then fails with `err`.  persistent != 0 makes every call from the nth on
+ * fail.  Counters are process-wide.
+ */
+void kd_fault_set(kd_fault_op op, long nth, int err, int short_write, int persistent);
+/* Remove every planned fault and reset the counters. */
+void kd_fault_clear(void);
+/* Number of calls of `op` since the last kd_fault_clear(). */
+long kd_fault_calls(kd_fault_op op);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,261 @@
+/*
+ * kdkit/tracker.h - the ProgressTracker of the product guide, in C.
+ *
+ * A tracker owns one output directory (default "training_progress/") and the
+ * files the guide lists, written so that a crash at any instant loses nothing
+ * that a call had already reported as saved:
+ *
+ *   session.json        complete session state            (atomic replace)
+ *   progress.json       current summary                   (atomic replace)
+ *   metrics.jsonl       one line per step, steps strictly increasing
+ *   api_recovery.jsonl  one line per paid teacher response, fsync'd before
+ *                       kd_tracker_record_api_response returns
+ *   checkpoints.json    checkpoint manifest               (atomic replace)
+ *   failures.jsonl      one line per connection failure (kdkit's addition)
+ *   events.jsonl        session events: open, resume, rewind, repair, pause
+ *   .kdkit.lock         one tracker per directory (flock)
+ *   sessions/<id>/      archived files of earlier sessions (config changed)
+ *
+ * The formats and the recovery rules are in docs/formats.md and
+ * docs/recovery.md.  Reopening costs the same whatever the length of the run:
+ * only file tails are read.  Memory stays flat however many steps are logged.
+ *
+ * Ownership: kd_tracker_close frees the handle.  Strings returned inside
+ * structs (kd_recovery, kd_summary) are owned by the tracker and valid until
+ * the next call on it, unless a comment says otherwise.  A tracker is not
+ * thread-safe: call it from one thread (or hold your own mutex).
+ */
+#ifndef KDKIT_TRACKER_H
+#define KDKIT_TRACKER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kdkit/core.h"
+#include "kdkit/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kd_tracker kd_tracker;
+
+/* What to do when the directory's session has another config hash. */
+typedef enum kd_config_mismatch {
+    KD_MISMATCH_NEW_SESSION = 0, /* the guide: archive the old session, start anew */
+    KD_MISMATCH_REFUSE,          /* strict: fail with KD_EMISMATCH, touch nothing */
+} kd_config_mismatch;
+
+typedef struct kd_tracker_opts {
+    /* NULL: resume the session in the directory if there is one (and its
+       config matches), else start a new one.  Non-NULL: resume exactly that
+       session; KD_ENOTFOUND if the directory holds another or none. */
+    const char *session_id;
+    kd_config_mismatch on_mismatch;
+    int new_session;          /* 1: always start anew, archiving what is there */
+    double autosave_seconds;  /* session.json/progress.json cadence; 0 = 300 */
+    kd_sync_policy api_sync;  /* api_recovery.jsonl; default KD_SYNC_ALWAYS */
+    int metrics_flush_ms;     /* metrics.jsonl buffer flush cadence; 0 = 1000 */
+} kd_tracker_opts;
+
+/* Fill *o with the defaults. */
+void kd_tracker_opts_init(kd_tracker_opts *o);
+
+/*
+ * Open the tracker of `output_dir` (created if missing).  `config_json` is the
+ * run's configuration as JSON text (kd_config_load_yaml turns YAML into it);
+ * its canonical SHA-256 is the session's config_hash.  total_steps is the
+ * target.  opts may be NULL.  On KD_EMISMATCH (strict mode) and other errors,
+ * *out is NULL and *e names what is wrong, e.g. which config keys changed.
+ */
+int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config_json,
+                    int64_t total_steps, const kd_tracker_opts *opts, kd_err *e);
+
+/* The last error on this handle. */
+const char *kd_tracker_errmsg(const kd_tracker *t);
+const char *kd_tracker_session_id(const kd_tracker *t);
+const char *kd_tracker_config_hash(const kd_tracker *t);
+const char *kd_tracker_dir(const kd_tracker *t);
+/* 1 if open resumed an existing session, 0 if it started a new one. */
+int kd_tracker_resumed(const kd_tracker *t);
+/*
+ * What open did besides the obvious, as lines of text for a person ("config
+ * hash mismatch, keys changed: ...; archived to ...", "repaired torn tail of
+ * metrics.jsonl (37 bytes moved to ...)").  Empty string when nothing.
+ */
+const char *kd_tracker_open_report(const kd_tracker *t);
+
+/* Sentinel for "not measured" doubles in kd_metrics. */
+#define KD_UNSET (-1e308)
+
+typedef struct kd_metrics {
+    int64_t step;                  /* strictly increasing (see rewind) */
+    double loss;                   /* NaN/Inf allowed: written as null + marker */
+    double loss_kd;                /* KD_UNSET when not part of the loss */
+    double loss_ce;
+    double loss_intermediate;
+    double learning_rate;
+    int64_t samples_processed;     /* cumulative */
+    int64_t tokens_processed;      /* cumulative */
+    double throughput_samples_per_sec; /* KD_UNSET: tracker computes it */
+    double throughput_tokens_per_sec;  /* KD_UNSET: tracker computes it */
+} kd_metrics;
+
+/* Fill *m with KD_UNSET / zeros so callers set only what they have. */
+void kd_metrics_init(kd_metrics *m);
+
+/*
+ * Record one step.  Cheap (well under a microsecond): the line is buffered
+ * and reaches metrics.jsonl at the next flush (every metrics_flush_ms, at a
+ * checkpoint, save, pause or close).  A step at or below the last one logged
+ * means the trainer went back (a resume): the lines from that step on are
+ * moved aside first, as kd_tracker_rewind does.
+ */
+int kd_tracker_update_metrics(kd_tracker *t, const kd_metrics *m);
+
+/*
+ * Resume at checkpoint step S: lines of metrics.jsonl with step > S (from the
+ * interrupted attempt) are moved to metrics.rewound.jsonl (kept, not lost),
+ * and the counters go back to their values at S.  Cost is proportional to the
+ * lines moved.
+ */
+int kd_tracker_rewind(kd_tracker *t, int64_t step);
+
+typedef struct kd_checkpoint_info {
+    int64_t step;
+    const char *path;              /* must be inside the output directory */
+    int64_t dataset_position;
+    const char *const *tags;       /* e.g. "every_1k_steps", "best_loss" */
+    size_t ntags;
+    const char *sha256;            /* hex if the writer computed it, else NULL:
+                                      the tracker hashes the file */
+    int64_t size;                  /* bytes, or -1 to stat the file */
+} kd_checkpoint_info;
+
+/*
+ * Record a checkpoint that is already durable on disk: its metrics at this
+ * step (loss, wall_clock_hours), size and SHA-256.  Flushes and syncs
+ * metrics.jsonl, rewrites checkpoints.json and session.json atomically.
+ */
+int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c);
+
+/*
+ * Note that a checkpoint file was deleted (retention) and why.  The record
+ * stays in the manifest with "deleted": true.  The tracker refuses
+ * (KD_EINVAL) to mark the recovery checkpoint or the best one.
+ */
+int kd_tracker_checkpoint_deleted(kd_tracker *t, int64_t step, const char *reason);
+
+typedef struct kd_api_response {
+    const char *prompt_hash;   /* 64 hex, or NULL: SHA-256 of `prompt` */
+    const char *prompt;        /* used only to compute prompt_hash; not stored */
+    const char *response;      /* response text (or the raw body) */
+    double cost;               /* in the price table's currency */
+    const char *request_hash;  /* cache key of the request, or NULL */
+    int64_t sample_index;      /* -1 when not tied to a sample */
+    int64_t prompt_tokens;     /* -1 when unknown */
+    int64_t completion_tokens; /* -1 when unknown */
+    double latency_ms;         /* KD_UNSET when unknown */
+    const char *model;         /* the model the response names, or NULL */
+    const char *request_id;    /* provider's id, or NULL */
+} kd_api_response;
+
+void kd_api_response_init(kd_api_response *r);
+
+/*
+ * Append a paid response to api_recovery.jsonl.  With the default policy the
+ * line is fsync'd before KD_OK is returned: the response survives a power
+ * cut.  Adds cost to the session's spend.
+ */
+int kd_tracker_record_api_response(kd_tracker *t, const kd_api_response *r);
+
+typedef struct kd_failure {
+    int retry_count;           /* the attempt that failed, 0-based */
+    const char *error;         /* message; callers must not put secrets in it */
+    int http_status;           /* 0 for connection-level failures */
+    int possibly_billed;       /* 1: the request was sent; the answer was lost */
+    const char *request_hash;  /* NULL if not known */
+} kd_failure;
+
+/* Append to failures.jsonl and count it in session.json. */
+int kd_tracker_record_connection_failure(kd_tracker *t, const kd_failure *f);
+
+/*
+ * A pause of `duration` seconds that has just ended (waiting on a rate limit,
+ * a suspended job) is excluded from active time, throughput and ETA; then
+ * everything is saved.  duration 0 marks "pausing now" (before an orderly
+ * stop): the gap until the session is reopened is excluded automatically.
+ */
+int kd_tracker_record_pause(kd_tracker *t, double duration);
+
+/* Write session.json and progress.json now (they are also autosaved). */
+int kd_tracker_save(kd_tracker *t);
+
+typedef struct kd_recovery {
+    int found;                 /* 0: no usable checkpoint */
+    int64_t step;
+    int64_t dataset_position;
+    char path[4096];           /* resolved against the current output dir */
+    char sha256[KD_SHA256_HEX];
+    int64_t size;
+    double loss;
+    /* One line per newer checkpoint that was skipped and why ("step 3000:
+       file missing", "step 2000: SHA-256 differs from the manifest"). */
+    char skipped[2048];
+} kd_recovery;
+
+/*
+ * The newest checkpoint whose file exists and matches its recorded size and
+ * SHA-256 (hashing each candidate file), falling back to older ones.
+ */
+int kd_tracker_recovery_checkpoint(kd_tracker *t, kd_recovery *r);
+/* The best checkpoint by loss among those not deleted (no file check). */
+int kd_tracker_best_checkpoint(kd_tracker *t, kd_recovery *r);
+
+typedef struct kd_summary {
+    const char *session_id;
+    double progress_pct;
+    int64_t steps_completed;
+    int64_t total_steps_target;
+    double elapsed_wall_clock_hours;   /* since the session started */
+    double active_hours;               /* minus pauses and interruptions */
+    double estimated_remaining_hours;  /* NaN while unknown */
+    const char *loss_trend;  /* improving | plateau | diverging | insufficient_data */
+    double latest_loss;      /* NaN when none */
+    double steps_per_sec;    /* recent active rate */
+    double tokens_per_sec;
+    double samples_per_sec;
+    int64_t samples_processed;
+    int64_t tokens_processed;
+    int64_t api_responses_saved;
+    int64_t connection_failures;
+    int64_t possibly_billed_failures;
+    double total_cost;
+    int64_t checkpoints;
+    int64_t last_checkpoint_step;       /* -1 when none */
+    int64_t pauses;
+    double paused_hours;
+} kd_summary;
+
+int kd_tracker_summary(kd_tracker *t, kd_summary *s);
+/* The progress.json document (malloc'd; caller frees). */
+int kd_tracker_summary_json(kd_tracker *t, char **json_out);
+
+/* Flush, save, release the lock, free.  Accepts NULL. */
+int kd_tracker_close(kd_tracker *t);
+
+/*
+ * Read-only view of a directory for status tools: the same summary, computed
+ * from the files without taking the lock or repairing anything, so it works
+ * while a run is writing.  *json_out is the progress.json document.
+ */
+int kd_session_inspect(const char *output_dir, char **json_out, kd_err *e);
+
+/* The loss-trend rule, exposed for tests and docs: `n` recent losses, oldest
+   first.  Returns a static string. */
+const char *kd_loss_trend(const double *losses, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

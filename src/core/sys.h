@@ -1,0 +1,29 @@
+/*
+ * src/core/sys.h - the system-call table every file operation in libkdkit goes
+ * through (internal).  Each wrapper counts its calls and fails when a test
+ * planned a fault with kd_fault_set() (include/kdkit/core.h).  Code in any
+ * layer that writes files must use these, never the raw calls, so the fault
+ * tests reach it.
+ */
+#ifndef KD_SRC_CORE_SYS_H
+#define KD_SRC_CORE_SYS_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+int kd_sys_open(const char *path, int flags, mode_t mode);
+ssize_t kd_sys_write(int fd, const void *buf, size_t len);
+ssize_t kd_sys_pwrite(int fd, const void *buf, size_t len, off_t off);
+ssize_t kd_sys_read(int fd, void *buf, size_t len);
+ssize_t kd_sys_pread(int fd, void *buf, size_t len, off_t off);
+int kd_sys_fsync(int fd);
+int kd_sys_fdatasync(int fd);
+int kd_sys_rename(const char *from, const char *to);
+int kd_sys_ftruncate(int fd, off_t len);
+
+/* Write all of buf, retrying on EINTR and short writes; -1 with errno set. */
+int kd_sys_write_all(int fd, const void *buf, size_t len);
+/* Same for pwrite at an offset. */
+int kd_sys_pwrite_all(int fd, const void *buf, size_t len, off_t off);
+
+#endif
