@@ -146,6 +146,26 @@ int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c);
  */
 int kd_tracker_checkpoint_deleted(kd_tracker *t, int64_t step, const char *reason);
 
+/* One checkpoint of the manifest, in step order (kd_tracker_checkpoint_get). */
+typedef struct kd_checkpoint_record {
+    int64_t step;
+    const char *path;           /* resolved against the current output dir */
+    const char *relative_path;  /* as stored, relative to the output dir */
+    int64_t dataset_position;
+    double loss;                /* NaN when unknown */
+    double created_at;          /* Unix seconds */
+    int deleted;                /* removed by retention */
+    const char *const *tags;
+    size_t ntags;
+    const char *sha256;
+    int64_t size;
+} kd_checkpoint_record;
+
+size_t kd_tracker_checkpoint_count(const kd_tracker *t);
+/* i-th record, oldest first; pointers valid until the next call that records
+   or deletes a checkpoint. */
+int kd_tracker_checkpoint_get(const kd_tracker *t, size_t i, kd_checkpoint_record *r);
+
 typedef struct kd_api_response {
     const char *prompt_hash;   /* 64 hex, or NULL: SHA-256 of `prompt` */
     const char *prompt;        /* used only to compute prompt_hash; not stored */

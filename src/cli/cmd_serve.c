@@ -1,0 +1,3 @@
+/* src/cli/cmd_serve.c - placeholder until its layer lands; the owner replaces this file. */
+#include "cli/cli.h"
+int kd_cmd_serve(int argc, char **argv) { (void)argc; kd_cli_error(argv[0], "not available in this build yet"); return 2; }

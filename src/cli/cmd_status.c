@@ -1,0 +1,5 @@
+/* src/cli/cmd_status.c - placeholder until its layer lands; the owner replaces this file. */
+#include "cli/cli.h"
+int kd_cmd_status(int argc, char **argv) { (void)argc; kd_cli_error(argv[0], "not available in this build yet"); return 2; }
+int kd_cmd_summary(int argc, char **argv) { (void)argc; kd_cli_error(argv[0], "not available in this build yet"); return 2; }
+int kd_cmd_checkpoints(int argc, char **argv) { (void)argc; kd_cli_error(argv[0], "not available in this build yet"); return 2; }
