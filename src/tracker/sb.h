@@ -1,0 +1,42 @@
+/*
+ * src/tracker/sb.h - a growable string buffer with a hard size cap, and the
+ * JSON text emitters the tracker writes its files with (internal).  The cap
+ * (curl's dynbuf idea) means no input can grow a buffer without bound; when
+ * it is hit, or an allocation fails, the buffer goes into a sticky error
+ * state and kd_sb_error() reports it once at the end.
+ */
+#ifndef KD_SRC_TRACKER_SB_H
+#define KD_SRC_TRACKER_SB_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct kd_sb {
+    char *buf;
+    size_t len, cap, max;
+    int err; /* 0, KD_ENOMEM or KD_ELIMIT */
+} kd_sb;
+
+void kd_sb_init(kd_sb *s, size_t max);
+void kd_sb_free(kd_sb *s);
+void kd_sb_reset(kd_sb *s);
+int kd_sb_error(const kd_sb *s);
+void kd_sb_put(kd_sb *s, const char *p, size_t n);
+void kd_sb_puts(kd_sb *s, const char *p);
+void kd_sb_putc(kd_sb *s, char c);
+void kd_sb_printf(kd_sb *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Transfer the NUL-terminated buffer to the caller (free()); resets s. */
+char *kd_sb_take(kd_sb *s);
+
+/* JSON values.  Non-finite doubles become null.  Strings must be valid UTF-8:
+   kd_sb_json_str returns -1 (and writes nothing) when they are not. */
+void kd_sb_json_double(kd_sb *s, double v);
+void kd_sb_json_int(kd_sb *s, int64_t v);
+int kd_sb_json_str(kd_sb *s, const char *p, size_t n);
+/* NULL -> null; invalid UTF-8 -> the string with bad bytes as \ufffd. */
+void kd_sb_json_cstr(kd_sb *s, const char *p);
+
+/* 1 if p[0..n) is valid UTF-8 without NUL bytes. */
+int kd_utf8_valid(const char *p, size_t n);
+
+#endif

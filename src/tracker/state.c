@@ -1,0 +1,1263 @@
+/*
+ * src/tracker/state.c - the tracker's state files: writing session.json,
+ * progress.json and checkpoints.json (atomic replace), and rebuilding the
+ * in-memory state of a session from them plus the tails of its journals.
+ *
+ * Reopening reads session.json, checkpoints.json, at most KD_TREND_WINDOW
+ * lines from the end of metrics.jsonl, and only the api_recovery.jsonl and
+ * failures.jsonl lines appended since session.json was last saved (it records
+ * their byte sizes).  So the cost of a reopen does not grow with the length
+ * of the run.  Formats: docs/formats.md.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/sys.h"
+#include "tracker/tracker_int.h"
+
+int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t->err.msg, sizeof t->err.msg, fmt, ap);
+    va_end(ap);
+    t->err.code = code;
+    t->err.sys_errno = 0;
+    return code;
+}
+
+int kd_trk_path(const kd_tracker *t, const char *name, char *out, size_t outsz)
+{
+    int n = snprintf(out, outsz, "%s/%s", t->dir, name);
+    return n < 0 || (size_t)n >= outsz ? KD_ELIMIT : KD_OK;
+}
+
+double kd_trk_active(const kd_tracker *t, double now)
+{
+    /* A read-only view knows the active time only up to the last record. */
+    double a = t->readonly ? t->active_base : t->active_base + (now - t->mark);
+    return a > 0 ? a : 0;
+}
+
+void kd_trk_rates(const kd_tracker *t, double *steps, double *samples, double *tokens)
+{
+    *steps = *samples = *tokens = NAN;
+    if (t->rate_n >= 2) {
+        const rate_point *o = &t->rate[(t->rate_head + KD_RATE_WINDOW - t->rate_n) % KD_RATE_WINDOW];
+        const rate_point *n = &t->rate[(t->rate_head + KD_RATE_WINDOW - 1) % KD_RATE_WINDOW];
+        double dt = n->active - o->active;
+        if (dt > 0) {
+            *steps = (double)(n->step - o->step) / dt;
+            *samples = (double)(n->samples - o->samples) / dt;
+            *tokens = (double)(n->tokens - o->tokens) / dt;
+            return;
+        }
+    }
+    /* Right after a resume: the rate the previous attempt last measured. */
+    if (t->saved_steps_per_sec > 0) {
+        *steps = t->saved_steps_per_sec;
+        *samples = t->saved_samples_per_sec;
+        *tokens = t->saved_tokens_per_sec;
+    }
+}
+
+void kd_trk_loss_push(kd_tracker *t, double loss)
+{
+    t->losses[t->loss_head] = loss;
+    t->loss_head = (t->loss_head + 1) % KD_TREND_WINDOW;
+    if (t->loss_n < KD_TREND_WINDOW)
+        t->loss_n++;
+}
+
+/*
+ * The loss-trend rule (docs/recovery.md "Loss trend"): with fewer than 10
+ * losses, insufficient_data.  Any NaN or Inf among them: diverging.  Else
+ * compare the mean of the newer half with the mean of the older half: more
+ * than 1% lower is improving, more than 10% higher is diverging, anything
+ * between is a plateau.
+ */
+const char *kd_loss_trend(const double *losses, size_t n)
+{
+    if (n < 10)
+        return "insufficient_data";
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(losses[i]))
+            return "diverging";
+    size_t h = n / 2;
+    double a = 0, b = 0;
+    for (size_t i = 0; i < h; i++)
+        a += losses[i];
+    for (size_t i = n - h; i < n; i++)
+        b += losses[i];
+    a /= (double)h;
+    b /= (double)h;
+    double scale = fabs(a) > 1e-12 ? fabs(a) : 1e-12;
+    double rel = (b - a) / scale;
+    if (rel < -0.01)
+        return "improving";
+    if (rel > 0.10)
+        return "diverging";
+    return "plateau";
+}
+
+/* ------------------------------------------------------------------------ */
+/* Checkpoint records                                                        */
+
+void kd_trk_ck_free(ckrec *c)
+{
+    if (!c)
+        return;
+    free(c->rel);
+    free(c->abs);
+    free(c->resolved);
+    for (size_t i = 0; i < c->ntags; i++)
+        free(c->tags[i]);
+    free(c->tags);
+    free(c->deleted_reason);
+    free(c->frag);
+    memset(c, 0, sizeof *c);
+}
+
+int kd_trk_ck_frag(ckrec *c)
+{
+    kd_sb s;
+    kd_sb_init(&s, 1 << 20);
+    kd_sb_puts(&s, "{\"checkpoint_step\":");
+    kd_sb_json_int(&s, c->step);
+    kd_sb_puts(&s, ",\"checkpoint_path\":");
+    kd_sb_json_cstr(&s, c->abs ? c->abs : c->resolved);
+    kd_sb_puts(&s, ",\"relative_path\":");
+    kd_sb_json_cstr(&s, c->rel);
+    kd_sb_puts(&s, ",\"created_at\":");
+    kd_sb_printf(&s, "%.6f", c->created_at);
+    kd_sb_puts(&s, ",\"dataset_position\":");
+    kd_sb_json_int(&s, c->dataset_position);
+    kd_sb_puts(&s, ",\"recovery_tags\":[");
+    for (size_t i = 0; i < c->ntags; i++) {
+        if (i)
+            kd_sb_putc(&s, ',');
+        kd_sb_json_cstr(&s, c->tags[i]);
+    }
+    kd_sb_puts(&s, "],\"metrics\":{\"loss\":");
+    kd_sb_json_double(&s, c->loss);
+    kd_sb_puts(&s, ",\"wall_clock_hours\":");
+    kd_sb_json_double(&s, c->wall_clock_hours);
+    kd_sb_puts(&s, ",\"active_hours\":");
+    kd_sb_json_double(&s, c->active_hours);
+    kd_sb_puts(&s, "},\"size\":");
+    kd_sb_json_int(&s, c->size);
+    kd_sb_puts(&s, ",\"sha256\":");
+    kd_sb_json_cstr(&s, c->sha256);
+    kd_sb_puts(&s, c->deleted ? ",\"deleted\":true" : ",\"deleted\":false");
+    if (c->deleted) {
+        kd_sb_puts(&s, ",\"deleted_reason\":");
+        kd_sb_json_cstr(&s, c->deleted_reason);
+    }
+    kd_sb_putc(&s, '}');
+    if (kd_sb_error(&s)) {
+        kd_sb_free(&s);
+        return KD_ENOMEM;
+    }
+    free(c->frag);
+    c->frag = kd_sb_take(&s);
+    return KD_OK;
+}
+
+static int64_t best_step(const kd_tracker *t)
+{
+    long best = -1;
+    for (size_t i = 0; i < t->nck; i++) {
+        if (t->ck[i].deleted || !isfinite(t->ck[i].loss))
+            continue;
+        if (best < 0 || t->ck[i].loss < t->ck[best].loss)
+            best = (long)i;
+    }
+    return best < 0 ? -1 : t->ck[best].step;
+}
+
+static int64_t latest_step(const kd_tracker *t)
+{
+    for (size_t i = t->nck; i-- > 0;)
+        if (!t->ck[i].deleted)
+            return t->ck[i].step;
+    return -1;
+}
+
+static void put_step_or_null(kd_sb *s, int64_t v)
+{
+    if (v < 0)
+        kd_sb_puts(s, "null");
+    else
+        kd_sb_json_int(s, v);
+}
+
+/* "checkpoints": {"1000": {...}, ...} in step order, one record a line. */
+static void put_ck_object(kd_sb *s, const kd_tracker *t, const char *indent)
+{
+    kd_sb_putc(s, '{');
+    for (size_t i = 0; i < t->nck; i++) {
+        kd_sb_puts(s, i ? ",\n" : "\n");
+        kd_sb_puts(s, indent);
+        kd_sb_printf(s, "  \"%lld\": ", (long long)t->ck[i].step);
+        kd_sb_puts(s, t->ck[i].frag);
+    }
+    if (t->nck) {
+        kd_sb_putc(s, '\n');
+        kd_sb_puts(s, indent);
+    }
+    kd_sb_putc(s, '}');
+}
+
+static int write_doc(kd_tracker *t, const char *name, kd_sb *s)
+{
+    if (kd_sb_error(s))
+        return kd_trk_fail(t, kd_sb_error(s), "%s: document too large or out of memory", name);
+    char path[PATH_MAX];
+    kd_trk_path(t, name, path, sizeof path);
+    return kd_file_write_atomic(path, s->buf, s->len, &t->err);
+}
+
+static int write_checkpoints(kd_tracker *t)
+{
+    kd_sb s;
+    kd_sb_init(&s, KD_STATE_FILE_MAX);
+    kd_sb_puts(&s, "{\n  \"format\": \"kdkit.checkpoints.v1\",\n  \"session_id\": ");
+    kd_sb_json_cstr(&s, t->session_id);
+    kd_sb_puts(&s, ",\n  \"latest_checkpoint_step\": ");
+    put_step_or_null(&s, latest_step(t));
+    kd_sb_puts(&s, ",\n  \"best_checkpoint_step\": ");
+    put_step_or_null(&s, best_step(t));
+    kd_sb_puts(&s, ",\n  \"checkpoints\": ");
+    put_ck_object(&s, t, "  ");
+    kd_sb_puts(&s, "\n}\n");
+    int rc = write_doc(t, F_CKPTS, &s);
+    kd_sb_free(&s);
+    return rc;
+}
+
+static void kv_num(kd_sb *s, const char *k, double v)
+{
+    kd_sb_printf(s, ",\n  \"%s\": ", k);
+    kd_sb_json_double(s, v);
+}
+
+static void kv_int(kd_sb *s, const char *k, int64_t v)
+{
+    kd_sb_printf(s, ",\n  \"%s\": ", k);
+    kd_sb_json_int(s, v);
+}
+
+char *kd_trk_progress_doc(kd_tracker *t)
+{
+    kd_summary m;
+    kd_tracker_summary(t, &m);
+    kd_sb s;
+    kd_sb_init(&s, 1 << 20);
+    kd_sb_puts(&s, "{\n  \"session_id\": ");
+    kd_sb_json_cstr(&s, t->session_id);
+    kv_num(&s, "progress_pct", m.progress_pct);
+    kv_int(&s, "steps_completed", m.steps_completed);
+    kv_int(&s, "total_steps_target", m.total_steps_target);
+    kv_num(&s, "elapsed_wall_clock_hours", m.elapsed_wall_clock_hours);
+    kv_num(&s, "active_hours", m.active_hours);
+    kv_num(&s, "estimated_remaining_hours", m.estimated_remaining_hours);
+    kd_sb_puts(&s, ",\n  \"loss_trend\": ");
+    kd_sb_json_cstr(&s, m.loss_trend);
+    kv_num(&s, "latest_loss", m.latest_loss);
+    kv_num(&s, "learning_rate", t->last_lr);
+    kv_num(&s, "steps_per_sec", m.steps_per_sec);
+    kv_num(&s, "samples_per_sec", m.samples_per_sec);
+    kv_num(&s, "tokens_per_sec", m.tokens_per_sec);
+    kv_int(&s, "samples_processed", m.samples_processed);
+    kv_int(&s, "tokens_processed", m.tokens_processed);
+    kv_int(&s, "api_responses_saved", m.api_responses_saved);
+    kv_int(&s, "connection_failures", m.connection_failures);
+    kv_int(&s, "possibly_billed_failures", m.possibly_billed_failures);
+    kv_num(&s, "total_cost", m.total_cost);
+    kv_int(&s, "checkpoints", m.checkpoints);
+    kd_sb_puts(&s, ",\n  \"last_checkpoint_step\": ");
+    put_step_or_null(&s, m.last_checkpoint_step);
+    kd_sb_puts(&s, ",\n  \"best_checkpoint_step\": ");
+    put_step_or_null(&s, best_step(t));
+    kv_int(&s, "pauses", m.pauses);
+    kv_num(&s, "paused_hours", m.paused_hours);
+    kd_sb_puts(&s, ",\n  \"updated_at\": ");
+    kd_sb_printf(&s, "%.6f", kd_now());
+    kd_sb_puts(&s, "\n}\n");
+    if (kd_sb_error(&s)) {
+        kd_sb_free(&s);
+        return NULL;
+    }
+    return kd_sb_take(&s);
+}
+
+int kd_trk_write_session(kd_tracker *t)
+{
+    if (t->readonly)
+        return KD_OK;
+    double now = kd_now();
+    double st, sa, to;
+    kd_trk_rates(t, &st, &sa, &to);
+    kd_sb s;
+    kd_sb_init(&s, KD_STATE_FILE_MAX);
+    kd_sb_puts(&s, "{\n  \"session_id\": ");
+    kd_sb_json_cstr(&s, t->session_id);
+    kd_sb_puts(&s, ",\n  \"start_time\": ");
+    kd_sb_printf(&s, "%.3f", t->start_time);
+    kd_sb_puts(&s, ",\n  \"config_hash\": ");
+    kd_sb_json_cstr(&s, t->config_hash);
+    kv_int(&s, "steps_completed", t->steps_completed);
+    kv_int(&s, "total_steps_target", t->total_steps);
+    kv_int(&s, "samples_processed", t->samples_processed);
+    kv_int(&s, "tokens_processed", t->tokens_processed);
+    kd_sb_puts(&s, ",\n  \"checkpoints\": ");
+    put_ck_object(&s, t, "  ");
+    kv_int(&s, "api_responses_saved", t->api_responses);
+    kv_int(&s, "connection_failures", t->nfailures);
+    kv_num(&s, "elapsed_wall_clock_hours", (now - t->start_time) / 3600.0);
+    kd_sb_puts(&s, ",\n  \"format\": \"" KD_SESSION_FORMAT "\"");
+    kd_sb_puts(&s, ",\n  \"saved_at\": ");
+    kd_sb_printf(&s, "%.6f", now);
+    kv_num(&s, "active_seconds", kd_trk_active(t, now));
+    kv_num(&s, "paused_seconds", t->paused_seconds);
+    kv_int(&s, "pauses", t->pauses);
+    kv_num(&s, "total_cost", t->total_cost);
+    kv_int(&s, "possibly_billed_failures", t->possibly_billed);
+    kv_num(&s, "latest_loss", t->last_loss);
+    kv_num(&s, "learning_rate", t->last_lr);
+    kv_num(&s, "recent_steps_per_sec", st);
+    kv_num(&s, "recent_samples_per_sec", sa);
+    kv_num(&s, "recent_tokens_per_sec", to);
+    kv_int(&s, "api_recovery_bytes", t->api ? (int64_t)kd_jsonl_size(t->api) : 0);
+    kv_int(&s, "failures_bytes", t->failures ? (int64_t)kd_jsonl_size(t->failures) : 0);
+    kd_sb_puts(&s, ",\n  \"pause_log\": [");
+    size_t n = t->pause_log_n < KD_PAUSE_LOG_MAX ? t->pause_log_n : KD_PAUSE_LOG_MAX;
+    for (size_t i = 0; i < n; i++) {
+        size_t k = (t->pause_log_n - n + i) % KD_PAUSE_LOG_MAX;
+        kd_sb_printf(&s, "%s{\"time\": %.3f, \"duration\": %.3f}", i ? ", " : "",
+                     t->pause_log[k][0], t->pause_log[k][1]);
+    }
+    kd_sb_puts(&s, "],\n  \"config\": ");
+    kd_sb_puts(&s, t->config_canon ? t->config_canon : "null");
+    kd_sb_puts(&s, "\n}\n");
+    int rc = write_doc(t, F_SESSION, &s);
+    kd_sb_free(&s);
+    if (rc != KD_OK)
+        return rc;
+    char *p = kd_trk_progress_doc(t);
+    if (!p)
+        return kd_trk_fail(t, KD_ENOMEM, "progress.json: out of memory");
+    char path[PATH_MAX];
+    kd_trk_path(t, F_PROGRESS, path, sizeof path);
+    rc = kd_file_write_atomic(path, p, strlen(p), &t->err);
+    free(p);
+    return rc;
+}
+
+int kd_trk_write_state(kd_tracker *t)
+{
+    int rc = write_checkpoints(t);
+    if (rc == KD_OK)
+        rc = kd_trk_write_session(t);
+    return rc;
+}
+
+int kd_trk_event(kd_tracker *t, const char *type, const char *detail_json)
+{
+    if (!t->events || t->readonly)
+        return KD_OK;
+    kd_sb s;
+    kd_sb_init(&s, 1 << 20);
+    kd_sb_puts(&s, "{\"time\":");
+    kd_sb_printf(&s, "%.6f", kd_now());
+    kd_sb_puts(&s, ",\"type\":");
+    kd_sb_json_cstr(&s, type);
+    kd_sb_puts(&s, ",\"session_id\":");
+    kd_sb_json_cstr(&s, t->session_id);
+    kd_sb_puts(&s, ",\"detail\":");
+    kd_sb_puts(&s, detail_json ? detail_json : "{}");
+    kd_sb_putc(&s, '}');
+    int rc = kd_sb_error(&s) ? KD_ENOMEM : kd_jsonl_append(t->events, s.buf, s.len, &t->err);
+    kd_sb_free(&s);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Reading journals backwards                                                */
+
+typedef struct back {
+    int fd;
+    uint64_t end;    /* bytes [0, end) not yet returned */
+    uint64_t bstart; /* buf holds file bytes [bstart, end) */
+    char *buf;
+    size_t cap;
+    size_t max_line;
+} back;
+
+static int back_open(back *b, const char *path, uint64_t *size_out)
+{
+    memset(b, 0, sizeof *b);
+    b->max_line = 64u << 20;
+    b->fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
+    if (b->fd < 0)
+        return errno == ENOENT ? KD_ENOTFOUND : KD_EIO;
+    struct stat st;
+    if (fstat(b->fd, &st) != 0) {
+        close(b->fd);
+        return KD_EIO;
+    }
+    b->end = b->bstart = (uint64_t)st.st_size;
+    if (size_out)
+        *size_out = b->end;
+    return KD_OK;
+}
+
+static void back_close(back *b)
+{
+    if (b->fd >= 0)
+        close(b->fd);
+    free(b->buf);
+}
+
+/*
+ * The line that ends at b->end (b->end is just past its '\n', or the end of
+ * a file without a final newline).  Returns 1 with the line, 0 at the start
+ * of the file, <0 on error.
+ */
+static int back_prev(back *b, const char **line, size_t *len, uint64_t *off)
+{
+    if (b->end == 0)
+        return 0;
+    for (;;) {
+        char *base = b->buf;
+        size_t have = (size_t)(b->end - b->bstart);
+        /* search for the '\n' that ends the line before ours */
+        size_t stop = have;
+        if (stop && base[stop - 1] == '\n')
+            stop--; /* our own terminator */
+        size_t i = stop;
+        while (i > 0 && base[i - 1] != '\n')
+            i--;
+        if (i > 0 || b->bstart == 0) {
+            *line = base + i;
+            *len = stop - i;
+            *off = b->bstart + i;
+            b->end = b->bstart + i;
+            return 1;
+        }
+        if (have >= b->max_line)
+            return KD_ELIMIT;
+        size_t grow = have < 65536 ? 65536 : have;
+        if (grow > b->bstart)
+            grow = (size_t)b->bstart;
+        size_t ncap = have + grow;
+        char *nb = malloc(ncap + 1);
+        if (!nb)
+            return KD_ENOMEM;
+        if (have)
+            memcpy(nb + grow, b->buf, have);
+        ssize_t got = kd_sys_pread(b->fd, nb, grow, (off_t)(b->bstart - grow));
+        if (got != (ssize_t)grow) {
+            free(nb);
+            return KD_EIO;
+        }
+        free(b->buf);
+        b->buf = nb;
+        b->cap = ncap;
+        b->bstart -= grow;
+    }
+}
+
+static int json_int(const json_t *o, const char *k, int64_t *v)
+{
+    json_t *x = json_object_get(o, k);
+    if (!json_is_integer(x))
+        return -1;
+    *v = json_integer_value(x);
+    return 0;
+}
+
+/* A number, or null (NaN); -1 if present with another type. */
+static int json_num_or_null(const json_t *o, const char *k, double *v)
+{
+    json_t *x = json_object_get(o, k);
+    if (!x || json_is_null(x)) {
+        *v = NAN;
+        return 0;
+    }
+    if (!json_is_number(x))
+        return -1;
+    *v = json_number_value(x);
+    return 0;
+}
+
+static double metric_loss(const json_t *o)
+{
+    double l;
+    if (json_num_or_null(o, "loss", &l) != 0)
+        return NAN;
+    const char *nf = json_string_value(json_object_get(o, "loss_nonfinite"));
+    if (nf)
+        return strcmp(nf, "inf") == 0 ? INFINITY : strcmp(nf, "-inf") == 0 ? -INFINITY : NAN;
+    return l;
+}
+
+int kd_trk_find_cut(kd_tracker *t, const char *path, int64_t step, uint64_t *cut, int64_t *moved)
+{
+    back b;
+    uint64_t size;
+    *moved = 0;
+    int rc = back_open(&b, path, &size);
+    if (rc == KD_ENOTFOUND) {
+        *cut = 0;
+        return KD_OK;
+    }
+    if (rc != KD_OK)
+        return kd_err_sys(&t->err, rc, errno, "cannot read %s", path);
+    *cut = 0;
+    const char *line;
+    size_t len;
+    uint64_t off;
+    while ((rc = back_prev(&b, &line, &len, &off)) == 1) {
+        json_t *o = json_loadb(line, len, 0, NULL);
+        int64_t s;
+        if (!o || json_int(o, "step", &s) != 0) {
+            json_decref(o);
+            rc = kd_trk_fail(t, KD_ECORRUPT,
+                             "%s: the line at byte offset %llu has no integer 'step'; run "
+                             "'kdkit verify %s' for the line number and how to repair it",
+                             path, (unsigned long long)off, t->dir);
+            break;
+        }
+        json_decref(o);
+        if (s <= step) {
+            *cut = off + len + 1;
+            rc = KD_OK;
+            break;
+        }
+        (*moved)++;
+    }
+    if (rc == 0) /* reached the start: every line goes */
+        rc = KD_OK;
+    back_close(&b);
+    if (rc < 0 && t->err.code != rc)
+        kd_trk_fail(t, rc, "%s: cannot read backwards (%s)", path, kd_strerror(rc));
+    return rc;
+}
+
+int kd_trk_scan_metrics_tail(kd_tracker *t)
+{
+    char path[PATH_MAX];
+    kd_trk_path(t, F_METRICS, path, sizeof path);
+    back b;
+    uint64_t size;
+    t->loss_n = t->loss_head = 0;
+    int rc = back_open(&b, path, &size);
+    if (rc == KD_ENOTFOUND)
+        return KD_OK;
+    if (rc != KD_OK)
+        return kd_err_sys(&t->err, rc, errno, "cannot read %s", path);
+    double newest_first[KD_TREND_WINDOW];
+    size_t n = 0;
+    const char *line;
+    size_t len;
+    uint64_t off;
+    int first = 1;
+    int found = 0;
+    while (n < KD_TREND_WINDOW && (rc = back_prev(&b, &line, &len, &off)) == 1) {
+        if (first && size > 0 && off + len == size) {
+            /* no final newline: a torn line (read-only views see it) */
+            first = 0;
+            kd_sb_printf(&t->report, "metrics.jsonl ends in a torn line (%zu bytes), ignored\n", len);
+            continue;
+        }
+        json_t *o = json_loadb(line, len, 0, NULL);
+        if (!o && first && t->readonly) {
+            first = 0;
+            kd_sb_printf(&t->report, "metrics.jsonl's last line is not valid JSON, ignored\n");
+            continue;
+        }
+        first = 0;
+        int64_t step;
+        if (!o || json_int(o, "step", &step) != 0) {
+            json_decref(o);
+            rc = kd_trk_fail(t, KD_ECORRUPT,
+                             "%s: the line at byte offset %llu is not a metrics record; run "
+                             "'kdkit verify %s' for the line number and how to repair it",
+                             path, (unsigned long long)off, t->dir);
+            back_close(&b);
+            return rc;
+        }
+        if (!found) {
+            found = 1;
+            int64_t v;
+            t->steps_completed = step;
+            if (json_int(o, "samples_processed", &v) == 0)
+                t->samples_processed = v;
+            if (json_int(o, "tokens_processed", &v) == 0)
+                t->tokens_processed = v;
+            t->last_loss = metric_loss(o);
+            json_num_or_null(o, "learning_rate", &t->last_lr);
+            double ts;
+            if (json_num_or_null(o, "timestamp", &ts) == 0 && isfinite(ts))
+                t->last_metric_time = ts;
+        }
+        newest_first[n++] = metric_loss(o);
+        json_decref(o);
+    }
+    back_close(&b);
+    if (rc < 0)
+        return kd_trk_fail(t, rc, "%s: cannot read its tail (%s)", path, kd_strerror(rc));
+    if (!found) {
+        t->steps_completed = 0;
+        t->samples_processed = t->tokens_processed = 0;
+        t->last_loss = NAN;
+        t->last_metric_time = 0;
+    }
+    for (size_t i = n; i-- > 0;)
+        kd_trk_loss_push(t, newest_first[i]);
+    return KD_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Loading a session                                                         */
+
+/* Is `rel` a relative path that stays inside the directory? */
+static int rel_path_ok(const char *rel)
+{
+    if (!rel || !*rel || rel[0] == '/')
+        return 0;
+    const char *p = rel;
+    while (*p) {
+        const char *q = strchr(p, '/');
+        size_t n = q ? (size_t)(q - p) : strlen(p);
+        if ((n == 2 && p[0] == '.' && p[1] == '.') || n == 0)
+            return 0;
+        if (!q)
+            break;
+        p = q + 1;
+    }
+    return 1;
+}
+
+static int is_hex64(const char *s)
+{
+    if (!s || strlen(s) != 64)
+        return 0;
+    for (int i = 0; i < 64; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return 0;
+    return 1;
+}
+
+static int parse_ck(kd_tracker *t, const char *file, const char *key, json_t *o, ckrec *c)
+{
+    memset(c, 0, sizeof *c);
+    c->loss = NAN;
+#define BAD(...)                                                                                   \
+    do {                                                                                           \
+        char why_[256];                                                                            \
+        snprintf(why_, sizeof why_, __VA_ARGS__);                                                  \
+        kd_trk_ck_free(c);                                                                         \
+        return kd_trk_fail(t, KD_ECORRUPT, "%s: checkpoints[\"%s\"]: %s; nothing was changed",     \
+                           file, key, why_);                                                       \
+    } while (0)
+    if (!json_is_object(o))
+        BAD("not an object");
+    if (json_int(o, "checkpoint_step", &c->step) != 0 || c->step < 0)
+        BAD("'checkpoint_step' must be an integer >= 0");
+    const char *rel = json_string_value(json_object_get(o, "relative_path"));
+    const char *abs = json_string_value(json_object_get(o, "checkpoint_path"));
+    if (!rel && abs) {
+        /* a guide-style record: derive the relative path if it is inside */
+        size_t dl = strlen(t->dir);
+        if (strncmp(abs, t->dir, dl) == 0 && abs[dl] == '/')
+            rel = abs + dl + 1;
+    }
+    if (!rel_path_ok(rel))
+        BAD("'relative_path' %s%s%s points outside the output directory", rel ? "\"" : "",
+            rel ? rel : "(missing)", rel ? "\"" : "");
+    c->rel = strdup(rel);
+    c->abs = abs ? strdup(abs) : NULL;
+    size_t rl = strlen(t->dir) + strlen(rel) + 2;
+    c->resolved = malloc(rl);
+    if (!c->rel || !c->resolved || (abs && !c->abs))
+        BAD("out of memory");
+    snprintf(c->resolved, rl, "%s/%s", t->dir, rel);
+    if (json_int(o, "dataset_position", &c->dataset_position) != 0)
+        BAD("'dataset_position' must be an integer");
+    double ca;
+    if (json_num_or_null(o, "created_at", &ca) != 0)
+        BAD("'created_at' must be a number");
+    c->created_at = isfinite(ca) ? ca : 0;
+    const char *sha = json_string_value(json_object_get(o, "sha256"));
+    if (!is_hex64(sha))
+        BAD("'sha256' must be 64 lowercase hex digits");
+    memcpy(c->sha256, sha, KD_SHA256_HEX);
+    if (json_int(o, "size", &c->size) != 0 || c->size < 0)
+        BAD("'size' must be an integer >= 0");
+    json_t *tags = json_object_get(o, "recovery_tags");
+    if (tags && !json_is_array(tags))
+        BAD("'recovery_tags' must be an array of strings");
+    size_t nt = json_array_size(tags);
+    if (nt > 1024)
+        BAD("too many recovery_tags");
+    if (nt) {
+        c->tags = calloc(nt, sizeof *c->tags);
+        if (!c->tags)
+            BAD("out of memory");
+    }
+    for (size_t i = 0; i < nt; i++) {
+        const char *s = json_string_value(json_array_get(tags, i));
+        if (!s)
+            BAD("'recovery_tags' must be an array of strings");
+        c->tags[i] = strdup(s);
+        if (!c->tags[i])
+            BAD("out of memory");
+        c->ntags = i + 1;
+    }
+    json_t *m = json_object_get(o, "metrics");
+    if (m && !json_is_object(m))
+        BAD("'metrics' must be an object");
+    if (json_num_or_null(m, "loss", &c->loss) != 0 ||
+        json_num_or_null(m, "wall_clock_hours", &c->wall_clock_hours) != 0 ||
+        json_num_or_null(m, "active_hours", &c->active_hours) != 0)
+        BAD("'metrics' values must be numbers or null");
+    json_t *del = json_object_get(o, "deleted");
+    if (del && !json_is_boolean(del))
+        BAD("'deleted' must be true or false");
+    c->deleted = json_is_true(del);
+    const char *why = json_string_value(json_object_get(o, "deleted_reason"));
+    if (why && !(c->deleted_reason = strdup(why)))
+        BAD("out of memory");
+#undef BAD
+    if (kd_trk_ck_frag(c) != KD_OK) {
+        kd_trk_ck_free(c);
+        return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+    }
+    return KD_OK;
+}
+
+static int ck_cmp(const void *a, const void *b)
+{
+    const ckrec *x = a, *y = b;
+    return x->step < y->step ? -1 : x->step > y->step;
+}
+
+static int load_ck_object(kd_tracker *t, const char *file, json_t *cks)
+{
+    if (!cks || json_is_null(cks))
+        return KD_OK;
+    size_t n = json_is_object(cks) ? json_object_size(cks) : json_is_array(cks) ? json_array_size(cks) : (size_t)-1;
+    if (n == (size_t)-1)
+        return kd_trk_fail(t, KD_ECORRUPT, "%s: 'checkpoints' must be an object; nothing was changed",
+                           file);
+    if (n > 10000000)
+        return kd_trk_fail(t, KD_ELIMIT, "%s: too many checkpoints", file);
+    t->ck = n ? calloc(n, sizeof *t->ck) : NULL;
+    if (n && !t->ck)
+        return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+    t->capck = n;
+    const char *key;
+    json_t *v;
+    char keybuf[32];
+    if (json_is_object(cks)) {
+        json_object_foreach(cks, key, v)
+        {
+            int rc = parse_ck(t, file, key, v, &t->ck[t->nck]);
+            if (rc != KD_OK)
+                return rc;
+            t->nck++;
+        }
+    } else {
+        size_t i;
+        json_array_foreach(cks, i, v)
+        {
+            snprintf(keybuf, sizeof keybuf, "%zu", i);
+            int rc = parse_ck(t, file, keybuf, v, &t->ck[t->nck]);
+            if (rc != KD_OK)
+                return rc;
+            t->nck++;
+        }
+    }
+    qsort(t->ck, t->nck, sizeof *t->ck, ck_cmp);
+    for (size_t i = 1; i < t->nck; i++)
+        if (t->ck[i].step == t->ck[i - 1].step)
+            return kd_trk_fail(t, KD_ECORRUPT, "%s: two checkpoints at step %lld; nothing was changed",
+                               file, (long long)t->ck[i].step);
+    return KD_OK;
+}
+
+int kd_trk_load_checkpoints(kd_tracker *t)
+{
+    char path[PATH_MAX];
+    kd_trk_path(t, F_CKPTS, path, sizeof path);
+    char *text = NULL;
+    size_t len;
+    int rc = kd_file_read_all(path, KD_STATE_FILE_MAX, &text, &len, &t->err);
+    if (rc == KD_ENOTFOUND)
+        return KD_OK;
+    if (rc != KD_OK)
+        return rc;
+    json_error_t je;
+    json_t *doc = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
+    free(text);
+    if (!json_is_object(doc)) {
+        json_decref(doc);
+        return kd_trk_fail(t, KD_ECORRUPT,
+                           "%s is not valid (line %d: %s); nothing was changed. The same records "
+                           "are in session.json's \"checkpoints\": restore checkpoints.json from "
+                           "it, or move it aside to use them",
+                           path, doc ? 1 : je.line, doc ? "not a JSON object" : je.text);
+    }
+    rc = load_ck_object(t, path, json_object_get(doc, "checkpoints"));
+    json_decref(doc);
+    return rc;
+}
+
+static double num_field(const json_t *o, const char *k, double dflt)
+{
+    json_t *x = json_object_get(o, k);
+    return json_is_number(x) ? json_number_value(x) : dflt;
+}
+
+/* Count lines and sum a field of the journal lines from `offset` on. */
+static int count_since(kd_tracker *t, const char *name, uint64_t offset, int64_t *lines,
+                       double *cost_sum, int64_t *billed, double *last_time, const char *time_key)
+{
+    char path[PATH_MAX];
+    kd_trk_path(t, name, path, sizeof path);
+    struct stat st;
+    if (stat(path, &st) != 0)
+        return KD_OK;
+    if ((uint64_t)st.st_size < offset) {
+        kd_sb_printf(&t->report,
+                     "%s is shorter than when session.json was saved; counted it again from "
+                     "the start\n",
+                     name);
+        offset = 0;
+        *lines = 0;
+        if (cost_sum)
+            *cost_sum = 0;
+        if (billed)
+            *billed = 0;
+    }
+    kd_jsonl_reader *r;
+    int rc = kd_jsonl_reader_open(&r, path, 0, &t->err);
+    if (rc != KD_OK)
+        return rc;
+    rc = kd_jsonl_reader_seek(r, offset, 0, &t->err);
+    const char *line;
+    size_t len;
+    while (rc == KD_OK && (rc = kd_jsonl_next(r, &line, &len, &t->err)) == 1) {
+        rc = KD_OK;
+        json_t *o = json_loadb(line, len, 0, NULL);
+        if (!json_is_object(o)) {
+            json_decref(o);
+            if (t->readonly) /* a live writer's torn tail, or damage: skip in a view */
+                continue;
+            rc = kd_trk_fail(t, KD_ECORRUPT,
+                             "%s: the line at byte offset %llu is not valid JSON; run 'kdkit "
+                             "verify %s' for the line number and how to repair it",
+                             path, (unsigned long long)kd_jsonl_reader_offset(r), t->dir);
+            break;
+        }
+        (*lines)++;
+        if (cost_sum)
+            *cost_sum += num_field(o, "cost", 0);
+        if (billed && json_is_true(json_object_get(o, "possibly_billed")))
+            (*billed)++;
+        double tm = num_field(o, time_key, 0);
+        if (tm > *last_time)
+            *last_time = tm;
+        json_decref(o);
+    }
+    if (rc == KD_ECORRUPT && t->readonly)
+        rc = KD_OK; /* torn last line seen by a read-only view */
+    kd_jsonl_reader_close(r);
+    return rc < 0 ? rc : KD_OK;
+}
+
+int kd_trk_load(kd_tracker *t, json_t *s)
+{
+    char spath[PATH_MAX];
+    kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    static const char *numeric[] = {"start_time", "saved_at", "active_seconds", "paused_seconds",
+                                    "total_cost", "recent_steps_per_sec"};
+    for (size_t i = 0; i < sizeof numeric / sizeof numeric[0]; i++) {
+        json_t *x = json_object_get(s, numeric[i]);
+        if (x && !json_is_number(x) && !json_is_null(x))
+            return kd_trk_fail(t, KD_ECORRUPT, "%s: field '%s' must be a number; nothing was changed",
+                               spath, numeric[i]);
+    }
+    double now = kd_now();
+    t->start_time = num_field(s, "start_time", now);
+    double saved_at = num_field(s, "saved_at", t->start_time);
+    double active = num_field(s, "active_seconds", num_field(s, "elapsed_wall_clock_hours", 0) * 3600.0);
+    t->paused_seconds = num_field(s, "paused_seconds", 0);
+    t->pauses = (int64_t)num_field(s, "pauses", 0);
+    t->total_cost = num_field(s, "total_cost", 0);
+    t->api_responses = (int64_t)num_field(s, "api_responses_saved", 0);
+    t->nfailures = (int64_t)num_field(s, "connection_failures", 0);
+    t->possibly_billed = (int64_t)num_field(s, "possibly_billed_failures", 0);
+    t->saved_steps_per_sec = num_field(s, "recent_steps_per_sec", 0);
+    t->saved_samples_per_sec = num_field(s, "recent_samples_per_sec", 0);
+    t->saved_tokens_per_sec = num_field(s, "recent_tokens_per_sec", 0);
+    if (!isfinite(t->saved_steps_per_sec))
+        t->saved_steps_per_sec = 0;
+    json_t *plog = json_object_get(s, "pause_log");
+    size_t i;
+    json_t *pv;
+    json_array_foreach(plog, i, pv)
+    {
+        size_t k = t->pause_log_n % KD_PAUSE_LOG_MAX;
+        t->pause_log[k][0] = num_field(pv, "time", 0);
+        t->pause_log[k][1] = num_field(pv, "duration", 0);
+        t->pause_log_n++;
+    }
+
+    int rc = kd_trk_load_checkpoints(t);
+    if (rc != KD_OK)
+        return rc;
+    if (t->nck == 0) {
+        rc = load_ck_object(t, spath, json_object_get(s, "checkpoints"));
+        if (rc != KD_OK)
+            return rc;
+    }
+
+    double last_activity = saved_at;
+    uint64_t api_off = (uint64_t)num_field(s, "api_recovery_bytes", 0);
+    uint64_t fail_off = (uint64_t)num_field(s, "failures_bytes", 0);
+    if (!json_object_get(s, "api_recovery_bytes")) { /* not kdkit's: count all */
+        api_off = 0;
+        t->api_responses = 0;
+        t->total_cost = 0;
+    }
+    if (!json_object_get(s, "failures_bytes")) {
+        fail_off = 0;
+        t->nfailures = 0;
+        t->possibly_billed = 0;
+    }
+    rc = count_since(t, F_API, api_off, &t->api_responses, &t->total_cost, NULL, &last_activity,
+                     "timestamp");
+    if (rc != KD_OK)
+        return rc;
+    rc = count_since(t, F_FAILURES, fail_off, &t->nfailures, NULL, &t->possibly_billed,
+                     &last_activity, "time");
+    if (rc != KD_OK)
+        return rc;
+    rc = kd_trk_scan_metrics_tail(t);
+    if (rc != KD_OK)
+        return rc;
+    if (t->last_metric_time > last_activity)
+        last_activity = t->last_metric_time;
+    if (t->steps_completed == 0) {
+        double sc = num_field(s, "steps_completed", 0);
+        if (sc > 0)
+            kd_sb_printf(&t->report,
+                         "metrics.jsonl has no steps but session.json says %.0f were completed\n",
+                         sc);
+    }
+
+    /* Active time runs until the last sign of life; the gap from there to
+       now was an interruption (a crash, a stop, a reboot). */
+    if (last_activity > saved_at)
+        active += last_activity - saved_at;
+    if (t->readonly) {
+        t->active_base = active;
+        t->mark = last_activity;
+        return KD_OK;
+    }
+    double gap = now - last_activity;
+    if (gap < 0)
+        gap = 0;
+    t->active_base = active;
+    t->mark = now;
+    t->paused_seconds += gap;
+    t->pauses++;
+    size_t k = t->pause_log_n % KD_PAUSE_LOG_MAX;
+    t->pause_log[k][0] = now;
+    t->pause_log[k][1] = gap;
+    t->pause_log_n++;
+    char d[256];
+    snprintf(d, sizeof d,
+             "{\"interruption_seconds\":%.3f,\"steps_completed\":%lld,\"api_responses_saved\":%lld}",
+             gap, (long long)t->steps_completed, (long long)t->api_responses);
+    return kd_trk_event(t, "resume", d);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Config changes and archiving                                              */
+
+static void dump_value(kd_sb *out, const json_t *v)
+{
+    char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_SORT_KEYS);
+    if (!s) {
+        kd_sb_puts(out, "?");
+        return;
+    }
+    size_t n = strlen(s);
+    if (n > 60) {
+        kd_sb_put(out, s, 57);
+        kd_sb_puts(out, "...");
+    } else {
+        kd_sb_put(out, s, n);
+    }
+    free(s);
+}
+
+static int diff_rec(const json_t *a, const json_t *b, char *path, size_t plen, kd_sb *out, int *lines)
+{
+    if (*lines >= 40)
+        return 0;
+    if (json_is_object(a) && json_is_object(b)) {
+        /* keys of both, in sorted order */
+        const char *k;
+        json_t *v;
+        json_t *keys = json_object();
+        json_object_foreach((json_t *)a, k, v) json_object_set(keys, k, json_true());
+        json_object_foreach((json_t *)b, k, v) json_object_set(keys, k, json_true());
+        size_t n = json_object_size(keys);
+        const char **sorted = malloc((n ? n : 1) * sizeof *sorted);
+        size_t i = 0;
+        if (sorted) {
+            json_object_foreach(keys, k, v) sorted[i++] = k;
+            for (size_t x = 1; x < n; x++)
+                for (size_t y = x; y > 0 && strcmp(sorted[y - 1], sorted[y]) > 0; y--) {
+                    const char *tmp = sorted[y];
+                    sorted[y] = sorted[y - 1];
+                    sorted[y - 1] = tmp;
+                }
+            for (i = 0; i < n && *lines < 40; i++) {
+                size_t l = strlen(path);
+                snprintf(path + l, plen - l, "%s%s", l ? "." : "", sorted[i]);
+                diff_rec(json_object_get(a, sorted[i]), json_object_get(b, sorted[i]), path, plen,
+                         out, lines);
+                path[l] = '\0';
+            }
+            free(sorted);
+        }
+        json_decref(keys);
+        return 0;
+    }
+    if (a && b && json_equal((json_t *)a, (json_t *)b))
+        return 0;
+    (*lines)++;
+    if (*lines == 40) {
+        kd_sb_puts(out, "  ... (more)\n");
+        return 0;
+    }
+    if (!a) {
+        kd_sb_printf(out, "  + %s = ", path);
+        dump_value(out, b);
+    } else if (!b) {
+        kd_sb_printf(out, "  - %s (was ", path);
+        dump_value(out, a);
+        kd_sb_putc(out, ')');
+    } else {
+        kd_sb_printf(out, "  %s: ", path);
+        dump_value(out, a);
+        kd_sb_puts(out, " -> ");
+        dump_value(out, b);
+    }
+    kd_sb_putc(out, '\n');
+    return 0;
+}
+
+void kd_trk_config_diff(const json_t *old_cfg, const json_t *new_cfg, kd_sb *out)
+{
+    if (!old_cfg) {
+        kd_sb_puts(out, "  (the old session did not record its config)\n");
+        return;
+    }
+    char path[1024] = "";
+    int lines = 0;
+    diff_rec(old_cfg, new_cfg, path, sizeof path, out, &lines);
+    if (lines == 0)
+        kd_sb_puts(out, "  (no key differs; only the hash recipe did)\n");
+}
+
+static int move_into(kd_tracker *t, const char *dest, const char *rel, int *moved)
+{
+    char from[PATH_MAX], to[PATH_MAX];
+    if (snprintf(from, sizeof from, "%s/%s", t->dir, rel) >= (int)sizeof from ||
+        snprintf(to, sizeof to, "%s/%s", dest, rel) >= (int)sizeof to)
+        return kd_trk_fail(t, KD_ELIMIT, "path too long: %s/%s", t->dir, rel);
+    if (!kd_path_exists(from))
+        return KD_OK;
+    char parent[PATH_MAX];
+    snprintf(parent, sizeof parent, "%s", to);
+    char *slash = strrchr(parent, '/');
+    if (slash) {
+        *slash = '\0';
+        int rc = kd_mkdir_p(parent, &t->err);
+        if (rc != KD_OK)
+            return rc;
+    }
+    if (kd_path_exists(to))
+        return kd_trk_fail(t, KD_EIO,
+                           "cannot archive %s: %s already exists; move one of them by hand",
+                           from, to);
+    if (kd_sys_rename(from, to) != 0)
+        return kd_err_sys(&t->err, KD_EIO, errno, "cannot move %s to %s", from, to);
+    (*moved)++;
+    return KD_OK;
+}
+
+int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
+{
+    char dest[PATH_MAX];
+    char name[96];
+    if (old_id) {
+        snprintf(name, sizeof name, "%s", old_id);
+    } else {
+        time_t now = time(NULL);
+        struct tm tm;
+        gmtime_r(&now, &tm);
+        strftime(name, sizeof name, "orphaned_%Y%m%d_%H%M%S", &tm);
+    }
+    if (snprintf(dest, sizeof dest, "%s/sessions/%s", t->dir, name) >= (int)sizeof dest)
+        return kd_trk_fail(t, KD_ELIMIT, "archive path too long under %s", t->dir);
+    int rc = kd_mkdir_p(dest, &t->err);
+    if (rc != KD_OK)
+        return rc;
+    int moved = 0;
+
+    /* The old session's checkpoint files go with it, or the new session's
+       checkpoints of the same name would overwrite them. */
+    char cpath[PATH_MAX];
+    kd_trk_path(t, F_CKPTS, cpath, sizeof cpath);
+    char *text = NULL;
+    size_t len;
+    json_t *cks = NULL, *doc = NULL;
+    if (kd_file_read_all(cpath, KD_STATE_FILE_MAX, &text, &len, NULL) == KD_OK) {
+        doc = json_loadb(text, len, 0, NULL);
+        cks = json_object_get(doc, "checkpoints");
+    }
+    free(text);
+    if (!cks && old_session)
+        cks = json_object_get(old_session, "checkpoints");
+    const char *k;
+    json_t *v;
+    size_t ai;
+    if (json_is_object(cks)) {
+        json_object_foreach(cks, k, v)
+        {
+            const char *rel = json_string_value(json_object_get(v, "relative_path"));
+            if (rel_path_ok(rel) && (rc = move_into(t, dest, rel, &moved)) != KD_OK)
+                break;
+        }
+    } else if (json_is_array(cks)) {
+        json_array_foreach(cks, ai, v)
+        {
+            const char *rel = json_string_value(json_object_get(v, "relative_path"));
+            if (rel_path_ok(rel) && (rc = move_into(t, dest, rel, &moved)) != KD_OK)
+                break;
+        }
+    }
+    json_decref(doc);
+    if (rc != KD_OK)
+        return rc;
+
+    static const char *files[] = {F_METRICS, F_API, F_FAILURES, F_EVENTS, F_REWOUND, F_CKPTS, F_PROGRESS};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
+        if ((rc = move_into(t, dest, files[i], &moved)) != KD_OK)
+            return rc;
+    DIR *d = opendir(t->dir);
+    if (d) {
+        struct dirent *de;
+        while ((de = readdir(d)) != NULL) {
+            if (strstr(de->d_name, ".jsonl.torn-") && (rc = move_into(t, dest, de->d_name, &moved)) != KD_OK)
+                break;
+        }
+        closedir(d);
+        if (rc != KD_OK)
+            return rc;
+    }
+    /* session.json last: until it moves, a crash leaves the old session in
+       place and the next open finishes the archive. */
+    if ((rc = move_into(t, dest, F_SESSION, &moved)) != KD_OK)
+        return rc;
+    rc = kd_fsync_dir(dest, &t->err);
+    if (rc == KD_OK)
+        rc = kd_fsync_dir(t->dir, &t->err);
+    if (rc != KD_OK)
+        return rc;
+    kd_sb_printf(&t->report, "archived %s to %s (%d files; nothing deleted)\n",
+                 old_id ? old_id : "files left without a session.json", dest, moved);
+    return KD_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Read-only view                                                            */
+
+int kd_session_inspect(const char *output_dir, char **json_out, kd_err *e)
+{
+    if (!output_dir || !json_out)
+        return kd_err_set(e, KD_EINVAL, "kd_session_inspect: arguments required");
+    *json_out = NULL;
+    kd_tracker *t = calloc(1, sizeof *t);
+    if (!t)
+        return kd_err_set(e, KD_ENOMEM, "out of memory");
+    t->readonly = 1;
+    t->last_loss = t->last_lr = NAN;
+    kd_sb_init(&t->report, 1 << 16);
+    kd_sb_init(&t->line, 1 << 20);
+    int rc;
+    char *text = NULL;
+    json_t *s = NULL;
+    if (!realpath(output_dir, t->dir)) {
+        rc = kd_err_sys(&t->err, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "%s", output_dir);
+        goto out;
+    }
+    char spath[PATH_MAX];
+    kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    size_t len;
+    rc = kd_file_read_all(spath, KD_STATE_FILE_MAX, &text, &len, &t->err);
+    if (rc == KD_ENOTFOUND) {
+        rc = kd_trk_fail(t, KD_ENOTFOUND,
+                         "%s is not a kdkit output directory (no session.json)", output_dir);
+        goto out;
+    }
+    if (rc != KD_OK)
+        goto out;
+    json_error_t je;
+    s = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
+    const char *id = json_string_value(json_object_get(s, "session_id"));
+    if (!json_is_object(s) || !id || strlen(id) >= sizeof t->session_id) {
+        rc = kd_trk_fail(t, KD_ECORRUPT, "%s is not a valid session file%s%s", spath,
+                         s ? "" : ": ", s ? "" : je.text);
+        goto out;
+    }
+    snprintf(t->session_id, sizeof t->session_id, "%s", id);
+    t->total_steps = (int64_t)num_field(s, "total_steps_target", 0);
+    rc = kd_trk_load(t, s);
+    if (rc != KD_OK)
+        goto out;
+    *json_out = kd_trk_progress_doc(t);
+    if (!*json_out)
+        rc = kd_trk_fail(t, KD_ENOMEM, "out of memory");
+out:
+    if (rc != KD_OK && e)
+        *e = t->err;
+    if (rc != KD_OK && e && e->code == KD_OK)
+        e->code = rc;
+    json_decref(s);
+    free(text);
+    for (size_t i = 0; i < t->nck; i++)
+        kd_trk_ck_free(&t->ck[i]);
+    free(t->ck);
+    kd_sb_free(&t->report);
+    kd_sb_free(&t->line);
+    free(t);
+    return rc;
+}

@@ -1,0 +1,1072 @@
+/*
+ * src/tracker/tracker.c - the ProgressTracker's public calls (tracker.h).
+ *
+ * Hot path: kd_tracker_update_metrics copies the step into an in-memory
+ * array and updates counters; the JSONL lines are formatted and written in
+ * one go at the next flush (every metrics_flush_ms, at a checkpoint, a save,
+ * a pause, a rewind, close).  A checkpoint is a sync point: when
+ * kd_tracker_record_checkpoint returns, every metrics line up to that step is
+ * on disk, so a resume from that checkpoint never leaves a gap.
+ *
+ * Line formats are in docs/formats.md; the state files are written by
+ * state.c, the files read back by state.c as well.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/evp.h>
+
+#include "tracker/tracker_int.h"
+
+void kd_tracker_opts_init(kd_tracker_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->on_mismatch = KD_MISMATCH_NEW_SESSION;
+    o->autosave_seconds = 300.0;
+    o->api_sync = KD_SYNC_ALWAYS;
+    o->metrics_flush_ms = 1000;
+}
+
+void kd_metrics_init(kd_metrics *m)
+{
+    memset(m, 0, sizeof *m);
+    m->loss = NAN;
+    m->loss_kd = m->loss_ce = m->loss_intermediate = KD_UNSET;
+    m->learning_rate = KD_UNSET;
+    m->throughput_samples_per_sec = m->throughput_tokens_per_sec = KD_UNSET;
+}
+
+void kd_api_response_init(kd_api_response *r)
+{
+    memset(r, 0, sizeof *r);
+    r->sample_index = -1;
+    r->prompt_tokens = r->completion_tokens = -1;
+    r->latency_ms = KD_UNSET;
+}
+
+const char *kd_tracker_errmsg(const kd_tracker *t)
+{
+    return t ? t->err.msg : "no tracker";
+}
+const char *kd_tracker_session_id(const kd_tracker *t)
+{
+    return t->session_id;
+}
+const char *kd_tracker_config_hash(const kd_tracker *t)
+{
+    return t->config_hash;
+}
+const char *kd_tracker_dir(const kd_tracker *t)
+{
+    return t->dir;
+}
+int kd_tracker_resumed(const kd_tracker *t)
+{
+    return t->resumed;
+}
+const char *kd_tracker_open_report(const kd_tracker *t)
+{
+    return t->report.buf ? t->report.buf : "";
+}
+
+/* ------------------------------------------------------------------------ */
+/* Opening                                                                   */
+
+static int new_session_id(char out[64])
+{
+    unsigned char r[4];
+    if (getrandom(r, sizeof r, 0) != (ssize_t)sizeof r) {
+        /* getrandom cannot fail for 4 bytes once the pool is ready; mix the
+           clock and pid so ids still differ if it ever does */
+        uint32_t x = (uint32_t)time(NULL) ^ ((uint32_t)getpid() << 16) ^ (uint32_t)clock();
+        memcpy(r, &x, 4);
+    }
+    time_t now = time(NULL);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    char ts[32];
+    strftime(ts, sizeof ts, "%Y%m%d_%H%M%S", &tm);
+    snprintf(out, 64, "training_%s_%02x%02x%02x%02x", ts, r[0], r[1], r[2], r[3]);
+    return 0;
+}
+
+static int open_journals(kd_tracker *t)
+{
+    struct {
+        kd_jsonl **slot;
+        const char *name;
+        kd_sync_policy sync;
+        size_t buffer;
+    } js[] = {
+        {&t->metrics, F_METRICS, KD_SYNC_EXPLICIT, 1u << 18},
+        {&t->api, F_API, t->opts.api_sync, 0},
+        {&t->failures, F_FAILURES, KD_SYNC_ALWAYS, 0},
+        {&t->events, F_EVENTS, KD_SYNC_ALWAYS, 0},
+    };
+    for (size_t i = 0; i < sizeof js / sizeof js[0]; i++) {
+        char path[PATH_MAX];
+        kd_trk_path(t, js[i].name, path, sizeof path);
+        kd_jsonl_opts o = {.sync = js[i].sync, .interval_ms = 1000, .buffer_bytes = js[i].buffer};
+        kd_jsonl_repair rep;
+        memset(&rep, 0, sizeof rep);
+        int rc = kd_jsonl_open(js[i].slot, path, &o, &rep, &t->err);
+        if (rc != KD_OK)
+            return rc;
+        if (rep.repaired)
+            kd_sb_printf(&t->report,
+                         "repaired %s: %s; %llu bytes moved to %s (nothing deleted)\n",
+                         js[i].name, rep.reason, (unsigned long long)rep.bytes_moved,
+                         rep.aside_path);
+    }
+    return KD_OK;
+}
+
+static int create_session(kd_tracker *t)
+{
+    new_session_id(t->session_id);
+    t->start_time = kd_now();
+    t->mark = t->start_time;
+    t->active_base = 0;
+    t->resumed = 0;
+    /* session.json first: its presence is what marks a kdkit directory */
+    int rc = kd_trk_write_state(t);
+    if (rc != KD_OK)
+        return rc;
+    rc = open_journals(t);
+    if (rc != KD_OK)
+        return rc;
+    kd_sb d;
+    kd_sb_init(&d, 1 << 16);
+    kd_sb_puts(&d, "{\"config_hash\":\"");
+    kd_sb_puts(&d, t->config_hash);
+    kd_sb_printf(&d, "\",\"total_steps_target\":%lld}", (long long)t->total_steps);
+    rc = kd_trk_event(t, "session_created", d.buf);
+    kd_sb_free(&d);
+    return rc;
+}
+
+/* Files that, without a session.json, mean a crash or foreign leftovers. */
+static int has_leftovers(const kd_tracker *t)
+{
+    const char *names[] = {F_METRICS, F_API, F_CKPTS, F_FAILURES, F_PROGRESS};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        char p[PATH_MAX];
+        kd_trk_path(t, names[i], p, sizeof p);
+        if (kd_path_exists(p))
+            return 1;
+    }
+    return 0;
+}
+
+int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config_json,
+                    int64_t total_steps, const kd_tracker_opts *opts, kd_err *e)
+{
+    int rc;
+    json_t *session = NULL;
+    char *text = NULL;
+    kd_tracker *t = NULL;
+
+    if (!out || !output_dir || !*output_dir || !config_json || total_steps < 0)
+        return kd_err_set(e, KD_EINVAL,
+                          "kd_tracker_open: output_dir, config_json and total_steps >= 0 are required");
+    *out = NULL;
+    t = calloc(1, sizeof *t);
+    if (!t)
+        return kd_err_set(e, KD_ENOMEM, "kd_tracker_open: out of memory");
+    kd_sb_init(&t->report, 1 << 16);
+    kd_sb_init(&t->line, 64u << 20);
+    if (opts)
+        t->opts = *opts;
+    else
+        kd_tracker_opts_init(&t->opts);
+    if (t->opts.autosave_seconds <= 0)
+        t->opts.autosave_seconds = 300.0;
+    if (t->opts.metrics_flush_ms <= 0)
+        t->opts.metrics_flush_ms = 1000;
+    t->total_steps = total_steps;
+    t->steps_completed = 0;
+    t->last_loss = NAN;
+    t->last_lr = NAN;
+    t->last_flush = t->last_save = kd_monotonic();
+    t->pending = malloc(KD_PENDING_MAX * sizeof *t->pending);
+    if (!t->pending) {
+        rc = kd_err_set(&t->err, KD_ENOMEM, "kd_tracker_open: out of memory");
+        goto fail;
+    }
+
+    rc = kd_mkdir_p(output_dir, &t->err);
+    if (rc != KD_OK)
+        goto fail;
+    if (!realpath(output_dir, t->dir)) {
+        rc = kd_err_sys(&t->err, KD_EIO, errno, "cannot resolve output directory %s", output_dir);
+        goto fail;
+    }
+    rc = kd_dir_lock(&t->lock, t->dir, &t->err);
+    if (rc != KD_OK)
+        goto fail;
+
+    rc = kd_json_canonical(config_json, strlen(config_json), &t->config_canon, &t->err);
+    if (rc != KD_OK) {
+        kd_trk_fail(t, rc, "config is not valid JSON: %s", t->err.msg);
+        goto fail;
+    }
+    rc = kd_json_hash(t->config_canon, strlen(t->config_canon), t->config_hash, &t->err);
+    if (rc != KD_OK)
+        goto fail;
+    {
+        json_t *probe = json_loads(t->config_canon, 0, NULL);
+        int is_obj = json_is_object(probe);
+        json_decref(probe);
+        if (!is_obj) {
+            rc = kd_trk_fail(t, KD_EINVAL, "config must be a JSON object");
+            goto fail;
+        }
+    }
+
+    char spath[PATH_MAX];
+    kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    size_t len = 0;
+    rc = kd_file_read_all(spath, KD_STATE_FILE_MAX, &text, &len, &t->err);
+    if (rc == KD_ENOTFOUND) {
+        if (t->opts.session_id) {
+            rc = kd_trk_fail(t, KD_ENOTFOUND,
+                             "session %s not found: %s has no session.json; "
+                             "omit the session id to start a new session",
+                             t->opts.session_id, t->dir);
+            goto fail;
+        }
+        if (has_leftovers(t)) {
+            rc = kd_trk_archive(t, NULL, NULL);
+            if (rc != KD_OK)
+                goto fail;
+        }
+        rc = create_session(t);
+        if (rc != KD_OK)
+            goto fail;
+        *out = t;
+        return KD_OK;
+    }
+    if (rc != KD_OK)
+        goto fail;
+
+    json_error_t jerr;
+    session = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!session || !json_is_object(session)) {
+        rc = kd_trk_fail(t, KD_ECORRUPT,
+                         "%s is not a valid session file (line %d, column %d: %s); nothing "
+                         "was changed. Restore it from a backup, or move the directory aside "
+                         "and start a new run",
+                         spath, session ? 1 : jerr.line, session ? 1 : jerr.column,
+                         session ? "not a JSON object" : jerr.text);
+        goto fail;
+    }
+    const char *old_id = json_string_value(json_object_get(session, "session_id"));
+    const char *old_hash = json_string_value(json_object_get(session, "config_hash"));
+    if (!old_id || !old_hash || strlen(old_id) >= sizeof t->session_id || strlen(old_hash) != 64 ||
+        strchr(old_id, '/') || old_id[0] == '.') {
+        rc = kd_trk_fail(t, KD_ECORRUPT,
+                         "%s: field 'session_id' or 'config_hash' is missing or malformed; nothing "
+                         "was changed",
+                         spath);
+        goto fail;
+    }
+
+    if (t->opts.session_id && strcmp(t->opts.session_id, old_id) != 0) {
+        rc = kd_trk_fail(t, KD_ENOTFOUND,
+                         "session %s not found in %s (it holds session %s); pass that id, or "
+                         "another --output-dir",
+                         t->opts.session_id, t->dir, old_id);
+        goto fail;
+    }
+
+    int mismatch = strcmp(old_hash, t->config_hash) != 0;
+    if (mismatch || t->opts.new_session) {
+        kd_sb diff;
+        kd_sb_init(&diff, 1 << 15);
+        if (mismatch) {
+            json_t *newcfg = json_loads(t->config_canon, 0, NULL);
+            kd_trk_config_diff(json_object_get(session, "config"), newcfg, &diff);
+            json_decref(newcfg);
+        }
+        if (mismatch && t->opts.on_mismatch == KD_MISMATCH_REFUSE && !t->opts.new_session) {
+            rc = kd_trk_fail(t, KD_EMISMATCH,
+                             "Config hash mismatch: %s holds session %s, made with another "
+                             "config. Changed keys:\n%sNothing was changed. Use the old config "
+                             "to resume, or start a new session (another --output-dir, or "
+                             "without strict mode to archive the old one).",
+                             t->dir, old_id, diff.buf ? diff.buf : "  (unknown)\n");
+            kd_sb_free(&diff);
+            goto fail;
+        }
+        if (mismatch)
+            kd_sb_printf(&t->report,
+                         "Config hash mismatch. Creating new session. Changed keys:\n%s",
+                         diff.buf ? diff.buf : "  (unknown)\n");
+        kd_sb_free(&diff);
+        rc = kd_trk_archive(t, old_id, session);
+        if (rc != KD_OK)
+            goto fail;
+        rc = create_session(t);
+        if (rc != KD_OK)
+            goto fail;
+        json_decref(session);
+        free(text);
+        *out = t;
+        return KD_OK;
+    }
+
+    /* Resume the session in the directory. */
+    snprintf(t->session_id, sizeof t->session_id, "%s", old_id);
+    t->resumed = 1;
+    rc = open_journals(t);
+    if (rc != KD_OK)
+        goto fail;
+    rc = kd_trk_load(t, session);
+    if (rc != KD_OK)
+        goto fail;
+    json_decref(session);
+    session = NULL;
+    free(text);
+    text = NULL;
+    /* The resume is recorded at once, so a crash right after it loses no
+       part of the interruption accounting. */
+    rc = kd_trk_write_session(t);
+    if (rc != KD_OK)
+        goto fail;
+    *out = t;
+    return KD_OK;
+
+fail:
+    if (e) {
+        *e = t->err;
+        if (e->code == KD_OK)
+            e->code = rc;
+    }
+    json_decref(session);
+    free(text);
+    t->readonly = 1; /* close must not write anything */
+    kd_tracker_close(t);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Metrics                                                                   */
+
+static void put_opt_double(kd_sb *s, double v)
+{
+    if (v == KD_UNSET)
+        kd_sb_put(s, "null", 4);
+    else
+        kd_sb_json_double(s, v);
+}
+
+static void format_metric(kd_sb *s, const pending_metric *p)
+{
+    const kd_metrics *m = &p->m;
+    kd_sb_puts(s, "{\"step\":");
+    kd_sb_json_int(s, m->step);
+    kd_sb_puts(s, ",\"timestamp\":");
+    kd_sb_printf(s, "%.6f", p->timestamp);
+    kd_sb_puts(s, ",\"loss\":");
+    kd_sb_json_double(s, m->loss);
+    if (!isfinite(m->loss))
+        kd_sb_puts(s, isnan(m->loss) ? ",\"loss_nonfinite\":\"nan\""
+                                     : (m->loss > 0 ? ",\"loss_nonfinite\":\"inf\""
+                                                    : ",\"loss_nonfinite\":\"-inf\""));
+    kd_sb_puts(s, ",\"loss_components\":{\"kd\":");
+    put_opt_double(s, m->loss_kd);
+    kd_sb_puts(s, ",\"ce\":");
+    put_opt_double(s, m->loss_ce);
+    kd_sb_puts(s, ",\"intermediate\":");
+    put_opt_double(s, m->loss_intermediate);
+    kd_sb_puts(s, "},\"learning_rate\":");
+    put_opt_double(s, m->learning_rate);
+    kd_sb_puts(s, ",\"samples_processed\":");
+    kd_sb_json_int(s, m->samples_processed);
+    kd_sb_puts(s, ",\"tokens_processed\":");
+    kd_sb_json_int(s, m->tokens_processed);
+    kd_sb_puts(s, ",\"throughput_samples_per_sec\":");
+    put_opt_double(s, m->throughput_samples_per_sec);
+    kd_sb_puts(s, ",\"throughput_tokens_per_sec\":");
+    put_opt_double(s, m->throughput_tokens_per_sec);
+    kd_sb_putc(s, '}');
+}
+
+/* Write out the buffered steps (no fsync). */
+static int flush_metrics(kd_tracker *t)
+{
+    t->last_flush = kd_monotonic();
+    if (t->npending == 0)
+        return KD_OK;
+    size_t done = 0;
+    int rc = KD_OK;
+    for (; done < t->npending; done++) {
+        kd_sb_reset(&t->line);
+        format_metric(&t->line, &t->pending[done]);
+        if (kd_sb_error(&t->line)) {
+            rc = kd_trk_fail(t, KD_ENOMEM, "metrics line: out of memory");
+            break;
+        }
+        rc = kd_jsonl_append(t->metrics, t->line.buf, t->line.len, &t->err);
+        if (rc != KD_OK)
+            break;
+    }
+    if (rc == KD_OK)
+        rc = kd_jsonl_flush(t->metrics, &t->err);
+    if (rc != KD_OK) {
+        /* The journal keeps whole lines only; what did not reach it stays
+           pending and is retried at the next flush. */
+        memmove(t->pending, t->pending + done, (t->npending - done) * sizeof *t->pending);
+        t->npending -= done;
+        return rc;
+    }
+    t->npending = 0;
+    return KD_OK;
+}
+
+static int sync_metrics(kd_tracker *t)
+{
+    int rc = flush_metrics(t);
+    if (rc == KD_OK)
+        rc = kd_jsonl_sync(t->metrics, &t->err);
+    return rc;
+}
+
+static void rate_push(kd_tracker *t, double active)
+{
+    rate_point *newest = t->rate_n ? &t->rate[(t->rate_head + KD_RATE_WINDOW - 1) % KD_RATE_WINDOW]
+                                   : NULL;
+    if (newest && active - newest->active < KD_RATE_SPACING)
+        return;
+    rate_point *p = &t->rate[t->rate_head];
+    p->active = active;
+    p->step = t->steps_completed;
+    p->samples = t->samples_processed;
+    p->tokens = t->tokens_processed;
+    t->rate_head = (t->rate_head + 1) % KD_RATE_WINDOW;
+    if (t->rate_n < KD_RATE_WINDOW)
+        t->rate_n++;
+}
+
+int kd_tracker_update_metrics(kd_tracker *t, const kd_metrics *m)
+{
+    if (!t || !m)
+        return KD_EINVAL;
+    if (t->readonly)
+        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+    int rc;
+    if (m->step <= t->steps_completed && (t->last_metric_time > 0 || t->npending)) {
+        rc = kd_tracker_rewind(t, m->step - 1);
+        if (rc != KD_OK)
+            return rc;
+    }
+    if (t->npending == KD_PENDING_MAX) {
+        rc = flush_metrics(t);
+        if (rc != KD_OK)
+            return rc;
+    }
+    double now = kd_now();
+    pending_metric *p = &t->pending[t->npending++];
+    p->m = *m;
+    p->timestamp = now;
+    t->steps_completed = m->step;
+    t->samples_processed = m->samples_processed;
+    t->tokens_processed = m->tokens_processed;
+    t->last_loss = m->loss;
+    t->last_lr = m->learning_rate == KD_UNSET ? NAN : m->learning_rate;
+    t->last_metric_time = now;
+    kd_trk_loss_push(t, m->loss);
+    rate_push(t, kd_trk_active(t, now));
+    if (m->throughput_samples_per_sec == KD_UNSET || m->throughput_tokens_per_sec == KD_UNSET) {
+        double st, sa, to;
+        kd_trk_rates(t, &st, &sa, &to);
+        if (m->throughput_samples_per_sec == KD_UNSET)
+            p->m.throughput_samples_per_sec = isfinite(sa) ? sa : KD_UNSET;
+        if (m->throughput_tokens_per_sec == KD_UNSET)
+            p->m.throughput_tokens_per_sec = isfinite(to) ? to : KD_UNSET;
+    }
+    t->last_tput_samples = p->m.throughput_samples_per_sec;
+    t->last_tput_tokens = p->m.throughput_tokens_per_sec;
+
+    double mono = kd_monotonic();
+    if ((mono - t->last_flush) * 1000.0 >= t->opts.metrics_flush_ms) {
+        rc = flush_metrics(t);
+        if (rc != KD_OK)
+            return rc;
+    }
+    if (mono - t->last_save >= t->opts.autosave_seconds)
+        return kd_tracker_save(t);
+    return KD_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Checkpoints                                                               */
+
+static ckrec *find_ck(kd_tracker *t, int64_t step)
+{
+    for (size_t i = 0; i < t->nck; i++)
+        if (t->ck[i].step == step)
+            return &t->ck[i];
+    return NULL;
+}
+
+int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c)
+{
+    if (!t || !c || !c->path || c->step < 0)
+        return KD_EINVAL;
+    if (t->readonly)
+        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+    char real[PATH_MAX];
+    if (!realpath(c->path, real))
+        return kd_err_sys(&t->err, KD_ENOTFOUND, errno,
+                          "record_checkpoint: checkpoint file %s", c->path);
+    size_t dl = strlen(t->dir);
+    if (strncmp(real, t->dir, dl) != 0 || real[dl] != '/')
+        return kd_trk_fail(t, KD_EINVAL,
+                           "record_checkpoint: %s is outside the output directory %s; write "
+                           "checkpoints inside it so the directory stays self-contained",
+                           c->path, t->dir);
+    for (size_t i = 0; i < c->ntags; i++)
+        if (!c->tags[i] || !kd_utf8_valid(c->tags[i], strlen(c->tags[i])))
+            return kd_trk_fail(t, KD_EINVAL, "record_checkpoint: tag %zu is not valid UTF-8", i);
+
+    ckrec r;
+    memset(&r, 0, sizeof r);
+    r.step = c->step;
+    r.dataset_position = c->dataset_position;
+    r.created_at = kd_now();
+    r.loss = c->step == t->steps_completed ? t->last_loss : NAN;
+    r.wall_clock_hours = (r.created_at - t->start_time) / 3600.0;
+    r.active_hours = kd_trk_active(t, r.created_at) / 3600.0;
+    int rc = KD_OK;
+    if (c->sha256 && c->size >= 0) {
+        if (strlen(c->sha256) != 64)
+            return kd_trk_fail(t, KD_EINVAL, "record_checkpoint: sha256 must be 64 hex digits");
+        memcpy(r.sha256, c->sha256, KD_SHA256_HEX);
+        r.size = c->size;
+    } else {
+        uint64_t sz;
+        rc = kd_sha256_file(real, r.sha256, &sz, &t->err);
+        if (rc != KD_OK)
+            return rc;
+        r.size = (int64_t)sz;
+    }
+    r.rel = strdup(real + dl + 1);
+    r.abs = strdup(real);
+    r.resolved = strdup(real);
+    r.tags = c->ntags ? calloc(c->ntags, sizeof *r.tags) : NULL;
+    if (!r.rel || !r.abs || !r.resolved || (c->ntags && !r.tags)) {
+        kd_trk_ck_free(&r);
+        return kd_trk_fail(t, KD_ENOMEM, "record_checkpoint: out of memory");
+    }
+    for (size_t i = 0; i < c->ntags; i++) {
+        r.tags[i] = strdup(c->tags[i]);
+        if (!r.tags[i]) {
+            r.ntags = i;
+            kd_trk_ck_free(&r);
+            return kd_trk_fail(t, KD_ENOMEM, "record_checkpoint: out of memory");
+        }
+    }
+    r.ntags = c->ntags;
+    if (kd_trk_ck_frag(&r) != KD_OK) {
+        kd_trk_ck_free(&r);
+        return kd_trk_fail(t, KD_ENOMEM, "record_checkpoint: out of memory");
+    }
+
+    /* Metrics up to this step become durable before the manifest names the
+       checkpoint: a resume from it finds every earlier step. */
+    rc = sync_metrics(t);
+    if (rc != KD_OK) {
+        kd_trk_ck_free(&r);
+        return rc;
+    }
+
+    ckrec *old = find_ck(t, c->step);
+    ckrec saved;
+    if (old) {
+        saved = *old;
+        *old = r;
+    } else {
+        if (t->nck == t->capck) {
+            size_t nc = t->capck ? t->capck * 2 : 16;
+            ckrec *n = realloc(t->ck, nc * sizeof *n);
+            if (!n) {
+                kd_trk_ck_free(&r);
+                return kd_trk_fail(t, KD_ENOMEM, "record_checkpoint: out of memory");
+            }
+            t->ck = n;
+            t->capck = nc;
+        }
+        /* keep the array in step order */
+        size_t i = t->nck;
+        while (i > 0 && t->ck[i - 1].step > r.step) {
+            t->ck[i] = t->ck[i - 1];
+            i--;
+        }
+        t->ck[i] = r;
+        t->nck++;
+    }
+    rc = kd_trk_write_state(t);
+    if (rc != KD_OK) {
+        /* Roll back so memory matches what is on disk. */
+        ckrec *cur = find_ck(t, c->step);
+        kd_trk_ck_free(cur);
+        if (old) {
+            *cur = saved;
+        } else {
+            size_t i = (size_t)(cur - t->ck);
+            memmove(cur, cur + 1, (t->nck - i - 1) * sizeof *cur);
+            t->nck--;
+        }
+        return rc;
+    }
+    if (old)
+        kd_trk_ck_free(&saved);
+    t->last_save = kd_monotonic();
+    return KD_OK;
+}
+
+size_t kd_tracker_checkpoint_count(const kd_tracker *t)
+{
+    return t ? t->nck : 0;
+}
+
+int kd_tracker_checkpoint_get(const kd_tracker *t, size_t i, kd_checkpoint_record *r)
+{
+    if (!t || !r || i >= t->nck)
+        return KD_EINVAL;
+    const ckrec *c = &t->ck[i];
+    r->step = c->step;
+    r->path = c->resolved;
+    r->relative_path = c->rel;
+    r->dataset_position = c->dataset_position;
+    r->loss = c->loss;
+    r->created_at = c->created_at;
+    r->deleted = c->deleted;
+    r->tags = (const char *const *)c->tags;
+    r->ntags = c->ntags;
+    r->sha256 = c->sha256;
+    r->size = c->size;
+    return KD_OK;
+}
+
+/* Index of the best live checkpoint by loss, or -1. */
+static long best_index(const kd_tracker *t)
+{
+    long best = -1;
+    for (size_t i = 0; i < t->nck; i++) {
+        const ckrec *c = &t->ck[i];
+        if (c->deleted || !isfinite(c->loss))
+            continue;
+        if (best < 0 || c->loss < t->ck[best].loss)
+            best = (long)i;
+    }
+    return best;
+}
+
+/* Index of the newest live checkpoint, or -1. */
+static long newest_index(const kd_tracker *t)
+{
+    for (size_t i = t->nck; i-- > 0;)
+        if (!t->ck[i].deleted)
+            return (long)i;
+    return -1;
+}
+
+int kd_tracker_checkpoint_deleted(kd_tracker *t, int64_t step, const char *reason)
+{
+    if (!t)
+        return KD_EINVAL;
+    ckrec *c = find_ck(t, step);
+    if (!c)
+        return kd_trk_fail(t, KD_ENOTFOUND, "checkpoint at step %lld is not in the manifest",
+                           (long long)step);
+    if (c->deleted)
+        return KD_OK;
+    long idx = (long)(c - t->ck);
+    if (idx == newest_index(t) || idx == best_index(t))
+        return kd_trk_fail(t, KD_EINVAL,
+                           "checkpoint at step %lld is the %s one and must be kept",
+                           (long long)step, idx == best_index(t) ? "best" : "newest (recovery)");
+    char *why = strdup(reason ? reason : "retention");
+    if (!why)
+        return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+    c->deleted = 1;
+    free(c->deleted_reason);
+    c->deleted_reason = why;
+    if (kd_trk_ck_frag(c) != KD_OK)
+        return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+    return kd_trk_write_state(t);
+}
+
+static void fill_recovery(const kd_tracker *t, const ckrec *c, kd_recovery *r)
+{
+    (void)t;
+    r->found = 1;
+    r->step = c->step;
+    r->dataset_position = c->dataset_position;
+    snprintf(r->path, sizeof r->path, "%s", c->resolved);
+    memcpy(r->sha256, c->sha256, KD_SHA256_HEX);
+    r->size = c->size;
+    r->loss = c->loss;
+}
+
+int kd_tracker_recovery_checkpoint(kd_tracker *t, kd_recovery *r)
+{
+    if (!t || !r)
+        return KD_EINVAL;
+    memset(r, 0, sizeof *r);
+    r->loss = NAN;
+    kd_sb why;
+    kd_sb_init(&why, sizeof r->skipped);
+    for (size_t i = t->nck; i-- > 0;) {
+        const ckrec *c = &t->ck[i];
+        if (c->deleted)
+            continue;
+        struct stat st;
+        if (stat(c->resolved, &st) != 0) {
+            kd_sb_printf(&why, "step %lld: %s is missing\n", (long long)c->step, c->rel);
+            continue;
+        }
+        if ((int64_t)st.st_size != c->size) {
+            kd_sb_printf(&why, "step %lld: %s has %lld bytes, the manifest says %lld\n",
+                         (long long)c->step, c->rel, (long long)st.st_size, (long long)c->size);
+            continue;
+        }
+        char hex[KD_SHA256_HEX];
+        kd_err herr;
+        if (kd_sha256_file(c->resolved, hex, NULL, &herr) != KD_OK) {
+            kd_sb_printf(&why, "step %lld: %s\n", (long long)c->step, herr.msg);
+            continue;
+        }
+        if (strcmp(hex, c->sha256) != 0) {
+            kd_sb_printf(&why, "step %lld: %s: SHA-256 differs from the manifest (corrupted or "
+                               "overwritten)\n",
+                         (long long)c->step, c->rel);
+            continue;
+        }
+        fill_recovery(t, c, r);
+        break;
+    }
+    if (why.buf)
+        snprintf(r->skipped, sizeof r->skipped, "%s", why.buf);
+    kd_sb_free(&why);
+    return KD_OK;
+}
+
+int kd_tracker_best_checkpoint(kd_tracker *t, kd_recovery *r)
+{
+    if (!t || !r)
+        return KD_EINVAL;
+    memset(r, 0, sizeof *r);
+    r->loss = NAN;
+    long b = best_index(t);
+    if (b >= 0)
+        fill_recovery(t, &t->ck[b], r);
+    return KD_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* API responses, failures, pauses                                           */
+
+int kd_tracker_record_api_response(kd_tracker *t, const kd_api_response *r)
+{
+    if (!t || !r || !r->response)
+        return KD_EINVAL;
+    if (t->readonly)
+        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+    if (!isfinite(r->cost) || r->cost < 0)
+        return kd_trk_fail(t, KD_EINVAL, "record_api_response: cost must be a finite number >= 0");
+    char ph[KD_SHA256_HEX];
+    const char *prompt_hash = r->prompt_hash;
+    if (!prompt_hash) {
+        if (!r->prompt)
+            return kd_trk_fail(t, KD_EINVAL, "record_api_response: prompt_hash or prompt is required");
+        kd_sha256_hex(r->prompt, strlen(r->prompt), ph);
+        prompt_hash = ph;
+    }
+    kd_sb *s = &t->line;
+    kd_sb_reset(s);
+    kd_sb_puts(s, "{\"prompt_hash\":");
+    kd_sb_json_cstr(s, prompt_hash);
+    size_t rlen = strlen(r->response);
+    if (kd_utf8_valid(r->response, rlen)) {
+        kd_sb_puts(s, ",\"response\":");
+        kd_sb_json_str(s, r->response, rlen);
+    } else {
+        /* Paid bytes are kept exactly: not valid text, so base64. */
+        unsigned char *b64 = malloc(4 * ((rlen + 2) / 3) + 1);
+        if (!b64)
+            return kd_trk_fail(t, KD_ENOMEM, "record_api_response: out of memory");
+        int n = EVP_EncodeBlock(b64, (const unsigned char *)r->response, (int)rlen);
+        kd_sb_puts(s, ",\"response\":null,\"response_base64\":\"");
+        kd_sb_put(s, (const char *)b64, (size_t)n);
+        kd_sb_putc(s, '"');
+        free(b64);
+    }
+    kd_sb_puts(s, ",\"cost\":");
+    kd_sb_json_double(s, r->cost);
+    kd_sb_puts(s, ",\"timestamp\":");
+    kd_sb_printf(s, "%.6f", kd_now());
+    kd_sb_puts(s, ",\"request_hash\":");
+    kd_sb_json_cstr(s, r->request_hash);
+    kd_sb_puts(s, ",\"sample_index\":");
+    if (r->sample_index >= 0)
+        kd_sb_json_int(s, r->sample_index);
+    else
+        kd_sb_puts(s, "null");
+    kd_sb_puts(s, ",\"prompt_tokens\":");
+    if (r->prompt_tokens >= 0)
+        kd_sb_json_int(s, r->prompt_tokens);
+    else
+        kd_sb_puts(s, "null");
+    kd_sb_puts(s, ",\"completion_tokens\":");
+    if (r->completion_tokens >= 0)
+        kd_sb_json_int(s, r->completion_tokens);
+    else
+        kd_sb_puts(s, "null");
+    kd_sb_puts(s, ",\"latency_ms\":");
+    put_opt_double(s, r->latency_ms);
+    kd_sb_puts(s, ",\"model\":");
+    kd_sb_json_cstr(s, r->model);
+    kd_sb_puts(s, ",\"request_id\":");
+    kd_sb_json_cstr(s, r->request_id);
+    kd_sb_putc(s, '}');
+    if (kd_sb_error(s))
+        return kd_trk_fail(t, kd_sb_error(s), "record_api_response: response too large to record");
+    int rc = kd_jsonl_append(t->api, s->buf, s->len, &t->err);
+    if (rc != KD_OK)
+        return rc;
+    t->api_responses++;
+    t->total_cost += r->cost;
+    return KD_OK;
+}
+
+int kd_tracker_record_connection_failure(kd_tracker *t, const kd_failure *f)
+{
+    if (!t || !f)
+        return KD_EINVAL;
+    if (t->readonly)
+        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+    kd_sb *s = &t->line;
+    kd_sb_reset(s);
+    kd_sb_puts(s, "{\"retry_count\":");
+    kd_sb_json_int(s, f->retry_count);
+    kd_sb_puts(s, ",\"error\":");
+    kd_sb_json_cstr(s, f->error ? f->error : "");
+    kd_sb_puts(s, ",\"time\":");
+    kd_sb_printf(s, "%.6f", kd_now());
+    kd_sb_puts(s, ",\"http_status\":");
+    kd_sb_json_int(s, f->http_status);
+    kd_sb_puts(s, f->possibly_billed ? ",\"possibly_billed\":true" : ",\"possibly_billed\":false");
+    kd_sb_puts(s, ",\"request_hash\":");
+    kd_sb_json_cstr(s, f->request_hash);
+    kd_sb_putc(s, '}');
+    if (kd_sb_error(s))
+        return kd_trk_fail(t, kd_sb_error(s), "record_connection_failure: message too large");
+    int rc = kd_jsonl_append(t->failures, s->buf, s->len, &t->err);
+    if (rc != KD_OK)
+        return rc;
+    t->nfailures++;
+    if (f->possibly_billed)
+        t->possibly_billed++;
+    return KD_OK;
+}
+
+int kd_tracker_record_pause(kd_tracker *t, double duration)
+{
+    if (!t)
+        return KD_EINVAL;
+    if (t->readonly)
+        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+    if (!isfinite(duration) || duration < 0)
+        return kd_trk_fail(t, KD_EINVAL, "record_pause: duration must be >= 0 seconds");
+    double now = kd_now();
+    /* A pause cannot remove more than the active time there is. */
+    double active = kd_trk_active(t, now);
+    if (duration > active)
+        duration = active;
+    t->active_base -= duration;
+    t->paused_seconds += duration;
+    t->pauses++;
+    size_t slot = t->pause_log_n % KD_PAUSE_LOG_MAX;
+    t->pause_log[slot][0] = now;
+    t->pause_log[slot][1] = duration;
+    t->pause_log_n++;
+    /* Samples older than the pause would make the recent rate look slower. */
+    t->rate_n = 0;
+    char d[96];
+    snprintf(d, sizeof d, "{\"duration\":%.6f}", duration);
+    int rc = kd_trk_event(t, "pause", d);
+    if (rc == KD_OK)
+        rc = sync_metrics(t);
+    if (rc == KD_OK)
+        rc = kd_tracker_save(t);
+    return rc;
+}
+
+int kd_tracker_save(kd_tracker *t)
+{
+    if (!t)
+        return KD_EINVAL;
+    if (t->readonly)
+        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+    int rc = sync_metrics(t);
+    if (rc == KD_OK)
+        rc = kd_trk_write_session(t);
+    if (rc == KD_OK)
+        t->last_save = kd_monotonic();
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Rewind                                                                    */
+
+int kd_tracker_rewind(kd_tracker *t, int64_t step)
+{
+    if (!t)
+        return KD_EINVAL;
+    if (t->readonly)
+        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+    int rc = flush_metrics(t);
+    if (rc != KD_OK)
+        return rc;
+    /* Find the end of the last line whose step is <= `step`. */
+    char path[PATH_MAX];
+    kd_trk_path(t, F_METRICS, path, sizeof path);
+    uint64_t size = kd_jsonl_size(t->metrics);
+    uint64_t cut = size;
+    int64_t moved = 0;
+    rc = kd_trk_find_cut(t, path, step, &cut, &moved);
+    if (rc != KD_OK)
+        return rc;
+    if (cut < size) {
+        char aside[PATH_MAX];
+        kd_trk_path(t, F_REWOUND, aside, sizeof aside);
+        rc = kd_jsonl_move_tail(t->metrics, cut, aside, &t->err);
+        if (rc != KD_OK)
+            return rc;
+    }
+    int64_t from = t->steps_completed;
+    rc = kd_trk_scan_metrics_tail(t);
+    if (rc != KD_OK)
+        return rc;
+    t->rate_n = 0;
+    /* Checkpoints past the rewind point belong to the abandoned attempt:
+       they stay on disk and in the manifest, but are no longer candidates. */
+    int stale = 0;
+    for (size_t i = 0; i < t->nck; i++) {
+        if (t->ck[i].step > step && !t->ck[i].deleted) {
+            t->ck[i].deleted = 1;
+            free(t->ck[i].deleted_reason);
+            t->ck[i].deleted_reason = strdup("rewound: newer than the resume point");
+            kd_trk_ck_frag(&t->ck[i]);
+            stale = 1;
+        }
+    }
+    char d[160];
+    snprintf(d, sizeof d, "{\"from_step\":%lld,\"to_step\":%lld,\"lines_moved\":%lld}",
+             (long long)from, (long long)step, (long long)moved);
+    rc = kd_trk_event(t, "rewind", d);
+    if (rc == KD_OK)
+        rc = stale ? kd_trk_write_state(t) : kd_trk_write_session(t);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Summary and close                                                         */
+
+int kd_tracker_summary(kd_tracker *t, kd_summary *s)
+{
+    if (!t || !s)
+        return KD_EINVAL;
+    memset(s, 0, sizeof *s);
+    double now = kd_now();
+    s->session_id = t->session_id;
+    s->steps_completed = t->steps_completed;
+    s->total_steps_target = t->total_steps;
+    s->progress_pct = t->total_steps > 0 ? 100.0 * (double)t->steps_completed / (double)t->total_steps
+                                         : 0.0;
+    if (s->progress_pct > 100.0)
+        s->progress_pct = 100.0;
+    s->elapsed_wall_clock_hours = (now - t->start_time) / 3600.0;
+    s->active_hours = kd_trk_active(t, now) / 3600.0;
+    kd_trk_rates(t, &s->steps_per_sec, &s->samples_per_sec, &s->tokens_per_sec);
+    int64_t left = t->total_steps - t->steps_completed;
+    if (left <= 0)
+        s->estimated_remaining_hours = 0.0;
+    else if (s->steps_per_sec > 0 && isfinite(s->steps_per_sec))
+        s->estimated_remaining_hours = (double)left / s->steps_per_sec / 3600.0;
+    else
+        s->estimated_remaining_hours = NAN;
+    double w[KD_TREND_WINDOW];
+    for (size_t i = 0; i < t->loss_n; i++)
+        w[i] = t->losses[(t->loss_head + KD_TREND_WINDOW - t->loss_n + i) % KD_TREND_WINDOW];
+    s->loss_trend = kd_loss_trend(w, t->loss_n);
+    s->latest_loss = t->last_loss;
+    s->samples_processed = t->samples_processed;
+    s->tokens_processed = t->tokens_processed;
+    s->api_responses_saved = t->api_responses;
+    s->connection_failures = t->nfailures;
+    s->possibly_billed_failures = t->possibly_billed;
+    s->total_cost = t->total_cost;
+    s->last_checkpoint_step = -1;
+    for (size_t i = 0; i < t->nck; i++) {
+        if (!t->ck[i].deleted) {
+            s->checkpoints++;
+            s->last_checkpoint_step = t->ck[i].step;
+        }
+    }
+    s->pauses = t->pauses;
+    s->paused_hours = t->paused_seconds / 3600.0;
+    return KD_OK;
+}
+
+int kd_tracker_summary_json(kd_tracker *t, char **json_out)
+{
+    if (!t || !json_out)
+        return KD_EINVAL;
+    *json_out = kd_trk_progress_doc(t);
+    return *json_out ? KD_OK : kd_trk_fail(t, KD_ENOMEM, "summary: out of memory");
+}
+
+int kd_tracker_close(kd_tracker *t)
+{
+    if (!t)
+        return KD_OK;
+    int rc = KD_OK;
+    if (!t->readonly && t->metrics) {
+        rc = sync_metrics(t);
+        int r2 = kd_trk_event(t, "close", "{}");
+        if (rc == KD_OK)
+            rc = r2;
+        r2 = kd_trk_write_session(t);
+        if (rc == KD_OK)
+            rc = r2;
+    }
+    kd_err ignore;
+    int r3 = kd_jsonl_close(t->metrics, &ignore);
+    r3 |= kd_jsonl_close(t->api, &ignore);
+    r3 |= kd_jsonl_close(t->failures, &ignore);
+    r3 |= kd_jsonl_close(t->events, &ignore);
+    if (rc == KD_OK && r3 != 0 && !t->readonly)
+        rc = KD_EIO;
+    kd_dir_unlock(t->lock);
+    for (size_t i = 0; i < t->nck; i++)
+        kd_trk_ck_free(&t->ck[i]);
+    free(t->ck);
+    free(t->pending);
+    free(t->config_canon);
+    kd_sb_free(&t->report);
+    kd_sb_free(&t->line);
+    free(t);
+    return rc;
+}

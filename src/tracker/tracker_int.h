@@ -1,0 +1,136 @@
+/*
+ * src/tracker/tracker_int.h - the tracker's state, shared by its source files
+ * (internal).  tracker.c holds the public calls, state.c reads and writes the
+ * state files, verify.c checks a directory from end to end.
+ */
+#ifndef KD_SRC_TRACKER_INT_H
+#define KD_SRC_TRACKER_INT_H
+
+#include <limits.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include "kdkit/core.h"
+#include "kdkit/tracker.h"
+#include "tracker/sb.h"
+
+#define KD_SESSION_FORMAT "kdkit.session.v1"
+#define KD_TREND_WINDOW 100      /* losses kept for the trend */
+#define KD_RATE_WINDOW 64        /* throughput samples kept */
+#define KD_RATE_SPACING 0.5      /* seconds of active time between samples */
+#define KD_PENDING_MAX 4096      /* metrics lines held before a flush */
+#define KD_STATE_FILE_MAX (256u << 20) /* largest state file we read */
+#define KD_PAUSE_LOG_MAX 100     /* pauses listed in session.json */
+
+/* File names inside the output directory. */
+#define F_SESSION "session.json"
+#define F_PROGRESS "progress.json"
+#define F_METRICS "metrics.jsonl"
+#define F_API "api_recovery.jsonl"
+#define F_CKPTS "checkpoints.json"
+#define F_FAILURES "failures.jsonl"
+#define F_EVENTS "events.jsonl"
+#define F_REWOUND "metrics.rewound.jsonl"
+
+typedef struct ckrec {
+    int64_t step;
+    char *rel;         /* path relative to the output directory */
+    char *abs;         /* absolute path when recorded (informational) */
+    char *resolved;    /* dir + "/" + rel, for this process */
+    int64_t dataset_position;
+    double loss;       /* NaN when unknown */
+    double wall_clock_hours;
+    double active_hours;
+    double created_at;
+    char **tags;
+    size_t ntags;
+    char sha256[KD_SHA256_HEX];
+    int64_t size;
+    int deleted;
+    char *deleted_reason;
+    char *frag;        /* cached JSON text of this record */
+} ckrec;
+
+typedef struct pending_metric {
+    kd_metrics m;
+    double timestamp;
+} pending_metric;
+
+typedef struct rate_point {
+    double active;     /* active seconds */
+    int64_t step, samples, tokens;
+} rate_point;
+
+struct kd_tracker {
+    char dir[PATH_MAX];
+    kd_err err;
+    int readonly;
+    kd_lock *lock;
+    kd_jsonl *metrics, *api, *failures, *events;
+    kd_tracker_opts opts;
+
+    char session_id[64];
+    char config_hash[KD_SHA256_HEX];
+    char *config_canon;      /* canonical JSON text of the config */
+    int resumed;
+    kd_sb report;            /* what open did, for a person */
+
+    int64_t total_steps;
+    double start_time;       /* Unix seconds when the session began */
+    int64_t steps_completed; /* last step logged */
+    int64_t samples_processed, tokens_processed;
+    double last_loss, last_lr;
+    double last_tput_samples, last_tput_tokens;
+    double last_metric_time;
+
+    int64_t api_responses;
+    double total_cost;
+    int64_t nfailures, possibly_billed;
+    int64_t pauses;
+    double paused_seconds;   /* recorded pauses + gaps between attempts */
+    double pause_log[KD_PAUSE_LOG_MAX][2]; /* (time, duration), ring */
+    size_t pause_log_n;
+
+    double active_base;      /* active seconds at `mark` */
+    double mark;             /* kd_now() when active_base was taken */
+
+    pending_metric *pending;
+    size_t npending;
+    double last_flush;       /* kd_monotonic() */
+    double last_save;        /* kd_monotonic() */
+    kd_sb line;              /* scratch for one JSONL line */
+
+    rate_point rate[KD_RATE_WINDOW];
+    size_t rate_head, rate_n;
+    double saved_steps_per_sec, saved_samples_per_sec, saved_tokens_per_sec;
+
+    double losses[KD_TREND_WINDOW];
+    size_t loss_head, loss_n;
+
+    ckrec *ck;
+    size_t nck, capck;
+};
+
+/* state.c */
+int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int kd_trk_path(const kd_tracker *t, const char *name, char *out, size_t outsz);
+double kd_trk_active(const kd_tracker *t, double now);
+void kd_trk_rates(const kd_tracker *t, double *steps, double *samples, double *tokens);
+void kd_trk_loss_push(kd_tracker *t, double loss);
+void kd_trk_ck_free(ckrec *c);
+int kd_trk_ck_frag(ckrec *c);
+int kd_trk_write_state(kd_tracker *t);         /* checkpoints.json + session.json + progress.json */
+int kd_trk_write_session(kd_tracker *t);       /* session.json + progress.json */
+char *kd_trk_progress_doc(kd_tracker *t);
+int kd_trk_load(kd_tracker *t, json_t *session); /* state from session.json + tails */
+int kd_trk_load_checkpoints(kd_tracker *t);
+int kd_trk_scan_metrics_tail(kd_tracker *t);
+/* End offset of the last metrics line with step <= `step`, and how many lines
+   follow it (they are the ones a rewind moves aside). */
+int kd_trk_find_cut(kd_tracker *t, const char *path, int64_t step, uint64_t *cut, int64_t *moved);
+int kd_trk_event(kd_tracker *t, const char *type, const char *detail_json);
+void kd_trk_config_diff(const json_t *old_cfg, const json_t *new_cfg, kd_sb *out);
+int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session);
+
+#endif
