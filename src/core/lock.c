@@ -1,0 +1,101 @@
+/*
+ * src/core/lock.c - one writer per output directory (kdkit/core.h).
+ *
+ * File "<dir>/.kdkit.lock" holds flock(LOCK_EX) for as long as the holder
+ * runs; its content is the holder's pid in decimal and a newline, for
+ * messages only (the flock is the lock, so a stale pid left by a killed
+ * process means nothing).  The file is never unlinked: unlinking a lock file
+ * lets a third process lock a fresh inode while the second still holds the
+ * old one.  The descriptor is O_CLOEXEC so programs we exec do not inherit
+ * the lock.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include "kdkit/core.h"
+#include "core/sys.h"
+
+struct kd_lock {
+    int fd;
+    char *path;
+};
+
+int kd_dir_lock(kd_lock **out, const char *dir, kd_err *e)
+{
+    int rc = KD_OK;
+    int fd = -1;
+    char *path = NULL;
+    if (!out || !dir || !dir[0])
+        return kd_err_set(e, KD_EINVAL, "kd_dir_lock: no directory");
+    *out = NULL;
+    if (asprintf(&path, "%s/.kdkit.lock", dir) < 0) {
+        path = NULL;
+        rc = kd_err_set(e, KD_ENOMEM, "out of memory locking %s", dir);
+        goto done;
+    }
+    fd = kd_sys_open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        rc = kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno,
+                        "open of lock file %s failed", path);
+        goto done;
+    }
+    while (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno == EINTR)
+            continue;
+        if (errno == EWOULDBLOCK) {
+            char buf[32] = "";
+            ssize_t n = kd_sys_pread(fd, buf, sizeof buf - 1, 0);
+            long pid = n > 0 ? strtol(buf, NULL, 10) : 0;
+            if (pid > 0)
+                rc = kd_err_set(e, KD_ELOCKED,
+                                "output directory %s is in use by process %ld (lock file %s); "
+                                "stop that process or wait for it", dir, pid, path);
+            else
+                rc = kd_err_set(e, KD_ELOCKED,
+                                "output directory %s is in use by another process (lock file "
+                                "%s); stop that process or wait for it", dir, path);
+        } else {
+            rc = kd_err_sys(e, KD_EIO, errno, "flock of %s failed", path);
+        }
+        goto done;
+    }
+    char pid[32];
+    int len = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (kd_sys_ftruncate(fd, 0) != 0 || kd_sys_pwrite_all(fd, pid, (size_t)len, 0) != 0) {
+        rc = kd_err_sys(e, KD_EIO, errno, "writing our pid to lock file %s failed", path);
+        goto done;
+    }
+    kd_lock *l = malloc(sizeof *l);
+    if (!l) {
+        rc = kd_err_set(e, KD_ENOMEM, "out of memory locking %s", dir);
+        goto done;
+    }
+    l->fd = fd;
+    l->path = path;
+    fd = -1;
+    path = NULL;
+    *out = l;
+done:
+    if (fd >= 0)
+        close(fd); /* drops the flock if we had it */
+    free(path);
+    return rc;
+}
+
+void kd_dir_unlock(kd_lock *l)
+{
+    if (!l)
+        return;
+    /* clear the pid while we still hold the lock; failure is harmless */
+    if (kd_sys_ftruncate(l->fd, 0) != 0) {
+        /* the pid stays; the next holder overwrites it */
+    }
+    close(l->fd);
+    free(l->path);
+    free(l);
+}

@@ -1,0 +1,129 @@
+/*
+ * src/core/sha256.c - SHA-256 through OpenSSL's EVP interface (kdkit/core.h),
+ * one-shot, incremental and over a file (streamed in 1 MiB reads through the
+ * fault-injectable read wrapper, so memory stays flat for any file size).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "kdkit/core.h"
+#include "core/sys.h"
+
+#define FILE_BLOCK ((size_t)1 << 20)
+
+struct kd_sha256 {
+    EVP_MD_CTX *ctx;
+};
+
+static void to_hex(const unsigned char *d, unsigned n, char hex[KD_SHA256_HEX])
+{
+    static const char digits[] = "0123456789abcdef";
+    for (unsigned i = 0; i < n && i < 32; i++) {
+        hex[2 * i] = digits[d[i] >> 4];
+        hex[2 * i + 1] = digits[d[i] & 15];
+    }
+    hex[64] = '\0';
+}
+
+int kd_sha256_new(kd_sha256 **out)
+{
+    if (!out)
+        return KD_EINVAL;
+    *out = NULL;
+    kd_sha256 *h = malloc(sizeof *h);
+    if (!h)
+        return KD_ENOMEM;
+    h->ctx = EVP_MD_CTX_new();
+    if (!h->ctx || EVP_DigestInit_ex(h->ctx, EVP_sha256(), NULL) != 1) {
+        EVP_MD_CTX_free(h->ctx);
+        free(h);
+        return KD_ENOMEM;
+    }
+    *out = h;
+    return KD_OK;
+}
+
+void kd_sha256_update(kd_sha256 *h, const void *data, size_t len)
+{
+    if (h && len)
+        EVP_DigestUpdate(h->ctx, data, len);
+}
+
+void kd_sha256_final_hex(kd_sha256 *h, char hex[KD_SHA256_HEX])
+{
+    unsigned char d[EVP_MAX_MD_SIZE];
+    unsigned n = 0;
+    if (!h) {
+        hex[0] = '\0';
+        return;
+    }
+    EVP_DigestFinal_ex(h->ctx, d, &n);
+    to_hex(d, n, hex);
+    EVP_DigestInit_ex(h->ctx, EVP_sha256(), NULL);
+}
+
+void kd_sha256_free(kd_sha256 *h)
+{
+    if (!h)
+        return;
+    EVP_MD_CTX_free(h->ctx);
+    free(h);
+}
+
+int kd_sha256_hex(const void *data, size_t len, char hex[KD_SHA256_HEX])
+{
+    unsigned char d[EVP_MAX_MD_SIZE];
+    unsigned n = 0;
+    if (!data && len)
+        return KD_EINVAL;
+    if (EVP_Digest(len ? data : "", len, d, &n, EVP_sha256(), NULL) != 1)
+        return KD_ENOMEM;
+    to_hex(d, n, hex);
+    return KD_OK;
+}
+
+int kd_sha256_file(const char *path, char hex[KD_SHA256_HEX], uint64_t *size, kd_err *e)
+{
+    int rc = KD_OK;
+    int fd = -1;
+    char *buf = NULL;
+    kd_sha256 *h = NULL;
+    uint64_t total = 0;
+    if (!path || !hex)
+        return kd_err_set(e, KD_EINVAL, "kd_sha256_file: bad arguments");
+    fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
+    if (fd < 0) {
+        rc = kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "open of %s failed", path);
+        goto done;
+    }
+    buf = malloc(FILE_BLOCK);
+    if (!buf || kd_sha256_new(&h) != KD_OK) {
+        rc = kd_err_set(e, KD_ENOMEM, "out of memory hashing %s", path);
+        goto done;
+    }
+    for (;;) {
+        ssize_t n = kd_sys_read(fd, buf, FILE_BLOCK);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = kd_err_sys(e, KD_EIO, errno, "read of %s failed", path);
+            goto done;
+        }
+        if (n == 0)
+            break;
+        kd_sha256_update(h, buf, (size_t)n);
+        total += (uint64_t)n;
+    }
+    kd_sha256_final_hex(h, hex);
+    if (size)
+        *size = total;
+done:
+    kd_sha256_free(h);
+    free(buf);
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
