@@ -789,7 +789,8 @@ static int load_ck_object(kd_tracker *t, const char *file, json_t *cks)
             t->nck++;
         }
     }
-    qsort(t->ck, t->nck, sizeof *t->ck, ck_cmp);
+    if (t->nck > 1)
+        qsort(t->ck, t->nck, sizeof *t->ck, ck_cmp);
     for (size_t i = 1; i < t->nck; i++)
         if (t->ck[i].step == t->ck[i - 1].step)
             return kd_trk_fail(t, KD_ECORRUPT, "%s: two checkpoints at step %lld; nothing was changed",

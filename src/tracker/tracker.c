@@ -215,7 +215,7 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
 
     rc = kd_json_canonical(config_json, strlen(config_json), &t->config_canon, &t->err);
     if (rc != KD_OK) {
-        kd_trk_fail(t, rc, "config is not valid JSON: %s", t->err.msg);
+        rc = kd_trk_fail(t, KD_EINVAL, "config is not valid JSON: %s", t->err.msg);
         goto fail;
     }
     rc = kd_json_hash(t->config_canon, strlen(t->config_canon), t->config_hash, &t->err);
