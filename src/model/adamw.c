@@ -1,0 +1,179 @@
+/*
+ * src/model/adamw.c - AdamW with decoupled weight decay (kdkit/model.h), the
+ * update of torch.optim.AdamW: decay first, then the bias-corrected Adam step.
+ * The moments m and v live in one allocation laid out like the parameters,
+ * so "opt.m.<name>" / "opt.v.<name>" views alias it for checkpoints; the
+ * step count travels as "opt.step" (I64 [1]).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kdkit/model.h"
+
+__attribute__((visibility("hidden"))) int kd_gpt__load_matching(
+    const kd_tensor_view *want, size_t n_want, const kd_tensor_view *v, size_t n,
+    const char *prefix, int own_prefix, kd_err *e);
+
+struct kd_adamw {
+    kd_gpt *model;
+    kd_adamw_config cfg;
+    int64_t t;
+    size_t n;            /* parameters */
+    float *mv;           /* m = mv[0..n), v = mv[n..2n) */
+    size_t n_views;      /* 1 + 2 * tensors */
+    kd_tensor_view *views;
+    char *names;
+};
+
+#define NAME_CAP 48
+
+int kd_adamw_create(kd_adamw **out, kd_gpt *model, const kd_adamw_config *cfg, kd_err *e)
+{
+    if (!out || !model || !cfg)
+        return kd_err_set(e, KD_EINVAL, "adamw: out, model and config are required");
+    *out = NULL;
+    if (!(cfg->beta1 >= 0.0 && cfg->beta1 < 1.0))
+        return kd_err_set(e, KD_ECONFIG, "beta1: expected 0 <= beta1 < 1, got %g", cfg->beta1);
+    if (!(cfg->beta2 >= 0.0 && cfg->beta2 < 1.0))
+        return kd_err_set(e, KD_ECONFIG, "beta2: expected 0 <= beta2 < 1, got %g", cfg->beta2);
+    if (!(cfg->eps > 0.0 && isfinite(cfg->eps)))
+        return kd_err_set(e, KD_ECONFIG, "eps: expected a finite value > 0, got %g", cfg->eps);
+    if (!(cfg->weight_decay >= 0.0 && isfinite(cfg->weight_decay)))
+        return kd_err_set(e, KD_ECONFIG, "weight_decay: expected a finite value >= 0, got %g",
+                          cfg->weight_decay);
+    kd_adamw *o = calloc(1, sizeof *o);
+    if (!o)
+        return kd_err_set(e, KD_ENOMEM, "adamw: out of memory");
+    size_t nt;
+    const kd_tensor_view *pv = kd_gpt_param_views(model, &nt);
+    o->model = model;
+    o->cfg = *cfg;
+    o->n = kd_gpt_num_params(model);
+    o->n_views = 1 + 2 * nt;
+    o->mv = calloc(2 * o->n, sizeof(float));
+    o->views = calloc(o->n_views, sizeof *o->views);
+    o->names = malloc(o->n_views * NAME_CAP);
+    if (!o->mv || !o->views || !o->names) {
+        size_t want = 2 * o->n;
+        kd_adamw_free(o);
+        return kd_err_set(e, KD_ENOMEM, "adamw: out of memory for %zu moments", want);
+    }
+    const float *base = kd_gpt_params(model);
+    kd_tensor_view *sv = &o->views[0];
+    snprintf(o->names, NAME_CAP, "opt.step");
+    sv->name = o->names;
+    sv->dtype = KD_DTYPE_I64;
+    sv->ndim = 1;
+    sv->shape[0] = 1;
+    sv->data = &o->t;
+    sv->nbytes = sizeof o->t;
+    for (size_t i = 0; i < nt; i++) {
+        size_t off = (size_t)((const float *)pv[i].data - base);
+        for (int which = 0; which < 2; which++) {
+            size_t vi = 1 + 2 * i + (size_t)which;
+            kd_tensor_view *v = &o->views[vi];
+            *v = pv[i];
+            char *name = o->names + vi * NAME_CAP;
+            snprintf(name, NAME_CAP, "opt.%c.%s", which ? 'v' : 'm', pv[i].name);
+            v->name = name;
+            v->data = o->mv + (which ? o->n : 0) + off;
+        }
+    }
+    *out = o;
+    return KD_OK;
+}
+
+void kd_adamw_free(kd_adamw *o)
+{
+    if (!o)
+        return;
+    free(o->mv);
+    free(o->views);
+    free(o->names);
+    free(o);
+}
+
+int kd_adamw_step(kd_adamw *o, double lr, kd_err *e)
+{
+    if (!(lr >= 0.0 && isfinite(lr)))
+        return kd_err_set(e, KD_EINVAL, "adamw: learning rate must be finite and >= 0, got %g", lr);
+    size_t nt;
+    const kd_tensor_view *pv = kd_gpt_param_views(o->model, &nt);
+    float *params = kd_gpt_params(o->model);
+    const float *grads = kd_gpt_grads(o->model);
+    o->t++;
+    /* Scalars in double as torch computes them (Python floats), then rounded
+     * once to float for the element loop. */
+    double bc1 = 1.0 - pow(o->cfg.beta1, (double)o->t);
+    double bc2 = 1.0 - pow(o->cfg.beta2, (double)o->t);
+    float step_size = (float)(lr / bc1);
+    float bc2_sqrt = (float)sqrt(bc2);
+    float b1 = (float)o->cfg.beta1, b2 = (float)o->cfg.beta2, eps = (float)o->cfg.eps;
+    float omb1 = (float)(1.0 - o->cfg.beta1), omb2 = (float)(1.0 - o->cfg.beta2);
+    float decay = (float)(1.0 - lr * o->cfg.weight_decay);
+    for (size_t i = 0; i < nt; i++) {
+        size_t off = (size_t)((const float *)pv[i].data - params);
+        size_t cnt = pv[i].nbytes / sizeof(float);
+        float *p = params + off;
+        const float *g = grads + off;
+        float *m = o->mv + off, *v = o->mv + o->n + off;
+        int decays = pv[i].ndim >= 2 && o->cfg.weight_decay != 0.0;
+        for (size_t j = 0; j < cnt; j++) {
+            float pj = decays ? p[j] * decay : p[j];
+            float gj = g[j];
+            float mj = b1 * m[j] + omb1 * gj;
+            float vj = b2 * v[j] + omb2 * (gj * gj);
+            m[j] = mj;
+            v[j] = vj;
+            p[j] = pj - step_size * (mj / (sqrtf(vj) / bc2_sqrt + eps));
+        }
+    }
+    return KD_OK;
+}
+
+int64_t kd_adamw_step_count(const kd_adamw *o)
+{
+    return o->t;
+}
+
+const kd_tensor_view *kd_adamw_views(const kd_adamw *o, size_t *n)
+{
+    *n = o->n_views;
+    return o->views;
+}
+
+int kd_adamw_load_views(kd_adamw *o, const kd_tensor_view *v, size_t n, kd_err *e)
+{
+    if (!v && n)
+        return kd_err_set(e, KD_EINVAL, "adamw load: views is NULL");
+    /* opt.step is I64: check it here, then let the shared loader do the F32
+     * moments (it only accepts F32, so hand it the views minus opt.step). */
+    int si = -1;
+    for (size_t i = 0; i < n; i++)
+        if (v[i].name && strcmp(v[i].name, "opt.step") == 0)
+            si = (int)i;
+    if (si < 0)
+        return kd_err_set(e, KD_ENOTFOUND, "tensor opt.step missing");
+    const kd_tensor_view *s = &v[si];
+    if (s->dtype != KD_DTYPE_I64 || s->ndim != 1 || s->shape[0] != 1 ||
+        s->nbytes != sizeof(int64_t) || !s->data)
+        return kd_err_set(e, KD_EMISMATCH, "tensor opt.step: expected I64 [1]");
+    int64_t t;
+    memcpy(&t, s->data, sizeof t);
+    if (t < 0)
+        return kd_err_set(e, KD_ECORRUPT, "tensor opt.step: negative step count %lld", (long long)t);
+    kd_tensor_view *rest = malloc((n ? n : 1) * sizeof *rest);
+    if (!rest)
+        return kd_err_set(e, KD_ENOMEM, "adamw load: out of memory");
+    size_t nr = 0;
+    for (size_t i = 0; i < n; i++)
+        if ((int)i != si)
+            rest[nr++] = v[i];
+    int rc = kd_gpt__load_matching(o->views + 1, o->n_views - 1, rest, nr, "opt.", 1, e);
+    free(rest);
+    if (rc == KD_OK)
+        o->t = t;
+    return rc;
+}
