@@ -1,0 +1,1258 @@
+/*
+ * src/teacher/client.c - the teacher client: cache key, budget reservation,
+ * intent journal, libcurl multi transfers, retries, ledger, cache insert.
+ *
+ * Intent journal <tracker dir>/teacher_intents.jsonl (one JSON object a line,
+ * written through core's kd_jsonl; a torn last line is repaired on open):
+ *
+ *   {"op":"base","possibly_billed_cost":C,"time":T}
+ *        first line after compaction: worst-case cost of requests that may
+ *        have been billed without an answer (counted as spent)
+ *   {"op":"send","id":N,"key":"<64 hex>","reserved":C,"ledger_offset":O,"time":T}
+ *        fsync'd before the request leaves; O = size of api_recovery.jsonl
+ *   {"op":"done","id":N,"outcome":"paid"|"not_billed"|"possibly_billed","amount":C}
+ *        written after the outcome is settled (synced with the next sends)
+ *
+ * At open, a "send" without "done" is a request a previous process had on
+ * the wire when it ended.  If the cache holds its key, or the ledger from
+ * offset O holds its request_hash (then it is cached now), it was paid and
+ * kept.  Otherwise it is recorded as a possibly-billed connection failure and
+ * its reservation joins possibly_billed_cost.  The journal is then replaced
+ * atomically by one "base" line, so it stays as short as the requests in
+ * flight since the last open.
+ */
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+#include <jansson.h>
+
+#include "kdkit/teacher.h"
+
+struct kd_teacher {
+    kd_teacher_config cfg;
+    char *strings;             /* copies of cfg's strings */
+    char *provider;            /* key's provider: label or base_url without trailing '/' */
+    char *url;                 /* full endpoint URL */
+    char *api_key;             /* NULL when none; wiped at close */
+    kd_tracker *tracker;
+    kd_cache *cache;
+    kd_budget *budget;
+    kd_jsonl *intents;
+    char ledger_path[4200];
+    pthread_mutex_t mu;        /* tracker, intents, rng, quota flag */
+    uint64_t rng;
+    int64_t next_intent;
+    int quota_exhausted;
+    char quota_msg[512];
+    double possibly_billed_cost;
+    kd_err err;
+};
+
+static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
+static int curl_ok;
+
+static void curl_init_once(void)
+{
+    curl_ok = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK;
+}
+
+const char *kd_teacher_errmsg(const kd_teacher *t)
+{
+    return t ? t->err.msg : "no teacher";
+}
+
+kd_cache *kd_teacher_cache(kd_teacher *t)
+{
+    return t->cache;
+}
+
+kd_budget *kd_teacher_budget(kd_teacher *t)
+{
+    return t->budget;
+}
+
+/* splitmix64: jitter only, under t->mu. */
+static double rng_uniform(kd_teacher *t)
+{
+    uint64_t z = (t->rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * 0x1.0p-53;
+}
+
+/* Scrub the key out of a message (kd_err-sized buffers). */
+static void scrub(kd_teacher *t, char *buf, size_t cap)
+{
+    if (t->api_key)
+        kd_teacher_scrub(buf, cap, t->api_key);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Copying the config                                                        */
+
+static int copy_config(kd_teacher *t, const kd_teacher_config *c, kd_err *e)
+{
+    const char *src[] = {c->base_url, c->provider, c->model, c->api_key_env,
+                         c->teacher_version, c->cache_path, c->defaults.stop_json};
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof src / sizeof src[0]; i++)
+        total += src[i] ? strlen(src[i]) + 1 : 0;
+    t->strings = malloc(total + 1);
+    if (!t->strings)
+        return kd_err_set(e, KD_ENOMEM, "teacher: out of memory");
+    t->cfg = *c;
+    const char **dst[] = {&t->cfg.base_url, &t->cfg.provider, &t->cfg.model,
+                          &t->cfg.api_key_env, &t->cfg.teacher_version, &t->cfg.cache_path,
+                          &t->cfg.defaults.stop_json};
+    size_t off = 0;
+    for (size_t i = 0; i < sizeof src / sizeof src[0]; i++) {
+        if (!src[i]) {
+            *dst[i] = NULL;
+            continue;
+        }
+        size_t n = strlen(src[i]) + 1;
+        memcpy(t->strings + off, src[i], n);
+        *dst[i] = t->strings + off;
+        off += n;
+    }
+    return KD_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Intent journal and recovery                                               */
+
+typedef struct pending {
+    int64_t id;
+    char key[KD_SHA256_HEX];
+    double reserved;
+    uint64_t ledger_offset;
+    double time;
+    int done;
+} pending;
+
+static uint64_t ledger_size(kd_teacher *t)
+{
+    struct stat sb;
+    return stat(t->ledger_path, &sb) == 0 ? (uint64_t)sb.st_size : 0;
+}
+
+static int recover_intents(kd_teacher *t, const char *path, kd_err *e)
+{
+    kd_jsonl_reader *rd = NULL;
+    int rc = kd_jsonl_reader_open(&rd, path, 0, e);
+    if (rc == KD_ENOTFOUND) {
+        kd_err_clear(e);
+        return KD_OK;
+    }
+    if (rc != KD_OK)
+        return rc;
+    pending *p = NULL;
+    size_t np = 0, cap = 0;
+    const char *line;
+    size_t len;
+    int s;
+    while ((s = kd_jsonl_next(rd, &line, &len, e)) == 1) {
+        json_t *j = json_loadb(line, len, 0, NULL);
+        const char *op = json_string_value(json_object_get(j, "op"));
+        if (!op) {
+            json_decref(j);
+            continue; /* not ours to judge; the journal is evidence only */
+        }
+        if (strcmp(op, "base") == 0) {
+            t->possibly_billed_cost +=
+                json_number_value(json_object_get(j, "possibly_billed_cost"));
+        } else if (strcmp(op, "send") == 0) {
+            if (np == cap) {
+                size_t nc = cap ? cap * 2 : 64;
+                pending *np2 = realloc(p, nc * sizeof *p);
+                if (!np2) {
+                    json_decref(j);
+                    rc = kd_err_set(e, KD_ENOMEM, "teacher: out of memory");
+                    break;
+                }
+                p = np2;
+                cap = nc;
+            }
+            pending *q = &p[np++];
+            memset(q, 0, sizeof *q);
+            q->id = json_integer_value(json_object_get(j, "id"));
+            snprintf(q->key, sizeof q->key, "%s",
+                     json_string_value(json_object_get(j, "key")) ?
+                     json_string_value(json_object_get(j, "key")) : "");
+            q->reserved = json_number_value(json_object_get(j, "reserved"));
+            q->ledger_offset = (uint64_t)json_integer_value(json_object_get(j, "ledger_offset"));
+            q->time = json_number_value(json_object_get(j, "time"));
+        } else if (strcmp(op, "done") == 0) {
+            int64_t id = json_integer_value(json_object_get(j, "id"));
+            const char *out = json_string_value(json_object_get(j, "outcome"));
+            for (size_t i = np; i-- > 0;)
+                if (p[i].id == id && !p[i].done) {
+                    p[i].done = 1;
+                    if (out && strcmp(out, "possibly_billed") == 0)
+                        t->possibly_billed_cost +=
+                            json_number_value(json_object_get(j, "amount"));
+                    break;
+                }
+        }
+        json_decref(j);
+    }
+    kd_jsonl_reader_close(rd);
+    /* A torn last line (s == KD_ECORRUPT) is a record that never completed. */
+    if (rc == KD_OK && s < 0 && s != KD_ECORRUPT)
+        rc = s;
+    for (size_t i = 0; i < np && rc == KD_OK; i++) {
+        if (p[i].done)
+            continue;
+        int have = t->cache ? kd_cache_has_key(t->cache, p[i].key) : 0;
+        if (have == 0 && t->cache) {
+            kd_cache_rebuild_report rr;
+            if (kd_cache_rebuild(t->cache, t->ledger_path, p[i].ledger_offset, p[i].key, &rr) ==
+                    KD_OK &&
+                rr.inserted + rr.present > 0)
+                have = 1;
+        }
+        if (have == 1)
+            continue;
+        char msg[400];
+        snprintf(msg, sizeof msg,
+                 "request sent at %.3f by a process that ended before its answer was "
+                 "recorded; it may have been billed (worst case %.6f counted as spent)",
+                 p[i].time, p[i].reserved);
+        kd_failure f = {.retry_count = 0, .error = msg, .http_status = 0,
+                        .possibly_billed = 1, .request_hash = p[i].key};
+        rc = kd_tracker_record_connection_failure(t->tracker, &f);
+        if (rc != KD_OK)
+            kd_err_set(e, rc, "teacher: recording an unsettled request: %s",
+                       kd_tracker_errmsg(t->tracker));
+        t->possibly_billed_cost += p[i].reserved;
+    }
+    free(p);
+    if (rc != KD_OK)
+        return rc;
+    char base[200];
+    int n = snprintf(base, sizeof base,
+                     "{\"op\":\"base\",\"possibly_billed_cost\":%.9f,\"time\":%.6f}\n",
+                     t->possibly_billed_cost, kd_now());
+    return kd_file_write_atomic(path, base, (size_t)n, e);
+}
+
+static int open_intents(kd_teacher *t, kd_err *e)
+{
+    const char *dir = kd_tracker_dir(t->tracker);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/teacher_intents.jsonl", dir);
+    snprintf(t->ledger_path, sizeof t->ledger_path, "%s/api_recovery.jsonl", dir);
+    int rc = recover_intents(t, path, e);
+    if (rc != KD_OK)
+        return rc;
+    kd_jsonl_opts o;
+    memset(&o, 0, sizeof o);
+    o.sync = KD_SYNC_EXPLICIT;
+    return kd_jsonl_open(&t->intents, path, &o, NULL, e);
+}
+
+/* Caller holds t->mu. */
+static int intent_line(kd_teacher *t, const char *line, int n)
+{
+    if (!t->intents)
+        return KD_OK;
+    return kd_jsonl_append(t->intents, line, (size_t)n, &t->err);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Open / close                                                              */
+
+int kd_teacher_open(kd_teacher **out, const kd_teacher_config *cfg, kd_tracker *tracker,
+                    kd_err *e)
+{
+    *out = NULL;
+    pthread_once(&curl_once, curl_init_once);
+    if (!curl_ok)
+        return kd_err_set(e, KD_EIO, "teacher: libcurl failed to initialise");
+    if (!cfg->base_url || !cfg->model)
+        return kd_err_set(e, KD_ECONFIG, "teacher: base_url and model are required");
+    if (!tracker && (cfg->price.input_per_million > 0 || cfg->price.output_per_million > 0 ||
+                     cfg->budget_max_cost >= 0))
+        return kd_err_set(e, KD_EINVAL,
+                          "teacher: a tracker (output directory) is required when prices or a "
+                          "budget are set: paid answers go to its ledger");
+    if (cfg->max_attempts < 1 || cfg->max_in_flight < 1)
+        return kd_err_set(e, KD_ECONFIG, "teacher: max_attempts and max_in_flight must be >= 1");
+    kd_teacher *t = calloc(1, sizeof *t);
+    if (!t)
+        return kd_err_set(e, KD_ENOMEM, "teacher: out of memory");
+    pthread_mutex_init(&t->mu, NULL);
+    t->tracker = tracker;
+    int rc = copy_config(t, cfg, e);
+    if (rc != KD_OK)
+        goto fail;
+    if (!t->cfg.teacher_version)
+        t->cfg.teacher_version = "1";
+    size_t bl = strlen(t->cfg.base_url);
+    while (bl > 0 && t->cfg.base_url[bl - 1] == '/')
+        bl--;
+    const char *path = t->cfg.endpoint == KD_TEACHER_CHAT ? "/chat/completions" : "/completions";
+    t->url = malloc(bl + strlen(path) + 1);
+    t->provider = t->cfg.provider ? strdup(t->cfg.provider) : strndup(t->cfg.base_url, bl);
+    if (!t->url || !t->provider) {
+        rc = kd_err_set(e, KD_ENOMEM, "teacher: out of memory");
+        goto fail;
+    }
+    memcpy(t->url, t->cfg.base_url, bl);
+    strcpy(t->url + bl, path);
+    if (t->cfg.api_key_env) {
+        const char *k = getenv(t->cfg.api_key_env);
+        if (!k || !*k) {
+            rc = kd_err_set(e, KD_ECONFIG,
+                            "teacher.api_key_env: environment variable %s is not set or empty",
+                            t->cfg.api_key_env);
+            goto fail;
+        }
+        if (strpbrk(k, "\r\n")) {
+            rc = kd_err_set(e, KD_ECONFIG, "teacher.api_key_env: the key in %s contains a line "
+                                           "break", t->cfg.api_key_env);
+            goto fail;
+        }
+        t->api_key = strdup(k);
+        if (!t->api_key) {
+            rc = kd_err_set(e, KD_ENOMEM, "teacher: out of memory");
+            goto fail;
+        }
+    }
+    t->rng = t->cfg.jitter_seed ? t->cfg.jitter_seed
+                                : (uint64_t)(kd_now() * 1e6) ^ ((uint64_t)getpid() << 32);
+    if (t->cfg.cache_path) {
+        rc = kd_cache_open(&t->cache, t->cfg.cache_path, t->cfg.teacher_version,
+                           t->cfg.cache_sync, e);
+        if (rc != KD_OK)
+            goto fail;
+    }
+    if (tracker) {
+        rc = open_intents(t, e);
+        if (rc != KD_OK)
+            goto fail;
+    }
+    double spent = t->possibly_billed_cost;
+    if (tracker) {
+        kd_summary s;
+        rc = kd_tracker_summary(tracker, &s);
+        if (rc != KD_OK) {
+            kd_err_set(e, rc, "teacher: reading the tracker's spend: %s",
+                       kd_tracker_errmsg(tracker));
+            goto fail;
+        }
+        spent += s.total_cost;
+    }
+    rc = kd_budget_new(&t->budget, t->cfg.budget_max_cost, spent, e);
+    if (rc != KD_OK)
+        goto fail;
+    *out = t;
+    return KD_OK;
+fail:
+    if (e)
+        scrub(t, e->msg, sizeof e->msg);
+    kd_teacher_close(t);
+    return rc;
+}
+
+int kd_teacher_close(kd_teacher *t)
+{
+    if (!t)
+        return KD_OK;
+    int rc = KD_OK;
+    kd_err e;
+    if (t->intents && kd_jsonl_close(t->intents, &e) != KD_OK)
+        rc = e.code;
+    if (kd_cache_close(t->cache) != KD_OK && rc == KD_OK)
+        rc = KD_EIO;
+    kd_budget_free(t->budget);
+    if (t->api_key) {
+        volatile char *p = t->api_key;
+        while (*p)
+            *p++ = 0;
+        free(t->api_key);
+    }
+    free(t->url);
+    free(t->provider);
+    free(t->strings);
+    pthread_mutex_destroy(&t->mu);
+    free(t);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Keys and request bodies                                                   */
+
+typedef struct built {
+    json_t *messages;          /* chat: array (owned) */
+    const char *prompt;        /* completions */
+    kd_teacher_params p;
+    json_t *stop;              /* array or NULL (owned) */
+    int64_t sample_index;
+    size_t prompt_bytes;
+    size_t nmessages;
+} built;
+
+static void built_free(built *b)
+{
+    json_decref(b->messages);
+    json_decref(b->stop);
+    memset(b, 0, sizeof *b);
+}
+
+static int build(kd_teacher *t, const kd_teacher_request *req, built *b, kd_err *e)
+{
+    memset(b, 0, sizeof *b);
+    b->p = req->params ? *req->params : t->cfg.defaults;
+    b->sample_index = req->sample_index;
+    const kd_teacher_params *p = &b->p;
+    if (p->max_tokens < 1 || p->n < 1 || p->top_logprobs < 0 ||
+        p->top_logprobs > KD_TEACHER_MAX_TOP || !isfinite(p->temperature) ||
+        !isfinite(p->top_p))
+        return kd_err_set(e, KD_EINVAL, "teacher request: parameters out of range "
+                                        "(max_tokens >= 1, n >= 1, top_logprobs 0..20)");
+    if (p->stop_json) {
+        json_t *s = json_loads(p->stop_json, JSON_DECODE_ANY, NULL);
+        if (json_is_string(s)) {
+            json_t *a = json_array();
+            json_array_append_new(a, s);
+            s = a;
+        }
+        if (!json_is_array(s)) {
+            json_decref(s);
+            return kd_err_set(e, KD_EINVAL, "teacher request: stop must be a string or a list");
+        }
+        b->stop = s;
+    }
+    if (t->cfg.endpoint == KD_TEACHER_CHAT) {
+        if (req->messages_json) {
+            json_error_t je;
+            b->messages = json_loads(req->messages_json, 0, &je);
+            if (!json_is_array(b->messages) || json_array_size(b->messages) == 0) {
+                built_free(b);
+                return kd_err_set(e, KD_EINVAL,
+                                  "teacher request: messages must be a non-empty JSON array");
+            }
+            size_t i;
+            json_t *m;
+            json_array_foreach(b->messages, i, m) {
+                json_t *c = json_object_get(m, "content");
+                if (!json_is_string(json_object_get(m, "role")) ||
+                    !(json_is_string(c) || json_is_array(c))) {
+                    built_free(b);
+                    return kd_err_set(e, KD_EINVAL,
+                                      "teacher request: messages[%zu] needs role and content", i);
+                }
+                if (json_is_string(c))
+                    b->prompt_bytes += json_string_length(c);
+                else {
+                    char *d = json_dumps(c, JSON_COMPACT);
+                    b->prompt_bytes += d ? strlen(d) : 0;
+                    free(d);
+                }
+            }
+        } else if (req->prompt) {
+            b->messages = json_pack("[{s:s, s:s}]", "role", "user", "content", req->prompt);
+            b->prompt_bytes = strlen(req->prompt);
+        } else {
+            return kd_err_set(e, KD_EINVAL, "teacher request: prompt or messages is required");
+        }
+        if (!b->messages) {
+            built_free(b);
+            return kd_err_set(e, KD_EINVAL, "teacher request: prompt is not valid UTF-8");
+        }
+        b->nmessages = json_array_size(b->messages);
+    } else {
+        if (!req->prompt)
+            return kd_err_set(e, KD_EINVAL, "teacher request: completions need a prompt");
+        b->prompt = req->prompt;
+        b->prompt_bytes = strlen(req->prompt);
+        b->nmessages = 1;
+    }
+    return KD_OK;
+}
+
+/* The request's generation parameters, defaults filled in. */
+static json_t *params_json(kd_teacher *t, const built *b)
+{
+    const kd_teacher_params *p = &b->p;
+    json_t *o = json_object();
+    json_object_set_new(o, "max_tokens", json_integer(p->max_tokens));
+    json_object_set_new(o, "temperature", json_real(p->temperature));
+    json_object_set_new(o, "top_p", json_real(p->top_p));
+    json_object_set_new(o, "n", json_integer(p->n));
+    json_object_set_new(o, "logprobs", json_boolean(p->logprobs));
+    json_object_set_new(o, "top_logprobs", json_integer(p->logprobs ? p->top_logprobs : 0));
+    json_object_set_new(o, "seed", p->has_seed ? json_integer(p->seed) : json_null());
+    json_object_set_new(o, "presence_penalty", json_real(p->presence_penalty));
+    json_object_set_new(o, "frequency_penalty", json_real(p->frequency_penalty));
+    json_object_set_new(o, "stop", b->stop ? json_incref(b->stop) : json_null());
+    (void)t;
+    return o;
+}
+
+static int key_of(kd_teacher *t, const built *b, char key[KD_SHA256_HEX],
+                  char prompt_hash[KD_SHA256_HEX], char **canon_out, kd_err *e)
+{
+    json_t *k = json_object();
+    json_object_set_new(k, "kdkit_cache_key", json_integer(KD_TEACHER_KEY_VERSION));
+    json_object_set_new(k, "provider", json_string(t->provider));
+    json_object_set_new(k, "endpoint",
+                        json_string(t->cfg.endpoint == KD_TEACHER_CHAT ? "chat" : "completions"));
+    json_object_set_new(k, "model", json_string(t->cfg.model));
+    if (b->messages)
+        json_object_set(k, "messages", b->messages);
+    else
+        json_object_set_new(k, "prompt", json_string(b->prompt));
+    json_object_set_new(k, "params", params_json(t, b));
+    json_object_set_new(k, "sample_index",
+                        t->cfg.key_includes_sample_index && b->sample_index >= 0
+                            ? json_integer(b->sample_index) : json_null());
+    char *txt = json_dumps(k, JSON_COMPACT | JSON_SORT_KEYS | JSON_REAL_PRECISION(17));
+    json_decref(k);
+    if (!txt)
+        return kd_err_set(e, KD_EINVAL, "teacher: request is not valid UTF-8 text");
+    char *canon = NULL;
+    int rc = kd_json_canonical(txt, strlen(txt), &canon, e);
+    free(txt);
+    if (rc != KD_OK)
+        return rc;
+    kd_sha256_hex(canon, strlen(canon), key);
+    if (b->prompt) {
+        kd_sha256_hex(b->prompt, strlen(b->prompt), prompt_hash);
+    } else if (b->nmessages == 1 &&
+               json_is_string(json_object_get(json_array_get(b->messages, 0), "content"))) {
+        json_t *c = json_object_get(json_array_get(b->messages, 0), "content");
+        kd_sha256_hex(json_string_value(c), json_string_length(c), prompt_hash);
+    } else {
+        char *m = json_dumps(b->messages, JSON_COMPACT | JSON_SORT_KEYS);
+        char *mc = NULL;
+        if (m && kd_json_canonical(m, strlen(m), &mc, NULL) == KD_OK)
+            kd_sha256_hex(mc, strlen(mc), prompt_hash);
+        else
+            prompt_hash[0] = '\0';
+        free(m);
+        free(mc);
+    }
+    if (canon_out)
+        *canon_out = canon;
+    else
+        free(canon);
+    return KD_OK;
+}
+
+int kd_teacher_key(kd_teacher *t, const kd_teacher_request *req, char key[KD_SHA256_HEX],
+                   char prompt_hash[KD_SHA256_HEX], char **canonical_out, kd_err *e)
+{
+    built b;
+    int rc = build(t, req, &b, e);
+    if (rc != KD_OK)
+        return rc;
+    rc = key_of(t, &b, key, prompt_hash, canonical_out, e);
+    built_free(&b);
+    return rc;
+}
+
+static char *request_body(kd_teacher *t, const built *b)
+{
+    const kd_teacher_params *p = &b->p;
+    json_t *o = json_object();
+    json_object_set_new(o, "model", json_string(t->cfg.model));
+    if (b->messages)
+        json_object_set(o, "messages", b->messages);
+    else
+        json_object_set_new(o, "prompt", json_string(b->prompt));
+    json_object_set_new(o, "max_tokens", json_integer(p->max_tokens));
+    json_object_set_new(o, "temperature", json_real(p->temperature));
+    json_object_set_new(o, "top_p", json_real(p->top_p));
+    json_object_set_new(o, "n", json_integer(p->n));
+    if (p->has_seed)
+        json_object_set_new(o, "seed", json_integer(p->seed));
+    if (b->stop)
+        json_object_set(o, "stop", b->stop);
+    if (p->presence_penalty != 0)
+        json_object_set_new(o, "presence_penalty", json_real(p->presence_penalty));
+    if (p->frequency_penalty != 0)
+        json_object_set_new(o, "frequency_penalty", json_real(p->frequency_penalty));
+    if (t->cfg.endpoint == KD_TEACHER_CHAT) {
+        json_object_set_new(o, "logprobs", json_boolean(p->logprobs));
+        if (p->logprobs)
+            json_object_set_new(o, "top_logprobs", json_integer(p->top_logprobs));
+    } else if (p->logprobs) {
+        json_object_set_new(o, "logprobs", json_integer(p->top_logprobs));
+    }
+    char *txt = json_dumps(o, JSON_COMPACT | JSON_REAL_PRECISION(17));
+    json_decref(o);
+    return txt;
+}
+
+/* Worst case of one attempt: every prompt byte a token, plus per-message
+   overhead; every choice uses max_tokens. */
+static double worst_cost(kd_teacher *t, const built *b)
+{
+    int64_t in = (int64_t)b->prompt_bytes +
+                 t->cfg.per_message_token_overhead * (int64_t)(b->nmessages + 1);
+    int64_t out = b->p.max_tokens * (int64_t)b->p.n;
+    return kd_price_cost(&t->cfg.price, in, out);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The request state machine                                                 */
+
+enum { J_WAIT = 0, J_RUN, J_DONE };
+
+typedef struct job {
+    const kd_teacher_request *req;
+    kd_teacher_result *res;
+    built b;
+    char *body;                /* HTTP request body */
+    char *canon;               /* canonical key JSON */
+    double reserve;
+    int state;
+    double next_at, deadline, t_start, sent_at;
+    int reserved;
+    int64_t intent_id;
+    CURL *easy;
+    struct curl_slist *hdrs;
+    char *resp;
+    size_t resp_len, resp_cap, resp_alloc;
+    int too_big;
+    char errbuf[CURL_ERROR_SIZE];
+    char last_err[600];
+} job;
+
+static void job_finish(job *j, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void job_finish(job *j, int rc, const char *fmt, ...)
+{
+    j->state = J_DONE;
+    j->res->rc = rc;
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(j->res->errmsg, sizeof j->res->errmsg, fmt, ap);
+        va_end(ap);
+    }
+}
+
+static size_t on_data(char *ptr, size_t size, size_t nmemb, void *ud)
+{
+    job *j = ud;
+    size_t n = size * nmemb;
+    if (j->resp_len + n > j->resp_cap) {
+        j->too_big = 1;
+        return 0; /* aborts the transfer: CURLE_WRITE_ERROR */
+    }
+    if (j->resp_len + n + 1 > j->resp_alloc) {
+        size_t nc = j->resp_alloc ? j->resp_alloc : 16384;
+        while (nc < j->resp_len + n + 1)
+            nc *= 2;
+        char *p = realloc(j->resp, nc);
+        if (!p)
+            return 0;
+        j->resp = p;
+        j->resp_alloc = nc;
+    }
+    memcpy(j->resp + j->resp_len, ptr, n);
+    j->resp_len += n;
+    j->resp[j->resp_len] = '\0';
+    return n;
+}
+
+/* Fill res from a cache entry (a hit or a fallback). */
+static int from_entry(job *j, kd_cache_entry *en)
+{
+    kd_teacher_result *r = j->res;
+    kd_err e;
+    int rc = kd_teacher_parse_response(en->body, en->body_len, r, &e);
+    if (rc != KD_OK)
+        return rc;
+    r->body = en->body;
+    en->body = NULL;
+    if (en->prompt_tokens >= 0)
+        r->prompt_tokens = en->prompt_tokens;
+    if (en->completion_tokens >= 0)
+        r->completion_tokens = en->completion_tokens;
+    r->cost = 0;
+    return KD_OK;
+}
+
+static int try_cache(kd_teacher *t, job *j, int fallback)
+{
+    if (!t->cache)
+        return 0;
+    if (fallback && kd_cache_has_key(t->cache, j->res->key) != 1)
+        return 0;
+    kd_cache_entry en;
+    if (kd_cache_get(t->cache, j->res->key, &en, NULL) != KD_OK)
+        return 0;
+    int ok = from_entry(j, &en) == KD_OK;
+    kd_cache_entry_free(&en);
+    if (ok) {
+        j->res->cache_hit = 1;
+        j->res->from_fallback = fallback;
+        j->res->latency_ms = (kd_monotonic() - j->t_start) * 1000.0;
+        job_finish(j, KD_OK, NULL);
+    }
+    return ok;
+}
+
+static void event(kd_teacher *t, kd_teacher_event ev, job *j)
+{
+    if (t->cfg.on_event)
+        t->cfg.on_event(t->cfg.event_ctx, ev, j->res->key, j->res->attempts);
+}
+
+static int start_transfer(kd_teacher *t, job *j, CURLM *multi)
+{
+    CURL *c = curl_easy_init();
+    if (!c)
+        return KD_ENOMEM;
+    j->easy = c;
+    j->resp_len = 0;
+    j->too_big = 0;
+    j->errbuf[0] = '\0';
+    j->resp_cap = t->cfg.max_response_bytes;
+    struct curl_slist *h = NULL;
+    h = curl_slist_append(h, "Content-Type: application/json");
+    h = curl_slist_append(h, "Accept: application/json");
+    h = curl_slist_append(h, "Expect:");
+    char line[256];
+    snprintf(line, sizeof line, "Idempotency-Key: kdkit-%.32s-%lld", j->res->key,
+             (long long)j->intent_id);
+    h = curl_slist_append(h, line);
+    if (t->api_key) {
+        size_t n = strlen(t->api_key) + 32;
+        char *auth = malloc(n);
+        if (auth) {
+            snprintf(auth, n, "Authorization: Bearer %s", t->api_key);
+            h = curl_slist_append(h, auth);
+            volatile char *p = auth;
+            while (*p)
+                *p++ = 0;
+            free(auth);
+        }
+    }
+    j->hdrs = h;
+    double left_ms = (j->deadline - kd_monotonic()) * 1000.0;
+    long total = t->cfg.total_timeout_ms;
+    if (left_ms < (double)total)
+        total = left_ms < 1 ? 1 : (long)left_ms;
+    curl_easy_setopt(c, CURLOPT_URL, t->url);
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+    curl_easy_setopt(c, CURLOPT_POSTFIELDS, j->body);
+    curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)strlen(j->body));
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, j);
+    curl_easy_setopt(c, CURLOPT_PRIVATE, j);
+    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, j->errbuf);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, t->cfg.connect_timeout_ms);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, total);
+    curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
+    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(c, CURLOPT_USERAGENT, "kdkit/0.1");
+    j->sent_at = kd_monotonic();
+    if (curl_multi_add_handle(multi, c) != CURLM_OK)
+        return KD_EIO;
+    return KD_OK;
+}
+
+static void end_transfer(job *j, CURLM *multi)
+{
+    if (j->easy) {
+        curl_multi_remove_handle(multi, j->easy);
+        curl_easy_cleanup(j->easy);
+        j->easy = NULL;
+    }
+    curl_slist_free_all(j->hdrs);
+    j->hdrs = NULL;
+}
+
+/* The provider's error message from an error body, shortened. */
+static void provider_message(const char *body, size_t len, char *out, size_t cap)
+{
+    out[0] = '\0';
+    json_t *j = body ? json_loadb(body, len, 0, NULL) : NULL;
+    const char *m = json_string_value(json_object_get(json_object_get(j, "error"), "message"));
+    if (m)
+        snprintf(out, cap, ": %.200s", m);
+    else if (body && len)
+        snprintf(out, cap, ": %.*s", (int)(len < 120 ? len : 120), body);
+    for (char *p = out; *p; p++)
+        if (*p == '\n' || *p == '\r')
+            *p = ' ';
+    json_decref(j);
+}
+
+static const char *header(CURL *c, const char *name, char *buf, size_t cap)
+{
+    struct curl_header *h = NULL;
+    if (curl_easy_header(c, name, 0, CURLH_HEADER, -1, &h) != CURLHE_OK || !h)
+        return NULL;
+    snprintf(buf, cap, "%s", h->value);
+    return buf;
+}
+
+/* Settle a paid answer: ledger (durable), cache, budget, then the caller. */
+static void settle_paid(kd_teacher *t, job *j)
+{
+    kd_teacher_result *r = j->res;
+    r->latency_ms = (kd_monotonic() - j->sent_at) * 1000.0;
+    double cost = (r->prompt_tokens >= 0 && r->completion_tokens >= 0)
+                      ? kd_price_cost(&t->cfg.price, r->prompt_tokens, r->completion_tokens)
+                      : j->reserve; /* no usage in the answer: assume the worst */
+    r->cost = cost;
+    event(t, KD_TEACHER_EV_RECEIVED, j);
+    int rc = KD_OK;
+    char msg[KD_ERRMSG_MAX] = "";
+    pthread_mutex_lock(&t->mu);
+    if (t->tracker) {
+        kd_api_response a;
+        kd_api_response_init(&a);
+        a.prompt_hash = r->prompt_hash[0] ? r->prompt_hash : NULL;
+        a.prompt = "";
+        a.response = r->body;
+        a.cost = cost;
+        a.request_hash = r->key;
+        a.sample_index = j->req->sample_index;
+        a.prompt_tokens = r->prompt_tokens;
+        a.completion_tokens = r->completion_tokens;
+        a.latency_ms = r->latency_ms;
+        a.model = r->response_model;
+        a.request_id = r->request_id;
+        rc = kd_tracker_record_api_response(t->tracker, &a);
+        if (rc != KD_OK)
+            snprintf(msg, sizeof msg, "teacher answer was paid but could not be recorded in the "
+                                      "ledger: %s", kd_tracker_errmsg(t->tracker));
+    }
+    pthread_mutex_unlock(&t->mu);
+    if (rc == KD_OK)
+        event(t, KD_TEACHER_EV_RECORDED, j);
+    /* Cache it even when the ledger failed: the answer is paid for. */
+    if (t->cache) {
+        kd_cache_entry en;
+        memset(&en, 0, sizeof en);
+        memcpy(en.key, r->key, sizeof en.key);
+        memcpy(en.prompt_hash, r->prompt_hash, sizeof en.prompt_hash);
+        en.provider = t->provider;
+        en.model = (char *)t->cfg.model;
+        en.response_model = r->response_model;
+        en.request_json = j->canon;
+        en.body = r->body;
+        en.body_len = strlen(r->body);
+        en.prompt_tokens = r->prompt_tokens;
+        en.completion_tokens = r->completion_tokens;
+        en.cost = cost;
+        en.request_id = r->request_id;
+        en.sample_index = j->req->sample_index;
+        int crc = kd_cache_put(t->cache, &en, NULL);
+        if (crc != KD_OK && rc == KD_OK) {
+            rc = crc;
+            snprintf(msg, sizeof msg, "teacher answer is in the ledger but the cache insert "
+                                      "failed: %s", kd_cache_errmsg(t->cache));
+        }
+        if (crc == KD_OK)
+            event(t, KD_TEACHER_EV_CACHED, j);
+    }
+    pthread_mutex_lock(&t->mu);
+    char line[200];
+    int n = snprintf(line, sizeof line,
+                     "{\"op\":\"done\",\"id\":%lld,\"outcome\":\"paid\",\"amount\":%.9f}",
+                     (long long)j->intent_id, cost);
+    intent_line(t, line, n);
+    pthread_mutex_unlock(&t->mu);
+    kd_budget_settle(t->budget, j->reserve, cost);
+    j->reserved = 0;
+    if (rc != KD_OK) {
+        scrub(t, msg, sizeof msg);
+        job_finish(j, rc, "%s", msg);
+    } else {
+        job_finish(j, KD_OK, NULL);
+    }
+}
+
+/* A failed attempt: record it, settle its reservation, decide what next. */
+static void attempt_failed(kd_teacher *t, job *j, kd_teacher_outcome out, long status,
+                           int possibly_billed, const char *what)
+{
+    kd_teacher_result *r = j->res;
+    char msg[800];
+    snprintf(msg, sizeof msg, "attempt %d of %d: %s", r->attempts, t->cfg.max_attempts, what);
+    scrub(t, msg, sizeof msg);
+    snprintf(j->last_err, sizeof j->last_err, "%s", what);
+    scrub(t, j->last_err, sizeof j->last_err);
+    if (possibly_billed)
+        r->possibly_billed++;
+    pthread_mutex_lock(&t->mu);
+    if (t->tracker) {
+        kd_failure f = {.retry_count = r->attempts - 1, .error = msg, .http_status = (int)status,
+                        .possibly_billed = possibly_billed, .request_hash = r->key};
+        kd_tracker_record_connection_failure(t->tracker, &f);
+    }
+    char line[200];
+    int n = snprintf(line, sizeof line,
+                     "{\"op\":\"done\",\"id\":%lld,\"outcome\":\"%s\",\"amount\":%.9f}",
+                     (long long)j->intent_id, possibly_billed ? "possibly_billed" : "not_billed",
+                     possibly_billed ? j->reserve : 0.0);
+    intent_line(t, line, n);
+    if (possibly_billed)
+        t->possibly_billed_cost += j->reserve;
+    if (out == KD_OUT_QUOTA && !t->quota_exhausted) {
+        t->quota_exhausted = 1;
+        snprintf(t->quota_msg, sizeof t->quota_msg, "%s", j->last_err);
+    }
+    pthread_mutex_unlock(&t->mu);
+    if (possibly_billed)
+        kd_budget_settle(t->budget, j->reserve, j->reserve);
+    else
+        kd_budget_release(t->budget, j->reserve);
+    j->reserved = 0;
+}
+
+/* After a final failure: Scenario 1's fallback, else the error. */
+static void give_up(kd_teacher *t, job *j, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void give_up(kd_teacher *t, job *j, int rc, const char *fmt, ...)
+{
+    if (try_cache(t, j, 1))
+        return;
+    char msg[KD_ERRMSG_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    scrub(t, msg, sizeof msg);
+    job_finish(j, rc, "%s", msg);
+}
+
+static void handle_done(kd_teacher *t, job *j, CURLM *multi, CURLcode cres)
+{
+    kd_teacher_result *r = j->res;
+    long status = 0;
+    curl_off_t reqsize = 0;
+    curl_easy_getinfo(j->easy, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_getinfo(j->easy, CURLINFO_REQUEST_SIZE, &reqsize);
+    int sent = reqsize > 0;
+    char ra[128], ram[128];
+    const char *h_ra = header(j->easy, "retry-after", ra, sizeof ra);
+    const char *h_ram = header(j->easy, "retry-after-ms", ram, sizeof ram);
+    kd_teacher_outcome out;
+    int billed = 0;
+    char what[700];
+    if (cres != CURLE_OK || j->too_big) {
+        out = KD_OUT_RETRY;
+        billed = sent && cres != CURLE_COULDNT_CONNECT && cres != CURLE_COULDNT_RESOLVE_HOST &&
+                 cres != CURLE_COULDNT_RESOLVE_PROXY;
+        if (j->too_big)
+            snprintf(what, sizeof what, "response larger than max_response_bytes (%zu)",
+                     t->cfg.max_response_bytes);
+        else
+            snprintf(what, sizeof what, "%s%s%s%s", curl_easy_strerror(cres),
+                     j->errbuf[0] ? " (" : "", j->errbuf, j->errbuf[0] ? ")" : "");
+        if (status)
+            snprintf(what + strlen(what), sizeof what - strlen(what), " after HTTP %ld", status);
+    } else {
+        int valid = 0;
+        kd_err pe;
+        kd_err_clear(&pe);
+        if (status >= 200 && status < 300) {
+            valid = kd_teacher_parse_response(j->resp ? j->resp : "", j->resp_len, r, &pe) ==
+                    KD_OK;
+        }
+        out = kd_teacher_classify(status, j->resp, j->resp_len, valid);
+        if (out == KD_OUT_OK) {
+            /* Take the body; keep the key out of anything stored. */
+            r->body = j->resp ? j->resp : strdup("");
+            j->resp = NULL;
+            j->resp_len = j->resp_alloc = 0;
+            if (t->api_key && r->body) {
+                size_t kl = strlen(t->api_key);
+                char *p;
+                while ((p = strstr(r->body, t->api_key)) != NULL)
+                    memset(p, '*', kl);
+            }
+            end_transfer(j, multi);
+            settle_paid(t, j);
+            return;
+        }
+        char pm[300];
+        if (status >= 200 && status < 300) {
+            billed = 1;
+            snprintf(what, sizeof what, "HTTP %ld with an invalid body: %s", status, pe.msg);
+        } else {
+            provider_message(j->resp, j->resp_len, pm, sizeof pm);
+            snprintf(what, sizeof what, "HTTP %ld%s", status, pm);
+        }
+    }
+    end_transfer(j, multi);
+    attempt_failed(t, j, out, status, billed, what);
+    if (out == KD_OUT_QUOTA) {
+        give_up(t, j, KD_EQUOTA,
+                "teacher quota exhausted (HTTP 429 insufficient_quota), not retried: %s; "
+                "add credit or change teacher.api_key_env", j->last_err);
+        return;
+    }
+    if (out == KD_OUT_FATAL) {
+        give_up(t, j, KD_EHTTP, "teacher request rejected, not retried: %s", j->last_err);
+        return;
+    }
+    if (r->attempts >= t->cfg.max_attempts) {
+        give_up(t, j, KD_EHTTP, "teacher request failed after %d attempts (retry.max_attempts); "
+                                "last: %s", r->attempts, j->last_err);
+        return;
+    }
+    double now_wall = kd_now();
+    double asked = kd_teacher_retry_after_ms(h_ram, h_ra, now_wall);
+    double delay;
+    if (asked >= 0) {
+        if (asked > t->cfg.retry_after_max_s * 1000.0) {
+            give_up(t, j, KD_EHTTP,
+                    "teacher asked to wait %.1f s before retrying, more than "
+                    "retry.retry_after_max_s (%g s); not retried; last: %s",
+                    asked / 1000.0, t->cfg.retry_after_max_s, j->last_err);
+            return;
+        }
+        delay = asked;
+    } else {
+        pthread_mutex_lock(&t->mu);
+        double u = rng_uniform(t);
+        pthread_mutex_unlock(&t->mu);
+        delay = kd_teacher_backoff_ms(r->attempts - 1, t->cfg.base_delay_ms,
+                                      t->cfg.max_delay_ms, u);
+    }
+    double now = kd_monotonic();
+    if (now + delay / 1000.0 >= j->deadline) {
+        give_up(t, j, KD_ETIMEOUT,
+                "teacher request stopped after %d attempts: the next retry in %.0f ms would "
+                "pass the deadline (retry.deadline_s = %g); last: %s",
+                r->attempts, delay, t->cfg.deadline_s, j->last_err);
+        return;
+    }
+    j->next_at = now + delay / 1000.0;
+    j->state = J_WAIT;
+    event(t, KD_TEACHER_EV_RETRY, j);
+}
+
+/* Reserve, write the intent (not yet synced).  Returns 0 when the job was
+   finished instead. */
+static int admit(kd_teacher *t, job *j)
+{
+    pthread_mutex_lock(&t->mu);
+    int quota = t->quota_exhausted;
+    char qm[512];
+    snprintf(qm, sizeof qm, "%s", t->quota_msg);
+    pthread_mutex_unlock(&t->mu);
+    if (quota) {
+        give_up(t, j, KD_EQUOTA, "teacher quota exhausted earlier in this run (%s); not sent",
+                qm);
+        return 0;
+    }
+    if (kd_monotonic() >= j->deadline) {
+        give_up(t, j, KD_ETIMEOUT, "teacher request deadline (retry.deadline_s = %g) passed; "
+                                   "last: %s", t->cfg.deadline_s,
+                j->last_err[0] ? j->last_err : "none");
+        return 0;
+    }
+    kd_err be;
+    if (kd_budget_reserve(t->budget, j->reserve, &be) != KD_OK) {
+        job_finish(j, KD_EBUDGET, "%s; not sent (raise teacher.budget.max_cost to continue)",
+                   be.msg);
+        return 0;
+    }
+    j->reserved = 1;
+    pthread_mutex_lock(&t->mu);
+    j->intent_id = ++t->next_intent;
+    int rc = KD_OK;
+    if (t->intents) {
+        char line[400];
+        int n = snprintf(line, sizeof line,
+                         "{\"op\":\"send\",\"id\":%lld,\"key\":\"%s\",\"reserved\":%.9f,"
+                         "\"ledger_offset\":%llu,\"time\":%.6f}",
+                         (long long)j->intent_id, j->res->key, j->reserve,
+                         (unsigned long long)ledger_size(t), kd_now());
+        rc = intent_line(t, line, n);
+    }
+    char em[KD_ERRMSG_MAX];
+    snprintf(em, sizeof em, "%s", t->err.msg);
+    pthread_mutex_unlock(&t->mu);
+    if (rc != KD_OK) {
+        kd_budget_release(t->budget, j->reserve);
+        j->reserved = 0;
+        job_finish(j, rc, "teacher: cannot write the intent journal, not sent: %s", em);
+        return 0;
+    }
+    j->res->attempts++;
+    return 1;
+}
+
+int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
+                        kd_teacher_result *res)
+{
+    if (n == 0)
+        return KD_OK;
+    job *jobs = calloc(n, sizeof *jobs);
+    CURLM *multi = curl_multi_init();
+    if (!jobs || !multi) {
+        free(jobs);
+        if (multi)
+            curl_multi_cleanup(multi);
+        for (size_t i = 0; i < n; i++) {
+            memset(&res[i], 0, sizeof res[i]);
+            res[i].rc = KD_ENOMEM;
+            snprintf(res[i].errmsg, sizeof res[i].errmsg, "teacher: out of memory");
+        }
+        return KD_ENOMEM;
+    }
+    curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, (long)t->cfg.max_in_flight);
+    size_t remaining = 0;
+    double now = kd_monotonic();
+    for (size_t i = 0; i < n; i++) {
+        job *j = &jobs[i];
+        memset(&res[i], 0, sizeof res[i]);
+        res[i].prompt_tokens = res[i].completion_tokens = -1;
+        j->req = &reqs[i];
+        j->res = &res[i];
+        j->t_start = now;
+        j->deadline = now + t->cfg.deadline_s;
+        kd_err e;
+        kd_err_clear(&e);
+        int rc = build(t, &reqs[i], &j->b, &e);
+        if (rc == KD_OK)
+            rc = key_of(t, &j->b, res[i].key, res[i].prompt_hash, &j->canon, &e);
+        if (rc != KD_OK) {
+            scrub(t, e.msg, sizeof e.msg);
+            job_finish(j, rc, "%s", e.msg);
+            continue;
+        }
+        if (try_cache(t, j, 0))
+            continue;
+        j->body = request_body(t, &j->b);
+        if (!j->body) {
+            job_finish(j, KD_ENOMEM, "teacher: out of memory");
+            continue;
+        }
+        j->reserve = worst_cost(t, &j->b);
+        j->state = J_WAIT;
+        j->next_at = now;
+        remaining++;
+    }
+    int running = 0;
+    job **batch = calloc(n, sizeof *batch);
+    while (remaining > 0 && batch) {
+        now = kd_monotonic();
+        size_t nb = 0;
+        double next_due = now + 3600;
+        for (size_t i = 0; i < n; i++) {
+            job *j = &jobs[i];
+            if (j->state != J_WAIT)
+                continue;
+            if (j->next_at <= now && running + (int)nb < t->cfg.max_in_flight) {
+                if (admit(t, j))
+                    batch[nb++] = j;
+                else
+                    remaining--;
+            } else if (j->next_at < next_due) {
+                next_due = j->next_at;
+            }
+        }
+        if (nb > 0) {
+            /* One fsync covers every intent of the batch. */
+            int src = KD_OK;
+            kd_err se;
+            pthread_mutex_lock(&t->mu);
+            if (t->intents)
+                src = kd_jsonl_sync(t->intents, &se);
+            pthread_mutex_unlock(&t->mu);
+            for (size_t k = 0; k < nb; k++) {
+                job *j = batch[k];
+                if (src != KD_OK) {
+                    kd_budget_release(t->budget, j->reserve);
+                    j->reserved = 0;
+                    job_finish(j, src, "teacher: cannot sync the intent journal, not sent: %s",
+                               se.msg);
+                    remaining--;
+                    continue;
+                }
+                event(t, KD_TEACHER_EV_SENT, j);
+                if (start_transfer(t, j, multi) != KD_OK) {
+                    end_transfer(j, multi);
+                    attempt_failed(t, j, KD_OUT_FATAL, 0, 0, "could not start the transfer");
+                    job_finish(j, KD_EIO, "teacher: could not start an HTTP transfer");
+                    remaining--;
+                    continue;
+                }
+                j->state = J_RUN;
+                running++;
+            }
+        }
+        int still = 0;
+        curl_multi_perform(multi, &still);
+        CURLMsg *m;
+        int left;
+        while ((m = curl_multi_info_read(multi, &left)) != NULL) {
+            if (m->msg != CURLMSG_DONE)
+                continue;
+            job *j = NULL;
+            curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&j);
+            CURLcode cres = m->data.result;
+            running--;
+            handle_done(t, j, multi, cres);
+            if (j->state == J_DONE)
+                remaining--;
+        }
+        if (remaining == 0)
+            break;
+        now = kd_monotonic();
+        /* Wake for I/O or the next due retry, whichever is first. */
+        for (size_t i = 0; i < n; i++)
+            if (jobs[i].state == J_WAIT && jobs[i].next_at < next_due)
+                next_due = jobs[i].next_at;
+        int wait_ms = 100;
+        if (running < t->cfg.max_in_flight || running == 0) {
+            double d = (next_due - now) * 1000.0;
+            if (d < wait_ms)
+                wait_ms = d < 0 ? 0 : (int)ceil(d);
+        }
+        if (wait_ms > 0)
+            curl_multi_poll(multi, NULL, 0, wait_ms, NULL);
+    }
+    int first = KD_OK;
+    for (size_t i = 0; i < n; i++) {
+        job *j = &jobs[i];
+        if (j->state != J_DONE && res[i].rc == KD_OK) {
+            res[i].rc = KD_ENOMEM;
+            snprintf(res[i].errmsg, sizeof res[i].errmsg, "teacher: out of memory");
+        }
+        end_transfer(j, multi);
+        if (j->reserved)
+            kd_budget_release(t->budget, j->reserve);
+        built_free(&j->b);
+        free(j->body);
+        free(j->canon);
+        free(j->resp);
+        if (res[i].rc != KD_OK && first == KD_OK)
+            first = res[i].rc;
+    }
+    free(batch);
+    free(jobs);
+    curl_multi_cleanup(multi);
+    return first;
+}
+
+int kd_teacher_ask(kd_teacher *t, const kd_teacher_request *req, kd_teacher_result *res)
+{
+    kd_teacher_ask_many(t, req, 1, res);
+    return res->rc;
+}
