@@ -1,0 +1,29 @@
+/*
+ * tests/support/kd_test.h - small helpers shared by the cmocka tests: a fresh
+ * scratch directory per test, and whole-file read/write/count helpers that
+ * use plain libc (so they are not affected by kd_fault_set()).
+ */
+#ifndef KD_TESTS_SUPPORT_KD_TEST_H
+#define KD_TESTS_SUPPORT_KD_TEST_H
+
+#include <stddef.h>
+
+/* Create a new empty directory under $TMPDIR (or /tmp) named after `tag`;
+ * returns a malloc'd path, or NULL. */
+char *kdt_tmpdir(const char *tag);
+/* Remove a directory tree (best effort) and free nothing. */
+void kdt_rmrf(const char *path);
+/* malloc'd "<dir>/<name>". */
+char *kdt_path(const char *dir, const char *name);
+/* Whole file as a malloc'd NUL-terminated buffer (*len may be NULL); NULL if
+ * it cannot be read. */
+char *kdt_slurp(const char *path, size_t *len);
+/* Replace a file's content with exactly these bytes (no fsync); 0 on success. */
+int kdt_spit(const char *path, const void *data, size_t len);
+/* Number of entries in dir whose name starts with prefix ("" = all, without
+ * "." and ".."). */
+int kdt_count_prefix(const char *dir, const char *prefix);
+/* Name of the first entry in dir starting with prefix (malloc'd), or NULL. */
+char *kdt_find_prefix(const char *dir, const char *prefix);
+
+#endif
