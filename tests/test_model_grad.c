@@ -1,0 +1,222 @@
+/*
+ * tests/test_model_grad.c - finite-difference checks of the model's backward
+ * pass on tiny sizes, tensor by tensor (so every layer: embeddings, each
+ * block's LayerNorms, attention, projections, MLP, the final LayerNorm and
+ * the tied output), and of the loss layer's d_logits (CE and KD terms).
+ *
+ * Tolerance reasoning (float32 model, central differences):
+ *   FD = (L(p + h d) - L(p - h d)) / 2h  for a unit direction d.
+ *   error ~ noise(L) / h + h^2 |L'''| / 6.
+ *   The loss is ~5 nats and is computed from float32 activations, so its
+ *   rounding noise is ~1e-6 absolute; p + h d is itself rounded to float32
+ *   (6e-8 relative per element), which shifts the step by far less than h.
+ *   With h = 1e-2: noise term ~1e-4, curvature term ~1e-5 * |L'''|.
+ *   We pick d half along the gradient and half random, so |g . d| is of
+ *   order |g| (a random direction alone could make the signal vanish), and
+ *   require |FD - g.d| <= 2e-2 |g.d| + 5e-4.  A wrong gradient (missing
+ *   term, wrong sign, wrong index) misses by tens of percent.
+ */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "kdkit/model.h"
+
+#define B 2
+#define T 6
+#define K 3
+
+typedef struct setup_ {
+    kd_gpt *m;
+    uint8_t tokens[B * T], targets[B * T], mask[B * T];
+    int32_t tids[B * T * K];
+    float tlp[B * T * K];
+    kd_gpt_loss_spec spec;
+} setup_;
+
+static void make(setup_ *s, kd_gpt_config cfg)
+{
+    kd_err e;
+    assert_int_equal(kd_gpt_create(&s->m, &cfg, &e), KD_OK);
+    kd_rng r;
+    kd_rng_seed(&r, 7);
+    size_t n;
+    const kd_tensor_view *pv = kd_gpt_param_views(s->m, &n);
+    /* Larger than the training init, so every nonlinearity is exercised
+     * away from its linear region. */
+    for (size_t i = 0; i < n; i++) {
+        float *p = pv[i].data;
+        size_t cnt = pv[i].nbytes / sizeof(float);
+        int lnw = strstr(pv[i].name, "ln_") && strstr(pv[i].name, ".weight");
+        for (size_t j = 0; j < cnt; j++) {
+            double z = kd_rng_normal(&r);
+            p[j] = (float)(lnw ? 1.0 + 0.2 * z : pv[i].ndim == 2 ? 0.4 * z : 0.1 * z);
+        }
+    }
+    for (int i = 0; i < B * T; i++) {
+        s->tokens[i] = (uint8_t)kd_rng_below(&r, 256);
+        s->targets[i] = (uint8_t)kd_rng_below(&r, 256);
+        s->mask[i] = i != 3;
+        float sum = 0.0f;
+        float w[K];
+        for (int j = 0; j < K; j++) {
+            s->tids[i * K + j] = (int32_t)kd_rng_below(&r, 256);
+            w[j] = (float)kd_rng_uniform(&r) + 0.1f;
+            sum += w[j];
+        }
+        for (int j = 0; j < K; j++)
+            s->tlp[i * K + j] = logf(0.9f * w[j] / sum);
+    }
+    s->tids[5 * K + 1] = -1;
+    s->spec = (kd_gpt_loss_spec){.targets = s->targets, .mask = s->mask, .ce_weight = 0.7f,
+                                 .teacher_ids = s->tids, .teacher_logprobs = s->tlp,
+                                 .teacher_k = K, .kd_weight = 0.5f, .temperature = 1.5f,
+                                 .grad_scale = 1.0f};
+}
+
+static double loss_at(setup_ *s)
+{
+    kd_err e;
+    kd_gpt_loss_out lo;
+    assert_int_equal(kd_gpt_forward(s->m, s->tokens, B, T, &e), KD_OK);
+    assert_int_equal(kd_gpt_loss(s->m, &s->spec, &lo, &e), KD_OK);
+    return lo.total;
+}
+
+static void check_model(kd_gpt_config cfg)
+{
+    setup_ s;
+    make(&s, cfg);
+    kd_err e;
+    loss_at(&s);
+    kd_gpt_zero_grad(s.m);
+    assert_int_equal(kd_gpt_backward(s.m, &e), KD_OK);
+    size_t n;
+    const kd_tensor_view *pv = kd_gpt_param_views(s.m, &n);
+    const kd_tensor_view *gv = kd_gpt_grad_views(s.m, &n);
+    kd_rng r;
+    kd_rng_seed(&r, 99);
+    const double h = 1e-2;
+    for (size_t i = 0; i < n; i++) {
+        float *p = pv[i].data;
+        const float *g = gv[i].data;
+        size_t cnt = pv[i].nbytes / sizeof(float);
+        double *d = malloc(cnt * sizeof *d);
+        float *saved = malloc(cnt * sizeof *saved);
+        memcpy(saved, p, cnt * sizeof *saved);
+        double gn = 0.0, rn = 0.0;
+        for (size_t j = 0; j < cnt; j++) {
+            d[j] = kd_rng_normal(&r);
+            gn += (double)g[j] * g[j];
+            rn += d[j] * d[j];
+        }
+        gn = sqrt(gn);
+        rn = sqrt(rn);
+        double dn = 0.0, an = 0.0;
+        for (size_t j = 0; j < cnt; j++) {
+            d[j] = (gn > 0 ? g[j] / gn : 0.0) + d[j] / rn;
+            dn += d[j] * d[j];
+        }
+        dn = sqrt(dn);
+        for (size_t j = 0; j < cnt; j++) {
+            d[j] /= dn;
+            an += (double)g[j] * d[j];
+        }
+        for (size_t j = 0; j < cnt; j++)
+            p[j] = (float)(saved[j] + h * d[j]);
+        double lp = loss_at(&s);
+        for (size_t j = 0; j < cnt; j++)
+            p[j] = (float)(saved[j] - h * d[j]);
+        double lm = loss_at(&s);
+        memcpy(p, saved, cnt * sizeof *saved);
+        double fd = (lp - lm) / (2 * h);
+        double err = fabs(fd - an);
+        if (getenv("KD_TEST_VERBOSE"))
+            fprintf(stderr, "%-28s analytic %+.6e  fd %+.6e  err %.2e\n", pv[i].name, an, fd, err);
+        if (!(err <= 2e-2 * fabs(an) + 5e-4)) {
+            fprintf(stderr, "%s: analytic %.6e vs finite difference %.6e\n", pv[i].name, an, fd);
+            fail();
+        }
+        free(d);
+        free(saved);
+    }
+    /* positions >= T never ran: their wpe rows get no gradient */
+    const float *gwpe = gv[1].data;
+    for (size_t j = (size_t)T * cfg.d_model; j < (size_t)cfg.n_ctx * cfg.d_model; j++)
+        assert_true(gwpe[j] == 0.0f);
+    kd_gpt_free(s.m);
+}
+
+static void test_every_tensor_two_heads(void **state)
+{
+    (void)state;
+    check_model((kd_gpt_config){.n_layer = 2, .n_head = 2, .d_model = 8, .n_ctx = 8});
+}
+
+static void test_every_tensor_one_head_one_layer(void **state)
+{
+    (void)state;
+    check_model((kd_gpt_config){.n_layer = 1, .n_head = 1, .d_model = 4, .n_ctx = 6});
+}
+
+/* The loss layer alone, element by element on d_logits.  The loss (~5
+ * nats) comes from float32 log-softmax rows, ~1e-6 of noise, so with
+ * h = 2e-2 the difference quotient carries ~5e-5 of noise; gradients here
+ * run up to ~0.3, and a wrong factor (tau vs tau^2, a missing mask, the
+ * wrong denominator) shows as tens of percent on the large ones. */
+static void test_loss_layer(void **state)
+{
+    (void)state;
+    enum { N = 3 };
+    float z[N * 256], dz[N * 256], dummy[N * 256];
+    kd_rng r;
+    kd_rng_seed(&r, 3);
+    for (int i = 0; i < N * 256; i++)
+        z[i] = (float)(2.0 * kd_rng_normal(&r));
+    uint8_t targets[N] = {5, 200, 17};
+    uint8_t mask[N] = {1, 0, 1};
+    int32_t ids[N * 2] = {5, 9, 1, 2, 17, -1};
+    float lps[N * 2] = {-0.3f, -1.6f, -0.1f, -3.0f, -0.05f, 0.0f};
+    kd_gpt_loss_spec spec = {.targets = targets, .mask = mask, .ce_weight = 0.3f,
+                             .teacher_ids = ids, .teacher_logprobs = lps, .teacher_k = 2,
+                             .kd_weight = 0.5f, .temperature = 1.5f, .grad_scale = 0.5f};
+    kd_gpt_loss_out lo;
+    kd_err e;
+    assert_int_equal(kd_gpt_loss_logits(z, dz, N, &spec, &lo, &e), KD_OK);
+    assert_int_equal(lo.n_ce, 2);
+    assert_int_equal(lo.n_kd, 2);
+    for (int i = 0; i < 256; i++)
+        assert_true(dz[256 + i] == 0.0f); /* masked position */
+    const float h = 2e-2f;
+    for (int i = 0; i < N * 256; i += 7) {
+        float keep = z[i];
+        kd_gpt_loss_out a, b;
+        z[i] = keep + h;
+        kd_gpt_loss_logits(z, dummy, N, &spec, &a, NULL);
+        z[i] = keep - h;
+        kd_gpt_loss_logits(z, NULL, N, &spec, &b, NULL);
+        z[i] = keep;
+        double fd = (a.total - b.total) / (2.0 * (double)h);
+        double an = dz[i] / spec.grad_scale; /* grad_scale scales d_logits only */
+        if (!(fabs(fd - an) <= 2e-2 * fabs(an) + 1e-4))
+            fprintf(stderr, "logit %d: analytic %.6e fd %.6e\n", i, an, fd);
+        assert_true(fabs(fd - an) <= 2e-2 * fabs(an) + 1e-4);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_loss_layer),
+        cmocka_unit_test(test_every_tensor_two_heads),
+        cmocka_unit_test(test_every_tensor_one_head_one_layer),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
