@@ -3,9 +3,11 @@
  * The canonical text is what config hashes are computed over, so it must
  * never change for the same value.
  *
- * Parsing is jansson's (json_loadb with JSON_REJECT_DUPLICATES and
- * JSON_DECODE_ANY; jansson also rejects invalid UTF-8, "\u0000", NaN and
- * Infinity).  Serialisation is our own:
+ * Parsing is jansson's (json_loadb with JSON_REJECT_DUPLICATES,
+ * JSON_DECODE_ANY and JSON_ALLOW_NUL; jansson rejects invalid UTF-8, lone
+ * surrogates, NaN and Infinity, and - a jansson limit - object keys that
+ * contain "\u0000"; "\u0000" inside string values is fine).
+ * Serialisation is our own:
  *   - objects: keys sorted by their UTF-8 bytes (memcmp, shorter first on a
  *     tie), "{" key ":" value "," ... "}", no whitespace anywhere;
  *   - strings: only '"' and '\' and the control characters U+0000-U+001F are
@@ -162,7 +164,8 @@ static void put_value(sbuf *b, json_t *v)
             keys[i].len = json_object_iter_key_len(it);
             keys[i].value = json_object_iter_value(it);
         }
-        qsort(keys, i, sizeof *keys, key_cmp);
+        if (i > 1)
+            qsort(keys, i, sizeof *keys, key_cmp);
         putc1(b, '{');
         for (size_t k = 0; k < i; k++) {
             if (k)
@@ -221,7 +224,8 @@ int kd_json_canonical(const char *json, size_t len, char **out, kd_err *e)
     if (!g_cloc)
         return kd_err_set(e, KD_ENOMEM, "cannot create the C locale");
     json_error_t jerr;
-    root = json_loadb(len ? json : "", len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
+    root = json_loadb(len ? json : "", len,
+                      JSON_REJECT_DUPLICATES | JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
     if (!root) {
         rc = kd_err_set(e, KD_ECORRUPT, "invalid JSON at line %d, column %d: %s", jerr.line,
                         jerr.column, jerr.text);
