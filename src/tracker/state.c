@@ -1140,10 +1140,16 @@ int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
     char *text = NULL;
     size_t len;
     json_t *cks = NULL, *doc = NULL;
-    if (kd_file_read_all(cpath, KD_STATE_FILE_MAX, &text, &len, NULL) == KD_OK) {
+    rc = kd_file_read_all(cpath, KD_STATE_FILE_MAX, &text, &len, &t->err);
+    if (rc == KD_OK) {
         doc = json_loadb(text, len, 0, NULL);
         cks = json_object_get(doc, "checkpoints");
+    } else if (rc != KD_ENOTFOUND) {
+        /* session.json's copy may lack the newest record, whose file would
+           then stay behind for the new session to overwrite: stop. */
+        return rc;
     }
+    rc = KD_OK;
     free(text);
     if (!cks && old_session)
         cks = json_object_get(old_session, "checkpoints");
