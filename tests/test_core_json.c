@@ -49,8 +49,8 @@ static void test_same_config_same_hash(void **state)
     (void)state;
     const char *variants[] = {
         "{\"lr\":0.001,\"model\":{\"layers\":4,\"dim\":128},\"tags\":[\"a\",\"b\"],\"warmup\":1}",
-        "{ \"warmup\" : 1.0,\n  \"tags\": [ \"a\", \"b\" ],\n\t\"model\": {\"dim\": 128, \"layers\": 4e0},"
-        " \"lr\": 1e-3 }",
+        ("{ \"warmup\" : 1.0,\n  \"tags\": [ \"a\", \"b\" ],\n\t\"model\": {\"dim\": 128, \"layers\": 4e0},"
+         " \"lr\": 1e-3 }"),
         "{\"tags\":[\"\\u0061\",\"b\"],\"lr\":0.0010,\"warmup\":10E-1,\"model\":{\"dim\":1.28e2,\"layers\":4}}",
     };
     char h0[KD_SHA256_HEX], h[KD_SHA256_HEX];
