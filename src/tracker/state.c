@@ -200,17 +200,28 @@ static void put_step_or_null(kd_sb *s, int64_t v)
         kd_sb_json_int(s, v);
 }
 
-/* "checkpoints": {"1000": {...}, ...} in step order, one record a line. */
-static void put_ck_object(kd_sb *s, const kd_tracker *t, const char *indent)
+/*
+ * "checkpoints": {"1000": {...}, ...} in step order, one record a line.
+ * `recent` > 0 limits it to the newest `recent` records plus the best, which
+ * is what session.json carries so that it stays small however many
+ * checkpoints a run makes; checkpoints.json always has every record.
+ */
+static void put_ck_object(kd_sb *s, const kd_tracker *t, const char *indent, size_t recent)
 {
+    int64_t best = recent ? best_step(t) : -1;
+    size_t first = recent && t->nck > recent ? t->nck - recent : 0;
+    int any = 0;
     kd_sb_putc(s, '{');
     for (size_t i = 0; i < t->nck; i++) {
-        kd_sb_puts(s, i ? ",\n" : "\n");
+        if (i < first && t->ck[i].step != best)
+            continue;
+        kd_sb_puts(s, any ? ",\n" : "\n");
         kd_sb_puts(s, indent);
         kd_sb_printf(s, "  \"%lld\": ", (long long)t->ck[i].step);
         kd_sb_puts(s, t->ck[i].frag);
+        any = 1;
     }
-    if (t->nck) {
+    if (any) {
         kd_sb_putc(s, '\n');
         kd_sb_puts(s, indent);
     }
@@ -237,7 +248,7 @@ static int write_checkpoints(kd_tracker *t)
     kd_sb_puts(&s, ",\n  \"best_checkpoint_step\": ");
     put_step_or_null(&s, best_step(t));
     kd_sb_puts(&s, ",\n  \"checkpoints\": ");
-    put_ck_object(&s, t, "  ");
+    put_ck_object(&s, t, "  ", 0);
     kd_sb_puts(&s, "\n}\n");
     int rc = write_doc(t, F_CKPTS, &s);
     kd_sb_free(&s);
@@ -320,7 +331,8 @@ int kd_trk_write_session(kd_tracker *t)
     kv_int(&s, "samples_processed", t->samples_processed);
     kv_int(&s, "tokens_processed", t->tokens_processed);
     kd_sb_puts(&s, ",\n  \"checkpoints\": ");
-    put_ck_object(&s, t, "  ");
+    put_ck_object(&s, t, "  ", KD_SESSION_RECENT_CKPTS);
+    kv_int(&s, "checkpoints_in_manifest", (int64_t)t->nck);
     kv_int(&s, "api_responses_saved", t->api_responses);
     kv_int(&s, "connection_failures", t->nfailures);
     kv_num(&s, "elapsed_wall_clock_hours", (now - t->start_time) / 3600.0);

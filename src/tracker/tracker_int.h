@@ -22,6 +22,7 @@
 #define KD_PENDING_MAX 4096      /* metrics lines held before a flush */
 #define KD_STATE_FILE_MAX (256u << 20) /* largest state file we read */
 #define KD_PAUSE_LOG_MAX 100     /* pauses listed in session.json */
+#define KD_SESSION_RECENT_CKPTS 10 /* checkpoints session.json lists (+ the best) */
 
 /* File names inside the output directory. */
 #define F_SESSION "session.json"
