@@ -1,0 +1,452 @@
+/*
+ * tests/test_teacher_cache.c - the TeacherCache and the key recipe: what a
+ * user would notice.  Same request -> same key whatever the parameter order
+ * or number spelling; any parameter, the system prompt or the model changes
+ * the key; another teacher version is an (incompatible, counted) miss; the
+ * counters survive a reopen; gc says before it drops; verify finds a
+ * tampered body; rebuild restores entries from a ledger; several processes
+ * insert and read at once without losing anything; budget reservations.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "kdkit/teacher.h"
+
+static char tmpdir[256];
+
+static int setup(void **state)
+{
+    (void)state;
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/kd_tcache_XXXXXX");
+    assert_non_null(mkdtemp(tmpdir));
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+static const char *path_in(const char *name)
+{
+    static char p[4][512];
+    static int k;
+    k = (k + 1) % 4;
+    snprintf(p[k], sizeof p[k], "%s/%s", tmpdir, name);
+    return p[k];
+}
+
+static const char BODY[] =
+    "{\"id\":\"x1\",\"model\":\"m\",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\","
+    "\"content\":\"hi\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":3,"
+    "\"completion_tokens\":1}}";
+
+static kd_teacher *client(const char *base, const char *model)
+{
+    kd_teacher_config c;
+    kd_teacher_config_init(&c);
+    c.base_url = base;
+    c.model = model;
+    kd_teacher *t = NULL;
+    kd_err e;
+    assert_int_equal(kd_teacher_open(&t, &c, NULL, &e), KD_OK);
+    return t;
+}
+
+static void key(kd_teacher *t, const char *prompt, const char *msgs, const kd_teacher_params *p,
+                char out[KD_SHA256_HEX])
+{
+    kd_teacher_request r = {.prompt = prompt, .messages_json = msgs, .params = p,
+                            .sample_index = -1};
+    char ph[KD_SHA256_HEX];
+    kd_err e;
+    assert_int_equal(kd_teacher_key(t, &r, out, ph, NULL, &e), KD_OK);
+}
+
+static void test_key_recipe(void **state)
+{
+    (void)state;
+    kd_teacher *t = client("http://127.0.0.1:9/v1", "gpt-x");
+    kd_teacher *t2 = client("http://127.0.0.1:9/v1/", "gpt-x");
+    kd_teacher *t3 = client("http://127.0.0.1:9/v1", "gpt-y");
+    kd_teacher_params p;
+    kd_teacher_params_init(&p);
+    char a[65], b[65], c[65];
+    key(t, "hello", NULL, &p, a);
+    key(t, NULL, "[{\"content\":\"hello\",\"role\":\"user\"}]", &p, b);
+    assert_string_equal(a, b); /* prompt == one user message, key order irrelevant */
+    key(t2, "hello", NULL, &p, c);
+    assert_string_equal(a, c); /* trailing slash of base_url irrelevant */
+    key(t3, "hello", NULL, &p, c);
+    assert_string_not_equal(a, c); /* model matters */
+    key(t, NULL,
+        "[{\"role\":\"system\",\"content\":\"be brief\"},{\"role\":\"user\",\"content\":\"hello\"}]",
+        &p, c);
+    assert_string_not_equal(a, c); /* system prompt matters (GPTCache #526) */
+    kd_teacher_params q = p;
+    q.temperature = 0.5;
+    key(t, "hello", NULL, &q, c);
+    assert_string_not_equal(a, c);
+    q = p;
+    q.top_logprobs = 6;
+    key(t, "hello", NULL, &q, c);
+    assert_string_not_equal(a, c);
+    q = p;
+    q.has_seed = 1;
+    q.seed = 0;
+    key(t, "hello", NULL, &q, c);
+    assert_string_not_equal(a, c);
+    q = p;
+    q.stop_json = "\"\\n\"";
+    key(t, "hello", NULL, &q, c);
+    kd_teacher_params r = p;
+    r.stop_json = "[\"\\n\"]";
+    key(t, "hello", NULL, &r, b);
+    assert_string_equal(b, c); /* "x" == ["x"] */
+    assert_string_not_equal(a, c);
+    q = p;
+    q.max_tokens = p.max_tokens + 1;
+    key(t, "hello", NULL, &q, c);
+    assert_string_not_equal(a, c);
+    /* NULL params = the config's defaults, filled in. */
+    key(t, "hello", NULL, NULL, c);
+    assert_string_equal(a, c);
+    kd_teacher_close(t);
+    kd_teacher_close(t2);
+    kd_teacher_close(t3);
+}
+
+static void entry(kd_cache_entry *en, const char *keyhex)
+{
+    memset(en, 0, sizeof *en);
+    snprintf(en->key, sizeof en->key, "%s", keyhex);
+    en->body = (char *)BODY;
+    en->body_len = strlen(BODY);
+    en->prompt_tokens = 3;
+    en->completion_tokens = 1;
+    en->cost = 0.25;
+    en->sample_index = -1;
+}
+
+static void k64(char out[65], int i)
+{
+    char s[32];
+    snprintf(s, sizeof s, "k%d", i);
+    kd_sha256_hex(s, strlen(s), out);
+}
+
+static void test_put_get_versions_counters(void **state)
+{
+    (void)state;
+    const char *db = path_in("c1.sqlite");
+    kd_cache *c;
+    kd_err e;
+    assert_int_equal(kd_cache_open(&c, db, "v1", KD_CACHE_SYNC_FULL, &e), KD_OK);
+    char k[65];
+    k64(k, 1);
+    kd_cache_entry en, got;
+    int incompat = -1, ins = 0;
+    assert_int_equal(kd_cache_get(c, k, &got, &incompat), KD_ENOTFOUND);
+    assert_int_equal(incompat, 0);
+    entry(&en, k);
+    assert_int_equal(kd_cache_put(c, &en, &ins), KD_OK);
+    assert_int_equal(ins, 1);
+    assert_int_equal(kd_cache_put(c, &en, &ins), KD_OK); /* first paid answer wins */
+    assert_int_equal(ins, 0);
+    assert_int_equal(kd_cache_get(c, k, &got, NULL), KD_OK);
+    assert_string_equal(got.body, BODY);
+    assert_int_equal(got.prompt_tokens, 3);
+    assert_string_equal(got.teacher_version, "v1");
+    kd_cache_entry_free(&got);
+    assert_int_equal(kd_cache_close(c), KD_OK);
+
+    /* Another teacher version: the entry exists but is never reused. */
+    assert_int_equal(kd_cache_open(&c, db, "v2", KD_CACHE_SYNC_FULL, &e), KD_OK);
+    assert_int_equal(kd_cache_get(c, k, &got, &incompat), KD_ENOTFOUND);
+    assert_int_equal(incompat, 1);
+    kd_cache_stats s;
+    assert_int_equal(kd_cache_stats_get(c, &s), KD_OK);
+    assert_int_equal(s.hits, 1);
+    assert_int_equal(s.misses, 2);
+    assert_int_equal(s.incompatible, 1);
+    assert_int_equal(s.inserts, 1);
+    assert_int_equal(s.entries, 1);
+    assert_int_equal(s.entries_current, 0);
+    /* gc: dry run first, nothing dropped; then for real. */
+    kd_cache_gc_opts o = {.incompatible = 1, .dry_run = 1};
+    kd_cache_gc_report r;
+    assert_int_equal(kd_cache_gc(c, &o, &r), KD_OK);
+    assert_int_equal(r.matched, 1);
+    assert_true(r.cost > 0.24);
+    assert_int_equal(kd_cache_stats_get(c, &s), KD_OK);
+    assert_int_equal(s.entries, 1);
+    kd_cache_gc_opts none = {0};
+    assert_int_equal(kd_cache_gc(c, &none, &r), KD_EINVAL); /* must say what */
+    o.dry_run = 0;
+    assert_int_equal(kd_cache_gc(c, &o, &r), KD_OK);
+    assert_int_equal(r.matched, 1);
+    assert_int_equal(kd_cache_stats_get(c, &s), KD_OK);
+    assert_int_equal(s.entries, 0);
+    kd_cache_close(c);
+
+    /* A newer layout is refused, not misread. */
+    sqlite3 *db3;
+    assert_int_equal(sqlite3_open(db, &db3), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(db3, "PRAGMA user_version = 9", NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db3);
+    assert_int_equal(kd_cache_open(&c, db, "v1", KD_CACHE_SYNC_FULL, &e), KD_EVERSION);
+    assert_non_null(strstr(e.msg, "newer"));
+}
+
+static void test_schema_version_incompatible(void **state)
+{
+    (void)state;
+    const char *db = path_in("c2.sqlite");
+    kd_cache *c;
+    kd_err e;
+    assert_int_equal(kd_cache_open(&c, db, "v1", KD_CACHE_SYNC_NORMAL, &e), KD_OK);
+    char k[65];
+    k64(k, 2);
+    kd_cache_entry en;
+    entry(&en, k);
+    en.schema_version = KD_CACHE_SCHEMA_VERSION + 1;
+    assert_int_equal(kd_cache_put(c, &en, NULL), KD_OK);
+    int incompat = 0;
+    assert_int_equal(kd_cache_get(c, k, NULL, &incompat), KD_ENOTFOUND);
+    assert_int_equal(incompat, 1);
+    kd_cache_close(c);
+}
+
+static void test_verify_finds_tampering(void **state)
+{
+    (void)state;
+    const char *db = path_in("c3.sqlite");
+    kd_cache *c;
+    kd_err e;
+    assert_int_equal(kd_cache_open(&c, db, "v1", KD_CACHE_SYNC_FULL, &e), KD_OK);
+    for (int i = 0; i < 5; i++) {
+        char k[65];
+        k64(k, 10 + i);
+        kd_cache_entry en;
+        entry(&en, k);
+        assert_int_equal(kd_cache_put(c, &en, NULL), KD_OK);
+    }
+    kd_cache_verify_report r;
+    assert_int_equal(kd_cache_verify(c, &r), KD_OK);
+    assert_int_equal(r.checked, 5);
+    assert_int_equal(r.bad, 0);
+    assert_string_equal(r.integrity, "ok");
+    kd_cache_close(c);
+    sqlite3 *db3;
+    assert_int_equal(sqlite3_open(db, &db3), SQLITE_OK);
+    char k[65];
+    k64(k, 12);
+    char sql[300];
+    snprintf(sql, sizeof sql, "UPDATE entries SET body = 'garbage' WHERE key = '%s'", k);
+    assert_int_equal(sqlite3_exec(db3, sql, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db3);
+    assert_int_equal(kd_cache_open(&c, db, "v1", KD_CACHE_SYNC_FULL, &e), KD_OK);
+    assert_int_equal(kd_cache_verify(c, &r), KD_OK);
+    assert_int_equal(r.bad, 1);
+    assert_non_null(strstr(r.first_bad, k));
+    kd_cache_close(c);
+}
+
+static void test_rebuild_from_ledger(void **state)
+{
+    (void)state;
+    const char *ledger = path_in("api_recovery.jsonl");
+    FILE *f = fopen(ledger, "w");
+    assert_non_null(f);
+    char k1[65], k2[65];
+    k64(k1, 21);
+    k64(k2, 22);
+    for (int i = 0; i < 2; i++)
+        fprintf(f,
+                "{\"prompt_hash\":\"%s\",\"response\":\"{\\\"choices\\\":[{\\\"text\\\":\\\"a\\\"}]}"
+                "\",\"cost\":0.5,\"timestamp\":1.5,\"request_hash\":\"%s\",\"sample_index\":null,"
+                "\"prompt_tokens\":2,\"completion_tokens\":1,\"latency_ms\":3,\"model\":\"m\","
+                "\"request_id\":\"r\"}\n", i ? k2 : k1, i ? k2 : k1);
+    fprintf(f, "{\"prompt_hash\":\"x\",\"response\":\"y\",\"request_hash\":null}\n");
+    fclose(f);
+    kd_cache *c;
+    kd_err e;
+    assert_int_equal(kd_cache_open(&c, path_in("c4.sqlite"), "v1", KD_CACHE_SYNC_FULL, &e), KD_OK);
+    kd_cache_rebuild_report r;
+    assert_int_equal(kd_cache_rebuild(c, ledger, 0, NULL, &r), KD_OK);
+    assert_int_equal(r.lines, 3);
+    assert_int_equal(r.inserted, 2);
+    assert_int_equal(r.skipped, 1);
+    assert_int_equal(kd_cache_rebuild(c, ledger, 0, NULL, &r), KD_OK);
+    assert_int_equal(r.present, 2);
+    assert_int_equal(kd_cache_has_key(c, k2), 1);
+    kd_cache_close(c);
+}
+
+/* Four processes insert 100 entries each and read each other's. */
+static void test_many_processes(void **state)
+{
+    (void)state;
+    const char *db = path_in("c5.sqlite");
+    kd_cache *c;
+    kd_err e;
+    assert_int_equal(kd_cache_open(&c, db, "v1", KD_CACHE_SYNC_NORMAL, &e), KD_OK);
+    kd_cache_close(c);
+    pid_t pids[4];
+    for (int p = 0; p < 4; p++) {
+        pids[p] = fork();
+        assert_true(pids[p] >= 0);
+        if (pids[p] == 0) {
+            kd_cache *cc;
+            if (kd_cache_open(&cc, db, "v1", KD_CACHE_SYNC_NORMAL, &e) != KD_OK)
+                _exit(3);
+            int bad = 0;
+            for (int i = 0; i < 100; i++) {
+                char k[65];
+                k64(k, 1000 + p * 100 + i);
+                kd_cache_entry en;
+                entry(&en, k);
+                if (kd_cache_put(cc, &en, NULL) != KD_OK)
+                    bad++;
+                k64(k, 1000 + ((p + 1) % 4) * 100 + i);
+                kd_cache_get(cc, k, NULL, NULL);
+            }
+            kd_cache_close(cc);
+            _exit(bad ? 4 : 0);
+        }
+    }
+    for (int p = 0; p < 4; p++) {
+        int st;
+        assert_int_equal(waitpid(pids[p], &st, 0), pids[p]);
+        assert_true(WIFEXITED(st));
+        assert_int_equal(WEXITSTATUS(st), 0);
+    }
+    assert_int_equal(kd_cache_open(&c, db, "v1", KD_CACHE_SYNC_NORMAL, &e), KD_OK);
+    kd_cache_stats s;
+    assert_int_equal(kd_cache_stats_get(c, &s), KD_OK);
+    assert_int_equal(s.entries, 400);
+    assert_int_equal(s.inserts, 400);
+    assert_int_equal(s.hits + s.misses, 400); /* every lookup was counted once */
+    kd_cache_close(c);
+}
+
+/* 16 threads reserve against one cap: the cap is never passed. */
+typedef struct bctx {
+    kd_budget *b;
+    int granted;
+} bctx;
+
+static void *reserver(void *arg)
+{
+    bctx *x = arg;
+    for (int i = 0; i < 1000; i++) {
+        if (kd_budget_reserve(x->b, 0.001, NULL) == KD_OK) {
+            x->granted++;
+            kd_budget_settle(x->b, 0.001, 0.0007);
+        }
+    }
+    return NULL;
+}
+
+static void test_budget_threads(void **state)
+{
+    (void)state;
+    kd_budget *b;
+    assert_int_equal(kd_budget_new(&b, 1.0, 0.3, NULL), KD_OK);
+    pthread_t th[16];
+    bctx x[16];
+    for (int i = 0; i < 16; i++) {
+        x[i].b = b;
+        x[i].granted = 0;
+        pthread_create(&th[i], NULL, reserver, &x[i]);
+    }
+    int granted = 0;
+    for (int i = 0; i < 16; i++) {
+        pthread_join(th[i], NULL);
+        granted += x[i].granted;
+    }
+    double spent, reserved, cap;
+    kd_budget_get(b, &spent, &reserved, &cap);
+    assert_true(spent <= 1.0 + 1e-12);
+    assert_true(spent > 0.99); /* it ran up to the cap, not short of it */
+    assert_true(reserved == 0.0);
+    assert_int_equal(granted, (int)((0.7 - 0.001 + 1e-9) / 0.0007) + 1);
+    kd_err e;
+    assert_int_equal(kd_budget_reserve(b, 0.01, &e), KD_EBUDGET);
+    assert_non_null(strstr(e.msg, "budget cap"));
+    kd_budget_free(b);
+    /* Price table. */
+    kd_price p = {.input_per_million = 2.0, .output_per_million = 8.0};
+    assert_true(kd_price_cost(&p, 1000000, 500000) == 6.0);
+}
+
+static void test_config_errors_name_the_key(void **state)
+{
+    (void)state;
+    kd_teacher_config c;
+    char *st = NULL;
+    kd_err e;
+    const char *ok = "{\"teacher\":{\"base_url\":\"http://127.0.0.1:1/v1\",\"model\":\"m\","
+                     "\"prices\":{\"input_per_million\":1,\"output_per_million\":2},"
+                     "\"budget\":{\"max_cost\":3},\"retry\":{\"max_attempts\":4},"
+                     "\"defaults\":{\"stop\":[\"x\"],\"seed\":7},\"teacher_version\":3}}";
+    assert_int_equal(kd_teacher_config_from_json(ok, &c, &st, &e), KD_OK);
+    assert_string_equal(c.model, "m");
+    assert_true(c.budget_max_cost == 3.0);
+    assert_int_equal(c.max_attempts, 4);
+    assert_string_equal(c.teacher_version, "3");
+    assert_string_equal(c.defaults.stop_json, "[\"x\"]");
+    assert_int_equal(c.defaults.has_seed, 1);
+    free(st);
+    struct {
+        const char *json, *needle;
+    } bad[] = {
+        {"{\"teacher\":{\"model\":\"m\"}}", "teacher.base_url"},
+        {"{\"teacher\":{\"base_url\":\"ftp://x\",\"model\":\"m\"}}", "teacher.base_url"},
+        {"{\"teacher\":{\"base_url\":\"http://x\",\"model\":\"m\",\"retry\":{\"max_attempts\":0}}}",
+         "teacher.retry.max_attempts"},
+        {"{\"teacher\":{\"base_url\":\"http://x\",\"model\":\"m\",\"prices\":{\"input\":1}}}",
+         "teacher.prices.input"},
+        {"{\"teacher\":{\"base_url\":\"http://x\",\"model\":\"m\",\"defaults\":{\"top_logprobs\":21}}}",
+         "teacher.defaults.top_logprobs"},
+        {"{\"teacher\":{\"base_url\":\"http://x\",\"model\":\"m\",\"endpoint\":\"x\"}}",
+         "teacher.endpoint"},
+        {"{\"teacher\":{\"base_url\":\"http://x\",\"model\":\"m\",\"colour\":1}}", "teacher.colour"},
+        {"{\"teacher\":{\"base_url\":\"http://x\",\"model\":\"m\",\"budget\":{\"max_cost\":-1}}}",
+         "teacher.budget.max_cost"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_int_equal(kd_teacher_config_from_json(bad[i].json, &c, &st, &e), KD_ECONFIG);
+        if (!strstr(e.msg, bad[i].needle))
+            fail_msg("case %zu: '%s' does not name %s", i, e.msg, bad[i].needle);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_key_recipe),
+        cmocka_unit_test(test_put_get_versions_counters),
+        cmocka_unit_test(test_schema_version_incompatible),
+        cmocka_unit_test(test_verify_finds_tampering),
+        cmocka_unit_test(test_rebuild_from_ledger),
+        cmocka_unit_test(test_many_processes),
+        cmocka_unit_test(test_budget_threads),
+        cmocka_unit_test(test_config_errors_name_the_key),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
