@@ -35,7 +35,7 @@ static char *mkdtemp_dir(void)
 
 static void rm_rf(const char *d)
 {
-    char cmd[4200];
+    char cmd[8300];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", d);
     assert_int_equal(system(cmd), 0);
 }
