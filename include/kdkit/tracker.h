@@ -275,6 +275,58 @@ int kd_session_inspect(const char *output_dir, char **json_out, kd_err *e);
    first.  Returns a static string. */
 const char *kd_loss_trend(const double *losses, size_t n);
 
+/* ------------------------------------------------------------------------ */
+/* Checking a directory end to end (verify.c)                                */
+
+/* One problem found by kd_session_verify.  The strings are valid during the
+   callback only. */
+typedef struct kd_verify_problem {
+    const char *file;  /* name inside the output directory: "metrics.jsonl",
+                          "checkpoint_3000.pt", ... */
+    int64_t line;      /* 1-based line of a JSONL file; 0 when not about a line */
+    int64_t step;      /* the checkpoint's step when about a checkpoint, else -1 */
+    int code;          /* KD_ECORRUPT  content invalid (bad JSON, missing field,
+                                       step order, path outside the directory)
+                          KD_ENOTFOUND a file that should exist does not
+                          KD_EMISMATCH a checkpoint's size or SHA-256 differs
+                          KD_ELIMIT    a line longer than the 16 MiB a journal
+                                       accepts, or a state file over its cap
+                          KD_EIO       a file could not be read
+                          KD_OK        not a problem: "N more problems in FILE"
+                                       after the first 100 of one file */
+    const char *what;  /* what is wrong, for a person */
+    const char *fix;   /* how to fix it: a command or what kdkit does about it */
+} kd_verify_problem;
+
+/* Called once per problem, in file order.  Return 0 to go on, nonzero to
+   stop the check (kd_session_verify then returns the count so far). */
+typedef int (*kd_verify_report_fn)(void *ctx, const kd_verify_problem *p);
+
+/* Flags for kd_session_verify. */
+#define KD_VERIFY_CHECKPOINTS_ONLY 1u /* only the manifest and checkpoint files */
+#define KD_VERIFY_NO_HASH 2u          /* checkpoint sizes, not their SHA-256 */
+
+/*
+ * Check every file of output directory `dir`, read-only and without the
+ * lock (so it works while a run writes; a line being appended at that
+ * instant may show up as a torn last line): session.json and progress.json
+ * parse and have their fields; every line of metrics.jsonl parses, has an
+ * integer step, steps strictly increasing; the lines of api_recovery.jsonl,
+ * failures.jsonl, events.jsonl and metrics.rewound.jsonl parse and have
+ * their fields; checkpoints.json parses, its paths stay inside `dir`, and
+ * each live checkpoint file exists with the recorded size and SHA-256.
+ * Journals are streamed: memory stays bounded whatever their size, and a
+ * line longer than 16 MiB is reported, not loaded.
+ *
+ * Returns the number of problems (0: healthy), or a negative code when the
+ * directory cannot be checked at all: KD_ENOTFOUND when it does not exist,
+ * is not a directory or has no session.json (*e: "DIR is not a kdkit output
+ * directory (no session.json)"), KD_EINVAL for bad arguments.  cb may be
+ * NULL to only count.
+ */
+int kd_session_verify(const char *dir, unsigned flags, kd_verify_report_fn cb, void *ctx,
+                      kd_err *e);
+
 #ifdef __cplusplus
 }
 #endif

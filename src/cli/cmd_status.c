@@ -1,5 +1,780 @@
-/* src/cli/cmd_status.c - placeholder until its layer lands; the owner replaces this file. */
+/*
+ * src/cli/cmd_status.c - reading a tracker's output directory for a person
+ * or a script, without the lock and without changing anything (so it works
+ * while a run is writing):
+ *
+ *   kdkit status DIR                   the guide's "Monitoring Progress"
+ *                                      summary, for a person
+ *   kdkit summary DIR [--json]         progress.json recomputed from the
+ *                                      files (kd_session_inspect)
+ *   kdkit checkpoints DIR [--best] [--verify] [--json]
+ *                                      the checkpoint manifest
+ *
+ * Reads session.json, checkpoints.json and the journals' tails through the
+ * library; the manifest (checkpoints.json, or session.json's copy when it is
+ * missing) is read here with jansson, its format being docs/formats.md.
+ * Exit codes as in cli.h: 0 fine, 1 unhealthy (unreadable files, a
+ * checkpoint that fails --verify, no best checkpoint), 2 usage error or a
+ * missing / non-kdkit directory.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+
 #include "cli/cli.h"
-int kd_cmd_status(int argc, char **argv) { (void)argc; kd_cli_error(argv[0], "not available in this build yet"); return 2; }
-int kd_cmd_summary(int argc, char **argv) { (void)argc; kd_cli_error(argv[0], "not available in this build yet"); return 2; }
-int kd_cmd_checkpoints(int argc, char **argv) { (void)argc; kd_cli_error(argv[0], "not available in this build yet"); return 2; }
+#include "kdkit/tracker.h"
+
+#define STATE_MAX ((size_t)256 << 20)
+
+/* ------------------------------------------------------------------------ */
+/* Shared                                                                    */
+
+/* Print s with control bytes escaped, so a hostile file cannot drive the
+   terminal. */
+static void put_safe(FILE *f, const char *s)
+{
+    for (; s && *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c < 0x20 || c == 0x7f)
+            fprintf(f, "\\x%02x", c);
+        else
+            fputc(c, f);
+    }
+}
+
+/* 0 when dir is a kdkit output directory; else prints why and returns 2. */
+static int check_dir(const char *cmd, const char *dir)
+{
+    struct stat st;
+    if (stat(dir, &st) != 0) {
+        if (errno == ENOENT)
+            kd_cli_error(cmd, "%s does not exist", dir);
+        else
+            kd_cli_error(cmd, "cannot read %s: %s", dir, strerror(errno));
+        return 2;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        kd_cli_error(cmd, "%s is not a directory (give a run's output directory)", dir);
+        return 2;
+    }
+    char p[4096];
+    if (snprintf(p, sizeof p, "%s/session.json", dir) >= (int)sizeof p) {
+        kd_cli_error(cmd, "path %s is too long", dir);
+        return 2;
+    }
+    if (stat(p, &st) != 0) {
+        kd_cli_error(cmd, "%s is not a kdkit output directory (no session.json)", dir);
+        return 2;
+    }
+    return 0;
+}
+
+/*
+ * Parse "CMD [options] DIR": options are the flags in `names` (set to 1 in
+ * `vals`).  Returns 0 with *dir set, 1 when help was printed, 2 on error.
+ */
+static int parse_args(int argc, char **argv, void (*usage)(FILE *), const char *const *names,
+                      int *vals, size_t n, const char **dir)
+{
+    *dir = NULL;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (kd_cli_is_help(a)) {
+            usage(stdout);
+            return 1;
+        }
+        if (a[0] == '-' && a[1] != '\0') {
+            size_t k = 0;
+            while (k < n && strcmp(a, names[k]) != 0)
+                k++;
+            if (k == n) {
+                kd_cli_error(argv[0], "unknown option '%s'", a);
+                usage(stderr);
+                return 2;
+            }
+            vals[k] = 1;
+            continue;
+        }
+        if (*dir) {
+            kd_cli_error(argv[0], "one directory only (got '%s' and '%s')", *dir, a);
+            usage(stderr);
+            return 2;
+        }
+        *dir = a;
+    }
+    if (!*dir) {
+        kd_cli_error(argv[0], "which output directory? (e.g. training_progress)");
+        usage(stderr);
+        return 2;
+    }
+    return 0;
+}
+
+/* Exit code for a library error on reading DIR. */
+static int inspect_error(const char *cmd, const char *dir, int rc, const kd_err *e)
+{
+    if (rc == KD_ENOTFOUND) {
+        kd_cli_error(cmd, "%s", e->msg);
+        return 2;
+    }
+    kd_cli_error(cmd, "%s", e->msg[0] ? e->msg : kd_strerror(rc));
+    fprintf(stderr, "run 'kdkit verify %s' to see every problem and how to fix it\n", dir);
+    return 1;
+}
+
+static double num(const json_t *o, const char *k)
+{
+    json_t *x = json_object_get(o, k);
+    return json_is_number(x) ? json_number_value(x) : NAN;
+}
+
+static long long inum(const json_t *o, const char *k, long long dflt)
+{
+    json_t *x = json_object_get(o, k);
+    return json_is_integer(x) ? (long long)json_integer_value(x) : dflt;
+}
+
+/* "42 s", "12 min", "3.4 hours", "2 days 5.0 hours" */
+static void fmt_hours(char *out, size_t n, double h)
+{
+    if (!isfinite(h))
+        snprintf(out, n, "unknown");
+    else if (h < 1.0 / 60.0)
+        snprintf(out, n, "%.0f s", h * 3600.0);
+    else if (h < 1.0)
+        snprintf(out, n, "%.0f min", h * 60.0);
+    else if (h < 48.0)
+        snprintf(out, n, "%.1f hours", h);
+    else
+        snprintf(out, n, "%.0f days %.1f hours", floor(h / 24.0), fmod(h, 24.0));
+}
+
+static void fmt_bytes(char *out, size_t n, double b)
+{
+    if (!isfinite(b) || b < 0)
+        snprintf(out, n, "?");
+    else if (b < 1024)
+        snprintf(out, n, "%.0f B", b);
+    else if (b < 1024.0 * 1024)
+        snprintf(out, n, "%.1f KiB", b / 1024);
+    else if (b < 1024.0 * 1024 * 1024)
+        snprintf(out, n, "%.1f MiB", b / (1024.0 * 1024));
+    else
+        snprintf(out, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
+}
+
+static void fmt_rate(char *out, size_t n, double v)
+{
+    if (!isfinite(v))
+        snprintf(out, n, "?");
+    else if (v >= 100)
+        snprintf(out, n, "%.0f", v);
+    else
+        snprintf(out, n, "%.3g", v);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The manifest                                                              */
+
+typedef struct ckrow {
+    long long step;
+    const char *rel;
+    const char *abs;
+    double loss;
+    long long size;
+    long long dataset_position;
+    double created_at;
+    const char *sha256;
+    json_t *tags;
+    int deleted;
+    const char *deleted_reason;
+    int exists;
+    char problem[512]; /* with --verify: why it fails, "" when it passes */
+} ckrow;
+
+typedef struct manifest {
+    json_t *doc;   /* owns the strings the rows point into */
+    const char *source; /* "checkpoints.json" or "session.json" */
+    ckrow *rows;
+    size_t n;
+} manifest;
+
+static int row_cmp(const void *a, const void *b)
+{
+    const ckrow *x = a, *y = b;
+    return x->step < y->step ? -1 : x->step > y->step;
+}
+
+static json_t *load_json(const char *dir, const char *name, char *err, size_t errn, int *missing)
+{
+    char p[4096];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    char *text = NULL;
+    size_t len = 0;
+    kd_err e;
+    *missing = 0;
+    int rc = kd_file_read_all(p, STATE_MAX, &text, &len, &e);
+    if (rc == KD_ENOTFOUND) {
+        *missing = 1;
+        return NULL;
+    }
+    if (rc != KD_OK) {
+        snprintf(err, errn, "%s", e.msg);
+        return NULL;
+    }
+    json_error_t je;
+    json_t *doc = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
+    free(text);
+    if (!json_is_object(doc)) {
+        snprintf(err, errn, "%s is not valid JSON (line %d: %s)", name, doc ? 1 : je.line,
+                 doc ? "not an object" : je.text);
+        json_decref(doc);
+        return NULL;
+    }
+    return doc;
+}
+
+static int add_row(manifest *m, const char *dir, json_t *o)
+{
+    if (!json_is_object(o) || !json_is_integer(json_object_get(o, "checkpoint_step")))
+        return -1;
+    ckrow *r = &m->rows[m->n++];
+    memset(r, 0, sizeof *r);
+    r->step = (long long)json_integer_value(json_object_get(o, "checkpoint_step"));
+    r->rel = json_string_value(json_object_get(o, "relative_path"));
+    r->abs = json_string_value(json_object_get(o, "checkpoint_path"));
+    json_t *mx = json_object_get(o, "metrics");
+    r->loss = num(mx, "loss");
+    r->size = inum(o, "size", -1);
+    r->dataset_position = inum(o, "dataset_position", -1);
+    r->created_at = num(o, "created_at");
+    r->sha256 = json_string_value(json_object_get(o, "sha256"));
+    r->tags = json_object_get(o, "recovery_tags");
+    r->deleted = json_is_true(json_object_get(o, "deleted"));
+    r->deleted_reason = json_string_value(json_object_get(o, "deleted_reason"));
+    char p[4096];
+    struct stat st;
+    if (r->rel && r->rel[0] != '/' && !strstr(r->rel, ".."))
+        snprintf(p, sizeof p, "%s/%s", dir, r->rel);
+    else if (r->abs)
+        snprintf(p, sizeof p, "%s", r->abs);
+    else
+        p[0] = '\0';
+    r->exists = p[0] && stat(p, &st) == 0;
+    return 0;
+}
+
+/* Load the manifest; prints the error (unless quiet) and returns 1
+   (unreadable) or 0. */
+static int load_manifest(const char *cmd, const char *dir, manifest *m, int quiet)
+{
+    char err[1024] = "";
+    int missing;
+    memset(m, 0, sizeof *m);
+    m->source = "checkpoints.json";
+    m->doc = load_json(dir, m->source, err, sizeof err, &missing);
+    if (!m->doc) {
+        if (!missing) {
+            if (!quiet) {
+                kd_cli_error(cmd, "%s/%s", dir, err);
+                fprintf(stderr, "run 'kdkit verify %s' to see how to fix it\n", dir);
+            }
+            return 1;
+        }
+        /* as the tracker does: session.json holds a copy of the records */
+        m->source = "session.json";
+        m->doc = load_json(dir, m->source, err, sizeof err, &missing);
+        if (!m->doc) {
+            if (!quiet)
+                kd_cli_error(cmd, "%s/%s", dir, missing ? "session.json is missing" : err);
+            return 1;
+        }
+    }
+    json_t *cks = json_object_get(m->doc, "checkpoints");
+    size_t n = json_is_object(cks) ? json_object_size(cks) : json_array_size(cks);
+    m->rows = calloc(n ? n : 1, sizeof *m->rows);
+    if (!m->rows) {
+        if (!quiet)
+            kd_cli_error(cmd, "out of memory");
+        return 1;
+    }
+    const char *k;
+    json_t *v;
+    size_t i;
+    int bad = 0;
+    if (json_is_object(cks)) {
+        json_object_foreach(cks, k, v) bad |= add_row(m, dir, v);
+    } else if (json_is_array(cks)) {
+        json_array_foreach(cks, i, v) bad |= add_row(m, dir, v);
+    } else if (cks && !json_is_null(cks)) {
+        bad = 1;
+    }
+    if (bad) {
+        if (!quiet)
+            kd_cli_error(cmd, "%s/%s: a checkpoint record is malformed; run 'kdkit verify %s'",
+                         dir, m->source, dir);
+        return 1;
+    }
+    qsort(m->rows, m->n, sizeof *m->rows, row_cmp);
+    return 0;
+}
+
+static void manifest_free(manifest *m)
+{
+    free(m->rows);
+    json_decref(m->doc);
+}
+
+/* The tracker's rule: lowest finite loss among the checkpoints not deleted. */
+static const ckrow *best_row(const manifest *m)
+{
+    const ckrow *b = NULL;
+    for (size_t i = 0; i < m->n; i++) {
+        const ckrow *r = &m->rows[i];
+        if (!r->deleted && isfinite(r->loss) && (!b || r->loss < b->loss))
+            b = r;
+    }
+    return b;
+}
+
+static const ckrow *last_row(const manifest *m)
+{
+    for (size_t i = m->n; i-- > 0;)
+        if (!m->rows[i].deleted)
+            return &m->rows[i];
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* kdkit status                                                              */
+
+static void status_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kdkit status DIR\n"
+            "\n"
+            "Show the progress of the run whose output directory is DIR (e.g.\n"
+            "training_progress): session, progress, steps, elapsed and active time, ETA,\n"
+            "loss trend and latest loss, throughput, checkpoints, API responses saved,\n"
+            "cost so far, connection failures and pauses.  Read-only: it takes no lock,\n"
+            "so it works while the run is writing.\n"
+            "\n"
+            "See also: kdkit summary DIR --json, kdkit checkpoints DIR, kdkit verify DIR.\n"
+            "\n"
+            "exit status: 0 shown, 1 the files cannot be read (see kdkit verify), 2 usage\n"
+            "error, or DIR missing or not a kdkit output directory.\n");
+}
+
+/* The pid holding the directory's flock, from /proc/locks; 0 when none, -1
+   when it cannot be told.  Looking does not take the lock. */
+static long lock_holder(const char *dir)
+{
+    char p[4096];
+    struct stat st;
+    snprintf(p, sizeof p, "%s/.kdkit.lock", dir);
+    if (stat(p, &st) != 0)
+        return 0;
+    FILE *f = fopen("/proc/locks", "r");
+    if (!f)
+        return -1;
+    char line[512];
+    long pid = 0;
+    while (fgets(line, sizeof line, f)) {
+        char type[16];
+        long lp;
+        unsigned maj, min;
+        unsigned long long ino;
+        if (strstr(line, "->"))
+            continue; /* a waiter, not a holder */
+        if (sscanf(line, "%*s %15s %*s %*s %ld %x:%x:%llu", type, &lp, &maj, &min, &ino) == 5 &&
+            strcmp(type, "FLOCK") == 0 && ino == (unsigned long long)st.st_ino &&
+            maj == major(st.st_dev) && min == minor(st.st_dev)) {
+            pid = lp;
+            break;
+        }
+    }
+    fclose(f);
+    return pid;
+}
+
+int kd_cmd_status(int argc, char **argv)
+{
+    const char *dir;
+    int flags[1] = {0};
+    int rc = parse_args(argc, argv, status_usage, NULL, flags, 0, &dir);
+    if (rc)
+        return rc == 1 ? 0 : rc;
+    if ((rc = check_dir(argv[0], dir)) != 0)
+        return rc;
+    char *text = NULL;
+    kd_err e;
+    kd_err_clear(&e);
+    rc = kd_session_inspect(dir, &text, &e);
+    if (rc != KD_OK)
+        return inspect_error(argv[0], dir, rc, &e);
+    json_t *s = json_loads(text, 0, NULL);
+    free(text);
+    if (!s) {
+        kd_cli_error(argv[0], "internal error: the summary is not JSON");
+        return 1;
+    }
+    /* the best checkpoint's loss is a bonus: a bad manifest is verify's
+       business, not status's */
+    manifest m;
+    int have_m = load_manifest(argv[0], dir, &m, 1) == 0;
+
+    char a[64], b[64], c[64];
+    printf("Session:      ");
+    put_safe(stdout, json_string_value(json_object_get(s, "session_id")));
+    putchar('\n');
+
+    double pct = num(s, "progress_pct");
+    long long done = inum(s, "steps_completed", 0), target = inum(s, "total_steps_target", 0);
+    int width = 30, fill = isfinite(pct) ? (int)(pct / 100.0 * width + 0.5) : 0;
+    if (fill > width)
+        fill = width;
+    printf("Progress:     %5.1f%% [", isfinite(pct) ? pct : 0.0);
+    for (int i = 0; i < width; i++)
+        putchar(i < fill ? '#' : '.');
+    printf("]\n");
+    printf("Steps:        %lld/%lld\n", done, target);
+
+    fmt_hours(a, sizeof a, num(s, "elapsed_wall_clock_hours"));
+    fmt_hours(b, sizeof b, num(s, "active_hours"));
+    printf("Elapsed:      %s wall clock, %s active\n", a, b);
+
+    double eta = num(s, "estimated_remaining_hours");
+    if (done >= target && target > 0)
+        printf("ETA:          done (target reached)\n");
+    else if (isfinite(eta)) {
+        fmt_hours(a, sizeof a, eta);
+        printf("ETA:          %s (at the recent active rate)\n", a);
+    } else
+        printf("ETA:          unknown (no throughput measured yet)\n");
+
+    double loss = num(s, "latest_loss");
+    const char *trend = json_string_value(json_object_get(s, "loss_trend"));
+    if (isfinite(loss))
+        printf("Loss:         %.4f latest, trend: %s\n", loss, trend ? trend : "?");
+    else
+        printf("Loss:         %s, trend: %s\n", done > 0 ? "not finite" : "none yet",
+               trend ? trend : "?");
+
+    fmt_rate(a, sizeof a, num(s, "steps_per_sec"));
+    fmt_rate(b, sizeof b, num(s, "samples_per_sec"));
+    fmt_rate(c, sizeof c, num(s, "tokens_per_sec"));
+    printf("Throughput:   %s steps/s, %s samples/s, %s tokens/s\n", a, b, c);
+    printf("Processed:    %lld samples, %lld tokens\n", inum(s, "samples_processed", 0),
+           inum(s, "tokens_processed", 0));
+
+    long long nck = inum(s, "checkpoints", 0);
+    long long last = inum(s, "last_checkpoint_step", -1), best = inum(s, "best_checkpoint_step", -1);
+    if (nck == 0) {
+        printf("Checkpoints:  none yet\n");
+    } else {
+        printf("Checkpoints:  %lld (last: step %lld", nck, last);
+        if (best >= 0) {
+            printf(", best: step %lld", best);
+            const ckrow *br = have_m ? best_row(&m) : NULL;
+            if (br && br->step == best)
+                printf(", loss %.4f", br->loss);
+        }
+        printf(")\n");
+    }
+    printf("API:          %lld responses saved, cost so far %.4f\n",
+           inum(s, "api_responses_saved", 0), num(s, "total_cost"));
+    long long nf = inum(s, "connection_failures", 0), billed = inum(s, "possibly_billed_failures", 0);
+    if (billed > 0)
+        printf("Failures:     %lld connection failures (%lld possibly billed: sent, answer lost)\n",
+               nf, billed);
+    else
+        printf("Failures:     %lld connection failures\n", nf);
+    fmt_hours(a, sizeof a, num(s, "paused_hours"));
+    printf("Pauses:       %lld (%s excluded from active time)\n", inum(s, "pauses", 0), a);
+    long holder = lock_holder(dir);
+    if (holder > 0)
+        printf("Writer:       running (process %ld holds the directory)\n", holder);
+    else if (holder == 0)
+        printf("Writer:       none (no process holds the directory)\n");
+    manifest_free(&m);
+    json_decref(s);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* kdkit summary                                                             */
+
+static void summary_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kdkit summary DIR [--json]\n"
+            "\n"
+            "Print the progress.json document of the run in DIR, recomputed now from\n"
+            "the files (session.json, the journals' tails, checkpoints.json), for\n"
+            "scripts: session_id, progress_pct, steps_completed, total_steps_target,\n"
+            "elapsed_wall_clock_hours, active_hours, estimated_remaining_hours (null\n"
+            "while unknown), loss_trend, latest_loss, throughput, api_responses_saved,\n"
+            "connection_failures, total_cost, checkpoints, pauses.  JSON is the only\n"
+            "format; --json is accepted for clarity.  Read-only, no lock.\n"
+            "\n"
+            "  kdkit summary training_progress --json | jq '.progress_pct'\n"
+            "\n"
+            "exit status: 0 printed, 1 the files cannot be read (see kdkit verify), 2\n"
+            "usage error, or DIR missing or not a kdkit output directory.\n");
+}
+
+int kd_cmd_summary(int argc, char **argv)
+{
+    static const char *const names[] = {"--json"};
+    int vals[1] = {0};
+    const char *dir;
+    int rc = parse_args(argc, argv, summary_usage, names, vals, 1, &dir);
+    if (rc)
+        return rc == 1 ? 0 : rc;
+    if ((rc = check_dir(argv[0], dir)) != 0)
+        return rc;
+    char *text = NULL;
+    kd_err e;
+    kd_err_clear(&e);
+    rc = kd_session_inspect(dir, &text, &e);
+    if (rc != KD_OK)
+        return inspect_error(argv[0], dir, rc, &e);
+    fputs(text, stdout);
+    free(text);
+    return fflush(stdout) == 0 ? 0 : 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* kdkit checkpoints                                                         */
+
+static void checkpoints_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kdkit checkpoints DIR [--best] [--verify] [--json]\n"
+            "\n"
+            "List the checkpoint manifest of the run in DIR (checkpoints.json): step,\n"
+            "loss, size, file, recovery tags, and whether the file exists or was\n"
+            "deleted (and why).\n"
+            "\n"
+            "  --best     only the best checkpoint: the lowest loss among those not\n"
+            "             deleted (exit 1 when there is none)\n"
+            "  --verify   also check each live file's size and SHA-256 against the\n"
+            "             manifest; exit 1 if any fails\n"
+            "  --json     a JSON array (with --best, one object) for scripts\n"
+            "\n"
+            "exit status: 0 listed (and verified), 1 a checkpoint fails --verify, there\n"
+            "is no best checkpoint, or the manifest cannot be read, 2 usage error, or DIR\n"
+            "missing or not a kdkit output directory.\n");
+}
+
+/* kd_session_verify's callback: attach each problem to its checkpoint. */
+typedef struct ckcheck {
+    manifest *m;
+    int problems;
+    char other[4096]; /* problems not about one checkpoint */
+    size_t olen;
+} ckcheck;
+
+static int on_ck_problem(void *ctx, const kd_verify_problem *p)
+{
+    ckcheck *c = ctx;
+    if (p->code != KD_OK)
+        c->problems++;
+    for (size_t i = 0; p->step >= 0 && i < c->m->n; i++) {
+        ckrow *r = &c->m->rows[i];
+        if (r->step == p->step && !r->problem[0]) {
+            snprintf(r->problem, sizeof r->problem, "%s. Fix: %s", p->what, p->fix);
+            return 0;
+        }
+    }
+    if (c->olen + 1 < sizeof c->other) {
+        int w = snprintf(c->other + c->olen, sizeof c->other - c->olen, "%s. Fix: %s\n", p->what,
+                         p->fix);
+        if (w > 0)
+            c->olen += (size_t)w;
+        if (c->olen >= sizeof c->other)
+            c->olen = sizeof c->other - 1;
+    }
+    return 0;
+}
+
+static json_t *row_json(const ckrow *r, int verified)
+{
+    json_t *o = json_object();
+    json_object_set_new(o, "step", json_integer(r->step));
+    json_object_set_new(o, "relative_path", r->rel ? json_string(r->rel) : json_null());
+    json_object_set_new(o, "checkpoint_path", r->abs ? json_string(r->abs) : json_null());
+    json_object_set_new(o, "loss", isfinite(r->loss) ? json_real(r->loss) : json_null());
+    json_object_set_new(o, "size", r->size >= 0 ? json_integer(r->size) : json_null());
+    json_object_set_new(o, "sha256", r->sha256 ? json_string(r->sha256) : json_null());
+    json_object_set_new(o, "dataset_position",
+                        r->dataset_position >= 0 ? json_integer(r->dataset_position) : json_null());
+    json_object_set_new(o, "created_at", isfinite(r->created_at) ? json_real(r->created_at) : json_null());
+    json_object_set_new(o, "recovery_tags", json_is_array(r->tags) ? json_incref(r->tags) : json_array());
+    json_object_set_new(o, "deleted", json_boolean(r->deleted));
+    json_object_set_new(o, "deleted_reason",
+                        r->deleted_reason ? json_string(r->deleted_reason) : json_null());
+    json_object_set_new(o, "exists", json_boolean(r->exists));
+    if (verified) {
+        json_object_set_new(o, "verified", r->deleted ? json_null() : json_boolean(!r->problem[0]));
+        json_object_set_new(o, "problem", r->problem[0] ? json_string(r->problem) : json_null());
+    }
+    return o;
+}
+
+static void print_tags(const ckrow *r, char *out, size_t n)
+{
+    size_t o = 0;
+    out[0] = '\0';
+    size_t i;
+    json_t *t;
+    json_array_foreach(r->tags, i, t)
+    {
+        const char *s = json_string_value(t);
+        if (!s)
+            continue;
+        int w = snprintf(out + o, n - o, "%s%s", o ? "," : "", s);
+        if (w < 0 || (size_t)w >= n - o)
+            break;
+        o += (size_t)w;
+    }
+    if (!out[0])
+        snprintf(out, n, "-");
+}
+
+static void print_row(const ckrow *r, int verified)
+{
+    char loss[32], size[32], tags[256];
+    if (isfinite(r->loss))
+        snprintf(loss, sizeof loss, "%.4f", r->loss);
+    else
+        snprintf(loss, sizeof loss, "-");
+    fmt_bytes(size, sizeof size, (double)r->size);
+    print_tags(r, tags, sizeof tags);
+    printf("%10lld  %-10s %-10s  ", r->step, loss, size);
+    put_safe(stdout, r->rel ? r->rel : r->abs ? r->abs : "?");
+    printf("  [");
+    put_safe(stdout, tags);
+    printf("]  ");
+    if (r->deleted) {
+        printf("deleted (");
+        put_safe(stdout, r->deleted_reason ? r->deleted_reason : "no reason given");
+        printf(")%s", r->exists ? ", file still present" : "");
+    } else if (verified) {
+        if (r->problem[0]) {
+            printf("FAILED: ");
+            put_safe(stdout, r->problem);
+        } else {
+            printf("verified (size and SHA-256 match)");
+        }
+    } else {
+        printf("%s", r->exists ? "file present" : "FILE MISSING");
+    }
+    putchar('\n');
+}
+
+int kd_cmd_checkpoints(int argc, char **argv)
+{
+    static const char *const names[] = {"--best", "--verify", "--json"};
+    int vals[3] = {0, 0, 0};
+    const char *dir;
+    int rc = parse_args(argc, argv, checkpoints_usage, names, vals, 3, &dir);
+    if (rc)
+        return rc == 1 ? 0 : rc;
+    int want_best = vals[0], verify = vals[1], as_json = vals[2];
+    if ((rc = check_dir(argv[0], dir)) != 0)
+        return rc;
+    manifest m;
+    if (load_manifest(argv[0], dir, &m, 0) != 0) {
+        manifest_free(&m);
+        return 1;
+    }
+    int status = 0;
+    ckcheck cc;
+    memset(&cc, 0, sizeof cc);
+    cc.m = &m;
+    if (verify) {
+        kd_err e;
+        kd_err_clear(&e);
+        int n = kd_session_verify(dir, KD_VERIFY_CHECKPOINTS_ONLY, on_ck_problem, &cc, &e);
+        if (n < 0) {
+            kd_cli_error(argv[0], "%s", e.msg);
+            manifest_free(&m);
+            return n == KD_ENOTFOUND ? 2 : 1;
+        }
+        if (n > 0)
+            status = 1;
+    }
+    const ckrow *best = best_row(&m);
+    if (want_best) {
+        if (!best) {
+            if (as_json)
+                printf("null\n");
+            else
+                printf("no best checkpoint: none of the %zu in the manifest is live with a "
+                       "known loss\n",
+                       m.n);
+            manifest_free(&m);
+            return 1;
+        }
+        if (as_json) {
+            json_t *o = row_json(best, verify);
+            json_dumpf(o, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+            putchar('\n');
+            json_decref(o);
+        } else {
+            print_row(best, verify);
+        }
+        /* --best --verify: only the best one's health decides */
+        if (verify)
+            status = best->problem[0] ? 1 : 0;
+        manifest_free(&m);
+        return status;
+    }
+    if (as_json) {
+        json_t *a = json_array();
+        for (size_t i = 0; i < m.n; i++)
+            json_array_append_new(a, row_json(&m.rows[i], verify));
+        json_dumpf(a, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        putchar('\n');
+        json_decref(a);
+    } else if (m.n == 0) {
+        printf("no checkpoints recorded yet\n");
+    } else {
+        printf("%10s  %-10s %-10s  %s\n", "STEP", "LOSS", "SIZE", "FILE  [TAGS]  STATE");
+        size_t live = 0;
+        for (size_t i = 0; i < m.n; i++) {
+            print_row(&m.rows[i], verify);
+            live += !m.rows[i].deleted;
+        }
+        const ckrow *last = last_row(&m);
+        printf("%zu checkpoints, %zu live", m.n, live);
+        if (last)
+            printf("; latest: step %lld", last->step);
+        if (best)
+            printf("; best: step %lld (loss %.4f)", best->step, best->loss);
+        printf("\n");
+    }
+    if (cc.olen) {
+        FILE *f = as_json ? stderr : stdout;
+        put_safe(f, "");
+        for (char *line = cc.other; *line;) {
+            char *nl = strchr(line, '\n');
+            if (nl)
+                *nl = '\0';
+            put_safe(f, line);
+            fputc('\n', f);
+            line = nl ? nl + 1 : line + strlen(line);
+        }
+    }
+    if (verify && !as_json)
+        printf("%s\n", status ? "verify: FAILED (see above)" : "verify: every live checkpoint matches");
+    manifest_free(&m);
+    return status;
+}
