@@ -263,7 +263,7 @@ typedef struct kd_teacher_config {
     int max_in_flight;          /* default 16 */
     size_t max_response_bytes;  /* default 64 MiB; larger bodies are a failed attempt */
     /* prompt-token bound used for reservations: bytes + this per message */
-    int64_t per_message_token_overhead; /* default 8 */
+    int64_t per_message_token_overhead; /* default 16 */
     /* cache */
     const char *cache_path;     /* NULL: no cache (not recommended) */
     kd_cache_sync cache_sync;

@@ -39,7 +39,7 @@ void kd_teacher_config_init(kd_teacher_config *c)
     c->total_timeout_ms = 120000;
     c->max_in_flight = 16;
     c->max_response_bytes = 64u << 20;
-    c->per_message_token_overhead = 8;
+    c->per_message_token_overhead = 16;
     c->cache_sync = KD_CACHE_SYNC_FULL;
     kd_teacher_params_init(&c->defaults);
 }

@@ -1,0 +1,1007 @@
+/*
+ * tests/test_teacher_client.c - the teacher client end to end, against the
+ * kdkit serve library (in this process, fault injection by script) and a
+ * minimal in-test HTTP responder (a thread on a 127.0.0.1 socket that sends
+ * canned bytes) for exact protocol edge cases.
+ *
+ * What a user would notice: answers with logprobs, a cache hit the second
+ * time, retries counted and recorded, delays within their bounds, quota and
+ * 4xx errors stop at once, nothing paid twice across a restart, a SIGKILL
+ * between receiving and using an answer leaves it in the ledger or a
+ * possibly_billed record, the budget holds with 32 requests in flight, and
+ * the API key appears in no file and no message.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kdkit/serve.h"
+#include "kdkit/teacher.h"
+#include "kdkit/tracker.h"
+
+#define KEY_VALUE "sk-kdkit-test-0123456789abcdefghSECRET"
+
+static char tmpdir[256];
+static int case_no;
+
+static int setup(void **state)
+{
+    (void)state;
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/kd_tclient_XXXXXX");
+    assert_non_null(mkdtemp(tmpdir));
+    signal(SIGPIPE, SIG_IGN);
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+static double now_s(void)
+{
+    return kd_monotonic();
+}
+
+/* ------------------------------------------------------------------------ */
+/* A run: tracker + teacher in a fresh directory                             */
+
+typedef struct run {
+    char dir[512];
+    char cache[600];
+    kd_tracker *tr;
+    kd_teacher *t;
+    kd_teacher_config cfg;
+    char url[128];
+} run;
+
+static void run_config(run *r, int port, const char *model)
+{
+    kd_teacher_config_init(&r->cfg);
+    snprintf(r->url, sizeof r->url, "http://127.0.0.1:%d/v1", port);
+    r->cfg.base_url = r->url;
+    r->cfg.model = model ? model : "kdkit-toy";
+    r->cfg.cache_path = r->cache;
+    r->cfg.cache_sync = KD_CACHE_SYNC_NORMAL;
+    r->cfg.base_delay_ms = 5;
+    r->cfg.max_delay_ms = 40;
+    r->cfg.deadline_s = 20;
+    r->cfg.jitter_seed = 42;
+    r->cfg.total_timeout_ms = 5000;
+    r->cfg.connect_timeout_ms = 2000;
+    r->cfg.price.input_per_million = 1000;
+    r->cfg.price.output_per_million = 1000;
+    r->cfg.defaults.max_tokens = 8;
+    r->cfg.defaults.top_logprobs = 3;
+}
+
+static void run_new(run *r, int port, const char *model)
+{
+    memset(r, 0, sizeof *r);
+    snprintf(r->dir, sizeof r->dir, "%s/run%d", tmpdir, ++case_no);
+    snprintf(r->cache, sizeof r->cache, "%s/cache.sqlite", r->dir);
+    mkdir(r->dir, 0755);
+    run_config(r, port, model);
+}
+
+static void run_open(run *r)
+{
+    kd_err e;
+    if (kd_tracker_open(&r->tr, r->dir, "{\"teacher\":\"test\"}", 0, NULL, &e) != KD_OK)
+        fail_msg("tracker: %s", e.msg);
+    if (kd_teacher_open(&r->t, &r->cfg, r->tr, &e) != KD_OK)
+        fail_msg("teacher: %s", e.msg);
+}
+
+static void run_close(run *r)
+{
+    assert_int_equal(kd_teacher_close(r->t), KD_OK);
+    assert_int_equal(kd_tracker_close(r->tr), KD_OK);
+    r->t = NULL;
+    r->tr = NULL;
+}
+
+static int ask(run *r, const char *prompt, kd_teacher_result *res)
+{
+    kd_teacher_request q = {.prompt = prompt, .sample_index = -1};
+    return kd_teacher_ask(r->t, &q, res);
+}
+
+static int count_lines(const char *dir, const char *name, const char *needle)
+{
+    char p[700];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    FILE *f = fopen(p, "r");
+    if (!f)
+        return 0;
+    char *line = NULL;
+    size_t cap = 0;
+    int n = 0;
+    while (getline(&line, &cap, f) > 0)
+        if (!needle || strstr(line, needle))
+            n++;
+    free(line);
+    fclose(f);
+    return n;
+}
+
+/* ------------------------------------------------------------------------ */
+/* kdkit serve in this process                                               */
+
+static kd_serve *serve_start(const char *script, kd_retry_after_form form, double ra_s,
+                             int stall_ms, const char *key_env)
+{
+    kd_serve_opts o;
+    kd_serve_opts_init(&o);
+    o.port = 0;
+    o.faults.script = script;
+    o.faults.retry_after_form = form;
+    o.faults.retry_after_s = ra_s;
+    o.faults.stall_ms = stall_ms;
+    o.api_key_env = key_env;
+    kd_serve_backend be;
+    kd_err e;
+    assert_int_equal(kd_serve_backend_toy(&be, 1, &e), KD_OK);
+    kd_serve *s = NULL;
+    if (kd_serve_start(&s, &o, &be, &e) != KD_OK)
+        fail_msg("serve: %s", e.msg);
+    return s;
+}
+
+static int64_t generations(kd_serve *s)
+{
+    kd_serve_stats st;
+    kd_serve_get_stats(s, &st);
+    return st.generations;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The in-test responder: canned bytes over a loopback socket                */
+
+typedef struct canned {
+    int status;
+    const char *headers;   /* extra header lines, each ending in \r\n */
+    const char *body;      /* NULL: use big_body */
+    int delay_ms;          /* before answering */
+    size_t send_limit;     /* 0: everything; else close after this many body bytes */
+} canned;
+
+typedef struct responder {
+    int fd, port;
+    pthread_t th;
+    const canned *script;
+    int n, next;
+    double arrivals[64];
+    int narr;
+    char last_auth[512];
+    char echo_auth;        /* put the Authorization header into the body */
+    char *big_body;
+    size_t big_len;
+    volatile int stop;
+    pthread_mutex_t mu;
+} responder;
+
+static void write_all(int fd, const char *p, size_t n)
+{
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w <= 0)
+            return;
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+static void serve_one(responder *rs, int c)
+{
+    char buf[65536];
+    size_t len = 0;
+    char *end = NULL;
+    while (!end && len < sizeof buf - 1) {
+        ssize_t r = read(c, buf + len, sizeof buf - 1 - len);
+        if (r <= 0)
+            return;
+        len += (size_t)r;
+        buf[len] = '\0';
+        end = strstr(buf, "\r\n\r\n");
+    }
+    if (!end)
+        return;
+    size_t clen = 0;
+    char *cl = strcasestr(buf, "Content-Length:");
+    if (cl)
+        clen = strtoul(cl + 15, NULL, 10);
+    size_t have = len - (size_t)(end + 4 - buf);
+    while (have < clen) {
+        char tmp[8192];
+        ssize_t r = read(c, tmp, sizeof tmp);
+        if (r <= 0)
+            return;
+        have += (size_t)r;
+    }
+    pthread_mutex_lock(&rs->mu);
+    if (rs->narr < 64)
+        rs->arrivals[rs->narr++] = now_s();
+    char *auth = strcasestr(buf, "Authorization:");
+    if (auth) {
+        char *eol = strstr(auth, "\r\n");
+        snprintf(rs->last_auth, sizeof rs->last_auth, "%.*s", (int)(eol - auth), auth);
+    }
+    const canned *cn = &rs->script[rs->next < rs->n ? rs->next : rs->n - 1];
+    rs->next++;
+    pthread_mutex_unlock(&rs->mu);
+    if (cn->delay_ms) {
+        struct timespec ts = {cn->delay_ms / 1000, (cn->delay_ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    char ebody[1024];
+    const char *body = cn->body;
+    size_t blen;
+    if (rs->echo_auth && cn->status == 401) {
+        snprintf(ebody, sizeof ebody,
+                 "{\"error\":{\"message\":\"Incorrect API key provided: %s\",\"type\":"
+                 "\"invalid_request_error\",\"code\":\"invalid_api_key\"}}", rs->last_auth);
+        body = ebody;
+    }
+    if (body)
+        blen = strlen(body);
+    else {
+        body = rs->big_body;
+        blen = rs->big_len;
+    }
+    char head[1024];
+    int hn = snprintf(head, sizeof head,
+                      "HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
+                      "Connection: close\r\n%s\r\n", cn->status, blen,
+                      cn->headers ? cn->headers : "");
+    write_all(c, head, (size_t)hn);
+    write_all(c, body, cn->send_limit ? cn->send_limit : blen);
+}
+
+static void *responder_main(void *arg)
+{
+    responder *rs = arg;
+    while (!rs->stop) {
+        struct pollfd p = {.fd = rs->fd, .events = POLLIN};
+        if (poll(&p, 1, 20) <= 0)
+            continue;
+        int c = accept(rs->fd, NULL, NULL);
+        if (c < 0)
+            continue;
+        serve_one(rs, c);
+        close(c);
+    }
+    return NULL;
+}
+
+static void responder_start(responder *rs, const canned *script, int n)
+{
+    memset(rs, 0, sizeof *rs);
+    pthread_mutex_init(&rs->mu, NULL);
+    rs->script = script;
+    rs->n = n;
+    rs->fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(rs->fd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(rs->fd, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(rs->fd, 64), 0);
+    socklen_t sl = sizeof a;
+    getsockname(rs->fd, (struct sockaddr *)&a, &sl);
+    rs->port = ntohs(a.sin_port);
+    pthread_create(&rs->th, NULL, responder_main, rs);
+}
+
+static void responder_stop(responder *rs)
+{
+    rs->stop = 1;
+    pthread_join(rs->th, NULL);
+    close(rs->fd);
+    free(rs->big_body);
+    pthread_mutex_destroy(&rs->mu);
+}
+
+static const char OK_BODY[] =
+    "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"model\":\"m\",\"choices\":[{\"index\":0,"
+    "\"message\":{\"role\":\"assistant\",\"content\":\"Hi\"},\"finish_reason\":\"length\","
+    "\"logprobs\":{\"content\":[{\"token\":\"H\",\"bytes\":[72],\"logprob\":-0.5,\"top_logprobs\":"
+    "[{\"token\":\"H\",\"bytes\":[72],\"logprob\":-0.5},{\"token\":\"Y\",\"bytes\":[89],"
+    "\"logprob\":-9999.0}]},{\"token\":\"i\",\"bytes\":null,\"logprob\":-0.1,\"top_logprobs\":[]}]}}],"
+    "\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}";
+
+/* ------------------------------------------------------------------------ */
+/* Tests against kdkit serve                                                 */
+
+static void test_ask_then_hit(void **state)
+{
+    (void)state;
+    kd_serve *s = serve_start(NULL, KD_RA_SECONDS, 1, 0, NULL);
+    run r;
+    run_new(&r, kd_serve_port(s), NULL);
+    run_open(&r);
+    kd_teacher_result res;
+    assert_int_equal(ask(&r, "What is distillation?", &res), KD_OK);
+    assert_int_equal(res.cache_hit, 0);
+    assert_int_equal(res.attempts, 1);
+    assert_int_equal(res.ntokens, 8);
+    assert_int_equal(res.tokens[0].ntop, 3);
+    assert_true(res.tokens[0].top[0].logprob >= res.tokens[0].top[1].logprob);
+    assert_int_equal(res.tokens[0].nbytes, 1);
+    assert_int_equal(res.completion_tokens, 8);
+    assert_true(res.cost > 0);
+    char text[64];
+    snprintf(text, sizeof text, "%s", res.text);
+    double cost = res.cost;
+    kd_teacher_result_free(&res);
+    assert_int_equal(ask(&r, "What is distillation?", &res), KD_OK);
+    assert_int_equal(res.cache_hit, 1);
+    assert_int_equal(res.attempts, 0);
+    assert_string_equal(res.text, text);
+    assert_true(res.cost == 0);
+    assert_int_equal(res.ntokens, 8);
+    kd_teacher_result_free(&res);
+    assert_int_equal(generations(s), 1);
+    kd_summary sm;
+    assert_int_equal(kd_tracker_summary(r.tr, &sm), KD_OK);
+    assert_int_equal(sm.api_responses_saved, 1);
+    assert_true(sm.total_cost == cost);
+    run_close(&r);
+    assert_int_equal(count_lines(r.dir, "api_recovery.jsonl", NULL), 1);
+    kd_serve_stop(s);
+}
+
+static void test_retries_recorded(void **state)
+{
+    (void)state;
+    kd_serve *s = serve_start("500,503,429,ok", KD_RA_MS, 0.05, 0, NULL);
+    run r;
+    run_new(&r, kd_serve_port(s), NULL);
+    run_open(&r);
+    kd_teacher_result res;
+    double t0 = now_s();
+    assert_int_equal(ask(&r, "retry me", &res), KD_OK);
+    double el = now_s() - t0;
+    assert_int_equal(res.attempts, 4);
+    assert_int_equal(res.possibly_billed, 0);
+    /* 2 backoffs <= 5 and 10 ms, and the 50 ms the 429 asked for. */
+    assert_true(el >= 0.05);
+    assert_true(el < 2.0);
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", NULL), 3);
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", "\"http_status\":503"), 1);
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", "\"possibly_billed\":true"), 0);
+    kd_serve_stop(s);
+}
+
+static void test_possibly_billed(void **state)
+{
+    (void)state;
+    kd_serve *s = serve_start("drop,malformed,stall,ok", KD_RA_SECONDS, 1, 1500, NULL);
+    run r;
+    run_new(&r, kd_serve_port(s), NULL);
+    r.cfg.total_timeout_ms = 300;
+    run_open(&r);
+    kd_teacher_result res;
+    double t0 = now_s();
+    assert_int_equal(ask(&r, "lose me", &res), KD_OK);
+    assert_true(now_s() - t0 < 1.4); /* the stall was cut by the attempt timeout */
+    assert_int_equal(res.attempts, 4);
+    assert_int_equal(res.possibly_billed, 3);
+    double cost = res.cost;
+    kd_teacher_result_free(&res);
+    /* Possibly-billed attempts count at their worst case. */
+    double spent;
+    kd_budget_get(kd_teacher_budget(r.t), &spent, NULL, NULL);
+    assert_true(spent > cost * 1.5);
+    run_close(&r);
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", "\"possibly_billed\":true"), 3);
+    /* The spend survives a restart: ledger plus possibly-billed worst cases. */
+    run_open(&r);
+    double spent2;
+    kd_budget_get(kd_teacher_budget(r.t), &spent2, NULL, NULL);
+    assert_true(fabs(spent2 - spent) < 1e-6);
+    run_close(&r);
+    kd_serve_stop(s);
+}
+
+static void test_quota_and_4xx_stop(void **state)
+{
+    (void)state;
+    kd_serve *s = serve_start("quota", KD_RA_SECONDS, 1, 0, NULL);
+    run r;
+    run_new(&r, kd_serve_port(s), NULL);
+    run_open(&r);
+    kd_teacher_result res;
+    assert_int_equal(ask(&r, "q1", &res), KD_EQUOTA);
+    assert_int_equal(res.attempts, 1);
+    assert_non_null(strstr(res.errmsg, "insufficient_quota"));
+    kd_teacher_result_free(&res);
+    kd_serve_stats st;
+    kd_serve_get_stats(s, &st);
+    int64_t before = st.requests;
+    assert_int_equal(ask(&r, "q2", &res), KD_EQUOTA); /* not even sent */
+    assert_int_equal(res.attempts, 0);
+    kd_teacher_result_free(&res);
+    kd_serve_get_stats(s, &st);
+    assert_int_equal(st.requests, before);
+    run_close(&r);
+    /* Another 4xx (unknown model -> 404): one attempt, no retry. */
+    run r2;
+    run_new(&r2, kd_serve_port(s), "no-such-model");
+    run_open(&r2);
+    assert_int_equal(ask(&r2, "q3", &res), KD_EHTTP);
+    assert_int_equal(res.attempts, 1);
+    assert_non_null(strstr(res.errmsg, "404"));
+    kd_teacher_result_free(&res);
+    run_close(&r2);
+    kd_serve_stop(s);
+}
+
+/* Another process fills the cache while we retry: Scenario 1's fallback. */
+static kd_cache *fallback_cache;
+static const char *fallback_body;
+
+static void fill_on_retry(void *ctx, kd_teacher_event ev, const char *key, int attempt)
+{
+    (void)ctx;
+    if (ev != KD_TEACHER_EV_RETRY || attempt != 1)
+        return;
+    kd_cache_entry en;
+    memset(&en, 0, sizeof en);
+    snprintf(en.key, sizeof en.key, "%s", key);
+    en.body = (char *)fallback_body;
+    en.body_len = strlen(fallback_body);
+    en.prompt_tokens = en.completion_tokens = -1;
+    en.sample_index = -1;
+    assert_int_equal(kd_cache_put(fallback_cache, &en, NULL), KD_OK);
+}
+
+static void test_exhaustion_then_fallback(void **state)
+{
+    (void)state;
+    kd_serve *s = serve_start("500*40", KD_RA_SECONDS, 1, 0, NULL);
+    run r;
+    run_new(&r, kd_serve_port(s), NULL);
+    r.cfg.max_attempts = 3;
+    run_open(&r);
+    kd_teacher_result res;
+    double t0 = now_s();
+    assert_int_equal(ask(&r, "always 500", &res), KD_EHTTP);
+    assert_true(now_s() - t0 < 1.0); /* backoffs <= 5 + 10 ms */
+    assert_int_equal(res.attempts, 3);
+    assert_non_null(strstr(res.errmsg, "after 3 attempts"));
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", NULL), 3);
+
+    kd_err e;
+    run_new(&r, kd_serve_port(s), NULL);
+    r.cfg.max_attempts = 3;
+    r.cfg.on_event = fill_on_retry;
+    run_open(&r);
+    assert_int_equal(kd_cache_open(&fallback_cache, r.cache, "1", KD_CACHE_SYNC_NORMAL, &e), KD_OK);
+    fallback_body = OK_BODY;
+    assert_int_equal(ask(&r, "fallback please", &res), KD_OK);
+    assert_int_equal(res.from_fallback, 1);
+    assert_int_equal(res.cache_hit, 1);
+    assert_string_equal(res.text, "Hi");
+    assert_int_equal(res.attempts, 3);
+    kd_teacher_result_free(&res);
+    kd_cache_close(fallback_cache);
+    run_close(&r);
+    kd_serve_stop(s);
+}
+
+static void test_restart_never_pays_twice(void **state)
+{
+    (void)state;
+    kd_serve *s = serve_start(NULL, KD_RA_SECONDS, 1, 0, NULL);
+    run r;
+    run_new(&r, kd_serve_port(s), NULL);
+    run_open(&r);
+    kd_teacher_request q[5];
+    kd_teacher_result res[5];
+    char prompts[5][32];
+    for (int i = 0; i < 5; i++) {
+        snprintf(prompts[i], sizeof prompts[i], "sample %d", i);
+        q[i] = (kd_teacher_request){.prompt = prompts[i], .sample_index = i};
+    }
+    assert_int_equal(kd_teacher_ask_many(r.t, q, 5, res), KD_OK);
+    double spent;
+    kd_budget_get(kd_teacher_budget(r.t), &spent, NULL, NULL);
+    for (int i = 0; i < 5; i++)
+        kd_teacher_result_free(&res[i]);
+    run_close(&r);
+    run_open(&r);
+    double spent2;
+    kd_budget_get(kd_teacher_budget(r.t), &spent2, NULL, NULL);
+    assert_true(fabs(spent2 - spent) < 1e-9); /* the spend came back from the ledger */
+    assert_int_equal(kd_teacher_ask_many(r.t, q, 5, res), KD_OK);
+    for (int i = 0; i < 5; i++) {
+        assert_int_equal(res[i].cache_hit, 1);
+        kd_teacher_result_free(&res[i]);
+    }
+    run_close(&r);
+    assert_int_equal(generations(s), 5);
+    assert_int_equal(count_lines(r.dir, "api_recovery.jsonl", NULL), 5);
+    kd_serve_stop(s);
+}
+
+static kd_teacher_event kill_at;
+
+static void kill_hook(void *ctx, kd_teacher_event ev, const char *key, int attempt)
+{
+    (void)ctx;
+    (void)key;
+    (void)attempt;
+    if (ev == kill_at)
+        raise(SIGKILL);
+}
+
+static void killed_child(run *r, kd_teacher_event at, const char *prompt)
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        kill_at = at;
+        r->cfg.on_event = kill_hook;
+        kd_err e;
+        if (kd_tracker_open(&r->tr, r->dir, "{\"teacher\":\"test\"}", 0, NULL, &e) != KD_OK ||
+            kd_teacher_open(&r->t, &r->cfg, r->tr, &e) != KD_OK)
+            _exit(3);
+        kd_teacher_result res;
+        ask(r, prompt, &res);
+        _exit(4); /* the hook should have killed us */
+    }
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFSIGNALED(st));
+    assert_int_equal(WTERMSIG(st), SIGKILL);
+}
+
+static void test_sigkill_between_receive_and_use(void **state)
+{
+    (void)state;
+    kd_serve *s = serve_start(NULL, KD_RA_SECONDS, 1, 0, NULL);
+    run r;
+    run_new(&r, kd_serve_port(s), NULL);
+    /* Killed after the answer arrived, before the ledger line: a possibly
+       billed failure, found at the next open. */
+    killed_child(&r, KD_TEACHER_EV_RECEIVED, "kill before ledger");
+    assert_int_equal(generations(s), 1);
+    assert_int_equal(count_lines(r.dir, "api_recovery.jsonl", NULL), 0);
+    run_open(&r);
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", "\"possibly_billed\":true"), 1);
+    double spent;
+    kd_budget_get(kd_teacher_budget(r.t), &spent, NULL, NULL);
+    assert_true(spent > 0); /* its worst case is counted */
+    run_close(&r);
+    /* Reopening again does not report it twice. */
+    run_open(&r);
+    run_close(&r);
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", "\"possibly_billed\":true"), 1);
+
+    /* Killed after the ledger line, before the cache insert: the next open
+       caches it from the ledger, and asking again costs nothing. */
+    killed_child(&r, KD_TEACHER_EV_RECORDED, "kill before cache");
+    assert_int_equal(generations(s), 2);
+    assert_int_equal(count_lines(r.dir, "api_recovery.jsonl", NULL), 1);
+    run_open(&r);
+    kd_teacher_result res;
+    assert_int_equal(ask(&r, "kill before cache", &res), KD_OK);
+    assert_int_equal(res.cache_hit, 1);
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    assert_int_equal(generations(s), 2);
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", "\"possibly_billed\":true"), 1);
+    kd_serve_stop(s);
+}
+
+static double ledger_total(const char *dir)
+{
+    char p[700];
+    snprintf(p, sizeof p, "%s/api_recovery.jsonl", dir);
+    FILE *f = fopen(p, "r");
+    double tot = 0;
+    char *line = NULL;
+    size_t cap = 0;
+    while (f && getline(&line, &cap, f) > 0) {
+        char *c = strstr(line, "\"cost\":");
+        if (c)
+            tot += strtod(c + 7, NULL);
+    }
+    free(line);
+    if (f)
+        fclose(f);
+    return tot;
+}
+
+static void test_budget_32_in_flight(void **state)
+{
+    (void)state;
+    kd_serve *s = serve_start(NULL, KD_RA_SECONDS, 1, 0, NULL);
+    run r;
+    run_new(&r, kd_serve_port(s), NULL);
+    r.cfg.max_in_flight = 32;
+    /* Worst case of one request: (9 bytes + 16*2) prompt + 8 out = 49 tokens
+       at 1000/M = 0.049; actual about 0.041.  Cap: 10.5 worst cases. */
+    r.cfg.budget_max_cost = 0.5145;
+    run_open(&r);
+    kd_teacher_request q[32];
+    kd_teacher_result res[32];
+    char prompts[32][32];
+    for (int i = 0; i < 32; i++) {
+        snprintf(prompts[i], sizeof prompts[i], "prompt %02d", i);
+        q[i] = (kd_teacher_request){.prompt = prompts[i], .sample_index = i};
+    }
+    kd_teacher_ask_many(r.t, q, 32, res);
+    int ok = 0, over = 0;
+    for (int i = 0; i < 32; i++) {
+        if (res[i].rc == KD_OK)
+            ok++;
+        else if (res[i].rc == KD_EBUDGET) {
+            over++;
+            assert_non_null(strstr(res[i].errmsg, "budget cap"));
+        }
+        kd_teacher_result_free(&res[i]);
+    }
+    assert_int_equal(ok + over, 32);
+    assert_true(ok >= 10);
+    assert_true(over >= 1);
+    run_close(&r);
+    assert_true(ledger_total(r.dir) <= 0.5145 + 1e-9);
+    assert_int_equal(count_lines(r.dir, "api_recovery.jsonl", NULL), ok);
+    kd_serve_stop(s);
+}
+
+/* The same from 32 threads, each asking once. */
+typedef struct tctx {
+    run *r;
+    int i, rc;
+} tctx;
+
+static void *asker(void *arg)
+{
+    tctx *x = arg;
+    char p[32];
+    snprintf(p, sizeof p, "threaded %02d", x->i);
+    kd_teacher_result res;
+    x->rc = ask(x->r, p, &res);
+    kd_teacher_result_free(&res);
+    return NULL;
+}
+
+static void test_budget_32_threads(void **state)
+{
+    (void)state;
+    kd_serve *s = serve_start(NULL, KD_RA_SECONDS, 1, 0, NULL);
+    run r;
+    run_new(&r, kd_serve_port(s), NULL);
+    r.cfg.budget_max_cost = 0.3;
+    run_open(&r);
+    pthread_t th[32];
+    tctx x[32];
+    for (int i = 0; i < 32; i++) {
+        x[i] = (tctx){.r = &r, .i = i};
+        pthread_create(&th[i], NULL, asker, &x[i]);
+    }
+    int ok = 0;
+    for (int i = 0; i < 32; i++) {
+        pthread_join(th[i], NULL);
+        ok += x[i].rc == KD_OK;
+        assert_true(x[i].rc == KD_OK || x[i].rc == KD_EBUDGET);
+    }
+    run_close(&r);
+    assert_true(ok >= 5 && ok < 32);
+    assert_true(ledger_total(r.dir) <= 0.3 + 1e-9);
+    kd_serve_stop(s);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Tests against the canned responder                                        */
+
+static void test_retry_after_forms(void **state)
+{
+    (void)state;
+    char date_hdr[128];
+    time_t when = time(NULL) + 2;
+    struct tm tm;
+    gmtime_r(&when, &tm);
+    strftime(date_hdr, sizeof date_hdr, "Retry-After: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
+    canned sc[] = {
+        {429, date_hdr, "{\"error\":{\"message\":\"slow down\",\"type\":\"requests\"}}", 0, 0},
+        {429, "retry-after-ms: 150\r\n", "{}", 0, 0},
+        {200, NULL, OK_BODY, 0, 0},
+    };
+    responder rs;
+    responder_start(&rs, sc, 3);
+    run r;
+    run_new(&r, rs.port, NULL);
+    run_open(&r);
+    kd_teacher_result res;
+    assert_int_equal(ask(&r, "dates", &res), KD_OK);
+    assert_int_equal(res.attempts, 3);
+    assert_int_equal(res.ntokens, 2);
+    assert_true(res.tokens[0].top[1].logprob == KD_TEACHER_LOGPROB_FLOOR);
+    assert_int_equal(res.tokens[1].ntop, 0);
+    assert_int_equal(res.tokens[1].nbytes, 1); /* bytes null: the token's UTF-8 */
+    kd_teacher_result_free(&res);
+    assert_int_equal(rs.narr, 3);
+    double g1 = rs.arrivals[1] - rs.arrivals[0], g2 = rs.arrivals[2] - rs.arrivals[1];
+    assert_true(g1 >= 0.9 && g1 <= 3.0); /* HTTP-date: 1 s resolution */
+    assert_true(g2 >= 0.15 && g2 <= 0.8);
+    run_close(&r);
+    responder_stop(&rs);
+
+    /* A wait above retry_after_max_s is not honoured: stop. */
+    canned long_wait[] = {{429, "Retry-After: 500\r\n", "{}", 0, 0}, {200, NULL, OK_BODY, 0, 0}};
+    responder_start(&rs, long_wait, 2);
+    run_new(&r, rs.port, NULL);
+    r.cfg.retry_after_max_s = 10;
+    run_open(&r);
+    assert_int_equal(ask(&r, "too long", &res), KD_EHTTP);
+    assert_int_equal(res.attempts, 1);
+    assert_non_null(strstr(res.errmsg, "retry_after_max_s"));
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    responder_stop(&rs);
+
+    /* A delay that would pass the deadline: stop before waiting. */
+    canned dl[] = {{503, "retry-after-ms: 3000\r\n", "{}", 0, 0}};
+    responder_start(&rs, dl, 1);
+    run_new(&r, rs.port, NULL);
+    r.cfg.deadline_s = 1.0;
+    run_open(&r);
+    double t0 = now_s();
+    assert_int_equal(ask(&r, "deadline", &res), KD_ETIMEOUT);
+    assert_true(now_s() - t0 < 0.9);
+    assert_int_equal(res.attempts, 1);
+    assert_non_null(strstr(res.errmsg, "deadline"));
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    responder_stop(&rs);
+}
+
+static void test_huge_garbage_and_cut_bodies(void **state)
+{
+    (void)state;
+    canned sc[] = {
+        {200, NULL, NULL, 0, 0},                      /* 2 MiB: over max_response_bytes */
+        {200, NULL, "<html>502 Bad Gateway</html>", 0, 0}, /* garbage 200 */
+        {200, NULL, OK_BODY, 0, 40},                  /* cut mid-body */
+        {200, NULL, "{\"choices\":[]}", 0, 0},        /* valid JSON, not a response */
+        {200, NULL, OK_BODY, 0, 0},
+    };
+    responder rs;
+    responder_start(&rs, sc, 5);
+    rs.big_len = 2u << 20;
+    rs.big_body = malloc(rs.big_len);
+    memset(rs.big_body, 'x', rs.big_len);
+    run r;
+    run_new(&r, rs.port, NULL);
+    r.cfg.max_response_bytes = 1u << 20;
+    run_open(&r);
+    kd_teacher_result res;
+    assert_int_equal(ask(&r, "edge cases", &res), KD_OK);
+    assert_int_equal(res.attempts, 5);
+    assert_int_equal(res.possibly_billed, 4);
+    assert_string_equal(res.text, "Hi");
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", "max_response_bytes"), 1);
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", "\"possibly_billed\":true"), 4);
+    responder_stop(&rs);
+}
+
+static int file_contains(const char *path, const char *needle)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return 0;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    size_t got = fread(buf, 1, (size_t)n, f);
+    fclose(f);
+    int hit = memmem(buf, got, needle, strlen(needle)) != NULL;
+    /* Any 12-character piece counts too. */
+    for (size_t k = 0; !hit && k + 12 <= strlen(needle); k++)
+        hit = memmem(buf, got, needle + k, 12) != NULL;
+    free(buf);
+    return hit;
+}
+
+static int tree_contains(const char *dir, const char *needle)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return 0;
+    struct dirent *de;
+    int hit = 0;
+    while (!hit && (de = readdir(d))) {
+        if (de->d_name[0] == '.' && (!de->d_name[1] || de->d_name[1] == '.'))
+            continue;
+        char p[1200];
+        snprintf(p, sizeof p, "%s/%s", dir, de->d_name);
+        struct stat sb;
+        if (stat(p, &sb) != 0)
+            continue;
+        hit = S_ISDIR(sb.st_mode) ? tree_contains(p, needle) : file_contains(p, needle);
+        if (hit)
+            print_message("API key found in %s\n", p);
+    }
+    closedir(d);
+    return hit;
+}
+
+static void test_api_key_nowhere(void **state)
+{
+    (void)state;
+    setenv("KD_TEST_TEACHER_KEY", KEY_VALUE, 1);
+    kd_serve *s = serve_start("500,ok", KD_RA_SECONDS, 1, 0, "KD_TEST_TEACHER_KEY");
+    run r;
+    run_new(&r, kd_serve_port(s), NULL);
+    r.cfg.api_key_env = "KD_TEST_TEACHER_KEY";
+    run_open(&r);
+    kd_teacher_result res;
+    assert_int_equal(ask(&r, "secret test", &res), KD_OK);
+    assert_int_equal(res.attempts, 2);
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    /* A provider that echoes the key in its 401 message. */
+    canned sc[] = {{401, NULL, "{}", 0, 0}};
+    responder rs;
+    responder_start(&rs, sc, 1);
+    rs.echo_auth = 1;
+    run r2;
+    run_new(&r2, rs.port, NULL);
+    r2.cfg.api_key_env = "KD_TEST_TEACHER_KEY";
+    snprintf(r2.dir, sizeof r2.dir, "%s", r.dir); /* same run directory */
+    snprintf(r2.cache, sizeof r2.cache, "%s", r.cache);
+    run_open(&r2);
+    assert_int_equal(ask(&r2, "echo", &res), KD_EHTTP);
+    assert_non_null(strstr(rs.last_auth, KEY_VALUE)); /* it was sent... */
+    assert_null(strstr(res.errmsg, "0123456789ab")); /* ...and scrubbed from the message */
+    assert_non_null(strstr(res.errmsg, "[REDACTED]"));
+    kd_teacher_result_free(&res);
+    run_close(&r2);
+    responder_stop(&rs);
+    /* The command line: stdout and stderr of kdkit teacher ask. */
+    const char *kdkit = getenv("KDKIT");
+    if (kdkit) {
+        char cfg[700], out[700], cmd[8192];
+        snprintf(cfg, sizeof cfg, "%s/teacher.yaml", r.dir);
+        snprintf(out, sizeof out, "%s/cli-output.txt", r.dir);
+        FILE *f = fopen(cfg, "w");
+        fprintf(f,
+                "teacher:\n  base_url: http://127.0.0.1:%d/v1\n  model: kdkit-toy\n"
+                "  api_key_env: KD_TEST_TEACHER_KEY\n  cache: {path: %s}\n"
+                "  prices: {input_per_million: 1, output_per_million: 2}\n"
+                "  retry: {base_delay_ms: 5}\n", kd_serve_port(s), r.cache);
+        fclose(f);
+        snprintf(cmd, sizeof cmd,
+                 "cd '%s' && '%s' teacher ask --config '%s' --output-dir cli-run 'hello key' "
+                 "> '%s' 2>&1 && '%s' cache stats --config '%s' >> '%s' 2>&1 && "
+                 "KD_TEST_TEACHER_KEY=wrong-%s '%s' teacher ask --config '%s' --output-dir "
+                 "cli-run 'other' >> '%s' 2>&1; true",
+                 r.dir, kdkit, cfg, out, kdkit, cfg, out, KEY_VALUE, kdkit, cfg, out);
+        assert_int_equal(system(cmd), 0);
+        assert_true(file_contains(out, "cache: miss"));
+        assert_true(file_contains(out, "HTTP 401"));
+        /* The wrong key is "wrong-" + the key: it must not show either. */
+        assert_false(file_contains(out, KEY_VALUE));
+    }
+    assert_false(tree_contains(r.dir, KEY_VALUE));
+    kd_serve_stop(s);
+    unsetenv("KD_TEST_TEACHER_KEY");
+}
+
+/* ------------------------------------------------------------------------ */
+/* The pure pieces                                                           */
+
+static void test_policy_pieces(void **state)
+{
+    (void)state;
+    for (int a = 0; a < 12; a++)
+        for (int k = 0; k <= 10; k++) {
+            double u = k / 10.0;
+            double d = kd_teacher_backoff_ms(a, 100, 3000, u);
+            double ceil = 100 * (double)(1 << a);
+            if (ceil > 3000)
+                ceil = 3000;
+            assert_true(d >= 0 && d < ceil + 1e-9);
+        }
+    assert_true(kd_teacher_backoff_ms(500, 100, 3000, 0.5) == 1500);
+    double now = 1000000.0;
+    assert_true(kd_teacher_retry_after_ms("250", "9", now) == 250);
+    assert_true(kd_teacher_retry_after_ms(NULL, "2", now) == 2000);
+    assert_true(kd_teacher_retry_after_ms(NULL, "1.5", now) == 1500);
+    assert_true(kd_teacher_retry_after_ms(NULL, "soon", now) == -1);
+    assert_true(kd_teacher_retry_after_ms("x", NULL, now) == -1);
+    assert_true(kd_teacher_retry_after_ms(NULL, "-3", now) == -1);
+    /* Sun, 06 Nov 1994 08:49:37 GMT = 784111777 */
+    assert_true(kd_teacher_retry_after_ms(NULL, "Sun, 06 Nov 1994 08:49:37 GMT", 784111770.0) ==
+                7000);
+    assert_true(kd_teacher_retry_after_ms(NULL, "Sun, 06 Nov 1994 08:49:37 GMT", 784111800.0) == 0);
+    assert_int_equal(kd_teacher_classify(0, NULL, 0, 0), KD_OUT_RETRY);
+    assert_int_equal(kd_teacher_classify(200, "{}", 2, 1), KD_OUT_OK);
+    assert_int_equal(kd_teacher_classify(200, "{}", 2, 0), KD_OUT_RETRY);
+    assert_int_equal(kd_teacher_classify(408, NULL, 0, 0), KD_OUT_RETRY);
+    assert_int_equal(kd_teacher_classify(409, NULL, 0, 0), KD_OUT_RETRY);
+    assert_int_equal(kd_teacher_classify(429, "{}", 2, 0), KD_OUT_RETRY);
+    const char *q = "{\"error\":{\"type\":\"insufficient_quota\",\"code\":\"insufficient_quota\"}}";
+    assert_int_equal(kd_teacher_classify(429, q, strlen(q), 0), KD_OUT_QUOTA);
+    assert_int_equal(kd_teacher_classify(500, NULL, 0, 0), KD_OUT_RETRY);
+    assert_int_equal(kd_teacher_classify(599, NULL, 0, 0), KD_OUT_RETRY);
+    assert_int_equal(kd_teacher_classify(400, NULL, 0, 0), KD_OUT_FATAL);
+    assert_int_equal(kd_teacher_classify(401, NULL, 0, 0), KD_OUT_FATAL);
+    assert_int_equal(kd_teacher_classify(404, NULL, 0, 0), KD_OUT_FATAL);
+    assert_int_equal(kd_teacher_classify(422, NULL, 0, 0), KD_OUT_FATAL);
+    char buf[256];
+    snprintf(buf, sizeof buf, "key %s and a piece sk-kdkit-test-01 and %.20s end", KEY_VALUE,
+             KEY_VALUE + 10);
+    kd_teacher_scrub(buf, sizeof buf, KEY_VALUE);
+    assert_null(strstr(buf, "test-0123"));
+    assert_null(strstr(buf, "0123456789ab"));
+    assert_non_null(strstr(buf, "end"));
+    /* Legacy completions logprobs parse too. */
+    const char *legacy = "{\"choices\":[{\"text\":\"ab\",\"logprobs\":{\"tokens\":[\"a\",\"b\"],"
+                         "\"token_logprobs\":[-1.0,null],\"top_logprobs\":[{\"x\":-3,\"a\":-1},"
+                         "null]}}]}";
+    kd_teacher_result r;
+    memset(&r, 0, sizeof r);
+    assert_int_equal(kd_teacher_parse_response(legacy, strlen(legacy), &r, NULL), KD_OK);
+    assert_int_equal(r.ntokens, 2);
+    assert_int_equal(r.tokens[0].ntop, 2);
+    assert_string_equal(r.tokens[0].top[0].token, "a"); /* sorted, most likely first */
+    assert_true(r.tokens[1].logprob == KD_TEACHER_LOGPROB_FLOOR);
+    assert_int_equal(r.prompt_tokens, -1);
+    kd_teacher_result_free(&r);
+    const char *bad = "{\"choices\":[{\"message\":{\"content\":\"x\"},\"logprobs\":{\"content\":"
+                      "[{\"token\":1}]}}]}";
+    assert_int_equal(kd_teacher_parse_response(bad, strlen(bad), &r, NULL), KD_ECORRUPT);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_policy_pieces),
+        cmocka_unit_test(test_ask_then_hit),
+        cmocka_unit_test(test_retries_recorded),
+        cmocka_unit_test(test_possibly_billed),
+        cmocka_unit_test(test_quota_and_4xx_stop),
+        cmocka_unit_test(test_exhaustion_then_fallback),
+        cmocka_unit_test(test_restart_never_pays_twice),
+        cmocka_unit_test(test_sigkill_between_receive_and_use),
+        cmocka_unit_test(test_budget_32_in_flight),
+        cmocka_unit_test(test_budget_32_threads),
+        cmocka_unit_test(test_retry_after_forms),
+        cmocka_unit_test(test_huge_garbage_and_cut_bodies),
+        cmocka_unit_test(test_api_key_nowhere),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
