@@ -30,14 +30,16 @@
 #include "kdkit/model.h"
 
 #define B 2
-#define T 6
+#define TMAX 70
 #define K 3
+
+static int T = 6; /* sequence length of the current check */
 
 typedef struct setup_ {
     kd_gpt *m;
-    uint8_t tokens[B * T], targets[B * T], mask[B * T];
-    int32_t tids[B * T * K];
-    float tlp[B * T * K];
+    uint8_t tokens[B * TMAX], targets[B * TMAX], mask[B * TMAX];
+    int32_t tids[B * TMAX * K];
+    float tlp[B * TMAX * K];
     kd_gpt_loss_spec spec;
 } setup_;
 
@@ -166,6 +168,16 @@ static void test_every_tensor_one_head_one_layer(void **state)
     check_model((kd_gpt_config){.n_layer = 1, .n_head = 1, .d_model = 4, .n_ctx = 6});
 }
 
+/* Longer than the attention block (32 queries): crosses block boundaries,
+ * including a partial last block. */
+static void test_every_tensor_long_sequence(void **state)
+{
+    (void)state;
+    T = 70;
+    check_model((kd_gpt_config){.n_layer = 1, .n_head = 2, .d_model = 8, .n_ctx = 72});
+    T = 6;
+}
+
 /* The loss layer alone, element by element on d_logits.  The loss (~5
  * nats) comes from float32 log-softmax rows, ~1e-6 of noise, so with
  * h = 2e-2 the difference quotient carries ~5e-5 of noise; gradients here
@@ -217,6 +229,7 @@ int main(void)
         cmocka_unit_test(test_loss_layer),
         cmocka_unit_test(test_every_tensor_two_heads),
         cmocka_unit_test(test_every_tensor_one_head_one_layer),
+        cmocka_unit_test(test_every_tensor_long_sequence),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

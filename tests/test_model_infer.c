@@ -251,6 +251,35 @@ static void test_pooled(void **state)
     kd_gpt_free(m);
 }
 
+/* Causality: a position's logits do not depend on later bytes, nor on how
+ * long the sequence is (across attention blocks of 32). */
+static void test_causal_prefix(void **state)
+{
+    (void)state;
+    kd_gpt_config cfg = {.n_layer = 2, .n_head = 2, .d_model = 16, .n_ctx = 80};
+    kd_err e;
+    kd_gpt *m;
+    assert_int_equal(kd_gpt_create(&m, &cfg, &e), KD_OK);
+    kd_rng r;
+    kd_rng_seed(&r, 6);
+    kd_gpt_init_weights(m, &r);
+    uint8_t x[80];
+    for (int i = 0; i < 80; i++)
+        x[i] = (uint8_t)kd_rng_below(&r, 256);
+    float *full = malloc(80 * KD_GPT_VOCAB * sizeof(float));
+    assert_int_equal(kd_gpt_forward(m, x, 1, 80, &e), KD_OK);
+    memcpy(full, kd_gpt_logits(m), 80 * KD_GPT_VOCAB * sizeof(float));
+    int lens[] = {1, 31, 32, 33, 64, 65, 79};
+    for (size_t i = 0; i < sizeof lens / sizeof lens[0]; i++) {
+        assert_int_equal(kd_gpt_forward(m, x, 1, lens[i], &e), KD_OK);
+        const float *z = kd_gpt_logits(m);
+        for (int j = 0; j < lens[i] * KD_GPT_VOCAB; j++)
+            assert_true(fabsf(z[j] - full[j]) <= 1e-5f * (1.0f + fabsf(full[j])));
+    }
+    free(full);
+    kd_gpt_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -258,6 +287,7 @@ int main(void)
         cmocka_unit_test(test_sampling),
         cmocka_unit_test(test_generate),
         cmocka_unit_test(test_pooled),
+        cmocka_unit_test(test_causal_prefix),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -521,37 +521,52 @@ static void linear_forward(float *out, const float *inp, const float *W, const f
                 (int)IC, W, (int)IC, bias ? 1.0f : 0.0f, out, (int)OC);
 }
 
-KD_VECTORIZE static void attention_forward(float *y, float *att, const float *qkv, size_t B, size_t T,
-                              size_t C, size_t H)
+/*
+ * Causal attention per (sequence, head), in row blocks of ATT_BLOCK queries:
+ * block [r0, r1) only needs keys [0, r1), so the products skip most of the
+ * masked upper triangle, and each sgemm is small enough that OpenBLAS runs
+ * it on the calling thread (no thread hand-off per call).  Within a block,
+ * probabilities of future keys are stored as 0; entries right of the block
+ * are never written or read.
+ */
+#define ATT_BLOCK 32
+
+KD_VECTORIZE static void attention_forward(float *y, float *att, const float *qkv, size_t B,
+                                           size_t T, size_t C, size_t H)
 {
     size_t hs = C / H;
     float scale = 1.0f / sqrtf((float)hs);
+    int ld3 = (int)(3 * C);
     for (size_t b = 0; b < B; b++) {
         for (size_t h = 0; h < H; h++) {
             const float *q = qkv + b * T * 3 * C + h * hs;
             const float *k = q + C;
             const float *v = q + 2 * C;
             float *S = att + (b * H + h) * T * T;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)T, (int)hs, scale,
-                        q, (int)(3 * C), k, (int)(3 * C), 0.0f, S, (int)T);
-            for (size_t t = 0; t < T; t++) {
-                float *row = S + t * T;
-                float mx = row[0];
-                for (size_t j = 1; j <= t; j++)
-                    mx = row[j] > mx ? row[j] : mx;
-                for (size_t j = 0; j <= t; j++)
-                    row[j] = fast_expf(row[j] - mx);
-                float sum = 0.0f;
-                for (size_t j = 0; j <= t; j++)
-                    sum += row[j];
-                float inv = 1.0f / sum;
-                for (size_t j = 0; j <= t; j++)
-                    row[j] *= inv;
-                for (size_t j = t + 1; j < T; j++)
-                    row[j] = 0.0f;
+            float *yb = y + b * T * C + h * hs;
+            for (size_t r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+                size_t r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(r1 - r0), (int)r1,
+                            (int)hs, scale, q + r0 * 3 * C, ld3, k, ld3, 0.0f, S + r0 * T, (int)T);
+                for (size_t t = r0; t < r1; t++) {
+                    float *row = S + t * T;
+                    float mx = row[0];
+                    for (size_t j = 1; j <= t; j++)
+                        mx = row[j] > mx ? row[j] : mx;
+                    for (size_t j = 0; j <= t; j++)
+                        row[j] = fast_expf(row[j] - mx);
+                    float sum = 0.0f;
+                    for (size_t j = 0; j <= t; j++)
+                        sum += row[j];
+                    float inv = 1.0f / sum;
+                    for (size_t j = 0; j <= t; j++)
+                        row[j] *= inv;
+                    for (size_t j = t + 1; j < r1; j++)
+                        row[j] = 0.0f;
+                }
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)(r1 - r0), (int)hs,
+                            (int)r1, 1.0f, S + r0 * T, (int)T, v, ld3, 0.0f, yb + r0 * C, (int)C);
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)T, (int)hs, (int)T, 1.0f,
-                        S, (int)T, v, (int)(3 * C), 0.0f, y + b * T * C + h * hs, (int)C);
         }
     }
 }
@@ -732,7 +747,8 @@ KD_VECTORIZE static void gelu_backward_inplace(float *d, const float *x, const f
     }
 }
 
-/* dqkv (=) from datty; dS is T*T scratch. */
+/* dqkv (=) from datty; dS is T*T scratch.  Same blocks as the forward:
+ * query rows for dP and dQ, key columns for dK and dV. */
 static void attention_backward(float *dqkv, float *dS, const float *datty, const float *qkv,
                                const float *att, size_t B, size_t T, size_t C, size_t H)
 {
@@ -746,29 +762,37 @@ static void attention_backward(float *dqkv, float *dS, const float *datty, const
             float *dq = dqkv + off, *dk = dq + C, *dv = dq + 2 * C;
             const float *P = att + (b * H + h) * T * T;
             const float *dy = datty + b * T * C + h * hs;
-            /* dP = dY . V^T */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)T, (int)hs, 1.0f,
-                        dy, (int)C, v, ld3, 0.0f, dS, (int)T);
-            /* dV = P^T . dY */
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)T, (int)hs, (int)T, 1.0f,
-                        P, (int)T, dy, (int)C, 0.0f, dv, ld3);
-            /* softmax backward, in place: dS = P * (dP - sum(P * dP)) */
-            for (size_t t = 0; t < T; t++) {
-                const float *p = P + t * T;
-                float *d = dS + t * T;
-                float s = 0.0f;
-                for (size_t j = 0; j <= t; j++)
-                    s += p[j] * d[j];
-                for (size_t j = 0; j <= t; j++)
-                    d[j] = p[j] * (d[j] - s);
-                for (size_t j = t + 1; j < T; j++)
-                    d[j] = 0.0f;
+            for (size_t r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+                size_t r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
+                /* dP = dY . V^T */
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(r1 - r0), (int)r1,
+                            (int)hs, 1.0f, dy + r0 * C, (int)C, v, ld3, 0.0f, dS + r0 * T, (int)T);
+                /* softmax backward, in place: dS = P * (dP - sum(P * dP)) */
+                for (size_t t = r0; t < r1; t++) {
+                    const float *p = P + t * T;
+                    float *d = dS + t * T;
+                    float s = 0.0f;
+                    for (size_t j = 0; j <= t; j++)
+                        s += p[j] * d[j];
+                    for (size_t j = 0; j <= t; j++)
+                        d[j] = p[j] * (d[j] - s);
+                    for (size_t j = t + 1; j < r1; j++)
+                        d[j] = 0.0f;
+                }
+                /* dQ = scale dS . K */
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)(r1 - r0), (int)hs,
+                            (int)r1, scale, dS + r0 * T, (int)T, k, ld3, 0.0f, dq + r0 * 3 * C, ld3);
             }
-            /* dQ = scale dS . K;  dK = scale dS^T . Q */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)T, (int)hs, (int)T, scale,
-                        dS, (int)T, k, ld3, 0.0f, dq, ld3);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)T, (int)hs, (int)T, scale,
-                        dS, (int)T, q, ld3, 0.0f, dk, ld3);
+            for (size_t c0 = 0; c0 < T; c0 += ATT_BLOCK) {
+                size_t c1 = c0 + ATT_BLOCK < T ? c0 + ATT_BLOCK : T;
+                /* dV = P^T . dY and dK = scale dS^T . Q over rows t >= c0 */
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)(c1 - c0), (int)hs,
+                            (int)(T - c0), 1.0f, P + c0 * T + c0, (int)T, dy + c0 * C, (int)C,
+                            0.0f, dv + c0 * 3 * C, ld3);
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)(c1 - c0), (int)hs,
+                            (int)(T - c0), scale, dS + c0 * T + c0, (int)T, q + c0 * 3 * C, ld3,
+                            0.0f, dk + c0 * 3 * C, ld3);
+            }
         }
     }
 }
