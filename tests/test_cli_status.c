@@ -763,6 +763,66 @@ static void test_verify_api_line_fix_keeps_the_session_resumable(void **state)
     free(dir);
 }
 
+static void test_verify_stale_byte_count_after_a_hand_edit(void **state)
+{
+    (void)state;
+    char *dir = tmpdir();
+    char *id = make_run(dir, NULL);
+    /* a run records 3 longer responses, then dies before its next save */
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        kd_tracker *ct = NULL;
+        kd_err ce;
+        if (kd_tracker_open(&ct, dir, CFG, 100, NULL, &ce) != KD_OK)
+            _exit(3);
+        for (int i = 3; i < 6; i++) {
+            kd_api_response r;
+            kd_api_response_init(&r);
+            r.prompt = "p";
+            r.response = "a much longer answer than the ones before it";
+            r.cost = 0.5;
+            r.sample_index = i;
+            if (kd_tracker_record_api_response(ct, &r) != KD_OK)
+                _exit(4);
+        }
+        _exit(0);
+    }
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    expect_healthy(dir);
+    /* a line removed by hand, without the rest of verify's fix: the byte
+       count in session.json no longer falls between two lines */
+    res r = sh("cd '%s' && sed -i '2d' api_recovery.jsonl", dir);
+    assert_int_equal(r.code, 0);
+    res_free(&r);
+    r = kdkit("verify", dir, NULL);
+    assert_int_equal(r.code, 1);
+    expect_in(r.out, "api_recovery.jsonl: session.json's api_recovery_bytes (");
+    expect_in(r.out, ") falls inside a line");
+    char *cmd = fix_command(r.out);
+    res_free(&r);
+    r = sh("%s", cmd);
+    assert_int_equal(r.code, 0);
+    res_free(&r);
+    free(cmd);
+    expect_healthy(dir);
+    kd_tracker *t = NULL;
+    kd_err e;
+    if (kd_tracker_open(&t, dir, CFG, 100, NULL, &e) != KD_OK)
+        fail_msg("reopen after the suggested fix: %s", e.msg);
+    kd_summary sum;
+    assert_int_equal(kd_tracker_summary(t, &sum), KD_OK);
+    assert_int_equal(sum.api_responses_saved, 5);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    expect_healthy(dir);
+    free(id);
+    rm_rf(dir);
+    free(dir);
+}
+
 static void test_verify_checkpoint_problems(void **state)
 {
     (void)state;
@@ -1014,6 +1074,7 @@ int main(void)
         cmocka_unit_test(test_verify_invalid_last_line_is_a_tail_repair),
         cmocka_unit_test(test_verify_steps_must_increase),
         cmocka_unit_test(test_verify_api_line_fix_keeps_the_session_resumable),
+        cmocka_unit_test(test_verify_stale_byte_count_after_a_hand_edit),
         cmocka_unit_test(test_verify_checkpoint_problems),
         cmocka_unit_test(test_verify_state_files),
         cmocka_unit_test(test_verify_huge_line_is_reported_not_loaded),

@@ -284,6 +284,13 @@ typedef struct jstate {
     int64_t bad;         /* problems in this file */
     int have_prev;
     int64_t prev_step, prev_line;
+    /* session.json's byte count of this journal (api_recovery_bytes,
+       failures_bytes), -1 when it has none: how many lines end at or before
+       it, and whether one ends exactly there */
+    int64_t boundary, lines_before, boundary_line;
+    int at_boundary;
+    int64_t size;
+    int complete;        /* read to the end */
 } jstate;
 
 /* Check one parsed record; report and return 1 if it is bad. */
@@ -387,11 +394,27 @@ static void pending_flush(vctx *v, const char *file, pending *p, int at_tail)
     p->line = 0;
 }
 
-static void check_journal(vctx *v, const char *file, enum jkind kind, jstate *js, int required)
+/* Count the lines that end at or before js->boundary. */
+static void note_line_end(jstate *js, uint64_t end, int64_t line)
+{
+    if (js->boundary < 0 || (int64_t)end > js->boundary)
+        return;
+    js->lines_before++;
+    if ((int64_t)end == js->boundary) {
+        js->at_boundary = 1;
+        js->boundary_line = line;
+    }
+}
+
+static void check_journal(vctx *v, const char *file, enum jkind kind, jstate *js, int required,
+                          int64_t boundary)
 {
     char path[PATH_MAX];
     memset(js, 0, sizeof *js);
     js->kind = kind;
+    js->boundary = boundary;
+    js->at_boundary = boundary == 0;
+    js->size = -1;
     if (in_dir(v, file, path, sizeof path) != 0)
         return;
     file_begin(v, file);
@@ -425,6 +448,7 @@ static void check_journal(vctx *v, const char *file, enum jkind kind, jstate *js
             pending_flush(v, file, &pend, 0);
             lineno = kd_jsonl_reader_lineno(r);
             next_off = kd_jsonl_reader_offset(r) + len + 1;
+            note_line_end(js, next_off, lineno);
             json_error_t je;
             json_t *o = json_loadb(line, len, 0, &je);
             if (!o) {
@@ -447,6 +471,7 @@ static void check_journal(vctx *v, const char *file, enum jkind kind, jstate *js
         }
         if (rc == 0) {
             pending_flush(v, file, &pend, 1);
+            js->complete = 1;
             break;
         }
         if (rc == KD_ELIMIT) {
@@ -462,6 +487,7 @@ static void check_journal(vctx *v, const char *file, enum jkind kind, jstate *js
                        "newline: a write cut short by a crash)",
                        file, (long long)lineno + 1, (unsigned long long)(size - next_off),
                        V_MAX_LINE >> 20);
+                js->complete = 1;
                 break;
             }
             lineno++;
@@ -472,6 +498,7 @@ static void check_journal(vctx *v, const char *file, enum jkind kind, jstate *js
                      "loaded)",
                      (unsigned long long)((uint64_t)end - next_off - 1), V_MAX_LINE >> 20);
             next_off = (uint64_t)end;
+            note_line_end(js, next_off, lineno);
             kd_jsonl_reader_seek(r, next_off, lineno + 1, NULL);
             continue;
         }
@@ -486,12 +513,18 @@ static void check_journal(vctx *v, const char *file, enum jkind kind, jstate *js
                    "short by a crash, or one in progress right now)",
                    file, (long long)lineno + 1,
                    (unsigned long long)(size > next_off ? size - next_off : 0));
+            js->complete = 1;
             break;
         }
         pending_flush(v, file, &pend, 0);
         report(v, file, lineno + 1, -1, KD_EIO, "check the disk and the file's permissions",
                "%s line %lld: cannot read: %s", file, (long long)lineno + 1, e.msg);
         break;
+    }
+    {
+        struct stat st;
+        if (stat(path, &st) == 0)
+            js->size = (int64_t)st.st_size;
     }
 out:
     kd_jsonl_reader_close(r);
@@ -828,22 +861,53 @@ static void check_checkpoints(vctx *v)
 /* ------------------------------------------------------------------------ */
 /* Cross-checks and the entry point                                          */
 
-static void check_count(vctx *v, const char *file, const jstate *js, const char *key,
-                        const char *noun)
+/*
+ * session.json records how many lines a journal held (api_responses_saved,
+ * connection_failures) and its byte size then (api_recovery_bytes,
+ * failures_bytes); a reopen counts on from that byte offset.  So the file
+ * must still have that many lines up to that offset, ending exactly there.
+ */
+static void check_count(vctx *v, const char *file, const jstate *js, const char *count_key,
+                        const char *bytes_key, const char *noun)
 {
-    if (js->bad || !v->session)
+    if (!v->session || js->size < 0 || !js->complete)
         return;
-    json_t *x = json_object_get(v->session, key);
-    if (!json_is_integer(x) || json_integer_value(x) <= js->lines)
-        return;
+    json_t *cx = json_object_get(v->session, count_key);
+    json_t *bx = json_object_get(v->session, bytes_key);
+    if (!json_is_integer(cx) || !json_is_integer(bx))
+        return; /* not recorded: a reopen counts the whole file */
+    int64_t count = json_integer_value(cx), bytes = json_integer_value(bx);
     char fix[PATH_MAX * 4 + 512];
+    if (bytes > js->size) {
+        snprintf(fix, sizeof fix,
+                 "restore %s from a backup if you have one; otherwise reopening the session "
+                 "recounts the file (the missing %s are lost)",
+                 file, noun);
+        report(v, file, 0, -1, KD_ECORRUPT, fix,
+               "%s has %lld bytes, but session.json recorded %lld: lines were lost or removed",
+               file, (long long)js->size, (long long)bytes);
+        return;
+    }
     snprintf(fix, sizeof fix,
-             "restore %s from a backup if you have one; otherwise reopening the session "
-             "recounts from the file (the missing %s are lost)",
-             file, noun);
-    report(v, file, 0, -1, KD_ECORRUPT, fix,
-           "%s holds %lld %s, but session.json counted %lld: lines were removed", file,
-           (long long)js->lines, noun, (long long)json_integer_value(x));
+             "stop the run, then make the next open recount %s with: cd %s && jq 'del(.%s)' "
+             "session.json > session.json.new && mv session.json.new session.json",
+             file, v->qdir, bytes_key);
+    if (!js->at_boundary)
+        report(v, file, 0, -1, KD_ECORRUPT, fix,
+               "%s: session.json's %s (%lld) falls inside a line: the file was edited since, "
+               "and the session cannot be reopened as it is",
+               file, bytes_key, (long long)bytes);
+    else if (js->lines_before != count)
+        report(v, file, 0, -1, KD_ECORRUPT, fix,
+               "%s: session.json counted %lld %s in its first %lld bytes, the file has %lld "
+               "there: lines were removed or added by hand, and the session's count is off",
+               file, (long long)count, noun, (long long)bytes, (long long)js->lines_before);
+}
+
+static int64_t bytes_of(const json_t *s, const char *key)
+{
+    json_t *x = json_object_get(s, key);
+    return json_is_integer(x) && json_integer_value(x) >= 0 ? json_integer_value(x) : -1;
 }
 
 int kd_session_verify(const char *dir, unsigned flags, kd_verify_report_fn cb, void *ctx,
@@ -891,27 +955,29 @@ int kd_session_verify(const char *dir, unsigned flags, kd_verify_report_fn cb, v
         json_t *s = v->session;
         jstate js;
         check_journal(v, F_METRICS, J_METRICS, &js,
-                      json_integer_value(json_object_get(s, "steps_completed")) > 0);
+                      json_integer_value(json_object_get(s, "steps_completed")) > 0, -1);
         if (!v->stopped)
             check_journal(v, F_API, J_API, &js,
-                          json_integer_value(json_object_get(s, "api_responses_saved")) > 0);
+                          json_integer_value(json_object_get(s, "api_responses_saved")) > 0,
+                          bytes_of(s, "api_recovery_bytes"));
         if (!v->stopped) {
             file_begin(v, F_API);
-            check_count(v, F_API, &js, "api_responses_saved", "responses");
+            check_count(v, F_API, &js, "api_responses_saved", "api_recovery_bytes", "responses");
             file_end(v);
         }
         if (!v->stopped)
             check_journal(v, F_FAILURES, J_FAILURES, &js,
-                          json_integer_value(json_object_get(s, "connection_failures")) > 0);
+                          json_integer_value(json_object_get(s, "connection_failures")) > 0,
+                          bytes_of(s, "failures_bytes"));
         if (!v->stopped) {
             file_begin(v, F_FAILURES);
-            check_count(v, F_FAILURES, &js, "connection_failures", "failures");
+            check_count(v, F_FAILURES, &js, "connection_failures", "failures_bytes", "failures");
             file_end(v);
         }
         if (!v->stopped)
-            check_journal(v, F_EVENTS, J_EVENTS, &js, 0);
+            check_journal(v, F_EVENTS, J_EVENTS, &js, 0, -1);
         if (!v->stopped)
-            check_journal(v, F_REWOUND, J_REWOUND, &js, 0);
+            check_journal(v, F_REWOUND, J_REWOUND, &js, 0, -1);
     }
     if (!v->stopped)
         check_checkpoints(v);
