@@ -42,6 +42,10 @@ double kd_monotonic(void);
 /*
  * Replace `path` with `len` bytes atomically and durably.  On any failure the
  * previous content of `path` is untouched and no temp file is left behind.
+ * One exception, which no recipe can avoid: if only the final fsync of the
+ * directory fails, the rename has already happened; `path` has the new
+ * content and the KD_EIO message says the replacement may not survive a
+ * crash.  The error message names the path and the failing step.
  */
 int kd_file_write_atomic(const char *path, const void *data, size_t len, kd_err *e);
 
@@ -117,6 +121,12 @@ int kd_jsonl_open(kd_jsonl **out, const char *path, const kd_jsonl_opts *opts,
  * must not contain '\n'.  With KD_SYNC_ALWAYS the record is on disk when this
  * returns KD_OK.  If a write fails part-way, the partial bytes are truncated
  * away so the journal still ends on a whole line.
+ * On any error this record is not in the journal (with KD_SYNC_ALWAYS a failed
+ * fdatasync also takes it back out); lines buffered by earlier appends stay
+ * buffered and go out with the next flush.  If even the truncation fails, the
+ * handle answers KD_ESTATE from then on and the next open repairs the tail.
+ * The record is not parsed (hot path): pass valid JSON, since an invalid last
+ * line is moved aside by the next open.  KD_ELIMIT when longer than max_line.
  */
 int kd_jsonl_append(kd_jsonl *j, const char *line, size_t len, kd_err *e);
 
@@ -134,7 +144,9 @@ uint64_t kd_jsonl_size(const kd_jsonl *j);
  */
 int kd_jsonl_move_tail(kd_jsonl *j, uint64_t offset, const char *aside_path, kd_err *e);
 
-/* Flush, sync (unless KD_SYNC_NEVER) and close.  Accepts NULL. */
+/* Flush, sync (unless KD_SYNC_NEVER) and close.  Accepts NULL.  The handle is
+ * freed whatever happens; buffered lines that cannot be written are reported
+ * in the KD_EIO message as lost. */
 int kd_jsonl_close(kd_jsonl *j, kd_err *e);
 
 /*
@@ -146,6 +158,8 @@ int kd_jsonl_close(kd_jsonl *j, kd_err *e);
  */
 typedef struct kd_jsonl_reader kd_jsonl_reader;
 int kd_jsonl_reader_open(kd_jsonl_reader **out, const char *path, size_t max_line, kd_err *e);
+/* `offset` must be the start of a line; `lineno` is the number of the line
+ * that starts there (<= 0 when unknown: numbering then restarts at 1). */
 int kd_jsonl_reader_seek(kd_jsonl_reader *r, uint64_t offset, int64_t lineno, kd_err *e);
 int kd_jsonl_next(kd_jsonl_reader *r, const char **line, size_t *len, kd_err *e);
 int64_t kd_jsonl_reader_lineno(const kd_jsonl_reader *r);
@@ -155,7 +169,8 @@ void kd_jsonl_reader_close(kd_jsonl_reader *r);
 /*
  * Read the last complete line of a file without reading the rest: *out gets a
  * malloc'd copy (without '\n'), *offset its byte offset.  Returns KD_ENOTFOUND
- * when the file has no complete line.  Cost is proportional to the line.
+ * when the file has no complete line, KD_ELIMIT when the line is over 16 MiB.
+ * Cost is proportional to the line.
  */
 int kd_jsonl_last_line(const char *path, char **out, uint64_t *offset, kd_err *e);
 
@@ -197,6 +212,11 @@ int kd_sha256_file(const char *path, char hex[KD_SHA256_HEX], uint64_t *size, kd
  * integral value with |v| < 2^53 as a plain integer (so 1, 1.0 and 1e0 are the
  * same), any other as the shortest "%.17g"-family text that reads back to the
  * same double.  Duplicate keys and invalid UTF-8 are rejected.
+ * Numbers written as integers are kept exact (64-bit): below 2^53 that is the
+ * same text as above, beyond it every digit is kept so two different seeds
+ * never share a hash; integers beyond 64 bits, and object keys containing
+ * \u0000 (a jansson limit), are rejected.  Invalid input gives KD_ECORRUPT
+ * with the line and column.
  */
 int kd_json_canonical(const char *json, size_t len, char **out, kd_err *e);
 
