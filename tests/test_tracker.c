@@ -784,6 +784,72 @@ static void test_inspect_is_read_only(void **state)
     free(dir);
 }
 
+static void test_checkpoint_listing_and_deletion(void **state)
+{
+    (void)state;
+    char *dir = mkdtemp_dir();
+    kd_tracker *t = open_ok(dir, CFG, 100);
+    /* losses fall until step 20, then rise: the best is step 20, the newest 30 */
+    for (int64_t s = 1; s <= 30; s++) {
+        kd_metrics m;
+        kd_metrics_init(&m);
+        m.step = s;
+        m.loss = s <= 20 ? 3.0 - 0.1 * (double)s : 1.0 + 0.1 * (double)(s - 20);
+        assert_int_equal(kd_tracker_update_metrics(t, &m), KD_OK);
+        if (s % 10 == 0)
+            checkpoint(t, s, s == 10 ? "ten" : s == 20 ? "twenty" : "thirty");
+    }
+    assert_int_equal(kd_tracker_checkpoint_count(t), 3);
+    kd_checkpoint_record r;
+    assert_int_equal(kd_tracker_checkpoint_get(t, 1, &r), KD_OK);
+    assert_int_equal(r.step, 20);
+    assert_true(fabs(r.loss - 1.0) < 1e-12);
+    assert_string_equal(r.relative_path, "checkpoint_20.safetensors");
+    assert_int_equal(r.ntags, 1);
+    assert_string_equal(r.tags[0], "every_5_steps");
+    assert_int_equal(r.size, 6);
+    assert_false(r.deleted);
+    assert_int_equal(kd_tracker_checkpoint_get(t, 3, &r), KD_EINVAL);
+
+    /* the newest (recovery) and the best are never marked deleted */
+    assert_int_equal(kd_tracker_checkpoint_deleted(t, 30, "retention"), KD_EINVAL);
+    assert_non_null(strstr(kd_tracker_errmsg(t), "newest"));
+    assert_int_equal(kd_tracker_checkpoint_deleted(t, 20, "retention"), KD_EINVAL);
+    assert_non_null(strstr(kd_tracker_errmsg(t), "best"));
+    assert_int_equal(kd_tracker_checkpoint_deleted(t, 99, "retention"), KD_ENOTFOUND);
+    assert_int_equal(kd_tracker_checkpoint_deleted(t, 10, "keep_last=2"), KD_OK);
+    assert_int_equal(kd_tracker_checkpoint_get(t, 0, &r), KD_OK);
+    assert_true(r.deleted);
+    kd_recovery best;
+    kd_tracker_best_checkpoint(t, &best);
+    assert_int_equal(best.step, 20);
+
+    char *doc = NULL;
+    assert_int_equal(kd_tracker_summary_json(t, &doc), KD_OK);
+    json_t *j = json_loads(doc, 0, NULL);
+    assert_int_equal(json_integer_value(json_object_get(j, "checkpoints")), 2);
+    assert_int_equal(json_integer_value(json_object_get(j, "best_checkpoint_step")), 20);
+    assert_int_equal(json_integer_value(json_object_get(j, "last_checkpoint_step")), 30);
+    assert_int_equal(json_integer_value(json_object_get(j, "steps_completed")), 30);
+    json_decref(j);
+    free(doc);
+    kd_tracker_close(t);
+
+    /* the deletion is in the manifest, with its reason, after a reopen */
+    json_t *c = load_json(path_in(dir, "checkpoints.json"));
+    json_t *r10 = json_object_get(json_object_get(c, "checkpoints"), "10");
+    assert_true(json_is_true(json_object_get(r10, "deleted")));
+    assert_string_equal(json_string_value(json_object_get(r10, "deleted_reason")), "keep_last=2");
+    assert_int_equal(json_integer_value(json_object_get(c, "best_checkpoint_step")), 20);
+    json_decref(c);
+    t = open_ok(dir, CFG, 100);
+    assert_int_equal(kd_tracker_checkpoint_get(t, 0, &r), KD_OK);
+    assert_true(r.deleted);
+    kd_tracker_close(t);
+    rm_rf(dir);
+    free(dir);
+}
+
 static void test_bad_arguments(void **state)
 {
     (void)state;
@@ -821,6 +887,7 @@ int main(void)
         cmocka_unit_test(test_hostile_session_files),
         cmocka_unit_test(test_invalid_utf8_and_huge_lines),
         cmocka_unit_test(test_inspect_is_read_only),
+        cmocka_unit_test(test_checkpoint_listing_and_deletion),
         cmocka_unit_test(test_bad_arguments),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
