@@ -329,7 +329,7 @@ static void test_status_shows_the_guide_summary(void **state)
         fail_msg("exit %d: %s", r.code, r.err);
     expect_in(r.out, "Session:      ");
     expect_in(r.out, id);
-    expect_in(r.out, " 50.0% [###############...............]");
+    expect_in(r.out, "Progress:     50.0% [###############...............]\n");
     expect_in(r.out, "Steps:        50/100\n");
     expect_in(r.out, "wall clock");
     expect_in(r.out, "active\n");
@@ -478,7 +478,7 @@ static void test_checkpoints_list_best_verify_json(void **state)
     free(c);
     r = kdkit("checkpoints", dir, "--verify", NULL);
     assert_int_equal(r.code, 1);
-    expect_in(r.out, "FAILED: checkpoint at step 60: checkpoint_60.bin: SHA-256");
+    expect_in(r.out, "FAILED: checkpoint at step 60: checkpoint_60.bin: its SHA-256 (");
     expect_in(r.out, "verify: FAILED");
     res_free(&r);
     r = kdkit("checkpoints", dir, "--verify", "--json", NULL);
@@ -837,7 +837,7 @@ static void test_verify_checkpoint_problems(void **state)
     unlink(path_in(dir, "checkpoint_20.bin"));
     res r = kdkit("verify", dir, NULL);
     assert_int_equal(r.code, 1);
-    expect_in(r.out, "checkpoint at step 40: checkpoint_40.bin: SHA-256");
+    expect_in(r.out, "checkpoint at step 40: checkpoint_40.bin: its SHA-256 (");
     expect_in(r.out, "that checkpoint is corrupted; `kdkit train --resume auto` skips it and uses "
                      "the previous one");
     expect_in(r.out, "checkpoint at step 20: checkpoint_20.bin is missing");

@@ -439,7 +439,7 @@ int kd_cmd_status(int argc, char **argv)
     int width = 30, fill = isfinite(pct) ? (int)(pct / 100.0 * width + 0.5) : 0;
     if (fill > width)
         fill = width;
-    printf("Progress:     %5.1f%% [", isfinite(pct) ? pct : 0.0);
+    printf("Progress:     %.1f%% [", isfinite(pct) ? pct : 0.0);
     for (int i = 0; i < width; i++)
         putchar(i < fill ? '#' : '.');
     printf("]\n");

@@ -731,7 +731,8 @@ static void check_ck_file(vctx *v, int64_t step, const char *rel, int64_t size, 
     }
     if (strcmp(hex, sha) != 0)
         report(v, rel, 0, step, KD_EMISMATCH, fix_corrupt,
-               "checkpoint at step %lld: %s: SHA-256 %.12s... differs from the manifest's %.12s...",
+               "checkpoint at step %lld: %s: its SHA-256 (%.12s...) differs from the manifest's "
+               "(%.12s...)",
                (long long)step, rel, hex, sha);
 }
 
