@@ -49,6 +49,11 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(CTX, C)
         self.h = nn.ModuleList([Block() for _ in range(L)])
         self.ln_f = nn.LayerNorm(C)
+        for name, p in self.named_parameters():  # kdkit's init: N(0, 0.02), scaled projections
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * L) if name.endswith("c_proj.weight") or \
+                    name.endswith("mlp_proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx):
         x = self.wte(idx) + self.wpe(torch.arange(T))
