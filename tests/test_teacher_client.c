@@ -963,7 +963,7 @@ static void test_policy_pieces(void **state)
     assert_int_equal(kd_teacher_classify(422, NULL, 0, 0), KD_OUT_FATAL);
     char buf[256];
     snprintf(buf, sizeof buf, "key %s and a piece sk-kdkit-test-01 and %.20s end", KEY_VALUE,
-             KEY_VALUE + 10);
+             &KEY_VALUE[10]);
     kd_teacher_scrub(buf, sizeof buf, KEY_VALUE);
     assert_null(strstr(buf, "test-0123"));
     assert_null(strstr(buf, "0123456789ab"));

@@ -43,6 +43,17 @@ static double unit(uint64_t x)
     return (double)(x >> 11) * 0x1.0p-53;
 }
 
+/* qsort has no context argument; each thread sorts its own array. */
+static _Thread_local const double *sort_lp;
+
+static int by_lp(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    if (sort_lp[x] != sort_lp[y])
+        return sort_lp[x] < sort_lp[y] ? 1 : -1;
+    return x - y;
+}
+
 static int ends_with(const char *s, size_t n, const char *suf, size_t *cut)
 {
     size_t m = strlen(suf);
@@ -84,19 +95,12 @@ static int toy_generate(void *ctx, const kd_serve_gen_params *p, kd_serve_gen_re
         double lse = mx + log(z);
         for (int v = 0; v < V; v++)
             lp[v] = lg[v] - lse;
-        /* Order by probability (selection of the top 20 is enough). */
+        /* Most likely first, ties by lower byte. */
         int order[V];
         for (int v = 0; v < V; v++)
             order[v] = v;
-        int k = V;
-        for (int a = 0; a < k; a++)
-            for (int b = a + 1; b < k; b++)
-                if (lp[order[b]] > lp[order[a]] ||
-                    (lp[order[b]] == lp[order[a]] && order[b] < order[a])) {
-                    int tmp = order[a];
-                    order[a] = order[b];
-                    order[b] = tmp;
-                }
+        sort_lp = lp;
+        qsort(order, V, sizeof order[0], by_lp);
         int pick;
         if (p->temperature <= 0) {
             pick = order[0];

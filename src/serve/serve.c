@@ -986,7 +986,16 @@ int kd_serve_start(kd_serve **out, const kd_serve_opts *o, const kd_serve_backen
     memset(&a4, 0, sizeof a4);
     memset(&a6, 0, sizeof a6);
     const struct sockaddr *sa;
-    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD;
+    /* A stall holds its thread: with stalls, one thread per connection so the
+       others are not held up; otherwise a small epoll thread pool, which
+       switches threads far less under many connections. */
+    int stalls = s->o.faults.p[KD_SERVE_FAULT_STALL] > 0;
+    for (size_t i = 0; i < s->nscript; i++)
+        stalls |= s->script[i] == KD_SERVE_FAULT_STALL;
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    unsigned pool = ncpu < 1 ? 1 : ncpu > 8 ? 8 : (unsigned)ncpu;
+    unsigned flags = stalls ? MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD
+                            : MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL;
     if (inet_pton(AF_INET, s->o.host, &a4.sin_addr) == 1) {
         a4.sin_family = AF_INET;
         a4.sin_port = htons((uint16_t)s->o.port);
@@ -1005,7 +1014,8 @@ int kd_serve_start(kd_serve **out, const kd_serve_opts *o, const kd_serve_backen
                             MHD_OPTION_SOCK_ADDR, sa, MHD_OPTION_NOTIFY_COMPLETED, completed, s,
                             MHD_OPTION_CONNECTION_LIMIT, (unsigned)s->o.max_connections,
                             MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
-                            MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)1024, MHD_OPTION_END);
+                            MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)1024,
+                            MHD_OPTION_THREAD_POOL_SIZE, stalls ? 0u : pool, MHD_OPTION_END);
     if (!s->d) {
         rc = kd_err_set(e, KD_EIO, "serve: cannot listen on %s port %d (in use, or not "
                                    "allowed)", s->o.host, s->o.port);

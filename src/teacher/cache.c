@@ -3,12 +3,14 @@
  *
  * On-disk format (one SQLite database, WAL journal; PRAGMA user_version = 1):
  *
- *   entries(key TEXT, teacher_version TEXT, schema_version INT,
+ *   entries(id INTEGER PRIMARY KEY, key TEXT, teacher_version TEXT, schema_version INT,
  *           prompt_hash TEXT, provider TEXT, model TEXT, response_model TEXT,
  *           request_json TEXT, body BLOB, body_sha256 TEXT,
  *           prompt_tokens INT, completion_tokens INT, cost REAL,
  *           request_id TEXT, created_at REAL, sample_index INT,
- *           PRIMARY KEY(key, teacher_version)) WITHOUT ROWID
+ *           UNIQUE(key, teacher_version))
+ *   (a rowid table: a 3 KB answer fits in its leaf page, where a WITHOUT ROWID
+ *   row would spill to an overflow page and cost a second read)
  *   stats(id = 1, hits, misses, incompatible, inserts)
  *   meta(k TEXT PRIMARY KEY, v TEXT)          -- created_at, created_by
  *
@@ -55,12 +57,12 @@ struct kd_cache {
 };
 
 static const char *SCHEMA_SQL =
-    "CREATE TABLE IF NOT EXISTS entries("
+    "CREATE TABLE IF NOT EXISTS entries(id INTEGER PRIMARY KEY,"
     " key TEXT NOT NULL, teacher_version TEXT NOT NULL, schema_version INTEGER NOT NULL,"
     " prompt_hash TEXT, provider TEXT, model TEXT, response_model TEXT, request_json TEXT,"
     " body BLOB NOT NULL, body_sha256 TEXT NOT NULL, prompt_tokens INTEGER,"
     " completion_tokens INTEGER, cost REAL, request_id TEXT, created_at REAL,"
-    " sample_index INTEGER, PRIMARY KEY(key, teacher_version)) WITHOUT ROWID;"
+    " sample_index INTEGER, UNIQUE(key, teacher_version));"
     "CREATE TABLE IF NOT EXISTS stats(id INTEGER PRIMARY KEY CHECK(id = 1),"
     " hits INTEGER NOT NULL, misses INTEGER NOT NULL, incompatible INTEGER NOT NULL,"
     " inserts INTEGER NOT NULL);"
@@ -74,11 +76,6 @@ static int db_fail(kd_cache *c, const char *what)
 {
     return kd_err_set(&c->err, KD_EIO, "teacher cache %s: %s: %s", c->path, what,
                       sqlite3_errmsg(c->db));
-}
-
-static char *dupn(const char *s)
-{
-    return s ? strdup(s) : NULL;
 }
 
 void kd_cache_entry_free(kd_cache_entry *en)
@@ -163,6 +160,9 @@ int kd_cache_open(kd_cache **out, const char *path, const char *teacher_version,
         rc = db_fail(c, "synchronous");
         goto done;
     }
+    /* Hits are reads of recent pages: keep them in memory (page cache) and
+       map the file so misses in the cache are not read() calls. */
+    sqlite3_exec(c->db, "PRAGMA cache_size=-32768; PRAGMA mmap_size=268435456", NULL, NULL, NULL);
     if (sqlite3_exec(c->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
         rc = db_fail(c, "begin");
         goto done;
