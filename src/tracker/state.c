@@ -311,6 +311,38 @@ char *kd_trk_progress_doc(kd_tracker *t)
     return kd_sb_take(&s);
 }
 
+/*
+ * SHA-256 (hex) of the up to 256 bytes of a journal that end at `offset`.
+ * session.json keeps it beside the journal's size, so a reopen can tell in
+ * O(1) whether that offset is still the line boundary it was: a line removed
+ * or added by hand before it changes these bytes, and the reopen then counts
+ * the journal from the start instead of trusting the saved totals.
+ */
+static int tail_print(const char *path, uint64_t offset, char hex[KD_SHA256_HEX])
+{
+    unsigned char buf[256];
+    size_t n = offset < sizeof buf ? (size_t)offset : sizeof buf;
+    int fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    ssize_t got = n ? kd_sys_pread(fd, buf, n, (off_t)(offset - n)) : 0;
+    close(fd);
+    if (got != (ssize_t)n)
+        return -1;
+    return kd_sha256_hex(buf, n, hex) == KD_OK ? 0 : -1;
+}
+
+static void kv_tail_print(kd_tracker *t, kd_sb *s, const char *key, const char *name, kd_jsonl *j)
+{
+    char path[PATH_MAX], hex[KD_SHA256_HEX];
+    kd_trk_path(t, name, path, sizeof path);
+    kd_sb_printf(s, ",\n  \"%s\": ", key);
+    if (j && tail_print(path, kd_jsonl_size(j), hex) == 0)
+        kd_sb_json_cstr(s, hex);
+    else
+        kd_sb_puts(s, "null");
+}
+
 int kd_trk_write_session(kd_tracker *t)
 {
     if (t->readonly)
@@ -351,6 +383,8 @@ int kd_trk_write_session(kd_tracker *t)
     kv_num(&s, "recent_tokens_per_sec", to);
     kv_int(&s, "api_recovery_bytes", t->api ? (int64_t)kd_jsonl_size(t->api) : 0);
     kv_int(&s, "failures_bytes", t->failures ? (int64_t)kd_jsonl_size(t->failures) : 0);
+    kv_tail_print(t, &s, "api_recovery_tail_sha256", F_API, t->api);
+    kv_tail_print(t, &s, "failures_tail_sha256", F_FAILURES, t->failures);
     kd_sb_puts(&s, ",\n  \"pause_log\": [");
     size_t n = t->pause_log_n < KD_PAUSE_LOG_MAX ? t->pause_log_n : KD_PAUSE_LOG_MAX;
     for (size_t i = 0; i < n; i++) {
@@ -844,19 +878,23 @@ static double num_field(const json_t *o, const char *k, double dflt)
 }
 
 /* Count lines and sum a field of the journal lines from `offset` on. */
-static int count_since(kd_tracker *t, const char *name, uint64_t offset, int64_t *lines,
-                       double *cost_sum, int64_t *billed, double *last_time, const char *time_key)
+static int count_since(kd_tracker *t, const char *name, uint64_t offset, const char *print,
+                       int64_t *lines, double *cost_sum, int64_t *billed, double *last_time,
+                       const char *time_key)
 {
     char path[PATH_MAX];
     kd_trk_path(t, name, path, sizeof path);
     struct stat st;
     if (stat(path, &st) != 0)
         return KD_OK;
-    if ((uint64_t)st.st_size < offset) {
-        kd_sb_printf(&t->report,
-                     "%s is shorter than when session.json was saved; counted it again from "
-                     "the start\n",
-                     name);
+    const char *why = NULL;
+    char hex[KD_SHA256_HEX];
+    if ((uint64_t)st.st_size < offset)
+        why = "is shorter than when session.json was saved";
+    else if (offset > 0 && print && (tail_print(path, offset, hex) != 0 || strcmp(hex, print) != 0))
+        why = "was edited before the point session.json last counted";
+    if (why) {
+        kd_sb_printf(&t->report, "%s %s; counted it again from the start\n", name, why);
         offset = 0;
         *lines = 0;
         if (cost_sum)
@@ -960,12 +998,14 @@ int kd_trk_load(kd_tracker *t, json_t *s)
         t->nfailures = 0;
         t->possibly_billed = 0;
     }
-    rc = count_since(t, F_API, api_off, &t->api_responses, &t->total_cost, NULL, &last_activity,
-                     "timestamp");
+    rc = count_since(t, F_API, api_off,
+                     json_string_value(json_object_get(s, "api_recovery_tail_sha256")),
+                     &t->api_responses, &t->total_cost, NULL, &last_activity, "timestamp");
     if (rc != KD_OK)
         return rc;
-    rc = count_since(t, F_FAILURES, fail_off, &t->nfailures, NULL, &t->possibly_billed,
-                     &last_activity, "time");
+    rc = count_since(t, F_FAILURES, fail_off,
+                     json_string_value(json_object_get(s, "failures_tail_sha256")), &t->nfailures,
+                     NULL, &t->possibly_billed, &last_activity, "time");
     if (rc != KD_OK)
         return rc;
     rc = kd_trk_scan_metrics_tail(t);

@@ -150,21 +150,12 @@ static void report(vctx *v, const char *file, int64_t line, int64_t step, int co
 /* The fix for a bad line in the middle of a journal: move it out with sed. */
 static void fix_move_line(const vctx *v, const char *file, int64_t line, char *out, size_t n)
 {
-    int w = snprintf(out, n,
-                     "stop the run, then move that line out (kept in %s.bad) with: cd %s && "
-                     "sed -n '%lldp' %s >> %s.bad && sed -i '%lldd' %s",
-                     file, v->qdir, (long long)line, file, file, (long long)line, file);
-    /* The tracker resumes counting these two journals at the byte offset
-       session.json recorded; once a line before it is gone that offset is
-       stale, so the fix drops it and the next open recounts the file. */
-    const char *key = strcmp(file, F_API) == 0        ? "api_recovery_bytes"
-                      : strcmp(file, F_FAILURES) == 0 ? "failures_bytes"
-                                                      : NULL;
-    if (key && w > 0 && (size_t)w < n)
-        snprintf(out + w, n - (size_t)w,
-                 " && jq 'del(.%s)' session.json > session.json.new && mv session.json.new "
-                 "session.json (so that the next open recounts %s)",
-                 key, file);
+    /* The next open notices the edit (session.json keeps a fingerprint of
+       the bytes before the offset it counted to) and recounts the file. */
+    snprintf(out, n,
+             "stop the run, then move that line out (kept in %s.bad) with: cd %s && "
+             "sed -n '%lldp' %s >> %s.bad && sed -i '%lldd' %s",
+             file, v->qdir, (long long)line, file, file, (long long)line, file);
 }
 
 static void fix_tail(const char *file, char *out, size_t n)
@@ -890,13 +881,12 @@ static void check_count(vctx *v, const char *file, const jstate *js, const char 
         return;
     }
     snprintf(fix, sizeof fix,
-             "stop the run, then make the next open recount %s with: cd %s && jq 'del(.%s)' "
-             "session.json > session.json.new && mv session.json.new session.json",
-             file, v->qdir, bytes_key);
+             "nothing to do by hand: the next open of the session notices the edit and counts "
+             "%s again from the start",
+             file);
     if (!js->at_boundary)
         report(v, file, 0, -1, KD_ECORRUPT, fix,
-               "%s: session.json's %s (%lld) falls inside a line: the file was edited since, "
-               "and the session cannot be reopened as it is",
+               "%s: session.json's %s (%lld) falls inside a line: the file was edited since",
                file, bytes_key, (long long)bytes);
     else if (js->lines_before != count)
         report(v, file, 0, -1, KD_ECORRUPT, fix,
