@@ -1,0 +1,217 @@
+/*
+ * kdkit/train.h - the training loop behind `kdkit train`: a config read from
+ * YAML and validated key by key, a byte corpus cut into windows and visited
+ * in an order that is a pure function of (seed, position), and a loop wired
+ * to the tracker (metrics, checkpoints, pauses, summary) and the checkpoint
+ * layer (atomic safetensors, strict loader, retention), so that a run
+ * interrupted any number of times and resumed gives bitwise the numbers of a
+ * run never interrupted.  docs/training.md documents every config key, the
+ * data order and what a resume restores.
+ *
+ * Ownership: kd_train_config_free frees what kd_train_config_load filled;
+ * kd_train_data_free frees a corpus.  Strings in events are valid during the
+ * callback only.  The library never prints, exits or installs signal
+ * handlers: messages and progress go to the caller's callback, and a stop
+ * request comes in through a flag the caller's handler sets.
+ *
+ * Errors: int codes from kdkit/error.h; KD_ECONFIG messages name the config
+ * key ("training.yaml: model.n_head: must divide model.d_model (128), got 5").
+ */
+#ifndef KDKIT_TRAIN_H
+#define KDKIT_TRAIN_H
+
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kdkit/core.h"
+#include "kdkit/error.h"
+#include "kdkit/model.h"
+#include "kdkit/tracker.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Config (config.c)                                                         */
+
+typedef struct kd_train_config {
+    kd_gpt_config model;        /* model.n_layer, n_head, d_model, n_ctx */
+    char *data_path;            /* data.path: a file, or a directory of files */
+    double val_fraction;        /* data.val_fraction, [0, 0.5] */
+    int64_t steps;              /* train.steps: optimizer updates in the run */
+    int batch_size;             /* train.batch_size: windows per step */
+    uint64_t seed;              /* train.seed */
+    int threads;                /* train.threads: OpenBLAS threads */
+    double grad_clip;           /* train.grad_clip: max global L2 norm, 0 = off */
+    kd_adamw_config adamw;      /* train.weight_decay, beta1, beta2, eps */
+    kd_lr_schedule lr;          /* lr.max, lr.min, lr.warmup_steps (+ train.steps) */
+    int64_t ckpt_every;         /* checkpoint.every (steps) */
+    int64_t keep_last;          /* checkpoint.keep_last */
+    int64_t keep_every;         /* checkpoint.keep_every: steps kept forever, 0 = off */
+    int keep_best;              /* checkpoint.keep_best */
+    int64_t eval_every;         /* eval.every (steps), 0 = off */
+    int64_t eval_batches;       /* eval.batches */
+    double log_every_seconds;   /* log.every_seconds (non-terminal progress lines) */
+    char *source;               /* where the config came from (messages) */
+} kd_train_config;
+
+/* The built-in defaults (configs/default.yaml holds the same values). */
+void kd_train_config_init(kd_train_config *c);
+
+/*
+ * Read `path` (YAML; NULL: defaults only), apply `overrides` ("dotted.key=
+ * value", the value read as a YAML scalar: int, float, bool, null or
+ * string), fill defaults and validate.  An unknown key, a value of the wrong
+ * type or out of range is KD_ECONFIG naming the file and the key.  On error
+ * *c is left initialised (safe to free).
+ */
+int kd_train_config_load(kd_train_config *c, const char *path, const char *const *overrides,
+                         size_t noverrides, kd_err *e);
+/* Validation alone (kd_train_config_load calls it). */
+int kd_train_config_validate(const kd_train_config *c, kd_err *e);
+void kd_train_config_free(kd_train_config *c);
+
+/*
+ * The config that identifies a run, as JSON text (malloc'd): every key that
+ * changes the numbers (model, train, lr, and the corpus by its SHA-256 and
+ * size), and none that does not (data.path, checkpoint, eval, log), so
+ * moving the corpus or changing the checkpoint cadence does not break a
+ * resume.  This is what goes to kd_tracker_open: its hash is the run's
+ * config hash.  corpus_sha256 may be NULL before the corpus is read.
+ */
+int kd_train_config_identity_json(const kd_train_config *c, const char *corpus_sha256,
+                                  int64_t corpus_bytes, char **json_out, kd_err *e);
+/* Every key with its effective value (for display and docs), malloc'd. */
+int kd_train_config_effective_json(const kd_train_config *c, char **json_out, kd_err *e);
+
+/* ------------------------------------------------------------------------ */
+/* Data (data.c)                                                             */
+
+typedef struct kd_train_data kd_train_data;
+
+/* Largest corpus held in memory. */
+#define KD_TRAIN_MAX_CORPUS (1ull << 30)
+
+/*
+ * Read the corpus once: a file, or a directory's regular files (not
+ * symlinks, not hidden, not *.dat) in byte order of their names, joined with
+ * '\n'.  It is cut into non-overlapping windows of n_ctx + 1 bytes; a split
+ * fixed by `seed` holds round(val_fraction * N) of them out for validation.
+ * Errors name data.path: KD_ENOTFOUND, KD_EIO, KD_ELIMIT (too large),
+ * KD_ECONFIG (too small for one training window).
+ */
+int kd_train_data_open(kd_train_data **out, const char *path, int n_ctx, double val_fraction,
+                       uint64_t seed, kd_err *e);
+void kd_train_data_free(kd_train_data *d);
+const char *kd_train_data_sha256(const kd_train_data *d); /* of the joined corpus */
+int64_t kd_train_data_bytes(const kd_train_data *d);
+int64_t kd_train_data_files(const kd_train_data *d);
+int64_t kd_train_data_n_train(const kd_train_data *d);
+int64_t kd_train_data_n_val(const kd_train_data *d);
+
+/*
+ * The training window of sample k (k >= 0): window perm_e(k mod N) of the
+ * training set with e = k / N, where perm_e is a permutation of [0, N)
+ * derived from (seed, e) and evaluated in O(1) (a keyed Feistel network with
+ * cycle walking).  Resuming at dataset position k therefore costs nothing.
+ */
+int64_t kd_train_data_sample(const kd_train_data *d, int64_t k);
+/* The permutation alone, for tests: perm_e(i), i in [0, n). */
+uint64_t kd_train_perm(uint64_t seed, uint64_t epoch, uint64_t n, uint64_t i);
+
+/*
+ * Fill x[B*T] and y[B*T] (T = n_ctx) with samples pos .. pos+B-1
+ * (y is x shifted by one byte).
+ */
+void kd_train_data_batch(const kd_train_data *d, int64_t pos, int B, uint8_t *x, uint8_t *y);
+/* Validation batch j: held-out windows j*B .. j*B+B-1 (mod the set size).
+   KD_ENOTFOUND when there is no held-out window. */
+int kd_train_data_val_batch(const kd_train_data *d, int64_t j, int B, uint8_t *x, uint8_t *y);
+
+/* ------------------------------------------------------------------------ */
+/* The loop (train.c)                                                        */
+
+typedef enum kd_train_event_kind {
+    KD_TRAIN_EV_INFO = 0,   /* a line for the person running the job */
+    KD_TRAIN_EV_WARN,       /* the same, about something unexpected */
+    KD_TRAIN_EV_PROGRESS,   /* every progress_seconds, and after the last step */
+    KD_TRAIN_EV_EVAL,       /* a validation loss was measured */
+    KD_TRAIN_EV_CHECKPOINT, /* a checkpoint is durable and recorded */
+} kd_train_event_kind;
+
+typedef struct kd_train_event {
+    kd_train_event_kind kind;
+    const char *text;          /* INFO / WARN; the path for CHECKPOINT */
+    int64_t step;              /* steps completed */
+    int64_t total;             /* train.steps */
+    double loss;               /* last training loss (NaN when none) */
+    double val_loss;           /* EVAL: the value; else the last one or NaN */
+    double learning_rate;
+    double tokens_per_sec;     /* recent active rate (tracker); NaN unknown */
+    double eta_seconds;        /* NaN when unknown */
+    int64_t last_ckpt_step;    /* -1 when none */
+} kd_train_event;
+
+typedef void (*kd_train_event_fn)(void *ctx, const kd_train_event *ev);
+
+typedef struct kd_train_opts {
+    const char *output_dir;      /* required */
+    const char *resume;          /* NULL, "auto", or a checkpoint path */
+    int strict_config;           /* refuse (not archive) a session with another config */
+    const volatile sig_atomic_t *stop; /* nonzero: stop after the current step */
+    double progress_seconds;     /* PROGRESS cadence; 0 = every step */
+    kd_train_event_fn on_event;  /* may be NULL */
+    void *ctx;
+} kd_train_opts;
+
+typedef struct kd_train_result {
+    int stopped;                 /* 1: stopped by *stop, state saved */
+    int completed;               /* 1: train.steps reached */
+    int64_t start_step;          /* where this invocation began */
+    int64_t step;                /* steps completed when it returned */
+    char session_id[128];
+    char config_hash[KD_SHA256_HEX];
+    char output_dir[4096];       /* resolved */
+    char last_checkpoint[4096];  /* "" when none */
+    kd_summary summary;          /* the tracker's, taken before close; its
+                                    string fields point into the struct below */
+    char loss_trend[32];
+    double last_val_loss;        /* NaN when none */
+} kd_train_result;
+
+/*
+ * Run (or resume) the training described by `c` into o->output_dir.  Returns
+ * KD_OK when the run reached train.steps (or already had), KD_EINTR when it
+ * stopped on request after saving a checkpoint and recording a pause (both
+ * fill *res), or an error: KD_ESTATE when the directory already holds a run
+ * and no resume was asked for, KD_EMISMATCH when the checkpoint or the
+ * directory belongs to another config or corpus, KD_ELOCKED when another
+ * process writes the directory, KD_ECONFIG / KD_ECORRUPT / KD_EIO /
+ * KD_ENOMEM otherwise, always with a message saying what to do.
+ */
+int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_result *res,
+                 kd_err *e);
+
+/* ------------------------------------------------------------------------ */
+/* Progress text (progress.c)                                                */
+
+/*
+ * One progress line from a PROGRESS event, without newline or '\r':
+ * "step 120/600  loss 2.3412  6.1k tok/s  ETA 0:45  ckpt 100".
+ * Returns the length (truncated to cap - 1).
+ */
+int kd_train_progress_line(const kd_train_event *ev, char *buf, size_t cap);
+/* "1:02:03" / "4:05" / "--:--" for NaN or negative; returns the length. */
+int kd_train_format_duration(double seconds, char *buf, size_t cap);
+/*
+ * The end-of-run summary, several lines ending in '\n': steps, loss and
+ * trend, tokens/s, wall and active time, checkpoints, where the files are.
+ */
+int kd_train_summary_text(const kd_train_result *r, char *buf, size_t cap);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,809 @@
+/*
+ * src/train/train.c - the training loop: pretraining of the byte-level GPT on
+ * a text corpus, wired to the tracker and the checkpoint layer so that a run
+ * can be stopped or killed at any instant and resumed to bitwise the same
+ * numbers as a run never interrupted (docs/training.md).
+ *
+ * One step s (0-based; "step s+1 completed" afterwards):
+ *   batch  = samples pos .. pos+B-1 (data.c's order), pos += B
+ *   loss   = kd_gpt_loss (cross-entropy; the KD term has weight 0 until the
+ *            distillation issue), backward, clip to train.grad_clip
+ *   update = AdamW at kd_lr_at(schedule, s); skipped (with a warning) when
+ *            the gradient norm is not finite
+ *   then   metrics line, validation every eval.every steps, checkpoint every
+ *          checkpoint.every steps and at the end, stop if asked to.
+ *
+ * A checkpoint (checkpoint_<step>.safetensors in the output directory) holds
+ * every parameter, the AdamW state (opt.step, opt.m.*, opt.v.*), and in its
+ * metadata the kdkit keys of kd_ckpt_state (step, dataset_position, RNG
+ * state, LR schedule, session, config hash, loss, created_at) plus:
+ *   kdkit_train    "1"  (this layout)
+ *   model          kd_gpt_config_to_string
+ *   corpus_sha256  SHA-256 hex of the joined corpus; corpus_bytes its size
+ *   config         the run's identity config (JSON text)
+ *
+ * eval.jsonl (kdkit train's own journal in the output directory) gets one
+ * line per validation: {"step":S,"val_loss":x,"batches":n,"timestamp":t};
+ * it is synced before each checkpoint is recorded, and on resume the lines
+ * after the resume step move to eval.rewound.jsonl, as metrics lines do.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "kdkit/ckpt.h"
+#include "kdkit/core.h"
+#include "kdkit/model.h"
+#include "kdkit/tracker.h"
+#include "kdkit/train.h"
+
+#define TRAIN_FORMAT "1"
+#define STREAM_INIT 0  /* kd_rng_seed_stream(seed, .): weight initialisation */
+#define STREAM_TRAIN 1 /* the trainer's RNG, saved in every checkpoint */
+
+typedef struct run {
+    const kd_train_config *c;
+    const kd_train_opts *o;
+    kd_err *e;
+    kd_train_result *res;
+    kd_train_data *data;
+    kd_tracker *t;
+    kd_gpt *m;
+    kd_adamw *opt;
+    kd_rng rng;
+    kd_lr_schedule sched;
+    char *identity;
+    int64_t step;
+    int64_t pos;
+    double last_loss, last_val, last_lr, best_ckpt_loss;
+    int64_t last_ckpt_step;
+    char last_ckpt_path[PATH_MAX];
+    kd_jsonl *evalj;
+    uint8_t *x, *y;
+    kd_tensor_view *views;
+    size_t nviews;
+    double next_progress;
+} run;
+
+/* ------------------------------------------------------------------------ */
+/* Events                                                                    */
+
+static void event(run *r, kd_train_event_kind kind, const char *text)
+{
+    if (!r->o->on_event)
+        return;
+    kd_train_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.kind = kind;
+    ev.text = text;
+    ev.step = r->step;
+    ev.total = r->c->steps;
+    ev.loss = r->last_loss;
+    ev.val_loss = r->last_val;
+    ev.learning_rate = r->last_lr;
+    ev.tokens_per_sec = NAN;
+    ev.eta_seconds = NAN;
+    ev.last_ckpt_step = r->last_ckpt_step;
+    if (kind == KD_TRAIN_EV_PROGRESS && r->t) {
+        kd_summary s;
+        if (kd_tracker_summary(r->t, &s) == KD_OK) {
+            ev.tokens_per_sec = s.tokens_per_sec > 0 ? s.tokens_per_sec : NAN;
+            ev.eta_seconds = s.estimated_remaining_hours * 3600.0;
+        }
+    }
+    r->o->on_event(r->o->ctx, &ev);
+}
+
+static void say(run *r, kd_train_event_kind kind, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void say(run *r, kd_train_event_kind kind, const char *fmt, ...)
+{
+    char buf[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    event(r, kind, buf);
+}
+
+/* Each line of `text` as its own event. */
+static void say_lines(run *r, kd_train_event_kind kind, const char *prefix, const char *text)
+{
+    while (text && *text) {
+        const char *nl = strchr(text, '\n');
+        size_t n = nl ? (size_t)(nl - text) : strlen(text);
+        if (n > 0)
+            say(r, kind, "%s%.*s", prefix, (int)n, text);
+        text += n + (nl ? 1 : 0);
+    }
+}
+
+/* Replace *e's message with "<prefix><old message><suffix>", keeping code. */
+static int wrap_err(kd_err *e, int code, const char *prefix, const char *suffix)
+{
+    if (!e)
+        return code;
+    char m[KD_ERRMSG_MAX];
+    snprintf(m, sizeof m, "%s", e->msg);
+    int keep = e->sys_errno;
+    kd_err_set(e, code, "%s%s%s", prefix ? prefix : "", m, suffix ? suffix : "");
+    e->sys_errno = keep;
+    return code;
+}
+
+static int trk_err(run *r, int rc, const char *what)
+{
+    return kd_err_set(r->e, rc, "%s: %s", what, kd_tracker_errmsg(r->t));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Start-up                                                                  */
+
+/* Refuse to start over a run that has made progress unless asked to resume. */
+static int check_existing(run *r)
+{
+    char *doc = NULL;
+    kd_err ie;
+    int rc = kd_session_inspect(r->o->output_dir, &doc, &ie);
+    if (rc != KD_OK)
+        return KD_OK; /* no session (or unreadable: the tracker will say why) */
+    json_t *j = json_loads(doc, 0, NULL);
+    free(doc);
+    int64_t steps = (int64_t)json_integer_value(json_object_get(j, "steps_completed"));
+    int64_t ckpts = (int64_t)json_integer_value(json_object_get(j, "checkpoints"));
+    int64_t total = (int64_t)json_integer_value(json_object_get(j, "total_steps_target"));
+    const char *sid = json_string_value(json_object_get(j, "session_id"));
+    char id[128];
+    snprintf(id, sizeof id, "%s", sid ? sid : "?");
+    json_decref(j);
+    if (!r->o->resume && (steps > 0 || ckpts > 0))
+        return kd_err_set(r->e, KD_ESTATE,
+                          "%s already holds run %s (step %lld of %lld). Continue it with "
+                          "--resume auto, or start a new run with another --output-dir",
+                          r->o->output_dir, id, (long long)steps, (long long)total);
+    return KD_OK;
+}
+
+/* Temp files of checkpoint writes that a kill interrupted.  We hold the
+   directory's lock, so no other writer can own them. */
+static void remove_stale_temps(run *r)
+{
+    const char *dir = kd_tracker_dir(r->t);
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (strncmp(de->d_name, ".checkpoint_", 12) != 0 ||
+            !strstr(de->d_name, ".safetensors.tmp."))
+            continue;
+        char p[PATH_MAX];
+        if (snprintf(p, sizeof p, "%s/%s", dir, de->d_name) >= (int)sizeof p)
+            continue;
+        if (unlink(p) == 0)
+            n++;
+    }
+    closedir(d);
+    if (n > 0)
+        say(r, KD_TRAIN_EV_INFO, "removed %d unfinished checkpoint temp file%s left by an "
+                                 "interrupted write",
+            n, n == 1 ? "" : "s");
+}
+
+static int open_tracker(run *r)
+{
+    kd_tracker_opts to;
+    kd_tracker_opts_init(&to);
+    /* Resuming means continuing that run: a changed config is an error to
+       report, never a reason to archive the run and start over. */
+    to.on_mismatch = (r->o->resume || r->o->strict_config) ? KD_MISMATCH_REFUSE
+                                                           : KD_MISMATCH_NEW_SESSION;
+    int rc = kd_tracker_open(&r->t, r->o->output_dir, r->identity, r->c->steps, &to, r->e);
+    if (rc == KD_EMISMATCH) {
+        char sfx[1024];
+        snprintf(sfx, sizeof sfx,
+                 ". The run in %s was started with another config or corpus; resume it with "
+                 "the config it was started with (%s/session.json holds it under \"config\"; "
+                 "data.path may move, its content may not), or start this config with "
+                 "another --output-dir",
+                 r->o->output_dir, r->o->output_dir);
+        return wrap_err(r->e, rc, "", sfx);
+    }
+    if (rc == KD_ELOCKED)
+        return wrap_err(r->e, rc, "",
+                        ". Another kdkit process is writing this directory; wait for it, stop "
+                        "it, or use another --output-dir");
+    if (rc != KD_OK)
+        return rc;
+    say_lines(r, KD_TRAIN_EV_INFO, "", kd_tracker_open_report(r->t));
+    snprintf(r->res->session_id, sizeof r->res->session_id, "%s", kd_tracker_session_id(r->t));
+    snprintf(r->res->config_hash, sizeof r->res->config_hash, "%s",
+             kd_tracker_config_hash(r->t));
+    snprintf(r->res->output_dir, sizeof r->res->output_dir, "%s", kd_tracker_dir(r->t));
+    remove_stale_temps(r);
+    return KD_OK;
+}
+
+static int build_model(run *r)
+{
+    const kd_train_config *c = r->c;
+    int rc = kd_gpt_create(&r->m, &c->model, r->e);
+    if (rc == KD_OK)
+        rc = kd_adamw_create(&r->opt, r->m, &c->adamw, r->e);
+    if (rc == KD_OK)
+        rc = kd_gpt_reserve(r->m, c->batch_size, c->model.n_ctx, r->e);
+    if (rc != KD_OK)
+        return rc;
+    size_t np = 0, no = 0;
+    const kd_tensor_view *pv = kd_gpt_param_views(r->m, &np);
+    const kd_tensor_view *ov = kd_adamw_views(r->opt, &no);
+    r->views = malloc((np + no) * sizeof *r->views);
+    size_t tokens = (size_t)c->batch_size * (size_t)c->model.n_ctx;
+    r->x = malloc(tokens);
+    r->y = malloc(tokens);
+    if (!r->views || !r->x || !r->y)
+        return kd_err_set(r->e, KD_ENOMEM, "out of memory");
+    memcpy(r->views, pv, np * sizeof *pv);
+    memcpy(r->views + np, ov, no * sizeof *ov);
+    r->nviews = np + no;
+    kd_rng init;
+    kd_rng_seed_stream(&init, c->seed, STREAM_INIT);
+    kd_gpt_init_weights(r->m, &init);
+    kd_rng_seed_stream(&r->rng, c->seed, STREAM_TRAIN);
+    r->sched = c->lr;
+    r->sched.total_steps = c->steps;
+    return KD_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Loading a checkpoint                                                      */
+
+static int same_file(const char *a, const char *b)
+{
+    char ra[PATH_MAX], rb[PATH_MAX];
+    return realpath(a, ra) && realpath(b, rb) && strcmp(ra, rb) == 0;
+}
+
+static int load_checkpoint(run *r, const char *path, const kd_ckpt_expect *ex)
+{
+    kd_ckpt *ck = NULL;
+    kd_tensor_view *v = NULL;
+    int rc = kd_ckpt_open(&ck, path, ex, r->e);
+    if (rc != KD_OK)
+        return wrap_err(r->e, rc, "cannot resume: ", "");
+    kd_ckpt_state st;
+    rc = kd_ckpt_state_get(ck, &st, r->e);
+    if (rc != KD_OK) {
+        wrap_err(r->e, rc, "cannot resume: ", "");
+        goto out;
+    }
+    const char *fmt = kd_ckpt_meta(ck, "kdkit_train");
+    if (!fmt || strcmp(fmt, TRAIN_FORMAT) != 0) {
+        rc = kd_err_set(r->e, fmt ? KD_EVERSION : KD_ECORRUPT,
+                        "cannot resume: %s was not written by kdkit train (metadata "
+                        "kdkit_train is %s%s%s, expected \"" TRAIN_FORMAT "\")",
+                        path, fmt ? "\"" : "", fmt ? fmt : "missing", fmt ? "\"" : "");
+        goto out;
+    }
+    const char *corpus = kd_ckpt_meta(ck, "corpus_sha256");
+    const char *cbytes = kd_ckpt_meta(ck, "corpus_bytes");
+    const char *have = kd_train_data_sha256(r->data);
+    if (!corpus || strcmp(corpus, have) != 0) {
+        rc = kd_err_set(r->e, KD_EMISMATCH,
+                        "cannot resume: %s was trained on a corpus with SHA-256 %s (%s bytes), "
+                        "but data.path (%s) now holds one with SHA-256 %s (%lld bytes). Restore "
+                        "the original corpus, or start a new run with another --output-dir",
+                        path, corpus ? corpus : "(missing)", cbytes ? cbytes : "?",
+                        r->c->data_path, have, (long long)kd_train_data_bytes(r->data));
+        goto out;
+    }
+    const char *hash = kd_tracker_config_hash(r->t);
+    if (!st.config_hash || strcmp(st.config_hash, hash) != 0) {
+        rc = kd_err_set(r->e, KD_EMISMATCH,
+                        "cannot resume: %s was written under config hash %s, but this run's "
+                        "config hash is %s. Resume with the config it was written with (its "
+                        "\"config\" metadata: kdkit ckpt inspect %s), or start a new run with "
+                        "another --output-dir",
+                        path, st.config_hash && *st.config_hash ? st.config_hash : "(none)",
+                        hash, path);
+        goto out;
+    }
+    size_t n = kd_ckpt_count(ck);
+    v = calloc(n ? n : 1, sizeof *v);
+    if (!v) {
+        rc = kd_err_set(r->e, KD_ENOMEM, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n && rc == KD_OK; i++)
+        rc = kd_ckpt_tensor(ck, i, &v[i]);
+    if (rc == KD_OK)
+        rc = kd_gpt_load_views(r->m, v, n, r->e);
+    if (rc == KD_OK)
+        rc = kd_adamw_load_views(r->opt, v, n, r->e);
+    if (rc != KD_OK) {
+        wrap_err(r->e, rc, "cannot resume: ", "");
+        goto out;
+    }
+    rc = kd_rng_from_string(&r->rng, st.rng_state, r->e);
+    if (rc != KD_OK) {
+        wrap_err(r->e, KD_ECORRUPT, "cannot resume: rng_state: ", "");
+        rc = KD_ECORRUPT;
+        goto out;
+    }
+    kd_lr_schedule ls;
+    int64_t lstep = 0;
+    rc = kd_lr_from_string(&ls, &lstep, st.lr_schedule, r->e);
+    if (rc != KD_OK) {
+        wrap_err(r->e, KD_ECORRUPT, "cannot resume: lr_schedule: ", "");
+        rc = KD_ECORRUPT;
+        goto out;
+    }
+    if (ls.lr_max != r->sched.lr_max || ls.lr_min != r->sched.lr_min ||
+        ls.warmup_steps != r->sched.warmup_steps || ls.total_steps != r->sched.total_steps ||
+        lstep != st.step) {
+        rc = kd_err_set(r->e, KD_EMISMATCH,
+                        "cannot resume: %s holds LR schedule \"%s\", which is not this config's",
+                        path, st.lr_schedule);
+        goto out;
+    }
+    if (st.step < 0 || st.step > r->c->steps || st.dataset_position < 0) {
+        rc = kd_err_set(r->e, KD_ECORRUPT,
+                        "cannot resume: %s: step %lld / dataset_position %lld out of range for "
+                        "train.steps %lld",
+                        path, (long long)st.step, (long long)st.dataset_position,
+                        (long long)r->c->steps);
+        goto out;
+    }
+    r->step = st.step;
+    r->pos = st.dataset_position;
+    r->last_loss = st.loss;
+    if (strcmp(st.session_id ? st.session_id : "", kd_tracker_session_id(r->t)) != 0)
+        say(r, KD_TRAIN_EV_INFO, "checkpoint comes from session %s (same config)",
+            st.session_id && *st.session_id ? st.session_id : "(unknown)");
+out:
+    free(v);
+    kd_ckpt_close(ck);
+    return rc;
+}
+
+/* --resume auto | PATH. Sets r->step/pos when a checkpoint is loaded. */
+static int resume(run *r)
+{
+    const char *want = r->o->resume;
+    if (!want)
+        return KD_OK;
+    if (strcmp(want, "auto") == 0) {
+        kd_recovery rec;
+        int rc = kd_tracker_recovery_checkpoint(r->t, &rec);
+        if (rc != KD_OK)
+            return trk_err(r, rc, "cannot find a recovery checkpoint");
+        say_lines(r, KD_TRAIN_EV_WARN, "skipped checkpoint ", rec.skipped);
+        if (!rec.found) {
+            say(r, KD_TRAIN_EV_INFO,
+                "--resume auto: no usable checkpoint in %s; starting from step 0",
+                kd_tracker_dir(r->t));
+            return KD_OK;
+        }
+        kd_ckpt_expect ex = {rec.size, rec.sha256};
+        rc = load_checkpoint(r, rec.path, &ex);
+        if (rc != KD_OK)
+            return rc;
+        snprintf(r->last_ckpt_path, sizeof r->last_ckpt_path, "%s", rec.path);
+    } else {
+        kd_ckpt_expect ex = {-1, NULL};
+        int known = 0;
+        for (size_t i = 0; i < kd_tracker_checkpoint_count(r->t); i++) {
+            kd_checkpoint_record cr;
+            if (kd_tracker_checkpoint_get(r->t, i, &cr) == KD_OK && same_file(cr.path, want) &&
+                cr.sha256) {
+                ex.size = cr.size;
+                ex.sha256 = cr.sha256;
+                known = 1;
+            }
+        }
+        if (!known)
+            say(r, KD_TRAIN_EV_INFO,
+                "%s is not in %s/checkpoints.json: loading it with the format checks only (no "
+                "recorded size and SHA-256 to compare)",
+                want, kd_tracker_dir(r->t));
+        char keep[64] = "";
+        if (ex.sha256)
+            snprintf(keep, sizeof keep, "%s", ex.sha256);
+        if (known)
+            ex.sha256 = keep; /* the record's strings live until the next tracker call */
+        int rc = load_checkpoint(r, want, known ? &ex : NULL);
+        if (rc != KD_OK)
+            return rc;
+        snprintf(r->last_ckpt_path, sizeof r->last_ckpt_path, "%s", want);
+    }
+    r->last_ckpt_step = r->step;
+    r->last_lr = NAN;
+    say(r, KD_TRAIN_EV_INFO, "resuming from %s: step %lld of %lld, dataset position %lld",
+        r->last_ckpt_path, (long long)r->step, (long long)r->c->steps, (long long)r->pos);
+    return KD_OK;
+}
+
+/* Move eval.jsonl lines after `step` to eval.rewound.jsonl. */
+static int open_eval_journal(run *r)
+{
+    char path[PATH_MAX], aside[PATH_MAX];
+    snprintf(path, sizeof path, "%s/eval.jsonl", kd_tracker_dir(r->t));
+    snprintf(aside, sizeof aside, "%s/eval.rewound.jsonl", kd_tracker_dir(r->t));
+    kd_jsonl_opts jo = {.sync = KD_SYNC_EXPLICIT};
+    kd_jsonl_repair rep;
+    int rc = kd_jsonl_open(&r->evalj, path, &jo, &rep, r->e);
+    if (rc != KD_OK)
+        return rc;
+    if (rep.repaired)
+        say(r, KD_TRAIN_EV_INFO, "repaired torn tail of eval.jsonl (%llu bytes moved to %s)",
+            (unsigned long long)rep.bytes_moved, rep.aside_path);
+    for (;;) {
+        char *line = NULL;
+        uint64_t off = 0;
+        kd_err le;
+        rc = kd_jsonl_last_line(path, &line, &off, &le);
+        if (rc == KD_ENOTFOUND)
+            return KD_OK;
+        if (rc != KD_OK) {
+            *r->e = le;
+            return rc;
+        }
+        json_t *j = json_loads(line, 0, NULL);
+        free(line);
+        json_int_t s = json_integer_value(json_object_get(j, "step"));
+        json_decref(j);
+        if (s <= r->step)
+            return KD_OK;
+        rc = kd_jsonl_move_tail(r->evalj, off, aside, r->e);
+        if (rc != KD_OK)
+            return rc;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Checkpoints, validation                                                   */
+
+static int checkpoint(run *r, const char *reason_tag)
+{
+    const kd_train_config *c = r->c;
+    char path[PATH_MAX];
+    if (snprintf(path, sizeof path, "%s/checkpoint_%lld.safetensors", kd_tracker_dir(r->t),
+                 (long long)r->step) >= (int)sizeof path)
+        return kd_err_set(r->e, KD_EINVAL, "output directory path too long");
+    char rng[KD_RNG_STRING_MAX], lr[KD_LR_STRING_MAX], model[KD_GPT_CONFIG_STRING_MAX];
+    char cbytes[32];
+    kd_rng_to_string(&r->rng, rng, sizeof rng);
+    kd_lr_to_string(&r->sched, r->step, lr, sizeof lr);
+    kd_gpt_config_to_string(&c->model, model, sizeof model);
+    snprintf(cbytes, sizeof cbytes, "%lld", (long long)kd_train_data_bytes(r->data));
+    kd_ckpt_state st = {
+        .step = r->step,
+        .dataset_position = r->pos,
+        .rng_state = rng,
+        .lr_schedule = lr,
+        .session_id = kd_tracker_session_id(r->t),
+        .config_hash = kd_tracker_config_hash(r->t),
+        .loss = r->last_loss,
+        .created_at = 0,
+    };
+    kd_ckpt_meta_set ms;
+    kd_ckpt_meta_init(&ms, &st);
+    int rc = kd_ckpt_meta_add(&ms, "kdkit_train", TRAIN_FORMAT);
+    if (rc == KD_OK)
+        rc = kd_ckpt_meta_add(&ms, "model", model);
+    if (rc == KD_OK)
+        rc = kd_ckpt_meta_add(&ms, "corpus_sha256", kd_train_data_sha256(r->data));
+    if (rc == KD_OK)
+        rc = kd_ckpt_meta_add(&ms, "corpus_bytes", cbytes);
+    if (rc == KD_OK)
+        rc = kd_ckpt_meta_add(&ms, "config", r->identity);
+    if (rc != KD_OK)
+        return kd_err_set(r->e, rc, "checkpoint metadata: too many keys");
+    /* eval lines up to this step are durable before the checkpoint exists */
+    rc = kd_jsonl_sync(r->evalj, r->e);
+    if (rc != KD_OK)
+        return rc;
+    kd_ckpt_written w;
+    rc = kd_ckpt_write(path, r->views, r->nviews, ms.kv, ms.n, &w, r->e);
+    if (rc != KD_OK)
+        return wrap_err(r->e, rc, "writing checkpoint: ", "");
+    const char *tags[3];
+    size_t ntags = 0;
+    char every[64];
+    if (reason_tag) {
+        tags[ntags++] = reason_tag;
+    } else {
+        snprintf(every, sizeof every, "every_%lld_steps", (long long)c->ckpt_every);
+        tags[ntags++] = every;
+    }
+    if (isfinite(r->last_loss) && r->last_loss < r->best_ckpt_loss) {
+        tags[ntags++] = "best_loss";
+        r->best_ckpt_loss = r->last_loss;
+    }
+    kd_checkpoint_info ci = {
+        .step = r->step,
+        .path = path,
+        .dataset_position = r->pos,
+        .tags = tags,
+        .ntags = ntags,
+        .sha256 = w.sha256,
+        .size = (int64_t)w.size,
+    };
+    rc = kd_tracker_record_checkpoint(r->t, &ci);
+    if (rc != KD_OK)
+        return trk_err(r, rc, "recording checkpoint");
+    r->last_ckpt_step = r->step;
+    snprintf(r->last_ckpt_path, sizeof r->last_ckpt_path, "%s", path);
+    kd_retention pol = {.keep_last = (size_t)c->keep_last, .major_every = c->keep_every};
+    kd_ckpt_retain_report rep;
+    kd_err re;
+    rc = kd_ckpt_retain(r->t, &pol, r->step, &rep, &re);
+    if (rc != KD_OK)
+        say(r, KD_TRAIN_EV_WARN, "checkpoint retention skipped: %s", re.msg);
+    else if (rep.refused)
+        say_lines(r, KD_TRAIN_EV_WARN, "retention: ", rep.detail);
+    event(r, KD_TRAIN_EV_CHECKPOINT, path);
+    return KD_OK;
+}
+
+static int validate(run *r)
+{
+    const kd_train_config *c = r->c;
+    const int B = c->batch_size, T = c->model.n_ctx;
+    double sum = 0;
+    int64_t n = 0;
+    for (int64_t j = 0; j < c->eval_batches; j++) {
+        if (kd_train_data_val_batch(r->data, j, B, r->x, r->y) != KD_OK)
+            return KD_OK;
+        int rc = kd_gpt_forward(r->m, r->x, B, T, r->e);
+        if (rc != KD_OK)
+            return rc;
+        kd_gpt_loss_spec sp = {.targets = r->y, .ce_weight = 1.0f};
+        kd_gpt_loss_out lo;
+        rc = kd_gpt_loss_logits(kd_gpt_logits(r->m), NULL, (size_t)B * (size_t)T, &sp, &lo,
+                                r->e);
+        if (rc != KD_OK)
+            return rc;
+        sum += lo.ce;
+        n++;
+    }
+    r->last_val = n ? sum / (double)n : NAN;
+    json_t *j = json_object();
+    json_object_set_new(j, "step", json_integer(r->step));
+    json_object_set_new(j, "val_loss", isfinite(r->last_val) ? json_real(r->last_val) : json_null());
+    json_object_set_new(j, "batches", json_integer(n));
+    json_object_set_new(j, "timestamp", json_real(kd_now()));
+    char *line = json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(17));
+    json_decref(j);
+    if (!line)
+        return kd_err_set(r->e, KD_ENOMEM, "out of memory");
+    int rc = kd_jsonl_append(r->evalj, line, strlen(line), r->e);
+    free(line);
+    if (rc != KD_OK)
+        return rc;
+    event(r, KD_TRAIN_EV_EVAL, NULL);
+    return KD_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The loop                                                                  */
+
+static int one_step(run *r)
+{
+    const kd_train_config *c = r->c;
+    const int B = c->batch_size, T = c->model.n_ctx;
+    kd_train_data_batch(r->data, r->pos, B, r->x, r->y);
+    kd_gpt_zero_grad(r->m);
+    int rc = kd_gpt_forward(r->m, r->x, B, T, r->e);
+    /* The distillation terms slot in here: kd_weight > 0 with the teacher's
+       top-k ids and log-probs for these positions. */
+    kd_gpt_loss_spec sp = {.targets = r->y, .ce_weight = 1.0f, .kd_weight = 0.0f};
+    kd_gpt_loss_out lo;
+    if (rc == KD_OK)
+        rc = kd_gpt_loss(r->m, &sp, &lo, r->e);
+    if (rc == KD_OK)
+        rc = kd_gpt_backward(r->m, r->e);
+    if (rc != KD_OK)
+        return wrap_err(r->e, rc, "training step: ", "");
+    double lr = kd_lr_at(&r->sched, r->step);
+    double norm = kd_gpt_clip_grad_norm(r->m, c->grad_clip);
+    if (isfinite(norm)) {
+        rc = kd_adamw_step(r->opt, lr, r->e);
+        if (rc != KD_OK)
+            return rc;
+    } else {
+        say(r, KD_TRAIN_EV_WARN, "step %lld: gradient norm is %g; update skipped",
+            (long long)r->step + 1, norm);
+    }
+    r->step++;
+    r->pos += B;
+    r->last_loss = lo.total;
+    r->last_lr = lr;
+    kd_metrics m;
+    kd_metrics_init(&m);
+    m.step = r->step;
+    m.loss = lo.total;
+    m.loss_ce = lo.ce;
+    m.learning_rate = lr;
+    m.samples_processed = r->pos;
+    m.tokens_processed = r->pos * T;
+    rc = kd_tracker_update_metrics(r->t, &m);
+    if (rc != KD_OK)
+        return trk_err(r, rc, "recording metrics");
+    return KD_OK;
+}
+
+static int stop_requested(const run *r)
+{
+    return r->o->stop && *r->o->stop;
+}
+
+static int loop(run *r)
+{
+    const kd_train_config *c = r->c;
+    r->next_progress = kd_monotonic();
+    if (r->step >= c->steps) {
+        say(r, KD_TRAIN_EV_INFO, "the run is already complete (step %lld of %lld)",
+            (long long)r->step, (long long)c->steps);
+        r->res->completed = 1;
+        return KD_OK;
+    }
+    while (r->step < c->steps) {
+        if (stop_requested(r))
+            break;
+        int rc = one_step(r);
+        if (rc != KD_OK)
+            return rc;
+        if (c->eval_every > 0 && r->step % c->eval_every == 0) {
+            rc = validate(r);
+            if (rc != KD_OK)
+                return rc;
+        }
+        int last = r->step == c->steps;
+        if (r->step % c->ckpt_every == 0 || last) {
+            rc = checkpoint(r, last ? "final" : NULL);
+            if (rc != KD_OK)
+                return rc;
+        }
+        double now = kd_monotonic();
+        if (last || now >= r->next_progress) {
+            event(r, KD_TRAIN_EV_PROGRESS, NULL);
+            r->next_progress = now + r->o->progress_seconds;
+        }
+    }
+    if (r->step >= c->steps) {
+        r->res->completed = 1;
+        return KD_OK;
+    }
+    /* Stopped on request: save where we are, then record the pause. */
+    if (r->step > r->last_ckpt_step) {
+        int rc = checkpoint(r, "stop");
+        if (rc != KD_OK)
+            return rc;
+    }
+    event(r, KD_TRAIN_EV_PROGRESS, NULL);
+    int rc = kd_tracker_record_pause(r->t, 0);
+    if (rc != KD_OK)
+        return trk_err(r, rc, "recording the pause");
+    r->res->stopped = 1;
+    return KD_EINTR;
+}
+
+int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_result *res,
+                 kd_err *e)
+{
+    if (!c || !o || !o->output_dir || !*o->output_dir || !res)
+        return kd_err_set(e, KD_EINVAL, "kd_train_run: config, options with output_dir, and "
+                                        "a result are required");
+    memset(res, 0, sizeof *res);
+    res->last_val_loss = NAN;
+    res->summary.latest_loss = NAN;
+    snprintf(res->loss_trend, sizeof res->loss_trend, "insufficient_data");
+    kd_err local;
+    run r = {.c = c, .o = o, .e = e ? e : &local, .res = res};
+    r.last_loss = r.last_val = r.last_lr = NAN;
+    r.best_ckpt_loss = INFINITY;
+    r.last_ckpt_step = -1;
+    int rc = kd_train_config_validate(c, r.e);
+    if (rc != KD_OK)
+        goto out;
+    if (o->resume && !*o->resume) {
+        rc = kd_err_set(r.e, KD_EINVAL, "--resume needs 'auto' or a checkpoint path");
+        goto out;
+    }
+    kd_gpt_set_threads(c->threads);
+
+    rc = kd_train_data_open(&r.data, c->data_path, c->model.n_ctx, c->val_fraction, c->seed, r.e);
+    if (rc != KD_OK)
+        goto out;
+    say(&r, KD_TRAIN_EV_INFO,
+        "corpus %s: %lld file%s, %lld bytes, sha256 %.16s...; %lld training and %lld held-out "
+        "windows of %d bytes",
+        c->data_path, (long long)kd_train_data_files(r.data),
+        kd_train_data_files(r.data) == 1 ? "" : "s", (long long)kd_train_data_bytes(r.data),
+        kd_train_data_sha256(r.data), (long long)kd_train_data_n_train(r.data),
+        (long long)kd_train_data_n_val(r.data), c->model.n_ctx + 1);
+    rc = kd_train_config_identity_json(c, kd_train_data_sha256(r.data),
+                                       kd_train_data_bytes(r.data), &r.identity, r.e);
+    if (rc != KD_OK)
+        goto out;
+
+    rc = check_existing(&r);
+    if (rc == KD_OK)
+        rc = open_tracker(&r);
+    if (rc == KD_OK)
+        rc = build_model(&r);
+    if (rc != KD_OK)
+        goto out;
+    say(&r, KD_TRAIN_EV_INFO,
+        "model %d layers, %d heads, width %d, context %d: %zu parameters; batch %d, %d "
+        "thread%s; session %s",
+        c->model.n_layer, c->model.n_head, c->model.d_model, c->model.n_ctx,
+        kd_gpt_num_params(r.m), c->batch_size, c->threads, c->threads == 1 ? "" : "s",
+        kd_tracker_session_id(r.t));
+    rc = resume(&r);
+    if (rc != KD_OK)
+        goto out;
+    res->start_step = r.step;
+    if (kd_tracker_rewind(r.t, r.step) != KD_OK) {
+        rc = trk_err(&r, KD_EIO, "rewinding the metrics to the resume step");
+        goto out;
+    }
+    {
+        kd_recovery best;
+        if (kd_tracker_best_checkpoint(r.t, &best) == KD_OK && best.found && isfinite(best.loss))
+            r.best_ckpt_loss = best.loss;
+    }
+    rc = open_eval_journal(&r);
+    if (rc != KD_OK)
+        goto out;
+
+    rc = loop(&r);
+
+out:
+    res->step = r.step;
+    res->last_val_loss = r.last_val;
+    snprintf(res->last_checkpoint, sizeof res->last_checkpoint, "%s", r.last_ckpt_path);
+    if (r.evalj) {
+        kd_err je;
+        int jrc = kd_jsonl_close(r.evalj, &je);
+        if (jrc != KD_OK && (rc == KD_OK || rc == KD_EINTR)) {
+            *r.e = je;
+            rc = jrc;
+        }
+    }
+    if (r.t) {
+        kd_summary s;
+        if (kd_tracker_summary(r.t, &s) == KD_OK) {
+            res->summary = s;
+            snprintf(res->loss_trend, sizeof res->loss_trend, "%s", s.loss_trend);
+        }
+        res->summary.session_id = res->session_id;
+        res->summary.loss_trend = res->loss_trend;
+        /* close frees the handle even when its last save fails */
+        int crc = kd_tracker_close(r.t);
+        if (crc != KD_OK && (rc == KD_OK || rc == KD_EINTR))
+            rc = kd_err_set(r.e, crc, "closing the tracker: the last save of %s failed (%s)",
+                            res->output_dir, kd_strerror(crc));
+    } else {
+        res->summary.session_id = res->session_id;
+        res->summary.loss_trend = res->loss_trend;
+    }
+    kd_adamw_free(r.opt);
+    kd_gpt_free(r.m);
+    kd_train_data_free(r.data);
+    free(r.views);
+    free(r.x);
+    free(r.y);
+    free(r.identity);
+    return rc;
+}
