@@ -120,7 +120,7 @@ static int bench_client(int port, int nreq, int inflight, const char *mode, cons
     kd_tracker *tr = NULL;
     kd_err e;
     if (full) {
-        char tdir[1024];
+        char tdir[900];
         snprintf(tdir, sizeof tdir, "%s/bench_run_%d", dir, (int)(now() * 1000) % 1000000);
         snprintf(cache, sizeof cache, "%s/cache.sqlite", tdir);
         if (kd_tracker_open(&tr, tdir, "{\"bench\":1}", 0, NULL, &e) != KD_OK) {

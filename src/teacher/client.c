@@ -910,7 +910,7 @@ static void attempt_failed(kd_teacher *t, job *j, kd_teacher_outcome out, long s
         t->possibly_billed_cost += j->reserve;
     if (out == KD_OUT_QUOTA && !t->quota_exhausted) {
         t->quota_exhausted = 1;
-        snprintf(t->quota_msg, sizeof t->quota_msg, "%s", j->last_err);
+        snprintf(t->quota_msg, sizeof t->quota_msg, "%.400s", j->last_err);
     }
     pthread_mutex_unlock(&t->mu);
     if (possibly_billed)
@@ -990,7 +990,7 @@ static void handle_done(kd_teacher *t, job *j, CURLM *multi, CURLcode cres)
         char pm[300];
         if (status >= 200 && status < 300) {
             billed = 1;
-            snprintf(what, sizeof what, "HTTP %ld with an invalid body: %s", status, pe.msg);
+            snprintf(what, sizeof what, "HTTP %ld with an invalid body: %.500s", status, pe.msg);
         } else {
             provider_message(j->resp, j->resp_len, pm, sizeof pm);
             snprintf(what, sizeof what, "HTTP %ld%s", status, pm);
