@@ -100,7 +100,8 @@ int kd_serve_backend_toy(kd_serve_backend *out, uint64_t seed, kd_err *e);
  * The GPT of kdkit/model.h from a safetensors checkpoint (kdkit/ckpt.h).
  * `name` is the served model id (NULL: "kdkit-gpt").  The architecture comes
  * from `config_string` ("n_layer=4 n_head=4 d_model=128 n_ctx=128") or, when
- * NULL, from the checkpoint's "gpt_config" or "model_config" metadata.
+ * NULL, from the checkpoint's "gpt_config", "model_config" or "model"
+ * metadata ("model" is what kdkit train writes).
  * Tensors named "opt.*" (optimizer state) are ignored.
  */
 int kd_serve_backend_gpt(kd_serve_backend *out, const char *ckpt_path, const char *name,

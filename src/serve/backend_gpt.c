@@ -142,6 +142,8 @@ int kd_serve_backend_gpt(kd_serve_backend *out, const char *ckpt_path, const cha
         cs = kd_ckpt_meta(ck, "gpt_config");
     if (!cs)
         cs = kd_ckpt_meta(ck, "model_config");
+    if (!cs)
+        cs = kd_ckpt_meta(ck, "model"); /* what kdkit train writes */
     if (!cs) {
         rc = kd_err_set(e, KD_ECONFIG, "%s: no gpt_config metadata; give the architecture "
                                        "(--gpt-config \"n_layer=.. n_head=.. d_model=.. "
