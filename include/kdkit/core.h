@@ -50,6 +50,14 @@ double kd_monotonic(void);
 int kd_file_write_atomic(const char *path, const void *data, size_t len, kd_err *e);
 
 /*
+ * The same without the final directory fsync, for several files replaced in
+ * one directory and made durable together by one kd_fsync_dir(): until that
+ * returns, a power cut may undo some of the renames, each file then being
+ * its old self, whole.  Saves one fsync per file.
+ */
+int kd_file_write_atomic_nosyncdir(const char *path, const void *data, size_t len, kd_err *e);
+
+/*
  * Streaming form of the same, for files too large to hold in memory
  * (checkpoints).  kd_atomic_begin creates "<dir>/.<name>.tmp.<pid>.<n>";
  * kd_atomic_commit fsyncs, renames over `path` and fsyncs the directory, then

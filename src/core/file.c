@@ -141,7 +141,7 @@ void kd_atomic_abort(kd_atomic *a)
     free(a);
 }
 
-int kd_atomic_commit(kd_atomic *a, kd_err *e)
+static int commit(kd_atomic *a, int sync_dir, kd_err *e)
 {
     int rc = KD_OK;
     if (!a)
@@ -169,7 +169,7 @@ int kd_atomic_commit(kd_atomic *a, kd_err *e)
     a->tmp = NULL; /* renamed: nothing to unlink any more */
     kd_err dir_err;
     kd_err_clear(&dir_err);
-    if (kd_fsync_dir(a->dir, &dir_err) != KD_OK)
+    if (sync_dir && kd_fsync_dir(a->dir, &dir_err) != KD_OK)
         rc = kd_err_sys(e, KD_EIO, dir_err.sys_errno,
                         "%s was replaced but the rename may not survive a crash (%s)",
                         a->path, dir_err.msg);
@@ -178,7 +178,12 @@ fail:
     return rc;
 }
 
-int kd_file_write_atomic(const char *path, const void *data, size_t len, kd_err *e)
+int kd_atomic_commit(kd_atomic *a, kd_err *e)
+{
+    return commit(a, 1, e);
+}
+
+static int write_atomic(const char *path, const void *data, size_t len, int sync_dir, kd_err *e)
 {
     kd_atomic *a = NULL;
     int rc = kd_atomic_begin(&a, path, e);
@@ -189,7 +194,17 @@ int kd_file_write_atomic(const char *path, const void *data, size_t len, kd_err 
         kd_atomic_abort(a);
         return rc;
     }
-    return kd_atomic_commit(a, e);
+    return commit(a, sync_dir, e);
+}
+
+int kd_file_write_atomic(const char *path, const void *data, size_t len, kd_err *e)
+{
+    return write_atomic(path, data, len, 1, e);
+}
+
+int kd_file_write_atomic_nosyncdir(const char *path, const void *data, size_t len, kd_err *e)
+{
+    return write_atomic(path, data, len, 0, e);
 }
 
 int kd_file_read_all(const char *path, size_t max, char **out, size_t *len, kd_err *e)

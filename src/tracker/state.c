@@ -234,7 +234,8 @@ static int write_doc(kd_tracker *t, const char *name, kd_sb *s)
         return kd_trk_fail(t, kd_sb_error(s), "%s: document too large or out of memory", name);
     char path[PATH_MAX];
     kd_trk_path(t, name, path, sizeof path);
-    return kd_file_write_atomic(path, s->buf, s->len, &t->err);
+    /* the caller fsyncs the directory once for all the files it replaced */
+    return kd_file_write_atomic_nosyncdir(path, s->buf, s->len, &t->err);
 }
 
 static int write_checkpoints(kd_tracker *t)
@@ -332,18 +333,22 @@ static int tail_print(const char *path, uint64_t offset, char hex[KD_SHA256_HEX]
     return kd_sha256_hex(buf, n, hex) == KD_OK ? 0 : -1;
 }
 
-static void kv_tail_print(kd_tracker *t, kd_sb *s, const char *key, const char *name, kd_jsonl *j)
+static int kv_tail_print(kd_tracker *t, kd_sb *s, const char *key, const char *name, kd_jsonl *j)
 {
     char path[PATH_MAX], hex[KD_SHA256_HEX];
     kd_trk_path(t, name, path, sizeof path);
     kd_sb_printf(s, ",\n  \"%s\": ", key);
-    if (j && tail_print(path, kd_jsonl_size(j), hex) == 0)
-        kd_sb_json_cstr(s, hex);
-    else
+    if (!j) {
         kd_sb_puts(s, "null");
+        return KD_OK;
+    }
+    if (tail_print(path, kd_jsonl_size(j), hex) != 0)
+        return kd_err_sys(&t->err, KD_EIO, errno, "cannot read the end of %s", path);
+    kd_sb_json_cstr(s, hex);
+    return KD_OK;
 }
 
-int kd_trk_write_session(kd_tracker *t)
+static int write_session_files(kd_tracker *t)
 {
     if (t->readonly)
         return KD_OK;
@@ -383,8 +388,11 @@ int kd_trk_write_session(kd_tracker *t)
     kv_num(&s, "recent_tokens_per_sec", to);
     kv_int(&s, "api_recovery_bytes", t->api ? (int64_t)kd_jsonl_size(t->api) : 0);
     kv_int(&s, "failures_bytes", t->failures ? (int64_t)kd_jsonl_size(t->failures) : 0);
-    kv_tail_print(t, &s, "api_recovery_tail_sha256", F_API, t->api);
-    kv_tail_print(t, &s, "failures_tail_sha256", F_FAILURES, t->failures);
+    if (kv_tail_print(t, &s, "api_recovery_tail_sha256", F_API, t->api) != KD_OK ||
+        kv_tail_print(t, &s, "failures_tail_sha256", F_FAILURES, t->failures) != KD_OK) {
+        kd_sb_free(&s);
+        return KD_EIO;
+    }
     kd_sb_puts(&s, ",\n  \"pause_log\": [");
     size_t n = t->pause_log_n < KD_PAUSE_LOG_MAX ? t->pause_log_n : KD_PAUSE_LOG_MAX;
     for (size_t i = 0; i < n; i++) {
@@ -404,16 +412,36 @@ int kd_trk_write_session(kd_tracker *t)
         return kd_trk_fail(t, KD_ENOMEM, "progress.json: out of memory");
     char path[PATH_MAX];
     kd_trk_path(t, F_PROGRESS, path, sizeof path);
-    rc = kd_file_write_atomic(path, p, strlen(p), &t->err);
+    rc = kd_file_write_atomic_nosyncdir(path, p, strlen(p), &t->err);
     free(p);
     return rc;
 }
 
+/* One directory fsync makes every rename before it durable. */
+static int sync_dir(kd_tracker *t)
+{
+    return kd_fsync_dir(t->dir, &t->err);
+}
+
+int kd_trk_write_session(kd_tracker *t)
+{
+    int rc = write_session_files(t);
+    return rc == KD_OK && !t->readonly ? sync_dir(t) : rc;
+}
+
+/*
+ * checkpoints.json, then session.json and progress.json, then one directory
+ * fsync.  A power cut before it may keep any mix of old and new files, each
+ * whole; every mix is safe: a reopen trusts checkpoints.json, and an older
+ * one only means resuming from the checkpoint before.
+ */
 int kd_trk_write_state(kd_tracker *t)
 {
     int rc = write_checkpoints(t);
     if (rc == KD_OK)
-        rc = kd_trk_write_session(t);
+        rc = write_session_files(t);
+    if (rc == KD_OK)
+        rc = sync_dir(t);
     return rc;
 }
 
@@ -891,8 +919,12 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
     char hex[KD_SHA256_HEX];
     if ((uint64_t)st.st_size < offset)
         why = "is shorter than when session.json was saved";
-    else if (offset > 0 && print && (tail_print(path, offset, hex) != 0 || strcmp(hex, print) != 0))
-        why = "was edited before the point session.json last counted";
+    else if (offset > 0 && print) {
+        if (tail_print(path, offset, hex) != 0)
+            return kd_err_sys(&t->err, KD_EIO, errno, "cannot read %s", path);
+        if (strcmp(hex, print) != 0)
+            why = "was edited before the point session.json last counted";
+    }
     if (why) {
         kd_sb_printf(&t->report, "%s %s; counted it again from the start\n", name, why);
         offset = 0;
