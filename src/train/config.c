@@ -301,16 +301,16 @@ static int apply_tree(kd_train_config *c, json_t *root, const origin *o, kd_err 
         for (size_t i = 0; i < nsec; i++)
             known |= strcmp(sname, sections[i]) == 0;
         if (!known) {
+            char sb[512];
+            void *it = json_is_object(sval) ? json_object_iter(sval) : NULL;
+            const char *src = it ? src_of(o, sname, json_object_iter_key(it), sb, sizeof sb) : o->file;
             for (size_t i = 0; i < sizeof LATER / sizeof LATER[0]; i++)
                 if (strcmp(sname, LATER[i]) == 0)
                     return kd_err_set(e, KD_ECONFIG,
                                       "%s: %s: distillation is not supported by kdkit train yet "
                                       "(pretraining only); remove the '%s' section",
-                                      o->file, sname, sname);
+                                      src, sname, sname);
             suggest(sname, sections, nsec, hint, sizeof hint);
-            char sb[512];
-            void *it = json_is_object(sval) ? json_object_iter(sval) : NULL;
-            const char *src = it ? src_of(o, sname, json_object_iter_key(it), sb, sizeof sb) : o->file;
             return kd_err_set(e, KD_ECONFIG,
                               "%s: %s: unknown section%s; known sections: model, data, train, "
                               "lr, checkpoint, eval, log",
@@ -521,7 +521,7 @@ int kd_train_config_load(kd_train_config *c, const char *path, const char *const
     kd_train_config_init(c);
     int rc = KD_OK;
     json_t *root = NULL;
-    origin o = {path ? path : "defaults", json_object()};
+    origin o = {path ? path : "built-in config", json_object()};
     c->source = strdup(o.file);
     if (!c->source || !o.set_args) {
         rc = kd_err_set(e, KD_ENOMEM, "out of memory");

@@ -106,7 +106,7 @@ int kd_train_summary_text(const kd_train_result *r, char *buf, size_t cap)
         add(buf, cap, &u, " (%lld pause%s)", (long long)s->pauses, s->pauses == 1 ? "" : "s");
     add(buf, cap, &u, "\n");
     if (s->last_checkpoint_step >= 0)
-        add(buf, cap, &u, "  checkpoints %lld recorded, last at step %lld: %s\n",
+        add(buf, cap, &u, "  checkpoints %lld kept, last at step %lld: %s\n",
             (long long)s->checkpoints, (long long)s->last_checkpoint_step, r->last_checkpoint);
     else
         add(buf, cap, &u, "  checkpoints none\n");

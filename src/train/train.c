@@ -147,6 +147,34 @@ static int trk_err(run *r, int rc, const char *what)
 /* ------------------------------------------------------------------------ */
 /* Start-up                                                                  */
 
+/* A corpus that changed under a run gets its own message naming both hashes
+   (the tracker's config diff would only say that data.corpus_sha256 changed). */
+static int check_corpus(run *r)
+{
+    char path[PATH_MAX], *text = NULL;
+    size_t len;
+    snprintf(path, sizeof path, "%s/session.json", r->o->output_dir);
+    if (kd_file_read_all(path, 256u << 20, &text, &len, NULL) != KD_OK)
+        return KD_OK;
+    json_t *s = json_loadb(text, len, 0, NULL);
+    free(text);
+    json_t *d = json_object_get(json_object_get(s, "config"), "data");
+    const char *was = json_string_value(json_object_get(d, "corpus_sha256"));
+    json_int_t was_bytes = json_integer_value(json_object_get(d, "corpus_bytes"));
+    const char *now = kd_train_data_sha256(r->data);
+    int rc = KD_OK;
+    if (was && strcmp(was, now) != 0)
+        rc = kd_err_set(r->e, KD_EMISMATCH,
+                        "the corpus changed: the run in %s was trained on a corpus with SHA-256 "
+                        "%s (%lld bytes), but data.path (%s) now holds one with SHA-256 %s (%lld "
+                        "bytes). Restore the original corpus (it may move, its content may not "
+                        "change), or start a new run with another --output-dir",
+                        r->o->output_dir, was, (long long)was_bytes, r->c->data_path, now,
+                        (long long)kd_train_data_bytes(r->data));
+    json_decref(s);
+    return rc;
+}
+
 /* Refuse to start over a run that has made progress unless asked to resume. */
 static int check_existing(run *r)
 {
@@ -169,6 +197,8 @@ static int check_existing(run *r)
                           "%s already holds run %s (step %lld of %lld). Continue it with "
                           "--resume auto, or start a new run with another --output-dir",
                           r->o->output_dir, id, (long long)steps, (long long)total);
+    if (r->o->resume)
+        return check_corpus(r);
     return KD_OK;
 }
 
@@ -209,13 +239,16 @@ static int open_tracker(run *r)
                                                            : KD_MISMATCH_NEW_SESSION;
     int rc = kd_tracker_open(&r->t, r->o->output_dir, r->identity, r->c->steps, &to, r->e);
     if (rc == KD_EMISMATCH) {
+        /* keep the tracker's list of changed keys, give kdkit train's advice */
+        char *cut = r->e ? strstr(r->e->msg, "Nothing was changed.") : NULL;
+        if (cut)
+            cut[strlen("Nothing was changed.")] = '\0';
         char sfx[1024];
         snprintf(sfx, sizeof sfx,
-                 ". The run in %s was started with another config or corpus; resume it with "
-                 "the config it was started with (%s/session.json holds it under \"config\"; "
-                 "data.path may move, its content may not), or start this config with "
-                 "another --output-dir",
-                 r->o->output_dir, r->o->output_dir);
+                 " %s it with the config it was started with (%s/session.json holds it under "
+                 "\"config\"; data.path may move, but its content may not change), or run "
+                 "this config with another --output-dir",
+                 r->o->resume ? "Resume" : "Continue", r->o->output_dir);
         return wrap_err(r->e, rc, "", sfx);
     }
     if (rc == KD_ELOCKED)
