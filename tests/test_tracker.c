@@ -477,6 +477,46 @@ static void test_api_responses_and_failures(void **state)
     free(dir);
 }
 
+static void test_api_responses_group_commit(void **state)
+{
+    (void)state;
+    char *dir = mkdtemp_dir();
+    kd_tracker *t = open_ok(dir, CFG, 100);
+    kd_api_response rs[5];
+    char text[5][16];
+    for (int i = 0; i < 5; i++) {
+        kd_api_response_init(&rs[i]);
+        snprintf(text[i], sizeof text[i], "answer %d", i);
+        rs[i].prompt = text[i];
+        rs[i].response = text[i];
+        rs[i].cost = 0.5;
+        rs[i].sample_index = i;
+    }
+    /* one fdatasync for the batch */
+    kd_fault_clear();
+    assert_int_equal(kd_tracker_record_api_responses(t, rs, 5), KD_OK);
+    assert_int_equal(kd_fault_calls(KD_FAULT_FSYNC), 1);
+    /* a failed fdatasync is reported */
+    kd_fault_set(KD_FAULT_FSYNC, 1, EIO, 0, 0);
+    assert_int_equal(kd_tracker_record_api_responses(t, rs, 2), KD_EIO);
+    kd_fault_clear();
+    assert_non_null(strstr(kd_tracker_errmsg(t), "api_recovery.jsonl"));
+    /* an invalid member stops the batch with a message */
+    rs[1].response = NULL;
+    assert_int_equal(kd_tracker_record_api_responses(t, rs, 2), KD_EINVAL);
+    kd_summary s;
+    kd_tracker_summary(t, &s);
+    kd_tracker_close(t);
+    json_t *a = load_jsonl(path_in(dir, "api_recovery.jsonl"));
+    /* the counters match the file whatever happened */
+    assert_int_equal((int64_t)json_array_size(a), s.api_responses_saved);
+    assert_true(json_array_size(a) >= 5);
+    assert_string_equal(json_string_value(json_object_get(json_array_get(a, 4), "response")), "answer 4");
+    json_decref(a);
+    rm_rf(dir);
+    free(dir);
+}
+
 static void test_pause_excluded_from_active_time(void **state)
 {
     (void)state;
@@ -878,6 +918,7 @@ int main(void)
         cmocka_unit_test(test_moved_directory_finds_checkpoints),
         cmocka_unit_test(test_rewind_moves_lines_aside),
         cmocka_unit_test(test_api_responses_and_failures),
+        cmocka_unit_test(test_api_responses_group_commit),
         cmocka_unit_test(test_pause_excluded_from_active_time),
         cmocka_unit_test(test_eta_and_throughput),
         cmocka_unit_test(test_loss_trend_rule),

@@ -185,9 +185,18 @@ void kd_api_response_init(kd_api_response *r);
 /*
  * Append a paid response to api_recovery.jsonl.  With the default policy the
  * line is fsync'd before KD_OK is returned: the response survives a power
- * cut.  Adds cost to the session's spend.
+ * cut.  Adds cost to the session's spend.  An error means the line may or
+ * may not be in the ledger; KD_OK means it is.
  */
 int kd_tracker_record_api_response(kd_tracker *t, const kd_api_response *r);
+
+/*
+ * Group commit: append n responses and make them durable with one fdatasync.
+ * KD_OK means all n are on disk.  On an error, any of them may or may not be
+ * (a retry can record one twice, never zero times): callers that need to
+ * know re-record the whole batch.
+ */
+int kd_tracker_record_api_responses(kd_tracker *t, const kd_api_response *rs, size_t n);
 
 typedef struct kd_failure {
     int retry_count;           /* the attempt that failed, 0-based */

@@ -107,7 +107,9 @@ static int open_journals(kd_tracker *t)
         size_t buffer;
     } js[] = {
         {&t->metrics, F_METRICS, KD_SYNC_EXPLICIT, 1u << 18},
-        {&t->api, F_API, t->opts.api_sync, 0},
+        /* KD_SYNC_ALWAYS is carried out here, one fdatasync per call, so a
+           batch of responses can share one (group commit) */
+        {&t->api, F_API, t->opts.api_sync == KD_SYNC_ALWAYS ? KD_SYNC_EXPLICIT : t->opts.api_sync, 0},
         {&t->failures, F_FAILURES, KD_SYNC_ALWAYS, 0},
         {&t->events, F_EVENTS, KD_SYNC_ALWAYS, 0},
     };
@@ -777,12 +779,11 @@ int kd_tracker_best_checkpoint(kd_tracker *t, kd_recovery *r)
 /* ------------------------------------------------------------------------ */
 /* API responses, failures, pauses                                           */
 
-int kd_tracker_record_api_response(kd_tracker *t, const kd_api_response *r)
+/* Append one ledger line (not yet synced). */
+static int append_api(kd_tracker *t, const kd_api_response *r)
 {
-    if (!t || !r || !r->response)
-        return KD_EINVAL;
-    if (t->readonly)
-        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+    if (!r || !r->response)
+        return kd_trk_fail(t, KD_EINVAL, "record_api_response: a response is required");
     if (!isfinite(r->cost) || r->cost < 0)
         return kd_trk_fail(t, KD_EINVAL, "record_api_response: cost must be a finite number >= 0");
     char ph[KD_SHA256_HEX];
@@ -848,6 +849,29 @@ int kd_tracker_record_api_response(kd_tracker *t, const kd_api_response *r)
     t->api_responses++;
     t->total_cost += r->cost;
     return KD_OK;
+}
+
+int kd_tracker_record_api_responses(kd_tracker *t, const kd_api_response *rs, size_t n)
+{
+    if (!t || (!rs && n))
+        return KD_EINVAL;
+    if (t->readonly)
+        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+    for (size_t i = 0; i < n; i++) {
+        int rc = append_api(t, &rs[i]);
+        if (rc != KD_OK)
+            return rc;
+    }
+    if (n && t->opts.api_sync == KD_SYNC_ALWAYS)
+        return kd_jsonl_sync(t->api, &t->err);
+    return KD_OK;
+}
+
+int kd_tracker_record_api_response(kd_tracker *t, const kd_api_response *r)
+{
+    if (!r)
+        return KD_EINVAL;
+    return kd_tracker_record_api_responses(t, r, 1);
 }
 
 int kd_tracker_record_connection_failure(kd_tracker *t, const kd_failure *f)
