@@ -178,6 +178,7 @@ typedef struct kd_api_response {
     double latency_ms;         /* KD_UNSET when unknown */
     const char *model;         /* the model the response names, or NULL */
     const char *request_id;    /* provider's id, or NULL */
+    const char *teacher_version; /* the cache's teacher version, or NULL */
 } kd_api_response;
 
 void kd_api_response_init(kd_api_response *r);

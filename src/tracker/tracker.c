@@ -840,6 +840,8 @@ static int append_api(kd_tracker *t, const kd_api_response *r)
     kd_sb_json_cstr(s, r->model);
     kd_sb_puts(s, ",\"request_id\":");
     kd_sb_json_cstr(s, r->request_id);
+    kd_sb_puts(s, ",\"teacher_version\":");
+    kd_sb_json_cstr(s, r->teacher_version);
     kd_sb_putc(s, '}');
     if (kd_sb_error(s))
         return kd_trk_fail(t, kd_sb_error(s), "record_api_response: response too large to record");
