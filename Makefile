@@ -3,9 +3,12 @@
 #                and check that clang builds warning-free
 #   make build   optimised build in build/ (bin: build/kdkit)
 #   make bench   run the benchmarks in bench/ (installs the peers first)
+#   make run     the main job: a short pretraining on the built-in defaults
+#                (about a minute on 2 cores) into training_progress/, then
+#                its status; run it again after Ctrl-C and it resumes
 JOBS ?= 2
 
-.PHONY: all deps build test test-asan clang-check bench clean
+.PHONY: all deps build test test-asan clang-check bench run clean
 
 all: build
 
@@ -33,6 +36,13 @@ bench: deps
 	@cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 	@cmake --build build -j$(JOBS)
 	@./bench/run.sh build
+
+run: build
+	@if [ -e training_progress/session.json ]; then resume="--resume auto"; else resume=""; fi; \
+	  echo "+ build/kdkit train --config configs/default.yaml --output-dir training_progress $$resume"; \
+	  build/kdkit train --config configs/default.yaml --output-dir training_progress $$resume
+	@echo "+ build/kdkit status training_progress"
+	@build/kdkit status training_progress
 
 clean:
 	rm -rf build build-asan build-clang
