@@ -619,7 +619,7 @@ static void test_verify_bad_middle_metrics_line_and_its_fix(void **state)
     assert_int_equal(r.code, 1);
     expect_in(r.out, "metrics.jsonl line 17: not valid JSON");
     expect_in(r.out, "Fix: stop the run, then move that line out");
-    expect_in(r.out, "sed -n '17p' metrics.jsonl >> metrics.jsonl.bad && sed -i '17d' metrics.jsonl\n");
+    expect_in(r.out, "sed -n '17p' metrics.jsonl >> metrics.jsonl.bad && sed '17d' metrics.jsonl > metrics.jsonl.new && sync metrics.jsonl.new metrics.jsonl.bad && mv metrics.jsonl.new metrics.jsonl && sync .\n");
     char buf[256];
     assert_string_equal(last_line(r.out, buf, sizeof buf), "1 problem");
     /* the fix, as printed, makes the directory healthy and keeps the line */

@@ -71,7 +71,7 @@ static int on_problem(void *ctx, const kd_verify_problem *p)
     printf(". Fix: ");
     put_safe(p->fix);
     putchar('\n');
-    if (p->line > 0 && strstr(p->fix, "sed -i")) {
+    if (p->line > 0 && strstr(p->fix, "sed -n '")) {
         if (strcmp(o->last_sed_file, p->file) == 0) {
             if (++o->last_sed_count == 2)
                 o->sed_files++;

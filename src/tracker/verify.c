@@ -154,8 +154,10 @@ static void fix_move_line(const vctx *v, const char *file, int64_t line, char *o
        the bytes before the offset it counted to) and recounts the file. */
     snprintf(out, n,
              "stop the run, then move that line out (kept in %s.bad) with: cd %s && "
-             "sed -n '%lldp' %s >> %s.bad && sed -i '%lldd' %s",
-             file, v->qdir, (long long)line, file, file, (long long)line, file);
+             "sed -n '%lldp' %s >> %s.bad && sed '%lldd' %s > %s.new && sync %s.new %s.bad && "
+             "mv %s.new %s && sync .",
+             file, v->qdir, (long long)line, file, file, (long long)line, file, file, file, file,
+             file, file);
 }
 
 static void fix_tail(const char *file, char *out, size_t n)
