@@ -195,7 +195,7 @@ static int parse_string(parser *ps, const char **out, size_t *outlen)
         if (ps->p >= ps->end)
             return syntax(ps, "an escape");
         uint8_t esc = *ps->p++;
-        uint32_t cp;
+        uint32_t cp = 0;
         switch (esc) {
         case '"': dst[o++] = '"'; continue;
         case '\\': dst[o++] = '\\'; continue;
