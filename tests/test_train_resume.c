@@ -34,6 +34,7 @@
 
 #include "kdkit/ckpt.h"
 #include "kdkit/core.h"
+#include "kdkit/tracker.h"
 
 static char g_root[] = "/tmp/kdkit-test-train-XXXXXX";
 static char g_kdkit[4096];
@@ -578,6 +579,42 @@ static void test_resume_auto_without_checkpoint_starts_at_zero(void **state)
     free(t);
 }
 
+static void test_signals_while_saving_do_not_abort(void **state)
+{
+    (void)state;
+    /* SIGUSR1 (pre-emption notice), then two SIGINTs right behind it: the run
+       saves once, exits 0, and the directory is healthy and resumable. */
+    char dir[4200], log[4300];
+    pathf(dir, sizeof dir, "%s/signals", g_root);
+    pathf(log, sizeof log, "%s/signals.log", g_root);
+    const char *args[] = {"--config", g_cfg, "--output-dir", dir, "--set", "train.steps=100000",
+                          "--set", "checkpoint.every=1000", NULL};
+    pid_t pid = spawn(log, args);
+    char mpath[4300];
+    pathf(mpath, sizeof mpath, "%s/metrics.jsonl", dir);
+    struct stat sb;
+    for (int i = 0; i < 10000 && !(stat(mpath, &sb) == 0 && sb.st_size > 0); i++)
+        sleep_ms(1);
+    assert_int_equal(kill(pid, SIGUSR1), 0);
+    assert_int_equal(kill(pid, SIGINT), 0);
+    sleep_ms(1);
+    assert_int_equal(kill(pid, SIGINT), 0);
+    int st = wait_exit(pid);
+    char *t = slurp(log);
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0 || !strstr(t, "stopped at step"))
+        fail_msg("expected a clean stop (status %d):\n%s", st, t);
+    free(t);
+    int64_t s = latest_checkpoint(dir);
+    assert_true(s > 0);
+    kd_err e;
+    int problems = kd_session_verify(dir, 0, NULL, NULL, &e);
+    assert_int_equal(problems, 0);
+    char ck[4300];
+    pathf(ck, sizeof ck, "%s/checkpoint_%lld.safetensors", dir, (long long)s);
+    kd_ckpt_written w;
+    assert_int_equal(kd_ckpt_verify(ck, NULL, &w, &e), KD_OK);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -588,6 +625,7 @@ int main(void)
         cmocka_unit_test(test_resume_from_path_into_new_dir),
         cmocka_unit_test(test_corrupt_newest_checkpoint_falls_back),
         cmocka_unit_test(test_resume_auto_without_checkpoint_starts_at_zero),
+        cmocka_unit_test(test_signals_while_saving_do_not_abort),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

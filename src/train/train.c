@@ -71,6 +71,7 @@ typedef struct run {
     kd_tensor_view *views;
     size_t nviews;
     double next_progress;
+    int summary_taken;
 } run;
 
 /* ------------------------------------------------------------------------ */
@@ -675,6 +676,18 @@ static int one_step(run *r)
     return KD_OK;
 }
 
+static void take_summary(run *r)
+{
+    kd_summary s;
+    if (kd_tracker_summary(r->t, &s) != KD_OK)
+        return;
+    r->res->summary = s;
+    snprintf(r->res->loss_trend, sizeof r->res->loss_trend, "%s", s.loss_trend);
+    r->res->summary.session_id = r->res->session_id;
+    r->res->summary.loss_trend = r->res->loss_trend;
+    r->summary_taken = 1;
+}
+
 static int stop_requested(const run *r)
 {
     return r->o->stop && *r->o->stop;
@@ -724,6 +737,7 @@ static int loop(run *r)
             return rc;
     }
     event(r, KD_TRAIN_EV_PROGRESS, NULL);
+    take_summary(r); /* before the pause resets the measured rate */
     int rc = kd_tracker_record_pause(r->t, 0);
     if (rc != KD_OK)
         return trk_err(r, rc, "recording the pause");
@@ -815,22 +829,16 @@ out:
         }
     }
     if (r.t) {
-        kd_summary s;
-        if (kd_tracker_summary(r.t, &s) == KD_OK) {
-            res->summary = s;
-            snprintf(res->loss_trend, sizeof res->loss_trend, "%s", s.loss_trend);
-        }
-        res->summary.session_id = res->session_id;
-        res->summary.loss_trend = res->loss_trend;
+        if (!r.summary_taken)
+            take_summary(&r);
         /* close frees the handle even when its last save fails */
         int crc = kd_tracker_close(r.t);
         if (crc != KD_OK && (rc == KD_OK || rc == KD_EINTR))
             rc = kd_err_set(r.e, crc, "closing the tracker: the last save of %s failed (%s)",
                             res->output_dir, kd_strerror(crc));
-    } else {
-        res->summary.session_id = res->session_id;
-        res->summary.loss_trend = res->loss_trend;
     }
+    res->summary.session_id = res->session_id;
+    res->summary.loss_trend = res->loss_trend;
     kd_adamw_free(r.opt);
     kd_gpt_free(r.m);
     kd_train_data_free(r.data);
