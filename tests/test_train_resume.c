@@ -331,9 +331,9 @@ static void test_interrupted_run_is_bitwise_identical(void **state)
         if (i == 2) {
             sleep_ms(lrand48() % 150);
         } else {
-            int64_t target = latest_checkpoint(dir) + 1 + lrand48() % 8;
-            if (target > 54)
-                target = 54;
+            int64_t target = latest_checkpoint(dir) + 1 + lrand48() % 5;
+            if (target > 50)
+                target = 50;
             for (int w = 0; w < 20000 && latest_checkpoint(dir) < target; w++) {
                 if (waitpid(pid, &st, WNOHANG) == pid) {
                     exited = 1;
@@ -342,7 +342,7 @@ static void test_interrupted_run_is_bitwise_identical(void **state)
                 sleep_ms(1);
             }
             if (!exited)
-                sleep_ms(lrand48() % 25);
+                sleep_ms(lrand48() % 15);
         }
         if (!exited) {
             kill(pid, SIGKILL);

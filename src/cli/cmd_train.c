@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "cli/cli.h"
@@ -112,6 +113,11 @@ static void on_event(void *ctx, const kd_train_event *ev)
     case KD_TRAIN_EV_PROGRESS:
         kd_train_progress_line(ev, line, sizeof line);
         if (v->tty) {
+            /* one screen line, or '\r' cannot take it back */
+            struct winsize ws;
+            if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 1 &&
+                (size_t)ws.ws_col - 1 < sizeof line)
+                line[ws.ws_col - 1] = '\0';
             printf("\r%s\033[K", line);
             v->line_open = 1;
         } else {

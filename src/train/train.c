@@ -730,8 +730,9 @@ static int loop(run *r)
         r->res->completed = 1;
         return KD_OK;
     }
-    /* Stopped on request: save where we are, then record the pause. */
-    if (r->step > r->last_ckpt_step) {
+    /* Stopped on request: save where we are (step 0 needs nothing: the
+       initial state is a function of the seed), then record the pause. */
+    if (r->step > r->last_ckpt_step && r->step > 0) {
         int rc = checkpoint(r, "stop");
         if (rc != KD_OK)
             return rc;
