@@ -11,7 +11,8 @@
  *       compatible server (kdkit serve --toy), max_tokens 1, every answer
  *       parsed (text + logprobs).  MODE raw: the HTTP client alone (what the
  *       Python peer does); full: the whole path with a tracker ledger
- *       (fsync per answer), cache inserts and the intent journal.
+ *       (one fdatasync per batch of answers), cache inserts and the intent
+ *       journal.
  */
 #include <stdio.h>
 #include <stdlib.h>

@@ -8,7 +8,7 @@
  * time, retries counted and recorded, delays within their bounds, quota and
  * 4xx errors stop at once, nothing paid twice across a restart, a SIGKILL
  * between receiving and using an answer leaves it in the ledger or a
- * possibly_billed record, the budget holds with 32 requests in flight, and
+ * possibly_billed record (one answer, and a batch settled together), the budget holds with 32 requests in flight, and
  * the API key appears in no file and no message.
  */
 #include <setjmp.h>
@@ -620,6 +620,247 @@ static void test_sigkill_between_receive_and_use(void **state)
     kd_serve_stop(s);
 }
 
+/*
+ * A batch: a gate responder takes N requests, waits until the client is
+ * asleep in its poll, stops it (SIGSTOP), writes all N answers, and lets it
+ * go on (SIGCONT), so the N transfers finish in one pass of the client's
+ * loop and are settled as one batch.
+ */
+#define GATE_N 6
+
+typedef struct gate {
+    int fd, port;
+    pthread_t th;
+    volatile pid_t child;
+    volatile int stop;
+    int served;            /* requests read (all rounds) */
+} gate;
+
+/* The state letter of /proc/PID/stat ('S' sleeping, 'T' stopped, ...). */
+static char proc_state(pid_t pid)
+{
+    char p[64], buf[512];
+    snprintf(p, sizeof p, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(p, "r");
+    if (!f)
+        return '?';
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *rp = strrchr(buf, ')');
+    return rp && rp[1] == ' ' ? rp[2] : '?';
+}
+
+static void wait_state(pid_t pid, char want, int max_ms)
+{
+    for (int i = 0; i < max_ms && proc_state(pid) != want; i++) {
+        struct timespec ts = {0, 1000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Read one request (headers and Content-Length body); 0 on EOF/error. */
+static int read_request(int c)
+{
+    char buf[65536];
+    size_t len = 0;
+    char *end = NULL;
+    while (!end && len < sizeof buf - 1) {
+        ssize_t r = read(c, buf + len, sizeof buf - 1 - len);
+        if (r <= 0)
+            return 0;
+        len += (size_t)r;
+        buf[len] = '\0';
+        end = strstr(buf, "\r\n\r\n");
+    }
+    if (!end)
+        return 0;
+    char *cl = strcasestr(buf, "Content-Length:");
+    size_t clen = cl ? strtoul(cl + 15, NULL, 10) : 0;
+    size_t have = len - (size_t)(end + 4 - buf);
+    while (have < clen) {
+        char tmp[8192];
+        ssize_t r = read(c, tmp, sizeof tmp);
+        if (r <= 0)
+            return 0;
+        have += (size_t)r;
+    }
+    return 1;
+}
+
+static void *gate_main(void *arg)
+{
+    gate *g = arg;
+    int conns[GATE_N];
+    int nc = 0;
+    while (!g->stop) {
+        struct pollfd p = {.fd = g->fd, .events = POLLIN};
+        if (poll(&p, 1, 20) <= 0)
+            continue;
+        int c = accept(g->fd, NULL, NULL);
+        if (c < 0)
+            continue;
+        if (!read_request(c)) {
+            close(c);
+            continue;
+        }
+        g->served++;
+        conns[nc++] = c;
+        if (nc < GATE_N)
+            continue;
+        /* All N are on the wire: wait for the client to sleep in its poll,
+           stop it, answer all, let it run. */
+        while (!g->child && !g->stop)
+            poll(NULL, 0, 1);
+        pid_t pid = g->child;
+        poll(NULL, 0, 30);
+        wait_state(pid, 'S', 2000);
+        kill(pid, SIGSTOP);
+        wait_state(pid, 'T', 2000);
+        char head[256];
+        for (int i = 0; i < nc; i++) {
+            int hn = snprintf(head, sizeof head,
+                              "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                              "Content-Length: %zu\r\nConnection: close\r\n\r\n",
+                              strlen(OK_BODY));
+            write_all(conns[i], head, (size_t)hn);
+            write_all(conns[i], OK_BODY, strlen(OK_BODY));
+        }
+        poll(NULL, 0, 20);
+        kill(pid, SIGCONT);
+        for (int i = 0; i < nc; i++)
+            close(conns[i]);
+        nc = 0;
+    }
+    for (int i = 0; i < nc; i++)
+        close(conns[i]);
+    return NULL;
+}
+
+static void gate_start(gate *g)
+{
+    memset(g, 0, sizeof *g);
+    g->fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(g->fd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(g->fd, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(g->fd, 64), 0);
+    socklen_t sl = sizeof a;
+    getsockname(g->fd, (struct sockaddr *)&a, &sl);
+    g->port = ntohs(a.sin_port);
+    pthread_create(&g->th, NULL, gate_main, g);
+}
+
+static void gate_stop(gate *g)
+{
+    g->stop = 1;
+    pthread_join(g->th, NULL);
+    close(g->fd);
+}
+
+static int kill_after; /* raise SIGKILL at the kill_after-th event kill_at */
+
+static void kill_hook_nth(void *ctx, kd_teacher_event ev, const char *key, int attempt)
+{
+    (void)ctx;
+    (void)key;
+    (void)attempt;
+    if (ev == kill_at && --kill_after == 0)
+        raise(SIGKILL);
+}
+
+static void batch_requests(kd_teacher_request *q, char (*prompts)[32], const char *tag)
+{
+    for (int i = 0; i < GATE_N; i++) {
+        snprintf(prompts[i], 32, "%s %d", tag, i);
+        q[i] = (kd_teacher_request){.prompt = prompts[i], .sample_index = i};
+    }
+}
+
+/* A child that asks the batch and is killed at the nth event `at`. */
+static void killed_batch_child(run *r, gate *g, kd_teacher_event at, int nth, const char *tag)
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        kill_at = at;
+        kill_after = nth;
+        r->cfg.on_event = kill_hook_nth;
+        kd_err e;
+        if (kd_tracker_open(&r->tr, r->dir, "{\"teacher\":\"test\"}", 0, NULL, &e) != KD_OK ||
+            kd_teacher_open(&r->t, &r->cfg, r->tr, &e) != KD_OK)
+            _exit(3);
+        kd_teacher_request q[GATE_N];
+        kd_teacher_result res[GATE_N];
+        char prompts[GATE_N][32];
+        batch_requests(q, prompts, tag);
+        kd_teacher_ask_many(r->t, q, GATE_N, res);
+        _exit(4); /* the hook should have killed us */
+    }
+    g->child = pid;
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    g->child = 0;
+    assert_true(WIFSIGNALED(st));
+    assert_int_equal(WTERMSIG(st), SIGKILL);
+}
+
+static void test_sigkill_in_a_batch(void **state)
+{
+    (void)state;
+    gate g;
+    gate_start(&g);
+    run r;
+    run_new(&r, g.port, NULL);
+    r.cfg.max_in_flight = GATE_N;
+    int pb = 0;
+
+    /* Killed at the last "sent" of the pass: every intent of the pass was
+       written (one fsync) before the first request left, and none left. */
+    killed_batch_child(&r, &g, KD_TEACHER_EV_SENT, GATE_N, "never sent");
+    assert_int_equal(g.served, 0);
+    assert_int_equal(count_lines(r.dir, "teacher_intents.jsonl", "\"op\":\"send\""), GATE_N);
+    run_open(&r);
+    run_close(&r);
+    pb += GATE_N; /* not provably unsent: reported, counted at worst case */
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", "\"possibly_billed\":true"), pb);
+
+    /* Killed with all N answers received, before the batch's ledger sync:
+       nothing in the ledger, so all N are reported possibly billed. */
+    killed_batch_child(&r, &g, KD_TEACHER_EV_RECEIVED, 1, "before ledger");
+    assert_int_equal(g.served, GATE_N);
+    assert_int_equal(count_lines(r.dir, "api_recovery.jsonl", NULL), 0);
+    run_open(&r);
+    double spent;
+    kd_budget_get(kd_teacher_budget(r.t), &spent, NULL, NULL);
+    run_close(&r);
+    pb += GATE_N;
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", "\"possibly_billed\":true"), pb);
+    assert_true(spent > 0);
+
+    /* Killed after the batch's one ledger sync, before the cache inserts:
+       all N lines are durable (not just the first), the next open caches
+       them, nothing is reported, and asking again buys nothing. */
+    killed_batch_child(&r, &g, KD_TEACHER_EV_RECORDED, 1, "before cache");
+    assert_int_equal(g.served, 2 * GATE_N);
+    assert_int_equal(count_lines(r.dir, "api_recovery.jsonl", NULL), GATE_N);
+    run_open(&r);
+    kd_teacher_request q[GATE_N];
+    kd_teacher_result res[GATE_N];
+    char prompts[GATE_N][32];
+    batch_requests(q, prompts, "before cache");
+    assert_int_equal(kd_teacher_ask_many(r.t, q, GATE_N, res), KD_OK);
+    for (int i = 0; i < GATE_N; i++) {
+        assert_int_equal(res[i].cache_hit, 1);
+        kd_teacher_result_free(&res[i]);
+    }
+    run_close(&r);
+    assert_int_equal(g.served, 2 * GATE_N);
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", "\"possibly_billed\":true"), pb);
+    gate_stop(&g);
+}
+
 static double ledger_total(const char *dir)
 {
     char p[700];
@@ -997,6 +1238,7 @@ int main(void)
         cmocka_unit_test(test_exhaustion_then_fallback),
         cmocka_unit_test(test_restart_never_pays_twice),
         cmocka_unit_test(test_sigkill_between_receive_and_use),
+        cmocka_unit_test(test_sigkill_in_a_batch),
         cmocka_unit_test(test_budget_32_in_flight),
         cmocka_unit_test(test_budget_32_threads),
         cmocka_unit_test(test_retry_after_forms),

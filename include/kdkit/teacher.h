@@ -128,6 +128,14 @@ int kd_cache_has_key(kd_cache *c, const char *key);
  */
 int kd_cache_put(kd_cache *c, const kd_cache_entry *en, int *inserted);
 
+/*
+ * Insert n entries in one transaction (one WAL sync with synchronous=full):
+ * all of them or, on an error, none.  inserted (may be NULL) gets one flag
+ * per entry, as kd_cache_put's.  Errors: KD_EINVAL (an entry without key or
+ * body), KD_ENOMEM, KD_EIO (SQLite; kd_cache_errmsg says what).
+ */
+int kd_cache_put_many(kd_cache *c, const kd_cache_entry *ens, size_t n, int *inserted);
+
 int kd_cache_stats_get(kd_cache *c, kd_cache_stats *s);
 /* Write the in-memory counter deltas now. */
 int kd_cache_flush_stats(kd_cache *c);

@@ -351,21 +351,10 @@ static void bind_count(sqlite3_stmt *st, int i, int64_t v)
         sqlite3_bind_null(st, i);
 }
 
-int kd_cache_put(kd_cache *c, const kd_cache_entry *en, int *inserted)
+/* Bind and run one insert; caller holds c->mu inside a transaction.
+   Returns the SQLite step result; *changed says whether a row was added. */
+static int put_one_locked(kd_cache *c, const kd_cache_entry *en, const char *bh, int *changed)
 {
-    if (inserted)
-        *inserted = 0;
-    if (!en || !en->body || strlen(en->key) != 64)
-        return kd_err_set(&c->err, KD_EINVAL, "teacher cache put: key and body are required");
-    char bh[KD_SHA256_HEX];
-    if (kd_sha256_hex(en->body, en->body_len, bh) != KD_OK)
-        return kd_err_set(&c->err, KD_ENOMEM, "teacher cache put: hashing failed");
-    pthread_mutex_lock(&c->mu);
-    int rc = KD_OK;
-    if (sqlite3_exec(c->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
-        rc = db_fail(c, "begin insert");
-        goto out;
-    }
     sqlite3_stmt *st = c->st_put;
     sqlite3_bind_text(st, 1, en->key, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, en->teacher_version ? en->teacher_version : c->teacher_version,
@@ -385,17 +374,57 @@ int kd_cache_put(kd_cache *c, const kd_cache_entry *en, int *inserted)
     sqlite3_bind_double(st, 15, en->created_at > 0 ? en->created_at : kd_now());
     bind_count(st, 16, en->sample_index);
     int s = sqlite3_step(st);
-    int changed = sqlite3_changes(c->db);
+    *changed = s == SQLITE_DONE && sqlite3_changes(c->db) > 0;
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
-    if (s != SQLITE_DONE) {
-        rc = db_fail(c, "insert");
-        sqlite3_exec(c->db, "ROLLBACK", NULL, NULL, NULL);
+    return s;
+}
+
+int kd_cache_put_many(kd_cache *c, const kd_cache_entry *ens, size_t n, int *inserted)
+{
+    if (inserted)
+        memset(inserted, 0, n * sizeof *inserted);
+    if (n == 0)
+        return KD_OK;
+    if (!ens)
+        return kd_err_set(&c->err, KD_EINVAL, "teacher cache put: no entries");
+    for (size_t i = 0; i < n; i++)
+        if (!ens[i].body || strlen(ens[i].key) != 64)
+            return kd_err_set(&c->err, KD_EINVAL,
+                              "teacher cache put: key and body are required (entry %zu)", i);
+    /* Hash outside the lock: bodies can be large. */
+    char small[8][KD_SHA256_HEX];
+    char (*bh)[KD_SHA256_HEX] = n <= 8 ? small : malloc(n * KD_SHA256_HEX);
+    if (!bh)
+        return kd_err_set(&c->err, KD_ENOMEM, "teacher cache put: out of memory");
+    int rc = KD_OK;
+    for (size_t i = 0; i < n && rc == KD_OK; i++)
+        if (kd_sha256_hex(ens[i].body, ens[i].body_len, bh[i]) != KD_OK)
+            rc = kd_err_set(&c->err, KD_ENOMEM, "teacher cache put: hashing failed");
+    if (rc != KD_OK)
+        goto free_hashes;
+    pthread_mutex_lock(&c->mu);
+    if (sqlite3_exec(c->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
+        rc = db_fail(c, "begin insert");
         goto out;
     }
-    if (changed > 0)
-        c->d_inserts++;
+    int64_t added = 0;
+    for (size_t i = 0; i < n; i++) {
+        int changed = 0;
+        if (put_one_locked(c, &ens[i], bh[i], &changed) != SQLITE_DONE) {
+            rc = db_fail(c, "insert");
+            sqlite3_exec(c->db, "ROLLBACK", NULL, NULL, NULL);
+            goto out;
+        }
+        added += changed;
+        if (inserted)
+            inserted[i] = changed;
+    }
+    /* The counter rows go in the same transaction; on a rollback the
+       deltas are kept for the next flush. */
+    c->d_inserts += added;
     if ((rc = flush_stats_locked(c)) != KD_OK) {
+        c->d_inserts -= added;
         sqlite3_exec(c->db, "ROLLBACK", NULL, NULL, NULL);
         goto out;
     }
@@ -404,11 +433,24 @@ int kd_cache_put(kd_cache *c, const kd_cache_entry *en, int *inserted)
         sqlite3_exec(c->db, "ROLLBACK", NULL, NULL, NULL);
         goto out;
     }
-    if (inserted)
-        *inserted = changed > 0;
 out:
+    if (rc != KD_OK && inserted)
+        memset(inserted, 0, n * sizeof *inserted);
     pthread_mutex_unlock(&c->mu);
+free_hashes:
+    if (bh != small)
+        free(bh);
     return rc;
+}
+
+int kd_cache_put(kd_cache *c, const kd_cache_entry *en, int *inserted)
+{
+    if (!en) {
+        if (inserted)
+            *inserted = 0;
+        return kd_err_set(&c->err, KD_EINVAL, "teacher cache put: key and body are required");
+    }
+    return kd_cache_put_many(c, en, 1, inserted);
 }
 
 static int64_t q_int(kd_cache *c, const char *sql, const char *arg, double *dout)

@@ -145,6 +145,25 @@ static uint64_t ledger_size(kd_teacher *t)
     return stat(t->ledger_path, &sb) == 0 ? (uint64_t)sb.st_size : 0;
 }
 
+/* 1 if the ledger from byte `offset` has a line with this request_hash. */
+static int ledger_has_key(kd_teacher *t, uint64_t offset, const char *key)
+{
+    kd_jsonl_reader *rd = NULL;
+    if (kd_jsonl_reader_open(&rd, t->ledger_path, 0, NULL) != KD_OK)
+        return 0;
+    int found = 0;
+    if (offset == 0 || kd_jsonl_reader_seek(rd, offset, 0, NULL) == KD_OK) {
+        char needle[KD_SHA256_HEX + 20];
+        snprintf(needle, sizeof needle, "\"request_hash\":\"%s\"", key);
+        const char *line;
+        size_t len;
+        while (!found && kd_jsonl_next(rd, &line, &len, NULL) == 1)
+            found = memmem(line, len, needle, strlen(needle)) != NULL;
+    }
+    kd_jsonl_reader_close(rd);
+    return found;
+}
+
 static int recover_intents(kd_teacher *t, const char *path, kd_err *e)
 {
     kd_jsonl_reader *rd = NULL;
@@ -212,15 +231,19 @@ static int recover_intents(kd_teacher *t, const char *path, kd_err *e)
     for (size_t i = 0; i < np && rc == KD_OK; i++) {
         if (p[i].done)
             continue;
-        int have = t->cache ? kd_cache_has_key(t->cache, p[i].key) : 0;
-        if (have == 0 && t->cache) {
+        /* Only this request's own ledger line proves its answer was kept: a
+           cache entry for the key may come from another request or process. */
+        int have = 0;
+        if (t->cache) {
             kd_cache_rebuild_report rr;
             if (kd_cache_rebuild(t->cache, t->ledger_path, p[i].ledger_offset, p[i].key, &rr) ==
                     KD_OK &&
                 rr.inserted + rr.present > 0)
                 have = 1;
+        } else if (ledger_has_key(t, p[i].ledger_offset, p[i].key)) {
+            have = 1;
         }
-        if (have == 1)
+        if (have)
             continue;
         char msg[400];
         snprintf(msg, sizeof msg,
@@ -804,81 +827,124 @@ static const char *header(CURL *c, const char *name, char *buf, size_t cap)
     return buf;
 }
 
-/* Settle a paid answer: ledger (durable), cache, budget, then the caller. */
-static void settle_paid(kd_teacher *t, job *j)
+/*
+ * Settle the paid answers that completed in one pass of curl_multi_info_read,
+ * together: one ledger batch (one fdatasync), then one cache transaction,
+ * then the budget, then the results.  No answer is returned before its
+ * ledger line is durable; one that cannot be recorded is returned as an
+ * error (it is still cached: it was paid for) and gets no "done" intent, so
+ * the next open resolves it from the ledger or reports it possibly billed.
+ * ar and ce have room for n entries.
+ */
+static void settle_paid_batch(kd_teacher *t, job **paid, size_t n, kd_api_response *ar,
+                              kd_cache_entry *ce, int *crc)
 {
-    kd_teacher_result *r = j->res;
-    r->latency_ms = (kd_monotonic() - j->sent_at) * 1000.0;
-    double cost = (r->prompt_tokens >= 0 && r->completion_tokens >= 0)
+    if (n == 0)
+        return;
+    for (size_t k = 0; k < n; k++) {
+        job *j = paid[k];
+        kd_teacher_result *r = j->res;
+        r->cost = (r->prompt_tokens >= 0 && r->completion_tokens >= 0)
                       ? kd_price_cost(&t->cfg.price, r->prompt_tokens, r->completion_tokens)
                       : j->reserve; /* no usage in the answer: assume the worst */
-    r->cost = cost;
-    event(t, KD_TEACHER_EV_RECEIVED, j);
-    int rc = KD_OK;
-    char msg[KD_ERRMSG_MAX] = "";
-    pthread_mutex_lock(&t->mu);
+        event(t, KD_TEACHER_EV_RECEIVED, j);
+    }
+    int lrc = KD_OK;
+    char lmsg[KD_ERRMSG_MAX] = "";
     if (t->tracker) {
-        kd_api_response a;
-        kd_api_response_init(&a);
-        a.prompt_hash = r->prompt_hash[0] ? r->prompt_hash : NULL;
-        a.prompt = "";
-        a.response = r->body;
-        a.cost = cost;
-        a.request_hash = r->key;
-        a.sample_index = j->req->sample_index;
-        a.prompt_tokens = r->prompt_tokens;
-        a.completion_tokens = r->completion_tokens;
-        a.latency_ms = r->latency_ms;
-        a.model = r->response_model;
-        a.request_id = r->request_id;
-        rc = kd_tracker_record_api_response(t->tracker, &a);
-        if (rc != KD_OK)
-            snprintf(msg, sizeof msg, "teacher answer was paid but could not be recorded in the "
-                                      "ledger: %s", kd_tracker_errmsg(t->tracker));
-    }
-    pthread_mutex_unlock(&t->mu);
-    if (rc == KD_OK)
-        event(t, KD_TEACHER_EV_RECORDED, j);
-    /* Cache it even when the ledger failed: the answer is paid for. */
-    if (t->cache) {
-        kd_cache_entry en;
-        memset(&en, 0, sizeof en);
-        memcpy(en.key, r->key, sizeof en.key);
-        memcpy(en.prompt_hash, r->prompt_hash, sizeof en.prompt_hash);
-        en.provider = t->provider;
-        en.model = (char *)t->cfg.model;
-        en.response_model = r->response_model;
-        en.request_json = j->canon;
-        en.body = r->body;
-        en.body_len = strlen(r->body);
-        en.prompt_tokens = r->prompt_tokens;
-        en.completion_tokens = r->completion_tokens;
-        en.cost = cost;
-        en.request_id = r->request_id;
-        en.sample_index = j->req->sample_index;
-        int crc = kd_cache_put(t->cache, &en, NULL);
-        if (crc != KD_OK && rc == KD_OK) {
-            rc = crc;
-            snprintf(msg, sizeof msg, "teacher answer is in the ledger but the cache insert "
-                                      "failed: %s", kd_cache_errmsg(t->cache));
+        for (size_t k = 0; k < n; k++) {
+            job *j = paid[k];
+            kd_teacher_result *r = j->res;
+            kd_api_response *a = &ar[k];
+            kd_api_response_init(a);
+            a->prompt_hash = r->prompt_hash[0] ? r->prompt_hash : NULL;
+            a->prompt = "";
+            a->response = r->body;
+            a->cost = r->cost;
+            a->request_hash = r->key;
+            a->sample_index = j->req->sample_index;
+            a->prompt_tokens = r->prompt_tokens;
+            a->completion_tokens = r->completion_tokens;
+            a->latency_ms = r->latency_ms;
+            a->model = r->response_model;
+            a->request_id = r->request_id;
+            a->teacher_version = t->cfg.teacher_version;
         }
-        if (crc == KD_OK)
-            event(t, KD_TEACHER_EV_CACHED, j);
+        pthread_mutex_lock(&t->mu);
+        lrc = kd_tracker_record_api_responses(t->tracker, ar, n);
+        /* After an error any line of the batch may or may not be on disk;
+           recording the batch again can duplicate a line (spend counted
+           twice: the safe side), never lose one. */
+        if (lrc != KD_OK)
+            lrc = kd_tracker_record_api_responses(t->tracker, ar, n);
+        if (lrc != KD_OK)
+            snprintf(lmsg, sizeof lmsg, "teacher answer was paid but could not be recorded in "
+                                        "the ledger: %s", kd_tracker_errmsg(t->tracker));
+        pthread_mutex_unlock(&t->mu);
     }
-    pthread_mutex_lock(&t->mu);
-    char line[200];
-    int n = snprintf(line, sizeof line,
-                     "{\"op\":\"done\",\"id\":%lld,\"outcome\":\"paid\",\"amount\":%.9f}",
-                     (long long)j->intent_id, cost);
-    intent_line(t, line, n);
-    pthread_mutex_unlock(&t->mu);
-    kd_budget_settle(t->budget, j->reserve, cost);
-    j->reserved = 0;
-    if (rc != KD_OK) {
-        scrub(t, msg, sizeof msg);
-        job_finish(j, rc, "%s", msg);
-    } else {
-        job_finish(j, KD_OK, NULL);
+    if (lrc == KD_OK)
+        for (size_t k = 0; k < n; k++)
+            event(t, KD_TEACHER_EV_RECORDED, paid[k]);
+    /* Cache them even when the ledger failed: they are paid for. */
+    for (size_t k = 0; k < n; k++)
+        crc[k] = KD_OK;
+    char cmsg[KD_ERRMSG_MAX] = "";
+    if (t->cache) {
+        for (size_t k = 0; k < n; k++) {
+            job *j = paid[k];
+            kd_teacher_result *r = j->res;
+            kd_cache_entry *en = &ce[k];
+            memset(en, 0, sizeof *en);
+            memcpy(en->key, r->key, sizeof en->key);
+            memcpy(en->prompt_hash, r->prompt_hash, sizeof en->prompt_hash);
+            en->provider = t->provider;
+            en->model = (char *)t->cfg.model;
+            en->response_model = r->response_model;
+            en->request_json = j->canon;
+            en->body = r->body;
+            en->body_len = strlen(r->body);
+            en->prompt_tokens = r->prompt_tokens;
+            en->completion_tokens = r->completion_tokens;
+            en->cost = r->cost;
+            en->request_id = r->request_id;
+            en->sample_index = j->req->sample_index;
+        }
+        if (kd_cache_put_many(t->cache, ce, n, NULL) != KD_OK) {
+            /* One transaction failed as a whole: insert one by one so each
+               answer gets its own outcome. */
+            for (size_t k = 0; k < n; k++)
+                crc[k] = n > 1 ? kd_cache_put(t->cache, &ce[k], NULL) : KD_EIO;
+            snprintf(cmsg, sizeof cmsg, "teacher answer is in the ledger but the cache insert "
+                                        "failed: %s", kd_cache_errmsg(t->cache));
+        }
+        for (size_t k = 0; k < n; k++)
+            if (crc[k] == KD_OK)
+                event(t, KD_TEACHER_EV_CACHED, paid[k]);
+    }
+    for (size_t k = 0; k < n; k++) {
+        kd_budget_settle(t->budget, paid[k]->reserve, paid[k]->res->cost);
+        paid[k]->reserved = 0;
+    }
+    if (lrc == KD_OK) {
+        pthread_mutex_lock(&t->mu);
+        for (size_t k = 0; k < n; k++) {
+            char line[200];
+            int len = snprintf(line, sizeof line,
+                               "{\"op\":\"done\",\"id\":%lld,\"outcome\":\"paid\",\"amount\":%.9f}",
+                               (long long)paid[k]->intent_id, paid[k]->res->cost);
+            intent_line(t, line, len);
+        }
+        pthread_mutex_unlock(&t->mu);
+    }
+    scrub(t, lmsg, sizeof lmsg);
+    scrub(t, cmsg, sizeof cmsg);
+    for (size_t k = 0; k < n; k++) {
+        if (lrc != KD_OK)
+            job_finish(paid[k], lrc, "%s", lmsg);
+        else if (crc[k] != KD_OK)
+            job_finish(paid[k], crc[k], "%s", cmsg);
+        else
+            job_finish(paid[k], KD_OK, NULL);
     }
 }
 
@@ -937,7 +1003,9 @@ static void give_up(kd_teacher *t, job *j, int rc, const char *fmt, ...)
     job_finish(j, rc, "%s", msg);
 }
 
-static void handle_done(kd_teacher *t, job *j, CURLM *multi, CURLcode cres)
+/* One finished transfer.  Returns 1 when it brought a paid answer, which
+   the caller settles with the others of the same pass; 0 otherwise. */
+static int handle_done(kd_teacher *t, job *j, CURLM *multi, CURLcode cres)
 {
     kd_teacher_result *r = j->res;
     long status = 0;
@@ -983,9 +1051,9 @@ static void handle_done(kd_teacher *t, job *j, CURLM *multi, CURLcode cres)
                 while ((p = strstr(r->body, t->api_key)) != NULL)
                     memset(p, '*', kl);
             }
+            r->latency_ms = (kd_monotonic() - j->sent_at) * 1000.0;
             end_transfer(j, multi);
-            settle_paid(t, j);
-            return;
+            return 1;
         }
         char pm[300];
         if (status >= 200 && status < 300) {
@@ -1002,16 +1070,16 @@ static void handle_done(kd_teacher *t, job *j, CURLM *multi, CURLcode cres)
         give_up(t, j, KD_EQUOTA,
                 "teacher quota exhausted (HTTP 429 insufficient_quota), not retried: %s; "
                 "add credit or change teacher.api_key_env", j->last_err);
-        return;
+        return 0;
     }
     if (out == KD_OUT_FATAL) {
         give_up(t, j, KD_EHTTP, "teacher request rejected, not retried: %s", j->last_err);
-        return;
+        return 0;
     }
     if (r->attempts >= t->cfg.max_attempts) {
         give_up(t, j, KD_EHTTP, "teacher request failed after %d attempts (retry.max_attempts); "
                                 "last: %s", r->attempts, j->last_err);
-        return;
+        return 0;
     }
     double now_wall = kd_now();
     double asked = kd_teacher_retry_after_ms(h_ram, h_ra, now_wall);
@@ -1022,7 +1090,7 @@ static void handle_done(kd_teacher *t, job *j, CURLM *multi, CURLcode cres)
                     "teacher asked to wait %.1f s before retrying, more than "
                     "retry.retry_after_max_s (%g s); not retried; last: %s",
                     asked / 1000.0, t->cfg.retry_after_max_s, j->last_err);
-            return;
+            return 0;
         }
         delay = asked;
     } else {
@@ -1038,11 +1106,12 @@ static void handle_done(kd_teacher *t, job *j, CURLM *multi, CURLcode cres)
                 "teacher request stopped after %d attempts: the next retry in %.0f ms would "
                 "pass the deadline (retry.deadline_s = %g); last: %s",
                 r->attempts, delay, t->cfg.deadline_s, j->last_err);
-        return;
+        return 0;
     }
     j->next_at = now + delay / 1000.0;
     j->state = J_WAIT;
     event(t, KD_TEACHER_EV_RETRY, j);
+    return 0;
 }
 
 /* Reserve, write the intent (not yet synced).  Returns 0 when the job was
@@ -1149,8 +1218,14 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
         remaining++;
     }
     int running = 0;
+    /* At most max_in_flight transfers finish in one pass. */
+    size_t cap = n < (size_t)t->cfg.max_in_flight ? n : (size_t)t->cfg.max_in_flight;
     job **batch = calloc(n, sizeof *batch);
-    while (remaining > 0 && batch) {
+    job **paid = calloc(cap, sizeof *paid);
+    kd_api_response *ar = calloc(cap, sizeof *ar);
+    kd_cache_entry *ce = calloc(cap, sizeof *ce);
+    int *crc = calloc(cap, sizeof *crc);
+    while (remaining > 0 && batch && paid && ar && ce && crc) {
         now = kd_monotonic();
         size_t nb = 0;
         double next_due = now + 3600;
@@ -1201,6 +1276,7 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
         curl_multi_perform(multi, &still);
         CURLMsg *m;
         int left;
+        size_t np = 0;
         while ((m = curl_multi_info_read(multi, &left)) != NULL) {
             if (m->msg != CURLMSG_DONE)
                 continue;
@@ -1208,10 +1284,14 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
             curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&j);
             CURLcode cres = m->data.result;
             running--;
-            handle_done(t, j, multi, cres);
-            if (j->state == J_DONE)
+            if (handle_done(t, j, multi, cres))
+                paid[np++] = j;
+            else if (j->state == J_DONE)
                 remaining--;
         }
+        /* Every answer of this pass: one ledger sync, one cache transaction. */
+        settle_paid_batch(t, paid, np, ar, ce, crc);
+        remaining -= np;
         if (remaining == 0)
             break;
         now = kd_monotonic();
@@ -1246,6 +1326,10 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
             first = res[i].rc;
     }
     free(batch);
+    free(paid);
+    free(ar);
+    free(ce);
+    free(crc);
     free(jobs);
     curl_multi_cleanup(multi);
     return first;
