@@ -4,7 +4,8 @@
  * or number spelling; any parameter, the system prompt or the model changes
  * the key; another teacher version is an (incompatible, counted) miss; the
  * counters survive a reopen; gc says before it drops; verify finds a
- * tampered body; rebuild restores entries from a ledger; several processes
+ * tampered body; rebuild restores entries from a ledger (each under its own
+ * teacher version, non-UTF-8 bodies byte for byte); several processes
  * insert and read at once without losing anything; budget reservations.
  */
 #include <setjmp.h>
@@ -22,6 +23,7 @@
 #include <unistd.h>
 
 #include "kdkit/teacher.h"
+#include "kdkit/tracker.h"
 
 static char tmpdir[256];
 
@@ -297,6 +299,89 @@ static void test_rebuild_from_ledger(void **state)
     kd_cache_close(c);
 }
 
+/* Ledger lines written by the tracker: each is filed under the teacher
+   version that bought it, and bodies that are not valid UTF-8 (kept as
+   response_base64) come back as the exact bytes. */
+static void test_rebuild_versions_and_raw_bodies(void **state)
+{
+    (void)state;
+    const char *dir = path_in("rebuild_run");
+    char ledger[600];
+    snprintf(ledger, sizeof ledger, "%s/api_recovery.jsonl", dir);
+    kd_tracker *tr;
+    kd_err e;
+    assert_int_equal(kd_tracker_open(&tr, dir, "{\"t\":1}", 0, NULL, &e), KD_OK);
+    /* Raw bodies of 3k+1, 3k+2 and 3k bytes, so every padding form occurs. */
+    static const char raw1[] = "{\"choices\":[{\"text\":\"\xff\x80\"}]}";
+    static const char raw2[] = "{\"choices\":[{\"text\":\"\xc3\x28!\"}]}";
+    static const char raw3[] = "{\"choices\":[{\"text\":\"\xfe\"}]}";
+    const char *bodies[5] = {BODY, BODY, raw1, raw2, raw3};
+    const char *versions[5] = {"v2", NULL, "v1", "v1", "v1"};
+    char keys[5][65];
+    kd_api_response rs[5];
+    for (int i = 0; i < 5; i++) {
+        k64(keys[i], 300 + i);
+        kd_api_response_init(&rs[i]);
+        rs[i].prompt = "p";
+        rs[i].response = bodies[i];
+        rs[i].cost = 0.01;
+        rs[i].request_hash = keys[i];
+        rs[i].teacher_version = versions[i];
+    }
+    assert_int_equal(kd_tracker_record_api_responses(tr, rs, 5), KD_OK);
+    assert_int_equal(kd_tracker_close(tr), KD_OK);
+    /* A hand-broken base64 line is skipped, not restored as garbage. */
+    FILE *f = fopen(ledger, "a");
+    assert_non_null(f);
+    char kb[65];
+    k64(kb, 399);
+    fprintf(f, "{\"prompt_hash\":\"%s\",\"response\":null,\"response_base64\":\"ab=c\","
+               "\"cost\":0.1,\"request_hash\":\"%s\"}\n", kb, kb);
+    fclose(f);
+    FILE *lf = fopen(ledger, "r");
+    char line[4096];
+    int b64_lines = 0;
+    while (fgets(line, sizeof line, lf))
+        b64_lines += strstr(line, "\"response\":null,\"response_base64\"") != NULL;
+    fclose(lf);
+    assert_int_equal(b64_lines, 4); /* the tracker wrote the 3 raw bodies as base64 */
+
+    kd_cache *c;
+    assert_int_equal(kd_cache_open(&c, path_in("c_rebuild.sqlite"), "v1", KD_CACHE_SYNC_NORMAL,
+                                   &e), KD_OK);
+    kd_cache_rebuild_report r;
+    assert_int_equal(kd_cache_rebuild(c, ledger, 0, NULL, &r), KD_OK);
+    assert_int_equal(r.lines, 6);
+    assert_int_equal(r.inserted, 5);
+    assert_int_equal(r.skipped, 1);
+    /* The v2 answer is not served to a v1 reader... */
+    int incompat = 0;
+    assert_int_equal(kd_cache_get(c, keys[0], NULL, &incompat), KD_ENOTFOUND);
+    assert_int_equal(incompat, 1);
+    /* ...the line without a version is filed under the handle's... */
+    kd_cache_entry en;
+    assert_int_equal(kd_cache_get(c, keys[1], &en, NULL), KD_OK);
+    assert_string_equal(en.body, BODY);
+    kd_cache_entry_free(&en);
+    /* ...and raw bodies are byte for byte what was paid for. */
+    for (int i = 2; i < 5; i++) {
+        assert_int_equal(kd_cache_get(c, keys[i], &en, NULL), KD_OK);
+        assert_int_equal(en.body_len, strlen(bodies[i]));
+        assert_memory_equal(en.body, bodies[i], en.body_len);
+        kd_cache_entry_free(&en);
+    }
+    assert_int_equal(kd_cache_has_key(c, kb), 0);
+    kd_cache_close(c);
+    /* A v2 reader finds its answer. */
+    assert_int_equal(kd_cache_open(&c, path_in("c_rebuild.sqlite"), "v2", KD_CACHE_SYNC_NORMAL,
+                                   &e), KD_OK);
+    assert_int_equal(kd_cache_get(c, keys[0], &en, NULL), KD_OK);
+    assert_string_equal(en.body, BODY);
+    assert_string_equal(en.teacher_version, "v2");
+    kd_cache_entry_free(&en);
+    kd_cache_close(c);
+}
+
 /* Four processes insert 100 entries each and read each other's. */
 static void test_many_processes(void **state)
 {
@@ -444,6 +529,7 @@ int main(void)
         cmocka_unit_test(test_schema_version_incompatible),
         cmocka_unit_test(test_verify_finds_tampering),
         cmocka_unit_test(test_rebuild_from_ledger),
+        cmocka_unit_test(test_rebuild_versions_and_raw_bodies),
         cmocka_unit_test(test_many_processes),
         cmocka_unit_test(test_budget_threads),
         cmocka_unit_test(test_config_errors_name_the_key),

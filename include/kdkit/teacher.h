@@ -151,14 +151,17 @@ typedef struct kd_cache_verify_report {
 int kd_cache_verify(kd_cache *c, kd_cache_verify_report *r);
 
 typedef struct kd_cache_rebuild_report {
-    int64_t lines, inserted, present, skipped; /* skipped: no request_hash or body */
+    int64_t lines, inserted, present;
+    int64_t skipped;           /* no request_hash, no body, or bad response_base64 */
 } kd_cache_rebuild_report;
 
 /*
  * Repopulate the cache from a ledger (api_recovery.jsonl), starting at byte
- * `offset` (0 for all).  Entries get the handle's teacher version (the
- * ledger line does not carry one).  If only_key is non-NULL, only lines with
- * that request_hash are used.
+ * `offset` (0 for all).  Each entry is filed under the line's
+ * "teacher_version" when it has one, else under the handle's.  A line whose
+ * body was not valid UTF-8 carries "response": null and "response_base64":
+ * the body is decoded to the exact bytes.  If only_key is non-NULL, only
+ * lines with that request_hash are used.
  */
 int kd_cache_rebuild(kd_cache *c, const char *ledger_path, uint64_t offset,
                      const char *only_key, kd_cache_rebuild_report *r);

@@ -599,6 +599,51 @@ static int64_t jint(json_t *o, const char *k)
     return json_is_integer(v) ? (int64_t)json_integer_value(v) : -1;
 }
 
+/*
+ * Strict base64 (RFC 4648, standard alphabet, '=' padding): the exact bytes
+ * or -1 when the text is not well formed.  out has room for 3 * n / 4 + 1.
+ */
+static int64_t b64_decode(const char *in, size_t n, unsigned char *out)
+{
+    if (n % 4 != 0)
+        return -1;
+    size_t o = 0;
+    for (size_t i = 0; i < n; i += 4) {
+        unsigned v = 0;
+        int pad = 0;
+        for (int k = 0; k < 4; k++) {
+            char ch = in[i + k];
+            int d;
+            if (ch >= 'A' && ch <= 'Z')
+                d = ch - 'A';
+            else if (ch >= 'a' && ch <= 'z')
+                d = ch - 'a' + 26;
+            else if (ch >= '0' && ch <= '9')
+                d = ch - '0' + 52;
+            else if (ch == '+')
+                d = 62;
+            else if (ch == '/')
+                d = 63;
+            else if (ch == '=' && i + 4 == n && k >= 2)
+                d = -2;
+            else
+                return -1;
+            if (d == -2)
+                pad++;
+            else if (pad) /* data after padding */
+                return -1;
+            v = (v << 6) | (unsigned)(d < 0 ? 0 : d);
+        }
+        out[o++] = (unsigned char)(v >> 16);
+        if (pad < 2)
+            out[o++] = (unsigned char)(v >> 8);
+        if (pad < 1)
+            out[o++] = (unsigned char)v;
+    }
+    out[o] = '\0';
+    return (int64_t)o;
+}
+
 int kd_cache_rebuild(kd_cache *c, const char *ledger_path, uint64_t offset,
                      const char *only_key, kd_cache_rebuild_report *r)
 {
@@ -619,7 +664,12 @@ int kd_cache_rebuild(kd_cache *c, const char *ledger_path, uint64_t offset,
         json_t *j = json_loadb(line, len, 0, NULL);
         const char *key = j ? jstr(j, "request_hash") : NULL;
         const char *body = j ? jstr(j, "response") : NULL;
-        if (!key || !body || strlen(key) != 64) {
+        size_t body_len = body ? json_string_length(json_object_get(j, "response")) : 0;
+        /* A body that was not valid UTF-8 is in the ledger as base64, with
+           "response": null; decoded here to the exact bytes paid for. */
+        const char *b64 = j && json_is_null(json_object_get(j, "response"))
+                              ? jstr(j, "response_base64") : NULL;
+        if (!key || (!body && !b64) || strlen(key) != 64) {
             r->skipped++;
             json_decref(j);
             continue;
@@ -628,14 +678,37 @@ int kd_cache_rebuild(kd_cache *c, const char *ledger_path, uint64_t offset,
             json_decref(j);
             continue;
         }
+        unsigned char *raw = NULL;
+        if (!body) {
+            size_t bl = json_string_length(json_object_get(j, "response_base64"));
+            raw = malloc(bl / 4 * 3 + 1);
+            if (!raw) {
+                json_decref(j);
+                rc = kd_err_set(&c->err, KD_ENOMEM, "teacher cache rebuild: out of memory");
+                break;
+            }
+            int64_t n = b64_decode(b64, bl, raw);
+            if (n < 0) {
+                free(raw);
+                r->skipped++;
+                json_decref(j);
+                continue;
+            }
+            body = (const char *)raw;
+            body_len = (size_t)n;
+        }
         kd_cache_entry en;
         memset(&en, 0, sizeof en);
         snprintf(en.key, sizeof en.key, "%s", key);
         const char *ph = jstr(j, "prompt_hash");
         if (ph)
             snprintf(en.prompt_hash, sizeof en.prompt_hash, "%s", ph);
+        /* Filed under the version that bought it; the handle's when the line
+           predates the field. */
+        const char *ver = jstr(j, "teacher_version");
+        en.teacher_version = ver && *ver ? (char *)ver : NULL;
         en.body = (char *)body;
-        en.body_len = json_string_length(json_object_get(j, "response"));
+        en.body_len = body_len;
         en.response_model = (char *)jstr(j, "model");
         en.request_id = (char *)jstr(j, "request_id");
         en.prompt_tokens = jint(j, "prompt_tokens");
@@ -647,6 +720,7 @@ int kd_cache_rebuild(kd_cache *c, const char *ledger_path, uint64_t offset,
         en.sample_index = jint(j, "sample_index");
         int ins = 0;
         rc = kd_cache_put(c, &en, &ins);
+        free(raw);
         json_decref(j);
         if (rc != KD_OK)
             break;
