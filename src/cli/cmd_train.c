@@ -56,7 +56,7 @@ static int install_signals(void)
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: kdkit train [--config FILE.yaml] [--output-dir DIR] [--resume auto|CKPT]\n"
+            "usage: kdkit train --config FILE.yaml [--output-dir DIR] [--resume auto|CKPT]\n"
             "                   [--set section.key=value ...] [--strict-config] [--print-config]\n"
             "\n"
             "Train the byte-level GPT student on a text corpus.  Stop it any time with Ctrl-C,\n"
@@ -64,8 +64,8 @@ static void usage(FILE *f)
             "it to a crash: --resume auto continues at the exact step and gives the same\n"
             "numbers as a run never interrupted.\n"
             "\n"
-            "  --config FILE      YAML config (keys: docs/training.md); without it the built-in\n"
-            "                     defaults, the same as configs/default.yaml\n"
+            "  --config FILE      YAML config (keys: docs/training.md); a key it leaves out\n"
+            "                     takes its default (configs/default.yaml spells them all out)\n"
             "  --output-dir DIR   where the run's files go (default training_progress)\n"
             "  --resume auto      continue from the newest checkpoint of DIR that verifies\n"
             "                     (falls back to older ones; starts at step 0 if there is none)\n"
@@ -235,6 +235,11 @@ int kd_cmd_train(int argc, char **argv)
             goto out;
         }
     }
+    if (!config) {
+        kd_cli_error("train", "--config FILE.yaml is required (configs/default.yaml holds the "
+                              "built-in defaults; see --help)");
+        goto out;
+    }
     if (!*outdir) {
         kd_cli_error("train", "--output-dir must not be empty");
         goto out;
@@ -296,10 +301,8 @@ int kd_cmd_train(int argc, char **argv)
         rcode = 0;
     } else if (rc == KD_EINTR) {
         char cmd[8192] = "kdkit train";
-        if (config) {
-            shell_word(cmd, sizeof cmd, "--config");
-            shell_word(cmd, sizeof cmd, config);
-        }
+        shell_word(cmd, sizeof cmd, "--config");
+        shell_word(cmd, sizeof cmd, config);
         for (size_t i = 0; i < nsets; i++) {
             shell_word(cmd, sizeof cmd, "--set");
             shell_word(cmd, sizeof cmd, sets[i]);
