@@ -26,7 +26,7 @@ trap 'rm -rf "$OUT"' EXIT
 echo "kdkit train vs PyTorch: 4 layers, 4 heads, width 128, context 128, batch 16," \
      "$THREADS threads, $STEPS steps ($WARMUP warm-up); $(nproc) CPUs, load $(cut -d' ' -f1 /proc/loadavg)"
 
-/usr/bin/time -v -o "$OUT/time.txt" "$BUILD/kdkit" train --output-dir "$OUT/run" \
+/usr/bin/time -v -o "$OUT/time.txt" "$BUILD/kdkit" train --config configs/default.yaml --output-dir "$OUT/run" \
   --set model.n_layer=4 --set model.n_head=4 --set model.d_model=128 --set model.n_ctx=128 \
   --set train.batch_size=16 --set train.threads="$THREADS" --set train.steps="$STEPS" \
   --set lr.warmup_steps="$WARMUP" --set eval.every=0 --set checkpoint.every=100000 \
