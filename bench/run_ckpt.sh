@@ -74,9 +74,13 @@ lh=$(get kdkit_load_verify_hot_MBps)
 lc=$(get kdkit_load_verify_cold_MBps)
 th=$(get torch_load_hot_MBps)
 tc=$(get torch_load_cold_MBps)
+ch=$(get kdkit_load_copy_hot_MBps)
+cc=$(get kdkit_load_copy_cold_MBps)
 ts=$(get torch_save_fsync_MBps)
 echo "== ratios"
 echo "kdkit write / dd conv=fsync:               $(ratio "$w" "$best_dd")  (target >= 0.80)"
 echo "kdkit load+verify / torch.load (hot):      $(ratio "$lh" "${th:-0}")  (target >= 2)"
 echo "kdkit load+verify / torch.load (cold):     $(ratio "$lc" "${tc:-0}")"
+echo "kdkit load+copy (no hash) / torch.load (hot):  $(ratio "$ch" "${th:-0}")"
+echo "kdkit load+copy (no hash) / torch.load (cold): $(ratio "$cc" "${tc:-0}")"
 echo "kdkit write / torch.save+fsync:            $(ratio "$w" "${ts:-0}")"

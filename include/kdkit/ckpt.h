@@ -178,6 +178,11 @@ uint64_t kd_ckpt_size(const kd_ckpt *c);
 uint64_t kd_ckpt_header_len(const kd_ckpt *c);
 const char *kd_ckpt_name(const kd_ckpt *c);
 
+/* Start reading the whole file into the page cache in the background
+   (madvise WILLNEED): call it after open when every tensor is about to be
+   read, as on a resume.  A no-op for kd_ckpt_open_mem handles. */
+int kd_ckpt_prefetch(const kd_ckpt *c);
+
 /* SHA-256 of the whole file, hashing the mapped bytes (computed once). */
 int kd_ckpt_sha256(kd_ckpt *c, char hex[KD_SHA256_HEX]);
 

@@ -781,10 +781,10 @@ static int open_file(kd_ckpt **out, const char *path, int populate, kd_err *e)
     }
     c->size = (uint64_t)st.st_size;
     if (c->size >= 8) {
-        int flags = MAP_PRIVATE;
-        if (populate)
-            flags |= MAP_POPULATE;
-        void *m = mmap(NULL, (size_t)c->size, PROT_READ, flags, fd, 0);
+        /* a file about to be hashed is faulted in at once: measured faster
+           than page-by-page faults with read-ahead hints, hot and cold */
+        void *m = mmap(NULL, (size_t)c->size, PROT_READ,
+                       MAP_PRIVATE | (populate ? MAP_POPULATE : 0), fd, 0);
         if (m == MAP_FAILED) {
             rc = kd_err_sys(e, KD_EIO, errno, "%s: cannot map %" PRIu64 " bytes", path, c->size);
             goto done;
@@ -922,6 +922,27 @@ uint64_t kd_ckpt_header_len(const kd_ckpt *c)
 const char *kd_ckpt_name(const kd_ckpt *c)
 {
     return c ? c->name : NULL;
+}
+
+/* Start reading [off, off+len) of a mapped file in the background. */
+static void prefetch(const kd_ckpt *c, uint64_t off, uint64_t len)
+{
+    long pg = sysconf(_SC_PAGESIZE);
+    uint64_t start = off - off % (uint64_t)(pg > 0 ? pg : 4096);
+    if (start >= c->size)
+        return;
+    if (len > c->size - start)
+        len = c->size - start;
+    madvise((void *)(uintptr_t)(c->base + start), (size_t)len, MADV_WILLNEED);
+}
+
+int kd_ckpt_prefetch(const kd_ckpt *c)
+{
+    if (!c)
+        return KD_EINVAL;
+    if (c->mapped)
+        prefetch(c, 0, c->size);
+    return KD_OK;
 }
 
 int kd_ckpt_sha256(kd_ckpt *c, char hex[KD_SHA256_HEX])

@@ -15,7 +15,7 @@
  * directory, fsync, rename, fsync of the directory), so the target is
  * replaced whole or not at all.  The SHA-256 is computed over the very bytes
  * handed to write(), on a second thread for large files so hashing overlaps
- * the copying into the page cache; nothing is read back.
+ * the copying into the page cache and the fsync; nothing is read back.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -386,22 +386,23 @@ int kd_ckpt_write(const char *path, const kd_tensor_view *tensors, size_t n,
         rc = out_seg(&o, &segs[i], e);
     if (rc == KD_OK)
         rc = out_flush(&o, e);
+    if (rc != KD_OK)
+        goto done;
+    /* The digest is needed only for *result, not for the file: the hash
+       thread keeps running through the fsync, which mostly waits on the
+       disk.  commit frees the handle whatever happens and removes the temp
+       file on failure; only a failed directory fsync leaves the (complete)
+       target. */
+    kd_atomic *a = o.a;
+    o.a = NULL;
+    if ((rc = kd_atomic_commit(a, e)) != KD_OK)
+        goto done;
     if (thread_on) {
-        if (rc != KD_OK)
-            atomic_store(&hs.cancel, 1);
         pthread_join(th, NULL);
         thread_on = 0;
     }
-    if (rc != KD_OK)
-        goto done;
     kd_ckpt_written w = {.size = total, .header_len = hb.len - 8};
     kd_sha256_final_hex(hs.h, w.sha256);
-    kd_atomic *a = o.a;
-    o.a = NULL;
-    /* commit frees the handle whatever happens and removes the temp file on
-       failure; only a failed directory fsync leaves the (complete) target */
-    if ((rc = kd_atomic_commit(a, e)) != KD_OK)
-        goto done;
     if (result)
         *result = w;
 
