@@ -705,25 +705,24 @@ int kd_trk_scan_metrics_tail(kd_tracker *t)
 /* ------------------------------------------------------------------------ */
 /* Loading a session                                                         */
 
-/* Is `rel` a relative path that stays inside the directory? */
-static int rel_path_ok(const char *rel)
+/* Is `rel` a relative path that stays inside the directory?  The one rule
+   for every manifest path, shared with verify.c. */
+int kd_trk_rel_path_ok(const char *rel)
 {
     if (!rel || !*rel || rel[0] == '/')
         return 0;
-    const char *p = rel;
-    while (*p) {
+    for (const char *p = rel;;) {
         const char *q = strchr(p, '/');
         size_t n = q ? (size_t)(q - p) : strlen(p);
-        if ((n == 2 && p[0] == '.' && p[1] == '.') || n == 0)
+        if (n == 0 || (n == 2 && p[0] == '.' && p[1] == '.'))
             return 0;
         if (!q)
-            break;
+            return 1;
         p = q + 1;
     }
-    return 1;
 }
 
-static int is_hex64(const char *s)
+int kd_trk_is_hex64(const char *s)
 {
     if (!s || strlen(s) != 64)
         return 0;
@@ -757,7 +756,7 @@ static int parse_ck(kd_tracker *t, const char *file, const char *key, json_t *o,
         if (strncmp(abs, t->dir, dl) == 0 && abs[dl] == '/')
             rel = abs + dl + 1;
     }
-    if (!rel_path_ok(rel))
+    if (!kd_trk_rel_path_ok(rel))
         BAD("'relative_path' %s%s%s points outside the output directory", rel ? "\"" : "",
             rel ? rel : "(missing)", rel ? "\"" : "");
     c->rel = strdup(rel);
@@ -774,7 +773,7 @@ static int parse_ck(kd_tracker *t, const char *file, const char *key, json_t *o,
         BAD("'created_at' must be a number");
     c->created_at = isfinite(ca) ? ca : 0;
     const char *sha = json_string_value(json_object_get(o, "sha256"));
-    if (!is_hex64(sha))
+    if (!kd_trk_is_hex64(sha))
         BAD("'sha256' must be 64 lowercase hex digits");
     memcpy(c->sha256, sha, KD_SHA256_HEX);
     if (json_int(o, "size", &c->size) != 0 || c->size < 0)
@@ -1091,8 +1090,8 @@ static void dump_value(kd_sb *out, const json_t *v)
         return;
     }
     size_t n = strlen(s);
-    if (n > 60) {
-        kd_sb_put(out, s, 57);
+    if (n > 100) { /* long enough for a quoted SHA-256 */
+        kd_sb_put(out, s, 97);
         kd_sb_puts(out, "...");
     } else {
         kd_sb_put(out, s, n);
@@ -1244,14 +1243,14 @@ int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
         json_object_foreach(cks, k, v)
         {
             const char *rel = json_string_value(json_object_get(v, "relative_path"));
-            if (rel_path_ok(rel) && (rc = move_into(t, dest, rel, &moved)) != KD_OK)
+            if (kd_trk_rel_path_ok(rel) && (rc = move_into(t, dest, rel, &moved)) != KD_OK)
                 break;
         }
     } else if (json_is_array(cks)) {
         json_array_foreach(cks, ai, v)
         {
             const char *rel = json_string_value(json_object_get(v, "relative_path"));
-            if (rel_path_ok(rel) && (rc = move_into(t, dest, rel, &moved)) != KD_OK)
+            if (kd_trk_rel_path_ok(rel) && (rc = move_into(t, dest, rel, &moved)) != KD_OK)
                 break;
         }
     }

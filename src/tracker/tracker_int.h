@@ -114,6 +114,8 @@ struct kd_tracker {
 };
 
 /* state.c */
+int kd_trk_rel_path_ok(const char *rel); /* relative, no "..", no empty part */
+int kd_trk_is_hex64(const char *s);      /* 64 lowercase hex digits */
 int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int kd_trk_path(const kd_tracker *t, const char *name, char *out, size_t outsz);
 double kd_trk_active(const kd_tracker *t, double now);

@@ -183,32 +183,6 @@ static int in_dir(const vctx *v, const char *name, char *out, size_t n)
 /* ------------------------------------------------------------------------ */
 /* Fields                                                                    */
 
-static int is_hex64(const char *s)
-{
-    if (!s || strlen(s) != 64)
-        return 0;
-    for (int i = 0; i < 64; i++)
-        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
-            return 0;
-    return 1;
-}
-
-/* Is `rel` a relative path that stays inside the directory? */
-static int rel_inside(const char *rel)
-{
-    if (!rel || !*rel || rel[0] == '/')
-        return 0;
-    for (const char *p = rel;;) {
-        const char *q = strchr(p, '/');
-        size_t n = q ? (size_t)(q - p) : strlen(p);
-        if (n == 0 || (n == 2 && p[0] == '.' && p[1] == '.'))
-            return 0;
-        if (!q)
-            return 1;
-        p = q + 1;
-    }
-}
-
 enum ftype { T_INT, T_NUM, T_NUM_OR_NULL, T_STR, T_OBJ, T_HEX64 };
 
 typedef struct field {
@@ -237,7 +211,7 @@ static int type_ok(const json_t *x, enum ftype t)
     case T_NUM_OR_NULL: return json_is_number(x) || json_is_null(x);
     case T_STR: return json_is_string(x);
     case T_OBJ: return json_is_object(x);
-    case T_HEX64: return is_hex64(json_string_value(x));
+    case T_HEX64: return kd_trk_is_hex64(json_string_value(x));
     }
     return 0;
 }
@@ -758,7 +732,7 @@ static void check_ck_record(vctx *v, const char *src, const char *key, const jso
         if (strncmp(abs, v->dir, dl) == 0 && abs[dl] == '/')
             rel = abs + dl + 1;
     }
-    if (!rel_inside(rel)) {
+    if (!kd_trk_rel_path_ok(rel)) {
         report(v, src, 0, step, KD_ECORRUPT,
                "correct that record's path (relative, inside the output directory) or remove "
                "the record; kdkit refuses to use it as it is",
@@ -770,7 +744,7 @@ static void check_ck_record(vctx *v, const char *src, const char *key, const jso
     json_t *szx = json_object_get(o, "size");
     json_t *del = json_object_get(o, "deleted");
     char why[128] = "";
-    if (!is_hex64(sha))
+    if (!kd_trk_is_hex64(sha))
         snprintf(why, sizeof why, "'sha256' must be 64 lowercase hex digits");
     else if (!json_is_integer(szx) || json_integer_value(szx) < 0)
         snprintf(why, sizeof why, "'size' must be an integer >= 0");
