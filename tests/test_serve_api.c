@@ -1,8 +1,9 @@
 /*
  * tests/test_serve_api.c - kdkit serve as an OpenAI-compatible endpoint:
  * response shapes, 400 errors naming the field, size and max_tokens limits,
- * the bearer key, reproducible seeded faults, concurrent requests, and the
- * GPT backend loaded from a checkpoint.
+ * the bearer key, reproducible seeded faults, concurrent requests, bodies
+ * byte for byte what a JSON library prints (names and tokens that need
+ * escaping or are not UTF-8), and the GPT backend loaded from a checkpoint.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -298,6 +299,106 @@ static void test_concurrent(void **state)
     kd_serve_stop(s);
 }
 
+/*
+ * The generation responses are written without a JSON tree; a client must
+ * not be able to tell.  Every body must be exactly what jansson prints for
+ * the parsed document (compact, reals to 9 digits), including for a model
+ * name with quotes and control characters and for tokens that are not valid
+ * UTF-8 (a backend that scrambles the toy's bytes).
+ */
+static kd_serve_backend toy_inner;
+
+static int scrambled_generate(void *ctx, const kd_serve_gen_params *p, kd_serve_gen_result *r,
+                              kd_err *e)
+{
+    int rc = toy_inner.generate(ctx, p, r, e);
+    if (rc != KD_OK)
+        return rc;
+    for (size_t i = 0; i < r->text_len; i++)
+        r->text[i] = (char)(((unsigned char)r->text[i] * 7u + 3u) % 256u);
+    for (size_t i = 0; i < r->ntokens; i++) {
+        kd_serve_token *t = &r->tokens[i];
+        t->bytes[0] = (unsigned char)((t->bytes[0] * 7u + 3u) % 256u);
+        if (i % 3 == 1) { /* a two-byte character */
+            t->bytes[0] = 0xC3;
+            t->bytes[1] = 0xA9;
+            t->len = 2;
+        }
+        for (int a = 0; a < t->ntop; a++)
+            t->top[a].bytes[0] = (unsigned char)((t->top[a].bytes[0] * 7u + 3u) % 256u);
+        if (i == 2)
+            t->logprob = -1e-7;
+        if (i == 3)
+            t->logprob = -123456789012.0;
+    }
+    return KD_OK;
+}
+
+static char *http_raw(int port, const char *path, const char *body)
+{
+    CURL *c = curl_easy_init();
+    char url[256];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", port, path);
+    buf b = {0};
+    struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json");
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 5000L);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
+    assert_int_equal(curl_easy_perform(c), CURLE_OK);
+    long status = 0;
+    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+    assert_int_equal(status, 200);
+    curl_slist_free_all(h);
+    curl_easy_cleanup(c);
+    return b.p;
+}
+
+static void test_bodies_are_exact_json(void **state)
+{
+    (void)state;
+    kd_err e;
+    assert_int_equal(kd_serve_backend_toy(&toy_inner, 5, &e), KD_OK);
+    kd_serve_backend be = toy_inner;
+    be.generate = scrambled_generate;
+    be.name = "toy\x01\"q\\/\xc3\xa9\x7f\t";
+    kd_serve_opts o;
+    kd_serve_opts_init(&o);
+    kd_serve *s = NULL;
+    if (kd_serve_start(&s, &o, &be, &e) != KD_OK)
+        fail_msg("%s", e.msg);
+    int port = kd_serve_port(s);
+    const char *m = "\"toy\\u0001\\\"q\\\\/\\u00e9\\u007f\\t\"";
+    const char *reqs[][2] = {
+        {"/v1/chat/completions", "\"max_tokens\":30,\"logprobs\":true,\"top_logprobs\":20,"
+                                 "\"n\":2,\"messages\":[{\"role\":\"user\",\"content\":\"a\"}]"},
+        {"/v1/chat/completions", "\"max_tokens\":9,\"temperature\":0,\"stop\":[\"x\"],"
+                                 "\"messages\":[{\"role\":\"user\",\"content\":\"b\"}]"},
+        {"/v1/completions", "\"prompt\":\"c\",\"max_tokens\":25,\"logprobs\":5"},
+        {"/v1/completions", "\"prompt\":\"d\",\"max_tokens\":4,\"logprobs\":0,\"n\":3"},
+        {"/v1/completions", "\"prompt\":\"e\",\"max_tokens\":4"},
+    };
+    for (size_t i = 0; i < sizeof reqs / sizeof reqs[0]; i++) {
+        char body[512];
+        snprintf(body, sizeof body, "{\"model\":%s,%s}", m, reqs[i][1]);
+        char *txt = http_raw(port, reqs[i][0], body);
+        json_error_t je;
+        json_t *j = json_loads(txt, 0, &je);
+        if (!j)
+            fail_msg("request %zu: not JSON: %s", i, je.text);
+        assert_string_equal(json_string_value(json_object_get(j, "model")), be.name);
+        char *again = json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(9));
+        assert_string_equal(txt, again);
+        free(again);
+        json_decref(j);
+        free(txt);
+    }
+    kd_serve_stop(s);
+}
+
 static void test_gpt_backend(void **state)
 {
     (void)state;
@@ -363,6 +464,7 @@ int main(void)
         cmocka_unit_test(test_bearer_key),
         cmocka_unit_test(test_faults_reproducible),
         cmocka_unit_test(test_concurrent),
+        cmocka_unit_test(test_bodies_are_exact_json),
         cmocka_unit_test(test_gpt_backend),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,9 +1,12 @@
 /*
- * src/serve/serve.c - the OpenAI-compatible HTTP server (libmicrohttpd, one
- * thread per connection) in front of a kd_serve_backend, with seeded fault
- * injection.  Wire formats are OpenAI's (see kdkit/serve.h for the list);
- * /v1/completions answers with both the legacy logprobs arrays (tokens,
- * token_logprobs, top_logprobs, text_offset) and the content[] form.
+ * src/serve/serve.c - the OpenAI-compatible HTTP server (libmicrohttpd: an
+ * epoll thread pool, or one thread per connection when stalls are injected)
+ * in front of a kd_serve_backend, with seeded fault injection.  Wire formats
+ * are OpenAI's (see kdkit/serve.h for the list); /v1/completions answers with
+ * both the legacy logprobs arrays (tokens, token_logprobs, top_logprobs,
+ * text_offset) and the content[] form.  Requests are parsed with jansson;
+ * generation responses, the hot path, are written directly into one buffer
+ * (see "Writing JSON without building a tree").
  */
 #include <arpa/inet.h>
 #include <math.h>
@@ -288,15 +291,18 @@ static enum MHD_Result respond_faulty(kd_serve *s, struct MHD_Connection *c, kd_
 /* ------------------------------------------------------------------------ */
 /* Text helpers                                                              */
 
-/* Bytes -> valid UTF-8, invalid sequences replaced by U+FFFD. */
-static char *utf8_lossy(const unsigned char *p, size_t n)
+/* Bytes -> valid UTF-8, invalid sequences (and NULs) replaced by U+FFFD,
+   into out (room for 3 * n + 1).  Returns the length. */
+static size_t utf8_lossy_into(const unsigned char *p, size_t n, char *out)
 {
-    char *out = malloc(n * 3 + 1);
-    if (!out)
-        return NULL;
     size_t o = 0;
     for (size_t i = 0; i < n;) {
         unsigned char b = p[i];
+        if (b >= 0x20 && b < 0x80) { /* the common case: printable ASCII */
+            out[o++] = (char)b;
+            i++;
+            continue;
+        }
         size_t len = b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : (b >> 3) == 30 ? 4 : 0;
         int ok = len > 0 && i + len <= n;
         for (size_t k = 1; ok && k < len; k++)
@@ -328,32 +334,191 @@ static char *utf8_lossy(const unsigned char *p, size_t n)
         }
     }
     out[o] = '\0';
-    return out;
+    return o;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Writing JSON without building a tree                                      */
+
+/*
+ * The generation responses are written straight into one growing buffer
+ * (handed to libmicrohttpd, which frees it), byte for byte what jansson's
+ * json_dumps(JSON_COMPACT | JSON_REAL_PRECISION(9)) printed for the same
+ * document: keys in insertion order, strings escaped as jansson does
+ * (\" \\ \b \f \n \r \t, other control characters as \u00XX, everything
+ * else as is), reals as "%.9g" with ".0" added when there is neither '.' nor
+ * 'e', and the exponent without '+' or leading zeros.  A non-finite logprob
+ * (which jansson cannot represent) is written as -9999.0, OpenAI's "very
+ * unlikely".
+ */
+typedef struct jbuf {
+    char *p;
+    size_t len, cap;
+    int oom;
+} jbuf;
+
+static int jb_reserve(jbuf *b, size_t more)
+{
+    if (b->oom)
+        return 0;
+    if (b->len + more + 1 <= b->cap)
+        return 1;
+    size_t nc = b->cap ? b->cap : 1024;
+    while (nc < b->len + more + 1)
+        nc *= 2;
+    char *q = realloc(b->p, nc);
+    if (!q) {
+        b->oom = 1;
+        return 0;
+    }
+    b->p = q;
+    b->cap = nc;
+    return 1;
+}
+
+static void jb_put(jbuf *b, const char *s, size_t n)
+{
+    if (!jb_reserve(b, n))
+        return;
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+#define jb_lit(b, s) jb_put((b), "" s, sizeof(s) - 1) /* literals only */
+
+static void jb_str(jbuf *b, const char *s, size_t n)
+{
+    if (!jb_reserve(b, n * 6 + 2))
+        return;
+    static const char hex[] = "0123456789ABCDEF";
+    char *o = b->p + b->len;
+    *o++ = '"';
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            *o++ = (char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\r': *o++ = 'r'; break;
+        case '\t': *o++ = 't'; break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = hex[c >> 4];
+            *o++ = hex[c & 15];
+        }
+    }
+    *o++ = '"';
+    *o = '\0';
+    b->len = (size_t)(o - b->p);
+}
+
+static void jb_cstr(jbuf *b, const char *s)
+{
+    jb_str(b, s, strlen(s));
+}
+
+static void jb_int(jbuf *b, long long v)
+{
+    char t[24];
+    char *e = t + sizeof t, *q = e;
+    unsigned long long u = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;
+    do {
+        *--q = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        *--q = '-';
+    jb_put(b, q, (size_t)(e - q));
+}
+
+static void jb_real(jbuf *b, double v)
+{
+    if (!isfinite(v))
+        v = -9999.0;
+    char t[40];
+    int n = snprintf(t, sizeof t, "%.9g", v);
+    if (n <= 0 || (size_t)n >= sizeof t)
+        n = 0;
+    int has_dot = 0;
+    char *ex = NULL;
+    for (int i = 0; i < n; i++) {
+        if (t[i] == '.')
+            has_dot = 1;
+        else if (t[i] == 'e')
+            ex = t + i;
+    }
+    if (!ex) {
+        jb_put(b, t, (size_t)n);
+        if (!has_dot)
+            jb_lit(b, ".0");
+        return;
+    }
+    /* mantissa, 'e', '-' if negative, exponent digits without leading 0s */
+    jb_put(b, t, (size_t)(ex - t) + 1);
+    const char *d = ex + 1;
+    if (*d == '-')
+        jb_lit(b, "-");
+    if (*d == '-' || *d == '+')
+        d++;
+    while (*d == '0' && d[1])
+        d++;
+    jb_put(b, d, strlen(d));
 }
 
 /* A token's display string: its text when valid UTF-8, else OpenAI's
-   "bytes:\xNN..." form. */
-static json_t *token_string(const unsigned char *b, size_t n)
+   "bytes:\xNN..." form.  out has room for TOKSTR_MAX bytes. */
+#define TOKSTR_MAX (KD_SERVE_TOKEN_MAX * 4 + 8)
+
+static size_t token_string_into(const unsigned char *b, size_t n, char *out)
 {
-    char *l = utf8_lossy(b, n);
-    if (l && !strstr(l, "\xEF\xBF\xBD")) {
-        json_t *j = json_string(l);
-        free(l);
-        return j;
+    if (n > KD_SERVE_TOKEN_MAX)
+        n = KD_SERVE_TOKEN_MAX;
+    char l[KD_SERVE_TOKEN_MAX * 3 + 1];
+    size_t ln = utf8_lossy_into(b, n, l);
+    if (!memmem(l, ln, "\xEF\xBF\xBD", 3)) {
+        memcpy(out, l, ln + 1);
+        return ln;
     }
-    free(l);
-    char buf[KD_SERVE_TOKEN_MAX * 4 + 8] = "bytes:";
-    for (size_t i = 0; i < n; i++)
-        snprintf(buf + strlen(buf), sizeof buf - strlen(buf), "\\x%02x", b[i]);
-    return json_string(buf);
+    static const char hex[] = "0123456789abcdef";
+    size_t o = 0;
+    memcpy(out, "bytes:", 6);
+    o = 6;
+    for (size_t i = 0; i < n; i++) {
+        out[o++] = '\\';
+        out[o++] = 'x';
+        out[o++] = hex[b[i] >> 4];
+        out[o++] = hex[b[i] & 15];
+    }
+    out[o] = '\0';
+    return o;
 }
 
-static json_t *bytes_array(const unsigned char *b, size_t n)
+static void jb_token(jbuf *b, const unsigned char *bytes, size_t n)
 {
-    json_t *a = json_array();
-    for (size_t i = 0; i < n; i++)
-        json_array_append_new(a, json_integer(b[i]));
-    return a;
+    char t[TOKSTR_MAX];
+    size_t tn = token_string_into(bytes, n, t);
+    jb_str(b, t, tn);
+}
+
+static void jb_bytes(jbuf *b, const unsigned char *p, size_t n)
+{
+    jb_lit(b, "[");
+    for (size_t i = 0; i < n && i < KD_SERVE_TOKEN_MAX; i++) {
+        if (i)
+            jb_lit(b, ",");
+        jb_int(b, p[i]);
+    }
+    jb_lit(b, "]");
 }
 
 /* ------------------------------------------------------------------------ */
@@ -582,48 +747,99 @@ static int backend_generate(kd_serve *s, const kd_serve_gen_params *p, kd_serve_
     return rc;
 }
 
-static json_t *content_logprobs(const kd_serve_gen_result *r, int k)
+/* choices[].logprobs.content[]: token, bytes, logprob, top_logprobs[]. */
+static void jb_content_logprobs(jbuf *b, const kd_serve_gen_result *r, int k)
 {
-    json_t *content = json_array();
+    jb_lit(b, "[");
     for (size_t i = 0; i < r->ntokens; i++) {
         const kd_serve_token *t = &r->tokens[i];
-        json_t *top = json_array();
-        for (int a = 0; a < t->ntop && a < k; a++)
-            json_array_append_new(top, json_pack("{s:o, s:o, s:f}", "token",
-                                                 token_string(t->top[a].bytes, t->top[a].len),
-                                                 "bytes", bytes_array(t->top[a].bytes, t->top[a].len),
-                                                 "logprob", t->top[a].logprob));
-        json_array_append_new(content,
-                              json_pack("{s:o, s:o, s:f, s:o}", "token",
-                                        token_string(t->bytes, t->len), "bytes",
-                                        bytes_array(t->bytes, t->len), "logprob", t->logprob,
-                                        "top_logprobs", top));
+        if (i)
+            jb_lit(b, ",");
+        jb_lit(b, "{\"token\":");
+        jb_token(b, t->bytes, t->len);
+        jb_lit(b, ",\"bytes\":");
+        jb_bytes(b, t->bytes, t->len);
+        jb_lit(b, ",\"logprob\":");
+        jb_real(b, t->logprob);
+        jb_lit(b, ",\"top_logprobs\":[");
+        for (int a = 0; a < t->ntop && a < k; a++) {
+            if (a)
+                jb_lit(b, ",");
+            jb_lit(b, "{\"token\":");
+            jb_token(b, t->top[a].bytes, t->top[a].len);
+            jb_lit(b, ",\"bytes\":");
+            jb_bytes(b, t->top[a].bytes, t->top[a].len);
+            jb_lit(b, ",\"logprob\":");
+            jb_real(b, t->top[a].logprob);
+            jb_lit(b, "}");
+        }
+        jb_lit(b, "]}");
     }
-    return content;
+    jb_lit(b, "]");
 }
 
-static json_t *legacy_logprobs(const kd_serve_gen_result *r, int k)
+/* The legacy completions form (tokens, token_logprobs, top_logprobs as
+   {token: logprob}, text_offset) plus content[].  In a top_logprobs object a
+   name that occurs twice keeps its first place and its last value, as a
+   JSON object built key by key does. */
+static void jb_legacy_logprobs(jbuf *b, const kd_serve_gen_result *r, int k)
 {
-    json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(),
-           *offs = json_array();
-    size_t off = 0;
+    jb_lit(b, "{\"tokens\":[");
+    for (size_t i = 0; i < r->ntokens; i++) {
+        if (i)
+            jb_lit(b, ",");
+        jb_token(b, r->tokens[i].bytes, r->tokens[i].len);
+    }
+    jb_lit(b, "],\"token_logprobs\":[");
+    for (size_t i = 0; i < r->ntokens; i++) {
+        if (i)
+            jb_lit(b, ",");
+        jb_real(b, r->tokens[i].logprob);
+    }
+    jb_lit(b, "],\"top_logprobs\":[");
     for (size_t i = 0; i < r->ntokens; i++) {
         const kd_serve_token *t = &r->tokens[i];
-        json_array_append_new(tokens, token_string(t->bytes, t->len));
-        json_array_append_new(lps, json_real(t->logprob));
-        json_t *o = json_object();
-        for (int a = 0; a < t->ntop && a < k; a++) {
-            json_t *name = token_string(t->top[a].bytes, t->top[a].len);
-            json_object_set_new(o, json_string_value(name), json_real(t->top[a].logprob));
-            json_decref(name);
+        char names[KD_SERVE_MAX_TOP][TOKSTR_MAX];
+        size_t nlen[KD_SERVE_MAX_TOP];
+        double val[KD_SERVE_MAX_TOP];
+        int nn = 0;
+        for (int a = 0; a < t->ntop && a < k && a < KD_SERVE_MAX_TOP; a++) {
+            char nm[TOKSTR_MAX];
+            size_t l = token_string_into(t->top[a].bytes, t->top[a].len, nm);
+            int at = -1;
+            for (int q = 0; q < nn && at < 0; q++)
+                if (nlen[q] == l && memcmp(names[q], nm, l) == 0)
+                    at = q;
+            if (at < 0) {
+                at = nn++;
+                memcpy(names[at], nm, l + 1);
+                nlen[at] = l;
+            }
+            val[at] = t->top[a].logprob;
         }
-        json_array_append_new(tops, o);
-        json_array_append_new(offs, json_integer((json_int_t)off));
-        off += t->len;
+        if (i)
+            jb_lit(b, ",");
+        jb_lit(b, "{");
+        for (int q = 0; q < nn; q++) {
+            if (q)
+                jb_lit(b, ",");
+            jb_str(b, names[q], nlen[q]);
+            jb_lit(b, ":");
+            jb_real(b, val[q]);
+        }
+        jb_lit(b, "}");
     }
-    return json_pack("{s:o, s:o, s:o, s:o, s:o}", "tokens", tokens, "token_logprobs", lps,
-                     "top_logprobs", tops, "text_offset", offs, "content",
-                     content_logprobs(r, k));
+    jb_lit(b, "],\"text_offset\":[");
+    size_t off = 0;
+    for (size_t i = 0; i < r->ntokens; i++) {
+        if (i)
+            jb_lit(b, ",");
+        jb_int(b, (long long)off);
+        off += r->tokens[i].len;
+    }
+    jb_lit(b, "],\"content\":");
+    jb_content_logprobs(b, r, k);
+    jb_lit(b, "}");
 }
 
 static enum MHD_Result do_generate(kd_serve *s, struct MHD_Connection *c, json_t *j, int chat,
@@ -652,11 +868,29 @@ static enum MHD_Result do_generate(kd_serve *s, struct MHD_Connection *c, json_t
         g.p.prompt = json_string_value(pr);
         g.p.prompt_len = json_string_length(pr);
     }
-    json_t *choices = json_array();
+    /* Written as it is generated; usage comes last, so nothing is built
+       twice.  About 90 bytes per alternative of each token. */
+    jbuf out = {0};
+    size_t k = g.want_logprobs ? (size_t)g.p.top_logprobs + 1 : 0;
+    jb_reserve(&out, 512 + strlen(s->be.name) * 6 +
+                         (size_t)g.n * (size_t)g.p.max_tokens * (8 + k * (g.chat ? 90 : 150)));
+    char id[64];
+    snprintf(id, sizeof id, "%s-kdkit-%llu", chat ? "chatcmpl" : "cmpl",
+             (unsigned long long)seqno);
+    jb_lit(&out, "{\"id\":");
+    jb_cstr(&out, id);
+    jb_lit(&out, ",\"object\":");
+    jb_cstr(&out, chat ? "chat.completion" : "text_completion");
+    jb_lit(&out, ",\"created\":");
+    jb_int(&out, (long long)time(NULL));
+    jb_lit(&out, ",\"model\":");
+    jb_cstr(&out, s->be.name);
+    jb_lit(&out, ",\"choices\":[");
     int64_t ptok = 0, ctok = 0;
     int rc = KD_OK;
     kd_err e;
     kd_err_clear(&e);
+    char small[512];
     for (int i = 0; i < g.n && rc == KD_OK; i++) {
         kd_serve_gen_params p = g.p;
         if (p.has_seed)
@@ -672,46 +906,60 @@ static enum MHD_Result do_generate(kd_serve *s, struct MHD_Connection *c, json_t
             break;
         ptok = r.prompt_tokens;
         ctok += r.completion_tokens;
-        char *text = utf8_lossy((const unsigned char *)r.text, r.text_len);
-        json_t *lp = json_null();
-        if (g.want_logprobs)
-            lp = chat ? json_pack("{s:o}", "content", content_logprobs(&r, g.p.top_logprobs))
-                      : legacy_logprobs(&r, g.p.top_logprobs);
-        json_t *ch;
-        if (chat)
-            ch = json_pack("{s:i, s:{s:s, s:s}, s:o, s:s}", "index", i, "message", "role",
-                           "assistant", "content", text ? text : "", "logprobs", lp,
-                           "finish_reason", r.stopped ? "stop" : "length");
+        char *text = r.text_len * 3 + 1 <= sizeof small ? small : malloc(r.text_len * 3 + 1);
+        size_t tlen = text ? utf8_lossy_into((const unsigned char *)r.text, r.text_len, text) : 0;
+        if (i)
+            jb_lit(&out, ",");
+        jb_lit(&out, "{\"index\":");
+        jb_int(&out, i);
+        if (chat) {
+            jb_lit(&out, ",\"message\":{\"role\":\"assistant\",\"content\":");
+            jb_str(&out, text ? text : "", tlen);
+            jb_lit(&out, "},\"logprobs\":");
+        } else {
+            jb_lit(&out, ",\"text\":");
+            jb_str(&out, text ? text : "", tlen);
+            jb_lit(&out, ",\"logprobs\":");
+        }
+        if (text != small)
+            free(text);
+        if (!g.want_logprobs) {
+            jb_lit(&out, "null");
+        } else if (chat) {
+            jb_lit(&out, "{\"content\":");
+            jb_content_logprobs(&out, &r, g.p.top_logprobs);
+            jb_lit(&out, "}");
+        } else {
+            jb_legacy_logprobs(&out, &r, g.p.top_logprobs);
+        }
+        if (r.stopped)
+            jb_lit(&out, ",\"finish_reason\":\"stop\"}");
         else
-            ch = json_pack("{s:i, s:s, s:o, s:s}", "index", i, "text", text ? text : "",
-                           "logprobs", lp, "finish_reason", r.stopped ? "stop" : "length");
-        free(text);
-        json_array_append_new(choices, ch);
+            jb_lit(&out, ",\"finish_reason\":\"length\"}");
         kd_serve_gen_result_free(&r);
     }
     free(g.prompt_owned);
     if (rc != KD_OK) {
-        json_decref(choices);
+        free(out.p);
         return send_error(s, c, 500, "server_error", NULL, NULL, "generation failed: %s", e.msg);
     }
-    char id[64];
-    snprintf(id, sizeof id, "%s-kdkit-%llu", chat ? "chatcmpl" : "cmpl",
-             (unsigned long long)seqno);
-    json_t *out = json_pack("{s:s, s:s, s:I, s:s, s:o, s:{s:I, s:I, s:I}}", "id", id, "object",
-                            chat ? "chat.completion" : "text_completion", "created",
-                            (json_int_t)time(NULL), "model", s->be.name, "choices", choices,
-                            "usage", "prompt_tokens", (json_int_t)ptok, "completion_tokens",
-                            (json_int_t)ctok, "total_tokens", (json_int_t)(ptok + ctok));
-    char *txt = json_dumps(out, JSON_COMPACT | JSON_REAL_PRECISION(9));
-    json_decref(out);
-    if (!txt)
+    jb_lit(&out, "],\"usage\":{\"prompt_tokens\":");
+    jb_int(&out, (long long)ptok);
+    jb_lit(&out, ",\"completion_tokens\":");
+    jb_int(&out, (long long)ctok);
+    jb_lit(&out, ",\"total_tokens\":");
+    jb_int(&out, (long long)(ptok + ctok));
+    jb_lit(&out, "}}");
+    if (out.oom) {
+        free(out.p);
         return MHD_NO;
+    }
     if (fault == KD_SERVE_FAULT_NONE || fault == KD_SERVE_FAULT_STALL) {
         pthread_mutex_lock(&s->mu);
         s->st.generations++;
         pthread_mutex_unlock(&s->mu);
     }
-    return respond_faulty(s, c, fault, txt);
+    return respond_faulty(s, c, fault, out.p);
 }
 
 static enum MHD_Result do_embed(kd_serve *s, struct MHD_Connection *c, json_t *j,
