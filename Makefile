@@ -1,6 +1,7 @@
 # Front door for people; CMake does the building.
-#   make test    install deps, build with ASan+UBSan (gcc), run every test,
-#                and check that clang builds warning-free
+#   make test    install deps, check that clang builds warning-free (with the
+#                libFuzzer targets), then build with ASan+UBSan (gcc) and run
+#                every test; the test summary is the last thing printed
 #   make build   optimised build in build/ (bin: build/kdkit)
 #   make bench   run the benchmarks in bench/ (installs the peers first)
 #   make run     the main job: a short pretraining on the built-in defaults
@@ -29,7 +30,7 @@ clang-check: deps
 	@cmake -S . -B build-clang -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=Release -DKD_FUZZ=ON >/dev/null
 	@cmake --build build-clang -j$(JOBS)
 
-test: test-asan clang-check
+test: clang-check test-asan
 
 bench: deps
 	@./scripts/install-deps.sh --bench
