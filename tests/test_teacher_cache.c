@@ -132,6 +132,89 @@ static void test_key_recipe(void **state)
     kd_teacher_close(t3);
 }
 
+/*
+ * Keys must never change between kdkit versions, or every paid entry of an
+ * existing cache would silently miss.  These were computed by the original
+ * implementation (a jansson tree through kd_json_canonical); prompts now
+ * take a direct path, which must agree to the byte.  Both endpoints, odd
+ * strings, large and negative seeds, -0.0, tiny and inexact reals, stop as
+ * string and list, sample index in the key.
+ */
+static void test_keys_are_stable(void **state)
+{
+    (void)state;
+    static const char *want[2][6] = {
+        {"9a5277ea872b442a2403b63ea6a6f07173a5c300705fc72e2e946f062acdedf8",
+         "a329f45901cbb2a5db1f01d8251aea422d7d006a6f744ba1dd35ac7554ca0280",
+         "b74e90fccaaeeae2df35900d69f0ce714eadd94463540f00adc711c5ceb0afa9",
+         "f5010ea22f290262182e9f330a7a5022f15014b4315253c79a8a2bf125f9b7fa",
+         "34a68d0af8305bc1a6675ff9e165f9a90056b47a163ba38a5ece1740bb64aa84",
+         "edc0533c04d45d2fcc5507b5c97b3e53ba9f2e3301a1c1d10ad4c3f2d89f030a"},
+        {"d41d5dd4ca7f95d4ac0b8bf587b28ec10fc91620e5989591458422f74c84e076",
+         "87b521463693ed098416b85de0e35897b3c5d684bbf66ec9f4dedaaf01731069",
+         "b538b2b44cd77b06e78b18a47429300f4fc1a18ecdc46c08c31d86f92557f253",
+         "5692f3ffc0be6d7a6f582998e7d977c57dfb67544dfe6721b6ddf4172c5ab3a3",
+         "bfd5f8fefe286db5ea663d418cf36ef5593596695c5c0db7e1d7777c5882dcf4",
+         "a8c10edb6793805abd465071372927121e591962c0406ab2c5faf3620e72f2bd"}};
+    const char *prompt = "tab\there \"q\" \\ \x1f \xc3\xa9 \xf0\x9f\x98\x80";
+    for (int ep = 0; ep < 2; ep++) {
+        kd_teacher_config c;
+        kd_teacher_config_init(&c);
+        c.base_url = "http://127.0.0.1:9/v1/";
+        c.model = "gpt-\"x\"\x01";
+        c.endpoint = ep ? KD_TEACHER_COMPLETIONS : KD_TEACHER_CHAT;
+        c.key_includes_sample_index = 1;
+        kd_teacher *t = NULL;
+        kd_err e;
+        assert_int_equal(kd_teacher_open(&t, &c, NULL, &e), KD_OK);
+        kd_teacher_params p[6];
+        for (int i = 0; i < 6; i++)
+            kd_teacher_params_init(&p[i]);
+        p[1].temperature = 0.7;
+        p[1].top_p = 0.1;
+        p[1].has_seed = 1;
+        p[1].seed = -9007199254740993LL;
+        p[2].presence_penalty = -0.0;
+        p[2].frequency_penalty = 1e-300;
+        p[2].stop_json = "[\"\\n\",\"\\u0001\xc3\xa9\"]";
+        p[3].logprobs = 0;
+        p[3].top_logprobs = 7;
+        p[3].max_tokens = 9000000000LL;
+        p[3].n = 3;
+        p[4].temperature = 2;
+        p[4].top_p = 0.30000000000000004;
+        p[4].stop_json = "\"END\"";
+        p[5].temperature = 1.0 / 3;
+        p[5].frequency_penalty = -1.5;
+        p[5].top_logprobs = 20;
+        for (int i = 0; i < 6; i++) {
+            kd_teacher_request r = {.prompt = prompt, .params = &p[i],
+                                    .sample_index = i == 2 ? 42 : -1};
+            char k[65], ph[65];
+            assert_int_equal(kd_teacher_key(t, &r, k, ph, NULL, &e), KD_OK);
+            assert_string_equal(k, want[ep][i]);
+            assert_string_equal(ph, "d23071cda6de8929fe9ddd0dbb7bbf0c59d20632ab4193e8a85fad8bb7626613");
+        }
+        if (ep == 0) {
+            /* The same request as a messages list takes the tree path. */
+            char k[65], ph[65];
+            kd_teacher_request r = {.messages_json = "[{\"role\":\"user\",\"content\":"
+                                                     "\"tab\\there \\\"q\\\" \\\\ \\u001f "
+                                                     "\\u00e9 \\ud83d\\ude00\"}]",
+                                    .params = &p[5], .sample_index = -1};
+            assert_int_equal(kd_teacher_key(t, &r, k, ph, NULL, &e), KD_OK);
+            assert_string_equal(k, want[0][5]);
+        } else {
+            /* A completions prompt that is not UTF-8 is refused, not keyed
+               without its prompt. */
+            char k[65], ph[65];
+            kd_teacher_request r = {.prompt = "bad \xff", .sample_index = -1};
+            assert_int_equal(kd_teacher_key(t, &r, k, ph, NULL, &e), KD_EINVAL);
+        }
+        kd_teacher_close(t);
+    }
+}
+
 static void entry(kd_cache_entry *en, const char *keyhex)
 {
     memset(en, 0, sizeof *en);
@@ -525,6 +608,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_key_recipe),
+        cmocka_unit_test(test_keys_are_stable),
         cmocka_unit_test(test_put_get_versions_counters),
         cmocka_unit_test(test_schema_version_incompatible),
         cmocka_unit_test(test_verify_finds_tampering),

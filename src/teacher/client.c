@@ -22,6 +22,7 @@
  * flight since the last open.
  */
 #include <errno.h>
+#include <locale.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -432,6 +433,34 @@ static void built_free(built *b)
     memset(b, 0, sizeof *b);
 }
 
+/* Strict UTF-8 (no overlong forms, surrogates or code points past
+   U+10FFFF), the rule JSON strings follow. */
+static int utf8_valid(const char *s, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    for (size_t i = 0; i < n;) {
+        unsigned c = p[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t len = (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+        if (!len || i + len > n)
+            return 0;
+        unsigned cp = c & (0x7Fu >> len);
+        for (size_t k = 1; k < len; k++) {
+            if ((p[i + k] & 0xC0) != 0x80)
+                return 0;
+            cp = (cp << 6) | (p[i + k] & 0x3Fu);
+        }
+        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+            cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+            return 0;
+        i += len;
+    }
+    return 1;
+}
+
 static int build(kd_teacher *t, const kd_teacher_request *req, built *b, kd_err *e)
 {
     memset(b, 0, sizeof *b);
@@ -497,6 +526,8 @@ static int build(kd_teacher *t, const kd_teacher_request *req, built *b, kd_err 
     } else {
         if (!req->prompt)
             return kd_err_set(e, KD_EINVAL, "teacher request: completions need a prompt");
+        if (!utf8_valid(req->prompt, strlen(req->prompt)))
+            return kd_err_set(e, KD_EINVAL, "teacher request: prompt is not valid UTF-8");
         b->prompt = req->prompt;
         b->prompt_bytes = strlen(req->prompt);
         b->nmessages = 1;
@@ -523,9 +554,226 @@ static json_t *params_json(kd_teacher *t, const built *b)
     return o;
 }
 
+/*
+ * The canonical key JSON written directly, for requests given as one prompt
+ * (chat or completions): the same bytes as kd_json_canonical of the tree
+ * below (keys sorted by bytes, minimal escapes with lowercase \u00xx,
+ * integral numbers below 2^53 as integers, other reals as the shortest
+ * %.Ng that reads back), without building, printing and re-parsing a
+ * tree.  Returns NULL (use the tree) when it does not apply: messages given
+ * as JSON, a stop item that is not a string, a string that is not UTF-8, or
+ * a locale whose decimal point is not '.'.  tests/test_teacher_cache.c
+ * holds keys computed by the tree path and checks this one against them.
+ */
+typedef struct cbuf {
+    char *p;
+    size_t len, cap;
+    int bad;
+} cbuf;
+
+static void cb_put(cbuf *b, const char *s, size_t n)
+{
+    if (b->bad)
+        return;
+    if (b->len + n + 1 > b->cap) {
+        size_t nc = b->cap ? b->cap : 512;
+        while (nc < b->len + n + 1)
+            nc *= 2;
+        char *q = realloc(b->p, nc);
+        if (!q) {
+            b->bad = 1;
+            return;
+        }
+        b->p = q;
+        b->cap = nc;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+#define cb_lit(b, s) cb_put((b), "" s, sizeof(s) - 1)
+
+static void cb_str(cbuf *b, const char *s, size_t n)
+{
+    if (!utf8_valid(s, n)) {
+        b->bad = 1;
+        return;
+    }
+    static const char hex[] = "0123456789abcdef";
+    size_t run = 0;
+    cb_lit(b, "\"");
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c != '"' && c != '\\')
+            continue;
+        cb_put(b, s + run, i - run);
+        run = i + 1;
+        char esc[6] = {'\\', 0, '0', '0', hex[c >> 4], hex[c & 15]};
+        size_t el = 2;
+        switch (c) {
+        case '"': esc[1] = '"'; break;
+        case '\\': esc[1] = '\\'; break;
+        case '\b': esc[1] = 'b'; break;
+        case '\f': esc[1] = 'f'; break;
+        case '\n': esc[1] = 'n'; break;
+        case '\r': esc[1] = 'r'; break;
+        case '\t': esc[1] = 't'; break;
+        default: esc[1] = 'u'; el = 6; break;
+        }
+        cb_put(b, esc, el);
+    }
+    cb_put(b, s + run, n - run);
+    cb_lit(b, "\"");
+}
+
+static void cb_int(cbuf *b, long long v)
+{
+    char t[24];
+    int n = snprintf(t, sizeof t, "%lld", v);
+    cb_put(b, t, (size_t)n);
+}
+
+/* A real the canonical way; a non-finite one cannot be in the tree at all
+   (its key would be missing), so the caller leaves such keys out. */
+static void cb_real(cbuf *b, double v)
+{
+    char t[40];
+    int n = 0;
+    if (v == floor(v) && fabs(v) < 9007199254740992.0) {
+        n = snprintf(t, sizeof t, "%lld", (long long)v);
+    } else {
+        for (int prec = 1; prec <= 17; prec++) {
+            n = snprintf(t, sizeof t, "%.*g", prec, v);
+            if (strtod(t, NULL) == v)
+                break;
+        }
+    }
+    cb_put(b, t, (size_t)n);
+}
+
+static char *key_canonical_fast(kd_teacher *t, const built *b)
+{
+    if (b->messages && b->nmessages != 1)
+        return NULL;
+    const char *prompt = b->prompt;
+    size_t plen = 0;
+    if (b->messages) {
+        /* Only the one user message made from a bare prompt qualifies. */
+        json_t *m = json_array_get(b->messages, 0);
+        json_t *c = json_object_get(m, "content");
+        if (json_object_size(m) != 2 || !json_is_string(c) ||
+            strcmp(json_string_value(json_object_get(m, "role")) ?
+                   json_string_value(json_object_get(m, "role")) : "", "user") != 0)
+            return NULL;
+        prompt = json_string_value(c);
+        plen = json_string_length(c);
+    } else {
+        plen = strlen(prompt);
+    }
+    for (size_t i = 0; b->stop && i < json_array_size(b->stop); i++)
+        if (!json_is_string(json_array_get(b->stop, i)))
+            return NULL;
+    const char *dp = localeconv()->decimal_point;
+    if (!dp || dp[0] != '.' || dp[1])
+        return NULL;
+    const kd_teacher_params *p = &b->p;
+    cbuf o = {0};
+    cb_lit(&o, "{\"endpoint\":");
+    if (t->cfg.endpoint == KD_TEACHER_CHAT)
+        cb_lit(&o, "\"chat\"");
+    else
+        cb_lit(&o, "\"completions\"");
+    cb_lit(&o, ",\"kdkit_cache_key\":");
+    cb_int(&o, KD_TEACHER_KEY_VERSION);
+    if (b->messages) {
+        cb_lit(&o, ",\"messages\":[{\"content\":");
+        cb_str(&o, prompt, plen);
+        cb_lit(&o, ",\"role\":\"user\"}]");
+    }
+    cb_lit(&o, ",\"model\":");
+    cb_str(&o, t->cfg.model, strlen(t->cfg.model));
+    cb_lit(&o, ",\"params\":{");
+    if (isfinite(p->frequency_penalty)) {
+        cb_lit(&o, "\"frequency_penalty\":");
+        cb_real(&o, p->frequency_penalty);
+        cb_lit(&o, ",");
+    }
+    cb_lit(&o, "\"logprobs\":");
+    if (p->logprobs)
+        cb_lit(&o, "true");
+    else
+        cb_lit(&o, "false");
+    cb_lit(&o, ",\"max_tokens\":");
+    cb_int(&o, (long long)p->max_tokens);
+    cb_lit(&o, ",\"n\":");
+    cb_int(&o, p->n);
+    if (isfinite(p->presence_penalty)) {
+        cb_lit(&o, ",\"presence_penalty\":");
+        cb_real(&o, p->presence_penalty);
+    }
+    cb_lit(&o, ",\"seed\":");
+    if (p->has_seed)
+        cb_int(&o, (long long)p->seed);
+    else
+        cb_lit(&o, "null");
+    cb_lit(&o, ",\"stop\":");
+    if (b->stop) {
+        cb_lit(&o, "[");
+        for (size_t i = 0; i < json_array_size(b->stop); i++) {
+            json_t *x = json_array_get(b->stop, i);
+            if (i)
+                cb_lit(&o, ",");
+            cb_str(&o, json_string_value(x), json_string_length(x));
+        }
+        cb_lit(&o, "]");
+    } else {
+        cb_lit(&o, "null");
+    }
+    cb_lit(&o, ",\"temperature\":");
+    cb_real(&o, p->temperature);
+    cb_lit(&o, ",\"top_logprobs\":");
+    cb_int(&o, p->logprobs ? p->top_logprobs : 0);
+    cb_lit(&o, ",\"top_p\":");
+    cb_real(&o, p->top_p);
+    cb_lit(&o, "}");
+    if (!b->messages) {
+        cb_lit(&o, ",\"prompt\":");
+        cb_str(&o, prompt, plen);
+    }
+    cb_lit(&o, ",\"provider\":");
+    cb_str(&o, t->provider, strlen(t->provider));
+    cb_lit(&o, ",\"sample_index\":");
+    if (t->cfg.key_includes_sample_index && b->sample_index >= 0)
+        cb_int(&o, (long long)b->sample_index);
+    else
+        cb_lit(&o, "null");
+    cb_lit(&o, "}");
+    if (o.bad) {
+        free(o.p);
+        return NULL;
+    }
+    return o.p;
+}
+
 static int key_of(kd_teacher *t, const built *b, char key[KD_SHA256_HEX],
                   char prompt_hash[KD_SHA256_HEX], char **canon_out, kd_err *e)
 {
+    char *fast = key_canonical_fast(t, b);
+    if (fast) {
+        kd_sha256_hex(fast, strlen(fast), key);
+        if (b->prompt) {
+            kd_sha256_hex(b->prompt, strlen(b->prompt), prompt_hash);
+        } else {
+            json_t *c = json_object_get(json_array_get(b->messages, 0), "content");
+            kd_sha256_hex(json_string_value(c), json_string_length(c), prompt_hash);
+        }
+        if (canon_out)
+            *canon_out = fast;
+        else
+            free(fast);
+        return KD_OK;
+    }
     json_t *k = json_object();
     json_object_set_new(k, "kdkit_cache_key", json_integer(KD_TEACHER_KEY_VERSION));
     json_object_set_new(k, "provider", json_string(t->provider));
@@ -677,7 +925,14 @@ static size_t on_data(char *ptr, size_t size, size_t nmemb, void *ud)
         return 0; /* aborts the transfer: CURLE_WRITE_ERROR */
     }
     if (j->resp_len + n + 1 > j->resp_alloc) {
-        size_t nc = j->resp_alloc ? j->resp_alloc : 16384;
+        size_t nc = j->resp_alloc;
+        if (!nc) {
+            /* The first chunk: the headers are in, so the length is known
+               for most servers; otherwise start small. */
+            curl_off_t cl = -1;
+            curl_easy_getinfo(j->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
+            nc = cl > 0 && (size_t)cl < j->resp_cap ? (size_t)cl + 1 : 4096;
+        }
         while (nc < j->resp_len + n + 1)
             nc *= 2;
         char *p = realloc(j->resp, nc);
@@ -736,9 +991,18 @@ static void event(kd_teacher *t, kd_teacher_event ev, job *j)
         t->cfg.on_event(t->cfg.event_ctx, ev, j->res->key, j->res->attempts);
 }
 
-static int start_transfer(kd_teacher *t, job *j, CURLM *multi)
+/* The multi handle and finished easy handles kept for the next transfers
+   (curl_easy_init and cleanup per attempt cost more than a reset;
+   connections live in the multi handle either way). */
+typedef struct xfers {
+    CURLM *multi;
+    CURL **pool;
+    size_t npool, cap;
+} xfers;
+
+static int start_transfer(kd_teacher *t, job *j, xfers *x)
 {
-    CURL *c = curl_easy_init();
+    CURL *c = x->npool ? x->pool[--x->npool] : curl_easy_init();
     if (!c)
         return KD_ENOMEM;
     j->easy = c;
@@ -786,16 +1050,21 @@ static int start_transfer(kd_teacher *t, job *j, CURLM *multi)
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(c, CURLOPT_USERAGENT, "kdkit/0.1");
     j->sent_at = kd_monotonic();
-    if (curl_multi_add_handle(multi, c) != CURLM_OK)
+    if (curl_multi_add_handle(x->multi, c) != CURLM_OK)
         return KD_EIO;
     return KD_OK;
 }
 
-static void end_transfer(job *j, CURLM *multi)
+static void end_transfer(job *j, xfers *x)
 {
     if (j->easy) {
-        curl_multi_remove_handle(multi, j->easy);
-        curl_easy_cleanup(j->easy);
+        curl_multi_remove_handle(x->multi, j->easy);
+        if (x->npool < x->cap) {
+            curl_easy_reset(j->easy);
+            x->pool[x->npool++] = j->easy;
+        } else {
+            curl_easy_cleanup(j->easy);
+        }
         j->easy = NULL;
     }
     curl_slist_free_all(j->hdrs);
@@ -1005,7 +1274,7 @@ static void give_up(kd_teacher *t, job *j, int rc, const char *fmt, ...)
 
 /* One finished transfer.  Returns 1 when it brought a paid answer, which
    the caller settles with the others of the same pass; 0 otherwise. */
-static int handle_done(kd_teacher *t, job *j, CURLM *multi, CURLcode cres)
+static int handle_done(kd_teacher *t, job *j, xfers *x, CURLcode cres)
 {
     kd_teacher_result *r = j->res;
     long status = 0;
@@ -1052,7 +1321,7 @@ static int handle_done(kd_teacher *t, job *j, CURLM *multi, CURLcode cres)
                     memset(p, '*', kl);
             }
             r->latency_ms = (kd_monotonic() - j->sent_at) * 1000.0;
-            end_transfer(j, multi);
+            end_transfer(j, x);
             return 1;
         }
         char pm[300];
@@ -1064,7 +1333,7 @@ static int handle_done(kd_teacher *t, job *j, CURLM *multi, CURLcode cres)
             snprintf(what, sizeof what, "HTTP %ld%s", status, pm);
         }
     }
-    end_transfer(j, multi);
+    end_transfer(j, x);
     attempt_failed(t, j, out, status, billed, what);
     if (out == KD_OUT_QUOTA) {
         give_up(t, j, KD_EQUOTA,
@@ -1218,32 +1487,49 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
         remaining++;
     }
     int running = 0;
-    /* At most max_in_flight transfers finish in one pass. */
-    size_t cap = n < (size_t)t->cfg.max_in_flight ? n : (size_t)t->cfg.max_in_flight;
-    job **batch = calloc(n, sizeof *batch);
+    int maxf = t->cfg.max_in_flight;
+    /* At most max_in_flight transfers start or finish in one pass. */
+    size_t cap = n < (size_t)maxf ? n : (size_t)maxf;
+    job **batch = calloc(cap, sizeof *batch);
     job **paid = calloc(cap, sizeof *paid);
     kd_api_response *ar = calloc(cap, sizeof *ar);
     kd_cache_entry *ce = calloc(cap, sizeof *ce);
     int *crc = calloc(cap, sizeof *crc);
-    while (remaining > 0 && batch && paid && ar && ce && crc) {
+    job **waiting = calloc(n, sizeof *waiting); /* retries, each with its next_at */
+    size_t nwait = 0;
+    size_t next_new = 0; /* jobs[next_new..] have not been sent yet */
+    xfers x = {.multi = multi, .pool = calloc(cap, sizeof(CURL *))};
+    x.cap = x.pool ? cap : 0;
+    while (remaining > 0 && batch && paid && ar && ce && crc && waiting && x.pool) {
         now = kd_monotonic();
         size_t nb = 0;
         double next_due = now + 3600;
-        for (size_t i = 0; i < n; i++) {
-            job *j = &jobs[i];
-            if (j->state != J_WAIT)
-                continue;
-            if (j->next_at <= now && running + (int)nb < t->cfg.max_in_flight) {
+        /* Retries that are due, then requests not sent yet. */
+        for (size_t w = 0; w < nwait;) {
+            job *j = waiting[w];
+            if (j->next_at <= now && running + (int)nb < maxf) {
+                waiting[w] = waiting[--nwait];
                 if (admit(t, j))
                     batch[nb++] = j;
                 else
                     remaining--;
-            } else if (j->next_at < next_due) {
-                next_due = j->next_at;
+                continue;
             }
+            if (j->next_at < next_due)
+                next_due = j->next_at;
+            w++;
+        }
+        while (next_new < n && running + (int)nb < maxf) {
+            job *j = &jobs[next_new++];
+            if (j->state != J_WAIT)
+                continue; /* answered from the cache, or refused before sending */
+            if (admit(t, j))
+                batch[nb++] = j;
+            else
+                remaining--;
         }
         if (nb > 0) {
-            /* One fsync covers every intent of the batch. */
+            /* One fsync covers every intent of the pass, before any is sent. */
             int src = KD_OK;
             kd_err se;
             pthread_mutex_lock(&t->mu);
@@ -1261,8 +1547,8 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
                     continue;
                 }
                 event(t, KD_TEACHER_EV_SENT, j);
-                if (start_transfer(t, j, multi) != KD_OK) {
-                    end_transfer(j, multi);
+                if (start_transfer(t, j, &x) != KD_OK) {
+                    end_transfer(j, &x);
                     attempt_failed(t, j, KD_OUT_FATAL, 0, 0, "could not start the transfer");
                     job_finish(j, KD_EIO, "teacher: could not start an HTTP transfer");
                     remaining--;
@@ -1284,10 +1570,12 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
             curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&j);
             CURLcode cres = m->data.result;
             running--;
-            if (handle_done(t, j, multi, cres))
+            if (handle_done(t, j, &x, cres))
                 paid[np++] = j;
             else if (j->state == J_DONE)
                 remaining--;
+            else if (j->state == J_WAIT)
+                waiting[nwait++] = j;
         }
         /* Every answer of this pass: one ledger sync, one cache transaction. */
         settle_paid_batch(t, paid, np, ar, ce, crc);
@@ -1295,12 +1583,14 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
         if (remaining == 0)
             break;
         now = kd_monotonic();
-        /* Wake for I/O or the next due retry, whichever is first. */
-        for (size_t i = 0; i < n; i++)
-            if (jobs[i].state == J_WAIT && jobs[i].next_at < next_due)
-                next_due = jobs[i].next_at;
+        /* Wake for I/O, for a free slot, or for the next due retry. */
+        for (size_t w = 0; w < nwait; w++)
+            if (waiting[w]->next_at < next_due)
+                next_due = waiting[w]->next_at;
+        if (next_new < n)
+            next_due = now;
         int wait_ms = 100;
-        if (running < t->cfg.max_in_flight || running == 0) {
+        if (running < maxf || running == 0) {
             double d = (next_due - now) * 1000.0;
             if (d < wait_ms)
                 wait_ms = d < 0 ? 0 : (int)ceil(d);
@@ -1315,7 +1605,7 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
             res[i].rc = KD_ENOMEM;
             snprintf(res[i].errmsg, sizeof res[i].errmsg, "teacher: out of memory");
         }
-        end_transfer(j, multi);
+        end_transfer(j, &x);
         if (j->reserved)
             kd_budget_release(t->budget, j->reserve);
         built_free(&j->b);
@@ -1325,6 +1615,10 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
         if (res[i].rc != KD_OK && first == KD_OK)
             first = res[i].rc;
     }
+    for (size_t i = 0; i < x.npool; i++)
+        curl_easy_cleanup(x.pool[i]);
+    free(x.pool);
+    free(waiting);
     free(batch);
     free(paid);
     free(ar);
