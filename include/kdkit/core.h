@@ -68,6 +68,11 @@ typedef struct kd_atomic kd_atomic;
 int kd_atomic_begin(kd_atomic **out, const char *path, kd_err *e);
 int kd_atomic_write(kd_atomic *a, const void *data, size_t len, kd_err *e);
 int kd_atomic_commit(kd_atomic *a, kd_err *e);
+/* kd_atomic_commit without the directory fsync (see
+   kd_file_write_atomic_nosyncdir): write several files, then commit each,
+   then one kd_fsync_dir().  kd_atomic_write starts writeback as it goes, so
+   the data of files written before any commit reaches the disk together. */
+int kd_atomic_commit_nosyncdir(kd_atomic *a, kd_err *e);
 void kd_atomic_abort(kd_atomic *a);
 
 /* fsync a directory so that a rename or create inside it is durable. */

@@ -29,6 +29,7 @@
 
 struct kd_atomic {
     int fd;
+    uint64_t written; /* bytes written so far */
     int failed;      /* a write failed: commit refuses, temp is removed */
     char *path;      /* target */
     char *tmp;       /* temp file in the same directory */
@@ -124,6 +125,12 @@ int kd_atomic_write(kd_atomic *a, const void *data, size_t len, kd_err *e)
         a->failed = 1;
         return kd_err_sys(e, KD_EIO, errno, "write of %s failed", a->tmp);
     }
+    /* Start writeback now (advisory, never waits): when several files are
+       written before any is committed, their data goes to disk together
+       and each commit's fsync has little left to do. */
+    if (len)
+        (void)sync_file_range(a->fd, (off64_t)a->written, (off64_t)len, SYNC_FILE_RANGE_WRITE);
+    a->written += len;
     return KD_OK;
 }
 
@@ -181,6 +188,11 @@ fail:
 int kd_atomic_commit(kd_atomic *a, kd_err *e)
 {
     return commit(a, 1, e);
+}
+
+int kd_atomic_commit_nosyncdir(kd_atomic *a, kd_err *e)
+{
+    return commit(a, 0, e);
 }
 
 static int write_atomic(const char *path, const void *data, size_t len, int sync_dir, kd_err *e)

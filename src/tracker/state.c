@@ -228,17 +228,66 @@ static void put_ck_object(kd_sb *s, const kd_tracker *t, const char *indent, siz
     kd_sb_putc(s, '}');
 }
 
-static int write_doc(kd_tracker *t, const char *name, kd_sb *s)
+/*
+ * The state files a save replaces, written together: each is written first
+ * (kd_atomic_write starts its writeback at once), then each is committed
+ * (fsync, rename), then the directory is fsync'd once for all the renames.
+ */
+typedef struct batch {
+    kd_atomic *a[4];
+    int n;
+} batch;
+
+static void batch_abort(batch *b)
+{
+    for (int i = 0; i < b->n; i++)
+        kd_atomic_abort(b->a[i]);
+    b->n = 0;
+}
+
+static int write_doc(kd_tracker *t, batch *b, const char *name, const char *buf, size_t len)
+{
+    char path[PATH_MAX];
+    kd_trk_path(t, name, path, sizeof path);
+    kd_atomic *a = NULL;
+    int rc = kd_atomic_begin(&a, path, &t->err);
+    if (rc == KD_OK)
+        rc = kd_atomic_write(a, buf, len, &t->err);
+    if (rc != KD_OK) {
+        kd_atomic_abort(a);
+        return rc;
+    }
+    b->a[b->n++] = a;
+    return KD_OK;
+}
+
+static int write_sb(kd_tracker *t, batch *b, const char *name, kd_sb *s)
 {
     if (kd_sb_error(s))
         return kd_trk_fail(t, kd_sb_error(s), "%s: document too large or out of memory", name);
-    char path[PATH_MAX];
-    kd_trk_path(t, name, path, sizeof path);
-    /* the caller fsyncs the directory once for all the files it replaced */
-    return kd_file_write_atomic_nosyncdir(path, s->buf, s->len, &t->err);
+    return write_doc(t, b, name, s->buf, s->len);
 }
 
-static int write_checkpoints(kd_tracker *t)
+/* One directory fsync makes every rename before it durable. */
+static int sync_dir(kd_tracker *t)
+{
+    return kd_fsync_dir(t->dir, &t->err);
+}
+
+static int batch_commit(kd_tracker *t, batch *b)
+{
+    int rc = KD_OK;
+    for (int i = 0; i < b->n; i++) {
+        if (rc == KD_OK)
+            rc = kd_atomic_commit_nosyncdir(b->a[i], &t->err);
+        else
+            kd_atomic_abort(b->a[i]);
+    }
+    b->n = 0;
+    return rc == KD_OK ? sync_dir(t) : rc;
+}
+
+static int write_checkpoints(kd_tracker *t, batch *b)
 {
     kd_sb s;
     kd_sb_init(&s, KD_STATE_FILE_MAX);
@@ -251,7 +300,7 @@ static int write_checkpoints(kd_tracker *t)
     kd_sb_puts(&s, ",\n  \"checkpoints\": ");
     put_ck_object(&s, t, "  ", 0);
     kd_sb_puts(&s, "\n}\n");
-    int rc = write_doc(t, F_CKPTS, &s);
+    int rc = write_sb(t, b, F_CKPTS, &s);
     kd_sb_free(&s);
     return rc;
 }
@@ -348,7 +397,7 @@ static int kv_tail_print(kd_tracker *t, kd_sb *s, const char *key, const char *n
     return KD_OK;
 }
 
-static int write_session_files(kd_tracker *t)
+static int write_session_files(kd_tracker *t, batch *b)
 {
     if (t->readonly)
         return KD_OK;
@@ -403,30 +452,29 @@ static int write_session_files(kd_tracker *t)
     kd_sb_puts(&s, "],\n  \"config\": ");
     kd_sb_puts(&s, t->config_canon ? t->config_canon : "null");
     kd_sb_puts(&s, "\n}\n");
-    int rc = write_doc(t, F_SESSION, &s);
+    int rc = write_sb(t, b, F_SESSION, &s);
     kd_sb_free(&s);
     if (rc != KD_OK)
         return rc;
     char *p = kd_trk_progress_doc(t);
     if (!p)
         return kd_trk_fail(t, KD_ENOMEM, "progress.json: out of memory");
-    char path[PATH_MAX];
-    kd_trk_path(t, F_PROGRESS, path, sizeof path);
-    rc = kd_file_write_atomic_nosyncdir(path, p, strlen(p), &t->err);
+    rc = write_doc(t, b, F_PROGRESS, p, strlen(p));
     free(p);
     return rc;
 }
 
-/* One directory fsync makes every rename before it durable. */
-static int sync_dir(kd_tracker *t)
-{
-    return kd_fsync_dir(t->dir, &t->err);
-}
-
 int kd_trk_write_session(kd_tracker *t)
 {
-    int rc = write_session_files(t);
-    return rc == KD_OK && !t->readonly ? sync_dir(t) : rc;
+    if (t->readonly)
+        return KD_OK;
+    batch b = {.n = 0};
+    int rc = write_session_files(t, &b);
+    if (rc != KD_OK) {
+        batch_abort(&b);
+        return rc;
+    }
+    return batch_commit(t, &b);
 }
 
 /*
@@ -437,12 +485,17 @@ int kd_trk_write_session(kd_tracker *t)
  */
 int kd_trk_write_state(kd_tracker *t)
 {
-    int rc = write_checkpoints(t);
+    if (t->readonly)
+        return KD_OK;
+    batch b = {.n = 0};
+    int rc = write_checkpoints(t, &b);
     if (rc == KD_OK)
-        rc = write_session_files(t);
-    if (rc == KD_OK)
-        rc = sync_dir(t);
-    return rc;
+        rc = write_session_files(t, &b);
+    if (rc != KD_OK) {
+        batch_abort(&b);
+        return rc;
+    }
+    return batch_commit(t, &b);
 }
 
 int kd_trk_event(kd_tracker *t, const char *type, const char *detail_json)
