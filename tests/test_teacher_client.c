@@ -34,6 +34,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
 #include "kdkit/serve.h"
 #include "kdkit/teacher.h"
 #include "kdkit/tracker.h"
@@ -1164,6 +1166,108 @@ static void test_api_key_nowhere(void **state)
 /* ------------------------------------------------------------------------ */
 /* The pure pieces                                                           */
 
+/*
+ * Response bodies are read by kdkit's own scanner, not a JSON library: it
+ * must refuse every body a JSON parser refuses (a cut, a stray byte, bad
+ * UTF-8, a lone surrogate, \u0000), and read the same answer whether a
+ * provider escapes characters or not.  Checked on a few bodies and a few
+ * thousand seeded mutations of them, against jansson.
+ */
+static int same_s(const char *a, const char *b)
+{
+    return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+static void assert_same_result(const kd_teacher_result *a, const kd_teacher_result *b)
+{
+    assert_true(same_s(a->text, b->text));
+    assert_true(same_s(a->finish_reason, b->finish_reason));
+    assert_true(same_s(a->request_id, b->request_id));
+    assert_true(same_s(a->response_model, b->response_model));
+    assert_int_equal(a->prompt_tokens, b->prompt_tokens);
+    assert_int_equal(a->completion_tokens, b->completion_tokens);
+    assert_int_equal(a->ntokens, b->ntokens);
+    for (size_t i = 0; i < a->ntokens; i++) {
+        const kd_teacher_token *x = &a->tokens[i], *y = &b->tokens[i];
+        assert_string_equal(x->token, y->token);
+        assert_int_equal(x->nbytes, y->nbytes);
+        assert_memory_equal(x->bytes, y->bytes, x->nbytes);
+        assert_true(x->logprob == y->logprob);
+        assert_int_equal(x->ntop, y->ntop);
+        for (size_t k = 0; k < x->ntop; k++) {
+            assert_string_equal(x->top[k].token, y->top[k].token);
+            assert_true(x->top[k].logprob == y->top[k].logprob);
+        }
+    }
+}
+
+static void test_parse_agrees_with_json(void **state)
+{
+    (void)state;
+    static const char *bodies[] = {
+        OK_BODY,
+        "{\"id\":\"c\\u0031\",\"choices\":[{\"text\":\"a\\u00e9\\ud83d\\ude00\\n\\\"\\/\","
+        "\"logprobs\":{\"tokens\":[\"a\",\"\\u00e9\"],\"token_logprobs\":[-1,null],"
+        "\"top_logprobs\":[{\"a\":-1,\"b\":-0.5,\"a\":-0.1},{}]}}],"
+        "\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"prompt_tokens\":4}}",
+        " {\"choices\":[{\"message\":{\"content\":\"x\"},\"logprobs\":{\"content\":null}}]} \n",
+        "{\"ch\\u006fices\":[{\"text\":\"k\"}],\"usage\":{\"prompt_tokens\":"
+        "9223372036854775807,\"completion_tokens\":-1}}",
+        "{\"choices\":[{\"text\":\"k\",\"logprobs\":{\"content\":[{\"token\":\"x\",\"bytes\":"
+        "[1,255],\"logprob\":-1E-7,\"top_logprobs\":[]}]}}],\"x\":[1e308,-0.0,0E+1,true]}",
+    };
+    static const char pool[] = "{}[]\",:\\u0123456789eE+-.tfnl \x01\xc3\xa9\xff\xed\xa0\x80";
+    uint64_t rng = 7;
+    char buf[2048];
+    int accepted = 0;
+    for (int it = 0; it < 6000; it++) {
+        const char *src = bodies[it % (sizeof bodies / sizeof bodies[0])];
+        size_t n = strlen(src);
+        memcpy(buf, src, n);
+        int muts = it < 10 ? 0 : 1 + it % 3;
+        for (int m = 0; m < muts && n > 0 && n < sizeof buf - 8; m++) {
+            rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+            size_t at = (size_t)((rng >> 33) % n);
+            char c = pool[(rng >> 40) % (sizeof pool - 1)];
+            switch ((rng >> 12) % 5) {
+            case 0: buf[at] = c; break;
+            case 1: memmove(buf + at + 1, buf + at, n - at); buf[at] = c; n++; break;
+            case 2: memmove(buf + at, buf + at + 1, n - at - 1); n--; break;
+            case 3: n = at; break;
+            default:
+                memmove(buf + at + 6, buf + at, n - at);
+                memcpy(buf + at, (rng >> 45) & 1 ? "\\ud800" : "\\u0000", 6);
+                n += 6;
+            }
+        }
+        kd_teacher_result r;
+        memset(&r, 0, sizeof r);
+        kd_err e;
+        kd_err_clear(&e);
+        int rc = kd_teacher_parse_response(buf, n, &r, &e);
+        json_t *j = json_loadb(buf, n, 0, NULL);
+        if (!j) {
+            assert_int_equal(rc, KD_ECORRUPT); /* not JSON: never an answer */
+        } else if (rc != KD_OK) {
+            /* JSON, but not a response: refused for its shape, not its syntax. */
+            assert_null(strstr(e.msg, "not JSON"));
+        } else {
+            /* The same document written without escapes reads the same. */
+            char *plain = json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(17));
+            kd_teacher_result r2;
+            memset(&r2, 0, sizeof r2);
+            assert_int_equal(kd_teacher_parse_response(plain, strlen(plain), &r2, NULL), KD_OK);
+            assert_same_result(&r, &r2);
+            kd_teacher_result_free(&r2);
+            free(plain);
+            accepted++;
+        }
+        json_decref(j);
+        kd_teacher_result_free(&r);
+    }
+    assert_true(accepted > 100);
+}
+
 static void test_policy_pieces(void **state)
 {
     (void)state;
@@ -1231,6 +1335,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_policy_pieces),
+        cmocka_unit_test(test_parse_agrees_with_json),
         cmocka_unit_test(test_ask_then_hit),
         cmocka_unit_test(test_retries_recorded),
         cmocka_unit_test(test_possibly_billed),

@@ -43,6 +43,7 @@ struct kd_teacher {
     char *provider;            /* key's provider: label or base_url without trailing '/' */
     char *url;                 /* full endpoint URL */
     char *api_key;             /* NULL when none; wiped at close */
+    struct curl_slist *hdrs;   /* headers of every request (with the key: wiped at close) */
     kd_tracker *tracker;
     kd_cache *cache;
     kd_budget *budget;
@@ -295,6 +296,18 @@ static int intent_line(kd_teacher *t, const char *line, int n)
 /* ------------------------------------------------------------------------ */
 /* Open / close                                                              */
 
+/* Free the shared header list, zeroing the Authorization line first. */
+static void wipe_headers(kd_teacher *t)
+{
+    for (struct curl_slist *h = t->hdrs; h; h = h->next) {
+        volatile char *p = h->data;
+        while (p && *p)
+            *p++ = 0;
+    }
+    curl_slist_free_all(t->hdrs);
+    t->hdrs = NULL;
+}
+
 int kd_teacher_open(kd_teacher **out, const kd_teacher_config *cfg, kd_tracker *tracker,
                     kd_err *e)
 {
@@ -352,6 +365,31 @@ int kd_teacher_open(kd_teacher **out, const kd_teacher_config *cfg, kd_tracker *
             goto fail;
         }
     }
+    {
+        const char *fixed[] = {"Content-Type: application/json", "Accept: application/json",
+                               "Expect:"};
+        for (size_t i = 0; i < sizeof fixed / sizeof fixed[0] && (i == 0 || t->hdrs); i++)
+            t->hdrs = curl_slist_append(t->hdrs, fixed[i]);
+        if (t->hdrs && t->api_key) {
+            size_t n = strlen(t->api_key) + 32;
+            char *auth = malloc(n);
+            struct curl_slist *h = NULL;
+            if (auth) {
+                snprintf(auth, n, "Authorization: Bearer %s", t->api_key);
+                h = curl_slist_append(t->hdrs, auth);
+                volatile char *p = auth;
+                while (*p)
+                    *p++ = 0;
+                free(auth);
+            }
+            if (!h)
+                wipe_headers(t);
+        }
+        if (!t->hdrs) {
+            rc = kd_err_set(e, KD_ENOMEM, "teacher: out of memory");
+            goto fail;
+        }
+    }
     t->rng = t->cfg.jitter_seed ? t->cfg.jitter_seed
                                 : (uint64_t)(kd_now() * 1e6) ^ ((uint64_t)getpid() << 32);
     if (t->cfg.cache_path) {
@@ -399,6 +437,7 @@ int kd_teacher_close(kd_teacher *t)
     if (kd_cache_close(t->cache) != KD_OK && rc == KD_OK)
         rc = KD_EIO;
     kd_budget_free(t->budget);
+    wipe_headers(t);
     if (t->api_key) {
         volatile char *p = t->api_key;
         while (*p)
@@ -833,37 +872,85 @@ int kd_teacher_key(kd_teacher *t, const kd_teacher_request *req, char key[KD_SHA
     return rc;
 }
 
+/* A real as jansson prints it at full precision (always with '.' or 'e',
+   so it stays a real). */
+static void cb_real17(cbuf *b, double v)
+{
+    char t[40];
+    int n = snprintf(t, sizeof t, "%.17g", v);
+    cb_put(b, t, (size_t)n);
+    if (!strpbrk(t, ".e"))
+        cb_lit(b, ".0");
+}
+
+/* The HTTP request body, written directly (parameters with defaults
+   filled in; messages as given, or the one user message of a prompt). */
 static char *request_body(kd_teacher *t, const built *b)
 {
     const kd_teacher_params *p = &b->p;
-    json_t *o = json_object();
-    json_object_set_new(o, "model", json_string(t->cfg.model));
-    if (b->messages)
-        json_object_set(o, "messages", b->messages);
-    else
-        json_object_set_new(o, "prompt", json_string(b->prompt));
-    json_object_set_new(o, "max_tokens", json_integer(p->max_tokens));
-    json_object_set_new(o, "temperature", json_real(p->temperature));
-    json_object_set_new(o, "top_p", json_real(p->top_p));
-    json_object_set_new(o, "n", json_integer(p->n));
-    if (p->has_seed)
-        json_object_set_new(o, "seed", json_integer(p->seed));
-    if (b->stop)
-        json_object_set(o, "stop", b->stop);
-    if (p->presence_penalty != 0)
-        json_object_set_new(o, "presence_penalty", json_real(p->presence_penalty));
-    if (p->frequency_penalty != 0)
-        json_object_set_new(o, "frequency_penalty", json_real(p->frequency_penalty));
-    if (t->cfg.endpoint == KD_TEACHER_CHAT) {
-        json_object_set_new(o, "logprobs", json_boolean(p->logprobs));
-        if (p->logprobs)
-            json_object_set_new(o, "top_logprobs", json_integer(p->top_logprobs));
-    } else if (p->logprobs) {
-        json_object_set_new(o, "logprobs", json_integer(p->top_logprobs));
+    cbuf o = {0};
+    cb_lit(&o, "{\"model\":");
+    cb_str(&o, t->cfg.model, strlen(t->cfg.model));
+    if (b->messages) {
+        cb_lit(&o, ",\"messages\":");
+        char *m = json_dumps(b->messages, JSON_COMPACT | JSON_REAL_PRECISION(17));
+        if (!m)
+            o.bad = 1;
+        else
+            cb_put(&o, m, strlen(m));
+        free(m);
+    } else {
+        cb_lit(&o, ",\"prompt\":");
+        cb_str(&o, b->prompt, strlen(b->prompt));
     }
-    char *txt = json_dumps(o, JSON_COMPACT | JSON_REAL_PRECISION(17));
-    json_decref(o);
-    return txt;
+    cb_lit(&o, ",\"max_tokens\":");
+    cb_int(&o, (long long)p->max_tokens);
+    cb_lit(&o, ",\"temperature\":");
+    cb_real17(&o, p->temperature);
+    cb_lit(&o, ",\"top_p\":");
+    cb_real17(&o, p->top_p);
+    cb_lit(&o, ",\"n\":");
+    cb_int(&o, p->n);
+    if (p->has_seed) {
+        cb_lit(&o, ",\"seed\":");
+        cb_int(&o, (long long)p->seed);
+    }
+    if (b->stop) {
+        cb_lit(&o, ",\"stop\":");
+        char *st = json_dumps(b->stop, JSON_COMPACT | JSON_ENCODE_ANY);
+        if (!st)
+            o.bad = 1;
+        else
+            cb_put(&o, st, strlen(st));
+        free(st);
+    }
+    if (p->presence_penalty != 0 && isfinite(p->presence_penalty)) {
+        cb_lit(&o, ",\"presence_penalty\":");
+        cb_real17(&o, p->presence_penalty);
+    }
+    if (p->frequency_penalty != 0 && isfinite(p->frequency_penalty)) {
+        cb_lit(&o, ",\"frequency_penalty\":");
+        cb_real17(&o, p->frequency_penalty);
+    }
+    if (t->cfg.endpoint == KD_TEACHER_CHAT) {
+        if (p->logprobs)
+            cb_lit(&o, ",\"logprobs\":true");
+        else
+            cb_lit(&o, ",\"logprobs\":false");
+        if (p->logprobs) {
+            cb_lit(&o, ",\"top_logprobs\":");
+            cb_int(&o, p->top_logprobs);
+        }
+    } else if (p->logprobs) {
+        cb_lit(&o, ",\"logprobs\":");
+        cb_int(&o, p->top_logprobs);
+    }
+    cb_lit(&o, "}");
+    if (o.bad) {
+        free(o.p);
+        return NULL;
+    }
+    return o.p;
 }
 
 /* Worst case of one attempt: every prompt byte a token, plus per-message
@@ -893,7 +980,8 @@ typedef struct job {
     int reserved;
     int64_t intent_id;
     CURL *easy;
-    struct curl_slist *hdrs;
+    struct curl_slist idem_node; /* heads this attempt's header list */
+    char idem[128];
     char *resp;
     size_t resp_len, resp_cap, resp_alloc;
     int too_big;
@@ -1010,33 +1098,18 @@ static int start_transfer(kd_teacher *t, job *j, xfers *x)
     j->too_big = 0;
     j->errbuf[0] = '\0';
     j->resp_cap = t->cfg.max_response_bytes;
-    struct curl_slist *h = NULL;
-    h = curl_slist_append(h, "Content-Type: application/json");
-    h = curl_slist_append(h, "Accept: application/json");
-    h = curl_slist_append(h, "Expect:");
-    char line[256];
-    snprintf(line, sizeof line, "Idempotency-Key: kdkit-%.32s-%lld", j->res->key,
+    /* This attempt's Idempotency-Key, in front of the client's shared
+       headers (libcurl only reads the list). */
+    snprintf(j->idem, sizeof j->idem, "Idempotency-Key: kdkit-%.32s-%lld", j->res->key,
              (long long)j->intent_id);
-    h = curl_slist_append(h, line);
-    if (t->api_key) {
-        size_t n = strlen(t->api_key) + 32;
-        char *auth = malloc(n);
-        if (auth) {
-            snprintf(auth, n, "Authorization: Bearer %s", t->api_key);
-            h = curl_slist_append(h, auth);
-            volatile char *p = auth;
-            while (*p)
-                *p++ = 0;
-            free(auth);
-        }
-    }
-    j->hdrs = h;
+    j->idem_node.data = j->idem;
+    j->idem_node.next = t->hdrs;
     double left_ms = (j->deadline - kd_monotonic()) * 1000.0;
     long total = t->cfg.total_timeout_ms;
     if (left_ms < (double)total)
         total = left_ms < 1 ? 1 : (long)left_ms;
     curl_easy_setopt(c, CURLOPT_URL, t->url);
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, &j->idem_node);
     curl_easy_setopt(c, CURLOPT_POSTFIELDS, j->body);
     curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)strlen(j->body));
     curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
@@ -1067,8 +1140,6 @@ static void end_transfer(job *j, xfers *x)
         }
         j->easy = NULL;
     }
-    curl_slist_free_all(j->hdrs);
-    j->hdrs = NULL;
 }
 
 /* The provider's error message from an error body, shortened. */
@@ -1478,7 +1549,8 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
             continue;
         j->body = request_body(t, &j->b);
         if (!j->body) {
-            job_finish(j, KD_ENOMEM, "teacher: out of memory");
+            job_finish(j, KD_ENOMEM, "teacher: cannot build the request body (out of memory, "
+                                     "or the model name is not UTF-8)");
             continue;
         }
         j->reserve = worst_cost(t, &j->b);

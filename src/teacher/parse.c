@@ -11,9 +11,12 @@
  *                top_logprobs[{token: logprob}]}
  * Entries carry no token ids; top_logprobs may be shorter than asked for;
  * -9999.0 ("very unlikely") is kept as sent.  usage.prompt_tokens and
- * usage.completion_tokens are optional (-1 when absent).
+ * usage.completion_tokens are optional (-1 when absent).  Bodies are read
+ * with a strict scanner of our own (no tree; see below) that accepts exactly
+ * the JSON jansson accepts; error bodies (quota) still go through jansson.
  */
 #include <ctype.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,77 +55,556 @@ void kd_teacher_result_free(kd_teacher_result *r)
     r->ntokens = 0;
 }
 
+/* ------------------------------------------------------------------------ */
+/* A strict JSON scanner for response bodies                                 */
+
+/*
+ * Responses are read on the hot path of every paid answer, so they are not
+ * turned into a jansson tree: one pass checks the whole text and records a
+ * flat array of tokens (no allocation per value), and the fields are then
+ * read from it.  It accepts exactly what json_loadb(body, len, 0) accepts:
+ * an object or array at the top, RFC 8259 syntax, strings of valid UTF-8
+ * without raw control characters, escapes including surrogate pairs (not
+ * lone surrogates, not \u0000), integers that fit 64 bits and reals that do
+ * not overflow, nothing but whitespace after the value; a repeated key reads
+ * as its last value.
+ */
+enum { JT_OBJ = 1, JT_ARR, JT_STR, JT_INT, JT_REAL, JT_TRUE, JT_FALSE, JT_NULL };
+
+typedef struct jtok {
+    int type;
+    size_t start, end; /* strings: the text between the quotes, as written */
+    size_t n;          /* objects: pairs; arrays: items */
+    size_t next;       /* index of the token after this value and its children */
+    int esc;           /* strings: contains a backslash */
+} jtok;
+
+typedef struct jscan {
+    const char *s;
+    size_t len, pos;
+    jtok *t;
+    size_t nt, cap;
+    int depth;
+} jscan;
+
+#define JSCAN_MAX_DEPTH 2048 /* jansson's limit */
+
+static void ws(jscan *j)
+{
+    while (j->pos < j->len && (j->s[j->pos] == ' ' || j->s[j->pos] == '\t' ||
+                               j->s[j->pos] == '\n' || j->s[j->pos] == '\r'))
+        j->pos++;
+}
+
+static long new_tok(jscan *j, int type)
+{
+    if (j->nt == j->cap) {
+        size_t nc = j->cap ? j->cap * 2 : 64;
+        jtok *q = realloc(j->t, nc * sizeof *q);
+        if (!q)
+            return -1;
+        j->t = q;
+        j->cap = nc;
+    }
+    memset(&j->t[j->nt], 0, sizeof j->t[0]);
+    j->t[j->nt].type = type;
+    return (long)j->nt++;
+}
+
+static int hex4(const char *p, unsigned *out)
+{
+    unsigned v = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = p[i];
+        v <<= 4;
+        if (c >= '0' && c <= '9')
+            v |= (unsigned)(c - '0');
+        else if (c >= 'a' && c <= 'f')
+            v |= (unsigned)(c - 'a' + 10);
+        else if (c >= 'A' && c <= 'F')
+            v |= (unsigned)(c - 'A' + 10);
+        else
+            return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+/* A string starting at the opening quote. */
+static int scan_string(jscan *j, long *out)
+{
+    long k = new_tok(j, JT_STR);
+    if (k < 0)
+        return 0;
+    const unsigned char *p = (const unsigned char *)j->s;
+    size_t i = ++j->pos;
+    int esc = 0;
+    while (i < j->len) {
+        unsigned c = p[i];
+        if (c == '"')
+            break;
+        if (c < 0x20)
+            return 0;
+        if (c == '\\') {
+            esc = 1;
+            if (i + 1 >= j->len)
+                return 0;
+            char e = (char)p[i + 1];
+            if (e == 'u') {
+                unsigned u;
+                if (i + 6 > j->len || !hex4(j->s + i + 2, &u) || u == 0)
+                    return 0;
+                i += 6;
+                if (u >= 0xDC00 && u <= 0xDFFF)
+                    return 0;
+                if (u >= 0xD800 && u <= 0xDBFF) {
+                    unsigned lo;
+                    if (i + 6 > j->len || p[i] != '\\' || p[i + 1] != 'u' ||
+                        !hex4(j->s + i + 2, &lo) || lo < 0xDC00 || lo > 0xDFFF)
+                        return 0;
+                    i += 6;
+                }
+                continue;
+            }
+            if (!strchr("\"\\/bfnrt", e) || e == '\0')
+                return 0;
+            i += 2;
+            continue;
+        }
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t n = (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+        if (!n || i + n > j->len)
+            return 0;
+        unsigned cp = c & (0x7Fu >> n);
+        for (size_t q = 1; q < n; q++) {
+            if ((p[i + q] & 0xC0) != 0x80)
+                return 0;
+            cp = (cp << 6) | (p[i + q] & 0x3Fu);
+        }
+        if ((n == 2 && cp < 0x80) || (n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000) ||
+            cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+            return 0;
+        i += n;
+    }
+    if (i >= j->len)
+        return 0;
+    j->t[k].start = j->pos;
+    j->t[k].end = i;
+    j->t[k].esc = esc;
+    j->t[k].next = j->nt;
+    j->pos = i + 1;
+    *out = k;
+    return 1;
+}
+
+static int scan_number(jscan *j)
+{
+    const char *s = j->s;
+    size_t i = j->pos, st = i;
+    int real = 0;
+    if (i < j->len && s[i] == '-')
+        i++;
+    if (i >= j->len || !(s[i] >= '0' && s[i] <= '9'))
+        return 0;
+    if (s[i] == '0')
+        i++;
+    else
+        while (i < j->len && s[i] >= '0' && s[i] <= '9')
+            i++;
+    if (i < j->len && s[i] == '.') {
+        real = 1;
+        i++;
+        if (i >= j->len || !(s[i] >= '0' && s[i] <= '9'))
+            return 0;
+        while (i < j->len && s[i] >= '0' && s[i] <= '9')
+            i++;
+    }
+    if (i < j->len && (s[i] == 'e' || s[i] == 'E')) {
+        real = 1;
+        i++;
+        if (i < j->len && (s[i] == '+' || s[i] == '-'))
+            i++;
+        if (i >= j->len || !(s[i] >= '0' && s[i] <= '9'))
+            return 0;
+        while (i < j->len && s[i] >= '0' && s[i] <= '9')
+            i++;
+    }
+    char buf[64];
+    size_t n = i - st;
+    if (n >= sizeof buf) {
+        /* Long numbers: copy to the heap for the range check. */
+        char *h = malloc(n + 1);
+        if (!h)
+            return 0;
+        memcpy(h, s + st, n);
+        h[n] = '\0';
+        errno = 0;
+        if (real) {
+            double v = strtod(h, NULL);
+            if (errno == ERANGE && isinf(v)) {
+                free(h);
+                return 0;
+            }
+        } else {
+            (void)strtoll(h, NULL, 10);
+        }
+        int over = !real && errno == ERANGE;
+        free(h);
+        if (over)
+            return 0;
+    } else {
+        memcpy(buf, s + st, n);
+        buf[n] = '\0';
+        errno = 0;
+        if (real) {
+            double v = strtod(buf, NULL);
+            if (errno == ERANGE && isinf(v))
+                return 0;
+        } else {
+            (void)strtoll(buf, NULL, 10);
+            if (errno == ERANGE)
+                return 0;
+        }
+    }
+    long k = new_tok(j, real ? JT_REAL : JT_INT);
+    if (k < 0)
+        return 0;
+    j->t[k].start = st;
+    j->t[k].end = i;
+    j->t[k].next = j->nt;
+    j->pos = i;
+    return 1;
+}
+
+static int scan_value(jscan *j);
+
+static int scan_container(jscan *j, int obj)
+{
+    if (++j->depth > JSCAN_MAX_DEPTH)
+        return 0;
+    long k = new_tok(j, obj ? JT_OBJ : JT_ARR);
+    if (k < 0)
+        return 0;
+    j->pos++;
+    ws(j);
+    size_t n = 0;
+    if (j->pos < j->len && j->s[j->pos] == (obj ? '}' : ']')) {
+        j->pos++;
+    } else {
+        for (;;) {
+            if (obj) {
+                long key;
+                if (j->pos >= j->len || j->s[j->pos] != '"' || !scan_string(j, &key))
+                    return 0;
+                ws(j);
+                if (j->pos >= j->len || j->s[j->pos] != ':')
+                    return 0;
+                j->pos++;
+                ws(j);
+            }
+            if (!scan_value(j))
+                return 0;
+            n++;
+            ws(j);
+            if (j->pos >= j->len)
+                return 0;
+            char c = j->s[j->pos++];
+            if (c == ',') {
+                ws(j);
+                continue;
+            }
+            if (c == (obj ? '}' : ']'))
+                break;
+            return 0;
+        }
+    }
+    j->t[k].n = n;
+    j->t[k].next = j->nt;
+    j->depth--;
+    return 1;
+}
+
+static int lit(jscan *j, const char *w, int type)
+{
+    size_t n = strlen(w);
+    if (j->pos + n > j->len || memcmp(j->s + j->pos, w, n) != 0)
+        return 0;
+    long k = new_tok(j, type);
+    if (k < 0)
+        return 0;
+    j->t[k].next = j->nt;
+    j->pos += n;
+    return 1;
+}
+
+static int scan_value(jscan *j)
+{
+    if (j->pos >= j->len)
+        return 0;
+    char c = j->s[j->pos];
+    long k;
+    switch (c) {
+    case '{':
+        return scan_container(j, 1);
+    case '[':
+        return scan_container(j, 0);
+    case '"':
+        return scan_string(j, &k);
+    case 't':
+        return lit(j, "true", JT_TRUE);
+    case 'f':
+        return lit(j, "false", JT_FALSE);
+    case 'n':
+        return lit(j, "null", JT_NULL);
+    default:
+        return scan_number(j);
+    }
+}
+
+/* 0 on success, else the byte offset where the text stopped being JSON. */
+static int jscan_run(jscan *j, const char *s, size_t len, size_t *bad_at)
+{
+    memset(j, 0, sizeof *j);
+    j->s = s;
+    j->len = len;
+    ws(j);
+    int ok = j->pos < len && (s[j->pos] == '{' || s[j->pos] == '[') && scan_value(j);
+    if (ok) {
+        ws(j);
+        ok = j->pos == len;
+    }
+    *bad_at = j->pos;
+    return ok ? 0 : -1;
+}
+
+/* Decode string token k into a malloc'd NUL-terminated string; *n gets its
+   length.  The scanner has checked it, so decoding cannot fail except for
+   memory. */
+static char *jstr_dup(const jscan *j, long k, size_t *n)
+{
+    const jtok *t = &j->t[k];
+    size_t len = t->end - t->start;
+    char *out = malloc(len + 1);
+    if (!out)
+        return NULL;
+    const char *p = j->s + t->start;
+    if (!t->esc) {
+        memcpy(out, p, len);
+        out[len] = '\0';
+        if (n)
+            *n = len;
+        return out;
+    }
+    size_t o = 0;
+    for (size_t i = 0; i < len;) {
+        if (p[i] != '\\') {
+            out[o++] = p[i++];
+            continue;
+        }
+        char e = p[i + 1];
+        i += 2;
+        switch (e) {
+        case 'b': out[o++] = '\b'; break;
+        case 'f': out[o++] = '\f'; break;
+        case 'n': out[o++] = '\n'; break;
+        case 'r': out[o++] = '\r'; break;
+        case 't': out[o++] = '\t'; break;
+        case 'u': {
+            unsigned cp = 0, lo = 0xDC00;
+            hex4(p + i, &cp);
+            i += 4;
+            if (cp >= 0xD800 && cp <= 0xDBFF) {
+                hex4(p + i + 2, &lo);
+                i += 6;
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            }
+            if (cp < 0x80) {
+                out[o++] = (char)cp;
+            } else if (cp < 0x800) {
+                out[o++] = (char)(0xC0 | (cp >> 6));
+                out[o++] = (char)(0x80 | (cp & 0x3F));
+            } else if (cp < 0x10000) {
+                out[o++] = (char)(0xE0 | (cp >> 12));
+                out[o++] = (char)(0x80 | ((cp >> 6) & 0x3F));
+                out[o++] = (char)(0x80 | (cp & 0x3F));
+            } else {
+                out[o++] = (char)(0xF0 | (cp >> 18));
+                out[o++] = (char)(0x80 | ((cp >> 12) & 0x3F));
+                out[o++] = (char)(0x80 | ((cp >> 6) & 0x3F));
+                out[o++] = (char)(0x80 | (cp & 0x3F));
+            }
+            break;
+        }
+        default: out[o++] = e; break; /* \" \\ \/ */
+        }
+    }
+    out[o] = '\0';
+    if (n)
+        *n = o;
+    return out;
+}
+
+/* Index of member `key` of object token o (the last one if repeated), or
+   -1 when o is not an object or has no such member. */
+static long jget(const jscan *j, long o, const char *key)
+{
+    if (o < 0 || j->t[o].type != JT_OBJ)
+        return -1;
+    size_t kl = strlen(key);
+    long found = -1;
+    size_t i = (size_t)o + 1;
+    for (size_t m = 0; m < j->t[o].n; m++) {
+        const jtok *kt = &j->t[i];
+        size_t v = i + 1;
+        if (!kt->esc) {
+            if (kt->end - kt->start == kl && memcmp(j->s + kt->start, key, kl) == 0)
+                found = (long)v;
+        } else {
+            size_t dl;
+            char *d = jstr_dup(j, (long)i, &dl);
+            if (d && dl == kl && memcmp(d, key, kl) == 0)
+                found = (long)v;
+            free(d);
+        }
+        i = j->t[v].next;
+    }
+    return found;
+}
+
+/* Item idx of array token a, or -1. */
+static long jat(const jscan *j, long a, size_t idx)
+{
+    if (a < 0 || j->t[a].type != JT_ARR || idx >= j->t[a].n)
+        return -1;
+    size_t i = (size_t)a + 1;
+    for (size_t m = 0; m < idx; m++)
+        i = j->t[i].next;
+    return (long)i;
+}
+
+static int jtype(const jscan *j, long k)
+{
+    return k < 0 ? 0 : j->t[k].type;
+}
+
+static double jnum(const jscan *j, long k)
+{
+    char buf[64];
+    size_t n = j->t[k].end - j->t[k].start;
+    if (n >= sizeof buf) {
+        char *h = malloc(n + 1);
+        if (!h)
+            return NAN;
+        memcpy(h, j->s + j->t[k].start, n);
+        h[n] = '\0';
+        double v = j->t[k].type == JT_INT ? (double)strtoll(h, NULL, 10) : strtod(h, NULL);
+        free(h);
+        return v;
+    }
+    memcpy(buf, j->s + j->t[k].start, n);
+    buf[n] = '\0';
+    return j->t[k].type == JT_INT ? (double)strtoll(buf, NULL, 10) : strtod(buf, NULL);
+}
+
+static long long jint(const jscan *j, long k)
+{
+    char buf[32];
+    size_t n = j->t[k].end - j->t[k].start;
+    if (n >= sizeof buf)
+        n = sizeof buf - 1; /* a checked 64-bit integer is at most 20 characters */
+    memcpy(buf, j->s + j->t[k].start, n);
+    buf[n] = '\0';
+    return strtoll(buf, NULL, 10);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Response fields                                                           */
+
 /* bytes: an array of integers 0..255, or null/absent (then the token's own
    UTF-8 is used).  Returns 0 when malformed. */
-static int get_bytes(json_t *arr, const char *token, unsigned char **out, size_t *n)
+static int get_bytes(const jscan *j, long arr, const char *token, size_t toklen,
+                     unsigned char **out, size_t *n)
 {
     *out = NULL;
     *n = 0;
-    if (!arr || json_is_null(arr)) {
-        size_t len = strlen(token);
-        *out = malloc(len ? len : 1);
+    if (arr < 0 || jtype(j, arr) == JT_NULL) {
+        *out = malloc(toklen ? toklen : 1);
         if (!*out)
             return 0;
-        memcpy(*out, token, len);
-        *n = len;
+        memcpy(*out, token, toklen);
+        *n = toklen;
         return 1;
     }
-    if (!json_is_array(arr) || json_array_size(arr) > 4096)
+    if (jtype(j, arr) != JT_ARR || j->t[arr].n > 4096)
         return 0;
-    size_t len = json_array_size(arr);
+    size_t len = j->t[arr].n;
     *out = malloc(len ? len : 1);
     if (!*out)
         return 0;
-    for (size_t i = 0; i < len; i++) {
-        json_t *b = json_array_get(arr, i);
-        if (!json_is_integer(b) || json_integer_value(b) < 0 || json_integer_value(b) > 255) {
+    size_t i = (size_t)arr + 1;
+    for (size_t m = 0; m < len; m++) {
+        long long v = jtype(j, (long)i) == JT_INT ? jint(j, (long)i) : -1;
+        if (v < 0 || v > 255) {
             free(*out);
             *out = NULL;
             return 0;
         }
-        (*out)[i] = (unsigned char)json_integer_value(b);
+        (*out)[m] = (unsigned char)v;
+        i = j->t[i].next;
     }
     *n = len;
     return 1;
 }
 
-static int get_logprob(json_t *v, double *out)
+static int get_logprob(const jscan *j, long v, double *out)
 {
-    if (json_is_null(v)) { /* some servers send null for "unknown" */
+    if (jtype(j, v) == JT_NULL) { /* some servers send null for "unknown" */
         *out = KD_TEACHER_LOGPROB_FLOOR;
         return 1;
     }
-    if (!json_is_number(v))
+    if (jtype(j, v) != JT_INT && jtype(j, v) != JT_REAL)
         return 0;
-    *out = json_number_value(v);
+    *out = jnum(j, v);
     return !isnan(*out) && *out <= 1e-6;
 }
 
-static int parse_content(json_t *content, kd_teacher_result *r)
+/* One {token, bytes, logprob} entry into the given fields. */
+static int get_entry(const jscan *j, long e, char **token, unsigned char **bytes, size_t *nbytes,
+                     double *logprob)
 {
-    size_t n = json_array_size(content);
+    long tok = jget(j, e, "token");
+    if (jtype(j, e) != JT_OBJ || jtype(j, tok) != JT_STR)
+        return 0;
+    size_t tl;
+    *token = jstr_dup(j, tok, &tl);
+    return *token && get_bytes(j, jget(j, e, "bytes"), *token, tl, bytes, nbytes) &&
+           get_logprob(j, jget(j, e, "logprob"), logprob);
+}
+
+static int parse_content(const jscan *j, long content, kd_teacher_result *r)
+{
+    size_t n = j->t[content].n;
     if (n == 0)
         return 1;
     r->tokens = calloc(n, sizeof *r->tokens);
     if (!r->tokens)
         return 0;
-    for (size_t i = 0; i < n; i++) {
-        json_t *e = json_array_get(content, i);
+    size_t ei = (size_t)content + 1;
+    for (size_t i = 0; i < n; i++, ei = j->t[ei].next) {
+        long e = (long)ei;
         kd_teacher_token *t = &r->tokens[i];
         r->ntokens = i + 1;
-        json_t *tok = json_object_get(e, "token");
-        if (!json_is_object(e) || !json_is_string(tok))
+        if (!get_entry(j, e, &t->token, &t->bytes, &t->nbytes, &t->logprob))
             return 0;
-        t->token = strdup(json_string_value(tok));
-        if (!t->token || !get_bytes(json_object_get(e, "bytes"), t->token, &t->bytes, &t->nbytes) ||
-            !get_logprob(json_object_get(e, "logprob"), &t->logprob))
-            return 0;
-        json_t *top = json_object_get(e, "top_logprobs");
-        if (!top || json_is_null(top))
+        long top = jget(j, e, "top_logprobs");
+        if (top < 0 || jtype(j, top) == JT_NULL)
             continue;
-        if (!json_is_array(top))
+        if (jtype(j, top) != JT_ARR)
             return 0;
-        size_t k = json_array_size(top);
+        size_t k = j->t[top].n;
         if (k > KD_TEACHER_MAX_TOP)
             k = KD_TEACHER_MAX_TOP;
         if (k == 0)
@@ -130,17 +612,11 @@ static int parse_content(json_t *content, kd_teacher_result *r)
         t->top = calloc(k, sizeof *t->top);
         if (!t->top)
             return 0;
-        for (size_t j = 0; j < k; j++) {
-            json_t *a = json_array_get(top, j);
-            json_t *at = json_object_get(a, "token");
-            t->ntop = j + 1;
-            if (!json_is_object(a) || !json_is_string(at))
-                return 0;
-            t->top[j].token = strdup(json_string_value(at));
-            if (!t->top[j].token ||
-                !get_bytes(json_object_get(a, "bytes"), t->top[j].token, &t->top[j].bytes,
-                           &t->top[j].nbytes) ||
-                !get_logprob(json_object_get(a, "logprob"), &t->top[j].logprob))
+        size_t ai = (size_t)top + 1;
+        for (size_t q = 0; q < k; q++, ai = j->t[ai].next) {
+            t->ntop = q + 1;
+            if (!get_entry(j, (long)ai, &t->top[q].token, &t->top[q].bytes, &t->top[q].nbytes,
+                           &t->top[q].logprob))
                 return 0;
         }
     }
@@ -148,52 +624,68 @@ static int parse_content(json_t *content, kd_teacher_result *r)
 }
 
 /* Legacy completions logprobs: parallel arrays, top_logprobs as {token: lp}. */
-static int parse_legacy(json_t *lp, kd_teacher_result *r)
+static int parse_legacy(const jscan *j, long lp, kd_teacher_result *r)
 {
-    json_t *toks = json_object_get(lp, "tokens");
-    json_t *lps = json_object_get(lp, "token_logprobs");
-    json_t *tops = json_object_get(lp, "top_logprobs");
-    if (!json_is_array(toks) || !json_is_array(lps) ||
-        json_array_size(toks) != json_array_size(lps))
+    long toks = jget(j, lp, "tokens");
+    long lps = jget(j, lp, "token_logprobs");
+    long tops = jget(j, lp, "top_logprobs");
+    if (jtype(j, toks) != JT_ARR || jtype(j, lps) != JT_ARR || j->t[toks].n != j->t[lps].n)
         return 0;
-    size_t n = json_array_size(toks);
+    size_t n = j->t[toks].n;
     if (n == 0)
         return 1;
     r->tokens = calloc(n, sizeof *r->tokens);
     if (!r->tokens)
         return 0;
-    for (size_t i = 0; i < n; i++) {
+    size_t ti = (size_t)toks + 1, li = (size_t)lps + 1;
+    for (size_t i = 0; i < n; i++, ti = j->t[ti].next, li = j->t[li].next) {
         kd_teacher_token *t = &r->tokens[i];
         r->ntokens = i + 1;
-        json_t *tok = json_array_get(toks, i);
-        if (!json_is_string(tok))
+        if (jtype(j, (long)ti) != JT_STR)
             return 0;
-        t->token = strdup(json_string_value(tok));
-        if (!t->token || !get_bytes(NULL, t->token, &t->bytes, &t->nbytes) ||
-            !get_logprob(json_array_get(lps, i), &t->logprob))
+        size_t tl;
+        t->token = jstr_dup(j, (long)ti, &tl);
+        if (!t->token || !get_bytes(j, -1, t->token, tl, &t->bytes, &t->nbytes) ||
+            !get_logprob(j, (long)li, &t->logprob))
             return 0;
-        json_t *top = json_is_array(tops) ? json_array_get(tops, i) : NULL;
-        if (!json_is_object(top) || json_object_size(top) == 0)
+        long top = jtype(j, tops) == JT_ARR ? jat(j, tops, i) : -1;
+        if (jtype(j, top) != JT_OBJ || j->t[top].n == 0)
             continue;
-        size_t k = json_object_size(top);
-        if (k > KD_TEACHER_MAX_TOP)
-            k = KD_TEACHER_MAX_TOP;
-        t->top = calloc(k, sizeof *t->top);
+        /* Members in order; a repeated name counts once, at its first
+           place, with its last value (as an object built key by key). */
+        size_t k = j->t[top].n;
+        t->top = calloc(k < KD_TEACHER_MAX_TOP ? k : KD_TEACHER_MAX_TOP, sizeof *t->top);
         if (!t->top)
             return 0;
-        const char *name;
-        json_t *v;
-        size_t j = 0;
-        json_object_foreach(top, name, v) {
-            if (j >= k)
-                break;
-            t->ntop = j + 1;
-            t->top[j].token = strdup(name);
-            if (!t->top[j].token ||
-                !get_bytes(NULL, name, &t->top[j].bytes, &t->top[j].nbytes) ||
-                !get_logprob(v, &t->top[j].logprob))
+        size_t mi = (size_t)top + 1;
+        for (size_t m = 0; m < k; m++) {
+            size_t vi = mi + 1;
+            size_t nl;
+            char *name = jstr_dup(j, (long)mi, &nl);
+            if (!name)
                 return 0;
-            j++;
+            size_t at = t->ntop;
+            for (size_t q = 0; q < t->ntop; q++)
+                if (t->top[q].nbytes == nl && memcmp(t->top[q].token, name, nl) == 0) {
+                    at = q;
+                    break;
+                }
+            if (at < t->ntop) {
+                free(name);
+                if (!get_logprob(j, (long)vi, &t->top[at].logprob))
+                    return 0;
+            } else if (at < KD_TEACHER_MAX_TOP) {
+                t->ntop = at + 1;
+                t->top[at].token = name;
+                if (!get_bytes(j, -1, name, nl, &t->top[at].bytes, &t->top[at].nbytes) ||
+                    !get_logprob(j, (long)vi, &t->top[at].logprob))
+                    return 0;
+            } else {
+                free(name);
+                if (!get_logprob(j, (long)vi, &(double){0}))
+                    return 0;
+            }
+            mi = j->t[vi].next;
         }
         /* Object order is not meaningful: sort most likely first. */
         for (size_t a = 1; a < t->ntop; a++)
@@ -206,64 +698,65 @@ static int parse_legacy(json_t *lp, kd_teacher_result *r)
     return 1;
 }
 
-static char *dup_json_str(json_t *v)
+static char *dup_if_str(const jscan *j, long k)
 {
-    return json_is_string(v) ? strdup(json_string_value(v)) : NULL;
+    return jtype(j, k) == JT_STR ? jstr_dup(j, k, NULL) : NULL;
 }
 
 int kd_teacher_parse_response(const char *body, size_t len, kd_teacher_result *r, kd_err *e)
 {
-    json_error_t je;
-    json_t *j = json_loadb(body, len, 0, &je);
+    jscan js;
+    size_t bad_at = 0;
     int rc = KD_OK;
-    if (!j)
-        return kd_err_set(e, KD_ECORRUPT, "response body is not JSON: %s (at byte %d)", je.text,
-                          je.position);
-    json_t *choices = json_object_get(j, "choices");
-    json_t *c0 = json_array_get(choices, 0);
-    if (!json_is_object(j) || !json_is_object(c0)) {
+    if (jscan_run(&js, body ? body : "", body ? len : 0, &bad_at) != 0) {
+        rc = kd_err_set(e, KD_ECORRUPT, "response body is not JSON (at byte %zu of %zu)", bad_at,
+                        len);
+        goto done;
+    }
+    const jscan *j = &js;
+    long root = 0;
+    long c0 = jat(j, jget(j, root, "choices"), 0);
+    if (jtype(j, root) != JT_OBJ || jtype(j, c0) != JT_OBJ) {
         rc = kd_err_set(e, KD_ECORRUPT, "response body has no choices[0] object");
         goto done;
     }
-    json_t *msg = json_object_get(c0, "message");
-    json_t *text = json_is_object(msg) ? json_object_get(msg, "content")
-                                       : json_object_get(c0, "text");
-    if (!json_is_string(text)) {
+    long msg = jget(j, c0, "message");
+    long text = jtype(j, msg) == JT_OBJ ? jget(j, msg, "content") : jget(j, c0, "text");
+    if (jtype(j, text) != JT_STR) {
         rc = kd_err_set(e, KD_ECORRUPT, "response choices[0] has no %s string",
-                        json_is_object(msg) ? "message.content" : "text");
+                        jtype(j, msg) == JT_OBJ ? "message.content" : "text");
         goto done;
     }
-    r->text = strdup(json_string_value(text));
-    r->finish_reason = dup_json_str(json_object_get(c0, "finish_reason"));
-    r->request_id = dup_json_str(json_object_get(j, "id"));
-    r->response_model = dup_json_str(json_object_get(j, "model"));
-    json_t *usage = json_object_get(j, "usage");
-    json_t *pt = json_object_get(usage, "prompt_tokens");
-    json_t *ct = json_object_get(usage, "completion_tokens");
-    r->prompt_tokens = json_is_integer(pt) && json_integer_value(pt) >= 0 ? json_integer_value(pt) : -1;
-    r->completion_tokens =
-        json_is_integer(ct) && json_integer_value(ct) >= 0 ? json_integer_value(ct) : -1;
+    r->text = jstr_dup(j, text, NULL);
+    r->finish_reason = dup_if_str(j, jget(j, c0, "finish_reason"));
+    r->request_id = dup_if_str(j, jget(j, root, "id"));
+    r->response_model = dup_if_str(j, jget(j, root, "model"));
+    long usage = jget(j, root, "usage");
+    long pt = jget(j, usage, "prompt_tokens");
+    long ct = jget(j, usage, "completion_tokens");
+    r->prompt_tokens = jtype(j, pt) == JT_INT && jint(j, pt) >= 0 ? jint(j, pt) : -1;
+    r->completion_tokens = jtype(j, ct) == JT_INT && jint(j, ct) >= 0 ? jint(j, ct) : -1;
     if (!r->text) {
         rc = kd_err_set(e, KD_ENOMEM, "out of memory");
         goto done;
     }
-    json_t *lp = json_object_get(c0, "logprobs");
-    if (lp && !json_is_null(lp)) {
-        json_t *content = json_object_get(lp, "content");
+    long lp = jget(j, c0, "logprobs");
+    if (lp >= 0 && jtype(j, lp) != JT_NULL) {
+        long content = jget(j, lp, "content");
         int ok;
-        if (json_is_array(content))
-            ok = parse_content(content, r);
-        else if (json_is_object(lp) && json_object_get(lp, "tokens"))
-            ok = parse_legacy(lp, r);
+        if (jtype(j, content) == JT_ARR)
+            ok = parse_content(j, content, r);
+        else if (jtype(j, lp) == JT_OBJ && jget(j, lp, "tokens") >= 0)
+            ok = parse_legacy(j, lp, r);
         else
-            ok = json_is_object(lp) && (!content || json_is_null(content));
+            ok = jtype(j, lp) == JT_OBJ && (content < 0 || jtype(j, content) == JT_NULL);
         if (!ok) {
             rc = kd_err_set(e, KD_ECORRUPT, "response choices[0].logprobs is malformed");
             goto done;
         }
     }
 done:
-    json_decref(j);
+    free(js.t);
     if (rc != KD_OK) {
         /* Leave nothing half-filled. */
         char *keep_body = r->body;
