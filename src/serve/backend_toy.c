@@ -81,7 +81,7 @@ static int toy_generate(void *ctx, const kd_serve_gen_params *p, kd_serve_gen_re
     uint64_t ph = fnv(p->prompt, p->prompt_len, 0xcbf29ce484222325ull ^ t->seed);
     uint64_t rng = p->has_seed ? mix(p->seed ^ 0x5eed) : mix(ph);
     uint64_t hist = ph;
-    double lg[V], lp[V];
+    double lg[V], lp[V], ex[V];
     size_t n = 0;
     int stopped = 0;
     for (size_t i = 0; i < max; i++) {
@@ -93,8 +93,10 @@ static int toy_generate(void *ctx, const kd_serve_gen_params *p, kd_serve_gen_re
                 mx = lg[v];
         }
         double z = 0;
-        for (int v = 0; v < V; v++)
-            z += exp(lg[v] - mx);
+        for (int v = 0; v < V; v++) {
+            ex[v] = exp(lg[v] - mx);
+            z += ex[v];
+        }
         double lse = mx + log(z);
         for (int v = 0; v < V; v++)
             lp[v] = lg[v] - lse;
@@ -108,7 +110,9 @@ static int toy_generate(void *ctx, const kd_serve_gen_params *p, kd_serve_gen_re
             double w[V], tot = 0, mass = 0;
             int cut = V;
             for (int a = 0; a < V; a++) {
-                w[a] = exp((lg[order[a]] - mx) / p->temperature);
+                /* x / 1.0 == x exactly: at T = 1 the softmax terms serve */
+                w[a] = p->temperature == 1.0 ? ex[order[a]]
+                                             : exp((lg[order[a]] - mx) / p->temperature);
                 tot += w[a];
             }
             if (p->top_p > 0 && p->top_p < 1) {
