@@ -7,15 +7,15 @@
 # then prints the figures and the ratios the issue asks for:
 #   write >= 80% of raw dd, load+verify >= 2x torch.load.
 #
-#   bench/run_ckpt.sh [BENCH_BINARY] [DIR] [MB] [REPS]
-# BENCH_BINARY defaults to build/bench/bench_ckpt (build it with
-# cmake --build build --target bench_ckpt, without sanitizers); DIR to a new
+#   bench/run_ckpt.sh [BUILD_DIR] [DIR] [MB] [REPS]
+# BUILD_DIR defaults to build, which must hold bench/bench_ckpt built without
+# sanitizers (make bench does that); DIR to a new
 # directory under the current one (it must be on the disk you care about;
 # /tmp may be a RAM disk); MB to 300; REPS to 3.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
-bin=${1:-build/bench/bench_ckpt}
+bin=${1:-build}/bench/bench_ckpt
 dir=${2:-}
 mb=${3:-300}
 reps=${4:-3}

@@ -1,14 +1,14 @@
 #!/bin/sh
 # bench/run_model.sh - training tokens/s and peak RSS of the C model beside
-# the same model in PyTorch, in one run.  Builds a Release tree in
-# build-model-rel (or $BUILD).  Not a test.
-#   usage: bench/run_model.sh [threads=2] [steps=20]
+# the same model in PyTorch, in one run.  Builds a Release tree in BUILD_DIR.
+# Not a test.
+#   usage: bench/run_model.sh [BUILD_DIR=build] [threads=2] [steps=20]
 set -eu
 cd "$(dirname "$0")/.."
-BUILD=${BUILD:-build-model-rel}
-THREADS=${1:-2}
-STEPS=${2:-20}
-cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DKD_BUILD_TESTS=OFF -DKD_WERROR=OFF >/dev/null
+BUILD=${1:-build}
+THREADS=${2:-2}
+STEPS=${3:-20}
+cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DKD_BUILD_TESTS=OFF >/dev/null
 cmake --build "$BUILD" -j2 --target bench_model >/dev/null
 echo "model: 4 layers, 4 heads, width 128, context 128, batch 16, $THREADS threads, $STEPS timed steps"
 OPENBLAS_NUM_THREADS=$THREADS "$BUILD/bench/bench_model" "$THREADS" "$STEPS"

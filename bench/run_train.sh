@@ -11,10 +11,10 @@
 # counted.  PyTorch: bench/model_peer.py, the same GPT and optimizer step
 # with torch.set_num_threads(THREADS).  Peak RSS from /usr/bin/time -v.
 #
-#   usage: bench/run_train.sh [BUILD_DIR=build-train-rel] [threads=2] [steps=60] [warmup=10]
+#   usage: bench/run_train.sh [BUILD_DIR=build] [threads=2] [steps=60] [warmup=10]
 set -eu
 cd "$(dirname "$0")/.."
-BUILD=${1:-build-train-rel}
+BUILD=${1:-build}
 THREADS=${2:-2}
 STEPS=${3:-60}
 WARMUP=${4:-10}

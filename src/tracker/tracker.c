@@ -223,14 +223,9 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
     rc = kd_json_hash(t->config_canon, strlen(t->config_canon), t->config_hash, &t->err);
     if (rc != KD_OK)
         goto fail;
-    {
-        json_t *probe = json_loads(t->config_canon, 0, NULL);
-        int is_obj = json_is_object(probe);
-        json_decref(probe);
-        if (!is_obj) {
-            rc = kd_trk_fail(t, KD_EINVAL, "config must be a JSON object");
-            goto fail;
-        }
+    if (t->config_canon[0] != '{') { /* canonical text: no leading space */
+        rc = kd_trk_fail(t, KD_EINVAL, "config must be a JSON object");
+        goto fail;
     }
 
     char spath[PATH_MAX];
