@@ -27,109 +27,20 @@
  * Formatting and strtod use the "C" locale whatever the process's locale is.
  */
 #include <jansson.h>
-#include <locale.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/sb.h"
 #include "kdkit/core.h"
 
-typedef struct sbuf {
-    char *p;
-    size_t len, cap;
-    int oom;
-} sbuf;
-
-static pthread_once_t g_cloc_once = PTHREAD_ONCE_INIT;
-static locale_t g_cloc;
-
-static void cloc_init(void)
+/* Strings in jansson's tree are valid UTF-8 (NUL allowed, escaped as
+   \u0000); kd_sb_json_str escapes by the canonical rule. */
+static void put_string(kd_sb *b, const char *s, size_t n)
 {
-    g_cloc = newlocale(LC_ALL_MASK, "C", (locale_t)0);
-}
-
-static void put(sbuf *b, const char *s, size_t n)
-{
-    if (b->oom)
-        return;
-    if (b->len + n + 1 > b->cap) {
-        size_t ncap = b->cap ? b->cap : 256;
-        while (ncap < b->len + n + 1)
-            ncap *= 2;
-        char *np = realloc(b->p, ncap);
-        if (!np) {
-            b->oom = 1;
-            return;
-        }
-        b->p = np;
-        b->cap = ncap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void putc1(sbuf *b, char c)
-{
-    put(b, &c, 1);
-}
-
-static void put_string(sbuf *b, const char *s, size_t n)
-{
-    static const char hex[] = "0123456789abcdef";
-    size_t run = 0; /* start of the pending unescaped run */
-    putc1(b, '"');
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c >= 0x20 && c != '"' && c != '\\')
-            continue;
-        put(b, s + run, i - run);
-        run = i + 1;
-        char esc[7] = {'\\', 0, 0, 0, 0, 0, 0};
-        size_t elen = 2;
-        switch (c) {
-        case '"': esc[1] = '"'; break;
-        case '\\': esc[1] = '\\'; break;
-        case '\b': esc[1] = 'b'; break;
-        case '\f': esc[1] = 'f'; break;
-        case '\n': esc[1] = 'n'; break;
-        case '\r': esc[1] = 'r'; break;
-        case '\t': esc[1] = 't'; break;
-        default:
-            esc[1] = 'u';
-            esc[2] = '0';
-            esc[3] = '0';
-            esc[4] = hex[c >> 4];
-            esc[5] = hex[c & 15];
-            elen = 6;
-            break;
-        }
-        put(b, esc, elen);
-    }
-    put(b, s + run, n - run);
-    putc1(b, '"');
-}
-
-static void put_real(sbuf *b, double v)
-{
-    char tmp[40];
-    int n;
-    if (v == floor(v) && fabs(v) < 9007199254740992.0) {
-        n = snprintf(tmp, sizeof tmp, "%lld", (long long)v);
-    } else {
-        locale_t old = uselocale(g_cloc);
-        n = 0;
-        for (int prec = 1; prec <= 17; prec++) {
-            n = snprintf(tmp, sizeof tmp, "%.*g", prec, v);
-            if (strtod_l(tmp, NULL, g_cloc) == v)
-                break;
-        }
-        uselocale(old);
-    }
-    if (n > 0)
-        put(b, tmp, (size_t)n);
+    if (kd_sb_json_str(b, s, n) != 0 && !b->err)
+        b->err = KD_ECORRUPT;
 }
 
 typedef struct keyref {
@@ -148,7 +59,7 @@ static int key_cmp(const void *pa, const void *pb)
     return (a->len > b->len) - (a->len < b->len);
 }
 
-static void put_value(sbuf *b, json_t *v)
+static void put_value(kd_sb *b, json_t *v)
 {
     char tmp[32];
     switch (json_typeof(v)) {
@@ -156,7 +67,7 @@ static void put_value(sbuf *b, json_t *v)
         size_t n = json_object_size(v), i = 0;
         keyref *keys = n ? malloc(n * sizeof *keys) : NULL;
         if (n && !keys) {
-            b->oom = 1;
+            b->err = KD_ENOMEM;
             return;
         }
         for (void *it = json_object_iter(v); it && i < n; it = json_object_iter_next(v, it), i++) {
@@ -166,27 +77,27 @@ static void put_value(sbuf *b, json_t *v)
         }
         if (i > 1)
             qsort(keys, i, sizeof *keys, key_cmp);
-        putc1(b, '{');
+        kd_sb_putc(b, '{');
         for (size_t k = 0; k < i; k++) {
             if (k)
-                putc1(b, ',');
+                kd_sb_putc(b, ',');
             put_string(b, keys[k].key, keys[k].len);
-            putc1(b, ':');
+            kd_sb_putc(b, ':');
             put_value(b, keys[k].value);
         }
-        putc1(b, '}');
+        kd_sb_putc(b, '}');
         free(keys);
         break;
     }
     case JSON_ARRAY: {
         size_t n = json_array_size(v);
-        putc1(b, '[');
+        kd_sb_putc(b, '[');
         for (size_t k = 0; k < n; k++) {
             if (k)
-                putc1(b, ',');
+                kd_sb_putc(b, ',');
             put_value(b, json_array_get(v, k));
         }
-        putc1(b, ']');
+        kd_sb_putc(b, ']');
         break;
     }
     case JSON_STRING:
@@ -194,20 +105,20 @@ static void put_value(sbuf *b, json_t *v)
         break;
     case JSON_INTEGER: {
         int n = snprintf(tmp, sizeof tmp, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
-        put(b, tmp, (size_t)n);
+        kd_sb_put(b, tmp, (size_t)n);
         break;
     }
     case JSON_REAL:
-        put_real(b, json_real_value(v));
+        kd_sb_json_canon_real(b, json_real_value(v));
         break;
     case JSON_TRUE:
-        put(b, "true", 4);
+        kd_sb_put(b, "true", 4);
         break;
     case JSON_FALSE:
-        put(b, "false", 5);
+        kd_sb_put(b, "false", 5);
         break;
     case JSON_NULL:
-        put(b, "null", 4);
+        kd_sb_put(b, "null", 4);
         break;
     }
 }
@@ -216,13 +127,11 @@ int kd_json_canonical(const char *json, size_t len, char **out, kd_err *e)
 {
     int rc = KD_OK;
     json_t *root = NULL;
-    sbuf b = {0};
+    kd_sb b;
+    kd_sb_init(&b, (size_t)1 << 30);
     if (!out || (!json && len))
         return kd_err_set(e, KD_EINVAL, "kd_json_canonical: bad arguments");
     *out = NULL;
-    pthread_once(&g_cloc_once, cloc_init);
-    if (!g_cloc)
-        return kd_err_set(e, KD_ENOMEM, "cannot create the C locale");
     json_error_t jerr;
     root = json_loadb(len ? json : "", len,
                       JSON_REJECT_DUPLICATES | JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
@@ -232,14 +141,14 @@ int kd_json_canonical(const char *json, size_t len, char **out, kd_err *e)
         goto done;
     }
     put_value(&b, root);
-    if (b.oom) {
-        rc = kd_err_set(e, KD_ENOMEM, "out of memory building canonical JSON");
+    if (kd_sb_error(&b)) {
+        rc = kd_err_set(e, kd_sb_error(&b), "cannot build canonical JSON: %s",
+                        kd_strerror(kd_sb_error(&b)));
         goto done;
     }
-    *out = b.p;
-    b.p = NULL;
+    *out = kd_sb_take(&b);
 done:
-    free(b.p);
+    kd_sb_free(&b);
     json_decref(root);
     return rc;
 }

@@ -22,7 +22,6 @@
  * flight since the last open.
  */
 #include <errno.h>
-#include <locale.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -35,6 +34,7 @@
 #include <curl/curl.h>
 #include <jansson.h>
 
+#include "core/sb.h"
 #include "kdkit/teacher.h"
 
 struct kd_teacher {
@@ -472,33 +472,6 @@ static void built_free(built *b)
     memset(b, 0, sizeof *b);
 }
 
-/* Strict UTF-8 (no overlong forms, surrogates or code points past
-   U+10FFFF), the rule JSON strings follow. */
-static int utf8_valid(const char *s, size_t n)
-{
-    const unsigned char *p = (const unsigned char *)s;
-    for (size_t i = 0; i < n;) {
-        unsigned c = p[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t len = (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-        if (!len || i + len > n)
-            return 0;
-        unsigned cp = c & (0x7Fu >> len);
-        for (size_t k = 1; k < len; k++) {
-            if ((p[i + k] & 0xC0) != 0x80)
-                return 0;
-            cp = (cp << 6) | (p[i + k] & 0x3Fu);
-        }
-        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
-            cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-            return 0;
-        i += len;
-    }
-    return 1;
-}
 
 static int build(kd_teacher *t, const kd_teacher_request *req, built *b, kd_err *e)
 {
@@ -565,7 +538,7 @@ static int build(kd_teacher *t, const kd_teacher_request *req, built *b, kd_err 
     } else {
         if (!req->prompt)
             return kd_err_set(e, KD_EINVAL, "teacher request: completions need a prompt");
-        if (!utf8_valid(req->prompt, strlen(req->prompt)))
+        if (!kd_utf8_valid(req->prompt, strlen(req->prompt)))
             return kd_err_set(e, KD_EINVAL, "teacher request: prompt is not valid UTF-8");
         b->prompt = req->prompt;
         b->prompt_bytes = strlen(req->prompt);
@@ -600,95 +573,19 @@ static json_t *params_json(kd_teacher *t, const built *b)
  * integral numbers below 2^53 as integers, other reals as the shortest
  * %.Ng that reads back), without building, printing and re-parsing a
  * tree.  Returns NULL (use the tree) when it does not apply: messages given
- * as JSON, a stop item that is not a string, a string that is not UTF-8, or
- * a locale whose decimal point is not '.'.  tests/test_teacher_cache.c
- * holds keys computed by the tree path and checks this one against them.
+ * as JSON, a stop item that is not a string, or a string that is not UTF-8.
+ * tests/test_teacher_cache.c holds keys computed by the tree path and checks
+ * this one against them.
  */
-typedef struct cbuf {
-    char *p;
-    size_t len, cap;
-    int bad;
-} cbuf;
+/* Longest cache-key or request-body text built for one request. */
+#define KD_REQUEST_TEXT_MAX ((size_t)256 << 20)
 
-static void cb_put(cbuf *b, const char *s, size_t n)
+/* A string by the canonical rule; one that is not UTF-8 makes the whole
+   text unusable (the caller then takes the tree path, which refuses it). */
+static void put_jstr(kd_sb *b, const char *str, size_t n)
 {
-    if (b->bad)
-        return;
-    if (b->len + n + 1 > b->cap) {
-        size_t nc = b->cap ? b->cap : 512;
-        while (nc < b->len + n + 1)
-            nc *= 2;
-        char *q = realloc(b->p, nc);
-        if (!q) {
-            b->bad = 1;
-            return;
-        }
-        b->p = q;
-        b->cap = nc;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-#define cb_lit(b, s) cb_put((b), "" s, sizeof(s) - 1)
-
-static void cb_str(cbuf *b, const char *s, size_t n)
-{
-    if (!utf8_valid(s, n)) {
-        b->bad = 1;
-        return;
-    }
-    static const char hex[] = "0123456789abcdef";
-    size_t run = 0;
-    cb_lit(b, "\"");
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c >= 0x20 && c != '"' && c != '\\')
-            continue;
-        cb_put(b, s + run, i - run);
-        run = i + 1;
-        char esc[6] = {'\\', 0, '0', '0', hex[c >> 4], hex[c & 15]};
-        size_t el = 2;
-        switch (c) {
-        case '"': esc[1] = '"'; break;
-        case '\\': esc[1] = '\\'; break;
-        case '\b': esc[1] = 'b'; break;
-        case '\f': esc[1] = 'f'; break;
-        case '\n': esc[1] = 'n'; break;
-        case '\r': esc[1] = 'r'; break;
-        case '\t': esc[1] = 't'; break;
-        default: esc[1] = 'u'; el = 6; break;
-        }
-        cb_put(b, esc, el);
-    }
-    cb_put(b, s + run, n - run);
-    cb_lit(b, "\"");
-}
-
-static void cb_int(cbuf *b, long long v)
-{
-    char t[24];
-    int n = snprintf(t, sizeof t, "%lld", v);
-    cb_put(b, t, (size_t)n);
-}
-
-/* A real the canonical way; a non-finite one cannot be in the tree at all
-   (its key would be missing), so the caller leaves such keys out. */
-static void cb_real(cbuf *b, double v)
-{
-    char t[40];
-    int n = 0;
-    if (v == floor(v) && fabs(v) < 9007199254740992.0) {
-        n = snprintf(t, sizeof t, "%lld", (long long)v);
-    } else {
-        for (int prec = 1; prec <= 17; prec++) {
-            n = snprintf(t, sizeof t, "%.*g", prec, v);
-            if (strtod(t, NULL) == v)
-                break;
-        }
-    }
-    cb_put(b, t, (size_t)n);
+    if (kd_sb_json_str(b, str, n) != 0 && !b->err)
+        b->err = KD_EINVAL;
 }
 
 static char *key_canonical_fast(kd_teacher *t, const built *b)
@@ -713,86 +610,84 @@ static char *key_canonical_fast(kd_teacher *t, const built *b)
     for (size_t i = 0; b->stop && i < json_array_size(b->stop); i++)
         if (!json_is_string(json_array_get(b->stop, i)))
             return NULL;
-    const char *dp = localeconv()->decimal_point;
-    if (!dp || dp[0] != '.' || dp[1])
-        return NULL;
     const kd_teacher_params *p = &b->p;
-    cbuf o = {0};
-    cb_lit(&o, "{\"endpoint\":");
+    kd_sb o;
+    kd_sb_init(&o, KD_REQUEST_TEXT_MAX);
+    kd_sb_lit(&o, "{\"endpoint\":");
     if (t->cfg.endpoint == KD_TEACHER_CHAT)
-        cb_lit(&o, "\"chat\"");
+        kd_sb_lit(&o, "\"chat\"");
     else
-        cb_lit(&o, "\"completions\"");
-    cb_lit(&o, ",\"kdkit_cache_key\":");
-    cb_int(&o, KD_TEACHER_KEY_VERSION);
+        kd_sb_lit(&o, "\"completions\"");
+    kd_sb_lit(&o, ",\"kdkit_cache_key\":");
+    kd_sb_json_int(&o, KD_TEACHER_KEY_VERSION);
     if (b->messages) {
-        cb_lit(&o, ",\"messages\":[{\"content\":");
-        cb_str(&o, prompt, plen);
-        cb_lit(&o, ",\"role\":\"user\"}]");
+        kd_sb_lit(&o, ",\"messages\":[{\"content\":");
+        put_jstr(&o, prompt, plen);
+        kd_sb_lit(&o, ",\"role\":\"user\"}]");
     }
-    cb_lit(&o, ",\"model\":");
-    cb_str(&o, t->cfg.model, strlen(t->cfg.model));
-    cb_lit(&o, ",\"params\":{");
+    kd_sb_lit(&o, ",\"model\":");
+    put_jstr(&o, t->cfg.model, strlen(t->cfg.model));
+    kd_sb_lit(&o, ",\"params\":{");
     if (isfinite(p->frequency_penalty)) {
-        cb_lit(&o, "\"frequency_penalty\":");
-        cb_real(&o, p->frequency_penalty);
-        cb_lit(&o, ",");
+        kd_sb_lit(&o, "\"frequency_penalty\":");
+        kd_sb_json_canon_real(&o, p->frequency_penalty);
+        kd_sb_lit(&o, ",");
     }
-    cb_lit(&o, "\"logprobs\":");
+    kd_sb_lit(&o, "\"logprobs\":");
     if (p->logprobs)
-        cb_lit(&o, "true");
+        kd_sb_lit(&o, "true");
     else
-        cb_lit(&o, "false");
-    cb_lit(&o, ",\"max_tokens\":");
-    cb_int(&o, (long long)p->max_tokens);
-    cb_lit(&o, ",\"n\":");
-    cb_int(&o, p->n);
+        kd_sb_lit(&o, "false");
+    kd_sb_lit(&o, ",\"max_tokens\":");
+    kd_sb_json_int(&o, (int64_t)p->max_tokens);
+    kd_sb_lit(&o, ",\"n\":");
+    kd_sb_json_int(&o, p->n);
     if (isfinite(p->presence_penalty)) {
-        cb_lit(&o, ",\"presence_penalty\":");
-        cb_real(&o, p->presence_penalty);
+        kd_sb_lit(&o, ",\"presence_penalty\":");
+        kd_sb_json_canon_real(&o, p->presence_penalty);
     }
-    cb_lit(&o, ",\"seed\":");
+    kd_sb_lit(&o, ",\"seed\":");
     if (p->has_seed)
-        cb_int(&o, (long long)p->seed);
+        kd_sb_json_int(&o, (int64_t)p->seed);
     else
-        cb_lit(&o, "null");
-    cb_lit(&o, ",\"stop\":");
+        kd_sb_lit(&o, "null");
+    kd_sb_lit(&o, ",\"stop\":");
     if (b->stop) {
-        cb_lit(&o, "[");
+        kd_sb_lit(&o, "[");
         for (size_t i = 0; i < json_array_size(b->stop); i++) {
             json_t *x = json_array_get(b->stop, i);
             if (i)
-                cb_lit(&o, ",");
-            cb_str(&o, json_string_value(x), json_string_length(x));
+                kd_sb_lit(&o, ",");
+            put_jstr(&o, json_string_value(x), json_string_length(x));
         }
-        cb_lit(&o, "]");
+        kd_sb_lit(&o, "]");
     } else {
-        cb_lit(&o, "null");
+        kd_sb_lit(&o, "null");
     }
-    cb_lit(&o, ",\"temperature\":");
-    cb_real(&o, p->temperature);
-    cb_lit(&o, ",\"top_logprobs\":");
-    cb_int(&o, p->logprobs ? p->top_logprobs : 0);
-    cb_lit(&o, ",\"top_p\":");
-    cb_real(&o, p->top_p);
-    cb_lit(&o, "}");
+    kd_sb_lit(&o, ",\"temperature\":");
+    kd_sb_json_canon_real(&o, p->temperature);
+    kd_sb_lit(&o, ",\"top_logprobs\":");
+    kd_sb_json_int(&o, p->logprobs ? p->top_logprobs : 0);
+    kd_sb_lit(&o, ",\"top_p\":");
+    kd_sb_json_canon_real(&o, p->top_p);
+    kd_sb_lit(&o, "}");
     if (!b->messages) {
-        cb_lit(&o, ",\"prompt\":");
-        cb_str(&o, prompt, plen);
+        kd_sb_lit(&o, ",\"prompt\":");
+        put_jstr(&o, prompt, plen);
     }
-    cb_lit(&o, ",\"provider\":");
-    cb_str(&o, t->provider, strlen(t->provider));
-    cb_lit(&o, ",\"sample_index\":");
+    kd_sb_lit(&o, ",\"provider\":");
+    put_jstr(&o, t->provider, strlen(t->provider));
+    kd_sb_lit(&o, ",\"sample_index\":");
     if (t->cfg.key_includes_sample_index && b->sample_index >= 0)
-        cb_int(&o, (long long)b->sample_index);
+        kd_sb_json_int(&o, (int64_t)b->sample_index);
     else
-        cb_lit(&o, "null");
-    cb_lit(&o, "}");
-    if (o.bad) {
-        free(o.p);
+        kd_sb_lit(&o, "null");
+    kd_sb_lit(&o, "}");
+    if (kd_sb_error(&o)) {
+        kd_sb_free(&o);
         return NULL;
     }
-    return o.p;
+    return kd_sb_take(&o);
 }
 
 static int key_of(kd_teacher *t, const built *b, char key[KD_SHA256_HEX],
@@ -874,13 +769,13 @@ int kd_teacher_key(kd_teacher *t, const kd_teacher_request *req, char key[KD_SHA
 
 /* A real as jansson prints it at full precision (always with '.' or 'e',
    so it stays a real). */
-static void cb_real17(cbuf *b, double v)
+static void put_real17(kd_sb *b, double v)
 {
     char t[40];
     int n = snprintf(t, sizeof t, "%.17g", v);
-    cb_put(b, t, (size_t)n);
+    kd_sb_put(b, t, (size_t)n);
     if (!strpbrk(t, ".e"))
-        cb_lit(b, ".0");
+        kd_sb_lit(b, ".0");
 }
 
 /* The HTTP request body, written directly (parameters with defaults
@@ -888,69 +783,70 @@ static void cb_real17(cbuf *b, double v)
 static char *request_body(kd_teacher *t, const built *b)
 {
     const kd_teacher_params *p = &b->p;
-    cbuf o = {0};
-    cb_lit(&o, "{\"model\":");
-    cb_str(&o, t->cfg.model, strlen(t->cfg.model));
+    kd_sb o;
+    kd_sb_init(&o, KD_REQUEST_TEXT_MAX);
+    kd_sb_lit(&o, "{\"model\":");
+    put_jstr(&o, t->cfg.model, strlen(t->cfg.model));
     if (b->messages) {
-        cb_lit(&o, ",\"messages\":");
+        kd_sb_lit(&o, ",\"messages\":");
         char *m = json_dumps(b->messages, JSON_COMPACT | JSON_REAL_PRECISION(17));
         if (!m)
-            o.bad = 1;
+            o.err = KD_ENOMEM;
         else
-            cb_put(&o, m, strlen(m));
+            kd_sb_put(&o, m, strlen(m));
         free(m);
     } else {
-        cb_lit(&o, ",\"prompt\":");
-        cb_str(&o, b->prompt, strlen(b->prompt));
+        kd_sb_lit(&o, ",\"prompt\":");
+        put_jstr(&o, b->prompt, strlen(b->prompt));
     }
-    cb_lit(&o, ",\"max_tokens\":");
-    cb_int(&o, (long long)p->max_tokens);
-    cb_lit(&o, ",\"temperature\":");
-    cb_real17(&o, p->temperature);
-    cb_lit(&o, ",\"top_p\":");
-    cb_real17(&o, p->top_p);
-    cb_lit(&o, ",\"n\":");
-    cb_int(&o, p->n);
+    kd_sb_lit(&o, ",\"max_tokens\":");
+    kd_sb_json_int(&o, (int64_t)p->max_tokens);
+    kd_sb_lit(&o, ",\"temperature\":");
+    put_real17(&o, p->temperature);
+    kd_sb_lit(&o, ",\"top_p\":");
+    put_real17(&o, p->top_p);
+    kd_sb_lit(&o, ",\"n\":");
+    kd_sb_json_int(&o, p->n);
     if (p->has_seed) {
-        cb_lit(&o, ",\"seed\":");
-        cb_int(&o, (long long)p->seed);
+        kd_sb_lit(&o, ",\"seed\":");
+        kd_sb_json_int(&o, (int64_t)p->seed);
     }
     if (b->stop) {
-        cb_lit(&o, ",\"stop\":");
+        kd_sb_lit(&o, ",\"stop\":");
         char *st = json_dumps(b->stop, JSON_COMPACT | JSON_ENCODE_ANY);
         if (!st)
-            o.bad = 1;
+            o.err = KD_ENOMEM;
         else
-            cb_put(&o, st, strlen(st));
+            kd_sb_put(&o, st, strlen(st));
         free(st);
     }
     if (p->presence_penalty != 0 && isfinite(p->presence_penalty)) {
-        cb_lit(&o, ",\"presence_penalty\":");
-        cb_real17(&o, p->presence_penalty);
+        kd_sb_lit(&o, ",\"presence_penalty\":");
+        put_real17(&o, p->presence_penalty);
     }
     if (p->frequency_penalty != 0 && isfinite(p->frequency_penalty)) {
-        cb_lit(&o, ",\"frequency_penalty\":");
-        cb_real17(&o, p->frequency_penalty);
+        kd_sb_lit(&o, ",\"frequency_penalty\":");
+        put_real17(&o, p->frequency_penalty);
     }
     if (t->cfg.endpoint == KD_TEACHER_CHAT) {
         if (p->logprobs)
-            cb_lit(&o, ",\"logprobs\":true");
+            kd_sb_lit(&o, ",\"logprobs\":true");
         else
-            cb_lit(&o, ",\"logprobs\":false");
+            kd_sb_lit(&o, ",\"logprobs\":false");
         if (p->logprobs) {
-            cb_lit(&o, ",\"top_logprobs\":");
-            cb_int(&o, p->top_logprobs);
+            kd_sb_lit(&o, ",\"top_logprobs\":");
+            kd_sb_json_int(&o, p->top_logprobs);
         }
     } else if (p->logprobs) {
-        cb_lit(&o, ",\"logprobs\":");
-        cb_int(&o, p->top_logprobs);
+        kd_sb_lit(&o, ",\"logprobs\":");
+        kd_sb_json_int(&o, p->top_logprobs);
     }
-    cb_lit(&o, "}");
-    if (o.bad) {
-        free(o.p);
+    kd_sb_lit(&o, "}");
+    if (kd_sb_error(&o)) {
+        kd_sb_free(&o);
         return NULL;
     }
-    return o.p;
+    return kd_sb_take(&o);
 }
 
 /* Worst case of one attempt: every prompt byte a token, plus per-message

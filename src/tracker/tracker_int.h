@@ -13,7 +13,7 @@
 
 #include "kdkit/core.h"
 #include "kdkit/tracker.h"
-#include "tracker/sb.h"
+#include "core/sb.h"
 
 #define KD_SESSION_FORMAT "kdkit.session.v1"
 #define KD_TREND_WINDOW 100      /* losses kept for the trend */

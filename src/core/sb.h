@@ -1,12 +1,13 @@
 /*
- * src/tracker/sb.h - a growable string buffer with a hard size cap, and the
- * JSON text emitters the tracker writes its files with (internal).  The cap
+ * src/core/sb.h - a growable string buffer with a hard size cap, and the
+ * JSON text emitters every layer writes JSON with (internal): the tracker's
+ * files, canonical JSON (json_canon.c) and the teacher's cache keys.  The cap
  * (curl's dynbuf idea) means no input can grow a buffer without bound; when
  * it is hit, or an allocation fails, the buffer goes into a sticky error
  * state and kd_sb_error() reports it once at the end.
  */
-#ifndef KD_SRC_TRACKER_SB_H
-#define KD_SRC_TRACKER_SB_H
+#ifndef KD_SRC_CORE_SB_H
+#define KD_SRC_CORE_SB_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -24,6 +25,8 @@ int kd_sb_error(const kd_sb *s);
 void kd_sb_put(kd_sb *s, const char *p, size_t n);
 void kd_sb_puts(kd_sb *s, const char *p);
 void kd_sb_putc(kd_sb *s, char c);
+/* Append a string literal (its length known at compile time). */
+#define kd_sb_lit(s, lit) kd_sb_put((s), "" lit, sizeof(lit) - 1)
 void kd_sb_printf(kd_sb *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Transfer the NUL-terminated buffer to the caller (free()); resets s. */
 char *kd_sb_take(kd_sb *s);
@@ -33,6 +36,11 @@ char *kd_sb_take(kd_sb *s);
 void kd_sb_json_double(kd_sb *s, double v);
 void kd_sb_json_int(kd_sb *s, int64_t v);
 int kd_sb_json_str(kd_sb *s, const char *p, size_t n);
+/* A real in canonical JSON's one number format (core.h, kd_json_canonical):
+   an integral value below 2^53 as an integer, any other as the shortest
+   "%.Ng" (N = 1..17) that reads back to the same double, in the C locale
+   whatever the process's locale.  Finite values only. */
+void kd_sb_json_canon_real(kd_sb *s, double v);
 /* NULL -> null; invalid UTF-8 -> the string with bad bytes as \ufffd. */
 void kd_sb_json_cstr(kd_sb *s, const char *p);
 

@@ -1,9 +1,11 @@
 /*
- * src/tracker/sb.c - capped string buffer and JSON emitters (see sb.h).
+ * src/core/sb.c - capped string buffer and JSON emitters (see sb.h).
  */
-#include "tracker/sb.h"
+#include "core/sb.h"
 
+#include <locale.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -138,6 +140,40 @@ void kd_sb_json_double(kd_sb *s, double v)
     if (strtod(b, NULL) != v)
         snprintf(b, sizeof b, "%.17g", v);
     kd_sb_puts(s, b);
+}
+
+static pthread_once_t g_cloc_once = PTHREAD_ONCE_INIT;
+static locale_t g_cloc;
+
+static void cloc_init(void)
+{
+    g_cloc = newlocale(LC_ALL_MASK, "C", (locale_t)0);
+}
+
+void kd_sb_json_canon_real(kd_sb *s, double v)
+{
+    char tmp[40];
+    int n;
+    if (v == floor(v) && fabs(v) < 9007199254740992.0) {
+        n = snprintf(tmp, sizeof tmp, "%lld", (long long)v);
+    } else {
+        pthread_once(&g_cloc_once, cloc_init);
+        if (!g_cloc) { /* newlocale failed: no way to format reliably */
+            if (!s->err)
+                s->err = KD_ENOMEM;
+            return;
+        }
+        locale_t old = uselocale(g_cloc);
+        n = 0;
+        for (int prec = 1; prec <= 17; prec++) {
+            n = snprintf(tmp, sizeof tmp, "%.*g", prec, v);
+            if (strtod_l(tmp, NULL, g_cloc) == v)
+                break;
+        }
+        uselocale(old);
+    }
+    if (n > 0)
+        kd_sb_put(s, tmp, (size_t)n);
 }
 
 void kd_sb_json_int(kd_sb *s, int64_t v)
