@@ -93,6 +93,45 @@ static void test_write_atomic_basic(void **state)
     free(slash);
 }
 
+/* The batch form: the same replacement, one fsync fewer (the directory's,
+   left to the caller), and a failed fsync still keeps the old content. */
+static void test_write_atomic_nosyncdir(void **state)
+{
+    fx *f = *state;
+    kd_err e;
+    assert_int_equal(kd_file_write_atomic(f->target, OLD, strlen(OLD), &e), KD_OK);
+    kd_fault_clear();
+    assert_int_equal(kd_file_write_atomic(f->target, "full", 4, &e), KD_OK);
+    long with_dir = kd_fault_calls(KD_FAULT_FSYNC);
+    kd_fault_clear();
+    assert_int_equal(kd_file_write_atomic_nosyncdir(f->target, "batch", 5, &e), KD_OK);
+    assert_int_equal(kd_fault_calls(KD_FAULT_FSYNC), with_dir - 1);
+    assert_content(f->target, "batch", 5);
+    assert_int_equal(kd_fsync_dir(f->dir, &e), KD_OK);
+
+    /* streaming: two files written, then both committed, then one dir fsync */
+    char *second = kdt_path(f->dir, "progress.json");
+    kd_atomic *a = NULL, *b = NULL;
+    assert_int_equal(kd_atomic_begin(&a, f->target, &e), KD_OK);
+    assert_int_equal(kd_atomic_begin(&b, second, &e), KD_OK);
+    assert_int_equal(kd_atomic_write(a, "one", 3, &e), KD_OK);
+    assert_int_equal(kd_atomic_write(b, "two", 3, &e), KD_OK);
+    assert_content(f->target, "batch", 5); /* nothing replaced before commit */
+    assert_int_equal(kd_atomic_commit_nosyncdir(a, &e), KD_OK);
+    assert_int_equal(kd_atomic_commit_nosyncdir(b, &e), KD_OK);
+    assert_int_equal(kd_fsync_dir(f->dir, &e), KD_OK);
+    assert_content(f->target, "one", 3);
+    assert_content(second, "two", 3);
+
+    kd_fault_clear();
+    kd_fault_set(KD_FAULT_FSYNC, 1, EIO, 0, 0);
+    assert_int_equal(kd_file_write_atomic_nosyncdir(f->target, "lost", 4, &e), KD_EIO);
+    kd_fault_clear();
+    assert_content(f->target, "one", 3);
+    assert_int_equal(kdt_count_prefix(f->dir, ".session.json.tmp"), 0);
+    free(second);
+}
+
 static const char *step_word(kd_fault_op op)
 {
     switch (op) {
@@ -311,6 +350,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_write_atomic_basic, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_write_atomic_nosyncdir, setup, teardown),
         cmocka_unit_test_setup_teardown(test_faults_open, setup, teardown),
         cmocka_unit_test_setup_teardown(test_faults_write, setup, teardown),
         cmocka_unit_test_setup_teardown(test_faults_fsync, setup, teardown),
