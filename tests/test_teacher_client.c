@@ -552,6 +552,52 @@ static void test_restart_never_pays_twice(void **state)
     kd_serve_stop(s);
 }
 
+/* A long run keeps its intent journal small: it is rewritten to one base
+   line whenever it passes intents_compact_bytes with nothing open, and
+   what it then holds still recovers cleanly. */
+static void test_intent_journal_stays_bounded(void **state)
+{
+    (void)state;
+    kd_serve *s = serve_start(NULL, KD_RA_SECONDS, 1, 0, NULL);
+    run r;
+    run_new(&r, kd_serve_port(s), NULL);
+    r.cfg.intents_compact_bytes = 4096;
+    run_open(&r);
+    char path[4300];
+    snprintf(path, sizeof path, "%s/teacher_intents.jsonl", r.dir);
+    off_t largest = 0;
+    for (int round = 0; round < 10; round++) {
+        kd_teacher_request q[16];
+        kd_teacher_result res[16];
+        char prompts[16][40];
+        for (int i = 0; i < 16; i++) {
+            snprintf(prompts[i], sizeof prompts[i], "bounded journal %d-%d", round, i);
+            q[i] = (kd_teacher_request){.prompt = prompts[i], .sample_index = -1};
+        }
+        assert_int_equal(kd_teacher_ask_many(r.t, q, 16, res), KD_OK);
+        for (int i = 0; i < 16; i++)
+            kd_teacher_result_free(&res[i]);
+        struct stat st;
+        assert_int_equal(stat(path, &st), 0);
+        if (st.st_size > largest)
+            largest = st.st_size;
+    }
+    /* 160 requests write ~30 KB of intents; compaction keeps it near the
+       threshold (one pass of 16 sends and dones can overshoot it) */
+    assert_true(largest < 4096 + 16 * 400);
+    assert_int_equal(count_lines(r.dir, "teacher_intents.jsonl", "\"op\":\"base\""), 1);
+    assert_int_equal(generations(s), 160);
+    run_close(&r);
+    /* a reopen finds every request settled: nothing reported as possibly billed */
+    run_open(&r);
+    kd_summary sm;
+    assert_int_equal(kd_tracker_summary(r.tr, &sm), KD_OK);
+    assert_int_equal(sm.possibly_billed_failures, 0);
+    assert_int_equal(sm.api_responses_saved, 160);
+    run_close(&r);
+    kd_serve_stop(s);
+}
+
 static kd_teacher_event kill_at;
 
 static void kill_hook(void *ctx, kd_teacher_event ev, const char *key, int attempt)
@@ -1342,6 +1388,7 @@ int main(void)
         cmocka_unit_test(test_quota_and_4xx_stop),
         cmocka_unit_test(test_exhaustion_then_fallback),
         cmocka_unit_test(test_restart_never_pays_twice),
+        cmocka_unit_test(test_intent_journal_stays_bounded),
         cmocka_unit_test(test_sigkill_between_receive_and_use),
         cmocka_unit_test(test_sigkill_in_a_batch),
         cmocka_unit_test(test_budget_32_in_flight),

@@ -275,6 +275,9 @@ typedef struct kd_teacher_config {
     size_t max_response_bytes;  /* default 64 MiB; larger bodies are a failed attempt */
     /* prompt-token bound used for reservations: bytes + this per message */
     int64_t per_message_token_overhead; /* default 16 */
+    /* teacher_intents.jsonl is rewritten to one line whenever it passes this
+       size with no request open; default 64 MiB */
+    int64_t intents_compact_bytes;
     /* cache */
     const char *cache_path;     /* NULL: no cache (not recommended) */
     kd_cache_sync cache_sync;

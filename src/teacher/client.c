@@ -48,6 +48,9 @@ struct kd_teacher {
     kd_cache *cache;
     kd_budget *budget;
     kd_jsonl *intents;
+    char intents_path[4200];
+    int64_t intents_open;      /* "send" lines without their "done" */
+    int intents_broken;        /* compaction could not reopen: send nothing */
     char ledger_path[4200];
     pthread_mutex_t mu;        /* tracker, intents, rng, quota flag */
     uint64_t rng;
@@ -166,6 +169,17 @@ static int ledger_has_key(kd_teacher *t, uint64_t offset, const char *key)
     return found;
 }
 
+/* Replace the intent journal with its one-line summary (what a reopen
+   needs from the settled past: the possibly-billed spend). */
+static int write_base(kd_teacher *t, const char *path, kd_err *e)
+{
+    char base[200];
+    int n = snprintf(base, sizeof base,
+                     "{\"op\":\"base\",\"possibly_billed_cost\":%.9f,\"time\":%.6f}\n",
+                     t->possibly_billed_cost, kd_now());
+    return kd_file_write_atomic(path, base, (size_t)n, e);
+}
+
 static int recover_intents(kd_teacher *t, const char *path, kd_err *e)
 {
     kd_jsonl_reader *rd = NULL;
@@ -263,11 +277,7 @@ static int recover_intents(kd_teacher *t, const char *path, kd_err *e)
     free(p);
     if (rc != KD_OK)
         return rc;
-    char base[200];
-    int n = snprintf(base, sizeof base,
-                     "{\"op\":\"base\",\"possibly_billed_cost\":%.9f,\"time\":%.6f}\n",
-                     t->possibly_billed_cost, kd_now());
-    return kd_file_write_atomic(path, base, (size_t)n, e);
+    return write_base(t, path, e);
 }
 
 static int open_intents(kd_teacher *t, kd_err *e)
@@ -275,6 +285,7 @@ static int open_intents(kd_teacher *t, kd_err *e)
     const char *dir = kd_tracker_dir(t->tracker);
     char path[4200];
     snprintf(path, sizeof path, "%s/teacher_intents.jsonl", dir);
+    snprintf(t->intents_path, sizeof t->intents_path, "%s", path);
     snprintf(t->ledger_path, sizeof t->ledger_path, "%s/api_recovery.jsonl", dir);
     int rc = recover_intents(t, path, e);
     if (rc != KD_OK)
@@ -285,12 +296,51 @@ static int open_intents(kd_teacher *t, kd_err *e)
     return kd_jsonl_open(&t->intents, path, &o, NULL, e);
 }
 
+/*
+ * Rewrite the journal to its base line once it is large and every request
+ * it records is settled: the settled lines are no longer needed, and a long
+ * run would otherwise grow it by two lines a request without end.  Order:
+ * sync, replace atomically, open the new file, then drop the old handle (its
+ * inode is gone); if the reopen fails nothing more is sent.  Caller holds
+ * t->mu.
+ */
+static void maybe_compact_intents(kd_teacher *t)
+{
+    if (t->intents_open != 0 || !t->intents ||
+        kd_jsonl_size(t->intents) < (uint64_t)t->cfg.intents_compact_bytes)
+        return;
+    kd_err e;
+    if (kd_jsonl_sync(t->intents, &e) != KD_OK || write_base(t, t->intents_path, &e) != KD_OK)
+        return; /* the old journal stays whole and in use; try again later */
+    kd_jsonl *nj = NULL;
+    kd_jsonl_opts o;
+    memset(&o, 0, sizeof o);
+    o.sync = KD_SYNC_EXPLICIT;
+    if (kd_jsonl_open(&nj, t->intents_path, &o, NULL, &e) != KD_OK) {
+        t->intents_broken = 1;
+        kd_err_set(&t->err, KD_EIO, "teacher: cannot reopen %s after compacting it: %s",
+                   t->intents_path, e.msg);
+        return;
+    }
+    kd_jsonl_close(t->intents, &e);
+    t->intents = nj;
+}
+
 /* Caller holds t->mu. */
 static int intent_line(kd_teacher *t, const char *line, int n)
 {
+    if (t->intents_broken)
+        return KD_EIO;
     if (!t->intents)
         return KD_OK;
-    return kd_jsonl_append(t->intents, line, (size_t)n, &t->err);
+    int rc = kd_jsonl_append(t->intents, line, (size_t)n, &t->err);
+    if (rc != KD_OK)
+        return rc;
+    if (strncmp(line, "{\"op\":\"send\"", 12) == 0)
+        t->intents_open++;
+    else if (strncmp(line, "{\"op\":\"done\"", 12) == 0 && --t->intents_open == 0)
+        maybe_compact_intents(t);
+    return KD_OK;
 }
 
 /* ------------------------------------------------------------------------ */

@@ -38,6 +38,7 @@ void kd_teacher_config_init(kd_teacher_config *c)
     c->connect_timeout_ms = 10000;
     c->total_timeout_ms = 120000;
     c->max_in_flight = 16;
+    c->intents_compact_bytes = (int64_t)64 << 20;
     c->max_response_bytes = 64u << 20;
     c->per_message_token_overhead = 16;
     c->cache_sync = KD_CACHE_SYNC_FULL;
@@ -240,7 +241,7 @@ int kd_teacher_config_from_json(const char *config_json, kd_teacher_config *c,
                                        "api_key_env", "teacher_version", "prices", "budget",
                                        "retry", "timeouts", "max_in_flight",
                                        "max_response_bytes", "per_message_token_overhead",
-                                       "cache", "defaults", NULL};
+                                       "intents_compact_bytes", "cache", "defaults", NULL};
     TRY(check_keys(p, t, "", keys));
     TRY(get_str(p, t, "base_url", "base_url", &c->base_url, 1));
     {
@@ -327,6 +328,10 @@ int kd_teacher_config_from_json(const char *config_json, kd_teacher_config *c,
         v = (int64_t)c->max_response_bytes;
         TRY(get_int(p, t, "max_response_bytes", "max_response_bytes", &v, 1024, (int64_t)1 << 32));
         c->max_response_bytes = (size_t)v;
+        v = c->intents_compact_bytes;
+        TRY(get_int(p, t, "intents_compact_bytes", "intents_compact_bytes", &v, 4096,
+                    (int64_t)1 << 40));
+        c->intents_compact_bytes = v;
         TRY(get_int(p, t, "per_message_token_overhead", "per_message_token_overhead",
                     &c->per_message_token_overhead, 0, 1000));
     }
