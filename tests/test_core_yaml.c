@@ -191,6 +191,27 @@ static void test_file_errors(void **state)
     assert_int_equal(kd_config_load_yaml(NULL, &json, &e), KD_EINVAL);
 }
 
+/* Text in memory goes through the same reader; errors carry the given name. */
+static void test_parse_from_memory(void **state)
+{
+    (void)state;
+    kd_err e;
+    char *json = NULL;
+    const char *doc = "model:\n  n_layer: 4\n  name: 'x'\nlr: 3.0e-4\n";
+    assert_int_equal(kd_config_parse_yaml("inline", doc, strlen(doc), &json, &e), KD_OK);
+    assert_string_equal(json, "{\"model\":{\"n_layer\":4,\"name\":\"x\"},\"lr\":0.00029999999999999997}");
+    free(json);
+    json = NULL;
+    const char *bad = "a: 1\na: 2\n";
+    assert_int_equal(kd_config_parse_yaml("--set a=2", bad, strlen(bad), &json, &e), KD_ECONFIG);
+    assert_non_null(strstr(e.msg, "--set a=2:2:"));
+    assert_null(json);
+    assert_int_equal(kd_config_parse_yaml("empty", "", 0, &json, &e), KD_OK);
+    assert_string_equal(json, "null");
+    free(json);
+    assert_int_equal(kd_config_parse_yaml(NULL, "", 0, &json, &e), KD_EINVAL);
+}
+
 int main(void)
 {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
@@ -202,6 +223,7 @@ int main(void)
         T(test_refusals_name_the_position),
         T(test_refusals_more),
         T(test_file_errors),
+        T(test_parse_from_memory),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -245,6 +245,11 @@ int kd_json_hash(const char *json, size_t len, char hex[KD_SHA256_HEX], kd_err *
  */
 int kd_config_load_yaml(const char *path, char **json_out, kd_err *e);
 
+/* The same for YAML text in memory; `name` stands for the file in error
+   messages (e.g. "--set model.n_layer=4"). */
+int kd_config_parse_yaml(const char *name, const char *text, size_t len, char **json_out,
+                         kd_err *e);
+
 /* ------------------------------------------------------------------------ */
 /* Fault injection (for tests; costs one branch per system call otherwise)   */
 

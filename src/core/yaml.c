@@ -307,29 +307,44 @@ static void on_end(ystate *s)
 
 int kd_config_load_yaml(const char *path, char **json_out, kd_err *e)
 {
-    int rc = KD_OK;
+    if (!path || !json_out)
+        return kd_err_set(e, KD_EINVAL, "kd_config_load_yaml: bad arguments");
+    *json_out = NULL;
     char *text = NULL;
     size_t len = 0;
+    int rc = kd_file_read_all(path, MAX_CONFIG_BYTES, &text, &len, e);
+    if (rc == KD_OK)
+        rc = kd_config_parse_yaml(path, text, len, json_out, e);
+    free(text);
+    return rc;
+}
+
+int kd_config_parse_yaml(const char *name, const char *text, size_t len, char **json_out,
+                         kd_err *e)
+{
+    int rc = KD_OK;
+    const char *path = name;
     yaml_parser_t parser;
     int parser_ok = 0;
     ystate s;
     memset(&s, 0, sizeof s);
-    s.path = path;
+    s.path = name;
     s.e = e;
-    if (!path || !json_out)
-        return kd_err_set(e, KD_EINVAL, "kd_config_load_yaml: bad arguments");
+    if (!name || (!text && len) || !json_out)
+        return kd_err_set(e, KD_EINVAL, "kd_config_parse_yaml: bad arguments");
     *json_out = NULL;
+    if (len > MAX_CONFIG_BYTES)
+        return kd_err_set(e, KD_ELIMIT, "%s: more than %d bytes of YAML", name,
+                          (int)MAX_CONFIG_BYTES);
     s.cloc = newlocale(LC_ALL_MASK, "C", (locale_t)0);
     if (!s.cloc)
         return kd_err_set(e, KD_ENOMEM, "cannot create the C locale");
-    if ((rc = kd_file_read_all(path, MAX_CONFIG_BYTES, &text, &len, e)) != KD_OK)
-        goto done;
     if (!yaml_parser_initialize(&parser)) {
         rc = kd_err_set(e, KD_ENOMEM, "out of memory parsing %s", path);
         goto done;
     }
     parser_ok = 1;
-    yaml_parser_set_input_string(&parser, (const unsigned char *)text, len);
+    yaml_parser_set_input_string(&parser, (const unsigned char *)(text ? text : ""), len);
     for (int finished = 0; !finished && rc == KD_OK;) {
         yaml_event_t ev;
         if (!yaml_parser_parse(&parser, &ev)) {
@@ -383,7 +398,6 @@ done:
     json_decref(s.root);
     if (parser_ok)
         yaml_parser_delete(&parser);
-    free(text);
     if (s.cloc)
         freelocale(s.cloc);
     return rc;

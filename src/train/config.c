@@ -18,7 +18,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -416,67 +415,41 @@ int kd_train_config_validate(const kd_train_config *c, kd_err *e)
 
 /*
  * Type `text` exactly as a plain YAML scalar in a config file would be typed,
- * by letting the core YAML reader read "v: <text>" from an in-memory file.
+ * by letting the core YAML reader parse "v: <text>" from memory.
  */
 static int yaml_scalar(const char *text, json_t **out, kd_err *e)
 {
     *out = NULL;
     if (strchr(text, '\n') || strchr(text, '\r'))
         return kd_err_set(e, KD_ECONFIG, "value contains a line break");
-    int fd = memfd_create("kdkit-set", MFD_CLOEXEC);
-    char path[64];
-    char tmpl[] = "/tmp/kdkit-set-XXXXXX";
-    int tmp = 0;
-    if (fd < 0) {
-        fd = mkstemp(tmpl);
-        tmp = 1;
-        if (fd < 0)
-            return kd_err_sys(e, KD_EIO, errno, "cannot create a temporary file for --set");
-    }
-    if (tmp)
-        snprintf(path, sizeof path, "%s", tmpl);
-    else
-        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
     size_t n = strlen(text);
-    char *doc = malloc(n + 8);
-    int rc = KD_OK;
-    if (!doc) {
-        rc = kd_err_set(e, KD_ENOMEM, "out of memory");
-        goto out;
-    }
+    char *doc = malloc(n + 5);
+    if (!doc)
+        return kd_err_set(e, KD_ENOMEM, "out of memory");
     memcpy(doc, "v: ", 3);
     memcpy(doc + 3, text, n);
     doc[3 + n] = '\n';
-    if (write(fd, doc, n + 4) != (ssize_t)(n + 4)) {
-        rc = kd_err_sys(e, KD_EIO, errno, "cannot write a temporary file for --set");
-        goto out;
-    }
+    doc[4 + n] = '\0';
     char *json = NULL;
     kd_err ye;
-    rc = kd_config_load_yaml(path, &json, &ye);
+    int rc = kd_config_parse_yaml("value", doc, n + 4, &json, &ye);
+    free(doc);
     if (rc != KD_OK) {
-        /* the reader names our temp file; say what the person typed instead */
+        /* the position is in our one-line document; say only why */
         const char *why = strstr(ye.msg, ": ");
-        rc = kd_err_set(e, KD_ECONFIG, "not a YAML scalar%s", why ? why : "");
-        goto out;
+        return kd_err_set(e, KD_ECONFIG, "not a YAML scalar%s", why ? why : "");
     }
     json_t *root = json_loads(json, 0, NULL);
     free(json);
     json_t *v = json_object_get(root, "v");
     if (!v || json_is_object(v) || json_is_array(v)) {
         json_decref(root);
-        rc = kd_err_set(e, KD_ECONFIG, "expected a single value (number, true/false, null or "
-                                       "string), not a list or mapping");
-        goto out;
+        return kd_err_set(e, KD_ECONFIG, "expected a single value (number, true/false, null or "
+                                         "string), not a list or mapping");
     }
     *out = json_incref(v);
     json_decref(root);
-out:
-    free(doc);
-    close(fd);
-    if (tmp)
-        unlink(tmpl);
-    return rc;
+    return KD_OK;
 }
 
 static int apply_override(json_t *root, json_t *set_args, const char *arg, kd_err *e)
