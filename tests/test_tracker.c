@@ -529,7 +529,8 @@ static void test_pause_excluded_from_active_time(void **state)
     kd_tracker_summary(t, &s);
     assert_int_equal(s.pauses, 1);
     assert_true(fabs(s.paused_hours * 3600 - 0.25) < 1e-6);
-    assert_true(s.active_hours * 3600 < 0.2);
+    /* exactly the pause separates wall clock from active time */
+    assert_true(fabs((s.elapsed_wall_clock_hours - s.active_hours) * 3600 - 0.25) < 1e-3);
     assert_true(s.elapsed_wall_clock_hours * 3600 >= 0.3);
     assert_int_equal(kd_tracker_record_pause(t, -1), KD_EINVAL);
     kd_tracker_close(t);
@@ -553,10 +554,12 @@ static void test_eta_and_throughput(void **state)
         nanosleep(&ts, NULL);
     }
     kd_tracker_summary(t, &s);
-    assert_true(s.steps_per_sec > 50 && s.steps_per_sec < 110);
+    /* at most 10 steps per 0.1 s of sleep (a loaded machine only slows it) */
+    assert_true(s.steps_per_sec > 0 && s.steps_per_sec < 110);
+    /* the ETA is the remaining steps at that rate, and tokens follow steps */
     double eta_s = s.estimated_remaining_hours * 3600;
-    assert_true(eta_s > 880 / 110.0 && eta_s < 880 / 50.0);
-    assert_true(s.tokens_per_sec > 50 * 32 * 128);
+    assert_true(fabs(eta_s - 880.0 / s.steps_per_sec) < 1e-6 * eta_s);
+    assert_true(fabs(s.tokens_per_sec - s.steps_per_sec * 32 * 128) < 1e-6 * s.tokens_per_sec);
     kd_tracker_close(t);
     /* Right after a resume the ETA comes from the rate saved before. */
     t = open_ok(dir, CFG, 1000);
