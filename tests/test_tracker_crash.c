@@ -15,6 +15,7 @@
  *     whose content is that step's;
  * and the next child resumes from there.  KD_CRASH_ITERS overrides the count.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <setjmp.h>
@@ -232,6 +233,13 @@ static void test_sigkill_at_random_moments(void **state)
         }
         assert_int_equal(kd_tracker_rewind(t, s), KD_OK);
         assert_int_equal(kd_tracker_close(t), KD_OK);
+        /* no temp file of an interrupted save is left behind */
+        DIR *dd = opendir(dir);
+        struct dirent *de;
+        while ((de = readdir(dd)) != NULL)
+            if (strstr(de->d_name, ".json.tmp."))
+                fail_msg("iteration %d: %s left in %s after reopen", iter, de->d_name, dir);
+        closedir(dd);
 
         check_state_file(dir, "session.json");
         check_state_file(dir, "progress.json");

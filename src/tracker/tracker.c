@@ -11,7 +11,9 @@
  * Line formats are in docs/formats.md; the state files are written by
  * state.c, the files read back by state.c as well.
  */
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -155,6 +157,34 @@ static int create_session(kd_tracker *t)
     return rc;
 }
 
+/*
+ * Temp files of the three state files (".session.json.tmp.<pid>.<n>", ...)
+ * are what a kill in the middle of an atomic replace leaves.  With the lock
+ * held, none can belong to a live writer, so they go.  Only these exact
+ * names: checkpoint temp files are their writer's to clean.
+ */
+static void remove_stale_temps(kd_tracker *t)
+{
+    static const char *const prefixes[] = {"." F_SESSION ".tmp.", "." F_PROGRESS ".tmp.",
+                                           "." F_CKPTS ".tmp."};
+    DIR *d = opendir(t->dir);
+    if (!d)
+        return;
+    int removed = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
+            size_t n = strlen(prefixes[i]);
+            if (strncmp(de->d_name, prefixes[i], n) == 0 && unlinkat(dirfd(d), de->d_name, 0) == 0)
+                removed++;
+        }
+    }
+    closedir(d);
+    if (removed)
+        kd_sb_printf(&t->report, "removed %d temp file%s left by an interrupted save\n", removed,
+                     removed == 1 ? "" : "s");
+}
+
 /* Files that, without a session.json, mean a crash or foreign leftovers. */
 static int has_leftovers(const kd_tracker *t)
 {
@@ -214,6 +244,7 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
     rc = kd_dir_lock(&t->lock, t->dir, &t->err);
     if (rc != KD_OK)
         goto fail;
+    remove_stale_temps(t);
 
     rc = kd_json_canonical(config_json, strlen(config_json), &t->config_canon, &t->err);
     if (rc != KD_OK) {
