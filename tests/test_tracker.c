@@ -893,6 +893,58 @@ static void test_checkpoint_listing_and_deletion(void **state)
     free(dir);
 }
 
+/* A long run with retention keeps its manifest small: deleted records whose
+   file is gone, beyond the newest 100, move to checkpoints.deleted.jsonl. */
+static void test_manifest_history_moves_out(void **state)
+{
+    (void)state;
+    char *dir = mkdtemp_dir();
+    kd_tracker *t = open_ok(dir, CFG, 1000);
+    for (int64_t s = 1; s <= 130; s++) {
+        kd_metrics m;
+        kd_metrics_init(&m);
+        m.step = s;
+        m.loss = 10.0 - 0.01 * (double)s; /* falling: the newest is the best */
+        assert_int_equal(kd_tracker_update_metrics(t, &m), KD_OK);
+        checkpoint(t, s, "weights");
+        if (s > 1) {
+            char name[64];
+            snprintf(name, sizeof name, "checkpoint_%lld.safetensors", (long long)(s - 1));
+            /* step 5's file stays, as after a crash between the record and
+               the unlink: retention must still find it, so it is never moved */
+            if (s - 1 != 5)
+                assert_int_equal(unlink(path_in(dir, name)), 0);
+            assert_int_equal(kd_tracker_checkpoint_deleted(t, s - 1, "keep_last=1"), KD_OK);
+        }
+    }
+    /* 128 deleted with their files gone: 100 stay, 28 moved, oldest first;
+       step 5 stays whatever its age */
+    assert_int_equal(kd_tracker_checkpoint_count(t), 102);
+    kd_checkpoint_record r;
+    assert_int_equal(kd_tracker_checkpoint_get(t, 0, &r), KD_OK);
+    assert_int_equal(r.step, 5);
+    assert_true(r.deleted);
+    assert_int_equal(kd_tracker_checkpoint_get(t, 1, &r), KD_OK);
+    assert_int_equal(r.step, 30);
+    kd_tracker_close(t);
+    json_t *moved = load_jsonl(path_in(dir, "checkpoints.deleted.jsonl"));
+    assert_int_equal(json_array_size(moved), 28);
+    assert_int_equal(json_integer_value(json_object_get(json_array_get(moved, 0), "checkpoint_step")), 1);
+    assert_int_equal(json_integer_value(json_object_get(json_array_get(moved, 4), "checkpoint_step")), 6);
+    assert_true(json_is_true(json_object_get(json_array_get(moved, 27), "deleted")));
+    json_decref(moved);
+    json_t *c = load_json(path_in(dir, "checkpoints.json"));
+    assert_int_equal(json_object_size(json_object_get(c, "checkpoints")), 102);
+    json_decref(c);
+    t = open_ok(dir, CFG, 1000);
+    kd_recovery rec;
+    kd_tracker_recovery_checkpoint(t, &rec);
+    assert_int_equal(rec.step, 130);
+    kd_tracker_close(t);
+    rm_rf(dir);
+    free(dir);
+}
+
 static void test_bad_arguments(void **state)
 {
     (void)state;
@@ -932,6 +984,7 @@ int main(void)
         cmocka_unit_test(test_invalid_utf8_and_huge_lines),
         cmocka_unit_test(test_inspect_is_read_only),
         cmocka_unit_test(test_checkpoint_listing_and_deletion),
+        cmocka_unit_test(test_manifest_history_moves_out),
         cmocka_unit_test(test_bad_arguments),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -287,8 +287,64 @@ static int batch_commit(kd_tracker *t, batch *b)
     return rc == KD_OK ? sync_dir(t) : rc;
 }
 
+/*
+ * Retention marks records deleted but keeps them, so a long run's manifest
+ * would grow with every checkpoint ever made, and every save and reopen with
+ * it.  A deleted record whose file is gone is history: beyond the newest
+ * KD_DELETED_KEPT of those, records are appended (and fdatasync'd) to
+ * checkpoints.deleted.jsonl, then dropped from the manifest.  Records whose
+ * file still exists stay, so retention can still remove a file a crash left
+ * behind.
+ */
+static int move_old_deleted(kd_tracker *t)
+{
+    size_t gone = 0;
+    for (size_t i = 0; i < t->nck; i++)
+        if (t->ck[i].deleted && !kd_path_exists(t->ck[i].resolved))
+            gone++;
+    if (gone <= KD_DELETED_KEPT)
+        return KD_OK;
+    size_t excess = gone - KD_DELETED_KEPT;
+    unsigned char *move = calloc(t->nck, 1);
+    if (!move)
+        return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+    /* the oldest first: the array is in step order */
+    for (size_t i = 0, picked = 0; i < t->nck && picked < excess; i++)
+        if (t->ck[i].deleted && !kd_path_exists(t->ck[i].resolved)) {
+            move[i] = 1;
+            picked++;
+        }
+    char path[PATH_MAX];
+    kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
+    kd_jsonl_opts o = {.sync = KD_SYNC_EXPLICIT};
+    kd_jsonl *j = NULL;
+    int rc = kd_jsonl_open(&j, path, &o, NULL, &t->err);
+    for (size_t i = 0; rc == KD_OK && i < t->nck; i++)
+        if (move[i])
+            rc = kd_jsonl_append(j, t->ck[i].frag, strlen(t->ck[i].frag), &t->err);
+    if (rc == KD_OK)
+        rc = kd_jsonl_sync(j, &t->err);
+    kd_err ignore;
+    kd_jsonl_close(j, &ignore);
+    if (rc == KD_OK) { /* durable elsewhere: now drop them from memory */
+        size_t w = 0;
+        for (size_t i = 0; i < t->nck; i++) {
+            if (move[i])
+                kd_trk_ck_free(&t->ck[i]);
+            else
+                t->ck[w++] = t->ck[i];
+        }
+        t->nck = w;
+    }
+    free(move);
+    return rc;
+}
+
 static int write_checkpoints(kd_tracker *t, batch *b)
 {
+    int rc0 = move_old_deleted(t);
+    if (rc0 != KD_OK)
+        return rc0;
     kd_sb s;
     kd_sb_init(&s, KD_STATE_FILE_MAX);
     kd_sb_puts(&s, "{\n  \"format\": \"kdkit.checkpoints.v1\",\n  \"session_id\": ");
@@ -1311,7 +1367,8 @@ int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
     if (rc != KD_OK)
         return rc;
 
-    static const char *files[] = {F_METRICS, F_API, F_FAILURES, F_EVENTS, F_REWOUND, F_CKPTS, F_PROGRESS};
+    static const char *files[] = {F_METRICS, F_API,   F_FAILURES,      F_EVENTS,
+                                  F_REWOUND, F_CKPTS, F_CKPTS_DELETED, F_PROGRESS};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
         if ((rc = move_into(t, dest, files[i], &moved)) != KD_OK)
             return rc;

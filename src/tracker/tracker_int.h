@@ -23,6 +23,7 @@
 #define KD_STATE_FILE_MAX (256u << 20) /* largest state file we read */
 #define KD_PAUSE_LOG_MAX 100     /* pauses listed in session.json */
 #define KD_SESSION_RECENT_CKPTS 10 /* checkpoints session.json lists (+ the best) */
+#define KD_DELETED_KEPT 100      /* deleted records, files gone, kept in the manifest */
 
 /* File names inside the output directory. */
 #define F_SESSION "session.json"
@@ -33,6 +34,7 @@
 #define F_FAILURES "failures.jsonl"
 #define F_EVENTS "events.jsonl"
 #define F_REWOUND "metrics.rewound.jsonl"
+#define F_CKPTS_DELETED "checkpoints.deleted.jsonl"
 
 typedef struct ckrec {
     int64_t step;
