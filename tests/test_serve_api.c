@@ -20,57 +20,20 @@
 #include <curl/curl.h>
 #include <jansson.h>
 
+#include "support/kd_test.h"
 #include "kdkit/ckpt.h"
 #include "kdkit/model.h"
 #include "kdkit/serve.h"
-
-typedef struct buf {
-    char *p;
-    size_t n;
-} buf;
-
-static size_t on_data(char *d, size_t s, size_t n, void *ud)
-{
-    buf *b = ud;
-    char *q = realloc(b->p, b->n + s * n + 1);
-    if (!q)
-        return 0;
-    b->p = q;
-    memcpy(b->p + b->n, d, s * n);
-    b->n += s * n;
-    b->p[b->n] = '\0';
-    return s * n;
-}
 
 /* POST (body != NULL) or GET; returns the status, *out the parsed body. */
 static long http(int port, const char *path, const char *body, const char *auth, json_t **out,
                  CURLcode *cc)
 {
-    CURL *c = curl_easy_init();
-    char url[256];
-    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", port, path);
-    buf b = {0};
-    struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json");
-    if (auth)
-        h = curl_slist_append(h, auth);
-    curl_easy_setopt(c, CURLOPT_URL, url);
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
-    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
-    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 5000L);
-    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-    if (body)
-        curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
-    CURLcode r = curl_easy_perform(c);
-    if (cc)
-        *cc = r;
-    long status = 0;
-    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+    char *raw = NULL;
+    long status = kdt_http(port, path, body, auth, 5000L, &raw, cc);
     if (out)
-        *out = b.p ? json_loads(b.p, 0, NULL) : NULL;
-    free(b.p);
-    curl_slist_free_all(h);
-    curl_easy_cleanup(c);
+        *out = raw ? json_loads(raw, 0, NULL) : NULL;
+    free(raw);
     return status;
 }
 
@@ -336,25 +299,12 @@ static int scrambled_generate(void *ctx, const kd_serve_gen_params *p, kd_serve_
 
 static char *http_raw(int port, const char *path, const char *body)
 {
-    CURL *c = curl_easy_init();
-    char url[256];
-    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", port, path);
-    buf b = {0};
-    struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json");
-    curl_easy_setopt(c, CURLOPT_URL, url);
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
-    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
-    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 5000L);
-    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
-    assert_int_equal(curl_easy_perform(c), CURLE_OK);
-    long status = 0;
-    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+    char *raw = NULL;
+    CURLcode cc;
+    long status = kdt_http(port, path, body, NULL, 5000L, &raw, &cc);
+    assert_int_equal(cc, CURLE_OK);
     assert_int_equal(status, 200);
-    curl_slist_free_all(h);
-    curl_easy_cleanup(c);
-    return b.p;
+    return raw;
 }
 
 static void test_bodies_are_exact_json(void **state)

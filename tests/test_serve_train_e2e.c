@@ -32,6 +32,7 @@
 #include <curl/curl.h>
 #include <jansson.h>
 
+#include "support/kd_test.h"
 #include "kdkit/serve.h"
 #include "kdkit/teacher.h"
 #include "kdkit/tracker.h"
@@ -119,48 +120,16 @@ static void find_checkpoint(const char *dir, char *out, size_t cap)
         fail_msg("kdkit train left no checkpoint in %s", dir);
 }
 
-typedef struct body {
-    char *p;
-    size_t n;
-} body;
-
-static size_t on_data(char *d, size_t s, size_t n, void *ud)
-{
-    body *b = ud;
-    char *q = realloc(b->p, b->n + s * n + 1);
-    if (!q)
-        return 0;
-    b->p = q;
-    memcpy(b->p + b->n, d, s * n);
-    b->n += s * n;
-    b->p[b->n] = '\0';
-    return s * n;
-}
-
 static json_t *http_json(int port, const char *path, const char *post)
 {
-    CURL *c = curl_easy_init();
-    char url[256];
-    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", port, path);
-    body b = {0};
-    struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json");
-    curl_easy_setopt(c, CURLOPT_URL, url);
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
-    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
-    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 10000L);
-    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-    if (post)
-        curl_easy_setopt(c, CURLOPT_POSTFIELDS, post);
-    assert_int_equal(curl_easy_perform(c), CURLE_OK);
-    long status = 0;
-    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+    char *raw = NULL;
+    CURLcode cc;
+    long status = kdt_http(port, path, post, NULL, 10000L, &raw, &cc);
+    assert_int_equal(cc, CURLE_OK);
     assert_int_equal(status, 200);
-    json_t *j = json_loads(b.p, 0, NULL);
+    json_t *j = json_loads(raw, 0, NULL);
+    free(raw);
     assert_non_null(j);
-    free(b.p);
-    curl_slist_free_all(h);
-    curl_easy_cleanup(c);
     return j;
 }
 

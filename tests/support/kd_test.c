@@ -130,3 +130,53 @@ char *kdt_find_prefix(const char *dir, const char *prefix)
     closedir(d);
     return found;
 }
+
+typedef struct http_body {
+    char *p;
+    size_t n;
+} http_body;
+
+static size_t on_http_data(char *d, size_t s, size_t n, void *ud)
+{
+    http_body *b = ud;
+    char *q = realloc(b->p, b->n + s * n + 1);
+    if (!q)
+        return 0;
+    b->p = q;
+    memcpy(b->p + b->n, d, s * n);
+    b->n += s * n;
+    b->p[b->n] = '\0';
+    return s * n;
+}
+
+long kdt_http(int port, const char *path, const char *body, const char *auth, long timeout_ms,
+              char **raw, CURLcode *cc)
+{
+    CURL *c = curl_easy_init();
+    char url[256];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", port, path);
+    http_body b = {0};
+    struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json");
+    if (auth)
+        h = curl_slist_append(h, auth);
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_http_data);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, timeout_ms);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    if (body)
+        curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
+    CURLcode r = curl_easy_perform(c);
+    if (cc)
+        *cc = r;
+    long status = 0;
+    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+    if (raw)
+        *raw = b.p;
+    else
+        free(b.p);
+    curl_slist_free_all(h);
+    curl_easy_cleanup(c);
+    return status;
+}

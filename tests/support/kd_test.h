@@ -1,12 +1,15 @@
 /*
  * tests/support/kd_test.h - small helpers shared by the cmocka tests: a fresh
  * scratch directory per test, and whole-file read/write/count helpers that
- * use plain libc (so they are not affected by kd_fault_set()).
+ * use plain libc (so they are not affected by kd_fault_set()), and a
+ * loopback HTTP call for the server tests.
  */
 #ifndef KD_TESTS_SUPPORT_KD_TEST_H
 #define KD_TESTS_SUPPORT_KD_TEST_H
 
 #include <stddef.h>
+
+#include <curl/curl.h>
 
 /* Create a new empty directory under $TMPDIR (or /tmp) named after `tag`;
  * returns a malloc'd path, or NULL. */
@@ -25,5 +28,11 @@ int kdt_spit(const char *path, const void *data, size_t len);
 int kdt_count_prefix(const char *dir, const char *prefix);
 /* Name of the first entry in dir starting with prefix (malloc'd), or NULL. */
 char *kdt_find_prefix(const char *dir, const char *prefix);
+
+/* POST `body` (or GET when NULL) to http://127.0.0.1:port/path with an
+ * optional extra header line (`auth`); returns the HTTP status, *raw (may be
+ * NULL) the malloc'd response body or NULL, *cc (may be NULL) curl's result. */
+long kdt_http(int port, const char *path, const char *body, const char *auth, long timeout_ms,
+              char **raw, CURLcode *cc);
 
 #endif
