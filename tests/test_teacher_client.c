@@ -198,6 +198,7 @@ typedef struct responder {
     double arrivals[64];
     int narr;
     char last_auth[512];
+    char idem[64][128];    /* Idempotency-Key of each arrival */
     char echo_auth;        /* put the Authorization header into the body */
     char *big_body;
     size_t big_len;
@@ -244,8 +245,13 @@ static void serve_one(responder *rs, int c)
         have += (size_t)r;
     }
     pthread_mutex_lock(&rs->mu);
-    if (rs->narr < 64)
+    if (rs->narr < 64) {
+        char *ik = strcasestr(buf, "Idempotency-Key:");
+        char *eol = ik ? strstr(ik, "\r\n") : NULL;
+        snprintf(rs->idem[rs->narr], sizeof rs->idem[0], "%.*s", eol ? (int)(eol - ik) : 0,
+                 ik ? ik : "");
         rs->arrivals[rs->narr++] = now_s();
+    }
     char *auth = strcasestr(buf, "Authorization:");
     if (auth) {
         char *eol = strstr(auth, "\r\n");
@@ -1012,6 +1018,48 @@ static void test_budget_32_threads(void **state)
 /* ------------------------------------------------------------------------ */
 /* Tests against the canned responder                                        */
 
+/* A retried POST carries the same Idempotency-Key as the first attempt, so
+   a provider that honours it bills it once (LESSONS: openai-python builds one
+   and never sends it); another teacher version gets another key. */
+static void test_idempotency_key_stable_across_retries(void **state)
+{
+    (void)state;
+    canned sc[] = {
+        {503, NULL, "{\"error\":{\"message\":\"busy\"}}", 0, 0},
+        {200, NULL, OK_BODY, 0, 40}, /* the connection closes 40 bytes into the body */
+        {200, NULL, OK_BODY, 0, 0},
+        {200, NULL, OK_BODY, 0, 0},
+    };
+    responder rs;
+    responder_start(&rs, sc, 4);
+    run r;
+    run_new(&r, rs.port, NULL);
+    run_open(&r);
+    kd_teacher_result res;
+    assert_int_equal(ask(&r, "same request", &res), KD_OK);
+    assert_int_equal(res.attempts, 3); /* a 503, then a body cut short, then the answer */
+    char want[160];
+    snprintf(want, sizeof want, "Idempotency-Key: kdkit-");
+    assert_int_equal(strncmp(rs.idem[0], want, strlen(want)), 0);
+    assert_non_null(strstr(rs.idem[0], res.key)); /* the request's own cache key */
+    assert_string_equal(rs.idem[1], rs.idem[0]);
+    assert_string_equal(rs.idem[2], rs.idem[0]);
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    /* the same request under another teacher version: a fresh key */
+    char first[128];
+    snprintf(first, sizeof first, "%s", rs.idem[0]);
+    run_new(&r, rs.port, NULL);
+    r.cfg.teacher_version = "2";
+    run_open(&r);
+    assert_int_equal(ask(&r, "same request", &res), KD_OK);
+    assert_int_equal(rs.narr, 4);
+    assert_string_not_equal(rs.idem[3], first);
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    responder_stop(&rs);
+}
+
 static void test_retry_after_forms(void **state)
 {
     (void)state;
@@ -1393,6 +1441,7 @@ int main(void)
         cmocka_unit_test(test_sigkill_in_a_batch),
         cmocka_unit_test(test_budget_32_in_flight),
         cmocka_unit_test(test_budget_32_threads),
+        cmocka_unit_test(test_idempotency_key_stable_across_retries),
         cmocka_unit_test(test_retry_after_forms),
         cmocka_unit_test(test_huge_garbage_and_cut_bodies),
         cmocka_unit_test(test_api_key_nowhere),

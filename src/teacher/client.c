@@ -58,6 +58,7 @@ struct kd_teacher {
     int quota_exhausted;
     char quota_msg[512];
     double possibly_billed_cost;
+    char idem_version[17];     /* 16 hex of SHA-256(teacher_version) */
     kd_err err;
 };
 
@@ -384,6 +385,12 @@ int kd_teacher_open(kd_teacher **out, const kd_teacher_config *cfg, kd_tracker *
         goto fail;
     if (!t->cfg.teacher_version)
         t->cfg.teacher_version = "1";
+    {
+        char vh[KD_SHA256_HEX];
+        kd_sha256_hex(t->cfg.teacher_version, strlen(t->cfg.teacher_version), vh);
+        memcpy(t->idem_version, vh, 16);
+        t->idem_version[16] = '\0';
+    }
     size_t bl = strlen(t->cfg.base_url);
     while (bl > 0 && t->cfg.base_url[bl - 1] == '/')
         bl--;
@@ -1044,10 +1051,16 @@ static int start_transfer(kd_teacher *t, job *j, xfers *x)
     j->too_big = 0;
     j->errbuf[0] = '\0';
     j->resp_cap = t->cfg.max_response_bytes;
-    /* This attempt's Idempotency-Key, in front of the client's shared
-       headers (libcurl only reads the list). */
-    snprintf(j->idem, sizeof j->idem, "Idempotency-Key: kdkit-%.32s-%lld", j->res->key,
-             (long long)j->intent_id);
+    /* The request's Idempotency-Key, the same on every attempt: a provider
+       that honours it returns the first answer to a retried POST instead of
+       billing it again.  Identical requests are otherwise answered from the
+       cache, so the same key reaches the provider again only on a retry or a
+       re-ask after a crash: the cases to deduplicate.  The teacher version
+       (as a hash: it is free text) is in it, so bumping the version buys
+       fresh answers.  It goes in front of the client's shared headers
+       (libcurl only reads the list). */
+    snprintf(j->idem, sizeof j->idem, "Idempotency-Key: kdkit-%s-%s", t->idem_version,
+             j->res->key);
     j->idem_node.data = j->idem;
     j->idem_node.next = t->hdrs;
     double left_ms = (j->deadline - kd_monotonic()) * 1000.0;
