@@ -304,21 +304,28 @@ static void *responder_main(void *arg)
     return NULL;
 }
 
+/* A listening socket on 127.0.0.1 at a free port. */
+static int listen_loopback(int *port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(fd, 64), 0);
+    socklen_t sl = sizeof a;
+    getsockname(fd, (struct sockaddr *)&a, &sl);
+    *port = ntohs(a.sin_port);
+    return fd;
+}
+
 static void responder_start(responder *rs, const canned *script, int n)
 {
     memset(rs, 0, sizeof *rs);
     pthread_mutex_init(&rs->mu, NULL);
     rs->script = script;
     rs->n = n;
-    rs->fd = socket(AF_INET, SOCK_STREAM, 0);
-    assert_true(rs->fd >= 0);
-    struct sockaddr_in a = {.sin_family = AF_INET};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(bind(rs->fd, (struct sockaddr *)&a, sizeof a), 0);
-    assert_int_equal(listen(rs->fd, 64), 0);
-    socklen_t sl = sizeof a;
-    getsockname(rs->fd, (struct sockaddr *)&a, &sl);
-    rs->port = ntohs(a.sin_port);
+    rs->fd = listen_loopback(&rs->port);
     pthread_create(&rs->th, NULL, responder_main, rs);
 }
 
@@ -794,15 +801,7 @@ static void *gate_main(void *arg)
 static void gate_start(gate *g)
 {
     memset(g, 0, sizeof *g);
-    g->fd = socket(AF_INET, SOCK_STREAM, 0);
-    assert_true(g->fd >= 0);
-    struct sockaddr_in a = {.sin_family = AF_INET};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(bind(g->fd, (struct sockaddr *)&a, sizeof a), 0);
-    assert_int_equal(listen(g->fd, 64), 0);
-    socklen_t sl = sizeof a;
-    getsockname(g->fd, (struct sockaddr *)&a, &sl);
-    g->port = ntohs(a.sin_port);
+    g->fd = listen_loopback(&g->port);
     pthread_create(&g->th, NULL, gate_main, g);
 }
 
