@@ -223,10 +223,135 @@ static void test_loss_layer(void **state)
     }
 }
 
+/* The coarse-class KD path (tail bucket, skew, JSD): d_logits element by
+ * element against central differences, same tolerance argument as above,
+ * for each tail and divergence at tau 1 and 1.7, with a duplicate id, a
+ * padded entry, an all-padding position that only the bucket carries, and
+ * a position whose support is empty but whose bucket is full. */
+static void check_coarse(int tail, int div, float param, float tau)
+{
+    enum { N = 4, KK = 3 };
+    float z[N * 256], dz[N * 256], dummy[N * 256];
+    kd_rng r;
+    kd_rng_seed(&r, 11);
+    for (int i = 0; i < N * 256; i++)
+        z[i] = (float)(2.0 * kd_rng_normal(&r));
+    uint8_t targets[N] = {5, 200, 17, 9};
+    int32_t ids[N * KK] = {5, 9, 5, 1, 2, -1, 17, 40, 41, -1, -1, -1};
+    float lps[N * KK] = {logf(0.3f), logf(0.2f), logf(0.1f), logf(0.6f), logf(0.1f), 0.0f,
+                         logf(0.5f), logf(0.25f), logf(0.05f), 0, 0, 0};
+    float other[N] = {0.4f, 0.3f, 0.2f, 1.0f};
+    kd_gpt_loss_spec spec = {.targets = targets, .ce_weight = 0.3f, .teacher_ids = ids,
+                             .teacher_logprobs = lps, .teacher_k = KK, .kd_weight = 0.8f,
+                             .temperature = tau, .grad_scale = 1.0f, .kd_tail = tail,
+                             .teacher_other = tail == KD_GPT_TAIL_BUCKET ? other : NULL,
+                             .kd_divergence = div, .kd_div_param = param};
+    kd_gpt_loss_out lo;
+    kd_err e;
+    assert_int_equal(kd_gpt_loss_logits(z, dz, N, &spec, &lo, &e), KD_OK);
+    assert_int_equal(lo.n_kd, tail == KD_GPT_TAIL_BUCKET ? 4 : 3);
+    assert_true(lo.kd > 0.0 && isfinite(lo.kd));
+    const float h = 2e-2f;
+    for (int i = 0; i < N * 256; i += 3) {
+        float keep = z[i];
+        kd_gpt_loss_out a, b;
+        z[i] = keep + h;
+        kd_gpt_loss_logits(z, dummy, N, &spec, &a, NULL);
+        z[i] = keep - h;
+        kd_gpt_loss_logits(z, NULL, N, &spec, &b, NULL);
+        z[i] = keep;
+        double fd = (a.total - b.total) / (2.0 * (double)h);
+        double an = dz[i];
+        if (!(fabs(fd - an) <= 2e-2 * fabs(an) + 1e-4))
+            fprintf(stderr, "tail %d div %d tau %g logit %d: analytic %.6e fd %.6e\n", tail, div,
+                    (double)tau, i, an, fd);
+        assert_true(fabs(fd - an) <= 2e-2 * fabs(an) + 1e-4);
+    }
+}
+
+static void test_loss_coarse_gradients(void **state)
+{
+    (void)state;
+    const float taus[2] = {1.0f, 1.7f};
+    for (int t = 0; t < 2; t++) {
+        check_coarse(KD_GPT_TAIL_BUCKET, KD_GPT_DIV_FORWARD_KL, 0.0f, taus[t]);
+        check_coarse(KD_GPT_TAIL_BUCKET, KD_GPT_DIV_SKEW, 0.1f, taus[t]);
+        check_coarse(KD_GPT_TAIL_BUCKET, KD_GPT_DIV_JSD, 0.5f, taus[t]);
+        check_coarse(KD_GPT_TAIL_RENORM, KD_GPT_DIV_SKEW, 0.3f, taus[t]);
+        check_coarse(KD_GPT_TAIL_RENORM, KD_GPT_DIV_JSD, 0.2f, taus[t]);
+    }
+}
+
+/* Values the user can check by hand: the bucket's forward KL is the KL over
+ * {support bytes, rest}; with no bucket mass and entries summing to 1 at
+ * tau 1 it equals the renormalised path's value (a different code path);
+ * the JSD of a student equal to the teacher's coarse classes is 0. */
+static void test_loss_coarse_values(void **state)
+{
+    (void)state;
+    float z[256];
+    for (int j = 0; j < 256; j++)
+        z[j] = (float)((j * 37) % 11) * 0.3f;
+    int32_t ids[2] = {65, 66};
+    float lps[2] = {logf(0.5f), logf(0.2f)};
+    float other = 0.3f;
+    kd_gpt_loss_spec sp = {.teacher_ids = ids, .teacher_logprobs = lps, .teacher_k = 2,
+                           .kd_weight = 1.0f, .temperature = 1.0f, .kd_tail = KD_GPT_TAIL_BUCKET,
+                           .teacher_other = &other};
+    kd_gpt_loss_out lo;
+    kd_err e;
+    assert_int_equal(kd_gpt_loss_logits(z, NULL, 1, &sp, &lo, &e), KD_OK);
+    double mx = 0, s = 0;
+    for (int j = 0; j < 256; j++)
+        mx = z[j] > mx ? z[j] : mx;
+    for (int j = 0; j < 256; j++)
+        s += exp(z[j] - mx);
+    double qa = exp(z[65] - mx) / s, qb = exp(z[66] - mx) / s, qr = 1.0 - qa - qb;
+    double want = 0.5 * log(0.5 / qa) + 0.2 * log(0.2 / qb) + 0.3 * log(0.3 / qr);
+    assert_true(fabs(lo.kd - want) < 1e-5);
+
+    /* no bucket mass, entries sum to 1: both paths agree */
+    float lps2[2] = {logf(0.75f), logf(0.25f)};
+    float zero = 0.0f;
+    kd_gpt_loss_spec a = {.teacher_ids = ids, .teacher_logprobs = lps2, .teacher_k = 2,
+                          .kd_weight = 1.0f, .temperature = 1.0f};
+    kd_gpt_loss_spec b = a;
+    b.kd_tail = KD_GPT_TAIL_BUCKET;
+    b.teacher_other = &zero;
+    kd_gpt_loss_out la, lb;
+    assert_int_equal(kd_gpt_loss_logits(z, NULL, 1, &a, &la, &e), KD_OK);
+    assert_int_equal(kd_gpt_loss_logits(z, NULL, 1, &b, &lb, &e), KD_OK);
+    assert_true(fabs(la.kd - lb.kd) < 1e-5);
+
+    /* JSD of the teacher with itself is 0 */
+    float zz[256];
+    for (int j = 0; j < 256; j++)
+        zz[j] = logf(0.3f / 254.0f);
+    zz[65] = logf(0.5f);
+    zz[66] = logf(0.2f);
+    kd_gpt_loss_spec j = sp;
+    j.kd_divergence = KD_GPT_DIV_JSD;
+    j.kd_div_param = 0.5f;
+    assert_int_equal(kd_gpt_loss_logits(zz, NULL, 1, &j, &lo, &e), KD_OK);
+    assert_true(fabs(lo.kd) < 1e-6);
+
+    /* bad inputs are refused with the field named */
+    j.kd_div_param = 1.0f;
+    assert_int_equal(kd_gpt_loss_logits(z, NULL, 1, &j, &lo, &e), KD_EINVAL);
+    assert_non_null(strstr(e.msg, "kd_div_param"));
+    other = 1.5f;
+    assert_int_equal(kd_gpt_loss_logits(z, NULL, 1, &sp, &lo, &e), KD_EINVAL);
+    assert_non_null(strstr(e.msg, "teacher_other"));
+    sp.kd_tail = 7;
+    assert_int_equal(kd_gpt_loss_logits(z, NULL, 1, &sp, &lo, &e), KD_EINVAL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_loss_layer),
+        cmocka_unit_test(test_loss_coarse_gradients),
+        cmocka_unit_test(test_loss_coarse_values),
         cmocka_unit_test(test_every_tensor_two_heads),
         cmocka_unit_test(test_every_tensor_one_head_one_layer),
         cmocka_unit_test(test_every_tensor_long_sequence),

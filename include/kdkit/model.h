@@ -188,17 +188,46 @@ void kd_gpt_last_shape(const kd_gpt *m, int *B, int *T);
  * Either term is off when its weight is 0 or its inputs are NULL.  The
  * gradient d total / d logits, multiplied by grad_scale (e.g. 1/accum_steps
  * for gradient accumulation; 0 is taken as 1), is written to d_logits.
+ *
+ * Extensions (all zero = exactly the computation above, bit for bit): the KD
+ * term can compare the two distributions on coarse classes, each support byte
+ * (ids >= 0 of the position) one class and every other byte together one
+ * "rest" class, with another divergence and another tail:
+ *
+ *   kd_tail KD_GPT_TAIL_BUCKET: teacher_logprobs are absolute log-probs and
+ *       teacher_other[i] (a probability in [0, 1]; NULL: 1 - sum of the
+ *       entries, clamped at 0) is the teacher's mass of the rest class, set
+ *       against the student's mass outside the support.  At tau != 1 the
+ *       teacher's class masses are tempered, P_c ~ P_c^(1/tau), and the
+ *       student's classes are summed from softmax(z / tau).
+ *   kd_tail KD_GPT_TAIL_RENORM with a divergence other than forward KL: the
+ *       teacher is softmax(lp / tau) over its entries (rest mass 0), as above.
+ *   kd_divergence: KD_GPT_DIV_FORWARD_KL, KL(P || Q);
+ *       KD_GPT_DIV_SKEW, KL(P || a P + (1 - a) Q) with a = kd_div_param;
+ *       KD_GPT_DIV_JSD, b KL(P || M) + (1 - b) KL(Q || M), M = b P + (1 - b) Q,
+ *       b = kd_div_param; each times tau^2.
  */
+#define KD_GPT_TAIL_RENORM 0
+#define KD_GPT_TAIL_BUCKET 1
+#define KD_GPT_DIV_FORWARD_KL 0
+#define KD_GPT_DIV_SKEW 1
+#define KD_GPT_DIV_JSD 2
+/* Most teacher entries per position the loss takes (teacher_k's bound). */
+#define KD_GPT_MAX_KD_ENTRIES KD_GPT_VOCAB
 typedef struct kd_gpt_loss_spec {
     const uint8_t *targets;         /* [n_pos] next bytes, or NULL */
     const uint8_t *mask;            /* [n_pos] 0 = ignore position, or NULL */
     float ce_weight;
     const int32_t *teacher_ids;     /* [n_pos * teacher_k], -1 = padding, or NULL */
     const float *teacher_logprobs;  /* [n_pos * teacher_k] */
-    int teacher_k;                  /* 1..KD_GPT_MAX_TOPK when KD is on */
+    int teacher_k;                  /* 1..KD_GPT_MAX_KD_ENTRIES when KD is on */
     float kd_weight;
     float temperature;              /* tau > 0 for KD */
     float grad_scale;
+    int kd_tail;                    /* KD_GPT_TAIL_RENORM (0) or KD_GPT_TAIL_BUCKET */
+    const float *teacher_other;     /* [n_pos] bucket mass (tail bucket), or NULL */
+    int kd_divergence;              /* KD_GPT_DIV_FORWARD_KL (0), _SKEW, _JSD */
+    float kd_div_param;             /* skew's a / jsd's b, in (0, 1) */
 } kd_gpt_loss_spec;
 
 typedef struct kd_gpt_loss_out {
@@ -212,7 +241,9 @@ typedef struct kd_gpt_loss_out {
 /*
  * The loss on any logits[n_pos * KD_GPT_VOCAB]; d_logits (same size) may be
  * NULL to get values only, and may not alias logits.  KD_EINVAL for a target
- * or teacher id out of range, a NaN teacher log-prob, bad k or temperature.
+ * or teacher id out of range, a NaN teacher log-prob, bad k or temperature,
+ * an unknown tail or divergence, a divergence parameter outside (0, 1), or a
+ * bucket mass outside [0, 1].
  */
 int kd_gpt_loss_logits(const float *logits, float *d_logits, size_t n_pos,
                        const kd_gpt_loss_spec *spec, kd_gpt_loss_out *out, kd_err *e);

@@ -4,6 +4,17 @@
  * KL(teacher top-k || student at temperature tau), with an ignore mask.
  * Values are accumulated in double in position order; d_logits is written
  * for every position (zero where nothing counts), ready for backward.
+ *
+ * Two paths compute the KD term.  The original one (renormalised top-k,
+ * forward KL) is checked against PyTorch (tests/test_model_ref.c) and is
+ * left exactly as it was.  The coarse-class path (kd_coarse) serves the tail
+ * bucket and the other divergences: classes are the distinct support bytes
+ * plus one "rest" class of every other byte; with P and Q the teacher's and
+ * the student's class masses and g_c = dL/dQ_c, the chain rule through the
+ * softmax gives dL/dz_j = (1/tau) q_j (g_c(j) - sum_c Q_c g_c), and the
+ * tau^2 factor of the term leaves tau q_j (g_c(j) - gbar).  Class masses of
+ * the student are summed in log space, so a class whose mass underflows
+ * float still has a finite log and gradient.
  */
 #include <math.h>
 #include <string.h>
@@ -38,6 +49,154 @@ static int teacher_has_mass(const int32_t *ids, const float *lp, int k)
     return 0;
 }
 
+/* Does the coarse path see any teacher mass at this position? */
+static int coarse_has_mass(const kd_gpt_loss_spec *sp, size_t i)
+{
+    int k = sp->teacher_k;
+    if (teacher_has_mass(sp->teacher_ids + i * (size_t)k, sp->teacher_logprobs + i * (size_t)k, k))
+        return 1;
+    return sp->kd_tail == KD_GPT_TAIL_BUCKET && sp->teacher_other && sp->teacher_other[i] > 0.0f;
+}
+
+/*
+ * The KD term of one position on coarse classes; returns tau^2 * L and adds
+ * kd_g * q_j (g_c(j) - gbar) to dz (when non-NULL).  Class 0..ns-1 are the
+ * support bytes, class ns the rest.
+ */
+static double kd_coarse(const kd_gpt_loss_spec *sp, size_t i, const float *z, float *dz,
+                        float kd_g)
+{
+    const int k = sp->teacher_k;
+    const int32_t *ids = sp->teacher_ids + i * (size_t)k;
+    const float *lp = sp->teacher_logprobs + i * (size_t)k;
+    const double tau = sp->temperature, inv_tau = 1.0 / tau;
+    int cls[V];          /* byte -> class, -1 = rest */
+    int byte_of[V + 1];
+    double logp[V + 1];  /* teacher class log-mass (untempered), -inf = none */
+    int ns = 0;
+    for (int j = 0; j < V; j++)
+        cls[j] = -1;
+    for (int j = 0; j < k; j++) {
+        if (ids[j] < 0 || !(lp[j] > -INFINITY))
+            continue;
+        int b = ids[j];
+        /* renorm tempers each entry (as the original path does), bucket
+           tempers the class masses */
+        double x = (double)lp[j] * (sp->kd_tail == KD_GPT_TAIL_BUCKET ? 1.0 : inv_tau);
+        if (cls[b] < 0) {
+            cls[b] = ns;
+            byte_of[ns] = b;
+            logp[ns++] = x;
+        } else { /* duplicate byte: masses add */
+            double a = logp[cls[b]], m = a > x ? a : x;
+            logp[cls[b]] = m + log(exp(a - m) + exp(x - m));
+        }
+    }
+    int nrest = V - ns;
+    double other = 0.0;
+    if (sp->kd_tail == KD_GPT_TAIL_BUCKET) {
+        if (sp->teacher_other) {
+            other = (double)sp->teacher_other[i];
+        } else {
+            double sum = 0.0;
+            for (int c = 0; c < ns; c++)
+                sum += exp(logp[c]);
+            other = sum < 1.0 ? 1.0 - sum : 0.0;
+        }
+    }
+    if (nrest == 0)
+        other = 0.0; /* no byte outside the support can carry it */
+    int nc = ns + 1;
+    logp[ns] = other > 0.0 ? log(other) : -INFINITY;
+    /* teacher: tempered and normalised over the classes */
+    const double pt = sp->kd_tail == KD_GPT_TAIL_BUCKET ? inv_tau : 1.0;
+    double P[V + 1], mx = -INFINITY, s = 0.0;
+    for (int c = 0; c < nc; c++)
+        if (logp[c] * pt > mx)
+            mx = logp[c] * pt;
+    for (int c = 0; c < nc; c++)
+        s += logp[c] > -INFINITY ? exp(logp[c] * pt - mx) : 0.0;
+    for (int c = 0; c < nc; c++)
+        P[c] = logp[c] > -INFINITY ? exp(logp[c] * pt - mx) / s : 0.0;
+    /* student: log-softmax of z / tau, then class log-masses */
+    double q[V], zmx = -INFINITY, zs = 0.0;
+    for (int j = 0; j < V; j++)
+        zmx = (double)z[j] * inv_tau > zmx ? (double)z[j] * inv_tau : zmx;
+    for (int j = 0; j < V; j++)
+        zs += exp((double)z[j] * inv_tau - zmx);
+    double lse = zmx + log(zs);
+    double rmx = -INFINITY;
+    for (int j = 0; j < V; j++) {
+        q[j] = (double)z[j] * inv_tau - lse;
+        if (cls[j] < 0 && q[j] > rmx)
+            rmx = q[j];
+    }
+    double logQ[V + 1], Q[V + 1];
+    for (int c = 0; c < ns; c++)
+        logQ[c] = q[byte_of[c]];
+    if (nrest > 0) {
+        double rs = 0.0;
+        for (int j = 0; j < V; j++)
+            if (cls[j] < 0)
+                rs += exp(q[j] - rmx);
+        logQ[ns] = rmx + log(rs);
+    } else {
+        logQ[ns] = -INFINITY;
+    }
+    for (int c = 0; c < nc; c++)
+        Q[c] = exp(logQ[c]);
+    /* the divergence and g_c = dL/dQ_c, the latter kept as Q_c g_c and g_c */
+    double L = 0.0, g[V + 1], gbar = 0.0;
+    const double a = (double)sp->kd_div_param;
+    for (int c = 0; c < nc; c++) {
+        double lP = P[c] > 0.0 ? log(P[c]) : -INFINITY;
+        if (c == ns && nrest == 0) {
+            g[c] = 0.0;
+            continue;
+        }
+        switch (sp->kd_divergence) {
+        case KD_GPT_DIV_SKEW: {
+            double M = a * P[c] + (1.0 - a) * Q[c];
+            double lM = log(M);
+            if (P[c] > 0.0)
+                L += P[c] * (lP - lM);
+            g[c] = M > 0.0 ? -(1.0 - a) * P[c] / M : 0.0;
+            break;
+        }
+        case KD_GPT_DIV_JSD: {
+            double M = a * P[c] + (1.0 - a) * Q[c];
+            double lM = log(M);
+            if (P[c] > 0.0)
+                L += a * P[c] * (lP - lM);
+            if (Q[c] > 0.0)
+                L += (1.0 - a) * Q[c] * (logQ[c] - lM);
+            g[c] = M > 0.0 && Q[c] > 0.0 ? (1.0 - a) * (logQ[c] - lM) : 0.0;
+            break;
+        }
+        default: /* forward KL */
+            if (P[c] > 0.0)
+                L += P[c] * (lP - logQ[c]);
+            /* Q_c g_c = -P_c; q_j g_c = -P_c q_j / Q_c, taken in log space below */
+            g[c] = 0.0;
+            break;
+        }
+        gbar += sp->kd_divergence == KD_GPT_DIV_FORWARD_KL ? -P[c] : Q[c] * g[c];
+    }
+    if (dz) {
+        for (int j = 0; j < V; j++) {
+            int c = cls[j] < 0 ? ns : cls[j];
+            double qj = exp(q[j]);
+            double term;
+            if (sp->kd_divergence == KD_GPT_DIV_FORWARD_KL)
+                term = -P[c] * exp(q[j] - logQ[c]) - qj * gbar;
+            else
+                term = qj * (g[c] - gbar);
+            dz[j] += kd_g * (float)term;
+        }
+    }
+    return tau * tau * L;
+}
+
 int kd_gpt_loss_logits(const float *logits, float *d_logits, size_t n_pos,
                        const kd_gpt_loss_spec *spec, kd_gpt_loss_out *out, kd_err *e)
 {
@@ -47,9 +206,28 @@ int kd_gpt_loss_logits(const float *logits, float *d_logits, size_t n_pos,
     int use_kd = spec->teacher_ids && spec->teacher_logprobs && spec->kd_weight != 0.0f;
     int k = spec->teacher_k;
     float tau = spec->temperature;
-    if (use_kd && (k < 1 || k > KD_GPT_MAX_TOPK))
+    if (use_kd && (k < 1 || k > KD_GPT_MAX_KD_ENTRIES))
         return kd_err_set(e, KD_EINVAL, "loss: teacher_k: expected 1..%d, got %d",
-                          KD_GPT_MAX_TOPK, k);
+                          KD_GPT_MAX_KD_ENTRIES, k);
+    int coarse = use_kd && (spec->kd_tail != KD_GPT_TAIL_RENORM ||
+                            spec->kd_divergence != KD_GPT_DIV_FORWARD_KL);
+    if (use_kd && spec->kd_tail != KD_GPT_TAIL_RENORM && spec->kd_tail != KD_GPT_TAIL_BUCKET)
+        return kd_err_set(e, KD_EINVAL, "loss: kd_tail: unknown tail %d", spec->kd_tail);
+    if (use_kd && spec->kd_divergence != KD_GPT_DIV_FORWARD_KL &&
+        spec->kd_divergence != KD_GPT_DIV_SKEW && spec->kd_divergence != KD_GPT_DIV_JSD)
+        return kd_err_set(e, KD_EINVAL, "loss: kd_divergence: unknown divergence %d",
+                          spec->kd_divergence);
+    if (use_kd && spec->kd_divergence != KD_GPT_DIV_FORWARD_KL &&
+        !(spec->kd_div_param > 0.0f && spec->kd_div_param < 1.0f))
+        return kd_err_set(e, KD_EINVAL, "loss: kd_div_param: expected a number in (0, 1), got %g",
+                          (double)spec->kd_div_param);
+    if (coarse && spec->kd_tail == KD_GPT_TAIL_BUCKET && spec->teacher_other)
+        for (size_t i = 0; i < n_pos; i++)
+            if (!(spec->teacher_other[i] >= 0.0f && spec->teacher_other[i] <= 1.0f))
+                return kd_err_set(e, KD_EINVAL,
+                                  "loss: teacher_other at position %zu: expected a mass in [0, 1], "
+                                  "got %g",
+                                  i, (double)spec->teacher_other[i]);
     if (use_kd && !(tau > 0.0f && isfinite(tau)))
         return kd_err_set(e, KD_EINVAL, "loss: temperature: expected > 0, got %g", (double)tau);
     if (use_kd) {
@@ -70,8 +248,9 @@ int kd_gpt_loss_logits(const float *logits, float *d_logits, size_t n_pos,
             continue;
         if (use_ce)
             n_ce++;
-        if (use_kd && teacher_has_mass(spec->teacher_ids + i * (size_t)k,
-                                       spec->teacher_logprobs + i * (size_t)k, k))
+        if (use_kd && (coarse ? coarse_has_mass(spec, i)
+                              : teacher_has_mass(spec->teacher_ids + i * (size_t)k,
+                                                 spec->teacher_logprobs + i * (size_t)k, k)))
             n_kd++;
     }
     float gscale = spec->grad_scale == 0.0f ? 1.0f : spec->grad_scale;
@@ -97,7 +276,10 @@ int kd_gpt_loss_logits(const float *logits, float *d_logits, size_t n_pos,
                 dz[y] -= ce_g;
             }
         }
-        if (use_kd) {
+        if (coarse) {
+            if (coarse_has_mass(spec, i))
+                kd_sum += kd_coarse(spec, i, z, dz, kd_g);
+        } else if (use_kd) {
             const int32_t *ids = spec->teacher_ids + i * (size_t)k;
             const float *lp = spec->teacher_logprobs + i * (size_t)k;
             /* teacher: softmax over its valid top-k entries at temperature tau */
