@@ -130,7 +130,7 @@ static void test_mistakes_name_the_key(void **state)
     p = yaml("eval.yaml", "data: {val_fraction: 0}\n");
     refused(p, NULL, "eval.every", "data.val_fraction", NULL);
     p = yaml("teacher.yaml", "teacher: {model: x}\n");
-    refused(p, NULL, "teacher", "not supported", NULL);
+    refused(p, NULL, "teacher.yaml: teacher:", "base_url", NULL);
     p = yaml("list.yaml", "- a\n- b\n");
     refused(p, NULL, "must be a mapping", NULL);
     refused(NULL, "model.n_heads=2", "--set model.n_heads=2", "unknown key", NULL);
@@ -143,6 +143,118 @@ static void test_mistakes_name_the_key(void **state)
     char missing[4300];
     snprintf(missing, sizeof missing, "%s/none.yaml", g_dir);
     refused(missing, NULL, "none.yaml", "not found", NULL);
+}
+
+/* The kd: section: defaults, each enumeration, and every cross-key rule
+   with the key it names. */
+static void test_kd_section(void **state)
+{
+    (void)state;
+    const char *p = yaml("kd.yaml", "kd:\n  mix: some_mix\n");
+    kd_train_config c;
+    kd_err e;
+    if (kd_train_config_load(&c, p, NULL, 0, &e) != KD_OK)
+        fail_msg("%s", e.msg);
+    assert_true(c.kd.enabled);
+    assert_int_equal(c.kd.source, KD_TRAIN_KD_MIX);
+    assert_string_equal(c.kd.mix, "some_mix");
+    assert_true(c.kd.kd_weight == 0.5 && c.kd.ce_weight == 0.5);
+    assert_true(c.kd.intermediate_weight == 0.0 && c.kd.temperature == 1.0);
+    assert_int_equal(c.kd.divergence, KD_GPT_DIV_FORWARD_KL);
+    assert_int_equal(c.kd.tail, 0 /* bucket */);
+    assert_true(c.kd.mask_prompt);
+    char *j = NULL;
+    assert_int_equal(kd_train_config_effective_json(&c, &j, NULL), KD_OK);
+    assert_non_null(strstr(j, "\"divergence\":\"forward_kl\""));
+    assert_non_null(strstr(j, "\"tail\":\"bucket\""));
+    free(j);
+    kd_train_config_free(&c);
+
+    const char *sets[] = {"kd.divergence=jsd", "kd.jsd_beta=0.3", "kd.tail=renorm",
+                          "kd.mask_prompt=false", "kd.temperature=2"};
+    if (kd_train_config_load(&c, p, sets, 5, &e) != KD_OK)
+        fail_msg("%s", e.msg);
+    assert_int_equal(c.kd.divergence, KD_GPT_DIV_JSD);
+    assert_true(c.kd.jsd_beta == 0.3 && c.kd.temperature == 2.0);
+    assert_int_equal(c.kd.tail, 1 /* renorm */);
+    assert_false(c.kd.mask_prompt);
+    kd_train_config_free(&c);
+
+    refused(p, "kd.divergence=renorm", "kd.divergence", "kd.tail: renorm", NULL);
+    refused(p, "kd.divergence=reverse_kl", "kd.divergence", "not implemented", NULL);
+    refused(p, "kd.divergence=kl", "kd.divergence", "forward_kl, skew or jsd", NULL);
+    refused(p, "kd.tail=drop", "kd.tail", "bucket or renorm", NULL);
+    refused(p, "kd.source=api", "kd.source", "mix or online", NULL);
+    refused(p, "kd.temperature=0", "kd.temperature", NULL);
+    refused(p, "kd.skew_lambda=1", "kd.skew_lambda", NULL);
+    refused(p, "kd.kd_weight=-1", "kd.kd_weight", NULL);
+    refused(p, "kd.intermediate_weight=0.1", "kd.intermediate_weight", "API teacher",
+            "hidden states", NULL);
+    refused(p, "kd.eval_fraction=0", "eval.every", "kd.eval_fraction", NULL);
+    refused(p, "kd.typo=1", "kd.typo", "unknown key", NULL);
+    refused(yaml("nomix.yaml", "kd: {}\n"), NULL, "kd.mix", "kdkit mix", NULL);
+    refused(yaml("both0.yaml", "kd: {mix: m, kd_weight: 0, ce_weight: 0}\n"), NULL,
+            "kd.kd_weight", "both 0", NULL);
+    refused(yaml("online.yaml", "kd: {source: online, prompts: p.jsonl}\n"), NULL,
+            "teacher", "add a teacher section", NULL);
+    refused(yaml("tmix.yaml", "kd: {mix: m}\nteacher: {base_url: 'http://127.0.0.1:1/v1', "
+                 "model: x}\n"),
+            NULL, "teacher", "not used with kd.source: mix", NULL);
+    refused(yaml("tonly.yaml", "teacher: {base_url: 'http://127.0.0.1:1/v1', model: x}\n"), NULL,
+            "teacher", "add a kd: section", NULL);
+    p = yaml("ok-online.yaml", "kd: {source: online, prompts: p.jsonl}\nteacher: {base_url: "
+             "'http://127.0.0.1:1/v1', model: x}\n");
+    if (kd_train_config_load(&c, p, NULL, 0, &e) != KD_OK)
+        fail_msg("%s", e.msg);
+    assert_non_null(c.teacher_json);
+    kd_train_config_free(&c);
+}
+
+static char *kd_identity(const char *const *sets, size_t n, const char *mix_id)
+{
+    kd_train_config c;
+    kd_err e;
+    const char *all[8] = {"kd.mix=m"};
+    for (size_t i = 0; i < n; i++)
+        all[i + 1] = sets[i];
+    if (kd_train_config_load(&c, NULL, all, n + 1, &e) != KD_OK)
+        fail_msg("%s", e.msg);
+    char *j = NULL;
+    assert_int_equal(kd_train_config_kd_identity_json(&c, mix_id, &j, NULL), KD_OK);
+    kd_train_config_free(&c);
+    char hex[KD_SHA256_HEX];
+    assert_int_equal(kd_json_hash(j, strlen(j), hex, NULL), KD_OK);
+    free(j);
+    return strdup(hex);
+}
+
+static void test_kd_identity(void **state)
+{
+    (void)state;
+    char *base = kd_identity(NULL, 0, "m1");
+    static const char *const changes[] = {"kd.kd_weight=0.7", "kd.ce_weight=0.2",
+                                          "kd.temperature=2", "kd.divergence=skew",
+                                          "kd.tail=renorm", "kd.mask_prompt=false",
+                                          "kd.eval_fraction=0.1", "train.seed=3"};
+    for (size_t i = 0; i < sizeof changes / sizeof changes[0]; i++) {
+        char *h = kd_identity(&changes[i], 1, "m1");
+        if (strcmp(h, base) == 0)
+            fail_msg("%s does not change the KD config hash", changes[i]);
+        free(h);
+    }
+    /* the mix may move; a mix with another identity is another run */
+    static const char *const same[] = {"kd.mix=/elsewhere", "kd.skew_lambda=0.3",
+                                       "data.path=/x", "data.val_fraction=0.2"};
+    for (size_t i = 0; i < sizeof same / sizeof same[0]; i++) {
+        char *h = kd_identity(&same[i], 1, "m1");
+        if (strcmp(h, base) != 0)
+            fail_msg("%s changes the KD config hash, but not the numbers", same[i]);
+        free(h);
+    }
+    char *other = kd_identity(NULL, 0, "m2");
+    assert_string_not_equal(other, base);
+    free(other);
+    free(base);
 }
 
 static char *identity(const char *const *sets, size_t n, const char *sha)
@@ -246,6 +358,8 @@ int main(void)
         cmocka_unit_test(test_default_yaml_is_the_builtin_default),
         cmocka_unit_test(test_set_overrides_and_types),
         cmocka_unit_test(test_mistakes_name_the_key),
+        cmocka_unit_test(test_kd_section),
+        cmocka_unit_test(test_kd_identity),
         cmocka_unit_test(test_identity_covers_what_changes_the_numbers),
         cmocka_unit_test(test_progress_text),
     };

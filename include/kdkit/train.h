@@ -36,6 +36,30 @@ extern "C" {
 /* ------------------------------------------------------------------------ */
 /* Config (config.c)                                                         */
 
+/* kd.source */
+#define KD_TRAIN_KD_MIX 0       /* offline: the rows of a `kdkit mix` directory */
+#define KD_TRAIN_KD_ONLINE 1    /* online: prompts asked through the teacher section */
+
+/* The `kd:` section (docs/training.md, "Distillation").  enabled is 1 when the
+   config has the section; the other fields hold their defaults otherwise. */
+typedef struct kd_train_kd {
+    int enabled;
+    int source;                 /* kd.source: KD_TRAIN_KD_MIX / _ONLINE */
+    char *mix;                  /* kd.mix: the mix directory (source mix) */
+    char *prompts;              /* kd.prompts: prompt file (source online) */
+    double kd_weight;           /* kd.kd_weight, default 0.5 */
+    double ce_weight;           /* kd.ce_weight, default 0.5 */
+    double intermediate_weight; /* kd.intermediate_weight, default 0 */
+    double temperature;         /* kd.temperature, default 1 */
+    int divergence;             /* kd.divergence: KD_GPT_DIV_* */
+    double skew_lambda;         /* kd.skew_lambda (divergence skew), default 0.1 */
+    double jsd_beta;            /* kd.jsd_beta (divergence jsd), default 0.5 */
+    int tail;                   /* kd.tail: KD_DISTILL_TAIL_BUCKET (0) / _RENORM */
+    int mask_prompt;            /* kd.mask_prompt, default true */
+    double eval_fraction;       /* kd.eval_fraction: held-out share of samples */
+    char *teacher_checkpoint;   /* kd.teacher_checkpoint (intermediate), or NULL */
+} kd_train_kd;
+
 typedef struct kd_train_config {
     kd_gpt_config model;        /* model.n_layer, n_head, d_model, n_ctx */
     char *data_path;            /* data.path: a file, or a directory of files */
@@ -55,6 +79,8 @@ typedef struct kd_train_config {
     int64_t eval_batches;       /* eval.batches */
     double log_every_seconds;   /* log.every_seconds (non-terminal progress lines) */
     char *source;               /* where the config came from (messages) */
+    kd_train_kd kd;             /* kd.* */
+    char *teacher_json;         /* {"teacher": {...}} as JSON text, or NULL */
 } kd_train_config;
 
 /* The built-in defaults (configs/default.yaml holds the same values). */
@@ -83,6 +109,15 @@ void kd_train_config_free(kd_train_config *c);
  */
 int kd_train_config_identity_json(const kd_train_config *c, const char *corpus_sha256,
                                   int64_t corpus_bytes, char **json_out, kd_err *e);
+/*
+ * The identity of a distillation run (kd: section present): model, train,
+ * lr, every kd key that changes the numbers, the teacher section (online),
+ * and the data by its identity: `source_identity` is kd_mix_identity of the
+ * mix (source mix) or the prompt file's SHA-256 (source online).  KD_EINVAL
+ * without a kd section.
+ */
+int kd_train_config_kd_identity_json(const kd_train_config *c, const char *source_identity,
+                                     char **json_out, kd_err *e);
 /* Every key with its effective value (for display and docs), malloc'd. */
 int kd_train_config_effective_json(const kd_train_config *c, char **json_out, kd_err *e);
 

@@ -23,6 +23,8 @@
 #include <jansson.h>
 
 #include "kdkit/core.h"
+#include "kdkit/distill.h"
+#include "kdkit/teacher.h"
 #include "kdkit/train.h"
 
 #define DEFAULT_DATA_PATH "/usr/share/games/fortunes"
@@ -56,6 +58,17 @@ void kd_train_config_init(kd_train_config *c)
     c->eval_every = 50;
     c->eval_batches = 4;
     c->log_every_seconds = 10.0;
+    c->kd.source = KD_TRAIN_KD_MIX;
+    c->kd.kd_weight = 0.5;
+    c->kd.ce_weight = 0.5;
+    c->kd.intermediate_weight = 0.0;
+    c->kd.temperature = 1.0;
+    c->kd.divergence = KD_GPT_DIV_FORWARD_KL;
+    c->kd.skew_lambda = 0.1;
+    c->kd.jsd_beta = 0.5;
+    c->kd.tail = KD_DISTILL_TAIL_BUCKET;
+    c->kd.mask_prompt = 1;
+    c->kd.eval_fraction = 0.05;
 }
 
 void kd_train_config_free(kd_train_config *c)
@@ -64,8 +77,13 @@ void kd_train_config_free(kd_train_config *c)
         return;
     free(c->data_path);
     free(c->source);
+    free(c->kd.mix);
+    free(c->kd.prompts);
+    free(c->kd.teacher_checkpoint);
+    free(c->teacher_json);
     c->data_path = NULL;
     c->source = NULL;
+    c->kd.mix = c->kd.prompts = c->kd.teacher_checkpoint = c->teacher_json = NULL;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -109,11 +127,23 @@ static const keydef KEYS[] = {
     {"eval", "every", K_INT, 0, BIG, 0, 0},
     {"eval", "batches", K_INT, 1, 100000, 0, 0},
     {"log", "every_seconds", K_NUM, 0, 86400, 1, 0},
+    {"kd", "source", K_STR, 0, 0, 0, 0},
+    {"kd", "mix", K_STR, 0, 0, 0, 0},
+    {"kd", "prompts", K_STR, 0, 0, 0, 0},
+    {"kd", "kd_weight", K_NUM, 0, BIG, 0, 0},
+    {"kd", "ce_weight", K_NUM, 0, BIG, 0, 0},
+    {"kd", "intermediate_weight", K_NUM, 0, BIG, 0, 0},
+    {"kd", "temperature", K_NUM, 0, 100, 1, 0},
+    {"kd", "divergence", K_STR, 0, 0, 0, 0},
+    {"kd", "skew_lambda", K_NUM, 0, 1, 1, 1},
+    {"kd", "jsd_beta", K_NUM, 0, 1, 1, 1},
+    {"kd", "tail", K_STR, 0, 0, 0, 0},
+    {"kd", "mask_prompt", K_BOOL, 0, 0, 0, 0},
+    {"kd", "eval_fraction", K_NUM, 0, 0.5, 0, 0},
+    {"kd", "teacher_checkpoint", K_STR, 0, 0, 0, 0},
 };
 #define NKEYS (sizeof KEYS / sizeof KEYS[0])
 
-/* Sections reserved for distillation; named so the message can say so. */
-static const char *const LATER[] = {"teacher", "kd"};
 
 /* Where each value came from, for messages. */
 typedef struct origin {
@@ -279,6 +309,69 @@ static int take(kd_train_config *c, const keydef *k, const json_t *v, const orig
     else if (IS("eval", "every")) c->eval_every = iv;
     else if (IS("eval", "batches")) c->eval_batches = iv;
     else if (IS("log", "every_seconds")) c->log_every_seconds = d;
+    else if (IS("kd", "source")) {
+        const char *w = json_string_value(v);
+        if (strcmp(w, "mix") == 0)
+            c->kd.source = KD_TRAIN_KD_MIX;
+        else if (strcmp(w, "online") == 0)
+            c->kd.source = KD_TRAIN_KD_ONLINE;
+        else
+            return kd_err_set(e, KD_ECONFIG, "%s: kd.source: expected mix or online, got '%s'",
+                              src, w);
+    }
+    else if (IS("kd", "mix") || IS("kd", "prompts") || IS("kd", "teacher_checkpoint")) {
+        char *p = strdup(json_string_value(v));
+        if (!p)
+            return kd_err_set(e, KD_ENOMEM, "out of memory");
+        char **slot = IS("kd", "mix") ? &c->kd.mix
+                      : IS("kd", "prompts") ? &c->kd.prompts : &c->kd.teacher_checkpoint;
+        free(*slot);
+        *slot = p;
+    }
+    else if (IS("kd", "kd_weight")) c->kd.kd_weight = d;
+    else if (IS("kd", "ce_weight")) c->kd.ce_weight = d;
+    else if (IS("kd", "intermediate_weight")) c->kd.intermediate_weight = d;
+    else if (IS("kd", "temperature")) c->kd.temperature = d;
+    else if (IS("kd", "divergence")) {
+        const char *w = json_string_value(v);
+        if (strcmp(w, "forward_kl") == 0)
+            c->kd.divergence = KD_GPT_DIV_FORWARD_KL;
+        else if (strcmp(w, "skew") == 0)
+            c->kd.divergence = KD_GPT_DIV_SKEW;
+        else if (strcmp(w, "jsd") == 0)
+            c->kd.divergence = KD_GPT_DIV_JSD;
+        else if (strcmp(w, "renorm") == 0)
+            return kd_err_set(e, KD_ECONFIG,
+                              "%s: kd.divergence: 'renorm' is a way to treat the teacher's "
+                              "missing top-k mass, not a divergence: set kd.tail: renorm (and "
+                              "kd.divergence: forward_kl, skew or jsd)",
+                              src);
+        else if (strcmp(w, "reverse_kl") == 0)
+            return kd_err_set(e, KD_ECONFIG,
+                              "%s: kd.divergence: reverse_kl is not implemented: with a top-k "
+                              "teacher it needs the teacher's mass on the bytes the student "
+                              "prefers, which the API does not return; use forward_kl, skew or "
+                              "jsd",
+                              src);
+        else
+            return kd_err_set(e, KD_ECONFIG,
+                              "%s: kd.divergence: expected forward_kl, skew or jsd, got '%s'",
+                              src, w);
+    }
+    else if (IS("kd", "skew_lambda")) c->kd.skew_lambda = d;
+    else if (IS("kd", "jsd_beta")) c->kd.jsd_beta = d;
+    else if (IS("kd", "tail")) {
+        const char *w = json_string_value(v);
+        if (strcmp(w, "bucket") == 0)
+            c->kd.tail = KD_DISTILL_TAIL_BUCKET;
+        else if (strcmp(w, "renorm") == 0)
+            c->kd.tail = KD_DISTILL_TAIL_RENORM;
+        else
+            return kd_err_set(e, KD_ECONFIG, "%s: kd.tail: expected bucket or renorm, got '%s'",
+                              src, w);
+    }
+    else if (IS("kd", "mask_prompt")) c->kd.mask_prompt = (int)iv;
+    else if (IS("kd", "eval_fraction")) c->kd.eval_fraction = d;
 #undef IS
     return KD_OK;
 }
@@ -289,7 +382,8 @@ static int apply_tree(kd_train_config *c, json_t *root, const origin *o, kd_err 
         return kd_err_set(e, KD_ECONFIG, "%s: the config must be a mapping of sections (model, "
                                          "data, train, lr, checkpoint, eval, log), got %s",
                           o->file, type_name(root));
-    static const char *const sections[] = {"model", "data", "train", "lr", "checkpoint", "eval", "log"};
+    static const char *const sections[] = {"model", "data", "train", "lr", "checkpoint",
+                                           "eval", "log", "kd", "teacher"};
     const size_t nsec = sizeof sections / sizeof sections[0];
     const char *sname;
     json_t *sval;
@@ -303,20 +397,41 @@ static int apply_tree(kd_train_config *c, json_t *root, const origin *o, kd_err 
             char sb[512];
             void *it = json_is_object(sval) ? json_object_iter(sval) : NULL;
             const char *src = it ? src_of(o, sname, json_object_iter_key(it), sb, sizeof sb) : o->file;
-            for (size_t i = 0; i < sizeof LATER / sizeof LATER[0]; i++)
-                if (strcmp(sname, LATER[i]) == 0)
-                    return kd_err_set(e, KD_ECONFIG,
-                                      "%s: %s: distillation is not supported by kdkit train yet "
-                                      "(pretraining only); remove the '%s' section",
-                                      src, sname, sname);
             suggest(sname, sections, nsec, hint, sizeof hint);
             return kd_err_set(e, KD_ECONFIG,
                               "%s: %s: unknown section%s; known sections: model, data, train, "
-                              "lr, checkpoint, eval, log",
+                              "lr, checkpoint, eval, log, kd, teacher",
                               src, sname, hint);
         }
+        if (strcmp(sname, "kd") == 0)
+            c->kd.enabled = 1; /* even when empty: all defaults */
         if (json_is_null(sval))
             continue;
+        if (strcmp(sname, "teacher") == 0) {
+            /* the teacher layer owns these keys; it validates them itself */
+            if (!json_is_object(sval))
+                return kd_err_set(e, KD_ECONFIG, "%s: teacher: expected a mapping of keys, got %s",
+                                  o->file, type_name(sval));
+            json_t *doc = json_pack("{sO}", "teacher", sval);
+            char *txt = doc ? json_dumps(doc, JSON_SORT_KEYS | JSON_COMPACT |
+                                                  JSON_REAL_PRECISION(17))
+                            : NULL;
+            json_decref(doc);
+            if (!txt)
+                return kd_err_set(e, KD_ENOMEM, "out of memory");
+            kd_teacher_config tc;
+            char *storage = NULL;
+            kd_err te;
+            int trc = kd_teacher_config_from_json(txt, &tc, &storage, &te);
+            free(storage);
+            if (trc != KD_OK) {
+                free(txt);
+                return kd_err_set(e, KD_ECONFIG, "%s: teacher: %s", o->file, te.msg);
+            }
+            free(c->teacher_json);
+            c->teacher_json = txt;
+            continue;
+        }
         if (!json_is_object(sval))
             return kd_err_set(e, KD_ECONFIG, "%s: %s: expected a mapping of keys, got %s", o->file,
                               sname, type_name(sval));
@@ -353,6 +468,81 @@ static int apply_tree(kd_train_config *c, json_t *root, const origin *o, kd_err 
                 return rc;
         }
     }
+    return KD_OK;
+}
+
+/* The kd: section's rules across keys. */
+static int validate_kd(const kd_train_config *c, const char *src, kd_err *e)
+{
+    const kd_train_kd *k = &c->kd;
+    if (!k->enabled) {
+        if (c->teacher_json)
+            return kd_err_set(e, KD_ECONFIG,
+                              "%s: teacher: kdkit train asks a teacher only when distilling "
+                              "online: add a kd: section with source: online (or remove the "
+                              "teacher section)",
+                              src);
+        return KD_OK;
+    }
+    if (k->source == KD_TRAIN_KD_MIX) {
+        if (!k->mix)
+            return kd_err_set(e, KD_ECONFIG,
+                              "%s: kd.mix: kd.source mix needs the mix directory (the output of "
+                              "kdkit mix), e.g. kd.mix: kd_mix",
+                              src);
+        if (c->teacher_json)
+            return kd_err_set(e, KD_ECONFIG,
+                              "%s: teacher: not used with kd.source: mix (the mix holds its "
+                              "teacher's answers); remove the teacher section or use "
+                              "kd.source: online",
+                              src);
+        if (k->prompts)
+            return kd_err_set(e, KD_ECONFIG,
+                              "%s: kd.prompts: only for kd.source: online (a mix has its own "
+                              "prompt file)",
+                              src);
+    } else {
+        if (!c->teacher_json)
+            return kd_err_set(e, KD_ECONFIG,
+                              "%s: teacher: kd.source online asks the teacher as training goes: "
+                              "add a teacher section (docs/teacher.md)",
+                              src);
+        if (!k->prompts)
+            return kd_err_set(e, KD_ECONFIG,
+                              "%s: kd.prompts: kd.source online needs a prompt file (one JSON "
+                              "object per line, as kdkit mix reads)",
+                              src);
+        if (k->mix)
+            return kd_err_set(e, KD_ECONFIG, "%s: kd.mix: only for kd.source: mix", src);
+    }
+    if (k->intermediate_weight != 0.0) {
+        if (!k->teacher_checkpoint)
+            return kd_err_set(e, KD_ECONFIG,
+                              "%s: kd.intermediate_weight: must be 0 with an API teacher: no API "
+                              "returns hidden states, so the intermediate term needs a local "
+                              "teacher (kd.teacher_checkpoint, a kdkit GPT checkpoint); got %.17g",
+                              src, k->intermediate_weight);
+        return kd_err_set(e, KD_ECONFIG,
+                          "%s: kd.intermediate_weight: the intermediate term (hidden-state MSE "
+                          "against kd.teacher_checkpoint) is not implemented in this version; set "
+                          "it to 0",
+                          src);
+    }
+    if (k->teacher_checkpoint)
+        return kd_err_set(e, KD_ECONFIG,
+                          "%s: kd.teacher_checkpoint: used only by the intermediate term, which "
+                          "is not implemented in this version; remove the key",
+                          src);
+    if (k->kd_weight == 0.0 && k->ce_weight == 0.0)
+        return kd_err_set(e, KD_ECONFIG,
+                          "%s: kd.kd_weight: kd.kd_weight and kd.ce_weight are both 0: nothing "
+                          "would be learned",
+                          src);
+    if (c->eval_every > 0 && k->eval_fraction <= 0)
+        return kd_err_set(e, KD_ECONFIG,
+                          "%s: eval.every: distillation validates on held-out samples: set "
+                          "kd.eval_fraction > 0, or eval.every to 0",
+                          src);
     return KD_OK;
 }
 
@@ -393,7 +583,7 @@ int kd_train_config_validate(const kd_train_config *c, kd_err *e)
         snprintf(m, sizeof m, "%s", e ? e->msg : "invalid schedule");
         return kd_err_set(e, KD_ECONFIG, "%s: lr: %s", src, m);
     }
-    if (c->eval_every > 0 && c->val_fraction <= 0)
+    if (c->eval_every > 0 && c->val_fraction <= 0 && !c->kd.enabled)
         return kd_err_set(e, KD_ECONFIG,
                           "%s: eval.every: validation needs held-out data: set data.val_fraction "
                           "> 0, or eval.every to 0 to turn validation off (got eval.every %lld "
@@ -407,7 +597,7 @@ int kd_train_config_validate(const kd_train_config *c, kd_err *e)
                           src);
     if (c->log_every_seconds <= 0 || !isfinite(c->log_every_seconds))
         return kd_err_set(e, KD_ECONFIG, "%s: log.every_seconds: expected a number > 0", src);
-    return KD_OK;
+    return validate_kd(c, src, e);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -619,6 +809,53 @@ int kd_train_config_identity_json(const kd_train_config *c, const char *corpus_s
     return dump(root, json_out, e);
 }
 
+static const char *div_name(int d)
+{
+    return d == KD_GPT_DIV_SKEW ? "skew" : d == KD_GPT_DIV_JSD ? "jsd" : "forward_kl";
+}
+
+/* The kd: keys that change the numbers (all but the paths). */
+static json_t *kd_numbers(json_t *root, const kd_train_config *c)
+{
+    const kd_train_kd *k = &c->kd;
+    json_t *s = section(root, "kd");
+    json_object_set_new(s, "source", json_string(k->source == KD_TRAIN_KD_ONLINE ? "online" : "mix"));
+    json_object_set_new(s, "kd_weight", json_real(k->kd_weight));
+    json_object_set_new(s, "ce_weight", json_real(k->ce_weight));
+    json_object_set_new(s, "intermediate_weight", json_real(k->intermediate_weight));
+    json_object_set_new(s, "temperature", json_real(k->temperature));
+    json_object_set_new(s, "divergence", json_string(div_name(k->divergence)));
+    if (k->divergence == KD_GPT_DIV_SKEW)
+        json_object_set_new(s, "skew_lambda", json_real(k->skew_lambda));
+    if (k->divergence == KD_GPT_DIV_JSD)
+        json_object_set_new(s, "jsd_beta", json_real(k->jsd_beta));
+    json_object_set_new(s, "tail", json_string(k->tail == KD_DISTILL_TAIL_RENORM ? "renorm" : "bucket"));
+    json_object_set_new(s, "mask_prompt", json_boolean(k->mask_prompt));
+    json_object_set_new(s, "eval_fraction", json_real(k->eval_fraction));
+    return s;
+}
+
+int kd_train_config_kd_identity_json(const kd_train_config *c, const char *source_identity,
+                                     char **json_out, kd_err *e)
+{
+    if (!c->kd.enabled)
+        return kd_err_set(e, KD_EINVAL, "identity: the config has no kd section");
+    json_t *root = json_object();
+    if (!root)
+        return kd_err_set(e, KD_ENOMEM, "out of memory");
+    json_object_set_new(root, "kdkit_train", json_integer(1));
+    put_numbers(root, c);
+    json_t *k = kd_numbers(root, c);
+    json_object_set_new(k, c->kd.source == KD_TRAIN_KD_ONLINE ? "prompts_sha256" : "mix_identity",
+                        source_identity ? json_string(source_identity) : json_null());
+    if (c->teacher_json) {
+        json_t *t = json_loads(c->teacher_json, 0, NULL);
+        json_object_set(root, "teacher", json_object_get(t, "teacher"));
+        json_decref(t);
+    }
+    return dump(root, json_out, e);
+}
+
 int kd_train_config_effective_json(const kd_train_config *c, char **json_out, kd_err *e)
 {
     json_t *root = json_object();
@@ -638,5 +875,19 @@ int kd_train_config_effective_json(const kd_train_config *c, char **json_out, kd
     json_object_set_new(v, "batches", json_integer(c->eval_batches));
     json_t *g = section(root, "log");
     json_object_set_new(g, "every_seconds", json_real(c->log_every_seconds));
+    if (c->kd.enabled) {
+        json_t *kd = kd_numbers(root, c);
+        if (c->kd.mix)
+            json_object_set_new(kd, "mix", json_string(c->kd.mix));
+        if (c->kd.prompts)
+            json_object_set_new(kd, "prompts", json_string(c->kd.prompts));
+        json_object_set_new(kd, "skew_lambda", json_real(c->kd.skew_lambda));
+        json_object_set_new(kd, "jsd_beta", json_real(c->kd.jsd_beta));
+    }
+    if (c->teacher_json) {
+        json_t *t = json_loads(c->teacher_json, 0, NULL);
+        json_object_set(root, "teacher", json_object_get(t, "teacher"));
+        json_decref(t);
+    }
     return dump(root, json_out, e);
 }
