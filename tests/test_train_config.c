@@ -220,7 +220,7 @@ static char *kd_identity(const char *const *sets, size_t n, const char *mix_id)
     if (kd_train_config_load(&c, NULL, all, n + 1, &e) != KD_OK)
         fail_msg("%s", e.msg);
     char *j = NULL;
-    assert_int_equal(kd_train_config_kd_identity_json(&c, mix_id, &j, NULL), KD_OK);
+    assert_int_equal(kd_train_config_kd_identity_json(&c, mix_id, 10, &j, NULL), KD_OK);
     kd_train_config_free(&c);
     char hex[KD_SHA256_HEX];
     assert_int_equal(kd_json_hash(j, strlen(j), hex, NULL), KD_OK);

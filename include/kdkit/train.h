@@ -113,11 +113,13 @@ int kd_train_config_identity_json(const kd_train_config *c, const char *corpus_s
  * The identity of a distillation run (kd: section present): model, train,
  * lr, every kd key that changes the numbers, the teacher section (online),
  * and the data by its identity: `source_identity` is kd_mix_identity of the
- * mix (source mix) or the prompt file's SHA-256 (source online).  KD_EINVAL
- * without a kd section.
+ * mix (source mix) or the prompt file's SHA-256 (source online), and
+ * mix_ok_rows (>= 0, source mix) the number of rows with status ok (a
+ * failed row retried later changes what trains).  KD_EINVAL without a kd
+ * section.
  */
 int kd_train_config_kd_identity_json(const kd_train_config *c, const char *source_identity,
-                                     char **json_out, kd_err *e);
+                                     int64_t mix_ok_rows, char **json_out, kd_err *e);
 /* Every key with its effective value (for display and docs), malloc'd. */
 int kd_train_config_effective_json(const kd_train_config *c, char **json_out, kd_err *e);
 
@@ -228,6 +230,39 @@ typedef struct kd_train_result {
  */
 int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_result *res,
                  kd_err *e);
+
+/* ------------------------------------------------------------------------ */
+/* Distillation metrics (kd_eval.c)                                          */
+
+/* Metrics of a student on the held-out samples of a mix (docs/training.md,
+   "Evaluation"); NaN where nothing was measured. */
+typedef struct kd_train_kd_eval {
+    int64_t samples;             /* held-out samples scored */
+    int64_t bytes;               /* completion bytes scored */
+    double student_bpb;          /* student bits per byte on the teacher's completions */
+    double teacher_bpb;          /* the teacher's own, from its chosen-token log-probs */
+    double gap;                  /* student_bpb - teacher_bpb */
+    double first_byte_agreement; /* share of token starts where both argmaxes agree */
+    double kl_bucket;            /* mean forward KL over top-k + bucket classes, nats/byte */
+    double ce;                   /* mean cross-entropy on completion bytes, nats */
+} kd_train_kd_eval;
+
+typedef struct kd_train_kd_eval_opts {
+    double eval_fraction;        /* < 0: the checkpoint's kd.eval_fraction (else 0.05) */
+    int64_t max_samples;         /* <= 0: every held-out sample */
+    char warning[1024];          /* out: e.g. the checkpoint was distilled from another mix */
+} kd_train_kd_eval_opts;
+
+/*
+ * Score the student of checkpoint `ckpt_path` (a kdkit train checkpoint,
+ * opened by the strict loader; its model metadata gives the architecture,
+ * its config the thread count and batch size, so the figures equal those
+ * the run wrote to eval.jsonl) on the held-out samples of the mix in
+ * `mix_dir`.  Errors: those of kd_ckpt_open and kd_mix_open_read,
+ * KD_ENOTFOUND (no held-out sample with an ok row).
+ */
+int kd_train_kd_evaluate(const char *ckpt_path, const char *mix_dir, kd_train_kd_eval_opts *o,
+                         kd_train_kd_eval *out, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
 /* Progress text (progress.c)                                                */

@@ -22,6 +22,7 @@ static const struct {
     {"teacher", kd_cmd_teacher, "ask the configured teacher one prompt through the cache"},
     {"cache", kd_cmd_cache, "teacher cache: stats, verify, rebuild, export, gc"},
     {"serve", kd_cmd_serve, "serve a kdkit model over an OpenAI-compatible HTTP API"},
+    {"eval", kd_cmd_eval, "score a distilled student on a mix's held-out split"},
 };
 
 static void usage(FILE *f)

@@ -836,7 +836,7 @@ static json_t *kd_numbers(json_t *root, const kd_train_config *c)
 }
 
 int kd_train_config_kd_identity_json(const kd_train_config *c, const char *source_identity,
-                                     char **json_out, kd_err *e)
+                                     int64_t mix_ok_rows, char **json_out, kd_err *e)
 {
     if (!c->kd.enabled)
         return kd_err_set(e, KD_EINVAL, "identity: the config has no kd section");
@@ -848,6 +848,8 @@ int kd_train_config_kd_identity_json(const kd_train_config *c, const char *sourc
     json_t *k = kd_numbers(root, c);
     json_object_set_new(k, c->kd.source == KD_TRAIN_KD_ONLINE ? "prompts_sha256" : "mix_identity",
                         source_identity ? json_string(source_identity) : json_null());
+    if (c->kd.source == KD_TRAIN_KD_MIX)
+        json_object_set_new(k, "mix_ok_rows", json_integer(mix_ok_rows));
     if (c->teacher_json) {
         json_t *t = json_loads(c->teacher_json, 0, NULL);
         json_object_set(root, "teacher", json_object_get(t, "teacher"));

@@ -22,8 +22,20 @@
  *   corpus_sha256  SHA-256 hex of the joined corpus; corpus_bytes its size
  *   config         the run's identity config (JSON text)
  *
+ * Distillation (a kd: section): samples come from kd_source.c (a mix's rows
+ * or a prompt file asked online); sample k of the stream is mix/prompt
+ * index perm_e(k mod N) (the same keyed permutation as pretraining, over
+ * all N indices); held-out indices (kd_kd_heldout) and rows without a usable
+ * answer are passed over, so a step consumes B usable samples and the
+ * dataset position counts every index visited.  The loss is ce_weight * CE
+ * on the completion bytes + kd_weight * the KD term on the teacher's
+ * projected targets; the checkpoint's "kd_source" metadata holds the mix
+ * identity (or the prompt file's SHA-256) instead of corpus_sha256.
+ *
  * eval.jsonl (kdkit train's own journal in the output directory) gets one
- * line per validation: {"step":S,"val_loss":x,"batches":n,"timestamp":t};
+ * line per validation: {"step":S,"val_loss":x,"batches":n,"timestamp":t}
+ * (distillation adds student_bpb, teacher_bpb, gap, first_byte_agreement,
+ * kl_bucket, samples, bytes);
  * it is synced before each checkpoint is recorded, and on resume the lines
  * after the resume step move to eval.rewound.jsonl, as metrics lines do.
  */
@@ -44,6 +56,7 @@
 #include "kdkit/model.h"
 #include "kdkit/tracker.h"
 #include "kdkit/train.h"
+#include "train_int.h"
 
 #define TRAIN_FORMAT "1"
 #define STREAM_INIT 0  /* kd_rng_seed_stream(seed, .): weight initialisation */
@@ -72,6 +85,13 @@ typedef struct run {
     size_t nviews;
     double next_progress;
     int summary_taken;
+    /* distillation */
+    int kd;
+    kd_kdsrc *src;
+    kd_teacher *teacher;
+    char *teacher_storage;
+    kd_kdwin win;
+    double last_kd, last_ce;
 } run;
 
 /* ------------------------------------------------------------------------ */
@@ -159,6 +179,35 @@ static int check_corpus(run *r)
         return KD_OK;
     json_t *s = json_loadb(text, len, 0, NULL);
     free(text);
+    if (r->kd) {
+        json_t *k = json_object_get(json_object_get(s, "config"), "kd");
+        int online = r->c->kd.source == KD_TRAIN_KD_ONLINE;
+        const char *was = json_string_value(json_object_get(k, online ? "prompts_sha256"
+                                                                      : "mix_identity"));
+        json_int_t was_ok = json_integer_value(json_object_get(k, "mix_ok_rows"));
+        const char *now = kd_kdsrc_identity(r->src);
+        int rc = KD_OK;
+        if (was && strcmp(was, now) != 0)
+            rc = kd_err_set(r->e, KD_EMISMATCH,
+                            "the %s changed: the run in %s was distilled from %s %s, but %s "
+                            "(%s) now has %s %s. Use the original %s, or start a new run with "
+                            "another --output-dir",
+                            online ? "prompt file" : "mix", r->o->output_dir,
+                            online ? "a prompt file with SHA-256" : "a mix with identity", was,
+                            online ? "kd.prompts" : "kd.mix",
+                            online ? r->c->kd.prompts : r->c->kd.mix,
+                            online ? "SHA-256" : "identity", now, online ? "file" : "mix");
+        else if (was && !online && was_ok != kd_kdsrc_ok_rows(r->src))
+            rc = kd_err_set(r->e, KD_EMISMATCH,
+                            "the mix changed: the run in %s was distilled from %lld usable rows "
+                            "of %s, which now has %lld (rows retried or added since). Resume "
+                            "with the mix as it was, or start a new run with another "
+                            "--output-dir",
+                            r->o->output_dir, (long long)was_ok, r->c->kd.mix,
+                            (long long)kd_kdsrc_ok_rows(r->src));
+        json_decref(s);
+        return rc;
+    }
     json_t *d = json_object_get(json_object_get(s, "config"), "data");
     const char *was = json_string_value(json_object_get(d, "corpus_sha256"));
     json_int_t was_bytes = json_integer_value(json_object_get(d, "corpus_bytes"));
@@ -286,6 +335,17 @@ static int build_model(run *r)
     r->y = malloc(tokens);
     if (!r->views || !r->x || !r->y)
         return kd_err_set(r->e, KD_ENOMEM, "out of memory");
+    if (r->kd) {
+        r->win.x = r->x;
+        r->win.y = r->y;
+        r->win.mask = malloc(tokens);
+        r->win.ids = malloc(tokens * KD_E * sizeof(int32_t));
+        r->win.lp = malloc(tokens * KD_E * sizeof(float));
+        r->win.other = malloc(tokens * sizeof(float));
+        r->win.tok_start = malloc(tokens);
+        if (!r->win.mask || !r->win.ids || !r->win.lp || !r->win.other || !r->win.tok_start)
+            return kd_err_set(r->e, KD_ENOMEM, "out of memory");
+    }
     memcpy(r->views, pv, np * sizeof *pv);
     memcpy(r->views + np, ov, no * sizeof *ov);
     r->nviews = np + no;
@@ -330,8 +390,21 @@ static int load_checkpoint(run *r, const char *path, const kd_ckpt_expect *ex)
     }
     const char *corpus = kd_ckpt_meta(ck, "corpus_sha256");
     const char *cbytes = kd_ckpt_meta(ck, "corpus_bytes");
-    const char *have = kd_train_data_sha256(r->data);
-    if (!corpus || strcmp(corpus, have) != 0) {
+    const char *have = r->kd ? NULL : kd_train_data_sha256(r->data);
+    if (r->kd) {
+        const char *ks = kd_ckpt_meta(ck, "kd_source");
+        if (!ks || strcmp(ks, kd_kdsrc_identity(r->src)) != 0) {
+            rc = kd_err_set(r->e, KD_EMISMATCH,
+                            "cannot resume: %s was distilled from %s %s, but this run's %s has "
+                            "%s. Use the original one, or start a new run with another "
+                            "--output-dir",
+                            path, r->c->kd.source == KD_TRAIN_KD_ONLINE ? "prompts" : "mix",
+                            ks ? ks : "(none: not a distillation checkpoint)",
+                            r->c->kd.source == KD_TRAIN_KD_ONLINE ? "kd.prompts" : "kd.mix",
+                            kd_kdsrc_identity(r->src));
+            goto out;
+        }
+    } else if (!corpus || strcmp(corpus, have) != 0) {
         rc = kd_err_set(r->e, KD_EMISMATCH,
                         "cannot resume: %s was trained on a corpus with SHA-256 %s (%s bytes), "
                         "but data.path (%s) now holds one with SHA-256 %s (%lld bytes). Restore "
@@ -522,7 +595,7 @@ static int checkpoint(run *r, const char *reason_tag)
     kd_rng_to_string(&r->rng, rng, sizeof rng);
     kd_lr_to_string(&r->sched, r->step, lr, sizeof lr);
     kd_gpt_config_to_string(&c->model, model, sizeof model);
-    snprintf(cbytes, sizeof cbytes, "%lld", (long long)kd_train_data_bytes(r->data));
+    snprintf(cbytes, sizeof cbytes, "%lld", r->kd ? 0LL : (long long)kd_train_data_bytes(r->data));
     kd_ckpt_state st = {
         .step = r->step,
         .dataset_position = r->pos,
@@ -538,9 +611,11 @@ static int checkpoint(run *r, const char *reason_tag)
     int rc = kd_ckpt_meta_add(&ms, "kdkit_train", TRAIN_FORMAT);
     if (rc == KD_OK)
         rc = kd_ckpt_meta_add(&ms, "model", model);
-    if (rc == KD_OK)
+    if (rc == KD_OK && r->kd)
+        rc = kd_ckpt_meta_add(&ms, "kd_source", kd_kdsrc_identity(r->src));
+    if (rc == KD_OK && !r->kd)
         rc = kd_ckpt_meta_add(&ms, "corpus_sha256", kd_train_data_sha256(r->data));
-    if (rc == KD_OK)
+    if (rc == KD_OK && !r->kd)
         rc = kd_ckpt_meta_add(&ms, "corpus_bytes", cbytes);
     if (rc == KD_OK)
         rc = kd_ckpt_meta_add(&ms, "config", r->identity);
@@ -593,9 +668,57 @@ static int checkpoint(run *r, const char *reason_tag)
     return KD_OK;
 }
 
+/* Distillation metrics on the first eval.batches x batch_size held-out
+   samples, into eval.jsonl. */
+static int validate_kd(run *r)
+{
+    const kd_train_config *c = r->c;
+    kd_train_kd_eval ev;
+    int rc = kd_kd_evaluate(r->m, r->src, c->kd.eval_fraction, c->eval_batches * c->batch_size,
+                            c->batch_size, c->model.n_ctx, &ev, r->e);
+    if (rc == KD_ENOTFOUND) {
+        say(r, KD_TRAIN_EV_WARN, "validation skipped: %s", r->e->msg);
+        return KD_OK;
+    }
+    if (rc != KD_OK)
+        return wrap_err(r->e, rc, "validation: ", "");
+    r->last_val = ev.ce;
+    json_t *j = json_object();
+    json_object_set_new(j, "step", json_integer(r->step));
+    json_object_set_new(j, "val_loss", isfinite(ev.ce) ? json_real(ev.ce) : json_null());
+    json_object_set_new(j, "batches", json_integer((ev.samples + c->batch_size - 1) / c->batch_size));
+    json_object_set_new(j, "samples", json_integer(ev.samples));
+    json_object_set_new(j, "bytes", json_integer(ev.bytes));
+#define PUTD(k, v) json_object_set_new(j, k, isfinite(v) ? json_real(v) : json_null())
+    PUTD("student_bpb", ev.student_bpb);
+    PUTD("teacher_bpb", ev.teacher_bpb);
+    PUTD("gap", ev.gap);
+    PUTD("first_byte_agreement", ev.first_byte_agreement);
+    PUTD("kl_bucket", ev.kl_bucket);
+#undef PUTD
+    json_object_set_new(j, "timestamp", json_real(kd_now()));
+    char *line = json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(17));
+    json_decref(j);
+    if (!line)
+        return kd_err_set(r->e, KD_ENOMEM, "out of memory");
+    rc = kd_jsonl_append(r->evalj, line, strlen(line), r->e);
+    free(line);
+    if (rc != KD_OK)
+        return rc;
+    say(r, KD_TRAIN_EV_INFO,
+        "eval at step %lld: student %.4f bits/byte, teacher %.4f, gap %.4f, first-byte "
+        "agreement %.3f, KL %.4f (%lld held-out samples)",
+        (long long)r->step, ev.student_bpb, ev.teacher_bpb, ev.gap, ev.first_byte_agreement,
+        ev.kl_bucket, (long long)ev.samples);
+    event(r, KD_TRAIN_EV_EVAL, NULL);
+    return KD_OK;
+}
+
 static int validate(run *r)
 {
     const kd_train_config *c = r->c;
+    if (r->kd)
+        return validate_kd(r);
     const int B = c->batch_size, T = c->model.n_ctx;
     double sum = 0;
     int64_t n = 0;
@@ -635,16 +758,74 @@ static int validate(run *r)
 /* ------------------------------------------------------------------------ */
 /* The loop                                                                  */
 
+/* B usable training samples from the stream at r->pos (which advances past
+   every index visited). */
+static int kd_batch(run *r)
+{
+    const kd_train_config *c = r->c;
+    const int64_t N = kd_kdsrc_total(r->src);
+    int64_t passed = 0;
+    for (int b = 0; b < c->batch_size;) {
+        if (passed > N)
+            return kd_err_set(r->e, KD_ECONFIG,
+                              "%s holds no usable training sample (every index is held out or "
+                              "has no ok row)",
+                              c->kd.source == KD_TRAIN_KD_ONLINE ? c->kd.prompts : c->kd.mix);
+        int64_t k = r->pos++;
+        int64_t i = (int64_t)kd_train_perm(c->seed, (uint64_t)(k / N), (uint64_t)N,
+                                           (uint64_t)(k % N));
+        if (kd_kd_heldout(i, c->kd.eval_fraction)) {
+            passed++;
+            continue;
+        }
+        kd_kdwin_info info;
+        int rc = kd_kdsrc_fill(r->src, i, c->model.n_ctx, c->kd.tail, c->kd.mask_prompt, &r->win,
+                               (size_t)b, &info, r->e);
+        if (rc == KD_ENOTFOUND) {
+            passed++;
+            continue;
+        }
+        if (rc != KD_OK) {
+            r->pos--; /* this index was not consumed */
+            return rc;
+        }
+        passed = 0;
+        b++;
+    }
+    return KD_OK;
+}
+
 static int one_step(run *r)
 {
     const kd_train_config *c = r->c;
     const int B = c->batch_size, T = c->model.n_ctx;
-    kd_train_data_batch(r->data, r->pos, B, r->x, r->y);
+    int64_t pos0 = r->pos;
+    int rc = KD_OK;
+    if (r->kd)
+        rc = kd_batch(r);
+    else
+        kd_train_data_batch(r->data, r->pos, B, r->x, r->y);
+    if (rc != KD_OK) {
+        r->pos = pos0;
+        return rc;
+    }
     kd_gpt_zero_grad(r->m);
-    int rc = kd_gpt_forward(r->m, r->x, B, T, r->e);
-    /* The distillation terms slot in here: kd_weight > 0 with the teacher's
-       top-k ids and log-probs for these positions. */
+    rc = kd_gpt_forward(r->m, r->x, B, T, r->e);
     kd_gpt_loss_spec sp = {.targets = r->y, .ce_weight = 1.0f, .kd_weight = 0.0f};
+    if (r->kd) {
+        sp.mask = r->win.mask;
+        sp.ce_weight = (float)c->kd.ce_weight;
+        sp.teacher_ids = r->win.ids;
+        sp.teacher_logprobs = r->win.lp;
+        sp.teacher_k = KD_E;
+        sp.kd_weight = (float)c->kd.kd_weight;
+        sp.temperature = (float)c->kd.temperature;
+        sp.kd_tail = c->kd.tail == KD_DISTILL_TAIL_BUCKET ? KD_GPT_TAIL_BUCKET : KD_GPT_TAIL_RENORM;
+        sp.teacher_other = c->kd.tail == KD_DISTILL_TAIL_BUCKET ? r->win.other : NULL;
+        sp.kd_divergence = c->kd.divergence;
+        sp.kd_div_param = (float)(c->kd.divergence == KD_GPT_DIV_SKEW ? c->kd.skew_lambda
+                                                                       : c->kd.jsd_beta);
+    }
     kd_gpt_loss_out lo;
     if (rc == KD_OK)
         rc = kd_gpt_loss(r->m, &sp, &lo, r->e);
@@ -663,7 +844,8 @@ static int one_step(run *r)
             (long long)r->step + 1, norm);
     }
     r->step++;
-    r->pos += B;
+    if (!r->kd)
+        r->pos += B;
     r->last_loss = lo.total;
     r->last_lr = lr;
     kd_metrics m;
@@ -671,9 +853,14 @@ static int one_step(run *r)
     m.step = r->step;
     m.loss = lo.total;
     m.loss_ce = lo.ce;
+    if (r->kd) {
+        /* the intermediate term is not part of this version's loss: 0 */
+        m.loss_kd = lo.kd;
+        m.loss_intermediate = 0.0;
+    }
     m.learning_rate = lr;
-    m.samples_processed = r->pos;
-    m.tokens_processed = r->pos * T;
+    m.samples_processed = r->kd ? r->step * B : r->pos;
+    m.tokens_processed = m.samples_processed * T;
     rc = kd_tracker_update_metrics(r->t, &m);
     if (rc != KD_OK)
         return trk_err(r, rc, "recording metrics");
@@ -750,6 +937,56 @@ static int loop(run *r)
     return KD_EINTR;
 }
 
+/* Distillation: the sample source and the identity that names it. */
+static int open_kd_source(run *r)
+{
+    const kd_train_config *c = r->c;
+    int rc = c->kd.source == KD_TRAIN_KD_MIX
+                 ? kd_kdsrc_open_mix(&r->src, c->kd.mix, r->e)
+                 : kd_kdsrc_open_online(&r->src, c->kd.prompts, NULL, r->e);
+    if (rc != KD_OK)
+        return rc;
+    int64_t total = kd_kdsrc_total(r->src), done = kd_kdsrc_completed(r->src);
+    if (c->kd.source == KD_TRAIN_KD_MIX) {
+        if (done < total)
+            return kd_err_set(r->e, KD_ESTATE,
+                              "kd.mix: %s has rows for %lld of its %lld samples: finish the mix "
+                              "first (kdkit mix resumes where it stopped), so that what trains "
+                              "does not depend on when training started",
+                              c->kd.mix, (long long)done, (long long)total);
+        say(r, KD_TRAIN_EV_INFO,
+            "mix %s: %lld samples, %lld with an ok row, identity %.16s...; %.0f%% held out "
+            "for evaluation",
+            c->kd.mix, (long long)total, (long long)kd_kdsrc_ok_rows(r->src),
+            kd_kdsrc_identity(r->src), 100.0 * c->kd.eval_fraction);
+    } else {
+        say(r, KD_TRAIN_EV_INFO, "prompts %s: %lld samples, sha256 %.16s...; asked online",
+            c->kd.prompts, (long long)total, kd_kdsrc_identity(r->src));
+    }
+    return kd_train_config_kd_identity_json(c, kd_kdsrc_identity(r->src),
+                                            kd_kdsrc_ok_rows(r->src), &r->identity, r->e);
+}
+
+/* Online: the teacher client on this run's tracker (its paid answers go to
+   this run's api_recovery.jsonl); its cache defaults to the run directory. */
+static int open_teacher(run *r)
+{
+    kd_teacher_config tc;
+    int rc = kd_teacher_config_from_json(r->c->teacher_json, &tc, &r->teacher_storage, r->e);
+    if (rc != KD_OK)
+        return rc;
+    char cache[PATH_MAX];
+    if (!tc.cache_path) {
+        snprintf(cache, sizeof cache, "%s/teacher_cache.sqlite", kd_tracker_dir(r->t));
+        tc.cache_path = cache;
+    }
+    rc = kd_teacher_open(&r->teacher, &tc, r->t, r->e);
+    if (rc != KD_OK)
+        return wrap_err(r->e, rc, "teacher: ", "");
+    kd_kdsrc_set_teacher(r->src, r->teacher);
+    return KD_OK;
+}
+
 int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_result *res,
                  kd_err *e)
 {
@@ -773,6 +1010,13 @@ int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_resu
         goto out;
     }
     kd_gpt_set_threads(c->threads);
+    r.kd = c->kd.enabled;
+    if (r.kd) {
+        rc = open_kd_source(&r);
+        if (rc != KD_OK)
+            goto out;
+        goto opened;
+    }
 
     rc = kd_train_data_open(&r.data, c->data_path, c->model.n_ctx, c->val_fraction, c->seed, r.e);
     if (rc != KD_OK)
@@ -789,9 +1033,12 @@ int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_resu
     if (rc != KD_OK)
         goto out;
 
+opened:
     rc = check_existing(&r);
     if (rc == KD_OK)
         rc = open_tracker(&r);
+    if (rc == KD_OK && r.kd && c->kd.source == KD_TRAIN_KD_ONLINE)
+        rc = open_teacher(&r);
     if (rc == KD_OK)
         rc = build_model(&r);
     if (rc != KD_OK)
@@ -844,6 +1091,22 @@ out:
     }
     res->summary.session_id = res->session_id;
     res->summary.loss_trend = res->loss_trend;
+    if (r.teacher) {
+        int64_t hits, paid;
+        double cost;
+        kd_kdsrc_counts(r.src, &hits, &paid, &cost);
+        say(&r, KD_TRAIN_EV_INFO,
+            "teacher: %lld answer%s from the cache (free), %lld paid this time (%.6f)",
+            (long long)hits, hits == 1 ? "" : "s", (long long)paid, cost);
+        kd_teacher_close(r.teacher);
+    }
+    free(r.teacher_storage);
+    kd_kdsrc_close(r.src);
+    free(r.win.mask);
+    free(r.win.ids);
+    free(r.win.lp);
+    free(r.win.other);
+    free(r.win.tok_start);
     kd_adamw_free(r.opt);
     kd_gpt_free(r.m);
     kd_train_data_free(r.data);

@@ -1,0 +1,398 @@
+/*
+ * src/train/kd_source.c - distillation samples for the training loop and
+ * `kdkit eval`: sample `index` is row `index` of a mix directory (offline,
+ * through the mix reader of kdkit/mix.h) or line `index` of a prompt file
+ * asked through the teacher client (online: cache first, paid answers in
+ * the run's ledger).  Either way the teacher's targets come from the same
+ * stored JSON through the one builder of kdkit/distill.h, so the same
+ * answer gives the same window bit for bit.
+ *
+ * Reads: a mix directory (docs/mix.md), or a prompt file of one JSON object
+ * per line: {"prompt": "..."} or {"messages": [{"role", "content"}, ...]},
+ * optionally "id".  The student-side prompt of a messages line is its
+ * contents joined by "\n" (as kdkit mix stores prompt_text).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "kdkit/core.h"
+#include "kdkit/mix.h"
+#include "core/sb.h"
+#include "train_int.h"
+
+#define MAX_PROMPTS_FILE (1ull << 30)
+
+struct kd_kdsrc {
+    kd_mix *mix;
+    /* online */
+    kd_teacher *teacher;
+    char *ptext;
+    size_t plen;
+    size_t *line_off;            /* [nlines + 1] */
+    int64_t nlines;
+    char path[4096];
+    char identity[KD_SHA256_HEX];
+    int64_t hits, paid;
+    double cost;
+    int64_t ok_rows;
+};
+
+int kd_kd_heldout(int64_t index, double fraction)
+{
+    if (fraction <= 0.0)
+        return 0;
+    /* splitmix64 of the index: fixed, so every run and `kdkit eval` agree */
+    uint64_t z = (uint64_t)index + 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * 0x1.0p-53 < fraction;
+}
+
+int kd_kdsrc_open_mix(kd_kdsrc **out, const char *dir, kd_err *e)
+{
+    *out = NULL;
+    kd_kdsrc *s = calloc(1, sizeof *s);
+    if (!s)
+        return kd_err_set(e, KD_ENOMEM, "out of memory");
+    int rc = kd_mix_open_read(&s->mix, dir, e);
+    if (rc != KD_OK) {
+        char m[KD_ERRMSG_MAX];
+        snprintf(m, sizeof m, "%s", e ? e->msg : "");
+        kd_err_set(e, rc, "kd.mix: %s: %s", dir, m);
+        free(s);
+        return rc;
+    }
+    snprintf(s->path, sizeof s->path, "%s", dir);
+    snprintf(s->identity, sizeof s->identity, "%s", kd_mix_identity(s->mix));
+    /* the rows' statuses decide which samples train: their counts, read
+       through the mix's own validator, are part of the run's identity */
+    char pp[4200], *text = NULL;
+    size_t len = 0;
+    snprintf(pp, sizeof pp, "%s/" KD_MIX_PROGRESS_FILE, dir);
+    rc = kd_file_read_all(pp, 1u << 30, &text, &len, e);
+    kd_mix_progress mp;
+    memset(&mp, 0, sizeof mp);
+    if (rc == KD_OK)
+        rc = kd_mix_progress_parse(text, len, pp, &mp, e);
+    free(text);
+    if (rc != KD_OK) {
+        kd_kdsrc_close(s);
+        return rc;
+    }
+    s->ok_rows = mp.counts[KD_MIX_ST_OK];
+    kd_mix_progress_free(&mp);
+    *out = s;
+    return KD_OK;
+}
+
+int kd_kdsrc_open_online(kd_kdsrc **out, const char *prompts_path, kd_teacher *teacher,
+                         kd_err *e)
+{
+    *out = NULL;
+    kd_kdsrc *s = calloc(1, sizeof *s);
+    if (!s)
+        return kd_err_set(e, KD_ENOMEM, "out of memory");
+    s->teacher = teacher;
+    snprintf(s->path, sizeof s->path, "%s", prompts_path);
+    int rc = kd_file_read_all(prompts_path, MAX_PROMPTS_FILE, &s->ptext, &s->plen, e);
+    if (rc != KD_OK) {
+        char m[KD_ERRMSG_MAX];
+        snprintf(m, sizeof m, "%s", e ? e->msg : "");
+        kd_err_set(e, rc == KD_ENOTFOUND ? KD_ECONFIG : rc, "kd.prompts: %s", m);
+        free(s);
+        return rc == KD_ENOTFOUND ? KD_ECONFIG : rc;
+    }
+    kd_sha256_hex(s->ptext, s->plen, s->identity);
+    size_t n = 0;
+    for (size_t i = 0; i < s->plen; i++)
+        n += s->ptext[i] == '\n';
+    if (s->plen && s->ptext[s->plen - 1] != '\n')
+        n++;
+    s->line_off = malloc((n + 1) * sizeof *s->line_off);
+    if (!s->line_off) {
+        kd_kdsrc_close(s);
+        return kd_err_set(e, KD_ENOMEM, "out of memory");
+    }
+    size_t at = 0;
+    s->line_off[0] = 0;
+    for (size_t i = 0; i < s->plen; i++)
+        if (s->ptext[i] == '\n')
+            s->line_off[++at] = i + 1;
+    if (at < n)
+        s->line_off[++at] = s->plen + 1; /* last line without newline */
+    s->nlines = (int64_t)n;
+    if (n == 0) {
+        kd_kdsrc_close(s);
+        return kd_err_set(e, KD_ECONFIG, "kd.prompts: %s holds no prompt", prompts_path);
+    }
+    *out = s;
+    return KD_OK;
+}
+
+void kd_kdsrc_close(kd_kdsrc *s)
+{
+    if (!s)
+        return;
+    kd_mix_close(s->mix);
+    free(s->ptext);
+    free(s->line_off);
+    free(s);
+}
+
+void kd_kdsrc_set_teacher(kd_kdsrc *s, kd_teacher *teacher)
+{
+    s->teacher = teacher;
+}
+
+int64_t kd_kdsrc_ok_rows(const kd_kdsrc *s)
+{
+    return s->mix ? s->ok_rows : -1;
+}
+
+const char *kd_kdsrc_identity(const kd_kdsrc *s)
+{
+    return s->identity;
+}
+
+int64_t kd_kdsrc_total(const kd_kdsrc *s)
+{
+    return s->mix ? kd_mix_total(s->mix) : s->nlines;
+}
+
+int64_t kd_kdsrc_completed(const kd_kdsrc *s)
+{
+    return s->mix ? kd_mix_completed(s->mix) : s->nlines;
+}
+
+void kd_kdsrc_counts(const kd_kdsrc *s, int64_t *hits, int64_t *paid, double *cost)
+{
+    *hits = s->hits;
+    *paid = s->paid;
+    *cost = s->cost;
+}
+
+/* ------------------------------------------------------------------------ */
+/* One sample                                                                */
+
+typedef struct sample {
+    char *prompt;       /* student-side prompt bytes (malloc'd) */
+    size_t plen;
+    kd_distill_targets tg;
+    int have_targets;
+    uint8_t *completion; /* when no targets: the text alone */
+    size_t clen;
+} sample;
+
+static void sample_free(sample *sm)
+{
+    free(sm->prompt);
+    free(sm->completion);
+    kd_distill_targets_free(&sm->tg);
+}
+
+/* Targets of an answer, fitted to its text; without usable logprobs, the
+   text alone (CE only). */
+static int take_answer(sample *sm, int from_body, const char *json, size_t jlen,
+                       const char *text, size_t tlen, kd_err *e)
+{
+    kd_err te;
+    int rc = KD_ECORRUPT;
+    if (json)
+        rc = from_body ? kd_distill_targets_from_body(json, jlen, &sm->tg, &te)
+                       : kd_distill_targets_from_json(json, jlen, &sm->tg, &te);
+    if (rc == KD_OK)
+        rc = kd_distill_targets_fit(&sm->tg, (const uint8_t *)text, tlen, &te);
+    if (rc == KD_OK) {
+        sm->have_targets = 1;
+        return KD_OK;
+    }
+    kd_distill_targets_free(&sm->tg);
+    sm->completion = malloc(tlen ? tlen : 1);
+    if (!sm->completion)
+        return kd_err_set(e, KD_ENOMEM, "out of memory");
+    if (tlen)
+        memcpy(sm->completion, text, tlen);
+    sm->clen = tlen;
+    return KD_OK;
+}
+
+static int load_mix(kd_kdsrc *s, int64_t index, sample *sm, kd_err *e)
+{
+    kd_mix_row row;
+    int rc = kd_mix_row_get(s->mix, index, &row, e);
+    if (rc != KD_OK)
+        return rc;
+    if (strcmp(row.status, "ok") != 0 || !row.completion)
+        return KD_ENOTFOUND;
+    sm->prompt = malloc(row.prompt_len ? row.prompt_len : 1);
+    if (!sm->prompt)
+        return kd_err_set(e, KD_ENOMEM, "out of memory");
+    if (row.prompt_len)
+        memcpy(sm->prompt, row.prompt_text, row.prompt_len);
+    sm->plen = row.prompt_len;
+    return take_answer(sm, 0, row.logprobs_json,
+                       row.logprobs_json ? strlen(row.logprobs_json) : 0, row.completion,
+                       row.completion_len, e);
+}
+
+static int load_online(kd_kdsrc *s, int64_t index, sample *sm, kd_err *e)
+{
+    if (index < 0 || index >= s->nlines)
+        return KD_ENOTFOUND;
+    size_t a = s->line_off[index], b = s->line_off[index + 1] - 1;
+    json_error_t je;
+    json_t *j = json_loadb(s->ptext + a, b - a, 0, &je);
+    json_t *p = json_object_get(j, "prompt"), *msgs = json_object_get(j, "messages");
+    if (!json_is_object(j) || (!json_is_string(p) && !json_is_array(msgs))) {
+        json_decref(j);
+        return kd_err_set(e, KD_ECORRUPT,
+                          "kd.prompts: %s line %lld: expected a JSON object with \"prompt\" (a "
+                          "string) or \"messages\" (a list)",
+                          s->path, (long long)index + 1);
+    }
+    kd_sb sb;
+    kd_sb_init(&sb, 0);
+    char *messages_json = NULL;
+    if (json_is_string(p)) {
+        kd_sb_put(&sb, json_string_value(p), json_string_length(p));
+    } else {
+        size_t i;
+        json_t *m;
+        json_array_foreach(msgs, i, m)
+        {
+            json_t *c = json_object_get(m, "content");
+            if (!json_is_string(c) || !json_is_string(json_object_get(m, "role"))) {
+                kd_sb_free(&sb);
+                json_decref(j);
+                return kd_err_set(e, KD_ECORRUPT,
+                                  "kd.prompts: %s line %lld: messages[%zu]: expected role and "
+                                  "content strings",
+                                  s->path, (long long)index + 1, i);
+            }
+            if (i)
+                kd_sb_put(&sb, "\n", 1);
+            kd_sb_put(&sb, json_string_value(c), json_string_length(c));
+        }
+        messages_json = json_dumps(msgs, JSON_COMPACT);
+    }
+    int rc = kd_sb_error(&sb) ? kd_err_set(e, KD_ENOMEM, "out of memory") : KD_OK;
+    if (rc == KD_OK) {
+        sm->plen = sb.len;
+        sm->prompt = kd_sb_take(&sb);
+        if (!sm->prompt)
+            sm->prompt = calloc(1, 1);
+    }
+    kd_teacher_request req = {.sample_index = index};
+    if (messages_json)
+        req.messages_json = messages_json;
+    else
+        req.prompt = sm->prompt;
+    kd_teacher_result res;
+    memset(&res, 0, sizeof res);
+    if (rc == KD_OK) {
+        rc = kd_teacher_ask(s->teacher, &req, &res);
+        if (rc != KD_OK) {
+            rc = kd_err_set(e, rc, "teacher, prompt %lld of %s: %s", (long long)index + 1, s->path,
+                            res.errmsg);
+        } else {
+            if (res.cache_hit)
+                s->hits++;
+            else
+                s->paid++;
+            s->cost += res.cost;
+            rc = take_answer(sm, 1, res.body, strlen(res.body), res.text ? res.text : "",
+                             res.text ? strlen(res.text) : 0, e);
+        }
+    }
+    kd_teacher_result_free(&res);
+    free(messages_json);
+    kd_sb_free(&sb);
+    json_decref(j);
+    return rc;
+}
+
+int kd_kdsrc_fill(kd_kdsrc *s, int64_t index, int T, int tail, int mask_prompt, kd_kdwin *w,
+                  size_t b, kd_kdwin_info *info, kd_err *e)
+{
+    sample sm;
+    memset(&sm, 0, sizeof sm);
+    memset(info, 0, sizeof *info);
+    int rc = s->mix ? load_mix(s, index, &sm, e) : load_online(s, index, &sm, e);
+    if (rc != KD_OK) {
+        sample_free(&sm);
+        return rc;
+    }
+    const uint8_t *comp = sm.have_targets ? sm.tg.bytes : sm.completion;
+    size_t clen = sm.have_targets ? sm.tg.len : sm.clen;
+    static const char nul = '\0';
+    const uint8_t *ctx = sm.plen ? (const uint8_t *)sm.prompt : (const uint8_t *)&nul;
+    size_t P = sm.plen ? sm.plen : 1;
+    size_t L = P + clen;
+    size_t start = 0;
+    if (L > (size_t)T + 1) {
+        start = L - ((size_t)T + 1);
+        if (start > P - 1)
+            start = P - 1; /* keep one context byte; the completion loses its end */
+    }
+    uint8_t *x = w->x + b * (size_t)T, *y = w->y + b * (size_t)T, *mk = w->mask + b * (size_t)T;
+    int32_t *ids = w->ids + b * (size_t)T * KD_E;
+    float *lp = w->lp + b * (size_t)T * KD_E, *oth = w->other + b * (size_t)T;
+    uint8_t *ts = w->tok_start + b * (size_t)T;
+    size_t tok = 0; /* token containing the current completion byte */
+    for (int i = 0; i < T; i++) {
+        size_t at = start + (size_t)i; /* x's byte in the sequence */
+        x[i] = at < L ? (at < P ? ctx[at] : comp[at - P]) : 0;
+        size_t nx = at + 1;
+        y[i] = nx < L ? (nx < P ? ctx[nx] : comp[nx - P]) : 0;
+        mk[i] = 0;
+        ts[i] = 0;
+        oth[i] = 0.0f;
+        for (int k = 0; k < KD_E; k++) {
+            ids[(size_t)i * KD_E + k] = -1;
+            lp[(size_t)i * KD_E + k] = 0.0f;
+        }
+        if (nx >= L)
+            continue;
+        if (nx < P) {
+            mk[i] = !mask_prompt;
+            continue;
+        }
+        size_t m = nx - P; /* completion byte predicted here */
+        mk[i] = 1;
+        info->completion_bytes++;
+        if (!sm.have_targets)
+            continue;
+        while (tok < sm.tg.ntokens && sm.tg.token_end[tok] <= m)
+            tok++;
+        size_t tstart = tok ? sm.tg.token_end[tok - 1] : 0;
+        ts[i] = m == tstart;
+        int n = kd_distill_target_to_loss(&sm.tg.t[m], tail, ids + (size_t)i * KD_E,
+                                          lp + (size_t)i * KD_E, &oth[i]);
+        if (n > 0 || oth[i] > 0.0f)
+            info->kd_positions++;
+    }
+    if (sm.have_targets) {
+        /* teacher's own rate: the tokens wholly inside the predicted bytes */
+        size_t m0 = start + 1 > P ? start + 1 - P : 0;
+        size_t m1 = start + (size_t)T + 1 < L ? start + (size_t)T + 1 - P : clen;
+        for (size_t k = 0; k < sm.tg.ntokens; k++) {
+            size_t ts0 = k ? sm.tg.token_end[k - 1] : 0, te = sm.tg.token_end[k];
+            if (ts0 < m0 || te > m1 || te == ts0)
+                continue;
+            double l = sm.tg.token_logprob[k];
+            if (!(l > KD_DISTILL_LOGPROB_FLOOR))
+                continue;
+            info->teacher_logprob += l;
+            info->teacher_bytes += (int64_t)(te - ts0);
+        }
+    } else {
+        info->no_targets = 1;
+    }
+    sample_free(&sm);
+    return KD_OK;
+}

@@ -1,0 +1,81 @@
+/*
+ * src/train/train_int.h - internal interface of the train layer between the
+ * loop (train.c), the distillation sample source (kd_source.c) and the
+ * distillation metrics (kd_eval.c).  Not installed.
+ */
+#ifndef KDKIT_TRAIN_INT_H
+#define KDKIT_TRAIN_INT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kdkit/distill.h"
+#include "kdkit/error.h"
+#include "kdkit/model.h"
+#include "kdkit/teacher.h"
+#include "kdkit/train.h"
+
+#define KD_E KD_DISTILL_MAX_ENTRIES
+
+/* Where distillation samples come from: the rows of a mix (offline) or the
+   lines of a prompt file asked through a teacher (online). */
+typedef struct kd_kdsrc kd_kdsrc;
+
+/* Offline: open the mix directory read-only. */
+int kd_kdsrc_open_mix(kd_kdsrc **out, const char *dir, kd_err *e);
+/* Online: read the prompt file; `teacher` (borrowed) answers each prompt. */
+int kd_kdsrc_open_online(kd_kdsrc **out, const char *prompts_path, kd_teacher *teacher,
+                         kd_err *e);
+void kd_kdsrc_close(kd_kdsrc *s);
+/* Online: the teacher that answers (opened after the run's tracker). */
+void kd_kdsrc_set_teacher(kd_kdsrc *s, kd_teacher *teacher);
+/* Offline: rows whose status is ok (from mix_progress.json), -1 online. */
+int64_t kd_kdsrc_ok_rows(const kd_kdsrc *s);
+/* Mix identity (kd_mix_identity) or the prompt file's SHA-256. */
+const char *kd_kdsrc_identity(const kd_kdsrc *s);
+/* Samples (prompt-file lines); rows present (offline); source label. */
+int64_t kd_kdsrc_total(const kd_kdsrc *s);
+int64_t kd_kdsrc_completed(const kd_kdsrc *s);
+/* Online: requests answered from the cache / paid so far by this source. */
+void kd_kdsrc_counts(const kd_kdsrc *s, int64_t *hits, int64_t *paid, double *cost);
+
+/* One sample laid out as a window of T predictions. */
+typedef struct kd_kdwin {
+    uint8_t *x, *y, *mask;       /* [T]: input bytes, next bytes, loss mask */
+    int32_t *ids;                /* [T * KD_E]: teacher entries, -1 padding */
+    float *lp;                   /* [T * KD_E]: their log-probs */
+    float *other;                /* [T]: the bucket */
+    uint8_t *tok_start;          /* [T]: 1 where y is the first byte of a teacher token */
+} kd_kdwin;
+
+typedef struct kd_kdwin_info {
+    int64_t completion_bytes;    /* completion bytes predicted in the window */
+    int64_t kd_positions;        /* positions with teacher targets */
+    double teacher_logprob;      /* chosen-token log-probs of tokens wholly in the window */
+    int64_t teacher_bytes;       /* bytes of those tokens */
+    int no_targets;              /* 1: the answer had no usable logprobs (CE only) */
+} kd_kdwin_info;
+
+/*
+ * Fill one window (T predictions) from sample `index`: the prompt (a NUL
+ * byte when empty) then the completion, cut to fit (the prompt loses bytes
+ * from its start first, the completion from its end), padding masked.
+ * mask is 1 on completion predictions, and on prompt predictions when
+ * !mask_prompt.  KD_ENOTFOUND when the sample has no usable row (status not
+ * ok, or no row yet): the caller skips it.  Online, errors of the teacher
+ * come back as their code with its message.
+ */
+int kd_kdsrc_fill(kd_kdsrc *s, int64_t index, int T, int tail, int mask_prompt, kd_kdwin *w,
+                  size_t b, kd_kdwin_info *info, kd_err *e);
+
+/* The held-out split: 1 when sample `index` is held out (never trained). */
+int kd_kd_heldout(int64_t index, double fraction);
+
+/*
+ * Score the model on the first `max_samples` held-out samples (in index
+ * order), B at a time with windows of T.  Unusable samples are skipped.
+ */
+int kd_kd_evaluate(kd_gpt *m, kd_kdsrc *s, double eval_fraction, int64_t max_samples, int B,
+                   int T, kd_train_kd_eval *out, kd_err *e);
+
+#endif
