@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
 #include "cli/cli.h"
 #include "kdkit/train.h"
 
@@ -33,28 +35,6 @@ static void usage(FILE *f)
             "Figures (docs/training.md, \"Evaluation\"): student and teacher bits per byte on\n"
             "the teacher's completions and their gap, first-byte top-1 agreement, and the\n"
             "forward KL over the teacher's top-k bytes plus the other bucket.\n");
-}
-
-static void jnum(const char *k, double v, int last)
-{
-    if (isfinite(v))
-        printf("\"%s\":%.17g%s", k, v, last ? "" : ",");
-    else
-        printf("\"%s\":null%s", k, last ? "" : ",");
-}
-
-static void jstr(const char *k, const char *v)
-{
-    printf("\"%s\":\"", k);
-    for (const unsigned char *p = (const unsigned char *)v; *p; p++) {
-        if (*p == '"' || *p == '\\')
-            printf("\\%c", *p);
-        else if (*p < 0x20)
-            printf("\\u%04x", *p);
-        else
-            putchar(*p);
-    }
-    printf("\",");
 }
 
 int kd_cmd_eval(int argc, char **argv)
@@ -114,17 +94,27 @@ int kd_cmd_eval(int argc, char **argv)
     if (o.warning[0])
         fprintf(stderr, "kdkit eval: warning: %s\n", o.warning);
     if (json) {
-        printf("{");
-        jstr("checkpoint", ckpt);
-        jstr("mix", mix);
-        printf("\"samples\":%lld,\"bytes\":%lld,", (long long)ev.samples, (long long)ev.bytes);
-        jnum("student_bpb", ev.student_bpb, 0);
-        jnum("teacher_bpb", ev.teacher_bpb, 0);
-        jnum("gap", ev.gap, 0);
-        jnum("first_byte_agreement", ev.first_byte_agreement, 0);
-        jnum("kl_bucket", ev.kl_bucket, 0);
-        jnum("val_loss", ev.ce, 1);
-        printf("}\n");
+        json_t *j = json_object();
+        json_object_set_new(j, "checkpoint", json_string(ckpt));
+        json_object_set_new(j, "mix", json_string(mix));
+        json_object_set_new(j, "samples", json_integer(ev.samples));
+        json_object_set_new(j, "bytes", json_integer(ev.bytes));
+#define PUTD(k, v) json_object_set_new(j, k, isfinite(v) ? json_real(v) : json_null())
+        PUTD("student_bpb", ev.student_bpb);
+        PUTD("teacher_bpb", ev.teacher_bpb);
+        PUTD("gap", ev.gap);
+        PUTD("first_byte_agreement", ev.first_byte_agreement);
+        PUTD("kl_bucket", ev.kl_bucket);
+        PUTD("val_loss", ev.ce);
+#undef PUTD
+        char *out = json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(17));
+        json_decref(j);
+        if (!out) {
+            kd_cli_error("eval", "out of memory");
+            return 1;
+        }
+        printf("%s\n", out);
+        free(out);
     } else {
         printf("held-out samples     %lld (%lld completion bytes) of %s\n", (long long)ev.samples,
                (long long)ev.bytes, mix);

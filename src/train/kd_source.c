@@ -256,7 +256,7 @@ static int load_online(kd_kdsrc *s, int64_t index, sample *sm, kd_err *e)
                           s->path, (long long)index + 1);
     }
     kd_sb sb;
-    kd_sb_init(&sb, 0);
+    kd_sb_init(&sb, 64u << 20);
     char *messages_json = NULL;
     if (json_is_string(p)) {
         kd_sb_put(&sb, json_string_value(p), json_string_length(p));
