@@ -23,6 +23,7 @@ static const struct {
     {"cache", kd_cmd_cache, "teacher cache: stats, verify, rebuild, export, gc"},
     {"serve", kd_cmd_serve, "serve a kdkit model over an OpenAI-compatible HTTP API"},
     {"eval", kd_cmd_eval, "score a distilled student on a mix's held-out split"},
+    {"mix", kd_cmd_mix, "build the KD dataset of a prompt file through the teacher, resumable"},
 };
 
 static void usage(FILE *f)
