@@ -5,9 +5,12 @@
 #                printed
 #   make build   optimised build in build/ (bin: build/kdkit)
 #   make bench   run the benchmarks in bench/ (installs the peers first)
-#   make run     the main job: a short pretraining on the built-in defaults
-#                (about a minute on 2 cores) into training_progress/, then
-#                its status; run it again after Ctrl-C and it resumes
+#   make run     the main job: the whole distillation pipeline on built-in
+#                defaults into kd_run/ (scripts/kd_pipeline.sh: a teacher
+#                GPT trained, served on loopback, a KD mix made through it,
+#                a smaller student distilled from the mix, status and eval;
+#                about 5 minutes on 2 cores); run it again and every stage
+#                resumes or is reused, paying nothing twice
 JOBS ?= 2
 
 .PHONY: all deps build test test-asan clang-check release-check bench run clean
@@ -45,11 +48,7 @@ bench: deps
 	@./bench/run.sh build
 
 run: build
-	@if [ -e training_progress/session.json ]; then resume="--resume auto"; else resume=""; fi; \
-	  echo "+ build/kdkit train --config configs/default.yaml --output-dir training_progress $$resume"; \
-	  build/kdkit train --config configs/default.yaml --output-dir training_progress $$resume
-	@echo "+ build/kdkit status training_progress"
-	@build/kdkit status training_progress
+	@./scripts/kd_pipeline.sh build kd_run
 
 clean:
 	rm -rf build build-asan build-clang build-release-check
