@@ -947,6 +947,10 @@ static int open_kd_source(run *r)
     if (rc != KD_OK)
         return rc;
     int64_t total = kd_kdsrc_total(r->src), done = kd_kdsrc_completed(r->src);
+    if (total < 1)
+        return kd_err_set(r->e, KD_ECONFIG, "%s: %s holds no sample",
+                          c->kd.source == KD_TRAIN_KD_MIX ? "kd.mix" : "kd.prompts",
+                          c->kd.source == KD_TRAIN_KD_MIX ? c->kd.mix : c->kd.prompts);
     if (c->kd.source == KD_TRAIN_KD_MIX) {
         if (done < total)
             return kd_err_set(r->e, KD_ESTATE,
