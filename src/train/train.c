@@ -92,6 +92,7 @@ typedef struct run {
     char *teacher_storage;
     kd_kdwin win;
     double last_kd, last_ce;
+    int warned_no_targets;
 } run;
 
 /* ------------------------------------------------------------------------ */
@@ -788,6 +789,13 @@ static int kd_batch(run *r)
         if (rc != KD_OK) {
             r->pos--; /* this index was not consumed */
             return rc;
+        }
+        if (info.no_targets && !r->warned_no_targets) {
+            r->warned_no_targets = 1;
+            say(r, KD_TRAIN_EV_WARN,
+                "sample %lld has no usable teacher logprobs (none, or they do not spell its "
+                "completion): it trains with CE only, as will any other such sample",
+                (long long)i);
         }
         passed = 0;
         b++;
