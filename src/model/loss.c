@@ -12,9 +12,9 @@
  * plus one "rest" class of every other byte; with P and Q the teacher's and
  * the student's class masses and g_c = dL/dQ_c, the chain rule through the
  * softmax gives dL/dz_j = (1/tau) q_j (g_c(j) - sum_c Q_c g_c), and the
- * tau^2 factor of the term leaves tau q_j (g_c(j) - gbar).  Class masses of
- * the student are summed in log space, so a class whose mass underflows
- * float still has a finite log and gradient.
+ * tau^2 factor of the term leaves tau q_j (g_c(j) - gbar).  The student's
+ * softmax costs one exp per byte, in double; class masses are sums of those
+ * terms and their logs are taken of the sums.
  */
 #include <math.h>
 #include <string.h>
@@ -118,30 +118,36 @@ static double kd_coarse(const kd_gpt_loss_spec *sp, size_t i, const float *z, fl
         s += logp[c] > -INFINITY ? exp(logp[c] * pt - mx) : 0.0;
     for (int c = 0; c < nc; c++)
         P[c] = logp[c] > -INFINITY ? exp(logp[c] * pt - mx) / s : 0.0;
-    /* student: log-softmax of z / tau, then class log-masses */
-    double q[V], zmx = -INFINITY, zs = 0.0;
+    /* student: softmax of z / tau (one exp per byte), then class masses;
+       logs are taken of sums, so a support byte's log-mass is exact */
+    double ez[V], zmx = -INFINITY, zs = 0.0;
     for (int j = 0; j < V; j++)
         zmx = (double)z[j] * inv_tau > zmx ? (double)z[j] * inv_tau : zmx;
-    for (int j = 0; j < V; j++)
-        zs += exp((double)z[j] * inv_tau - zmx);
-    double lse = zmx + log(zs);
-    double rmx = -INFINITY;
+    const float fmx = (float)zmx, fit = (float)inv_tau;
     for (int j = 0; j < V; j++) {
-        q[j] = (double)z[j] * inv_tau - lse;
-        if (cls[j] < 0 && q[j] > rmx)
-            rmx = q[j];
+        ez[j] = (double)expf(z[j] * fit - fmx); /* float exp: the logits are float */
+        zs += ez[j];
     }
-    double logQ[V + 1], Q[V + 1];
-    for (int c = 0; c < ns; c++)
-        logQ[c] = q[byte_of[c]];
-    if (nrest > 0) {
-        double rs = 0.0;
-        for (int j = 0; j < V; j++)
-            if (cls[j] < 0)
-                rs += exp(q[j] - rmx);
-        logQ[ns] = rmx + log(rs);
-    } else {
+    const double lzs = log(zs);
+    double logQ[V + 1], Q[V + 1], S[V + 1]; /* S: class sums of ez */
+    for (int c = 0; c < ns; c++) {
+        S[c] = ez[byte_of[c]];
+        logQ[c] = (double)z[byte_of[c]] * inv_tau - zmx - lzs;
+    }
+    S[ns] = 0.0;
+    for (int j = 0; j < V; j++)
+        if (cls[j] < 0)
+            S[ns] += ez[j];
+    if (nrest == 0) {
         logQ[ns] = -INFINITY;
+    } else if (S[ns] > 0.0) {
+        logQ[ns] = log(S[ns]) - lzs;
+    } else { /* every rest byte underflowed: its log-mass from the largest */
+        double rmx = -INFINITY;
+        for (int j = 0; j < V; j++)
+            if (cls[j] < 0 && (double)z[j] * inv_tau > rmx)
+                rmx = (double)z[j] * inv_tau;
+        logQ[ns] = rmx - zmx - lzs;
     }
     for (int c = 0; c < nc; c++)
         Q[c] = exp(logQ[c]);
@@ -183,16 +189,16 @@ static double kd_coarse(const kd_gpt_loss_spec *sp, size_t i, const float *z, fl
         gbar += sp->kd_divergence == KD_GPT_DIV_FORWARD_KL ? -P[c] : Q[c] * g[c];
     }
     if (dz) {
-        for (int j = 0; j < V; j++) {
-            int c = cls[j] < 0 ? ns : cls[j];
-            double qj = exp(q[j]);
-            double term;
+        const double izs = 1.0 / zs;
+        double w[V + 1]; /* per class: the factor of ez[j] in the gradient */
+        for (int c = 0; c < nc; c++) {
             if (sp->kd_divergence == KD_GPT_DIV_FORWARD_KL)
-                term = -P[c] * exp(q[j] - logQ[c]) - qj * gbar;
+                w[c] = (S[c] > 0.0 ? -P[c] / S[c] : 0.0) - izs * gbar;
             else
-                term = qj * (g[c] - gbar);
-            dz[j] += kd_g * (float)term;
+                w[c] = izs * (g[c] - gbar);
         }
+        for (int j = 0; j < V; j++)
+            dz[j] += kd_g * (float)(ez[j] * w[cls[j] < 0 ? ns : cls[j]]);
     }
     return tau * tau * L;
 }
