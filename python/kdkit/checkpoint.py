@@ -91,6 +91,8 @@ def load_checkpoint(path, framework="numpy", copy=None, expect_size=None, expect
     import warnings
     out = {}
     for n, (a, dt) in tensors.items():
+        if dt == "BF16":
+            a = a.view(np.int16)  # torch has no uint16; the bits are what matter
         if copy is False:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "not writable"
