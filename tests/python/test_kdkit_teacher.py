@@ -1,0 +1,135 @@
+"""kdkit.Teacher and kdkit.TeacherCache against `kdkit serve --toy`: the
+whole paid path from Python (ledger line, cost, cache hit, retries recorded
+as failures, budget), and the cache shared with the C side under the same
+keys (an answer put from Python is a cache hit for `kdkit teacher ask`, an
+answer the C client bought is found by TeacherCache.get).
+"""
+import hashlib
+import json
+import os
+import unittest
+
+import kdtest
+import kdkit
+
+
+def ledger(d):
+    p = os.path.join(d, "api_recovery.jsonl")
+    if not os.path.exists(p):
+        return []
+    with open(p) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+class TeacherPath(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.base = kdtest.workdir("teacher")
+        cls.server = kdtest.ToyServer(cls.base)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def setUp(self):
+        self.dir = kdtest.workdir("teacher/" + self._testMethodName)
+        self.cache = os.path.join(self.dir, "cache.sqlite")
+        self.cfg = kdtest.teacher_config(self.server.base_url, self.cache)
+        self.out = os.path.join(self.dir, "run")
+
+    def test_paid_then_cached(self):
+        with kdkit.ProgressTracker(self.out, {"run": 1}, 10) as tr, \
+                kdkit.Teacher(self.cfg, tr) as t:
+            r = t.ask("What is distillation?")
+            self.assertFalse(r.cache_hit)
+            self.assertGreater(r.cost, 0)
+            self.assertTrue(r.text)
+            self.assertEqual(r.prompt_hash,
+                             hashlib.sha256(b"What is distillation?").hexdigest())
+            lines = ledger(self.out)
+            self.assertEqual(len(lines), 1)  # durable before ask returned
+            self.assertEqual(lines[0]["request_hash"], r.key)
+            again = t.ask("What is distillation?")
+            self.assertTrue(again.cache_hit)
+            self.assertEqual(again.cost, 0)
+            self.assertEqual(again.text, r.text)
+            self.assertEqual(len(ledger(self.out)), 1)  # never bought twice
+            self.assertAlmostEqual(tr.get_progress_summary()["total_cost"], r.cost)
+            self.assertEqual(t.key("What is distillation?")[0], r.key)
+            # the full request form: other parameters, another key
+            other = t.ask(messages=[{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "What is distillation?"}],
+                          params={"max_tokens": 8})
+            self.assertNotEqual(other.key, r.key)
+            self.assertFalse(other.cache_hit)
+        # the cache file is the C side's: TeacherCache finds the paid answer
+        with kdkit.TeacherCache(self.cfg) as c:
+            self.assertEqual(c.get("What is distillation?"), r.text)
+            en = c.get_entry("What is distillation?")
+            self.assertEqual(en["key"], r.key)
+            self.assertAlmostEqual(en["cost"], r.cost)
+            self.assertIsNone(c.get("never asked"))
+        self.assertIn("healthy", kdtest.run_kdkit("verify", self.out).stdout)
+
+    def test_put_from_python_is_a_hit_for_kdkit_teacher_ask(self):
+        with kdkit.TeacherCache(self.cfg) as c:
+            self.assertTrue(c.put("Define KD.", "Knowledge distillation, from Python."))
+            self.assertFalse(c.put("Define KD.", "a second answer"))  # first one wins
+            self.assertEqual(c.get("Define KD."), "Knowledge distillation, from Python.")
+        cfg_file = os.path.join(self.dir, "teacher.yaml")
+        with open(cfg_file, "w") as f:
+            json.dump(self.cfg, f)  # JSON is YAML
+        p = kdtest.run_kdkit("teacher", "ask", "--config", cfg_file, "--output-dir", self.out,
+                             "Define KD.")
+        self.assertIn("Knowledge distillation, from Python.", p.stdout)
+        self.assertEqual(ledger(self.out), [])  # a hit: nothing paid, nothing recorded
+        with kdkit.ProgressTracker(self.out, {"run": 2}, 10, new_session=True) as tr, \
+                kdkit.Teacher(cfg_file, tr) as t:
+            r = t.ask("Define KD.")
+            self.assertTrue(r.cache_hit)
+            self.assertEqual(r.text, "Knowledge distillation, from Python.")
+
+    def test_retries_are_recorded_as_failures(self):
+        srv = kdtest.ToyServer(self.dir, "--fault-script", "500,503,ok")
+        try:
+            cfg = kdtest.teacher_config(srv.base_url, self.cache)
+            with kdkit.ProgressTracker(self.out, {"run": 3}, 10) as tr, \
+                    kdkit.Teacher(cfg, tr) as t:
+                r = t.ask("flaky")
+                self.assertEqual(r.attempts, 3)
+                s = tr.get_progress_summary()
+                self.assertEqual(s["connection_failures"], 2)
+                self.assertEqual(s["api_responses_saved"], 1)
+        finally:
+            srv.stop()
+
+    def test_errors_carry_the_librarys_message(self):
+        bad = kdtest.teacher_config(self.server.base_url, self.cache,
+                                    retry={"max_attempts": 0})
+        with kdkit.ProgressTracker(self.out, {"run": 4}, 10) as tr:
+            with self.assertRaises(kdkit.ConfigError) as cm:
+                kdkit.Teacher(bad, tr)
+            self.assertIn("max_attempts", str(cm.exception))
+            with self.assertRaises(kdkit.InvalidArgumentError) as cm:
+                kdkit.Teacher(self.cfg, None)  # prices set: a ledger is required
+            self.assertIn("tracker", str(cm.exception))
+            down = kdtest.teacher_config("http://127.0.0.1:%d/v1" % kdtest.free_port_unused(),
+                                         self.cache, retry={"max_attempts": 2,
+                                                            "base_delay_ms": 1})
+            with kdkit.Teacher(down, tr) as t:
+                with self.assertRaises(kdkit.KdkitError) as cm:
+                    t.ask("nobody listens")
+                self.assertTrue(str(cm.exception))
+            self.assertEqual(tr.get_progress_summary()["connection_failures"], 2)
+            poor = kdtest.teacher_config(self.server.base_url, self.cache,
+                                         budget={"max_cost": 1e-9})
+            with kdkit.Teacher(poor, tr) as t:
+                with self.assertRaises(kdkit.BudgetError):
+                    t.ask("too expensive")
+            with self.assertRaises(kdkit.InvalidArgumentError):
+                with kdkit.TeacherCache(self.cfg) as c:
+                    c.get("x", params={"no_such_param": 1})
+
+
+if __name__ == "__main__":
+    unittest.main()
