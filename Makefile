@@ -5,12 +5,15 @@
 #                printed
 #   make build   optimised build in build/ (bin: build/kdkit)
 #   make bench   run the benchmarks in bench/ (installs the peers first)
+#   make python  build libkdkit and a virtual environment of /usr/bin/python3
+#                (seeing Debian's numpy and torch) where `import kdkit`
+#                works: build/venv/bin/python (docs/python.md)
 #   make run     the main job: a short pretraining on the built-in defaults
 #                (about a minute on 2 cores) into training_progress/, then
 #                its status; run it again after Ctrl-C and it resumes
 JOBS ?= 2
 
-.PHONY: all deps build test test-asan clang-check release-check bench run clean
+.PHONY: all deps build test test-asan clang-check release-check bench run clean python
 
 all: build
 
@@ -43,6 +46,9 @@ bench: deps
 	@cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 	@cmake --build build -j$(JOBS)
 	@./bench/run.sh build
+
+python: build
+	@./scripts/python-venv.sh build/venv
 
 run: build
 	@if [ -e training_progress/session.json ]; then resume="--resume auto"; else resume=""; fi; \

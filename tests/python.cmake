@@ -31,3 +31,14 @@ foreach(py ${KD_PY_TESTS})
     set_tests_properties(${tname} PROPERTIES FIXTURES_REQUIRED kd_python_lib)
   endif()
 endforeach()
+
+# `make python`'s environment step (scripts/python-venv.sh), into a scratch
+# venv: /usr/bin/python3's venv sees numpy and torch and imports kdkit.
+add_test(NAME python_venv
+         COMMAND sh -c "rm -rf \"$1\" && sh \"$2\" \"$1\" && \"$1/bin/python\" -B -c 'import kdkit, numpy, torch; print(kdkit.library_path)'"
+                 sh ${CMAKE_CURRENT_BINARY_DIR}/python/venv ${PROJECT_SOURCE_DIR}/scripts/python-venv.sh)
+set_tests_properties(python_venv PROPERTIES TIMEOUT 120
+  ENVIRONMENT "KDKIT_LIBRARY=${KD_PY_LIB}")
+if(KD_SANITIZE OR KD_FUZZ)
+  set_tests_properties(python_venv PROPERTIES FIXTURES_REQUIRED kd_python_lib)
+endif()
