@@ -82,6 +82,23 @@ int kd_ffi_tracker_failure(kd_tracker *t, int retry_count, const char *error, in
  */
 int kd_ffi_tracker_recovery_json(kd_tracker *t, int best, char **json_out);
 
+/*
+ * kd_session_inspect: the progress.json document of `output_dir` computed
+ * read-only, without the lock (works while a run writes).  *json_out is
+ * released with kd_ffi_free.  Errors as kd_session_inspect.
+ */
+int kd_ffi_session_inspect(const char *output_dir, char **json_out, char *msg, size_t cap);
+
+/*
+ * kd_session_verify with the problems as a JSON array in *problems_json
+ * (released with kd_ffi_free): [{"file", "line", "step", "code", "what",
+ * "fix"}, ...], code as a number.  Returns the number of problems (0:
+ * healthy) or a negative code when the directory cannot be checked (message
+ * in msg; *problems_json is then NULL).
+ */
+int kd_ffi_session_verify(const char *output_dir, unsigned flags, char **problems_json,
+                          char *msg, size_t cap);
+
 /* ------------------------------------------------------------------------ */
 /* Checkpoints (src/ckpt/ffi_ckpt.c)                                          */
 

@@ -15,7 +15,7 @@ from .errors import (BudgetError, ConfigError, CorruptError, DeadlineError, HTTP
                      MismatchError, NotFoundError, OutOfMemoryError, QuotaError, SignalError,
                      StateError, StepError, VersionError)
 from .teacher import Teacher, TeacherCache, TeacherResult
-from .tracker import ProgressTracker, RecoveryCheckpoint
+from .tracker import ProgressTracker, RecoveryCheckpoint, read_progress, verify
 
 __version__ = "0.1.0"
 library_path = _lib.path
@@ -26,4 +26,5 @@ __all__ = [
     "OutOfMemoryError", "KdkitIOError", "CorruptError", "LockedError", "NotFoundError",
     "MismatchError", "LimitError", "VersionError", "StateError", "BudgetError", "QuotaError",
     "HTTPError", "DeadlineError", "SignalError", "ConfigError", "StepError", "library_path",
+    "read_progress", "verify",
 ]

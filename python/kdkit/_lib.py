@@ -89,6 +89,10 @@ kd_ffi_tracker_api_response = _fn("kd_ffi_tracker_api_response", c_int, P, c_cha
 kd_ffi_tracker_failure = _fn("kd_ffi_tracker_failure", c_int, P, c_int, c_char_p, c_int, c_int)
 kd_ffi_tracker_recovery_json = _fn("kd_ffi_tracker_recovery_json", c_int, P, c_int,
                                    POINTER(c_void_p))
+kd_ffi_session_inspect = _fn("kd_ffi_session_inspect", c_int, c_char_p, POINTER(c_void_p),
+                             c_char_p, c_size_t)
+kd_ffi_session_verify = _fn("kd_ffi_session_verify", c_int, c_char_p, ctypes.c_uint,
+                            POINTER(c_void_p), c_char_p, c_size_t)
 kd_tracker_record_pause = _fn("kd_tracker_record_pause", c_int, P, c_double)
 kd_tracker_save = _fn("kd_tracker_save", c_int, P)
 kd_tracker_close = _fn("kd_tracker_close", c_int, P)

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import _lib
-from .errors import StateError
+from .errors import CODES, StateError
 
 _LOSS_KEYS = ("kd", "ce", "intermediate")
+# progress.json numbers that are null while unknown; NaN in Python
+_UNKNOWN_IS_NAN = ("estimated_remaining_hours", "latest_loss", "learning_rate",
+                   "steps_per_sec", "samples_per_sec", "tokens_per_sec")
 
 
 def _jsonable(o):
@@ -253,8 +256,7 @@ class ProgressTracker:
         with self._mu:
             self._check(_lib.kd_tracker_summary_json(self._handle(), ctypes.byref(out)))
             doc = json.loads(_lib.take_string(out))
-        for k in ("estimated_remaining_hours", "latest_loss", "learning_rate", "steps_per_sec",
-                  "samples_per_sec", "tokens_per_sec"):
+        for k in _UNKNOWN_IS_NAN:
             if k in doc and doc[k] is None:
                 doc[k] = math.nan
         return doc
@@ -286,3 +288,37 @@ class ProgressTracker:
     def __repr__(self):
         state = "closed" if self._h is None else "open"
         return "ProgressTracker(%r, %s)" % (self.output_dir, state)
+
+
+def read_progress(output_dir="training_progress") -> dict:
+    """The progress summary of a directory, read-only and without the lock
+    (kd_session_inspect): for a monitor in another process while a run
+    writes.  The same keys as ProgressTracker.get_progress_summary()."""
+    out = ctypes.c_void_p()
+    msg = _lib.msgbuf()
+    rc = _lib.kd_ffi_session_inspect(_lib.enc(os.fspath(output_dir)), ctypes.byref(out), msg,
+                                     _lib.MSG_CAP)
+    _lib.check(rc, msg.value)
+    doc = json.loads(_lib.take_string(out))
+    for k in _UNKNOWN_IS_NAN:
+        if k in doc and doc[k] is None:
+            doc[k] = math.nan
+    return doc
+
+
+def verify(output_dir="training_progress", checkpoints_only=False, hash_checkpoints=True):
+    """Check every file of a directory as `kdkit verify` does (read-only,
+    no lock).  Returns the list of problems, each a dict with file, line,
+    step, code (a KD_E* name), what and fix; [] means healthy.  Raises
+    NotFoundError when the directory is not a kdkit output directory."""
+    flags = (1 if checkpoints_only else 0) | (0 if hash_checkpoints else 2)
+    out = ctypes.c_void_p()
+    msg = _lib.msgbuf()
+    rc = _lib.kd_ffi_session_verify(_lib.enc(os.fspath(output_dir)), flags, ctypes.byref(out),
+                                    msg, _lib.MSG_CAP)
+    if rc < 0:
+        _lib.check(rc, msg.value)
+    problems = json.loads(_lib.take_string(out))
+    for p in problems:
+        p["code"] = CODES.get(p["code"], "KD_OK" if p["code"] == 0 else str(p["code"]))
+    return problems

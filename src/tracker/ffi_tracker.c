@@ -140,3 +140,54 @@ int kd_ffi_tracker_recovery_json(kd_tracker *t, int best, char **json_out)
     json_decref(o);
     return *json_out ? KD_OK : KD_ENOMEM;
 }
+
+int kd_ffi_session_inspect(const char *output_dir, char **json_out, char *msg, size_t cap)
+{
+    kd_err e;
+    kd_err_clear(&e);
+    int rc = !output_dir || !json_out
+                 ? kd_err_set(&e, KD_EINVAL, "inspect: an output directory is required")
+                 : kd_session_inspect(output_dir, json_out, &e);
+    if (msg && cap)
+        snprintf(msg, cap, "%s", rc == KD_OK ? "" : e.msg);
+    return rc;
+}
+
+static int collect_problem(void *ctx, const kd_verify_problem *p)
+{
+    json_t *o = json_object();
+    json_object_set_new(o, "file", json_string(p->file ? p->file : ""));
+    json_object_set_new(o, "line", json_integer(p->line));
+    json_object_set_new(o, "step", json_integer(p->step));
+    json_object_set_new(o, "code", json_integer(p->code));
+    json_object_set_new(o, "what", json_string(p->what ? p->what : ""));
+    json_object_set_new(o, "fix", json_string(p->fix ? p->fix : ""));
+    json_array_append_new((json_t *)ctx, o);
+    return 0;
+}
+
+int kd_ffi_session_verify(const char *output_dir, unsigned flags, char **problems_json,
+                          char *msg, size_t cap)
+{
+    kd_err e;
+    kd_err_clear(&e);
+    if (problems_json)
+        *problems_json = NULL;
+    json_t *arr = json_array();
+    int rc;
+    if (!output_dir || !problems_json)
+        rc = kd_err_set(&e, KD_EINVAL, "verify: an output directory is required");
+    else if (!arr)
+        rc = kd_err_set(&e, KD_ENOMEM, "verify: out of memory");
+    else
+        rc = kd_session_verify(output_dir, flags, collect_problem, arr, &e);
+    if (rc >= 0) {
+        *problems_json = json_dumps(arr, JSON_COMPACT);
+        if (!*problems_json)
+            rc = kd_err_set(&e, KD_ENOMEM, "verify: out of memory");
+    }
+    json_decref(arr);
+    if (msg && cap)
+        snprintf(msg, cap, "%s", rc >= 0 ? "" : e.msg);
+    return rc;
+}

@@ -151,6 +151,34 @@ class Tracker(unittest.TestCase):
         self.assertTrue(math.isnan(kdkit.ProgressTracker(
             os.path.join(self.dir, "fresh"), {}, 5).get_progress_summary()["latest_loss"]))
 
+    def test_read_progress_and_verify_while_open(self):
+        with kdkit.ProgressTracker(self.dir, {"m": 1}, 40) as t:
+            for s in range(1, 11):
+                t.update_metrics(step=s, loss=2.0 - 0.1 * s)
+            ck = os.path.join(self.dir, "checkpoint_10.bin")
+            with open(ck, "wb") as f:
+                f.write(b"0123456789")
+            t.record_checkpoint(step=10, checkpoint_path=ck, dataset_position=80)
+            seen = kdkit.read_progress(self.dir)  # no lock taken: works while open
+            self.assertEqual(seen["steps_completed"], 10)
+            self.assertEqual(seen["session_id"], t.session_id)
+            self.assertEqual(kdkit.verify(self.dir), [])
+        with open(ck, "r+b") as f:
+            f.write(b"X")  # same size, other bytes
+        problems = kdkit.verify(self.dir)
+        self.assertEqual(len(problems), 1)
+        self.assertEqual(problems[0]["code"], "KD_EMISMATCH")
+        self.assertEqual(problems[0]["step"], 10)
+        self.assertIn("checkpoint_10.bin", problems[0]["file"])
+        self.assertEqual(kdkit.verify(self.dir, hash_checkpoints=False), [])
+        with self.assertRaises(kdkit.NotFoundError) as cm:
+            kdkit.verify(os.path.dirname(self.dir))
+        self.assertIn("no session.json", str(cm.exception))
+        with self.assertRaises(kdkit.NotFoundError):
+            kdkit.read_progress(os.path.join(self.dir, "nothing"))
+        with kdkit.ProgressTracker(self.dir, {"m": 1}, 40) as t:
+            self.assertIsNone(t.get_recovery_checkpoint())  # the damaged file is skipped
+
 
 if __name__ == "__main__":
     unittest.main()
