@@ -5,8 +5,10 @@ keys (an answer put from Python is a cache hit for `kdkit teacher ask`, an
 answer the C client bought is found by TeacherCache.get).
 """
 import hashlib
+import http.server
 import json
 import os
+import threading
 import unittest
 
 import kdtest
@@ -129,6 +131,43 @@ class TeacherPath(unittest.TestCase):
             with self.assertRaises(kdkit.InvalidArgumentError):
                 with kdkit.TeacherCache(self.cfg) as c:
                     c.get("x", params={"no_such_param": 1})
+
+    def test_the_gil_is_released_while_asking(self):
+        # The teacher is a Python HTTP server in a thread of this process: it
+        # can only answer if kd_teacher_ask runs without holding the GIL.
+        answer = {"id": "py-1", "object": "chat.completion", "model": "kdkit-toy",
+                  "choices": [{"index": 0, "finish_reason": "stop",
+                               "message": {"role": "assistant", "content": "from a thread"}}],
+                  "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        th = threading.Thread(target=srv.serve_forever, daemon=True)
+        th.start()
+        try:
+            cfg = kdtest.teacher_config("http://127.0.0.1:%d/v1" % srv.server_address[1],
+                                        self.cache, retry={"max_attempts": 1},
+                                        timeouts={"connect_ms": 5000, "total_ms": 20000})
+            with kdkit.ProgressTracker(self.out, {"run": 5}, 10) as tr, \
+                    kdkit.Teacher(cfg, tr) as t:
+                r = t.ask("hello from the main thread")
+                self.assertEqual(r.text, "from a thread")
+                self.assertEqual(r.attempts, 1)
+        finally:
+            srv.shutdown()
+            srv.server_close()
 
 
 if __name__ == "__main__":
