@@ -224,12 +224,55 @@ static void test_cache_by_request(void **state)
     free(dir);
 }
 
+/* The ask paths without a server: nothing listens on port 9 of loopback, so
+   each request fails at connect and the results carry the error. */
+static void test_ask_unreachable(void **state)
+{
+    (void)state;
+    const char *cfg = "{\"teacher\":{\"base_url\":\"http://127.0.0.1:9/v1\",\"model\":\"m\","
+                      "\"retry\":{\"max_attempts\":1}}}";
+    char msg[KD_ERRMSG_MAX];
+    kd_ffi_teacher *w = NULL;
+    assert_int_equal(kd_ffi_teacher_open(&w, cfg, NULL, 0, msg, sizeof msg), KD_OK);
+    assert_null(kd_ffi_teacher_cache(w));
+    char *r = NULL;
+    assert_int_equal(kd_ffi_cache_get(w, "x", NULL, NULL, -1, &r), KD_ESTATE);
+    int rc = kd_ffi_teacher_ask(w, "hi", NULL, "{\"max_tokens\":4}", -1, &r);
+    assert_true(rc < 0);
+    assert_non_null(r);
+    json_t *o = json_loads(r, 0, NULL);
+    assert_int_equal(json_integer_value(json_object_get(o, "rc")), rc);
+    assert_true(json_string_length(json_object_get(o, "error")) > 0);
+    assert_int_equal(json_integer_value(json_object_get(o, "attempts")), 1);
+    json_decref(o);
+    kd_ffi_free(r);
+    const char *ps[] = {"a", NULL};
+    const char *ms[] = {NULL, "[{\"role\":\"user\",\"content\":\"b\"}]"};
+    int64_t si[] = {1, 2};
+    rc = kd_ffi_teacher_ask_many(w, 2, ps, ms, NULL, si, &r);
+    assert_true(rc < 0);
+    o = json_loads(r, 0, NULL);
+    assert_int_equal(json_array_size(o), 2);
+    assert_true(json_integer_value(json_object_get(json_array_get(o, 1), "rc")) < 0);
+    json_decref(o);
+    kd_ffi_free(r);
+    assert_non_null(strstr(kd_ffi_teacher_errmsg(w), "request 0"));
+    const char *none[] = {NULL};
+    assert_int_equal(kd_ffi_teacher_ask_many(w, 1, none, NULL, NULL, NULL, &r), KD_EINVAL);
+    assert_null(r);
+    assert_int_equal(kd_ffi_teacher_ask_many(w, 0, NULL, NULL, NULL, NULL, &r), KD_OK);
+    assert_string_equal(r, "[]");
+    kd_ffi_free(r);
+    assert_int_equal(kd_ffi_teacher_close(w), KD_OK);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tracker_calls),
         cmocka_unit_test(test_ckpt_write_open),
         cmocka_unit_test(test_cache_by_request),
+        cmocka_unit_test(test_ask_unreachable),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -142,6 +142,8 @@ typedef struct kd_ffi_teacher kd_ffi_teacher;
  */
 int kd_ffi_teacher_open(kd_ffi_teacher **out, const char *config_json, kd_tracker *tracker,
                         int cache_only, char *msg, size_t cap);
+/* The message of the calling thread's last failed kd_ffi_teacher_* /
+   kd_ffi_cache_* call (kept per thread, since a client is shared). */
 const char *kd_ffi_teacher_errmsg(const kd_ffi_teacher *w);
 /* The client's cache, or NULL when the config has no cache path. */
 kd_cache *kd_ffi_teacher_cache(kd_ffi_teacher *w);
@@ -170,6 +172,19 @@ int kd_ffi_teacher_key(kd_ffi_teacher *w, const char *prompt, const char *messag
  */
 int kd_ffi_teacher_ask(kd_ffi_teacher *w, const char *prompt, const char *messages_json,
                        const char *params_json, int64_t sample_index, char **result_json);
+
+/*
+ * kd_teacher_ask_many over n requests (up to max_in_flight at once):
+ * prompts[i] or messages_json[i] (either array may be NULL, each entry may
+ * be NULL), one params_json for all, sample_indices (NULL: none).
+ * *results_json (released with kd_ffi_free) is a JSON array of n results in
+ * kd_ffi_teacher_ask's form, each with its own "rc".  Returns KD_OK when all
+ * succeeded, else the first failing rc; KD_EINVAL / KD_ENOMEM before any
+ * request is sent (then *results_json is NULL).
+ */
+int kd_ffi_teacher_ask_many(kd_ffi_teacher *w, size_t n, const char *const *prompts,
+                            const char *const *messages_json, const char *params_json,
+                            const int64_t *sample_indices, char **results_json);
 
 /*
  * Cache look-up by the key of a request (arguments as kd_ffi_teacher_key):

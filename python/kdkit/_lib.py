@@ -129,6 +129,8 @@ kd_ffi_teacher_key = _fn("kd_ffi_teacher_key", c_int, P, c_char_p, c_char_p, c_c
                          c_char_p, c_char_p, POINTER(c_void_p))
 kd_ffi_teacher_ask = _fn("kd_ffi_teacher_ask", c_int, P, c_char_p, c_char_p, c_char_p, c_int64,
                          POINTER(c_void_p))
+kd_ffi_teacher_ask_many = _fn("kd_ffi_teacher_ask_many", c_int, P, c_size_t, CP, CP, c_char_p,
+                              POINTER(c_int64), POINTER(c_void_p))
 kd_ffi_cache_get = _fn("kd_ffi_cache_get", c_int, P, c_char_p, c_char_p, c_char_p, c_int64,
                        POINTER(c_void_p))
 kd_ffi_cache_put = _fn("kd_ffi_cache_put", c_int, P, c_char_p, c_char_p, c_char_p, c_int64,

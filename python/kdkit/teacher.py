@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from . import _lib
-from .errors import StateError
+from .errors import KdkitError, StateError
 from .tracker import to_json
 
 
@@ -190,17 +190,62 @@ class Teacher(_Client):
         if rc != 0:
             doc = json.loads(text) if text else {}
             _lib.check(rc, doc.get("error") or _lib.kd_ffi_teacher_errmsg(self._h))
-        d = json.loads(text)
-        return TeacherResult(text=d["text"], cost=d["cost"], cache_hit=d["cache_hit"],
-                             from_fallback=d["from_fallback"], attempts=d["attempts"],
-                             key=d["key"], prompt_hash=d["prompt_hash"], body=d["body"],
-                             finish_reason=d["finish_reason"], request_id=d["request_id"],
-                             response_model=d["response_model"],
-                             prompt_tokens=d["prompt_tokens"],
-                             completion_tokens=d["completion_tokens"],
-                             latency_ms=d["latency_ms"], possibly_billed=d["possibly_billed"],
-                             tokens=d["tokens"])
+        return _result(json.loads(text))
+
+    def ask_many(self, prompts=None, messages=None, params=None, sample_indices=None,
+                 raise_on_error=True):
+        """Several requests at once (up to teacher.max_in_flight in flight,
+        kd_teacher_ask_many).  prompts: a list of str (or None entries where
+        messages gives the request); messages: a list of message lists.
+        Returns one TeacherResult per request, in order.  A request that
+        failed raises its error (raise_on_error) after every other request
+        has finished, paid ones recorded and cached, so asking again costs
+        only the failed ones; with raise_on_error=False its slot holds the
+        KdkitError instead."""
+        n = len(prompts if prompts is not None else messages or [])
+        if messages is not None and prompts is not None and len(messages) != len(prompts):
+            raise ValueError("prompts and messages must have the same length")
+        ps = _lib.c_str_array(list(prompts) if prompts is not None else [None] * n)
+        ms = _lib.c_str_array([None if m is None else to_json(m) for m in messages]
+                              if messages is not None else [None] * n)
+        si = None
+        if sample_indices is not None:
+            if len(sample_indices) != n:
+                raise ValueError("sample_indices must have one entry per request")
+            si = (ctypes.c_int64 * max(1, n))(*[-1 if x is None else int(x)
+                                               for x in sample_indices])
+        out = ctypes.c_void_p()
+        rc = _lib.kd_ffi_teacher_ask_many(self._handle(), n, ps, ms,
+                                          None if params is None else to_json(params).encode(),
+                                          si, ctypes.byref(out))
+        text = _lib.take_string(out)
+        if text is None:
+            _lib.check(rc or -32002, _lib.kd_ffi_teacher_errmsg(self._h))
+        results = []
+        for d in json.loads(text):
+            if d["rc"] != 0:
+                try:
+                    _lib.check(d["rc"], d["error"])
+                except KdkitError as exc:
+                    results.append(exc)
+            else:
+                results.append(_result(d))
+        if raise_on_error:
+            for r in results:
+                if isinstance(r, KdkitError):
+                    raise r
+        return results
 
     def generate(self, prompt, **kw) -> str:
         """The answer text only (the guide's teacher_model.generate(prompt))."""
         return self.ask(prompt, **kw).text
+
+
+def _result(d):
+    return TeacherResult(text=d["text"], cost=d["cost"], cache_hit=d["cache_hit"],
+                         from_fallback=d["from_fallback"], attempts=d["attempts"],
+                         key=d["key"], prompt_hash=d["prompt_hash"], body=d["body"],
+                         finish_reason=d["finish_reason"], request_id=d["request_id"],
+                         response_model=d["response_model"], prompt_tokens=d["prompt_tokens"],
+                         completion_tokens=d["completion_tokens"], latency_ms=d["latency_ms"],
+                         possibly_billed=d["possibly_billed"], tokens=d["tokens"])

@@ -24,16 +24,21 @@ struct kd_ffi_teacher {
     char *storage;     /* kd_teacher_config_from_json's strings (defaults.stop_json) */
     char *provider;    /* provider label of the cache entries, as client.c forms it */
     char *model;
-    char err[KD_ERRMSG_MAX];
 };
+
+/* The last message of a kd_ffi_teacher_* call, per thread: a client is
+   shared by threads (kd_teacher is), and each caller must read its own
+   error, not one another thread wrote meanwhile. */
+static _Thread_local char ffi_err[KD_ERRMSG_MAX];
 
 static int fail(kd_ffi_teacher *w, int rc, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static int fail(kd_ffi_teacher *w, int rc, const char *fmt, ...)
 {
+    (void)w;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(w->err, sizeof w->err, fmt, ap);
+    vsnprintf(ffi_err, sizeof ffi_err, fmt, ap);
     va_end(ap);
     return rc;
 }
@@ -93,7 +98,7 @@ done:
 
 const char *kd_ffi_teacher_errmsg(const kd_ffi_teacher *w)
 {
-    return w ? w->err : "no teacher";
+    return w ? ffi_err : "no teacher";
 }
 
 kd_cache *kd_ffi_teacher_cache(kd_ffi_teacher *w)
@@ -198,7 +203,7 @@ int kd_ffi_teacher_key(kd_ffi_teacher *w, const char *prompt, const char *messag
     kd_err_clear(&e);
     rc = kd_teacher_key(w->t, &rb.req, key, prompt_hash, canonical_out, &e);
     if (rc != KD_OK)
-        snprintf(w->err, sizeof w->err, "%s", e.msg);
+        snprintf(ffi_err, sizeof ffi_err, "%s", e.msg);
     free(rb.stop);
     return rc;
 }
@@ -269,11 +274,65 @@ int kd_ffi_teacher_ask(kd_ffi_teacher *w, const char *prompt, const char *messag
     memset(&r, 0, sizeof r);
     rc = kd_teacher_ask(w->t, &rb.req, &r);
     if (rc != KD_OK)
-        snprintf(w->err, sizeof w->err, "%s", r.errmsg);
+        snprintf(ffi_err, sizeof ffi_err, "%s", r.errmsg);
     if (result_json)
         *result_json = dump(result_to_json(&r));
     kd_teacher_result_free(&r);
     free(rb.stop);
+    return rc;
+}
+
+int kd_ffi_teacher_ask_many(kd_ffi_teacher *w, size_t n, const char *const *prompts,
+                            const char *const *messages_json, const char *params_json,
+                            const int64_t *sample_indices, char **results_json)
+{
+    if (!results_json)
+        return KD_EINVAL;
+    *results_json = NULL;
+    if (!w || !w->t)
+        return KD_EINVAL;
+    if (n == 0) {
+        *results_json = strdup("[]");
+        return *results_json ? KD_OK : KD_ENOMEM;
+    }
+    kd_teacher_params p;
+    char *stop = NULL;
+    int rc = params_from(w, params_json, &p, &stop);
+    if (rc != KD_OK)
+        return rc;
+    kd_teacher_request *reqs = calloc(n, sizeof *reqs);
+    kd_teacher_result *res = calloc(n, sizeof *res);
+    if (!reqs || !res) {
+        rc = fail(w, KD_ENOMEM, "teacher: out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        reqs[i].prompt = prompts ? prompts[i] : NULL;
+        reqs[i].messages_json = messages_json ? messages_json[i] : NULL;
+        reqs[i].params = &p;
+        reqs[i].sample_index = sample_indices ? sample_indices[i] : -1;
+        if (!reqs[i].prompt && !reqs[i].messages_json) {
+            rc = fail(w, KD_EINVAL, "teacher: request %zu has neither prompt nor messages", i);
+            goto out;
+        }
+    }
+    rc = kd_teacher_ask_many(w->t, reqs, n, res);
+    json_t *arr = json_array();
+    int first = 1;
+    for (size_t i = 0; i < n; i++) {
+        if (res[i].rc != KD_OK && first) {
+            snprintf(ffi_err, sizeof ffi_err, "request %zu: %s", i, res[i].errmsg);
+            first = 0;
+        }
+        json_array_append_new(arr, result_to_json(&res[i]));
+    }
+    *results_json = dump(arr);
+    for (size_t i = 0; i < n; i++)
+        kd_teacher_result_free(&res[i]);
+out:
+    free(reqs);
+    free(res);
+    free(stop);
     return rc;
 }
 

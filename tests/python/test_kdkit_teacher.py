@@ -73,6 +73,32 @@ class TeacherPath(unittest.TestCase):
             self.assertIsNone(c.get("never asked"))
         self.assertIn("healthy", kdtest.run_kdkit("verify", self.out).stdout)
 
+    def test_ask_many(self):
+        prompts = ["p%d" % i for i in range(6)]
+        with kdkit.ProgressTracker(self.out, {"run": 6}, 10) as tr, \
+                kdkit.Teacher(self.cfg, tr) as t:
+            first = t.ask("p0")
+            rs = t.ask_many(prompts)
+            self.assertEqual([r.key for r in rs], [t.key(p)[0] for p in prompts])
+            self.assertEqual([r.cache_hit for r in rs], [True] + [False] * 5)
+            self.assertEqual(rs[0].text, first.text)
+            self.assertEqual(len(ledger(self.out)), 6)  # p0 once, the others once each
+            again = t.ask_many(prompts[:3] + [None], messages=[None] * 3 + [
+                [{"role": "user", "content": "p3"}]])
+            self.assertTrue(all(r.cache_hit for r in again))
+            self.assertEqual(again[3].key, rs[3].key)  # one user message == the prompt
+            with self.assertRaises(ValueError):
+                t.ask_many(["a"], sample_indices=[1, 2])
+        poor = kdtest.teacher_config(self.server.base_url, self.cache,
+                                     budget={"max_cost": 1e-9})
+        with kdkit.ProgressTracker(self.out, {"run": 6}, 10) as tr, \
+                kdkit.Teacher(poor, tr) as t:
+            mixed = t.ask_many(["p1", "never seen"], raise_on_error=False)
+            self.assertTrue(mixed[0].cache_hit)
+            self.assertIsInstance(mixed[1], kdkit.BudgetError)
+            with self.assertRaises(kdkit.BudgetError):
+                t.ask_many(["p1", "never seen"])
+
     def test_put_from_python_is_a_hit_for_kdkit_teacher_ask(self):
         with kdkit.TeacherCache(self.cfg) as c:
             self.assertTrue(c.put("Define KD.", "Knowledge distillation, from Python."))
