@@ -232,7 +232,7 @@ static int find_torn(kd_jsonl *j, uint64_t size, uint64_t *torn, char *reason, s
             goto done;
         }
         json_error_t jerr;
-        json_t *v = json_loadb(line, (size_t)llen, JSON_DECODE_ANY, &jerr);
+        json_t *v = json_loadb(line, (size_t)llen, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
         if (!v) {
             why = "last line is not valid JSON";
             snprintf(jmsg, sizeof jmsg, " (%s)", jerr.text);
