@@ -16,6 +16,7 @@ int kd_cmd_train(int argc, char **argv);       /* cmd_train.c */
 int kd_cmd_serve(int argc, char **argv);       /* cmd_serve.c */
 int kd_cmd_teacher(int argc, char **argv);     /* cmd_teacher.c */
 int kd_cmd_cache(int argc, char **argv);       /* cmd_teacher.c */
+int kd_cmd_mix(int argc, char **argv);         /* cmd_mix.c */
 
 /* "kdkit CMD: " + message on stderr. */
 void kd_cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -22,6 +22,7 @@ static const struct {
     {"teacher", kd_cmd_teacher, "ask the configured teacher one prompt through the cache"},
     {"cache", kd_cmd_cache, "teacher cache: stats, verify, rebuild, export, gc"},
     {"serve", kd_cmd_serve, "serve a kdkit model over an OpenAI-compatible HTTP API"},
+    {"mix", kd_cmd_mix, "build the KD dataset of a prompt file through the teacher, resumable"},
 };
 
 static void usage(FILE *f)
