@@ -364,7 +364,6 @@ static int load_config(const kd_mix_opts *o, mixcfg *c, kd_err *e)
         json_t *id = json_object();
         json_object_set_new(id, "kdkit_mix", json_integer(1));
         json_t *ti = json_object();
-        json_t *ti = json_object();
         /* provider stands for base_url when set, as in the cache key */
         static const char *const keep[] = {"provider", "model", "endpoint", "teacher_version",
                                            NULL};
