@@ -842,6 +842,7 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
             snprintf(stopmsg, sizeof stopmsg, "stopped at --limit %lld", (long long)o->limit);
             break;
         }
+        int64_t paid_before = s.paid_rows;
         /* Gather a batch of samples that have no row (or a failed one). */
         size_t ns = 0, nu = 0;
         int64_t want = (int64_t)B;
@@ -1017,6 +1018,20 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
             resume_off = missing_off;
         } else {
             resume_off = kd_mix_prompts_tell(pf, &resume_index);
+        }
+        /* A reservation can fail only because others were in flight: while
+           a batch still paid for answers, go on from its first refused
+           sample with the budget those reservations gave back.  The stop
+           comes when a batch pays nothing: the next request alone does not
+           fit under the cap. */
+        if (budget_hit && !quota_hit && !fatal && s.paid_rows > paid_before &&
+            !(o->stop && *o->stop)) {
+            budget_hit = 0;
+            stopmsg[0] = '\0';
+            rc = kd_mix_prompts_seek(pf, missing_off, batch_missing, e);
+            if (rc != KD_OK)
+                goto out;
+            eof = 0;
         }
         if (budget_hit || quota_hit || fatal)
             break;
