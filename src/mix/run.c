@@ -338,7 +338,8 @@ static int load_config(const kd_mix_opts *o, mixcfg *c, kd_err *e)
     if (!c->params.logprobs)
         c->params.top_logprobs = 0;
     if (c->batch == 0)
-        c->batch = (size_t)c->tc.max_in_flight * 4;
+        c->batch = (size_t)c->tc.max_in_flight * 16 > 4096 ? 4096
+                                                           : (size_t)c->tc.max_in_flight * 16;
     c->unbiased = c->params.temperature == 1.0 && c->params.top_p == 1.0;
     /* The row's params and the identity. */
     {
@@ -855,7 +856,8 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
                 rc = k;
                 goto out;
             }
-            if (k == 0) {
+            if (k == 0 || q.index >= total) {
+                kd_mix_prompt_clear(&q);
                 eof = 1;
                 break;
             }
