@@ -272,6 +272,16 @@ static void test_sigkill_loop(void **state)
     const int N = 300, D = 260;
     write_prompts(pr, N, D);
     const char *args[] = {"--config", cfg, "--prompts", pr, "--output-dir", out, NULL};
+    /* SIGTERM: the batch in flight is finished and written, exit 4 (or 0
+       when it was already done). */
+    {
+        pid_t pid = spawn_mix(dir, args);
+        struct timespec ts = {0, 60 * 1000000L};
+        nanosleep(&ts, NULL);
+        kill(pid, SIGTERM);
+        int code = wait_code(pid);
+        assert_true(code == KD_MIX_EXIT_STOPPED || code == 0);
+    }
     srand(12345);
     int kills = 0;
     for (int round = 0; round < 30; round++) {
@@ -431,6 +441,14 @@ static void test_repeated_prompts_paid_once(void **state)
         fprintf(f, "%s\n", i == 5 ? "" : (i % 3 == 0 ? "alpha" : i % 3 == 1 ? "beta" : "gamma"));
     fclose(f);
     const char *args[] = {"--config", cfg, "--prompts", pr, "--output-dir", out, NULL};
+    /* --limit: a clean stop (exit 4) after 2 rows; the rerun continues. */
+    const char *lim[] = {"--config", cfg, "--prompts", pr, "--output-dir", out, "--limit", "2",
+                         NULL};
+    assert_int_equal(run_mix(dir, lim), KD_MIX_EXIT_STOPPED);
+    char *o = slurp_in(dir, "cmd.out");
+    assert_non_null(strstr(o, "2/12 samples have a row"));
+    assert_non_null(strstr(o, "--limit"));
+    free(o);
     assert_int_equal(run_mix(dir, args), 0);
     json_t *ledger = count_lines_by(out, "api_recovery.jsonl", "request_hash", 0, NULL);
     assert_int_equal(json_object_size(ledger), 3);
