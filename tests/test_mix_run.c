@@ -656,6 +656,81 @@ static void test_refusals_before_paying(void **state)
     free(dir);
 }
 
+/* Killed after the answers reached the ledger, before their rows and before
+   the cache had them: the rerun writes the rows from the ledger, sends
+   nothing, and the rows name the ledger lines that paid. */
+static void test_reconcile_from_ledger(void **state)
+{
+    (void)state;
+    char *dir = kdt_tmpdir("mix_reconcile");
+    server sv;
+    server_start(&sv, NULL, 0, 0, 0, 0, 1);
+    char *cfg = kdt_path(dir, "cfg.yaml"), *pr = kdt_path(dir, "p.jsonl");
+    char *out = kdt_path(dir, "out");
+    write_config(cfg, sv.port, "mix:\n  batch: 4\n  progress_every_s: 1000\n");
+    write_prompts(pr, 12, 12);
+    const char *lim[] = {"--config", cfg, "--prompts", pr, "--output-dir", out, "--limit", "4",
+                         NULL};
+    assert_int_equal(run_mix(dir, lim), KD_MIX_EXIT_STOPPED);
+    size_t plen;
+    char *ppath = kdt_path(out, "mix_progress.json");
+    char *prog4 = kdt_slurp(ppath, &plen);
+    json_t *pj = json_loads(prog4, 0, NULL);
+    size_t mix_bytes = (size_t)json_integer_value(json_object_get(pj, "mix_bytes"));
+    json_decref(pj);
+    const char *args[] = {"--config", cfg, "--prompts", pr, "--output-dir", out, NULL};
+    assert_int_equal(run_mix(dir, args), 0);
+    /* Back to the state after 4 rows, with 12 answers in the ledger and
+       none in the cache: the rows and the cache of the last 8 are lost. */
+    char *rpath = kdt_path(out, "mix.jsonl"), *cpath = kdt_path(out, "mix_cache.sqlite");
+    size_t rlen;
+    char *rows = kdt_slurp(rpath, &rlen);
+    assert_int_equal(kdt_spit(rpath, rows, mix_bytes), 0);
+    assert_int_equal(kdt_spit(ppath, prog4, plen), 0);
+    unlink(cpath);
+    char side[4200];
+    snprintf(side, sizeof side, "%s-wal", cpath);
+    unlink(side);
+    snprintf(side, sizeof side, "%s-shm", cpath);
+    unlink(side);
+    kd_serve_stats st0, st1;
+    kd_serve_get_stats(sv.s, &st0);
+    assert_int_equal(run_mix(dir, args), 0);
+    kd_serve_get_stats(sv.s, &st1);
+    assert_int_equal(st1.requests, st0.requests); /* nothing asked again */
+    json_t *ledger = count_lines_by(out, "api_recovery.jsonl", "request_hash", 0, NULL);
+    assert_int_equal(json_object_size(ledger), 12);
+    json_decref(ledger);
+    kd_mix *m;
+    kd_err e;
+    assert_int_equal(kd_mix_open_read(&m, out, &e), KD_OK);
+    assert_int_equal(kd_mix_completed(m), 12);
+    for (int i = 4; i < 12; i++) {
+        kd_mix_row row;
+        assert_int_equal(kd_mix_row_get(m, i, &row, &e), KD_OK);
+        assert_string_equal(row.status, "ok");
+        json_t *o = json_loadb(row.json, row.json_len, 0, NULL);
+        assert_int_equal(json_integer_value(json_object_get(o, "ledger_line")), i + 1);
+        assert_true(json_number_value(json_object_get(o, "cost")) > 0);
+        json_decref(o);
+    }
+    kd_mix_close(m);
+    char *err = slurp_in(dir, "cmd.err");
+    assert_non_null(strstr(err, "put back"));
+    free(err);
+    free(rows);
+    free(prog4);
+    free(ppath);
+    free(rpath);
+    free(cpath);
+    server_stop(&sv);
+    free(cfg);
+    free(pr);
+    free(out);
+    kdt_rmrf(dir);
+    free(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -663,6 +738,7 @@ int main(void)
         cmocka_unit_test(test_repeated_prompts_paid_once),
         cmocka_unit_test(test_failed_rows_and_retry),
         cmocka_unit_test(test_budget_32_in_flight),
+        cmocka_unit_test(test_reconcile_from_ledger),
         cmocka_unit_test(test_sigkill_loop),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
