@@ -490,6 +490,13 @@ static void body_parse(const kd_teacher_result *r, bodyinfo *bi)
     memset(bi, 0, sizeof *bi);
     if (!r->body)
         return;
+    /* The client's text is exact unless the body escapes a NUL; parse the
+       body again only when it holds something the result lacks. */
+    size_t bl = strlen(r->body);
+    if (r->text && !memmem(r->body, bl, "\\u0000", 6) &&
+        !memmem(r->body, bl, "\"system_fingerprint\"", 20) &&
+        !memmem(r->body, bl, "\"refusal\"", 9))
+        return;
     bi->root = json_loads(r->body, JSON_ALLOW_NUL, NULL);
     json_t *c0 = json_array_get(json_object_get(bi->root, "choices"), 0);
     json_t *msg = json_object_get(c0, "message");
