@@ -868,6 +868,9 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
             break;
         }
         if (o->limit > 0 && s.written >= o->limit) {
+            if (r->completed == total &&
+                (!o->retry_failed || r->counts[KD_MIX_ST_FAILED] == 0))
+                break; /* nothing left anyway: done, not stopped */
             stop_state = "stopped";
             snprintf(stopmsg, sizeof stopmsg, "stopped at --limit %lld", (long long)o->limit);
             break;
