@@ -9,7 +9,8 @@
  *     has exactly one current row, status ok; each request key has exactly one
  *     ledger line; the server generated each key's answer once, plus at most
  *     one per failed attempt the client recorded for that key (possibly
- *     billed or refused); the spend never passed the cap;
+ *     billed or refused); the ledger never passed the cap, which binds
+ *     half-way (budget stops and kills mixed), and a raised cap finishes;
  *   - budget: a cap that runs out half-way with 32 in flight: exit 3, never
  *     over, the message says what the rest costs; a raised cap continues and
  *     pays nothing twice;
@@ -267,7 +268,9 @@ static void test_sigkill_loop(void **state)
     server_start(&sv, NULL, 0.04, 0.04, 0.03, 0.03, 11);
     char *cfg = kdt_path(dir, "cfg.yaml"), *pr = kdt_path(dir, "p.jsonl");
     char *out = kdt_path(dir, "out");
-    write_config(cfg, sv.port, "  budget: {max_cost: 50}\n  max_in_flight: 16\nmix:\n"
+    /* A binding cap: the 260 distinct answers cost about 7; 4 runs out on
+       the way, so the loop sees budget stops as well as kills. */
+    write_config(cfg, sv.port, "  budget: {max_cost: 4}\n  max_in_flight: 16\nmix:\n"
                                "  batch: 16\n  progress_every_s: 0.05\n");
     const int N = 300, D = 260;
     write_prompts(pr, N, D);
@@ -296,12 +299,27 @@ static void test_sigkill_loop(void **state)
         int code = wait_code(pid);
         if (code == 128 + SIGKILL)
             kills++;
-        else
-            assert_int_equal(code, 0); /* finished before the kill */
+        else if (code != KD_MIX_EXIT_BUDGET) /* stopped at the cap before the kill */
+            assert_int_equal(code, 0);
+        /* the ledger never holds more than the cap */
+        double spent;
+        json_t *l = count_lines_by(out, "api_recovery.jsonl", "request_hash", 0, &spent);
+        json_decref(l);
+        if (spent > 4.0 + 1e-9)
+            fail_msg("round %d: the ledger holds %.9f, over the cap 4", round, spent);
     }
     assert_true(kills >= 10);
+    /* Left alone, the run ends at the cap, cleanly, under it. */
+    assert_int_equal(run_mix(dir, args), KD_MIX_EXIT_BUDGET);
+    {
+        double spent;
+        json_t *l = count_lines_by(out, "api_recovery.jsonl", "request_hash", 0, &spent);
+        assert_true(json_object_size(l) < (size_t)D);
+        json_decref(l);
+        assert_true(spent <= 4.0 + 1e-9);
+    }
     const char *fin[] = {"--config", cfg, "--prompts", pr, "--output-dir", out,
-                         "--retry-failed", NULL};
+                         "--retry-failed", "--set", "teacher.budget.max_cost=50", NULL};
     int code = run_mix(dir, fin);
     if (code != 0) {
         char *err = slurp_in(dir, "cmd.err"), *o = slurp_in(dir, "cmd.out");
@@ -350,7 +368,7 @@ static void test_sigkill_loop(void **state)
                      key, gen, (long long)jcount(fails, key));
     }
     assert_int_equal(json_object_size(ledger), D);
-    /* the spend never passed the cap (spend = ledger + possibly billed) */
+    /* the spend never passed the raised cap (spend = ledger + possibly billed) */
     char *prog = slurp_in(out, "mix_progress.json");
     json_t *pj = json_loads(prog, 0, NULL);
     assert_true(json_number_value(json_object_get(pj, "spent")) <= 50.0);
