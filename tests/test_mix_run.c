@@ -719,6 +719,7 @@ static void test_reconcile_from_ledger(void **state)
     json_t *ledger = count_lines_by(out, "api_recovery.jsonl", "request_hash", 0, NULL);
     assert_int_equal(json_object_size(ledger), 12);
     json_decref(ledger);
+    char *led = slurp_in(out, "api_recovery.jsonl");
     kd_mix *m;
     kd_err e;
     assert_int_equal(kd_mix_open_read(&m, out, &e), KD_OK);
@@ -728,7 +729,18 @@ static void test_reconcile_from_ledger(void **state)
         assert_int_equal(kd_mix_row_get(m, i, &row, &e), KD_OK);
         assert_string_equal(row.status, "ok");
         json_t *o = json_loadb(row.json, row.json_len, 0, NULL);
-        assert_int_equal(json_integer_value(json_object_get(o, "ledger_line")), i + 1);
+        /* the line that paid: lines 5..12, holding this row's request key */
+        int64_t ln = json_integer_value(json_object_get(o, "ledger_line"));
+        assert_true(ln >= 5 && ln <= 12);
+        const char *lp = led;
+        for (int64_t k = 1; k < ln; k++)
+            lp = strchr(lp, '\n') + 1;
+        char want[128];
+        snprintf(want, sizeof want, "\"request_hash\":\"%s\"",
+                 json_string_value(json_object_get(o, "request_key")));
+        const char *eol = strchr(lp, '\n');
+        const char *hit = strstr(lp, want);
+        assert_true(hit && hit < eol);
         assert_true(json_number_value(json_object_get(o, "cost")) > 0);
         json_decref(o);
     }
@@ -736,6 +748,7 @@ static void test_reconcile_from_ledger(void **state)
     char *err = slurp_in(dir, "cmd.err");
     assert_non_null(strstr(err, "put back"));
     free(err);
+    free(led);
     free(rows);
     free(prog4);
     free(ppath);
