@@ -5,6 +5,9 @@
 #                printed
 #   make build   optimised build in build/ (bin: build/kdkit)
 #   make bench   run the benchmarks in bench/ (installs the peers first)
+#   make python  build libkdkit and a virtual environment of /usr/bin/python3
+#                (seeing Debian's numpy and torch) where `import kdkit`
+#                works: build/venv/bin/python (docs/python.md)
 #   make run     the main job: the whole distillation pipeline on built-in
 #                defaults into kd_run/ (scripts/kd_pipeline.sh: a teacher
 #                GPT trained, served on loopback, a KD mix made through it,
@@ -13,7 +16,7 @@
 #                resumes or is reused, paying nothing twice
 JOBS ?= 2
 
-.PHONY: all deps build test test-asan clang-check release-check bench run clean
+.PHONY: all deps build test test-asan clang-check release-check bench run clean python
 
 all: build
 
@@ -46,6 +49,9 @@ bench: deps
 	@cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 	@cmake --build build -j$(JOBS)
 	@./bench/run.sh build
+
+python: build
+	@./scripts/python-venv.sh build/venv
 
 run: build
 	@./scripts/kd_pipeline.sh build kd_run

@@ -156,6 +156,7 @@ static void test_foreign_and_damage(void **state)
     kd_mix_progress_extra_init(&x);
     assert_int_equal(kd_mix_writer_save_progress(w, &x, 1, &e), KD_OK);
     assert_int_equal(kd_mix_writer_close(w, &e), KD_OK);
+    assert_int_equal(kd_mix_verify(dir, NULL, NULL, &e), 0);
     char *rows = kdt_path(dir, "mix.jsonl"), *prog = kdt_path(dir, "mix_progress.json");
     size_t rl0, pl0;
     char *r0 = kdt_slurp(rows, &rl0), *p0 = kdt_slurp(prog, &pl0);
@@ -180,6 +181,7 @@ static void test_foreign_and_damage(void **state)
     assert_int_equal(kd_mix_open_read(&m, dir, &e), KD_OK);
     kd_mix_row row;
     assert_int_equal(kd_mix_row_get(m, 1, &row, &e), KD_ECORRUPT);
+    assert_true(kd_mix_verify(dir, NULL, NULL, &e) >= 1); /* verify sees it too */
     assert_non_null(strstr(e.msg, "mix.jsonl"));
     assert_non_null(strstr(e.msg, "byte 0"));
     kd_mix_close(m);

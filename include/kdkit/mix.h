@@ -34,6 +34,7 @@
 
 #include "kdkit/core.h"
 #include "kdkit/error.h"
+#include "kdkit/tracker.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -227,6 +228,17 @@ typedef struct kd_mix_progress {
 int kd_mix_progress_parse(const char *text, size_t len, const char *where,
                           kd_mix_progress *p, kd_err *e);
 void kd_mix_progress_free(kd_mix_progress *p);
+
+/*
+ * Check the mix files of `dir` for `kdkit verify` (src/mix/verify.c), read-only
+ * and without the lock: mix_progress.json valid; every row of mix.jsonl valid
+ * with an index inside the mix; every index the progress file counts as done
+ * has a row; the sidecar's header valid and each entry pointing at a whole row
+ * of its index with its checksum.  Problems go to cb as kd_session_verify's
+ * do (at most 100 listed per file).  Returns the number of problems (0 also
+ * when dir holds no mix), or KD_ENOMEM.
+ */
+int kd_mix_verify(const char *dir, kd_verify_report_fn cb, void *ctx, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
 /* Generator (src/mix/run.c)                                                 */

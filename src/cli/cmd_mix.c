@@ -162,6 +162,13 @@ int kd_cmd_mix(int argc, char **argv)
     char *cfg_json = NULL;
     if (!sets)
         return 1;
+    /* First thing: a stop asked for during start-up is a clean stop too. */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (kd_cli_is_help(a)) {
@@ -240,12 +247,6 @@ int kd_cmd_mix(int argc, char **argv)
     o.stop = &g_stop;
     o.on_event = on_event;
     o.event_ctx = &pr;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
     kd_mix_report r;
     int rc = kd_mix_run(&o, &r, &e);
     if (pr.open_line)

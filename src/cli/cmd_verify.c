@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "kdkit/mix.h"
 #include "kdkit/tracker.h"
 
 static void usage(FILE *f)
@@ -27,6 +28,8 @@ static void usage(FILE *f)
             "  checkpoints.json              valid, paths inside DIR, and each live\n"
             "                                checkpoint file with its recorded size and\n"
             "                                SHA-256\n"
+            "  mix.jsonl, mix.idx,           (a kdkit mix) every row valid, every done\n"
+            "  mix_progress.json             sample has a row, the index points at it\n"
             "Each problem is one line naming the file (and line) with how to fix it;\n"
             "the last line is \"healthy\" or \"N problems\".  Journals are streamed, so\n"
             "memory stays small whatever their size.  Read-only, no lock: it can run\n"
@@ -119,6 +122,14 @@ int kd_cmd_verify(int argc, char **argv)
     if (n < 0) {
         kd_cli_error(argv[0], "%s", e.msg);
         return n == KD_ENOTFOUND || n == KD_EINVAL ? 2 : 1;
+    }
+    if (!(flags & KD_VERIFY_CHECKPOINTS_ONLY)) {
+        int m = kd_mix_verify(dir, on_problem, &o, &e);
+        if (m < 0) {
+            kd_cli_error(argv[0], "%s", e.msg);
+            return 1;
+        }
+        n += m;
     }
     if (o.sed_files)
         printf("Note: run the sed commands of one file from the highest line number down; "

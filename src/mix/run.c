@@ -47,6 +47,7 @@ void kd_mix_opts_init(kd_mix_opts *o)
 typedef struct kmap_ent {
     char key[KD_SHA256_HEX];
     int64_t line;
+    double cost;
 } kmap_ent;
 
 typedef struct kmap {
@@ -59,7 +60,7 @@ static uint64_t khash(const char *k)
     return kd_mix_fnv1a(k, 16) * 0x9e3779b97f4a7c15ull;
 }
 
-static int kmap_put(kmap *m, const char *key, int64_t line)
+static int kmap_put(kmap *m, const char *key, int64_t line, double cost)
 {
     if ((m->n + 1) * 2 > m->cap) {
         size_t nc = m->cap ? m->cap * 2 : 256;
@@ -86,18 +87,22 @@ static int kmap_put(kmap *m, const char *key, int64_t line)
     memcpy(m->e[h].key, key, 64);
     m->e[h].key[64] = '\0';
     m->e[h].line = line;
+    m->e[h].cost = cost;
     m->n++;
     return KD_OK;
 }
 
-static int64_t kmap_get(const kmap *m, const char *key)
+static int64_t kmap_get(const kmap *m, const char *key, double *cost)
 {
     if (!m->cap)
         return 0;
     size_t h = khash(key) & (m->cap - 1);
     while (m->e[h].key[0]) {
-        if (memcmp(m->e[h].key, key, 64) == 0)
+        if (memcmp(m->e[h].key, key, 64) == 0) {
+            if (cost)
+                *cost = m->e[h].cost;
             return m->e[h].line;
+        }
         h = (h + 1) & (m->cap - 1);
     }
     return 0;
@@ -122,6 +127,7 @@ static int scan_ledger(const char *path, uint64_t *off, int64_t *lines, kmap *m,
     if (*off > 0)
         rc = kd_jsonl_reader_seek(r, *off, *lines + 1, e);
     static const char pat[] = "\"request_hash\":\"";
+    static const char cpat[] = "\"cost\":";
     while (rc == KD_OK) {
         const char *line;
         size_t len;
@@ -146,7 +152,23 @@ static int scan_ledger(const char *path, uint64_t *off, int64_t *lines, kmap *m,
                 char k[KD_SHA256_HEX];
                 memcpy(k, p + sizeof pat - 1, 64);
                 k[64] = '\0';
-                if (kmap_put(m, k, *lines) != KD_OK)
+                double cost = 0;
+                const char *c = line;
+                size_t cl = len;
+                while ((c = memmem(c, cl, cpat, sizeof cpat - 1)) != NULL) {
+                    if (c > line && (c[-1] == ',' || c[-1] == '{')) {
+                        char num[64];
+                        size_t nl = (size_t)(line + len - (c + sizeof cpat - 1));
+                        nl = nl < sizeof num - 1 ? nl : sizeof num - 1;
+                        memcpy(num, c + sizeof cpat - 1, nl);
+                        num[nl] = '\0';
+                        cost = strtod(num, NULL);
+                        break;
+                    }
+                    c++;
+                    cl = (size_t)(line + len - c);
+                }
+                if (kmap_put(m, k, *lines, cost) != KD_OK)
                     rc = kd_err_set(e, KD_ENOMEM, "out of memory");
                 break;
             }
@@ -338,7 +360,8 @@ static int load_config(const kd_mix_opts *o, mixcfg *c, kd_err *e)
     if (!c->params.logprobs)
         c->params.top_logprobs = 0;
     if (c->batch == 0)
-        c->batch = (size_t)c->tc.max_in_flight * 4;
+        c->batch = (size_t)c->tc.max_in_flight * 16 > 4096 ? 4096
+                                                           : (size_t)c->tc.max_in_flight * 16;
     c->unbiased = c->params.temperature == 1.0 && c->params.top_p == 1.0;
     /* The row's params and the identity. */
     {
@@ -466,6 +489,13 @@ static void body_parse(const kd_teacher_result *r, bodyinfo *bi)
 {
     memset(bi, 0, sizeof *bi);
     if (!r->body)
+        return;
+    /* The client's text is exact unless the body escapes a NUL; parse the
+       body again only when it holds something the result lacks. */
+    size_t bl = strlen(r->body);
+    if (r->text && !memmem(r->body, bl, "\\u0000", 6) &&
+        !memmem(r->body, bl, "\"system_fingerprint\"", 20) &&
+        !memmem(r->body, bl, "\"refusal\"", 9))
         return;
     bi->root = json_loads(r->body, JSON_ALLOW_NUL, NULL);
     json_t *c0 = json_array_get(json_object_get(bi->root, "choices"), 0);
@@ -828,7 +858,7 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
         goto out;
     }
     const char *stop_state = NULL;
-    int budget_hit = 0, quota_hit = 0, fatal = 0;
+    int budget_hit = 0, quota_hit = 0, fatal = 0, no_lp = 0;
     char stopmsg[KD_ERRMSG_MAX] = "";
     int eof = 0;
     while (!eof && !stop_state) {
@@ -838,6 +868,9 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
             break;
         }
         if (o->limit > 0 && s.written >= o->limit) {
+            if (r->completed == total &&
+                (!o->retry_failed || r->counts[KD_MIX_ST_FAILED] == 0))
+                break; /* nothing left anyway: done, not stopped */
             stop_state = "stopped";
             snprintf(stopmsg, sizeof stopmsg, "stopped at --limit %lld", (long long)o->limit);
             break;
@@ -855,7 +888,8 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
                 rc = k;
                 goto out;
             }
-            if (k == 0) {
+            if (k == 0 || q.index >= total) {
+                kd_mix_prompt_clear(&q);
                 eof = 1;
                 break;
             }
@@ -966,24 +1000,30 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
                 row.completion_tokens = res->completion_tokens;
                 row.cache_hit = res->cache_hit || !first_use;
                 row.cost = first_use ? res->cost : 0;
-                int64_t line = kmap_get(&batch_map, sl->key);
-                if (!line)
-                    line = kmap_get(&rec_map, sl->key);
-                row.ledger_line = line;
+                double rec_cost = 0;
+                int64_t line = kmap_get(&batch_map, sl->key, NULL);
+                int64_t rec =
+                    first_use && res->cache_hit ? kmap_get(&rec_map, sl->key, &rec_cost) : 0;
+                row.ledger_line = line ? line : rec;
                 if (first_use && !res->cache_hit) {
                     s.paid_rows++;
                     s.paid_cost += res->cost;
+                } else if (rec) {
+                    /* paid by a run that died before writing the row */
+                    row.cost = rec_cost;
+                    s.paid_rows++;
+                    s.paid_cost += rec_cost;
+                    r->reconciled++;
+                    r->cache_hits_this_run++;
                 } else {
                     s.cache_hits++;
                     r->cache_hits_this_run++;
-                    if (res->cache_hit && kmap_get(&rec_map, sl->key))
-                        r->reconciled++;
                 }
                 if (first_use && !res->cache_hit)
                     r->paid_this_run++;
-                if (c.kd_rows && !res->tokens)
-                    emit(o, KD_MIX_EV_WARN, "sample %lld: the answer has no logprobs",
-                         (long long)sl->q.index);
+                if (c.kd_rows && !res->tokens && no_lp++ < 3)
+                    emit(o, KD_MIX_EV_WARN, "sample %lld: the answer has no logprobs%s",
+                         (long long)sl->q.index, no_lp == 3 ? " (not said again)" : "");
             } else {
                 row.status = KD_MIX_ST_FAILED;
                 row.error = res->errmsg[0] ? res->errmsg : kd_strerror(res->rc);
