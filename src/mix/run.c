@@ -533,6 +533,9 @@ typedef struct runstate {
     int64_t cache_hits;
     int64_t written;
     double avg_bytes, avg_msgs;
+    kd_teacher *t;
+    int64_t total;
+    int64_t answered;           /* answers of the batch in flight, not rows yet */
 } runstate;
 
 static void emit(const kd_mix_opts *o, kd_mix_event ev, const char *fmt, ...)
@@ -547,6 +550,40 @@ static void emit(const kd_mix_opts *o, kd_mix_event ev, const char *fmt, ...)
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
     o->on_event(o->event_ctx, ev, buf);
+}
+
+/* The live line while a batch is in flight (a slow teacher can take minutes
+   per batch): called by the client on the thread that runs ask_many, after
+   each answer is in the ledger; it touches no tracker. */
+static void on_teacher_event(void *ctx, kd_teacher_event ev, const char *key, int attempt)
+{
+    (void)key;
+    (void)attempt;
+    runstate *s = ctx;
+    if (ev != KD_TEACHER_EV_RECORDED || !s->t)
+        return;
+    s->answered++;
+    double now = kd_monotonic();
+    if (now - s->last_event < 0.25)
+        return;
+    s->last_event = now;
+    double sp, rs, cap;
+    kd_budget_get(kd_teacher_budget(s->t), &sp, &rs, &cap);
+    int64_t done = s->r->completed + s->answered;
+    double el = now - s->t0;
+    double rate = el > 0.5 ? (double)(s->written + s->answered) / el : -1;
+    char rt[32] = "-", bud[40] = "", eta[32] = "unknown";
+    if (rate > 0) {
+        snprintf(rt, sizeof rt, "%.1f", rate);
+        snprintf(eta, sizeof eta, "%.0fs", (double)(s->total - done) / rate);
+    }
+    if (cap >= 0)
+        snprintf(bud, sizeof bud, "/%.6g", cap);
+    emit(s->o, KD_MIX_EV_PROGRESS,
+         "%lld/%lld (%.1f%%) %s/s spent %.6g%s reserved %.6g ETA %s cache hits %lld failed %lld",
+         (long long)done, (long long)s->total,
+         s->total ? 100.0 * (double)done / (double)s->total : 100.0, rt, sp, bud, rs, eta,
+         (long long)s->cache_hits, (long long)s->r->counts[KD_MIX_ST_FAILED]);
 }
 
 /* Worst and expected cost of one sample of `bytes` prompt bytes. */
@@ -760,7 +797,11 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
         snprintf(cache_path, dl, "%s/mix_cache.sqlite", o->output_dir);
         c.tc.cache_path = cache_path;
     }
+    c.tc.on_event = on_teacher_event;
+    c.tc.event_ctx = &s;
+    s.total = total;
     rc = kd_teacher_open(&t, &c.tc, tr, e);
+    s.t = t;
     if (rc != KD_OK)
         goto out;
     kd_mix_writer_info wi;
@@ -876,6 +917,7 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
             break;
         }
         int64_t paid_before = s.paid_rows;
+        s.answered = 0;
         /* Gather a batch of samples that have no row (or a failed one). */
         size_t ns = 0, nu = 0;
         int64_t want = (int64_t)B;
@@ -931,6 +973,7 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
         if (nu > 0)
             kd_teacher_ask_many(t, ureq, nu, ures);
         /* Which ledger lines paid for this batch. */
+        s.answered = 0;
         kmap_clear(&batch_map);
         rc = scan_ledger(ledger_path, &led_off, &led_lines, &batch_map, e);
         if (rc != KD_OK)
