@@ -255,6 +255,35 @@ static void test_kd_identity(void **state)
     assert_string_not_equal(other, base);
     free(other);
     free(base);
+
+    /* online: the teacher's model and defaults are identity, its budget,
+       prices and retries are not (raising a cap continues the same run) */
+#define ONLINE_HEAD                                                                        \
+    "kd: {source: online, prompts: p.jsonl}\nteacher: {base_url: "                        \
+    "'http://127.0.0.1:1/v1', model: %s, budget: {max_cost: %s}, "                         \
+    "prices: {input_per_million: %s, output_per_million: 1}}\n"
+    char text[512], *h[4];
+    const char *var[4][3] = {{"x", "1", "1"}, {"x", "5", "1"}, {"x", "1", "3"}, {"y", "1", "1"}};
+    for (int i = 0; i < 4; i++) {
+        snprintf(text, sizeof text, ONLINE_HEAD, var[i][0], var[i][1], var[i][2]);
+        const char *p = yaml("online-id.yaml", text);
+        kd_train_config c;
+        kd_err e;
+        if (kd_train_config_load(&c, p, NULL, 0, &e) != KD_OK)
+            fail_msg("%s", e.msg);
+        char *j = NULL;
+        assert_int_equal(kd_train_config_kd_identity_json(&c, "sha", -1, &j, NULL), KD_OK);
+        kd_train_config_free(&c);
+        char hex[KD_SHA256_HEX];
+        assert_int_equal(kd_json_hash(j, strlen(j), hex, NULL), KD_OK);
+        free(j);
+        h[i] = strdup(hex);
+    }
+    assert_string_equal(h[0], h[1]); /* budget */
+    assert_string_equal(h[0], h[2]); /* prices */
+    assert_string_not_equal(h[0], h[3]); /* model */
+    for (int i = 0; i < 4; i++)
+        free(h[i]);
 }
 
 static char *identity(const char *const *sets, size_t n, const char *sha)

@@ -851,8 +851,20 @@ int kd_train_config_kd_identity_json(const kd_train_config *c, const char *sourc
     if (c->kd.source == KD_TRAIN_KD_MIX)
         json_object_set_new(k, "mix_ok_rows", json_integer(mix_ok_rows));
     if (c->teacher_json) {
+        /* what decides the answers: who is asked (the provider label when
+           set, as cache keys and mix identities do, so the port may change),
+           which model, how; not prices, budget, retries, timeouts or the
+           cache path, so raising a budget cap does not make another run */
         json_t *t = json_loads(c->teacher_json, 0, NULL);
-        json_object_set(root, "teacher", json_object_get(t, "teacher"));
+        json_t *src = json_object_get(t, "teacher"), *id = json_object();
+        static const char *const keys[] = {"model", "endpoint", "teacher_version", "defaults"};
+        json_t *prov = json_object_get(src, "provider");
+        json_object_set(id, prov ? "provider" : "base_url",
+                        prov ? prov : json_object_get(src, "base_url"));
+        for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+            if (json_object_get(src, keys[i]))
+                json_object_set(id, keys[i], json_object_get(src, keys[i]));
+        json_object_set_new(root, "teacher", id);
         json_decref(t);
     }
     return dump(root, json_out, e);
