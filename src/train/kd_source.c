@@ -25,6 +25,11 @@
 #include "train_int.h"
 
 #define MAX_PROMPTS_FILE (1ull << 30)
+/* Built samples are kept (by index) up to this many bytes: every epoch after
+   the first then costs no JSON parsing, no row read and no teacher lookup. */
+#define SAMPLE_CACHE_BYTES ((size_t)256 << 20)
+
+struct sample;
 
 struct kd_kdsrc {
     kd_mix *mix;
@@ -39,6 +44,8 @@ struct kd_kdsrc {
     int64_t hits, paid;
     double cost;
     int64_t ok_rows;
+    struct sample **cache;       /* [total], lazily allocated */
+    size_t cache_bytes;
 };
 
 int kd_kd_heldout(int64_t index, double fraction)
@@ -134,10 +141,20 @@ int kd_kdsrc_open_online(kd_kdsrc **out, const char *prompts_path, kd_teacher *t
     return KD_OK;
 }
 
+static void sample_free(struct sample *sm);
+
 void kd_kdsrc_close(kd_kdsrc *s)
 {
     if (!s)
         return;
+    if (s->cache) {
+        for (int64_t i = 0; i < kd_kdsrc_total(s); i++)
+            if (s->cache[i]) {
+                sample_free(s->cache[i]);
+                free(s->cache[i]);
+            }
+        free(s->cache);
+    }
     kd_mix_close(s->mix);
     free(s->ptext);
     free(s->line_off);
@@ -180,6 +197,7 @@ void kd_kdsrc_counts(const kd_kdsrc *s, int64_t *hits, int64_t *paid, double *co
 /* One sample                                                                */
 
 typedef struct sample {
+    size_t bytes;       /* memory it holds, for the cache's cap */
     char *prompt;       /* student-side prompt bytes (malloc'd) */
     size_t plen;
     kd_distill_targets tg;
@@ -319,14 +337,36 @@ static int load_online(kd_kdsrc *s, int64_t index, sample *sm, kd_err *e)
 int kd_kdsrc_fill(kd_kdsrc *s, int64_t index, int T, int tail, int mask_prompt, kd_kdwin *w,
                   size_t b, kd_kdwin_info *info, kd_err *e)
 {
-    sample sm;
-    memset(&sm, 0, sizeof sm);
     memset(info, 0, sizeof *info);
-    int rc = s->mix ? load_mix(s, index, &sm, e) : load_online(s, index, &sm, e);
-    if (rc != KD_OK) {
-        sample_free(&sm);
-        return rc;
+    if (index < 0 || index >= kd_kdsrc_total(s))
+        return KD_ENOTFOUND;
+    if (!s->cache)
+        s->cache = calloc((size_t)kd_kdsrc_total(s), sizeof *s->cache);
+    sample local, *sp = s->cache ? s->cache[index] : NULL;
+    int cached = sp != NULL;
+    if (!sp) {
+        sp = &local;
+        memset(sp, 0, sizeof *sp);
+        int rc = s->mix ? load_mix(s, index, sp, e) : load_online(s, index, sp, e);
+        if (rc != KD_OK) {
+            sample_free(sp);
+            return rc;
+        }
+        sp->bytes = sizeof *sp + sp->plen + sp->clen +
+                    sp->tg.len * (sizeof(kd_byte_target) + 1) +
+                    sp->tg.ntokens * (sizeof(size_t) + sizeof(double));
+        if (s->cache && s->cache_bytes + sp->bytes <= SAMPLE_CACHE_BYTES) {
+            sample *keep = malloc(sizeof *keep);
+            if (keep) {
+                *keep = *sp;
+                s->cache[index] = keep;
+                s->cache_bytes += sp->bytes;
+                sp = keep;
+                cached = 1;
+            }
+        }
     }
+    const sample sm = *sp;
     const uint8_t *comp = sm.have_targets ? sm.tg.bytes : sm.completion;
     size_t clen = sm.have_targets ? sm.tg.len : sm.clen;
     static const char nul = '\0';
@@ -393,6 +433,7 @@ int kd_kdsrc_fill(kd_kdsrc *s, int64_t index, int T, int tail, int mask_prompt, 
     } else {
         info->no_targets = 1;
     }
-    sample_free(&sm);
+    if (!cached)
+        sample_free(sp);
     return KD_OK;
 }
