@@ -399,31 +399,31 @@ static void put_opt_double(kd_sb *s, double v)
 static void format_metric(kd_sb *s, const pending_metric *p)
 {
     const kd_metrics *m = &p->m;
-    kd_sb_puts(s, "{\"step\":");
+    kd_sb_lit(s, "{\"step\":");
     kd_sb_json_int(s, m->step);
-    kd_sb_puts(s, ",\"timestamp\":");
-    kd_sb_printf(s, "%.6f", p->timestamp);
-    kd_sb_puts(s, ",\"loss\":");
+    kd_sb_lit(s, ",\"timestamp\":");
+    kd_sb_fixed(s, p->timestamp, 6);
+    kd_sb_lit(s, ",\"loss\":");
     kd_sb_json_double(s, m->loss);
     if (!isfinite(m->loss))
         kd_sb_puts(s, isnan(m->loss) ? ",\"loss_nonfinite\":\"nan\""
                                      : (m->loss > 0 ? ",\"loss_nonfinite\":\"inf\""
                                                     : ",\"loss_nonfinite\":\"-inf\""));
-    kd_sb_puts(s, ",\"loss_components\":{\"kd\":");
+    kd_sb_lit(s, ",\"loss_components\":{\"kd\":");
     put_opt_double(s, m->loss_kd);
-    kd_sb_puts(s, ",\"ce\":");
+    kd_sb_lit(s, ",\"ce\":");
     put_opt_double(s, m->loss_ce);
-    kd_sb_puts(s, ",\"intermediate\":");
+    kd_sb_lit(s, ",\"intermediate\":");
     put_opt_double(s, m->loss_intermediate);
-    kd_sb_puts(s, "},\"learning_rate\":");
+    kd_sb_lit(s, "},\"learning_rate\":");
     put_opt_double(s, m->learning_rate);
-    kd_sb_puts(s, ",\"samples_processed\":");
+    kd_sb_lit(s, ",\"samples_processed\":");
     kd_sb_json_int(s, m->samples_processed);
-    kd_sb_puts(s, ",\"tokens_processed\":");
+    kd_sb_lit(s, ",\"tokens_processed\":");
     kd_sb_json_int(s, m->tokens_processed);
-    kd_sb_puts(s, ",\"throughput_samples_per_sec\":");
+    kd_sb_lit(s, ",\"throughput_samples_per_sec\":");
     put_opt_double(s, m->throughput_samples_per_sec);
-    kd_sb_puts(s, ",\"throughput_tokens_per_sec\":");
+    kd_sb_lit(s, ",\"throughput_tokens_per_sec\":");
     put_opt_double(s, m->throughput_tokens_per_sec);
     kd_sb_putc(s, '}');
 }

@@ -19,7 +19,7 @@
 #define KD_TREND_WINDOW 100      /* losses kept for the trend */
 #define KD_RATE_WINDOW 64        /* throughput samples kept */
 #define KD_RATE_SPACING 0.5      /* seconds of active time between samples */
-#define KD_PENDING_MAX 4096      /* metrics lines held before a flush */
+#define KD_PENDING_MAX 512       /* metrics lines held before a flush (bounds its stall) */
 #define KD_STATE_FILE_MAX (256u << 20) /* largest state file we read */
 #define KD_PAUSE_LOG_MAX 100     /* pauses listed in session.json */
 #define KD_SESSION_RECENT_CKPTS 10 /* checkpoints session.json lists (+ the best) */
