@@ -1,7 +1,7 @@
 #!/bin/sh
 # bench/run_ckpt.sh - checkpoint benchmark with its peers, in one run:
 #   1. raw sequential write+fsync bandwidth: dd if=/dev/zero bs=1M conv=fsync
-#   2. bench_ckpt: kdkit write (atomic, fsync'd, SHA-256) and load+verify
+#   2. bench_ckpt: kdkit write (atomic, fsync'd, XXH3-128) and load+verify
 #   3. bench/ckpt_peer.py: torch.save (+fsync) and torch.load of the same
 #      tensors, with Debian's /usr/bin/python3 and python3-torch
 # then prints the figures and the ratios the issue asks for:
@@ -84,6 +84,8 @@ echo "kdkit load+verify / torch.load (cold):     $(ratio "$lc" "${tc:-0}")  (tar
 echo "kdkit load+copy (no hash) / torch.load (hot):  $(ratio "$ch" "${th:-0}")"
 echo "kdkit load+copy (no hash) / torch.load (cold): $(ratio "$cc" "${tc:-0}")"
 echo "kdkit write / torch.save+fsync:            $(ratio "$w" "${ts:-0}")"
+echo "kdkit write with SHA-256 too / dd:         $(ratio "$(get kdkit_write_sha256_MBps)" "$best_dd")  (checkpoint.hash: sha256)"
+echo "kdkit load+verify SHA-256 / torch (hot):   $(ratio "$(get kdkit_load_verify_sha256_hot_MBps)" "${th:-0}")  (a manifest from before XXH3)"
 # for bench/run.sh's closing table
 target() { # what ours peer peername min
   r=$(ratio "$2" "$3")
