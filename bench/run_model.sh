@@ -11,5 +11,5 @@ STEPS=${3:-20}
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DKD_BUILD_TESTS=OFF >/dev/null
 cmake --build "$BUILD" -j2 --target bench_model >/dev/null
 echo "model: 4 layers, 4 heads, width 128, context 128, batch 16, $THREADS threads, $STEPS timed steps"
-OPENBLAS_NUM_THREADS=$THREADS "$BUILD/bench/bench_model" "$THREADS" "$STEPS"
+OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} OPENBLAS_NUM_THREADS=$THREADS "$BUILD/bench/bench_model" "$THREADS" "$STEPS"
 /usr/bin/python3 bench/model_peer.py "$THREADS" "$STEPS"
