@@ -257,13 +257,13 @@ static void hash_start(hasher *hs, uint64_t bytes, pthread_t *th, int *on)
         hash_main(hs);
 }
 
-static void hash_join(hasher *hs, pthread_t th, int *on, int cancel)
+static void hash_join(hasher *hs, const pthread_t *th, int *on, int cancel)
 {
     if (!*on)
         return;
     if (cancel)
         atomic_store(&hs->cancel, 1);
-    pthread_join(th, NULL);
+    pthread_join(*th, NULL);
     *on = 0;
 }
 
@@ -436,7 +436,7 @@ int kd_ckpt_write_ex(const char *path, const kd_tensor_view *tensors, size_t n,
         rc = out_flush(&o, e);
     if (rc != KD_OK)
         goto done;
-    hash_join(&hd, th, &thread_on, 0);
+    hash_join(&hd, &th, &thread_on, 0);
     kd_xxh3_final_hex(hd.x, w.data_xxh3_128);
     memcpy(hb.p + hash_pos, w.data_xxh3_128, 32);
     if ((rc = kd_atomic_pwrite(o.a, hb.p + hash_pos, 32, hash_pos, e)) != KD_OK)
@@ -453,7 +453,7 @@ int kd_ckpt_write_ex(const char *path, const kd_tensor_view *tensors, size_t n,
     o.a = NULL;
     if ((rc = kd_atomic_commit(a, e)) != KD_OK)
         goto done;
-    hash_join(&hf, th, &thread_on, 0);
+    hash_join(&hf, &th, &thread_on, 0);
     kd_xxh3_final_hex(hf.x, w.xxh3_128);
     if (hf.sha)
         kd_sha256_final_hex(hf.sha, w.sha256);
@@ -461,7 +461,7 @@ int kd_ckpt_write_ex(const char *path, const kd_tensor_view *tensors, size_t n,
         *result = w;
 
 done:
-    hash_join(thread_on && hf.segs ? &hf : &hd, th, &thread_on, 1);
+    hash_join(thread_on && hf.segs ? &hf : &hd, &th, &thread_on, 1);
     if (o.a)
         kd_atomic_abort(o.a);
     kd_xxh3_free(hd.x);

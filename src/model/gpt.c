@@ -601,7 +601,7 @@ KD_VECTORIZE static void attention_forward(float *y, float *att, const float *qk
  * GELU and its derivative need (they use 1 + t and 1 - t^2, not t / u). */
 KD_VECTORIZE static void gelu_forward(float *out, float *th, const float *x, size_t n)
 {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
         float xi = x[i];
         float u = GELU_K * (xi + GELU_C * xi * xi * xi);
@@ -800,7 +800,7 @@ static void layernorm_backward_acc(float *dinp, float *dw, float *db, const floa
 
 KD_VECTORIZE static void gelu_backward_inplace(float *d, const float *x, const float *th, size_t n)
 {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
         float xi = x[i], t = th[i];
         float du = GELU_K * (1.0f + 3.0f * GELU_C * xi * xi);
