@@ -4,7 +4,8 @@
 #                (gcc) and run every test; the test summary is the last thing
 #                printed
 #   make build   optimised build in build/ (bin: build/kdkit)
-#   make bench   run the benchmarks in bench/ (installs the peers first)
+#   make bench   run the benchmarks in bench/ (installs the peers first,
+#                quietly) and print a table of every figure vs its target
 #   make python  build libkdkit and a virtual environment of /usr/bin/python3
 #                (seeing Debian's numpy and torch) where `import kdkit`
 #                works: build/venv/bin/python (docs/python.md)
@@ -44,10 +45,14 @@ release-check: deps
 
 test: clang-check release-check test-asan
 
-bench: deps
-	@./scripts/install-deps.sh --bench
-	@cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
-	@cmake --build build -j$(JOBS)
+# Package installation and the build go to build/bench-setup.log (shown only
+# when they fail), so make bench prints the benchmarks' own lines and ends
+# with bench/run.sh's table of every figure against its target.
+bench:
+	@mkdir -p build
+	@./scripts/install-deps.sh --bench >build/bench-setup.log 2>&1 || { cat build/bench-setup.log; exit 1; }
+	@cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >>build/bench-setup.log 2>&1 || { tail -40 build/bench-setup.log; exit 1; }
+	@cmake --build build -j$(JOBS) >>build/bench-setup.log 2>&1 || { tail -40 build/bench-setup.log; exit 1; }
 	@./bench/run.sh build
 
 python: build

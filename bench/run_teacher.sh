@@ -47,3 +47,8 @@ awk -v a="$(v kdkit_client_raw_requests_per_s)" -v b="$(v aiohttp_client_request
     'BEGIN { printf "client requests/s: %.2fx (target >= 5x)\n", a / b }'
 awk -v a="$(v kdkit_client_full_requests_per_s)" -v b="$(v aiohttp_client_requests_per_s)" \
     'BEGIN { printf "client requests/s, full path with durable ledger: %.2fx\n", a / b }'
+# for bench/run.sh's closing table
+awk -v a="$(v kdkit_cache_hit_p50_us)" \
+    'BEGIN { printf "target: teacher cache hit latency p50 | %.2f us | <= 10 us | %s\n", a, (a <= 10 ? "met" : "NOT met") }'
+awk -v a="$(v kdkit_client_raw_requests_per_s)" -v b="$(v aiohttp_client_requests_per_s)" \
+    'BEGIN { r = b > 0 ? a / b : 0; printf "target: teacher client requests/s vs aiohttp | %.2fx (%.0f vs %.0f /s) | >= 5x | %s\n", r, a, b, (r >= 5 ? "met" : "NOT met") }'

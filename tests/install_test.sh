@@ -11,7 +11,7 @@ cmake --install "$build" --prefix "$tmp/prefix" >/dev/null
 PKG_CONFIG_PATH="$tmp/prefix/lib/pkgconfig:$tmp/prefix/lib64/pkgconfig"
 export PKG_CONFIG_PATH
 pkg-config --exists kdkit || { echo "FAIL: pkg-config cannot find kdkit in $tmp/prefix"; exit 1; }
-deps="jansson yaml-0.1 libcrypto libcurl sqlite3 libmicrohttpd openblas"
+deps="jansson yaml-0.1 libcrypto libcurl sqlite3 libmicrohttpd openblas libxxhash"
 # shellcheck disable=SC2086
 $cc $extra "$src/tests/install_use.c" -o "$tmp/use" $(pkg-config --cflags --libs kdkit) \
     $(pkg-config --libs $deps) -lm -lpthread

@@ -77,7 +77,7 @@ static void write_good(const char *name, kd_ckpt_written *w)
     kd_ckpt_meta_set m;
     kd_ckpt_meta_init(&m, &s);
     kd_err e;
-    if (kd_ckpt_write(in_dir(name), t, 2, m.kv, m.n, w, &e) != KD_OK)
+    if (kd_ckpt_write_ex(in_dir(name), t, 2, m.kv, m.n, KD_CKPT_SHA256, w, &e) != KD_OK)
         fail_msg("%s", e.msg);
 }
 
@@ -86,7 +86,8 @@ static void test_inspect(void **state)
     (void)state;
     char *out;
     assert_int_equal(run(&out, "ckpt inspect '%s'", in_dir("checkpoint_100.safetensors")), 0);
-    assert_non_null(strstr(out, g_good.sha256));
+    assert_non_null(strstr(out, g_good.xxh3_128));
+    assert_null(strstr(out, g_good.sha256)); /* SHA-256 only on request */
     assert_non_null(strstr(out, "wte  F32  [2, 3]  24 bytes"));
     assert_non_null(strstr(out, "pos  I64  [2]  16 bytes"));
     assert_non_null(strstr(out, "step = 100"));
@@ -98,7 +99,8 @@ static void test_inspect(void **state)
     json_t *j = json_loads(out, JSON_REJECT_DUPLICATES, &je);
     if (!j)
         fail_msg("--json output is not JSON: %s\n%s", je.text, out);
-    assert_string_equal(json_string_value(json_object_get(j, "sha256")), g_good.sha256);
+    assert_string_equal(json_string_value(json_object_get(j, "xxh3_128")), g_good.xxh3_128);
+    assert_null(json_object_get(j, "sha256"));
     assert_int_equal(json_integer_value(json_object_get(j, "size")), (json_int_t)g_good.size);
     json_t *ts = json_object_get(j, "tensors");
     assert_int_equal(json_array_size(ts), 2);
@@ -109,6 +111,13 @@ static void test_inspect(void **state)
     assert_string_equal(
         json_string_value(json_object_get(json_object_get(j, "metadata"), "dataset_position")),
         "800");
+    json_decref(j);
+    free(out);
+    assert_int_equal(run(&out, "ckpt inspect --json --sha256 '%s'", in_dir("checkpoint_100.safetensors")),
+                     0);
+    j = json_loads(out, JSON_REJECT_DUPLICATES, &je);
+    assert_non_null(j);
+    assert_string_equal(json_string_value(json_object_get(j, "sha256")), g_good.sha256);
     json_decref(j);
     free(out);
 
@@ -139,7 +148,30 @@ static void test_verify(void **state)
     char *out;
     assert_int_equal(run(&out, "ckpt verify '%s'", in_dir("checkpoint_100.safetensors")), 0);
     assert_non_null(strstr(out, "OK "));
+    assert_non_null(strstr(out, g_good.xxh3_128));
+    assert_non_null(strstr(out, "data checked"));
+    assert_null(strstr(out, g_good.sha256));
+    free(out);
+    /* --sha256 alone: computed and printed, for people who publish */
+    assert_int_equal(run(&out, "ckpt verify '%s' --sha256", in_dir("checkpoint_100.safetensors")), 0);
     assert_non_null(strstr(out, g_good.sha256));
+    free(out);
+    assert_int_equal(run(&out, "ckpt verify --sha256 '%s'", in_dir("good")), 0);
+    assert_non_null(strstr(out, "sha256 "));
+    free(out);
+    assert_int_equal(run(&out, "ckpt verify '%s' --xxh3 %s --size %llu",
+                         in_dir("checkpoint_100.safetensors"), g_good.xxh3_128,
+                         (unsigned long long)g_good.size), 0);
+    free(out);
+    char xwrong[KD_XXH3_HEX];
+    memcpy(xwrong, g_good.xxh3_128, sizeof xwrong);
+    xwrong[0] = xwrong[0] == 'a' ? 'b' : 'a';
+    assert_int_equal(run(&out, "ckpt verify '%s' --xxh3 %s", in_dir("checkpoint_100.safetensors"),
+                         xwrong), 1);
+    assert_non_null(strstr(out, "XXH3-128"));
+    assert_non_null(strstr(out, "differs from the manifest"));
+    free(out);
+    assert_int_equal(run(&out, "ckpt verify '%s' --xxh3 12", in_dir("checkpoint_100.safetensors")), 2);
     free(out);
 
     /* against the manifest's values */

@@ -82,7 +82,7 @@ static void check_old_intact(void)
 {
     kd_err e;
     kd_ckpt_written w;
-    kd_ckpt_expect x = {.size = -1, .sha256 = g_old_sha};
+    kd_ckpt_expect x = {.size = -1, .xxh3_128 = g_old_sha};
     if (kd_ckpt_verify(g_old, &x, &w, &e) != KD_OK)
         fail_msg("earlier checkpoint damaged: %s", e.msg);
 }
@@ -118,7 +118,7 @@ static int sweep(const model *m, const char *target, const char *target_sha, kd_
         model_init(&old, 1, 1);
         kd_ckpt_written w;
         assert_int_equal(kd_ckpt_write(target, old.t, old.n, NULL, 0, &w, &e), KD_OK);
-        assert_string_equal(w.sha256, target_sha);
+        assert_string_equal(w.xxh3_128, target_sha);
         model_free(&old);
     } else {
         assert_int_equal(unlink(target), 0);
@@ -150,15 +150,15 @@ static int sweep(const model *m, const char *target, const char *target_sha, kd_
         int vr = kd_ckpt_verify(target, NULL, &now, &e);
         if (target_sha) {
             assert_int_equal(vr, KD_OK);
-            if (strcmp(now.sha256, target_sha) != 0 && strcmp(now.sha256, good.sha256) != 0)
+            if (strcmp(now.xxh3_128, target_sha) != 0 && strcmp(now.xxh3_128, good.xxh3_128) != 0)
                 fail_msg("%s #%ld: target holds neither the old nor the new checkpoint",
                          op_name(op), i);
         } else if (vr != KD_ENOTFOUND) {
             assert_int_equal(vr, KD_OK);
-            assert_string_equal(now.sha256, good.sha256);
+            assert_string_equal(now.xxh3_128, good.xxh3_128);
         }
         /* restore for the next case */
-        if (target_sha && strcmp(now.sha256, target_sha) != 0) {
+        if (target_sha && strcmp(now.xxh3_128, target_sha) != 0) {
             model old;
             model_init(&old, 1, 1);
             assert_int_equal(kd_ckpt_write(target, old.t, old.n, NULL, 0, NULL, &e), KD_OK);
@@ -243,7 +243,7 @@ static int setup(void **state)
     kd_ckpt_written w;
     kd_err e;
     int rc = kd_ckpt_write(g_old, old.t, old.n, NULL, 0, &w, &e);
-    memcpy(g_old_sha, w.sha256, sizeof g_old_sha);
+    memcpy(g_old_sha, w.xxh3_128, sizeof w.xxh3_128);
     model_free(&old);
     return rc == KD_OK ? 0 : -1;
 }

@@ -162,7 +162,7 @@ static int do_write(const char *path, kd_ckpt_written *w, char *err, size_t errc
         kd_ckpt_meta_add(&m, seeds[k][0], seeds[k][1]);
     }
     kd_err e;
-    int rc = kd_ckpt_write(path, t, NSPECS, m.kv, m.n, w, &e);
+    int rc = kd_ckpt_write_ex(path, t, NSPECS, m.kv, m.n, KD_CKPT_SHA256, w, &e);
     if (rc != KD_OK)
         snprintf(err, errcap, "%s", e.msg);
     for (size_t k = 0; k < NSPECS; k++)

@@ -20,6 +20,7 @@
 #include <cmocka.h>
 
 #include "kdkit/ckpt.h"
+#include "support/kd_test.h"
 
 static char g_dir[] = "/tmp/kdkit-test-ckpt-rt-XXXXXX";
 
@@ -94,15 +95,18 @@ static void test_every_dtype(void **state)
     if (kd_ckpt_write(p, t, n, meta, 2, &w, &e) != KD_OK)
         fail_msg("%s", e.msg);
 
-    char hex[KD_SHA256_HEX];
+    /* the reported XXH3-128 is the file's (what xxh128sum prints); no
+       SHA-256 unless asked for */
+    char hex[KD_XXH3_HEX];
     uint64_t size;
-    assert_int_equal(kd_sha256_file(p, hex, &size, &e), KD_OK);
-    assert_string_equal(hex, w.sha256);
+    assert_int_equal(kd_xxh3_file(p, hex, &size, &e), KD_OK);
+    assert_string_equal(hex, w.xxh3_128);
+    assert_string_equal(w.sha256, "");
     assert_int_equal(size, w.size);
     assert_int_equal((8 + w.header_len) % 8, 0);
 
     kd_ckpt *c = NULL;
-    kd_ckpt_expect x = {.size = (int64_t)w.size, .sha256 = w.sha256};
+    kd_ckpt_expect x = {.size = (int64_t)w.size, .xxh3_128 = w.xxh3_128};
     if (kd_ckpt_open(&c, p, &x, &e) != KD_OK)
         fail_msg("%s", e.msg);
     assert_int_equal(kd_ckpt_count(c), n);
@@ -128,7 +132,12 @@ static void test_every_dtype(void **state)
     }
     assert_string_equal(kd_ckpt_meta(c, "note"), meta[1]);
     assert_string_equal(kd_ckpt_meta(c, "empty"), "");
-    assert_int_equal(kd_ckpt_meta_count(c), 2);
+    /* the writer's own key: the data section's checksum, and it matches */
+    assert_int_equal(kd_ckpt_meta_count(c), 3);
+    assert_string_equal(kd_ckpt_meta(c, KD_CKPT_DATA_HASH_KEY), w.data_xxh3_128);
+    char dh[KD_XXH3_HEX];
+    assert_int_equal(kd_ckpt_check_data(c, dh, &e), KD_OK);
+    assert_string_equal(dh, w.data_xxh3_128);
     kd_ckpt_state st;
     assert_int_equal(kd_ckpt_state_get(c, &st, &e), KD_ECORRUPT);
     assert_non_null(strstr(e.msg, "not a kdkit checkpoint"));
@@ -137,9 +146,68 @@ static void test_every_dtype(void **state)
     /* deterministic: the same input gives the same bytes */
     kd_ckpt_written w2;
     assert_int_equal(kd_ckpt_write(path_in("again.safetensors"), t, n, meta, 2, &w2, &e), KD_OK);
-    assert_string_equal(w.sha256, w2.sha256);
+    assert_string_equal(w.xxh3_128, w2.xxh3_128);
+
+    /* SHA-256 on request: the file's, and the same bytes otherwise */
+    assert_int_equal(kd_ckpt_write_ex(path_in("sha.safetensors"), t, n, meta, 2, KD_CKPT_SHA256,
+                                      &w2, &e),
+                     KD_OK);
+    char shex[KD_SHA256_HEX];
+    assert_int_equal(kd_sha256_file(path_in("sha.safetensors"), shex, NULL, &e), KD_OK);
+    assert_string_equal(w2.sha256, shex);
+    assert_string_equal(w2.xxh3_128, w.xxh3_128);
+    x.xxh3_128 = NULL;
+    x.sha256 = shex; /* a manifest from before XXH3 */
+    assert_int_equal(kd_ckpt_open(&c, path_in("sha.safetensors"), &x, &e), KD_OK);
+    kd_ckpt_close(c);
+    /* the writer's key cannot be passed in */
+    const char *bad[] = {KD_CKPT_DATA_HASH_KEY, "0"};
+    assert_int_equal(kd_ckpt_write(path_in("bad.safetensors"), t, n, bad, 1, NULL, &e), KD_EINVAL);
     for (size_t i = 0; i < n; i++)
         free(t[i].data);
+}
+
+/* A damaged data byte is caught by the file's own checksum (no manifest
+   needed) and by the manifest's XXH3-128; a file written before the
+   checksum existed (no data_xxh3_128) still verifies. */
+static void test_data_checksum(void **state)
+{
+    (void)state;
+    int64_t s[] = {64, 64};
+    kd_tensor_view t[] = {make("w", KD_DTYPE_F32, 2, s)};
+    kd_err e;
+    kd_ckpt_written w, v;
+    const char *p = path_in("rot.safetensors");
+    assert_int_equal(kd_ckpt_write(p, t, 1, NULL, 0, &w, &e), KD_OK);
+    assert_int_equal(kd_ckpt_verify(p, NULL, &v, &e), KD_OK);
+    assert_string_equal(v.data_xxh3_128, w.data_xxh3_128);
+    assert_string_equal(v.xxh3_128, w.xxh3_128);
+    size_t len;
+    char *bytes = kdt_slurp(p, &len);
+    assert_non_null(bytes);
+    bytes[len - 100] ^= 0x10; /* one bit, deep in the data */
+    assert_int_equal(kdt_spit(p, bytes, len), 0);
+    assert_int_equal(kd_ckpt_verify(p, NULL, &v, &e), KD_EMISMATCH);
+    assert_non_null(strstr(e.msg, "data section"));
+    kd_ckpt_expect x = {.size = -1, .xxh3_128 = w.xxh3_128};
+    kd_ckpt *c = NULL;
+    assert_int_equal(kd_ckpt_open(&c, p, &x, &e), KD_EMISMATCH);
+    assert_non_null(strstr(e.msg, "XXH3-128"));
+    free(bytes);
+
+    /* an older file: no data_xxh3_128; everything else checks */
+    const char hdr[] = "{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}     ";
+    unsigned char old[8 + sizeof hdr];
+    uint64_t hl = sizeof hdr - 1;
+    for (int k = 0; k < 8; k++)
+        old[k] = (unsigned char)(hl >> (8 * k));
+    memcpy(old + 8, hdr, hl);
+    old[8 + hl] = 7;
+    p = path_in("old.safetensors");
+    assert_int_equal(kdt_spit(p, old, 8 + hl + 1), 0);
+    assert_int_equal(kd_ckpt_verify(p, NULL, &v, &e), KD_OK);
+    assert_string_equal(v.data_xxh3_128, "");
+    free(t[0].data);
 }
 
 static void test_kdkit_metadata(void **state)
@@ -308,15 +376,19 @@ static void test_large_threaded_hash(void **state)
     kd_err e;
     kd_ckpt_written w;
     const char *p = path_in("big.safetensors");
-    assert_int_equal(kd_ckpt_write(p, t, 2, NULL, 0, &w, &e), KD_OK);
-    char hex[KD_SHA256_HEX];
+    assert_int_equal(kd_ckpt_write_ex(p, t, 2, NULL, 0, KD_CKPT_SHA256, &w, &e), KD_OK);
+    char hex[KD_SHA256_HEX], xhex[KD_XXH3_HEX];
     uint64_t size;
     assert_int_equal(kd_sha256_file(p, hex, &size, &e), KD_OK);
     assert_string_equal(hex, w.sha256);
+    assert_int_equal(kd_xxh3_file(p, xhex, NULL, &e), KD_OK);
+    assert_string_equal(xhex, w.xxh3_128);
     assert_int_equal(size, 40u * 1048576 + 5 + 8 + w.header_len);
     kd_ckpt_written v;
-    assert_int_equal(kd_ckpt_verify(p, NULL, &v, &e), KD_OK);
+    assert_int_equal(kd_ckpt_verify_ex(p, NULL, KD_CKPT_SHA256, &v, &e), KD_OK);
     assert_string_equal(v.sha256, w.sha256);
+    assert_string_equal(v.xxh3_128, w.xxh3_128);
+    assert_string_equal(v.data_xxh3_128, w.data_xxh3_128);
     unlink(p);
     free(t[0].data);
     free(t[1].data);
@@ -344,6 +416,7 @@ int main(void)
         cmocka_unit_test(test_writer_refusals),
         cmocka_unit_test(test_empty_and_overwrite),
         cmocka_unit_test(test_large_threaded_hash),
+        cmocka_unit_test(test_data_checksum),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

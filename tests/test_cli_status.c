@@ -466,7 +466,7 @@ static void test_checkpoints_list_best_verify_json(void **state)
     r = kdkit("checkpoints", dir, "--verify", NULL);
     if (r.code != 0)
         fail_msg("exit %d\n%s%s", r.code, r.out, r.err);
-    expect_in(r.out, "verified (size and SHA-256 match)");
+    expect_in(r.out, "verified (size and checksum match)");
     expect_in(r.out, "verify: every live checkpoint matches");
     res_free(&r);
 
@@ -478,7 +478,7 @@ static void test_checkpoints_list_best_verify_json(void **state)
     free(c);
     r = kdkit("checkpoints", dir, "--verify", NULL);
     assert_int_equal(r.code, 1);
-    expect_in(r.out, "FAILED: checkpoint at step 60: checkpoint_60.bin: its SHA-256 (");
+    expect_in(r.out, "FAILED: checkpoint at step 60: checkpoint_60.bin: its XXH3-128 differs from the manifest");
     expect_in(r.out, "verify: FAILED");
     res_free(&r);
     r = kdkit("checkpoints", dir, "--verify", "--json", NULL);
@@ -831,7 +831,7 @@ static void test_verify_checkpoint_problems(void **state)
     unlink(path_in(dir, "checkpoint_20.bin"));
     res r = kdkit("verify", dir, NULL);
     assert_int_equal(r.code, 1);
-    expect_in(r.out, "checkpoint at step 40: checkpoint_40.bin: its SHA-256 (");
+    expect_in(r.out, "checkpoint at step 40: checkpoint_40.bin: its XXH3-128 differs from the manifest");
     expect_in(r.out, "that checkpoint is corrupted; `kdkit train --resume auto` skips it and uses "
                      "the previous one");
     expect_in(r.out, "checkpoint at step 20: checkpoint_20.bin is missing");

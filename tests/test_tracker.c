@@ -280,9 +280,11 @@ static void test_checkpoints_manifest_best_and_recovery(void **state)
     assert_int_equal(json_integer_value(json_object_get(rec, "checkpoint_step")), 20);
     assert_int_equal(json_integer_value(json_object_get(rec, "dataset_position")), 640);
     assert_int_equal(json_integer_value(json_object_get(rec, "size")), 13);
-    char hex[KD_SHA256_HEX];
-    kd_sha256_hex("weights at 20", 13, hex);
-    assert_string_equal(json_string_value(json_object_get(rec, "sha256")), hex);
+    /* the tracker hashed the file itself: XXH3-128, no SHA-256 */
+    char hex[KD_XXH3_HEX];
+    kd_xxh3_hex("weights at 20", 13, hex);
+    assert_string_equal(json_string_value(json_object_get(rec, "xxh3_128")), hex);
+    assert_null(json_object_get(rec, "sha256"));
     assert_string_equal(json_string_value(json_object_get(rec, "relative_path")),
                         "checkpoint_20.safetensors");
     assert_true(fabs(json_number_value(json_object_get(json_object_get(rec, "metrics"), "loss")) - 2.8) <
@@ -311,7 +313,7 @@ static void test_checkpoints_manifest_best_and_recovery(void **state)
     assert_int_equal(kd_tracker_recovery_checkpoint(t, &r), KD_OK);
     assert_int_equal(r.step, 10);
     assert_non_null(strstr(r.skipped, "step 20"));
-    assert_non_null(strstr(r.skipped, "SHA-256"));
+    assert_non_null(strstr(r.skipped, "XXH3-128 differs"));
     /* Remove it: "missing". */
     unlink(path_in(dir, "checkpoint_20.safetensors"));
     assert_int_equal(kd_tracker_recovery_checkpoint(t, &r), KD_OK);
@@ -320,6 +322,67 @@ static void test_checkpoints_manifest_best_and_recovery(void **state)
     unlink(path_in(dir, "checkpoint_10.safetensors"));
     assert_int_equal(kd_tracker_recovery_checkpoint(t, &r), KD_OK);
     assert_false(r.found);
+    kd_tracker_close(t);
+    rm_rf(dir);
+    free(dir);
+}
+
+/* Manifests written before XXH3 hold only "sha256": they keep verifying
+   (recovery, kdkit verify); a writer may also give both hashes. */
+static void test_checkpoint_sha256_records_still_honoured(void **state)
+{
+    (void)state;
+    char *dir = mkdtemp_dir();
+    kd_tracker *t = open_ok(dir, CFG, 100);
+    log_steps(t, 1, 10);
+    const char *p = path_in(dir, "checkpoint_10.safetensors");
+    write_file(p, "old weights");
+    char sha[KD_SHA256_HEX], xxh[KD_XXH3_HEX];
+    kd_sha256_hex("old weights", 11, sha);
+    kd_xxh3_hex("old weights", 11, xxh);
+    kd_checkpoint_info c = {.step = 10, .path = p, .dataset_position = 320, .sha256 = sha, .size = 11};
+    assert_int_equal(kd_tracker_record_checkpoint(t, &c), KD_OK);
+    log_steps(t, 11, 20);
+    const char *p2 = path_in(dir, "checkpoint_20.safetensors");
+    write_file(p2, "new weights");
+    char sha2[KD_SHA256_HEX], xxh2[KD_XXH3_HEX];
+    kd_sha256_hex("new weights", 11, sha2);
+    kd_xxh3_hex("new weights", 11, xxh2);
+    kd_checkpoint_info c2 = {.step = 20, .path = p2, .dataset_position = 640, .sha256 = sha2,
+                             .xxh3_128 = xxh2, .size = 11};
+    assert_int_equal(kd_tracker_record_checkpoint(t, &c2), KD_OK);
+    kd_tracker_close(t);
+
+    json_t *m = load_json(path_in(dir, "checkpoints.json"));
+    json_t *r10 = json_object_get(json_object_get(m, "checkpoints"), "10");
+    json_t *r20 = json_object_get(json_object_get(m, "checkpoints"), "20");
+    assert_string_equal(json_string_value(json_object_get(r10, "sha256")), sha);
+    assert_null(json_object_get(r10, "xxh3_128"));
+    assert_string_equal(json_string_value(json_object_get(r20, "sha256")), sha2);
+    assert_string_equal(json_string_value(json_object_get(r20, "xxh3_128")), xxh2);
+    json_decref(m);
+
+    t = open_ok(dir, CFG, 100); /* the manifest reads back */
+    kd_checkpoint_record cr;
+    assert_int_equal(kd_tracker_checkpoint_get(t, 0, &cr), KD_OK);
+    assert_string_equal(cr.sha256, sha);
+    assert_null(cr.xxh3_128);
+    kd_recovery r;
+    write_file(p2, "new weightz"); /* damage the newest: XXH3 catches it */
+    assert_int_equal(kd_tracker_recovery_checkpoint(t, &r), KD_OK);
+    assert_int_equal(r.step, 10); /* the SHA-256-only record verifies */
+    assert_string_equal(r.sha256, sha);
+    assert_string_equal(r.xxh3_128, "");
+    assert_non_null(strstr(r.skipped, "XXH3-128 differs"));
+    write_file(p, "old weightz"); /* and a SHA-256 record still catches damage */
+    assert_int_equal(kd_tracker_recovery_checkpoint(t, &r), KD_OK);
+    assert_false(r.found);
+    assert_non_null(strstr(r.skipped, "SHA-256 differs"));
+    /* a malformed hash is refused */
+    kd_checkpoint_info bad = {.step = 30, .path = p, .xxh3_128 = "abc", .size = 11};
+    log_steps(t, 21, 30);
+    assert_int_equal(kd_tracker_record_checkpoint(t, &bad), KD_EINVAL);
+    assert_non_null(strstr(kd_tracker_errmsg(t), "xxh3_128"));
     kd_tracker_close(t);
     rm_rf(dir);
     free(dir);
@@ -969,6 +1032,7 @@ int main(void)
         cmocka_unit_test(test_resume_by_id_and_unknown_id),
         cmocka_unit_test(test_lock_refuses_second_tracker),
         cmocka_unit_test(test_checkpoints_manifest_best_and_recovery),
+        cmocka_unit_test(test_checkpoint_sha256_records_still_honoured),
         cmocka_unit_test(test_checkpoint_outside_directory_refused),
         cmocka_unit_test(test_moved_directory_finds_checkpoints),
         cmocka_unit_test(test_rewind_moves_lines_aside),

@@ -333,6 +333,32 @@ static void test_identity_covers_what_changes_the_numbers(void **state)
     free(base);
 }
 
+/* checkpoint.hash: xxh3_128 by default, sha256 for people who publish;
+   it changes what is recorded, not the numbers (so not the config hash). */
+static void test_checkpoint_hash_option(void **state)
+{
+    (void)state;
+    kd_train_config c;
+    kd_err e;
+    const char *p = yaml("hash.yaml", "checkpoint:\n  hash: sha256\n");
+    assert_int_equal(kd_train_config_load(&c, p, NULL, 0, &e), KD_OK);
+    assert_int_equal(c.ckpt_sha256, 1);
+    kd_train_config_free(&c);
+    assert_int_equal(kd_train_config_load(&c, NULL, NULL, 0, &e), KD_OK);
+    assert_int_equal(c.ckpt_sha256, 0);
+    kd_train_config_free(&c);
+    char *j = effective(NULL, NULL, 0);
+    assert_non_null(strstr(j, "\"hash\":\"xxh3_128\""));
+    free(j);
+    p = yaml("hashbad.yaml", "checkpoint:\n  hash: md5\n");
+    refused(p, NULL, "hashbad.yaml", "checkpoint.hash", "xxh3_128 or sha256", "md5", NULL);
+    const char *set[] = {"checkpoint.hash=sha256"};
+    char *a = identity(set, 1, "aa"), *b = identity(NULL, 0, "aa");
+    assert_string_equal(a, b);
+    free(a);
+    free(b);
+}
+
 static void test_progress_text(void **state)
 {
     (void)state;
@@ -391,6 +417,7 @@ int main(void)
         cmocka_unit_test(test_kd_identity),
         cmocka_unit_test(test_identity_covers_what_changes_the_numbers),
         cmocka_unit_test(test_progress_text),
+        cmocka_unit_test(test_checkpoint_hash_option),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -55,11 +55,21 @@ extern "C" {
 /* ------------------------------------------------------------------------ */
 /* Writing                                                                   */
 
-/* What the writer produced: the tracker records size and sha256. */
+/* Checksums (docs/design.md, "Checkpoint checksums"): XXH3-128 is the
+   integrity check, against bit rot and torn or truncated copies; it is not a
+   defence against someone who can write the files (nor is SHA-256 when the
+   manifest sits on the same disk).  SHA-256 is computed on request, for
+   people who publish checkpoints and quote the digest elsewhere. */
+#define KD_CKPT_DATA_HASH_KEY "data_xxh3_128" /* metadata: XXH3-128 of the data section */
+#define KD_CKPT_SHA256 1u /* kd_ckpt_write_ex flag: also compute the SHA-256 */
+
+/* What the writer produced: the tracker records size and xxh3_128. */
 typedef struct kd_ckpt_written {
     uint64_t size;               /* bytes of the whole file */
     uint64_t header_len;         /* N, the JSON header length incl. padding */
-    char sha256[KD_SHA256_HEX];  /* of the whole file, lowercase hex */
+    char sha256[KD_SHA256_HEX];  /* of the whole file; "" unless asked for */
+    char xxh3_128[KD_XXH3_HEX];  /* of the whole file, lowercase hex */
+    char data_xxh3_128[KD_XXH3_HEX]; /* of the data section (the metadata's value) */
 } kd_ckpt_written;
 
 /*
@@ -82,6 +92,12 @@ typedef struct kd_ckpt_written {
 int kd_ckpt_write(const char *path, const kd_tensor_view *tensors, size_t n,
                   const char *const *meta_kv, size_t nmeta, kd_ckpt_written *out,
                   kd_err *e);
+/* The same with flags: KD_CKPT_SHA256 also fills out->sha256 (one more
+   hashing pass, on the second thread during the fsync).  The metadata key
+   KD_CKPT_DATA_HASH_KEY is the writer's own: passing it is KD_EINVAL. */
+int kd_ckpt_write_ex(const char *path, const kd_tensor_view *tensors, size_t n,
+                     const char *const *meta_kv, size_t nmeta, unsigned flags,
+                     kd_ckpt_written *out, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
 /* The metadata a kdkit trainer stores (all values are strings)              */
@@ -132,7 +148,8 @@ typedef struct kd_ckpt kd_ckpt;
 /* Optional manifest check at open. */
 typedef struct kd_ckpt_expect {
     int64_t size;        /* -1: do not check */
-    const char *sha256;  /* 64 hex digits, or NULL: do not check */
+    const char *sha256;  /* 64 hex digits, or NULL: do not check (old manifests) */
+    const char *xxh3_128; /* 32 hex digits, or NULL: do not check */
 } kd_ckpt_expect;
 
 /*
@@ -143,8 +160,11 @@ typedef struct kd_ckpt_expect {
  * dtypes; non-negative dims, at most 8; shape x element size == span with
  * overflow checks; sorted offsets contiguous from 0, no holes or overlaps,
  * ending exactly at the end of the file; __metadata__ values strings; tensor
- * and metadata counts bounded.  `expect` (may be NULL) adds the size and
- * SHA-256 check (KD_EMISMATCH).  Nothing is allocated beyond O(header).
+ * and metadata counts bounded.  `expect` (may be NULL) adds the size,
+ * XXH3-128 and SHA-256 checks that are set (KD_EMISMATCH); a data_xxh3_128
+ * metadata value, when present, must be 32 lowercase hex digits (the data
+ * itself is compared only by kd_ckpt_verify / kd_ckpt_check_data, since
+ * that costs a full read).  Nothing is allocated beyond O(header).
  * Errors: KD_ENOTFOUND, KD_EIO, KD_ECORRUPT, KD_ELIMIT, KD_EMISMATCH, KD_ENOMEM.
  */
 int kd_ckpt_open(kd_ckpt **out, const char *path, const kd_ckpt_expect *expect, kd_err *e);
@@ -185,6 +205,15 @@ int kd_ckpt_prefetch(const kd_ckpt *c);
 
 /* SHA-256 of the whole file, hashing the mapped bytes (computed once). */
 int kd_ckpt_sha256(kd_ckpt *c, char hex[KD_SHA256_HEX]);
+/* XXH3-128 of the whole file, likewise (computed once). */
+int kd_ckpt_xxh3_128(kd_ckpt *c, char hex[KD_XXH3_HEX]);
+/*
+ * Compare the data section with the file's own data_xxh3_128 metadata:
+ * KD_OK when it matches, KD_EMISMATCH (message names the file) when it
+ * differs, KD_ENOTFOUND when the file has no such key (written before
+ * kdkit recorded it).  *hex (may be NULL) gets the computed value.
+ */
+int kd_ckpt_check_data(kd_ckpt *c, char hex[KD_XXH3_HEX], kd_err *e);
 
 /*
  * Read the kdkit keys back.  Strings point into the handle.  KD_EVERSION when
@@ -194,10 +223,16 @@ int kd_ckpt_sha256(kd_ckpt *c, char hex[KD_SHA256_HEX]);
 int kd_ckpt_state_get(const kd_ckpt *c, kd_ckpt_state *s, kd_err *e);
 
 /*
- * Open with every rule, hash the whole file, compare with `expect` (may be
- * NULL) and close: the work of `kdkit ckpt verify`.  *out (may be NULL) gets
- * size and SHA-256 even when they differ from `expect`.
+ * Open with every rule, hash the whole file (XXH3-128; SHA-256 too when
+ * `flags` has KD_CKPT_SHA256 or expect->sha256 is set), check the data
+ * section against the file's own data_xxh3_128 when it has one, compare
+ * with `expect` (may be NULL) and close: the work of `kdkit ckpt verify`.
+ * *out (may be NULL) gets size and hashes even when they differ; its
+ * data_xxh3_128 is "" for a file without the key.
  */
+int kd_ckpt_verify_ex(const char *path, const kd_ckpt_expect *expect, unsigned flags,
+                      kd_ckpt_written *out, kd_err *e);
+/* kd_ckpt_verify_ex with flags 0. */
 int kd_ckpt_verify(const char *path, const kd_ckpt_expect *expect, kd_ckpt_written *out,
                    kd_err *e);
 

@@ -67,6 +67,9 @@ int kd_file_write_atomic_nosyncdir(const char *path, const void *data, size_t le
 typedef struct kd_atomic kd_atomic;
 int kd_atomic_begin(kd_atomic **out, const char *path, kd_err *e);
 int kd_atomic_write(kd_atomic *a, const void *data, size_t len, kd_err *e);
+/* Overwrite bytes already written (off + len <= bytes written so far), e.g.
+   a header whose checksum is known only after the data (KD_EINVAL, KD_EIO). */
+int kd_atomic_pwrite(kd_atomic *a, const void *data, size_t len, uint64_t off, kd_err *e);
 int kd_atomic_commit(kd_atomic *a, kd_err *e);
 /* kd_atomic_commit without the directory fsync (see
    kd_file_write_atomic_nosyncdir): write several files, then commit each,
@@ -214,6 +217,25 @@ void kd_sha256_free(kd_sha256 *h);
 int kd_sha256_hex(const void *data, size_t len, char hex[KD_SHA256_HEX]);
 /* Hash a file's content; *size (may be NULL) gets its length. */
 int kd_sha256_file(const char *path, char hex[KD_SHA256_HEX], uint64_t *size, kd_err *e);
+
+/* ------------------------------------------------------------------------ */
+/* XXH3-128 (Debian's libxxhash underneath): the checkpoint integrity check   */
+/* (docs/design.md: against bit rot and torn copies, not against tampering). */
+
+#define KD_XXH3_HEX 33 /* 32 hex digits (canonical, as xxh128sum prints) and the NUL */
+
+typedef struct kd_xxh3 kd_xxh3;
+/* KD_ENOMEM, KD_EINVAL. */
+int kd_xxh3_new(kd_xxh3 **out);
+void kd_xxh3_update(kd_xxh3 *h, const void *data, size_t len);
+/* Writes 32 lowercase hex digits and a NUL; the handle can be reused after. */
+void kd_xxh3_final_hex(kd_xxh3 *h, char hex[KD_XXH3_HEX]);
+void kd_xxh3_free(kd_xxh3 *h);
+/* One-shot (KD_EINVAL for NULL data with len > 0). */
+int kd_xxh3_hex(const void *data, size_t len, char hex[KD_XXH3_HEX]);
+/* Hash a file's content; *size (may be NULL) gets its length.  KD_ENOTFOUND,
+   KD_EIO (sys_errno set), KD_ENOMEM. */
+int kd_xxh3_file(const char *path, char hex[KD_XXH3_HEX], uint64_t *size, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
 /* Canonical JSON and configs                                                */

@@ -15,9 +15,11 @@
  * The RNG and LR schedule are plain structs owned by the caller.
  *
  * Threads: a handle is not thread-safe; use one per thread.  Matrix products
- * use OpenBLAS's threads (kd_gpt_set_threads); every other loop runs on the
- * calling thread in a fixed order, so the same inputs, state and thread count
- * give bitwise the same outputs.
+ * use OpenBLAS's threads; attention, layer norm, GELU, the residual adds,
+ * gradient clipping and AdamW use OpenMP threads (both counts set by
+ * kd_gpt_set_threads), split in fixed blocks whose sums are combined in a
+ * fixed order, so the same inputs and state give bitwise the same outputs
+ * for any OpenMP thread count and a given OpenBLAS thread count.
  *
  * Errors: fallible functions return KD_OK or a negative KD_E* code and fill
  * the optional kd_err with a message naming the field or tensor involved.
@@ -151,7 +153,8 @@ const kd_gpt_config *kd_gpt_get_config(const kd_gpt *m);
  */
 void kd_gpt_init_weights(kd_gpt *m, kd_rng *rng);
 
-/* Set OpenBLAS's thread count (process-wide) used by every matrix product. */
+/* Set the thread count (process-wide) of OpenBLAS (matrix products) and of
+   OpenMP (the model's other loops and AdamW); n < 1 is taken as 1. */
 void kd_gpt_set_threads(int n);
 
 /*

@@ -127,14 +127,17 @@ typedef struct kd_checkpoint_info {
     int64_t dataset_position;
     const char *const *tags;       /* e.g. "every_1k_steps", "best_loss" */
     size_t ntags;
-    const char *sha256;            /* hex if the writer computed it, else NULL:
-                                      the tracker hashes the file */
+    const char *sha256;            /* 64 hex if the writer computed it (on demand:
+                                      checkpoint.hash: sha256), else NULL or "" */
     int64_t size;                  /* bytes, or -1 to stat the file */
+    const char *xxh3_128;          /* 32 hex: the writer's XXH3-128 of the file.
+                                      With neither hash (or size -1) the tracker
+                                      hashes the file with XXH3-128 itself */
 } kd_checkpoint_info;
 
 /*
  * Record a checkpoint that is already durable on disk: its metrics at this
- * step (loss, wall_clock_hours), size and SHA-256.  Flushes and syncs
+ * step (loss, wall_clock_hours), size and XXH3-128 (and SHA-256 when given).  Flushes and syncs
  * metrics.jsonl, rewrites checkpoints.json and session.json atomically.
  */
 int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c);
@@ -157,8 +160,9 @@ typedef struct kd_checkpoint_record {
     int deleted;                /* removed by retention */
     const char *const *tags;
     size_t ntags;
-    const char *sha256;
+    const char *sha256;         /* NULL when the record has none */
     int64_t size;
+    const char *xxh3_128;       /* NULL for records from before XXH3 */
 } kd_checkpoint_record;
 
 size_t kd_tracker_checkpoint_count(const kd_tracker *t);
@@ -226,17 +230,19 @@ typedef struct kd_recovery {
     int64_t step;
     int64_t dataset_position;
     char path[4096];           /* resolved against the current output dir */
-    char sha256[KD_SHA256_HEX];
+    char sha256[KD_SHA256_HEX];     /* "" when the record has none */
     int64_t size;
     double loss;
+    char xxh3_128[KD_XXH3_HEX];     /* "" for records from before XXH3 */
     /* One line per newer checkpoint that was skipped and why ("step 3000:
-       file missing", "step 2000: SHA-256 differs from the manifest"). */
+       file missing", "step 2000: XXH3-128 differs from the manifest"). */
     char skipped[2048];
 } kd_recovery;
 
 /*
  * The newest checkpoint whose file exists and matches its recorded size and
- * SHA-256 (hashing each candidate file), falling back to older ones.
+ * XXH3-128 - or SHA-256, for records from before XXH3 - (hashing each
+ * candidate file), falling back to older ones.
  */
 int kd_tracker_recovery_checkpoint(kd_tracker *t, kd_recovery *r);
 /* The best checkpoint by loss among those not deleted (no file check). */
@@ -298,7 +304,7 @@ typedef struct kd_verify_problem {
     int code;          /* KD_ECORRUPT  content invalid (bad JSON, missing field,
                                        step order, path outside the directory)
                           KD_ENOTFOUND a file that should exist does not
-                          KD_EMISMATCH a checkpoint's size or SHA-256 differs
+                          KD_EMISMATCH a checkpoint's size or hash differs
                           KD_ELIMIT    a line longer than the 16 MiB a journal
                                        accepts, or a state file over its cap
                           KD_EIO       a file could not be read
@@ -314,7 +320,7 @@ typedef int (*kd_verify_report_fn)(void *ctx, const kd_verify_problem *p);
 
 /* Flags for kd_session_verify. */
 #define KD_VERIFY_CHECKPOINTS_ONLY 1u /* only the manifest and checkpoint files */
-#define KD_VERIFY_NO_HASH 2u          /* checkpoint sizes, not their SHA-256 */
+#define KD_VERIFY_NO_HASH 2u          /* checkpoint sizes, not their hashes */
 
 /*
  * Check every file of output directory `dir`, read-only and without the
@@ -324,7 +330,8 @@ typedef int (*kd_verify_report_fn)(void *ctx, const kd_verify_problem *p);
  * integer step, steps strictly increasing; the lines of api_recovery.jsonl,
  * failures.jsonl, events.jsonl and metrics.rewound.jsonl parse and have
  * their fields; checkpoints.json parses, its paths stay inside `dir`, and
- * each live checkpoint file exists with the recorded size and SHA-256.
+ * each live checkpoint file exists with the recorded size and XXH3-128 (SHA-256
+ * for records from before XXH3).
  * Journals are streamed: memory stays bounded whatever their size, and a
  * line longer than 16 MiB is reported, not loaded.
  *

@@ -75,6 +75,9 @@ typedef struct kd_train_config {
     int64_t keep_last;          /* checkpoint.keep_last */
     int64_t keep_every;         /* checkpoint.keep_every: steps kept forever, 0 = off */
     int keep_best;              /* checkpoint.keep_best */
+    int ckpt_sha256;            /* checkpoint.hash: "sha256" also records each
+                                   checkpoint's SHA-256 ("xxh3_128", the default,
+                                   records XXH3-128 only) */
     int64_t eval_every;         /* eval.every (steps), 0 = off */
     int64_t eval_batches;       /* eval.batches */
     double log_every_seconds;   /* log.every_seconds (non-terminal progress lines) */

@@ -101,7 +101,9 @@ int kd_ffi_ckpt_write(const char *path, size_t n, const char *const *names,
         v[i].nbytes = nbytes[i];
     }
     kd_ckpt_written w;
-    rc = kd_ckpt_write(path, v, n, meta_kv, nmeta, &w, &e);
+    /* the binding's callers get the SHA-256 they always got (and compare
+       with hashlib); the file carries its XXH3-128 data checksum as well */
+    rc = kd_ckpt_write_ex(path, v, n, meta_kv, nmeta, KD_CKPT_SHA256, &w, &e);
     if (rc == KD_OK) {
         if (sha256_out)
             memcpy(sha256_out, w.sha256, KD_SHA256_HEX);

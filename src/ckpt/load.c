@@ -69,8 +69,9 @@ struct kd_ckpt {
     char *arena;
     size_t arena_used;
     int aligned;
-    int have_sha;
+    int have_sha, have_xxh;
     char sha[KD_SHA256_HEX];
+    char xxh[KD_XXH3_HEX];
 };
 
 typedef struct parser {
@@ -690,6 +691,17 @@ static int validate(kd_ckpt *c, kd_err *e)
                   pos < data_len ? "trailing bytes" : "truncated file");
         goto done;
     }
+    const char *dh = kd_ckpt_meta(c, KD_CKPT_DATA_HASH_KEY);
+    if (dh) {
+        size_t k = 0;
+        while (k < 32 && ((dh[k] >= '0' && dh[k] <= '9') || (dh[k] >= 'a' && dh[k] <= 'f')))
+            k++;
+        if (k != 32 || dh[32]) {
+            rc = fail(c, e, KD_ECORRUPT, "metadata '%s' must be 32 lowercase hex digits",
+                      KD_CKPT_DATA_HASH_KEY);
+            goto done;
+        }
+    }
     c->aligned = 1;
     for (size_t i = 0; i < c->n; i++) {
         uintptr_t addr = (uintptr_t)(c->base + 8 + hl + c->t[i].begin);
@@ -708,6 +720,15 @@ static int check_expect(kd_ckpt *c, const kd_ckpt_expect *x, kd_err *e)
     if (x->size >= 0 && (uint64_t)x->size != c->size)
         return fail(c, e, KD_EMISMATCH, "size %" PRIu64 " differs from the manifest's %" PRId64,
                     c->size, x->size);
+    if (x->xxh3_128) {
+        char hex[KD_XXH3_HEX];
+        int rc = kd_ckpt_xxh3_128(c, hex);
+        if (rc != KD_OK)
+            return fail(c, e, rc, "cannot hash the file");
+        if (strcasecmp(hex, x->xxh3_128) != 0)
+            return fail(c, e, KD_EMISMATCH, "XXH3-128 %s differs from the manifest's %.32s", hex,
+                        x->xxh3_128);
+    }
     if (x->sha256) {
         char hex[KD_SHA256_HEX];
         int rc = kd_ckpt_sha256(c, hex);
@@ -805,7 +826,7 @@ done:
 
 int kd_ckpt_open(kd_ckpt **out, const char *path, const kd_ckpt_expect *expect, kd_err *e)
 {
-    int rc = open_file(out, path, expect && expect->sha256, e);
+    int rc = open_file(out, path, expect && (expect->sha256 || expect->xxh3_128), e);
     if (rc == KD_OK && (rc = check_expect(*out, expect, e)) != KD_OK) {
         kd_ckpt_close(*out);
         *out = NULL;
@@ -968,6 +989,79 @@ int kd_ckpt_sha256(kd_ckpt *c, char hex[KD_SHA256_HEX])
     return KD_OK;
 }
 
+static void hash_range(kd_ckpt *c, uint64_t from, kd_xxh3 *a, kd_xxh3 *b)
+{
+    if (c->mapped)
+        madvise((void *)c->base, (size_t)c->size, MADV_SEQUENTIAL);
+    const size_t piece = 4u << 20; /* one piece feeds both while in cache */
+    for (uint64_t off = from; off < c->size; off += piece) {
+        uint64_t k = c->size - off < piece ? c->size - off : piece;
+        kd_xxh3_update(a, c->base + off, (size_t)k);
+        if (b)
+            kd_xxh3_update(b, c->base + off, (size_t)k);
+    }
+}
+
+int kd_ckpt_xxh3_128(kd_ckpt *c, char hex[KD_XXH3_HEX])
+{
+    if (!c || !hex)
+        return KD_EINVAL;
+    if (!c->have_xxh) {
+        kd_xxh3 *h = NULL;
+        if (kd_xxh3_new(&h) != 0)
+            return KD_ENOMEM;
+        hash_range(c, 0, h, NULL);
+        kd_xxh3_final_hex(h, c->xxh);
+        kd_xxh3_free(h);
+        c->have_xxh = 1;
+    }
+    memcpy(hex, c->xxh, KD_XXH3_HEX);
+    return KD_OK;
+}
+
+/* The data section's XXH3-128 into dhex and, when the whole file's is not
+   known yet, that one too in the same pass. */
+static int hash_data(kd_ckpt *c, char dhex[KD_XXH3_HEX])
+{
+    kd_xxh3 *d = NULL, *w = NULL;
+    if (kd_xxh3_new(&d) != 0 || (!c->have_xxh && kd_xxh3_new(&w) != 0)) {
+        kd_xxh3_free(d);
+        return KD_ENOMEM;
+    }
+    uint64_t start = 8 + c->hlen;
+    if (w)
+        kd_xxh3_update(w, c->base, (size_t)start);
+    hash_range(c, start, d, w);
+    kd_xxh3_final_hex(d, dhex);
+    if (w) {
+        kd_xxh3_final_hex(w, c->xxh);
+        c->have_xxh = 1;
+    }
+    kd_xxh3_free(d);
+    kd_xxh3_free(w);
+    return KD_OK;
+}
+
+int kd_ckpt_check_data(kd_ckpt *c, char hex[KD_XXH3_HEX], kd_err *e)
+{
+    if (!c)
+        return kd_err_set(e, KD_EINVAL, "kd_ckpt_check_data: bad arguments");
+    const char *want = kd_ckpt_meta(c, KD_CKPT_DATA_HASH_KEY);
+    char got[KD_XXH3_HEX];
+    int rc = hash_data(c, got);
+    if (rc != KD_OK)
+        return fail(c, e, rc, "cannot hash the file");
+    if (hex)
+        memcpy(hex, got, KD_XXH3_HEX);
+    if (!want)
+        return kd_err_set(e, KD_ENOTFOUND, "%s: no '%s' in __metadata__ (written before kdkit "
+                          "recorded it)", c->name, KD_CKPT_DATA_HASH_KEY);
+    if (strcmp(got, want) != 0)
+        return fail(c, e, KD_EMISMATCH, "the data section's XXH3-128 %s differs from the %s "
+                    "the file records (damaged or torn data)", got, want);
+    return KD_OK;
+}
+
 /* ---------------------------------------------------------- kdkit state */
 
 static int meta_int(const kd_ckpt *c, const char *key, int64_t *out, kd_err *e)
@@ -1035,18 +1129,36 @@ int kd_ckpt_state_get(const kd_ckpt *c, kd_ckpt_state *s, kd_err *e)
 int kd_ckpt_verify(const char *path, const kd_ckpt_expect *expect, kd_ckpt_written *out,
                    kd_err *e)
 {
+    return kd_ckpt_verify_ex(path, expect, 0, out, e);
+}
+
+int kd_ckpt_verify_ex(const char *path, const kd_ckpt_expect *expect, unsigned flags,
+                      kd_ckpt_written *out, kd_err *e)
+{
     kd_ckpt *c = NULL;
     int rc = open_file(&c, path, 1, e);
     if (rc != KD_OK)
         return rc;
     kd_ckpt_written w = {.size = c->size, .header_len = c->hlen};
-    if ((rc = kd_ckpt_sha256(c, w.sha256)) != KD_OK) {
+    /* one pass gives both XXH3s (the data section's, and the whole file's) */
+    int drc = kd_ckpt_check_data(c, w.data_xxh3_128, e);
+    if (drc == KD_ENOTFOUND) {
+        w.data_xxh3_128[0] = '\0';
+        drc = KD_OK;
+    }
+    if (drc != KD_OK && drc != KD_EMISMATCH) {
+        rc = drc;
+        goto done;
+    }
+    if ((rc = kd_ckpt_xxh3_128(c, w.xxh3_128)) != KD_OK ||
+        (((flags & KD_CKPT_SHA256) || (expect && expect->sha256)) &&
+         (rc = kd_ckpt_sha256(c, w.sha256)) != KD_OK)) {
         rc = fail(c, e, rc, "cannot hash the file");
         goto done;
     }
     if (out)
         *out = w;
-    rc = check_expect(c, expect, e);
+    rc = drc != KD_OK ? drc : check_expect(c, expect, e);
 done:
     kd_ckpt_close(c);
     return rc;

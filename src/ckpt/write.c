@@ -13,9 +13,17 @@
  *
  * Durability: everything goes through kd_atomic_* (temp file in the same
  * directory, fsync, rename, fsync of the directory), so the target is
- * replaced whole or not at all.  The SHA-256 is computed over the very bytes
- * handed to write(), on a second thread for large files so hashing overlaps
- * the copying into the page cache and the fsync; nothing is read back.
+ * replaced whole or not at all.
+ *
+ * Checksums (docs/design.md, "Checkpoint checksums"): the writer adds the
+ * metadata key "data_xxh3_128", the XXH3-128 of the data section (every byte
+ * after the header), so a copied file can be checked on its own; and it
+ * reports the XXH3-128 of the whole file (and, on request, its SHA-256) for
+ * the manifest.  The header is written first with 32 '0's in place of the
+ * data checksum; the data is hashed on a second thread while it is copied
+ * into the page cache, the header is then rewritten in place (pwrite) with
+ * the real value, and the whole-file hashes run on the second thread during
+ * the fsync.  Nothing is read back from the disk.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -158,7 +166,7 @@ static int check_tensor(const kd_tensor_view *v, size_t i, kd_err *e)
 
 /* Build the padded header (with its 8-byte length prefix) into *b. */
 static int build_header(hbuf *b, wt **names, size_t n, const char **meta, size_t nmeta,
-                        kd_err *e)
+                        size_t *hash_pos, kd_err *e)
 {
     char num[64];
     hb_put(b, "\0\0\0\0\0\0\0\0", 8);
@@ -170,6 +178,8 @@ static int build_header(hbuf *b, wt **names, size_t n, const char **meta, size_t
                 hb_put(b, ",", 1);
             hb_json_str(b, meta[2 * i]);
             hb_put(b, ":", 1);
+            if (strcmp(meta[2 * i], KD_CKPT_DATA_HASH_KEY) == 0)
+                *hash_pos = b->len + 1; /* after the opening quote */
             hb_json_str(b, meta[2 * i + 1]);
         }
         hb_put(b, "}", 1);
@@ -211,8 +221,11 @@ typedef struct seg {
     size_t len;
 } seg;
 
+/* One hashing job: segments into an XXH3-128 and, when sha is set, a
+   SHA-256 too (run inline or on the second thread). */
 typedef struct hasher {
-    kd_sha256 *h;
+    kd_xxh3 *x;
+    kd_sha256 *sha; /* NULL: no SHA-256 */
     const seg *segs;
     size_t nsegs;
     atomic_int cancel;
@@ -226,10 +239,32 @@ static void *hash_main(void *arg)
             if (atomic_load_explicit(&hs->cancel, memory_order_relaxed))
                 return NULL;
             size_t k = hs->segs[i].len - off;
-            kd_sha256_update(hs->h, hs->segs[i].p + off, k < HASH_PIECE ? k : HASH_PIECE);
+            k = k < HASH_PIECE ? k : HASH_PIECE;
+            kd_xxh3_update(hs->x, hs->segs[i].p + off, k);
+            if (hs->sha)
+                kd_sha256_update(hs->sha, hs->segs[i].p + off, k);
         }
     }
     return NULL;
+}
+
+/* Run a job on a thread when it is large, else inline; *on says which. */
+static void hash_start(hasher *hs, uint64_t bytes, pthread_t *th, int *on)
+{
+    atomic_init(&hs->cancel, 0);
+    *on = bytes >= THREAD_MIN && pthread_create(th, NULL, hash_main, hs) == 0;
+    if (!*on)
+        hash_main(hs);
+}
+
+static void hash_join(hasher *hs, const pthread_t *th, int *on, int cancel)
+{
+    if (!*on)
+        return;
+    if (cancel)
+        atomic_store(&hs->cancel, 1);
+    pthread_join(*th, NULL);
+    *on = 0;
 }
 
 /* -------------------------------------------------------------- writing */
@@ -238,7 +273,6 @@ typedef struct out {
     kd_atomic *a;
     uint8_t *stage;
     size_t staged;
-    kd_sha256 *inline_h; /* NULL when the thread hashes */
 } out;
 
 static int out_flush(out *o, kd_err *e)
@@ -253,8 +287,6 @@ static int out_flush(out *o, kd_err *e)
 static int out_seg(out *o, const seg *s, kd_err *e)
 {
     int rc = KD_OK;
-    if (o->inline_h)
-        kd_sha256_update(o->inline_h, s->p, s->len);
     if (s->len < DIRECT_MIN) {
         if (o->staged + s->len > STAGE_BYTES && (rc = out_flush(o, e)) != KD_OK)
             return rc;
@@ -276,6 +308,13 @@ int kd_ckpt_write(const char *path, const kd_tensor_view *tensors, size_t n,
                   const char *const *meta_kv, size_t nmeta, kd_ckpt_written *result,
                   kd_err *e)
 {
+    return kd_ckpt_write_ex(path, tensors, n, meta_kv, nmeta, 0, result, e);
+}
+
+int kd_ckpt_write_ex(const char *path, const kd_tensor_view *tensors, size_t n,
+                     const char *const *meta_kv, size_t nmeta, unsigned flags,
+                     kd_ckpt_written *result, kd_err *e)
+{
     int rc = KD_OK;
     wt *ts = NULL;
     wt **names = NULL, **layout = NULL;
@@ -283,9 +322,11 @@ int kd_ckpt_write(const char *path, const kd_tensor_view *tensors, size_t n,
     hbuf hb = {0};
     seg *segs = NULL;
     out o = {0};
-    hasher hs = {0};
+    hasher hd = {0}, hf = {0}; /* the data section; the whole file */
     int thread_on = 0;
     pthread_t th;
+    size_t hash_pos = 0; /* where the data checksum's 32 digits go in the header */
+    static const char zeros[33] = "00000000000000000000000000000000";
 
     if (!path || !path[0] || (n && !tensors) || (nmeta && !meta_kv)) {
         rc = kd_err_set(e, KD_EINVAL, "kd_ckpt_write: bad arguments");
@@ -299,7 +340,7 @@ int kd_ckpt_write(const char *path, const kd_tensor_view *tensors, size_t n,
     ts = calloc(n ? n : 1, sizeof *ts);
     names = calloc(n ? n : 1, sizeof *names);
     layout = calloc(n ? n : 1, sizeof *layout);
-    meta = calloc(nmeta ? 2 * nmeta : 1, sizeof *meta);
+    meta = calloc(2 * (nmeta + 1), sizeof *meta);
     segs = calloc(n + 1, sizeof *segs);
     if (!ts || !names || !layout || !meta || !segs) {
         rc = kd_err_set(e, KD_ENOMEM, "out of memory writing %s", path);
@@ -337,9 +378,17 @@ int kd_ckpt_write(const char *path, const kd_tensor_view *tensors, size_t n,
                             kd_ckpt_quote(q, sizeof q, k, strlen(k)));
             goto done;
         }
+        if (strcmp(k, KD_CKPT_DATA_HASH_KEY) == 0) {
+            rc = kd_err_set(e, KD_EINVAL, "metadata '%s' is written by kd_ckpt_write itself",
+                            KD_CKPT_DATA_HASH_KEY);
+            goto done;
+        }
         meta[2 * i] = k;
         meta[2 * i + 1] = v;
     }
+    meta[2 * nmeta] = KD_CKPT_DATA_HASH_KEY;
+    meta[2 * nmeta + 1] = zeros; /* filled in once the data is hashed */
+    nmeta++;
     qsort(meta, nmeta, 2 * sizeof *meta, by_key);
     for (size_t i = 1; i < nmeta; i++) {
         if (strcmp(meta[2 * i - 2], meta[2 * i]) == 0) {
@@ -357,7 +406,7 @@ int kd_ckpt_write(const char *path, const kd_tensor_view *tensors, size_t n,
         off += layout[i]->v->nbytes;
         layout[i]->end = off;
     }
-    if ((rc = build_header(&hb, names, n, meta, nmeta, e)) != KD_OK)
+    if ((rc = build_header(&hb, names, n, meta, nmeta, &hash_pos, e)) != KD_OK)
         goto done;
 
     size_t nsegs = 0;
@@ -368,18 +417,17 @@ int kd_ckpt_write(const char *path, const kd_tensor_view *tensors, size_t n,
     uint64_t total = hb.len + off;
 
     o.stage = malloc(STAGE_BYTES);
-    if (!o.stage || kd_sha256_new(&hs.h) != 0) {
+    if (!o.stage || kd_xxh3_new(&hd.x) != 0 || kd_xxh3_new(&hf.x) != 0 ||
+        ((flags & KD_CKPT_SHA256) && kd_sha256_new(&hf.sha) != 0)) {
         rc = kd_err_set(e, KD_ENOMEM, "out of memory writing %s", path);
         goto done;
     }
-    hs.segs = segs;
-    hs.nsegs = nsegs;
-    atomic_init(&hs.cancel, 0);
-    if (total >= THREAD_MIN && pthread_create(&th, NULL, hash_main, &hs) == 0)
-        thread_on = 1;
-    else
-        o.inline_h = hs.h;
+    kd_ckpt_written w = {.size = total, .header_len = hb.len - 8};
 
+    /* 1. the data section's checksum, hashed while the data is written */
+    hd.segs = segs + 1;
+    hd.nsegs = nsegs - 1;
+    hash_start(&hd, off, &th, &thread_on);
     if ((rc = kd_atomic_begin(&o.a, path, e)) != KD_OK)
         goto done;
     for (size_t i = 0; i < nsegs && rc == KD_OK; i++)
@@ -388,32 +436,37 @@ int kd_ckpt_write(const char *path, const kd_tensor_view *tensors, size_t n,
         rc = out_flush(&o, e);
     if (rc != KD_OK)
         goto done;
-    /* The digest is needed only for *result, not for the file: the hash
-       thread keeps running through the fsync, which mostly waits on the
-       disk.  commit frees the handle whatever happens and removes the temp
-       file on failure; only a failed directory fsync leaves the (complete)
-       target. */
+    hash_join(&hd, &th, &thread_on, 0);
+    kd_xxh3_final_hex(hd.x, w.data_xxh3_128);
+    memcpy(hb.p + hash_pos, w.data_xxh3_128, 32);
+    if ((rc = kd_atomic_pwrite(o.a, hb.p + hash_pos, 32, hash_pos, e)) != KD_OK)
+        goto done;
+
+    /* 2. the whole file's, for the manifest: on the second thread while the
+       fsync waits on the disk.  commit frees the handle whatever happens and
+       removes the temp file on failure; only a failed directory fsync leaves
+       the (complete) target. */
+    hf.segs = segs;
+    hf.nsegs = nsegs;
+    hash_start(&hf, total, &th, &thread_on);
     kd_atomic *a = o.a;
     o.a = NULL;
     if ((rc = kd_atomic_commit(a, e)) != KD_OK)
         goto done;
-    if (thread_on) {
-        pthread_join(th, NULL);
-        thread_on = 0;
-    }
-    kd_ckpt_written w = {.size = total, .header_len = hb.len - 8};
-    kd_sha256_final_hex(hs.h, w.sha256);
+    hash_join(&hf, &th, &thread_on, 0);
+    kd_xxh3_final_hex(hf.x, w.xxh3_128);
+    if (hf.sha)
+        kd_sha256_final_hex(hf.sha, w.sha256);
     if (result)
         *result = w;
 
 done:
-    if (thread_on) {
-        atomic_store(&hs.cancel, 1);
-        pthread_join(th, NULL);
-    }
+    hash_join(thread_on && hf.segs ? &hf : &hd, &th, &thread_on, 1);
     if (o.a)
         kd_atomic_abort(o.a);
-    kd_sha256_free(hs.h);
+    kd_xxh3_free(hd.x);
+    kd_xxh3_free(hf.x);
+    kd_sha256_free(hf.sha);
     free(o.stage);
     free(hb.p);
     free(segs);

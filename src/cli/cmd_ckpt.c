@@ -4,7 +4,7 @@
  * them with the strict loader (src/ckpt/load.c).  Reads files only.
  *
  * Exit codes (src/cli/cli.h): 0 every file passes, 1 some file breaks a rule
- * or differs from the expected size/SHA-256, 2 usage error or missing input.
+ * or differs from the expected size/checksum, 2 usage error or missing input.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -21,15 +21,19 @@
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: kdkit ckpt inspect FILE [--json]\n"
-            "       kdkit ckpt verify FILE|DIR [--size N] [--sha256 HEX]\n"
+            "usage: kdkit ckpt inspect FILE [--json] [--sha256]\n"
+            "       kdkit ckpt verify FILE|DIR [--sha256] [--size N] [--xxh3 HEX] [--sha256 HEX]\n"
             "\n"
             "inspect  check FILE with the strict loader and list its tensors (name, dtype,\n"
-            "         shape, bytes), its metadata, size and SHA-256.  --json prints one\n"
-            "         JSON object for scripts.\n"
+            "         shape, bytes), its metadata, size and XXH3-128 (and SHA-256 with\n"
+            "         --sha256).  --json prints one JSON object for scripts.\n"
             "verify   check FILE, or every *.safetensors file in DIR, against every loader\n"
-            "         rule (docs/checkpoint-format.md) and hash it.  --size and --sha256\n"
-            "         (FILE only) also compare with a manifest's values.\n"
+            "         rule (docs/checkpoint-format.md), check its data against the\n"
+            "         data_xxh3_128 the file records, and print its XXH3-128 (the value\n"
+            "         checkpoints.json records; `xxh128sum FILE` prints the same).\n"
+            "         --sha256 also computes and prints the SHA-256, for publishing.\n"
+            "         --size, --xxh3 HEX and --sha256 HEX (FILE only) also compare with\n"
+            "         a manifest's values (older manifests record a SHA-256).\n"
             "\n"
             "exit status: 0 every file passes, 1 a file is invalid or differs, 2 usage\n"
             "error or no such file.\n");
@@ -57,14 +61,16 @@ static int exit_for(int rc)
     return 1;
 }
 
-static int inspect_text(kd_ckpt *c, const char *sha)
+static int inspect_text(kd_ckpt *c, const char *xxh, const char *sha)
 {
     uint64_t data = kd_ckpt_size(c) - 8 - kd_ckpt_header_len(c);
     printf("file:     ");
     put_safe(stdout, kd_ckpt_name(c));
-    printf("\nsize:     %" PRIu64 " bytes\nsha256:   %s\nheader:   %" PRIu64
-           " bytes\ntensors:  %zu (%" PRIu64 " data bytes%s)\n",
-           kd_ckpt_size(c), sha, kd_ckpt_header_len(c), kd_ckpt_count(c), data,
+    printf("\nsize:     %" PRIu64 " bytes\nxxh3_128: %s\n", kd_ckpt_size(c), xxh);
+    if (sha)
+        printf("sha256:   %s\n", sha);
+    printf("header:   %" PRIu64 " bytes\ntensors:  %zu (%" PRIu64 " data bytes%s)\n",
+           kd_ckpt_header_len(c), kd_ckpt_count(c), data,
            kd_ckpt_aligned(c) ? "" : ", some unaligned");
     for (size_t i = 0; i < kd_ckpt_count(c); i++) {
         kd_tensor_view v;
@@ -89,7 +95,7 @@ static int inspect_text(kd_ckpt *c, const char *sha)
     return 0;
 }
 
-static int inspect_json(kd_ckpt *c, const char *sha)
+static int inspect_json(kd_ckpt *c, const char *xxh, const char *sha)
 {
     int ok = 1;
     json_t *o = json_object();
@@ -118,7 +124,9 @@ static int inspect_json(kd_ckpt *c, const char *sha)
     if (ok) {
         json_object_set_new(o, "file", json_string(kd_ckpt_name(c)));
         json_object_set_new(o, "size", json_integer((json_int_t)kd_ckpt_size(c)));
-        json_object_set_new(o, "sha256", json_string(sha));
+        json_object_set_new(o, "xxh3_128", json_string(xxh));
+        if (sha)
+            json_object_set_new(o, "sha256", json_string(sha));
         json_object_set_new(o, "header_len", json_integer((json_int_t)kd_ckpt_header_len(c)));
         json_object_set_new(o, "aligned", json_boolean(kd_ckpt_aligned(c)));
         json_object_set_new(o, "tensors", ts);
@@ -144,13 +152,15 @@ static int inspect_json(kd_ckpt *c, const char *sha)
 static int cmd_inspect(int argc, char **argv)
 {
     const char *file = NULL;
-    int as_json = 0;
+    int as_json = 0, want_sha = 0;
     for (int i = 1; i < argc; i++) {
         if (kd_cli_is_help(argv[i])) {
             usage(stdout);
             return 0;
         } else if (strcmp(argv[i], "--json") == 0) {
             as_json = 1;
+        } else if (strcmp(argv[i], "--sha256") == 0) {
+            want_sha = 1;
         } else if (argv[i][0] == '-' || file) {
             kd_cli_error("ckpt inspect", "unexpected argument '%s'", argv[i]);
             usage(stderr);
@@ -172,23 +182,30 @@ static int cmd_inspect(int argc, char **argv)
         kd_cli_error("ckpt inspect", "%s", e.msg);
         return exit_for(rc);
     }
-    char sha[KD_SHA256_HEX];
-    kd_ckpt_sha256(c, sha);
-    int code = as_json ? inspect_json(c, sha) : inspect_text(c, sha);
+    char xxh[KD_XXH3_HEX], sha[KD_SHA256_HEX];
+    kd_ckpt_xxh3_128(c, xxh);
+    if (want_sha)
+        kd_ckpt_sha256(c, sha);
+    int code = as_json ? inspect_json(c, xxh, want_sha ? sha : NULL)
+                       : inspect_text(c, xxh, want_sha ? sha : NULL);
     kd_ckpt_close(c);
     return code;
 }
 
 /* Verify one file; prints one line; returns the process exit code for it. */
-static int verify_one(const char *path, const kd_ckpt_expect *x)
+static int verify_one(const char *path, const kd_ckpt_expect *x, unsigned flags)
 {
     kd_err e;
     kd_err_clear(&e);
     kd_ckpt_written w;
     memset(&w, 0, sizeof w);
-    int rc = kd_ckpt_verify(path, x, &w, &e);
+    int rc = kd_ckpt_verify_ex(path, x, flags, &w, &e);
     if (rc == KD_OK) {
-        printf("OK    %s  %" PRIu64 " bytes  sha256 %s\n", path, w.size, w.sha256);
+        printf("OK    %s  %" PRIu64 " bytes  xxh3_128 %s  %s", path, w.size, w.xxh3_128,
+               w.data_xxh3_128[0] ? "data checked" : "no data_xxh3_128 (older file)");
+        if (w.sha256[0])
+            printf("  sha256 %s", w.sha256);
+        printf("\n");
         return 0;
     }
     printf("FAIL  ");
@@ -208,8 +225,9 @@ static int is_ckpt_name(const struct dirent *d)
 static int cmd_verify(int argc, char **argv)
 {
     const char *target = NULL;
-    kd_ckpt_expect x = {.size = -1, .sha256 = NULL};
+    kd_ckpt_expect x = {.size = -1, .sha256 = NULL, .xxh3_128 = NULL};
     int have_expect = 0;
+    unsigned flags = 0;
     for (int i = 1; i < argc; i++) {
         if (kd_cli_is_help(argv[i])) {
             usage(stdout);
@@ -224,10 +242,19 @@ static int cmd_verify(int argc, char **argv)
             }
             x.size = v;
             have_expect = 1;
-        } else if (strcmp(argv[i], "--sha256") == 0 && i + 1 < argc) {
-            x.sha256 = argv[++i];
-            if (strlen(x.sha256) != 64 || strspn(x.sha256, "0123456789abcdefABCDEF") != 64) {
-                kd_cli_error("ckpt verify", "--sha256 needs 64 hex digits");
+        } else if (strcmp(argv[i], "--sha256") == 0) {
+            /* --sha256 HEX compares (as before); --sha256 alone computes it */
+            const char *h = i + 1 < argc ? argv[i + 1] : "";
+            flags |= KD_CKPT_SHA256;
+            if (strlen(h) == 64 && strspn(h, "0123456789abcdefABCDEF") == 64) {
+                x.sha256 = h;
+                have_expect = 1;
+                i++;
+            }
+        } else if (strcmp(argv[i], "--xxh3") == 0 && i + 1 < argc) {
+            x.xxh3_128 = argv[++i];
+            if (strlen(x.xxh3_128) != 32 || strspn(x.xxh3_128, "0123456789abcdefABCDEF") != 32) {
+                kd_cli_error("ckpt verify", "--xxh3 needs 32 hex digits");
                 return 2;
             }
             have_expect = 1;
@@ -250,9 +277,10 @@ static int cmd_verify(int argc, char **argv)
         return 2;
     }
     if (!S_ISDIR(st.st_mode))
-        return verify_one(target, have_expect ? &x : NULL);
+        return verify_one(target, have_expect ? &x : NULL, flags);
     if (have_expect) {
-        kd_cli_error("ckpt verify", "--size and --sha256 apply to a single FILE, not a DIR");
+        kd_cli_error("ckpt verify", "--size, --xxh3 HEX and --sha256 HEX apply to a single FILE, "
+                                    "not a DIR");
         return 2;
     }
     struct dirent **list = NULL;
@@ -266,7 +294,7 @@ static int cmd_verify(int argc, char **argv)
         char path[4096];
         snprintf(path, sizeof path, "%s%s%s", target,
                  target[strlen(target) - 1] == '/' ? "" : "/", list[i]->d_name);
-        int code = verify_one(path, NULL);
+        int code = verify_one(path, NULL, flags);
         if (code) {
             bad++;
             worst = 1;

@@ -564,7 +564,7 @@ static void checkpoints_usage(FILE *f)
             "\n"
             "  --best     only the best checkpoint: the lowest loss among those not\n"
             "             deleted (exit 1 when there is none)\n"
-            "  --verify   also check each live file's size and SHA-256 against the\n"
+            "  --verify   also check each live file's size and checksum against the\n"
             "             manifest; exit 1 if any fails\n"
             "  --json     a JSON array (with --best, one object) for scripts\n"
             "\n"
@@ -671,7 +671,7 @@ static void print_row(const ckrow *r, int verified)
             printf("FAILED: ");
             put_safe(stdout, r->problem);
         } else {
-            printf("verified (size and SHA-256 match)");
+            printf("verified (size and checksum match)");
         }
     } else {
         printf("%s", r->exists ? "file present" : "FILE MISSING");

@@ -4,7 +4,9 @@
  */
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
 
@@ -51,8 +53,22 @@ int kd_cli_is_help(const char *arg)
     return strcmp(arg, "-h") == 0 || strcmp(arg, "--help") == 0;
 }
 
+/* The model's OpenMP threads must not spin while OpenBLAS's threads run an
+   sgemm on the same cores (docs/model.md, "Threads"); libgomp reads
+   OMP_WAIT_POLICY once, when it is loaded, so the commands that train or
+   serve set it for themselves by re-executing once.  An explicit setting
+   is left alone, and a failed exec just carries on. */
+static void passive_openmp(char **argv)
+{
+    if (getenv("OMP_WAIT_POLICY") || setenv("OMP_WAIT_POLICY", "passive", 1) != 0)
+        return;
+    execv("/proc/self/exe", argv);
+}
+
 int main(int argc, char **argv)
 {
+    if (argc >= 2 && (strcmp(argv[1], "train") == 0 || strcmp(argv[1], "serve") == 0))
+        passive_openmp(argv);
     if (argc < 2) {
         usage(stderr);
         return 2;

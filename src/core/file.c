@@ -134,6 +134,19 @@ int kd_atomic_write(kd_atomic *a, const void *data, size_t len, kd_err *e)
     return KD_OK;
 }
 
+int kd_atomic_pwrite(kd_atomic *a, const void *data, size_t len, uint64_t off, kd_err *e)
+{
+    if (!a || (!data && len) || off > a->written || len > a->written - off)
+        return kd_err_set(e, KD_EINVAL, "kd_atomic_pwrite: bad arguments");
+    if (a->failed)
+        return kd_err_set(e, KD_ESTATE, "an earlier write to %s failed; abort and start again", a->tmp);
+    if (kd_sys_pwrite_all(a->fd, data, len, (off_t)off) != 0) {
+        a->failed = 1;
+        return kd_err_sys(e, KD_EIO, errno, "write of %s failed", a->tmp);
+    }
+    return KD_OK;
+}
+
 void kd_atomic_abort(kd_atomic *a)
 {
     if (!a)

@@ -2,6 +2,7 @@
  * src/core/sb.c - capped string buffer and JSON emitters (see sb.h).
  */
 #include "core/sb.h"
+#include "core/dtoa.h"
 
 #include <locale.h>
 #include <math.h>
@@ -125,21 +126,21 @@ char *kd_sb_take(kd_sb *s)
 
 void kd_sb_json_double(kd_sb *s, double v)
 {
-    if (!isfinite(v)) {
-        kd_sb_put(s, "null", 4);
-        return;
-    }
-    /* Integral values print as integers; others as the shortest text that
-       reads back to the same double (15 digits usually suffice). */
-    if (v == floor(v) && fabs(v) < 9007199254740992.0) {
-        kd_sb_printf(s, "%.0f", v);
-        return;
-    }
-    char b[40];
-    snprintf(b, sizeof b, "%.15g", v);
-    if (strtod(b, NULL) != v)
-        snprintf(b, sizeof b, "%.17g", v);
-    kd_sb_puts(s, b);
+    /* Integral values as integers; others as the shortest "%.Ng" text that
+       reads back to the same double (core/dtoa.c: no printf, no locale). */
+    char b[KD_DTOA_MAX];
+    size_t n = kd_dtoa_json(v, b);
+    kd_sb_put(s, b, n);
+}
+
+void kd_sb_fixed(kd_sb *s, double v, int decimals)
+{
+    char b[KD_DTOA_MAX];
+    size_t n = kd_dtoa_fixed(v, decimals, b);
+    if (n)
+        kd_sb_put(s, b, n);
+    else
+        kd_sb_printf(s, "%.*f", decimals, v);
 }
 
 static pthread_once_t g_cloc_once = PTHREAD_ONCE_INIT;

@@ -35,6 +35,9 @@ char *kd_sb_take(kd_sb *s);
    kd_sb_json_str returns -1 (and writes nothing) when they are not. */
 void kd_sb_json_double(kd_sb *s, double v);
 void kd_sb_json_int(kd_sb *s, int64_t v);
+/* "%.*f" of v (C locale) without printf for |v| < 2^63 and decimals 0..9
+   (core/dtoa.h), printf otherwise.  Used for timestamps. */
+void kd_sb_fixed(kd_sb *s, double v, int decimals);
 int kd_sb_json_str(kd_sb *s, const char *p, size_t n);
 /* A real in canonical JSON's one number format (core.h, kd_json_canonical):
    an integral value below 2^53 as an integer, any other as the shortest

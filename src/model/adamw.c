@@ -3,7 +3,9 @@
  * update of torch.optim.AdamW: decay first, then the bias-corrected Adam step.
  * The moments m and v live in one allocation laid out like the parameters,
  * so "opt.m.<name>" / "opt.v.<name>" views alias it for checkpoints; the
- * step count travels as "opt.step" (I64 [1]).
+ * step count travels as "opt.step" (I64 [1]).  The update is element-wise,
+ * so splitting each tensor across OpenMP threads (static blocks) changes no
+ * bit of the result.
  */
 #include <math.h>
 #include <stdio.h>
@@ -113,6 +115,9 @@ int kd_adamw_step(kd_adamw *o, double lr, kd_err *e)
     float b1 = (float)o->cfg.beta1, b2 = (float)o->cfg.beta2, eps = (float)o->cfg.eps;
     float omb1 = (float)(1.0 - o->cfg.beta1), omb2 = (float)(1.0 - o->cfg.beta2);
     float decay = (float)(1.0 - lr * o->cfg.weight_decay);
+    /* one parallel region for all tensors (a fork/join costs more than a
+       small tensor's update); each tensor split in static blocks */
+#pragma omp parallel
     for (size_t i = 0; i < nt; i++) {
         size_t off = (size_t)((const float *)pv[i].data - params);
         size_t cnt = pv[i].nbytes / sizeof(float);
@@ -120,6 +125,7 @@ int kd_adamw_step(kd_adamw *o, double lr, kd_err *e)
         const float *g = grads + off;
         float *m = o->mv + off, *v = o->mv + o->n + off;
         int decays = pv[i].ndim >= 2 && o->cfg.weight_decay != 0.0;
+#pragma omp for schedule(static) nowait
         for (size_t j = 0; j < cnt; j++) {
             float pj = decays ? p[j] * decay : p[j];
             float gj = g[j];

@@ -9,13 +9,24 @@
  * one row per token (N = B*T rows).  Linear layers keep torch's [out, in]
  * weights, so out = in . W^T + b is one cblas_sgemm (NoTrans, Trans).
  * Attention runs per (sequence, head) on strided slices of the fused qkv
- * rows, so no transposes or copies are made.  Every loop that is not an
- * sgemm runs on the calling thread in a fixed order, which together with a
- * fixed OpenBLAS thread count makes results bitwise reproducible.
+ * rows, so no transposes or copies are made.
+ *
+ * Threads (docs/model.md, "Threads"): the loops that are not one big sgemm
+ * run on OpenMP threads (kd_gpt_set_threads sets both OpenMP's and
+ * OpenBLAS's count).  Attention runs one (sequence, head) pair per task,
+ * its small sgemms on the task's own thread; row-wise loops (layer norm,
+ * residual adds) and element-wise ones (GELU) are split into static blocks.
+ * Nothing is ever reduced across threads in an order that depends on
+ * timing: every sum over rows (bias and layer-norm gradients, the gradient
+ * norm) is taken in fixed chunks of rows whose partial sums are then added
+ * in chunk order, and the chunks do not depend on the thread count.  So
+ * the results are bitwise the same for any number of threads, given the
+ * same OpenBLAS thread count (whose sgemm partitioning is its own).
  */
 #include <cblas.h>
 #include <inttypes.h>
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +35,7 @@
 
 #define LN_EPS 1e-5f
 #define ALIGN 64
+#define RCHUNK 64 /* rows per chunk of every sum over rows (fixed: see above) */
 
 /* Per-layer tensors, in storage order (names are "h.<i>.<suffix>"). */
 enum {
@@ -73,6 +85,7 @@ struct kd_gpt {
     layer_acts *la;
     float *encoded, *lnf, *lnf_mean, *lnf_rstd, *logits, *dlogits;
     float *d_res, *d_c, *d_c2, *d_3c, *d_4c, *d_att; /* backward scratch */
+    float *partial; /* per-chunk partial sums (colsum_acc, layer-norm backward) */
     uint8_t *tokens;                  /* [B_cap*T_cap] copy of the last input */
     /* last call */
     int B, T;
@@ -304,6 +317,7 @@ const kd_gpt_config *kd_gpt_get_config(const kd_gpt *m)
 void kd_gpt_set_threads(int n)
 {
     openblas_set_num_threads(n < 1 ? 1 : n);
+    omp_set_num_threads(n < 1 ? 1 : n);
 }
 
 void kd_gpt_init_weights(kd_gpt *m, kd_rng *rng)
@@ -362,8 +376,10 @@ int kd_gpt_reserve(kd_gpt *m, int B, int T, kd_err *e)
     size_t N = (size_t)B * (size_t)T, TT = (size_t)T * (size_t)T;
     /* Every count below is < 2^63 since B, T, C, L, H are bounded; the
      * product limit keeps the allocation sane on 64-bit size_t. */
+    size_t nchunk = (N + RCHUNK - 1) / RCHUNK;
     double est = (double)L * ((double)N * (21.0 * C + 4) + (double)B * H * TT) +
-                 (double)N * (12.0 * C + 2 + 2.0 * KD_GPT_VOCAB) + (double)TT;
+                 (double)N * (12.0 * C + 2 + 2.0 * KD_GPT_VOCAB) + (double)B * H * TT +
+                 (double)nchunk * 4.0 * C;
     if (est * sizeof(float) > 64.0 * 1024 * 1024 * 1024)
         return kd_err_set(e, KD_ELIMIT, "activations for B=%d T=%d would exceed 64 GiB", B, T);
 
@@ -378,10 +394,12 @@ int kd_gpt_reserve(kd_gpt *m, int B, int T, kd_err *e)
         total += (per_layer[i] + 15) / 16 * 16;
     total *= L;
     /* encoded, lnf, lnf_mean, lnf_rstd, logits, dlogits,
-     * d_res, d_c, d_c2, d_3c, d_4c, d_att */
-    size_t globals[12] = {N * C, N * C, N, N, N * KD_GPT_VOCAB, N * KD_GPT_VOCAB,
-                          N * C, N * C, N * C, 3 * N * C, 4 * N * C, TT};
-    for (int i = 0; i < 12; i++)
+     * d_res, d_c, d_c2, d_3c, d_4c, d_att (one T x T per (sequence, head), so
+     * the pairs run in parallel), partial (per-chunk sums, up to 4C wide) */
+    size_t globals[13] = {N * C, N * C, N, N, N * KD_GPT_VOCAB, N * KD_GPT_VOCAB,
+                          N * C, N * C, N * C, 3 * N * C, 4 * N * C, (size_t)B * H * TT,
+                          nchunk * 4 * C};
+    for (int i = 0; i < 13; i++)
         REGION(globals[i]);
     for (size_t i = 0; i < n_sizes; i++)
         total += sizes[i];
@@ -430,6 +448,7 @@ int kd_gpt_reserve(kd_gpt *m, int B, int T, kd_err *e)
     m->d_3c = TAKE(globals[9]);
     m->d_4c = TAKE(globals[10]);
     m->d_att = TAKE(globals[11]);
+    m->partial = TAKE(globals[12]);
 #undef TAKE
     m->B_cap = B;
     m->T_cap = T;
@@ -488,6 +507,7 @@ KD_VECTORIZE static inline float fast_expf(float x)
 static void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
                               const float *w, const float *b, size_t N, size_t C)
 {
+#pragma omp parallel for schedule(static)
     for (size_t i = 0; i < N; i++) {
         const float *x = inp + i * C;
         float s = 0.0f;
@@ -514,6 +534,7 @@ static void linear_forward(float *out, const float *inp, const float *W, const f
                            size_t N, size_t IC, size_t OC)
 {
     if (bias) {
+#pragma omp parallel for schedule(static)
         for (size_t i = 0; i < N; i++)
             memcpy(out + i * OC, bias, OC * sizeof(float));
     }
@@ -537,6 +558,7 @@ KD_VECTORIZE static void attention_forward(float *y, float *att, const float *qk
     size_t hs = C / H;
     float scale = 1.0f / sqrtf((float)hs);
     int ld3 = (int)(3 * C);
+#pragma omp parallel for collapse(2) schedule(static)
     for (size_t b = 0; b < B; b++) {
         for (size_t h = 0; h < H; h++) {
             const float *q = qkv + b * T * 3 * C + h * hs;
@@ -579,6 +601,7 @@ KD_VECTORIZE static void attention_forward(float *y, float *att, const float *qk
  * GELU and its derivative need (they use 1 + t and 1 - t^2, not t / u). */
 KD_VECTORIZE static void gelu_forward(float *out, float *th, const float *x, size_t n)
 {
+#pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
         float xi = x[i];
         float u = GELU_K * (xi + GELU_C * xi * xi * xi);
@@ -599,6 +622,7 @@ int kd_gpt_forward(kd_gpt *m, const uint8_t *tokens, int B, int T, kd_err *e)
     size_t N = (size_t)B * (size_t)T;
     memcpy(m->tokens, tokens, N);
 
+#pragma omp parallel for collapse(2) schedule(static)
     for (size_t b = 0; b < (size_t)B; b++)
         for (size_t t = 0; t < (size_t)T; t++) {
             float *o = m->encoded + (b * (size_t)T + t) * C;
@@ -616,6 +640,7 @@ int kd_gpt_forward(kd_gpt *m, const uint8_t *tokens, int B, int T, kd_err *e)
         linear_forward(a->qkv, a->ln1, w[P_QKVW], w[P_QKVB], N, C, 3 * C);
         attention_forward(a->atty, a->att, a->qkv, (size_t)B, (size_t)T, C, H);
         /* res2 = res + atty . Wproj^T + b: start from the residual, accumulate */
+#pragma omp parallel for schedule(static)
         for (size_t i = 0; i < N; i++) {
             float *o = a->res2 + i * C;
             const float *r = res + i * C;
@@ -628,6 +653,7 @@ int kd_gpt_forward(kd_gpt *m, const uint8_t *tokens, int B, int T, kd_err *e)
         layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, w[P_LN2W], w[P_LN2B], N, C);
         linear_forward(a->fch, a->ln2, w[P_FCW], w[P_FCB], N, C, 4 * C);
         gelu_forward(a->fch_gelu, a->fch_tanh, a->fch, N * 4 * C);
+#pragma omp parallel for schedule(static)
         for (size_t i = 0; i < N; i++) {
             float *o = a->res3 + i * C;
             const float *r = a->res2 + i * C;
@@ -690,55 +716,91 @@ int kd_gpt_loss(kd_gpt *m, const kd_gpt_loss_spec *spec, kd_gpt_loss_out *out, k
 /* Layers: backward.  Parameter gradients are accumulated (+=); input
  * gradients are written (=) unless the name says "accumulate". */
 
-/* dinp[N, IC] (=) and dW[OC, IC], db[OC] (+=) of out = inp . W^T + b. */
+/* acc[W] += the column sums of rows [0, N) of a (row stride W): per chunk
+   of RCHUNK rows into part[chunk][W] in parallel, then the chunks in order,
+   so the result does not depend on the thread count. */
+static void colsum_acc(float *acc, const float *a, size_t N, size_t W, float *part)
+{
+    size_t nchunk = (N + RCHUNK - 1) / RCHUNK;
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < nchunk; c++) {
+        float *p = part + c * W;
+        memset(p, 0, W * sizeof(float));
+        size_t end = (c + 1) * RCHUNK < N ? (c + 1) * RCHUNK : N;
+        for (size_t i = c * RCHUNK; i < end; i++) {
+            const float *d = a + i * W;
+            for (size_t j = 0; j < W; j++)
+                p[j] += d[j];
+        }
+    }
+    for (size_t c = 0; c < nchunk; c++)
+        for (size_t j = 0; j < W; j++)
+            acc[j] += part[c * W + j];
+}
+
+/* dinp[N, IC] (=) and dW[OC, IC], db[OC] (+=) of out = inp . W^T + b;
+   part is the per-chunk scratch of colsum_acc. */
 static void linear_backward(float *dinp, float *dW, float *db, const float *dout,
-                            const float *inp, const float *W, size_t N, size_t IC, size_t OC)
+                            const float *inp, const float *W, size_t N, size_t IC, size_t OC,
+                            float *part)
 {
     if (dinp)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)N, (int)IC, (int)OC, 1.0f,
                     dout, (int)OC, W, (int)IC, 0.0f, dinp, (int)IC);
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)OC, (int)IC, (int)N, 1.0f, dout,
                 (int)OC, inp, (int)IC, 1.0f, dW, (int)IC);
-    if (db) {
-        for (size_t i = 0; i < N; i++) {
-            const float *d = dout + i * OC;
-            for (size_t j = 0; j < OC; j++)
-                db[j] += d[j];
-        }
-    }
+    if (db)
+        colsum_acc(db, dout, N, OC, part);
 }
 
-/* dinp (+= accumulate), dw, db (+=) of layernorm. */
+/* dinp (+= accumulate), dw, db (+=) of layernorm.  Rows run in parallel
+   chunks; dw and db are summed per chunk (part: 2C per chunk) and the
+   chunks added in order. */
 static void layernorm_backward_acc(float *dinp, float *dw, float *db, const float *dout,
                                    const float *inp, const float *mean, const float *rstd,
-                                   const float *w, size_t N, size_t C)
+                                   const float *w, size_t N, size_t C, float *part)
 {
-    for (size_t i = 0; i < N; i++) {
-        const float *d = dout + i * C;
-        const float *x = inp + i * C;
-        float mu = mean[i], r = rstd[i];
-        float s1 = 0.0f, s2 = 0.0f;
-        for (size_t j = 0; j < C; j++) {
-            float xhat = (x[j] - mu) * r;
-            float dn = d[j] * w[j];
-            s1 += dn;
-            s2 += dn * xhat;
+    size_t nchunk = (N + RCHUNK - 1) / RCHUNK;
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < nchunk; c++) {
+        float *pw = part + c * 2 * C, *pb = pw + C;
+        memset(pw, 0, 2 * C * sizeof(float));
+        size_t end = (c + 1) * RCHUNK < N ? (c + 1) * RCHUNK : N;
+        for (size_t i = c * RCHUNK; i < end; i++) {
+            const float *d = dout + i * C;
+            const float *x = inp + i * C;
+            float mu = mean[i], r = rstd[i];
+            float s1 = 0.0f, s2 = 0.0f;
+            for (size_t j = 0; j < C; j++) {
+                float xhat = (x[j] - mu) * r;
+                float dn = d[j] * w[j];
+                s1 += dn;
+                s2 += dn * xhat;
+            }
+            s1 /= (float)C;
+            s2 /= (float)C;
+            float *di = dinp + i * C;
+            for (size_t j = 0; j < C; j++) {
+                float xhat = (x[j] - mu) * r;
+                float dn = d[j] * w[j];
+                pb[j] += d[j];
+                pw[j] += d[j] * xhat;
+                di[j] += (dn - s1 - xhat * s2) * r;
+            }
         }
-        s1 /= (float)C;
-        s2 /= (float)C;
-        float *di = dinp + i * C;
+    }
+    for (size_t c = 0; c < nchunk; c++) {
+        const float *pw = part + c * 2 * C, *pb = pw + C;
         for (size_t j = 0; j < C; j++) {
-            float xhat = (x[j] - mu) * r;
-            float dn = d[j] * w[j];
-            db[j] += d[j];
-            dw[j] += d[j] * xhat;
-            di[j] += (dn - s1 - xhat * s2) * r;
+            dw[j] += pw[j];
+            db[j] += pb[j];
         }
     }
 }
 
 KD_VECTORIZE static void gelu_backward_inplace(float *d, const float *x, const float *th, size_t n)
 {
+#pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
         float xi = x[i], t = th[i];
         float du = GELU_K * (1.0f + 3.0f * GELU_C * xi * xi);
@@ -747,16 +809,19 @@ KD_VECTORIZE static void gelu_backward_inplace(float *d, const float *x, const f
     }
 }
 
-/* dqkv (=) from datty; dS is T*T scratch.  Same blocks as the forward:
- * query rows for dP and dQ, key columns for dK and dV. */
-static void attention_backward(float *dqkv, float *dS, const float *datty, const float *qkv,
+/* dqkv (=) from datty; dSall is B*H*T*T scratch (one T*T per pair, so the
+ * pairs run in parallel).  Same blocks as the forward: query rows for dP
+ * and dQ, key columns for dK and dV. */
+static void attention_backward(float *dqkv, float *dSall, const float *datty, const float *qkv,
                                const float *att, size_t B, size_t T, size_t C, size_t H)
 {
     size_t hs = C / H;
     float scale = 1.0f / sqrtf((float)hs);
     int ld3 = (int)(3 * C);
+#pragma omp parallel for collapse(2) schedule(static)
     for (size_t b = 0; b < B; b++) {
         for (size_t h = 0; h < H; h++) {
+            float *dS = dSall + (b * H + h) * T * T;
             size_t off = b * T * 3 * C + h * hs;
             const float *q = qkv + off, *k = q + C, *v = q + 2 * C;
             float *dq = dqkv + off, *dk = dq + C, *dv = dq + 2 * C;
@@ -806,11 +871,12 @@ int kd_gpt_backward(kd_gpt *m, kd_err *e)
     float *dres = m->d_res;
 
     /* logits = lnf . wte^T (tied): d lnf into d_c, d wte += dlogits^T . lnf */
-    linear_backward(m->d_c, m->g_wte, NULL, m->dlogits, m->lnf, m->wte, N, C, KD_GPT_VOCAB);
+    float *part = m->partial;
+    linear_backward(m->d_c, m->g_wte, NULL, m->dlogits, m->lnf, m->wte, N, C, KD_GPT_VOCAB, part);
     memset(dres, 0, N * C * sizeof(float));
     const float *res_last = L ? m->la[L - 1].res3 : m->encoded;
     layernorm_backward_acc(dres, m->g_lnfw, m->g_lnfb, m->d_c, res_last, m->lnf_mean,
-                           m->lnf_rstd, m->lnfw, N, C);
+                           m->lnf_rstd, m->lnfw, N, C, part);
 
     for (size_t l = L; l-- > 0;) {
         layer_acts *a = &m->la[l];
@@ -818,29 +884,36 @@ int kd_gpt_backward(kd_gpt *m, kd_err *e)
         float *const *g = m->lg[l].t;
         const float *res_in = l ? m->la[l - 1].res3 : m->encoded;
         /* MLP: res3 = res2 + gelu(ln2 . Wfc^T + bfc) . Wfcp^T + bfcp */
-        linear_backward(m->d_4c, g[P_FCPW], g[P_FCPB], dres, a->fch_gelu, w[P_FCPW], N, 4 * C, C);
+        linear_backward(m->d_4c, g[P_FCPW], g[P_FCPB], dres, a->fch_gelu, w[P_FCPW], N, 4 * C, C,
+                        part);
         gelu_backward_inplace(m->d_4c, a->fch, a->fch_tanh, N * 4 * C);
-        linear_backward(m->d_c, g[P_FCW], g[P_FCB], m->d_4c, a->ln2, w[P_FCW], N, C, 4 * C);
+        linear_backward(m->d_c, g[P_FCW], g[P_FCB], m->d_4c, a->ln2, w[P_FCW], N, C, 4 * C, part);
         layernorm_backward_acc(dres, g[P_LN2W], g[P_LN2B], m->d_c, a->res2, a->ln2_mean,
-                               a->ln2_rstd, w[P_LN2W], N, C);
+                               a->ln2_rstd, w[P_LN2W], N, C, part);
         /* attention: res2 = res + attn(ln1) . Wproj^T + bproj */
-        linear_backward(m->d_c2, g[P_PROJW], g[P_PROJB], dres, a->atty, w[P_PROJW], N, C, C);
+        linear_backward(m->d_c2, g[P_PROJW], g[P_PROJB], dres, a->atty, w[P_PROJW], N, C, C, part);
         attention_backward(m->d_3c, m->d_att, m->d_c2, a->qkv, a->att, B, T, C, H);
-        linear_backward(m->d_c, g[P_QKVW], g[P_QKVB], m->d_3c, a->ln1, w[P_QKVW], N, C, 3 * C);
+        linear_backward(m->d_c, g[P_QKVW], g[P_QKVB], m->d_3c, a->ln1, w[P_QKVW], N, C, 3 * C,
+                        part);
         layernorm_backward_acc(dres, g[P_LN1W], g[P_LN1B], m->d_c, res_in, a->ln1_mean,
-                               a->ln1_rstd, w[P_LN1W], N, C);
+                               a->ln1_rstd, w[P_LN1W], N, C, part);
     }
-    /* embeddings: in a fixed order, so repeated tokens add up the same way */
-    for (size_t b = 0; b < B; b++)
-        for (size_t t = 0; t < T; t++) {
-            const float *d = dres + (b * T + t) * C;
-            float *gt = m->g_wte + (size_t)m->tokens[b * T + t] * C;
-            float *gp = m->g_wpe + t * C;
-            for (size_t j = 0; j < C; j++) {
-                gt[j] += d[j];
-                gp[j] += d[j];
+    /* embeddings: rows in a fixed order, so repeated tokens add up the same
+       way; the threads split the columns, so no two write one element */
+#pragma omp parallel for schedule(static)
+    for (size_t j0 = 0; j0 < C; j0 += 16) {
+        size_t j1 = j0 + 16 < C ? j0 + 16 : C;
+        for (size_t b = 0; b < B; b++)
+            for (size_t t = 0; t < T; t++) {
+                const float *d = dres + (b * T + t) * C;
+                float *gt = m->g_wte + (size_t)m->tokens[b * T + t] * C;
+                float *gp = m->g_wpe + t * C;
+                for (size_t j = j0; j < j1; j++) {
+                    gt[j] += d[j];
+                    gp[j] += d[j];
+                }
             }
-        }
+    }
     m->state = ST_FORWARD; /* a second backward needs a new loss */
     return KD_OK;
 }
@@ -852,15 +925,29 @@ void kd_gpt_zero_grad(kd_gpt *m)
 
 double kd_gpt_clip_grad_norm(kd_gpt *m, double max_norm)
 {
+    /* sum of squares in fixed chunks added in chunk order (any thread count
+       gives the same bits); at most 64 chunks, so no scratch allocation */
+    enum { NCH = 64 };
+    double part[NCH];
+    size_t n = m->n_params, per = (n + NCH - 1) / NCH;
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < NCH; c++) {
+        double s = 0.0;
+        size_t end = (c + 1) * per < n ? (c + 1) * per : n;
+        for (size_t i = c * per; i < end; i++)
+            s += (double)m->grads[i] * (double)m->grads[i];
+        part[c] = s;
+    }
     double s = 0.0;
-    for (size_t i = 0; i < m->n_params; i++)
-        s += (double)m->grads[i] * (double)m->grads[i];
+    for (size_t c = 0; c < NCH; c++)
+        s += part[c];
     double norm = sqrt(s);
     if (!isfinite(norm))
         return norm;
     if (max_norm > 0 && norm > max_norm) {
         float coef = (float)(max_norm / (norm + 1e-6));
-        for (size_t i = 0; i < m->n_params; i++)
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++)
             m->grads[i] *= coef;
     }
     return norm;

@@ -81,6 +81,19 @@ int kd_ffi_tracker_checkpoint(kd_tracker *t, int64_t step, const char *path,
     c.ntags = tags ? ntags : 0;
     c.sha256 = NULL;
     c.size = -1;
+    /* Record both hashes: XXH3-128, the integrity check recovery uses, and
+       the SHA-256 the binding's RecoveryCheckpoint.hash has always carried
+       (docs/design.md, "Checkpoint checksums").  When the file cannot be
+       read, the tracker reports it. */
+    char sha[KD_SHA256_HEX], xxh[KD_XXH3_HEX];
+    uint64_t size = 0;
+    kd_err e;
+    if (path && kd_sha256_file(path, sha, &size, &e) == KD_OK &&
+        kd_xxh3_file(path, xxh, NULL, &e) == KD_OK) {
+        c.sha256 = sha;
+        c.xxh3_128 = xxh;
+        c.size = (int64_t)size;
+    }
     return kd_tracker_record_checkpoint(t, &c);
 }
 
@@ -131,6 +144,7 @@ int kd_ffi_tracker_recovery_json(kd_tracker *t, int best, char **json_out)
         json_object_set_new(o, "dataset_position", json_integer(r->dataset_position));
         json_object_set_new(o, "path", json_string(r->path));
         json_object_set_new(o, "sha256", json_string(r->sha256));
+        json_object_set_new(o, "xxh3_128", json_string(r->xxh3_128));
         json_object_set_new(o, "size", json_integer(r->size));
         json_object_set_new(o, "loss", isfinite(r->loss) ? json_real(r->loss) : json_null());
     }

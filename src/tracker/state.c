@@ -155,8 +155,14 @@ int kd_trk_ck_frag(ckrec *c)
     kd_sb_json_double(&s, c->active_hours);
     kd_sb_puts(&s, "},\"size\":");
     kd_sb_json_int(&s, c->size);
-    kd_sb_puts(&s, ",\"sha256\":");
-    kd_sb_json_cstr(&s, c->sha256);
+    if (c->sha256[0]) { /* records from before XXH3, or checkpoint.hash: sha256 */
+        kd_sb_puts(&s, ",\"sha256\":");
+        kd_sb_json_cstr(&s, c->sha256);
+    }
+    if (c->xxh3[0]) {
+        kd_sb_puts(&s, ",\"xxh3_128\":");
+        kd_sb_json_cstr(&s, c->xxh3);
+    }
     kd_sb_puts(&s, c->deleted ? ",\"deleted\":true" : ",\"deleted\":false");
     if (c->deleted) {
         kd_sb_puts(&s, ",\"deleted_reason\":");
@@ -831,6 +837,37 @@ int kd_trk_rel_path_ok(const char *rel)
     }
 }
 
+static int is_hex_n(const char *s, size_t n)
+{
+    if (!s || strlen(s) != n)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return 0;
+    return 1;
+}
+
+int kd_trk_is_hex32(const char *s)
+{
+    return is_hex_n(s, 32);
+}
+
+int kd_trk_ck_hash_check(const ckrec *c, const char *path, const char **algo, kd_err *e)
+{
+    if (c->xxh3[0]) {
+        char hex[KD_XXH3_HEX];
+        *algo = "XXH3-128";
+        if (kd_xxh3_file(path, hex, NULL, e) != KD_OK)
+            return -1;
+        return strcmp(hex, c->xxh3) != 0;
+    }
+    char hex[KD_SHA256_HEX];
+    *algo = "SHA-256";
+    if (kd_sha256_file(path, hex, NULL, e) != KD_OK)
+        return -1;
+    return strcmp(hex, c->sha256) != 0;
+}
+
 int kd_trk_is_hex64(const char *s)
 {
     if (!s || strlen(s) != 64)
@@ -881,10 +918,19 @@ static int parse_ck(kd_tracker *t, const char *file, const char *key, json_t *o,
     if (json_num_or_null(o, "created_at", &ca) != 0)
         BAD("'created_at' must be a number");
     c->created_at = isfinite(ca) ? ca : 0;
-    const char *sha = json_string_value(json_object_get(o, "sha256"));
-    if (!kd_trk_is_hex64(sha))
+    /* at least one of the two; "sha256" alone is a record from before XXH3 */
+    json_t *shax = json_object_get(o, "sha256"), *xxhx = json_object_get(o, "xxh3_128");
+    const char *sha = json_string_value(shax), *xxh = json_string_value(xxhx);
+    if (shax && !kd_trk_is_hex64(sha))
         BAD("'sha256' must be 64 lowercase hex digits");
-    memcpy(c->sha256, sha, KD_SHA256_HEX);
+    if (xxhx && !kd_trk_is_hex32(xxh))
+        BAD("'xxh3_128' must be 32 lowercase hex digits");
+    if (!shax && !xxhx)
+        BAD("'xxh3_128' (or, from older versions, 'sha256') is missing");
+    if (sha)
+        memcpy(c->sha256, sha, KD_SHA256_HEX);
+    if (xxh)
+        memcpy(c->xxh3, xxh, KD_XXH3_HEX);
     if (json_int(o, "size", &c->size) != 0 || c->size < 0)
         BAD("'size' must be an integer >= 0");
     json_t *tags = json_object_get(o, "recovery_tags");

@@ -399,31 +399,31 @@ static void put_opt_double(kd_sb *s, double v)
 static void format_metric(kd_sb *s, const pending_metric *p)
 {
     const kd_metrics *m = &p->m;
-    kd_sb_puts(s, "{\"step\":");
+    kd_sb_lit(s, "{\"step\":");
     kd_sb_json_int(s, m->step);
-    kd_sb_puts(s, ",\"timestamp\":");
-    kd_sb_printf(s, "%.6f", p->timestamp);
-    kd_sb_puts(s, ",\"loss\":");
+    kd_sb_lit(s, ",\"timestamp\":");
+    kd_sb_fixed(s, p->timestamp, 6);
+    kd_sb_lit(s, ",\"loss\":");
     kd_sb_json_double(s, m->loss);
     if (!isfinite(m->loss))
         kd_sb_puts(s, isnan(m->loss) ? ",\"loss_nonfinite\":\"nan\""
                                      : (m->loss > 0 ? ",\"loss_nonfinite\":\"inf\""
                                                     : ",\"loss_nonfinite\":\"-inf\""));
-    kd_sb_puts(s, ",\"loss_components\":{\"kd\":");
+    kd_sb_lit(s, ",\"loss_components\":{\"kd\":");
     put_opt_double(s, m->loss_kd);
-    kd_sb_puts(s, ",\"ce\":");
+    kd_sb_lit(s, ",\"ce\":");
     put_opt_double(s, m->loss_ce);
-    kd_sb_puts(s, ",\"intermediate\":");
+    kd_sb_lit(s, ",\"intermediate\":");
     put_opt_double(s, m->loss_intermediate);
-    kd_sb_puts(s, "},\"learning_rate\":");
+    kd_sb_lit(s, "},\"learning_rate\":");
     put_opt_double(s, m->learning_rate);
-    kd_sb_puts(s, ",\"samples_processed\":");
+    kd_sb_lit(s, ",\"samples_processed\":");
     kd_sb_json_int(s, m->samples_processed);
-    kd_sb_puts(s, ",\"tokens_processed\":");
+    kd_sb_lit(s, ",\"tokens_processed\":");
     kd_sb_json_int(s, m->tokens_processed);
-    kd_sb_puts(s, ",\"throughput_samples_per_sec\":");
+    kd_sb_lit(s, ",\"throughput_samples_per_sec\":");
     put_opt_double(s, m->throughput_samples_per_sec);
-    kd_sb_puts(s, ",\"throughput_tokens_per_sec\":");
+    kd_sb_lit(s, ",\"throughput_tokens_per_sec\":");
     put_opt_double(s, m->throughput_tokens_per_sec);
     kd_sb_putc(s, '}');
 }
@@ -575,14 +575,22 @@ int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c)
     r.wall_clock_hours = (r.created_at - t->start_time) / 3600.0;
     r.active_hours = kd_trk_active(t, r.created_at) / 3600.0;
     int rc = KD_OK;
-    if (c->sha256 && c->size >= 0) {
-        if (strlen(c->sha256) != 64)
-            return kd_trk_fail(t, KD_EINVAL, "record_checkpoint: sha256 must be 64 hex digits");
-        memcpy(r.sha256, c->sha256, KD_SHA256_HEX);
+    if (c->sha256 && c->sha256[0] && !kd_trk_is_hex64(c->sha256))
+        return kd_trk_fail(t, KD_EINVAL, "record_checkpoint: sha256 must be 64 lowercase hex digits");
+    if (c->xxh3_128 && c->xxh3_128[0] && !kd_trk_is_hex32(c->xxh3_128))
+        return kd_trk_fail(t, KD_EINVAL, "record_checkpoint: xxh3_128 must be 32 lowercase hex digits");
+    int have_sha = c->sha256 && c->sha256[0], have_xxh = c->xxh3_128 && c->xxh3_128[0];
+    if ((have_sha || have_xxh) && c->size >= 0) {
+        if (have_sha)
+            memcpy(r.sha256, c->sha256, KD_SHA256_HEX);
+        if (have_xxh)
+            memcpy(r.xxh3, c->xxh3_128, KD_XXH3_HEX);
         r.size = c->size;
     } else {
+        /* the writer gave nothing: hash the file (XXH3-128, the integrity
+           check; docs/design.md) */
         uint64_t sz;
-        rc = kd_sha256_file(real, r.sha256, &sz, &t->err);
+        rc = kd_xxh3_file(real, r.xxh3, &sz, &t->err);
         if (rc != KD_OK)
             return rc;
         r.size = (int64_t)sz;
@@ -681,7 +689,8 @@ int kd_tracker_checkpoint_get(const kd_tracker *t, size_t i, kd_checkpoint_recor
     r->deleted = c->deleted;
     r->tags = (const char *const *)c->tags;
     r->ntags = c->ntags;
-    r->sha256 = c->sha256;
+    r->sha256 = c->sha256[0] ? c->sha256 : NULL;
+    r->xxh3_128 = c->xxh3[0] ? c->xxh3 : NULL;
     r->size = c->size;
     return KD_OK;
 }
@@ -743,6 +752,7 @@ static void fill_recovery(const kd_tracker *t, const ckrec *c, kd_recovery *r)
     r->dataset_position = c->dataset_position;
     snprintf(r->path, sizeof r->path, "%s", c->resolved);
     memcpy(r->sha256, c->sha256, KD_SHA256_HEX);
+    memcpy(r->xxh3_128, c->xxh3, KD_XXH3_HEX);
     r->size = c->size;
     r->loss = c->loss;
 }
@@ -769,16 +779,17 @@ int kd_tracker_recovery_checkpoint(kd_tracker *t, kd_recovery *r)
                          (long long)c->step, c->rel, (long long)st.st_size, (long long)c->size);
             continue;
         }
-        char hex[KD_SHA256_HEX];
         kd_err herr;
-        if (kd_sha256_file(c->resolved, hex, NULL, &herr) != KD_OK) {
+        const char *algo;
+        int d = kd_trk_ck_hash_check(c, c->resolved, &algo, &herr);
+        if (d < 0) {
             kd_sb_printf(&why, "step %lld: %s\n", (long long)c->step, herr.msg);
             continue;
         }
-        if (strcmp(hex, c->sha256) != 0) {
-            kd_sb_printf(&why, "step %lld: %s: SHA-256 differs from the manifest (corrupted or "
+        if (d) {
+            kd_sb_printf(&why, "step %lld: %s: %s differs from the manifest (corrupted or "
                                "overwritten)\n",
-                         (long long)c->step, c->rel);
+                         (long long)c->step, c->rel, algo);
             continue;
         }
         fill_recovery(t, c, r);

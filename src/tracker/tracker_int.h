@@ -19,7 +19,7 @@
 #define KD_TREND_WINDOW 100      /* losses kept for the trend */
 #define KD_RATE_WINDOW 64        /* throughput samples kept */
 #define KD_RATE_SPACING 0.5      /* seconds of active time between samples */
-#define KD_PENDING_MAX 4096      /* metrics lines held before a flush */
+#define KD_PENDING_MAX 512       /* metrics lines held before a flush (bounds its stall) */
 #define KD_STATE_FILE_MAX (256u << 20) /* largest state file we read */
 #define KD_PAUSE_LOG_MAX 100     /* pauses listed in session.json */
 #define KD_SESSION_RECENT_CKPTS 10 /* checkpoints session.json lists (+ the best) */
@@ -48,7 +48,8 @@ typedef struct ckrec {
     double created_at;
     char **tags;
     size_t ntags;
-    char sha256[KD_SHA256_HEX];
+    char sha256[KD_SHA256_HEX]; /* "" when the record has only xxh3_128 */
+    char xxh3[KD_XXH3_HEX];     /* "" for records from before XXH3 */
     int64_t size;
     int deleted;
     char *deleted_reason;
@@ -118,6 +119,11 @@ struct kd_tracker {
 /* state.c */
 int kd_trk_rel_path_ok(const char *rel); /* relative, no "..", no empty part */
 int kd_trk_is_hex64(const char *s);      /* 64 lowercase hex digits */
+int kd_trk_is_hex32(const char *s);      /* 32 lowercase hex digits (XXH3-128) */
+/* Hash the checkpoint file at `path` the way record `c` was: XXH3-128 when
+   the record has one, else SHA-256.  0 when it matches, 1 when it differs,
+   -1 when it cannot be read (message in *e); *algo names the hash used. */
+int kd_trk_ck_hash_check(const ckrec *c, const char *path, const char **algo, kd_err *e);
 int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int kd_trk_path(const kd_tracker *t, const char *name, char *out, size_t outsz);
 double kd_trk_active(const kd_tracker *t, double now);

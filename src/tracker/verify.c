@@ -642,7 +642,8 @@ static void check_progress(vctx *v)
 /* ------------------------------------------------------------------------ */
 /* Checkpoints                                                               */
 
-static void check_ck_file(vctx *v, int64_t step, const char *rel, int64_t size, const char *sha)
+static void check_ck_file(vctx *v, int64_t step, const char *rel, int64_t size, const char *sha,
+                          const char *xxh)
 {
     static const char *fix_corrupt =
         "that checkpoint is corrupted; `kdkit train --resume auto` skips it and uses the "
@@ -689,18 +690,25 @@ static void check_ck_file(vctx *v, int64_t step, const char *rel, int64_t size, 
     }
     if (v->flags & KD_VERIFY_NO_HASH)
         return;
-    char hex[KD_SHA256_HEX];
+    /* the same check the tracker's resume makes (kd_trk_ck_hash_check) */
+    ckrec c;
+    memset(&c, 0, sizeof c);
+    if (sha)
+        snprintf(c.sha256, sizeof c.sha256, "%s", sha);
+    if (xxh)
+        snprintf(c.xxh3, sizeof c.xxh3, "%s", xxh);
     kd_err e;
-    if (kd_sha256_file(path, hex, NULL, &e) != KD_OK) {
+    const char *algo;
+    int d = kd_trk_ck_hash_check(&c, path, &algo, &e);
+    if (d < 0) {
         report(v, rel, 0, step, KD_EIO, "check the file's permissions and the disk",
                "checkpoint at step %lld: %s", (long long)step, e.msg);
         return;
     }
-    if (strcmp(hex, sha) != 0)
+    if (d)
         report(v, rel, 0, step, KD_EMISMATCH, fix_corrupt,
-               "checkpoint at step %lld: %s: its SHA-256 (%.12s...) differs from the manifest's "
-               "(%.12s...)",
-               (long long)step, rel, hex, sha);
+               "checkpoint at step %lld: %s: its %s differs from the manifest's (%.12s...)",
+               (long long)step, rel, algo, xxh ? xxh : sha);
 }
 
 /* Check one manifest record; `src` is the file it comes from. */
@@ -740,12 +748,17 @@ static void check_ck_record(vctx *v, const char *src, const char *key, const jso
                src, (long long)step, rel ? "\"" : "", rel ? rel : "(missing)", rel ? "\"" : "");
         return;
     }
-    const char *sha = json_string_value(json_object_get(o, "sha256"));
+    json_t *shax = json_object_get(o, "sha256"), *xxhx = json_object_get(o, "xxh3_128");
+    const char *sha = json_string_value(shax), *xxh = json_string_value(xxhx);
     json_t *szx = json_object_get(o, "size");
     json_t *del = json_object_get(o, "deleted");
     char why[128] = "";
-    if (!kd_trk_is_hex64(sha))
+    if (shax && !kd_trk_is_hex64(sha))
         snprintf(why, sizeof why, "'sha256' must be 64 lowercase hex digits");
+    else if (xxhx && !kd_trk_is_hex32(xxh))
+        snprintf(why, sizeof why, "'xxh3_128' must be 32 lowercase hex digits");
+    else if (!shax && !xxhx)
+        snprintf(why, sizeof why, "'xxh3_128' (or, from older versions, 'sha256') is missing");
     else if (!json_is_integer(szx) || json_integer_value(szx) < 0)
         snprintf(why, sizeof why, "'size' must be an integer >= 0");
     else if (!json_is_integer(json_object_get(o, "dataset_position")))
@@ -759,7 +772,7 @@ static void check_ck_record(vctx *v, const char *src, const char *key, const jso
     }
     if (json_is_true(del))
         return; /* removed by retention, on purpose */
-    check_ck_file(v, step, rel, json_integer_value(szx), sha);
+    check_ck_file(v, step, rel, json_integer_value(szx), sha, xxh);
 }
 
 static void check_ck_set(vctx *v, const char *src, const json_t *cks, const char *fix)

@@ -124,6 +124,7 @@ static const keydef KEYS[] = {
     {"checkpoint", "keep_last", K_INT, 1, 1000000, 0, 0},
     {"checkpoint", "keep_every", K_INT, 0, BIG, 0, 0},
     {"checkpoint", "keep_best", K_BOOL, 0, 0, 0, 0},
+    {"checkpoint", "hash", K_STR, 0, 0, 0, 0},
     {"eval", "every", K_INT, 0, BIG, 0, 0},
     {"eval", "batches", K_INT, 1, 100000, 0, 0},
     {"log", "every_seconds", K_NUM, 0, 86400, 1, 0},
@@ -306,6 +307,13 @@ static int take(kd_train_config *c, const keydef *k, const json_t *v, const orig
     else if (IS("checkpoint", "keep_last")) c->keep_last = iv;
     else if (IS("checkpoint", "keep_every")) c->keep_every = iv;
     else if (IS("checkpoint", "keep_best")) c->keep_best = (int)iv;
+    else if (IS("checkpoint", "hash")) {
+        const char *h = json_string_value(v);
+        if (strcmp(h, "sha256") != 0 && strcmp(h, "xxh3_128") != 0)
+            return kd_err_set(e, KD_ECONFIG, "%s: checkpoint.hash: expected xxh3_128 or sha256, got %s",
+                              src, h);
+        c->ckpt_sha256 = strcmp(h, "sha256") == 0;
+    }
     else if (IS("eval", "every")) c->eval_every = iv;
     else if (IS("eval", "batches")) c->eval_batches = iv;
     else if (IS("log", "every_seconds")) c->log_every_seconds = d;
@@ -884,6 +892,7 @@ int kd_train_config_effective_json(const kd_train_config *c, char **json_out, kd
     json_object_set_new(k, "keep_last", json_integer(c->keep_last));
     json_object_set_new(k, "keep_every", json_integer(c->keep_every));
     json_object_set_new(k, "keep_best", json_boolean(c->keep_best));
+    json_object_set_new(k, "hash", json_string(c->ckpt_sha256 ? "sha256" : "xxh3_128"));
     json_t *v = section(root, "eval");
     json_object_set_new(v, "every", json_integer(c->eval_every));
     json_object_set_new(v, "batches", json_integer(c->eval_batches));

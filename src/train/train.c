@@ -501,37 +501,42 @@ static int resume(run *r)
                 kd_tracker_dir(r->t));
             return KD_OK;
         }
-        /* The tracker has just hashed this file and found its SHA-256 the
-           one recorded; hashing it again while loading would double the
+        /* The tracker has just hashed this file and found its checksum
+           (XXH3-128, or SHA-256 for an older record) the one recorded;
+           hashing it again while loading would double the
            cost of a resume.  The size check stays, and the strict loader
            still checks every structural rule. */
-        kd_ckpt_expect ex = {rec.size, NULL};
+        kd_ckpt_expect ex = {rec.size, NULL, NULL};
         rc = load_checkpoint(r, rec.path, &ex);
         if (rc != KD_OK)
             return rc;
         snprintf(r->last_ckpt_path, sizeof r->last_ckpt_path, "%s", rec.path);
     } else {
-        kd_ckpt_expect ex = {-1, NULL};
+        kd_ckpt_expect ex = {-1, NULL, NULL};
         int known = 0;
         for (size_t i = 0; i < kd_tracker_checkpoint_count(r->t); i++) {
             kd_checkpoint_record cr;
             if (kd_tracker_checkpoint_get(r->t, i, &cr) == KD_OK && same_file(cr.path, want) &&
-                cr.sha256) {
+                (cr.sha256 || cr.xxh3_128)) {
                 ex.size = cr.size;
-                ex.sha256 = cr.sha256;
+                ex.sha256 = cr.xxh3_128 ? NULL : cr.sha256; /* one hash is enough */
+                ex.xxh3_128 = cr.xxh3_128;
                 known = 1;
             }
         }
         if (!known)
             say(r, KD_TRAIN_EV_INFO,
                 "%s is not in %s/checkpoints.json: loading it with the format checks only (no "
-                "recorded size and SHA-256 to compare)",
+                "recorded size and checksum to compare)",
                 want, kd_tracker_dir(r->t));
-        char keep[64] = "";
+        char keep[KD_SHA256_HEX] = "", keepx[KD_XXH3_HEX] = "";
         if (ex.sha256)
             snprintf(keep, sizeof keep, "%s", ex.sha256);
-        if (known)
-            ex.sha256 = keep; /* the record's strings live until the next tracker call */
+        if (ex.xxh3_128)
+            snprintf(keepx, sizeof keepx, "%s", ex.xxh3_128);
+        /* the record's strings live until the next tracker call */
+        ex.sha256 = ex.sha256 ? keep : NULL;
+        ex.xxh3_128 = ex.xxh3_128 ? keepx : NULL;
         int rc = load_checkpoint(r, want, known ? &ex : NULL);
         if (rc != KD_OK)
             return rc;
@@ -627,7 +632,8 @@ static int checkpoint(run *r, const char *reason_tag)
     if (rc != KD_OK)
         return rc;
     kd_ckpt_written w;
-    rc = kd_ckpt_write(path, r->views, r->nviews, ms.kv, ms.n, &w, r->e);
+    rc = kd_ckpt_write_ex(path, r->views, r->nviews, ms.kv, ms.n, c->ckpt_sha256 ? KD_CKPT_SHA256 : 0,
+                          &w, r->e);
     if (rc != KD_OK)
         return wrap_err(r->e, rc, "writing checkpoint: ", "");
     const char *tags[3];
@@ -649,8 +655,9 @@ static int checkpoint(run *r, const char *reason_tag)
         .dataset_position = r->pos,
         .tags = tags,
         .ntags = ntags,
-        .sha256 = w.sha256,
+        .sha256 = w.sha256[0] ? w.sha256 : NULL,
         .size = (int64_t)w.size,
+        .xxh3_128 = w.xxh3_128,
     };
     rc = kd_tracker_record_checkpoint(r->t, &ci);
     if (rc != KD_OK)

@@ -77,6 +77,8 @@ class Checkpoints(unittest.TestCase):
             self.assertEqual(w["sha256"], hashlib.sha256(f.read()).hexdigest())
         got, meta = kdkit.load_checkpoint(path, expect_size=w["size"],
                                           expect_sha256=w["sha256"])
+        # the writer adds the data section's XXH3-128 (docs/checkpoint-format.md)
+        self.assertRegex(meta.pop("data_xxh3_128"), r"^[0-9a-f]{32}$")
         self.assertEqual(meta, {"step": "12", "note": "héllo"})
         self.assertEqual(sorted(got), sorted(t))
         for k, v in t.items():
