@@ -8,6 +8,11 @@
  * lets a third process lock a fresh inode while the second still holds the
  * old one.  The descriptor is O_CLOEXEC so programs we exec do not inherit
  * the lock.
+ *
+ * The file is opened relative to the directory with O_NOFOLLOW and must be a
+ * regular file: a symlink (or a FIFO, a device) planted at .kdkit.lock is
+ * refused with KD_ECORRUPT, and whatever it points at is left untouched
+ * (following it would truncate the target to write our pid).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -15,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "kdkit/core.h"
@@ -38,12 +44,38 @@ int kd_dir_lock(kd_lock **out, const char *dir, kd_err *e)
         rc = kd_err_set(e, KD_ENOMEM, "out of memory locking %s", dir);
         goto done;
     }
-    fd = kd_sys_open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0) {
+    int dfd = kd_sys_open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+    if (dfd < 0) {
         rc = kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno,
-                        "open of lock file %s failed", path);
+                        "open of directory %s failed", dir);
         goto done;
     }
+    /* O_NONBLOCK: a FIFO planted there must not hang the open */
+    fd = openat(dfd, ".kdkit.lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0644);
+    int oerr = errno;
+    close(dfd);
+    if (fd < 0) {
+        if (oerr == ELOOP)
+            rc = kd_err_set(e, KD_ECORRUPT,
+                            "lock file %s is a symbolic link; kdkit refuses to follow it (the "
+                            "file it points at was not touched). Remove the link, then retry",
+                            path);
+        else
+            rc = kd_err_sys(e, oerr == ENOENT ? KD_ENOTFOUND : KD_EIO, oerr,
+                            "open of lock file %s failed", path);
+        goto done;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        rc = kd_err_set(e, KD_ECORRUPT,
+                        "lock file %s is not a regular file; kdkit refuses to use it (nothing "
+                        "was written to it). Remove it, then retry",
+                        path);
+        goto done;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0)
+        (void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
     while (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         if (errno == EINTR)
             continue;

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "core/sys.h"
+#include "tracker/run.h"
 #include "tracker/tracker_int.h"
 
 int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...)
@@ -762,6 +763,7 @@ int kd_trk_scan_metrics_tail(kd_tracker *t)
     uint64_t off;
     int first = 1;
     int found = 0;
+    int64_t newer_step = INT64_MAX;
     while (n < KD_TREND_WINDOW && (rc = back_prev(&b, &line, &len, &off)) == 1) {
         if (first && size > 0 && off + len == size) {
             /* no final newline: a torn line (read-only views see it) */
@@ -786,6 +788,29 @@ int kd_trk_scan_metrics_tail(kd_tracker *t)
             back_close(&b);
             return rc;
         }
+        if (found && step >= newer_step) {
+            /* The resume would continue after the newest step and log the
+               ones in between twice. */
+            json_decref(o);
+            if (t->readonly) {
+                kd_sb_printf(&t->report,
+                             "metrics.jsonl: step %lld at byte offset %llu is not below the "
+                             "step %lld after it (kdkit verify %s)\n",
+                             (long long)step, (unsigned long long)off, (long long)newer_step,
+                             t->dir);
+                rc = 0;
+                break;
+            }
+            back_close(&b);
+            return kd_trk_fail(t, KD_ECORRUPT,
+                               "%s: the line at byte offset %llu has step %lld, not below step "
+                               "%lld on the line after it (steps must strictly increase); "
+                               "nothing was changed. Run 'kdkit verify %s' for the line numbers "
+                               "and the command that moves the line that does not belong",
+                               path, (unsigned long long)off, (long long)step,
+                               (long long)newer_step, t->dir);
+        }
+        newer_step = step;
         if (!found) {
             found = 1;
             int64_t v;
@@ -1064,6 +1089,7 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
                        int64_t *lines, double *cost_sum, int64_t *billed, double *last_time,
                        const char *time_key)
 {
+    const kd_run_file *reg = kd_run_lookup(name);
     char path[PATH_MAX];
     kd_trk_path(t, name, path, sizeof path);
     struct stat st;
@@ -1092,20 +1118,30 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
     int rc = kd_jsonl_reader_open(&r, path, 0, &t->err);
     if (rc != KD_OK)
         return rc;
-    rc = kd_jsonl_reader_seek(r, offset, 0, &t->err);
+    /* Line numbers are exact when the counted lines end at `offset` (they
+       do unless the journal was edited, and then offset is 0). */
+    rc = kd_jsonl_reader_seek(r, offset, offset ? *lines + 1 : 1, &t->err);
     const char *line;
     size_t len;
     while (rc == KD_OK && (rc = kd_jsonl_next(r, &line, &len, &t->err)) == 1) {
         rc = KD_OK;
         json_t *o = json_loadb(line, len, 0, NULL);
-        if (!json_is_object(o)) {
+        char bad[256] = "not valid JSON";
+        if (!json_is_object(o) || (reg && reg->validate && reg->validate(o, bad, sizeof bad))) {
             json_decref(o);
-            if (t->readonly) /* a live writer's torn tail, or damage: skip in a view */
+            if (t->readonly) { /* a live writer's torn tail, or damage: not counted */
+                kd_sb_printf(&t->report, "%s line %lld: %s; not counted (kdkit verify %s)\n",
+                             name, (long long)kd_jsonl_reader_lineno(r), bad, t->dir);
                 continue;
+            }
+            /* The same rule as kdkit verify's: a record it would flag is
+               never counted (a negative cost would lift the budget cap). */
             rc = kd_trk_fail(t, KD_ECORRUPT,
-                             "%s: the line at byte offset %llu is not valid JSON; run 'kdkit "
-                             "verify %s' for the line number and how to repair it",
-                             path, (unsigned long long)kd_jsonl_reader_offset(r), t->dir);
+                             "%s line %lld (byte offset %llu): %s; nothing was changed. Move that "
+                             "line out of the file (kdkit verify %s prints the command; keep a "
+                             "copy: it may be a paid record), then reopen",
+                             path, (long long)kd_jsonl_reader_lineno(r),
+                             (unsigned long long)kd_jsonl_reader_offset(r), bad, t->dir);
             break;
         }
         (*lines)++;
@@ -1136,6 +1172,13 @@ int kd_trk_load(kd_tracker *t, json_t *s)
             return kd_trk_fail(t, KD_ECORRUPT, "%s: field '%s' must be a number; nothing was changed",
                                spath, numeric[i]);
     }
+    char why[256];
+    if (kd_run_check_session(s, why, sizeof why))
+        return kd_trk_fail(t, KD_ECORRUPT,
+                           "%s: %s; nothing was changed. Correct it by hand (total_cost is the "
+                           "sum of 'cost' over api_recovery.jsonl, the counters count its "
+                           "lines) or restore session.json from a backup, then reopen",
+                           spath, why);
     double now = kd_now();
     t->start_time = num_field(s, "start_time", now);
     double saved_at = num_field(s, "saved_at", t->start_time);
@@ -1413,16 +1456,23 @@ int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
     if (rc != KD_OK)
         return rc;
 
-    static const char *files[] = {F_METRICS, F_API,   F_FAILURES,      F_EVENTS,
-                                  F_REWOUND, F_CKPTS, F_CKPTS_DELETED, F_PROGRESS};
-    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
-        if ((rc = move_into(t, dest, files[i], &moved)) != KD_OK)
+    /* Every file the registry marks as the session's (tracker/run.h): a
+       file a layer adds there is archived with no change here. */
+    for (size_t i = 0; i < kd_run_nfiles; i++) {
+        const kd_run_file *f = &kd_run_files[i];
+        if (!(f->flags & KD_RUN_ARCHIVE) || (f->flags & KD_RUN_PATTERN) ||
+            strcmp(f->name, F_SESSION) == 0)
+            continue;
+        if ((rc = move_into(t, dest, f->name, &moved)) != KD_OK)
             return rc;
+    }
     DIR *d = opendir(t->dir);
     if (d) {
         struct dirent *de;
         while ((de = readdir(d)) != NULL) {
-            if (strstr(de->d_name, ".jsonl.torn-") && (rc = move_into(t, dest, de->d_name, &moved)) != KD_OK)
+            const kd_run_file *f = kd_run_lookup(de->d_name);
+            if (f && (f->flags & KD_RUN_PATTERN) && (f->flags & KD_RUN_ARCHIVE) &&
+                (rc = move_into(t, dest, de->d_name, &moved)) != KD_OK)
                 break;
         }
         closedir(d);

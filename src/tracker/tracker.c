@@ -26,6 +26,7 @@
 
 #include <openssl/evp.h>
 
+#include "tracker/run.h"
 #include "tracker/tracker_int.h"
 
 void kd_tracker_opts_init(kd_tracker_opts *o)
@@ -575,20 +576,23 @@ int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c)
     r.wall_clock_hours = (r.created_at - t->start_time) / 3600.0;
     r.active_hours = kd_trk_active(t, r.created_at) / 3600.0;
     int rc = KD_OK;
-    if (c->sha256 && c->sha256[0] && !kd_trk_is_hex64(c->sha256))
-        return kd_trk_fail(t, KD_EINVAL, "record_checkpoint: sha256 must be 64 lowercase hex digits");
-    if (c->xxh3_128 && c->xxh3_128[0] && !kd_trk_is_hex32(c->xxh3_128))
-        return kd_trk_fail(t, KD_EINVAL, "record_checkpoint: xxh3_128 must be 32 lowercase hex digits");
     int have_sha = c->sha256 && c->sha256[0], have_xxh = c->xxh3_128 && c->xxh3_128[0];
+    /* Stored lower-case: the manifest's reader (and verify) accept only
+       that, so an upper-case digest must not reach the file as is. */
+    if (have_sha && !kd_run_hexn_lower(c->sha256, 64, r.sha256))
+        return kd_trk_fail(t, KD_EINVAL,
+                           "record_checkpoint: sha256 must be 64 hex digits (got \"%.80s\")",
+                           c->sha256);
+    if (have_xxh && !kd_run_hexn_lower(c->xxh3_128, 32, r.xxh3))
+        return kd_trk_fail(t, KD_EINVAL,
+                           "record_checkpoint: xxh3_128 must be 32 hex digits (got \"%.80s\")",
+                           c->xxh3_128);
     if ((have_sha || have_xxh) && c->size >= 0) {
-        if (have_sha)
-            memcpy(r.sha256, c->sha256, KD_SHA256_HEX);
-        if (have_xxh)
-            memcpy(r.xxh3, c->xxh3_128, KD_XXH3_HEX);
         r.size = c->size;
     } else {
-        /* the writer gave nothing: hash the file (XXH3-128, the integrity
-           check; docs/design.md) */
+        /* the writer gave nothing (or no size): hash the file (XXH3-128, the
+           integrity check; docs/design.md) */
+        r.sha256[0] = '\0';
         uint64_t sz;
         rc = kd_xxh3_file(real, r.xxh3, &sz, &t->err);
         if (rc != KD_OK)

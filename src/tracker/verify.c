@@ -19,6 +19,10 @@
  *   failures.jsonl     retry_count, error, time
  *   events.jsonl       time, type
  *   metrics.rewound.jsonl  objects with an integer "step" (order is free)
+ *   eval.jsonl, eval.rewound.jsonl, checkpoints.deleted.jsonl,
+ *   teacher_intents.jsonl  and every other journal of the registry
+ *                      (tracker/run.h): each line through the registry's
+ *                      validator, the same one the reopen and the writer use
  *   checkpoints.json   an object whose "checkpoints" records each have an
  *                      integer checkpoint_step, a relative_path that stays
  *                      inside the directory, a size and a SHA-256; every
@@ -44,6 +48,7 @@
 #include <unistd.h>
 
 #include "core/sys.h"
+#include "tracker/run.h"
 #include "tracker/tracker_int.h"
 
 #define V_MAX_LINE ((size_t)16 << 20) /* the journals' own limit (jsonl.c) */
@@ -237,16 +242,8 @@ static int check_fields(const json_t *o, const field *fs, size_t nf, char *why, 
 /* ------------------------------------------------------------------------ */
 /* Journals                                                                  */
 
-enum jkind { J_METRICS, J_API, J_FAILURES, J_EVENTS, J_REWOUND };
-
-static const field api_fields[] = {
-    {"prompt_hash", T_STR}, {"cost", T_NUM}, {"timestamp", T_NUM}};
-static const field failure_fields[] = {{"retry_count", T_INT}, {"error", T_STR}, {"time", T_NUM}};
-static const field event_fields[] = {{"time", T_NUM}, {"type", T_STR}};
-static const field step_fields[] = {{"step", T_INT}};
-
 typedef struct jstate {
-    enum jkind kind;
+    const kd_run_file *kind; /* the registry's entry: validator, step order */
     int64_t lines;       /* valid records */
     int64_t bad;         /* problems in this file */
     int have_prev;
@@ -260,43 +257,18 @@ typedef struct jstate {
     int complete;        /* read to the end */
 } jstate;
 
-/* Check one parsed record; report and return 1 if it is bad. */
+/* Check one parsed record with the registry's validator (the one the reopen
+   uses); report and return 1 if it is bad. */
 static int check_record(vctx *v, const char *file, jstate *js, const json_t *o, int64_t line)
 {
     char why[256], fix[PATH_MAX * 4 + 512];
-    int bad = 0;
-    switch (js->kind) {
-    case J_METRICS:
-    case J_REWOUND:
-        bad = check_fields(o, step_fields, 1, why, sizeof why);
-        break;
-    case J_API:
-        bad = check_fields(o, api_fields, sizeof api_fields / sizeof api_fields[0], why, sizeof why);
-        if (!bad) {
-            json_t *r = json_object_get(o, "response");
-            if (!json_is_string(r) && !json_is_string(json_object_get(o, "response_base64"))) {
-                snprintf(why, sizeof why, "field 'response' is missing or not a string (and "
-                                          "there is no 'response_base64')");
-                bad = 1;
-            } else if (json_number_value(json_object_get(o, "cost")) < 0) {
-                snprintf(why, sizeof why, "field 'cost' is negative");
-                bad = 1;
-            }
-        }
-        break;
-    case J_FAILURES:
-        bad = check_fields(o, failure_fields, 3, why, sizeof why);
-        break;
-    case J_EVENTS:
-        bad = check_fields(o, event_fields, 2, why, sizeof why);
-        break;
-    }
+    int bad = js->kind->validate ? js->kind->validate(o, why, sizeof why) : 0;
     if (bad) {
         fix_move_line(v, file, line, fix, sizeof fix);
         report(v, file, line, -1, KD_ECORRUPT, fix, "%s line %lld: %s", file, (long long)line, why);
         return 1;
     }
-    if (js->kind == J_METRICS) {
+    if (js->kind->flags & KD_RUN_STEPS_UP) {
         int64_t step = json_integer_value(json_object_get(o, "step"));
         if (js->have_prev && step <= js->prev_step) {
             fix_move_line(v, file, line, fix, sizeof fix);
@@ -373,12 +345,11 @@ static void note_line_end(jstate *js, uint64_t end, int64_t line)
     }
 }
 
-static void check_journal(vctx *v, const char *file, enum jkind kind, jstate *js, int required,
-                          int64_t boundary)
+static void check_journal(vctx *v, const char *file, jstate *js, int required, int64_t boundary)
 {
     char path[PATH_MAX];
     memset(js, 0, sizeof *js);
-    js->kind = kind;
+    js->kind = kd_run_lookup(file);
     js->boundary = boundary;
     js->at_boundary = boundary == 0;
     js->size = -1;
@@ -600,6 +571,12 @@ static void check_session(vctx *v)
         json_is_string(json_object_get(s, "session_id")))
         report(v, F_SESSION, 0, -1, KD_ECORRUPT, fix_restore,
                "session.json: 'session_id' is not a usable session id");
+    char why[256];
+    if (kd_run_check_session(s, why, sizeof why))
+        report(v, F_SESSION, 0, -1, KD_ECORRUPT,
+               "correct that field by hand, or restore session.json from a backup; kdkit "
+               "refuses to reopen the session until then (its budget would be wrong)",
+               "session.json: %s", why);
     file_end(v);
 }
 
@@ -934,10 +911,10 @@ int kd_session_verify(const char *dir, unsigned flags, kd_verify_report_fn cb, v
     if (!(flags & KD_VERIFY_CHECKPOINTS_ONLY) && !v->stopped) {
         json_t *s = v->session;
         jstate js;
-        check_journal(v, F_METRICS, J_METRICS, &js,
+        check_journal(v, F_METRICS, &js,
                       json_integer_value(json_object_get(s, "steps_completed")) > 0, -1);
         if (!v->stopped)
-            check_journal(v, F_API, J_API, &js,
+            check_journal(v, F_API, &js,
                           json_integer_value(json_object_get(s, "api_responses_saved")) > 0,
                           bytes_of(s, "api_recovery_bytes"));
         if (!v->stopped) {
@@ -946,7 +923,7 @@ int kd_session_verify(const char *dir, unsigned flags, kd_verify_report_fn cb, v
             file_end(v);
         }
         if (!v->stopped)
-            check_journal(v, F_FAILURES, J_FAILURES, &js,
+            check_journal(v, F_FAILURES, &js,
                           json_integer_value(json_object_get(s, "connection_failures")) > 0,
                           bytes_of(s, "failures_bytes"));
         if (!v->stopped) {
@@ -954,10 +931,17 @@ int kd_session_verify(const char *dir, unsigned flags, kd_verify_report_fn cb, v
             check_count(v, F_FAILURES, &js, "connection_failures", "failures_bytes", "failures");
             file_end(v);
         }
-        if (!v->stopped)
-            check_journal(v, F_EVENTS, J_EVENTS, &js, 0, -1);
-        if (!v->stopped)
-            check_journal(v, F_REWOUND, J_REWOUND, &js, 0, -1);
+        /* Every other journal the registry knows: events, the rewound
+           lines, eval.jsonl, the deleted-checkpoint journal, the teacher's
+           intent journal, and whatever a layer adds later. */
+        for (size_t i = 0; i < kd_run_nfiles && !v->stopped; i++) {
+            const kd_run_file *f = &kd_run_files[i];
+            if (f->kind != KD_RUN_JOURNAL || !(f->flags & KD_RUN_VERIFY) ||
+                strcmp(f->name, F_METRICS) == 0 || strcmp(f->name, F_API) == 0 ||
+                strcmp(f->name, F_FAILURES) == 0)
+                continue;
+            check_journal(v, f->name, &js, 0, -1);
+        }
     }
     if (!v->stopped)
         check_checkpoints(v);

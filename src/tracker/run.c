@@ -1,0 +1,326 @@
+/*
+ * src/tracker/run.c - the registry of a run directory's files and the one
+ * validator of each record format (run.h).  Nothing here reads or writes a
+ * file except kd_run_move_aside, which renames a damaged file to
+ * "<name>.damaged-<UTC time>" so its bytes are kept.
+ *
+ * The record rules (docs/formats.md has them for people):
+ *   metrics    integer "step" >= 0; "loss" a number or null (null with
+ *              "loss_nonfinite" for NaN/Inf); counters integers >= 0
+ *   api        prompt_hash string, response string (or response_base64),
+ *              cost a finite number >= 0, timestamp a number
+ *   failure    retry_count integer >= 0, error string, time number,
+ *              possibly_billed (when present) true/false
+ *   event      time number, type string
+ *   eval       integer "step" >= 0, val_loss number or null
+ *   ckrec      checkpoint_step integer >= 0, relative_path inside the
+ *              directory, sha256 64 hex digits, size integer >= 0
+ *   intent     op "base" (possibly_billed_cost finite >= 0), "send" (id >= 1,
+ *              key 64 hex, reserved finite >= 0, ledger_offset >= 0) or "done"
+ *              (id >= 1, outcome paid|not_billed|possibly_billed, amount
+ *              finite >= 0)
+ *   session    the numbers the reopen trusts (total_cost, counters, times):
+ *              finite and >= 0
+ */
+#include <errno.h>
+#include <fnmatch.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "core/sys.h"
+#include "tracker/run.h"
+#include "tracker/tracker_int.h"
+
+/* ------------------------------------------------------------------------ */
+/* The registry                                                              */
+
+#define A KD_RUN_ARCHIVE
+#define V KD_RUN_VERIFY
+#define UP KD_RUN_STEPS_UP
+#define M KD_RUN_BY_MANIFEST
+#define P KD_RUN_PATTERN
+
+const kd_run_file kd_run_files[] = {
+    /* name, layer, kind, durability, validator, flags, what */
+    {"session.json", "tracker", KD_RUN_STATE, "atomic replace", kd_run_check_session, A | V,
+     "complete session state"},
+    {"progress.json", "tracker", KD_RUN_STATE, "atomic replace", NULL, A | V, "current summary"},
+    {"metrics.jsonl", "tracker", KD_RUN_JOURNAL, "buffered; fdatasync at each checkpoint",
+     kd_run_check_metric, A | V | UP, "one line per step, steps strictly increasing"},
+    {"metrics.rewound.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync per move",
+     kd_run_check_metric, A | V, "metrics lines moved aside by a rewind"},
+    {"api_recovery.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync before use", kd_run_check_api,
+     A | V, "one line per paid teacher response"},
+    {"failures.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync per line", kd_run_check_failure,
+     A | V, "one line per connection failure"},
+    {"events.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync per line", kd_run_check_event, A | V,
+     "session events: created, resume, rewind, pause, close"},
+    {"checkpoints.json", "tracker", KD_RUN_STATE, "atomic replace", NULL, A | V,
+     "checkpoint manifest (live checkpoints)"},
+    {"checkpoints.deleted.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync before the manifest drops them",
+     kd_run_check_ckrec, A | V, "old records of deleted checkpoints"},
+    {"eval.jsonl", "train", KD_RUN_JOURNAL, "fdatasync before each checkpoint", kd_run_check_eval,
+     A | V | UP, "one line per validation"},
+    {"eval.rewound.jsonl", "train", KD_RUN_JOURNAL, "fdatasync per move", kd_run_check_eval, A | V,
+     "eval lines moved aside by a rewind"},
+    {"teacher_intents.jsonl", "teacher", KD_RUN_JOURNAL, "fdatasync before a request leaves",
+     kd_run_check_intent, A | V, "teacher requests in flight (possibly-billed spend)"},
+    {"checkpoint_*.safetensors", "train", KD_RUN_BLOB, "atomic replace", NULL, M | P,
+     "checkpoints (docs/checkpoint-format.md)"},
+    {"*.torn-*", "core", KD_RUN_ASIDE, "fdatasync before the cut", NULL, A | P,
+     "torn tails moved aside on open"},
+    {"*.damaged-*", "tracker", KD_RUN_ASIDE, "rename", NULL, A | P,
+     "damaged files moved aside, bytes kept"},
+    {".*.tmp.*", "core", KD_RUN_TEMP, "removed by its owner at open", NULL, P,
+     "temp files of atomic replaces"},
+    {"sessions", "tracker", KD_RUN_DIR, "rename", NULL, 0,
+     "earlier sessions, archived on a config change"},
+    {".kdkit.lock", "core", KD_RUN_LOCK, "flock; holds the pid", NULL, 0,
+     "one writer per directory"},
+    {"*.sqlite*", "teacher", KD_RUN_FOREIGN, "SQLite (synchronous=full)", NULL, P,
+     "a teacher cache whose cache.path points here"},
+};
+const size_t kd_run_nfiles = sizeof kd_run_files / sizeof kd_run_files[0];
+
+#undef A
+#undef V
+#undef UP
+#undef M
+#undef P
+
+const kd_run_file *kd_run_lookup(const char *name)
+{
+    if (!name)
+        return NULL;
+    for (size_t i = 0; i < kd_run_nfiles; i++) {
+        const kd_run_file *f = &kd_run_files[i];
+        if ((f->flags & KD_RUN_PATTERN) ? fnmatch(f->name, name, 0) == 0
+                                        : strcmp(f->name, name) == 0)
+            return f;
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Validators                                                                */
+
+#define WHY(...)                                                                                   \
+    do {                                                                                           \
+        snprintf(why, n, __VA_ARGS__);                                                             \
+        return 1;                                                                                  \
+    } while (0)
+
+static int need_int(const json_t *o, const char *k, int64_t min, char *why, size_t n)
+{
+    json_t *x = json_object_get(o, k);
+    if (!x)
+        WHY("field '%s' is missing", k);
+    if (!json_is_integer(x))
+        WHY("field '%s' must be an integer", k);
+    if (json_integer_value(x) < min)
+        WHY("field '%s' is %lld, below %lld", k, (long long)json_integer_value(x), (long long)min);
+    return 0;
+}
+
+/* A finite number >= min (a number at all when min is -INFINITY). */
+static int need_num(const json_t *o, const char *k, double min, int nullable, char *why, size_t n)
+{
+    json_t *x = json_object_get(o, k);
+    if (!x)
+        WHY("field '%s' is missing", k);
+    if (nullable && json_is_null(x))
+        return 0;
+    if (!json_is_number(x))
+        WHY("field '%s' must be a number%s", k, nullable ? " or null" : "");
+    double v = json_number_value(x);
+    if (!isfinite(v))
+        WHY("field '%s' is not finite", k);
+    if (v < min)
+        WHY("field '%s' is negative (%g)", k, v);
+    return 0;
+}
+
+static int opt_int(const json_t *o, const char *k, int64_t min, char *why, size_t n)
+{
+    return json_object_get(o, k) ? need_int(o, k, min, why, n) : 0;
+}
+
+static int need_str(const json_t *o, const char *k, char *why, size_t n)
+{
+    json_t *x = json_object_get(o, k);
+    if (!x)
+        WHY("field '%s' is missing", k);
+    if (!json_is_string(x))
+        WHY("field '%s' must be a string", k);
+    return 0;
+}
+
+static int need_hex(const json_t *o, const char *k, char *why, size_t n)
+{
+    char low[65];
+    if (!kd_trk_is_hex64(json_string_value(json_object_get(o, k))) &&
+        !kd_run_hex64_lower(json_string_value(json_object_get(o, k)), low))
+        WHY("field '%s' must be 64 hex digits", k);
+    return 0;
+}
+
+static int need_object(const json_t *o, char *why, size_t n)
+{
+    if (!json_is_object(o))
+        WHY("not a JSON object");
+    return 0;
+}
+
+int kd_run_check_metric(const json_t *o, char *why, size_t n)
+{
+    if (need_object(o, why, n) || need_int(o, "step", 0, why, n) ||
+        opt_int(o, "samples_processed", 0, why, n) || opt_int(o, "tokens_processed", 0, why, n))
+        return 1;
+    json_t *l = json_object_get(o, "loss");
+    if (l && !json_is_number(l) && !json_is_null(l))
+        WHY("field 'loss' must be a number or null");
+    return 0;
+}
+
+int kd_run_check_api(const json_t *o, char *why, size_t n)
+{
+    if (need_object(o, why, n) || need_str(o, "prompt_hash", why, n) ||
+        need_num(o, "cost", 0, 0, why, n) || need_num(o, "timestamp", -INFINITY, 0, why, n))
+        return 1;
+    if (!json_is_string(json_object_get(o, "response")) &&
+        !json_is_string(json_object_get(o, "response_base64")))
+        WHY("field 'response' is missing or not a string (and there is no 'response_base64')");
+    return 0;
+}
+
+int kd_run_check_failure(const json_t *o, char *why, size_t n)
+{
+    if (need_object(o, why, n) || need_int(o, "retry_count", 0, why, n) ||
+        need_str(o, "error", why, n) || need_num(o, "time", -INFINITY, 0, why, n))
+        return 1;
+    json_t *b = json_object_get(o, "possibly_billed");
+    if (b && !json_is_boolean(b))
+        WHY("field 'possibly_billed' must be true or false");
+    return 0;
+}
+
+int kd_run_check_event(const json_t *o, char *why, size_t n)
+{
+    return need_object(o, why, n) || need_num(o, "time", -INFINITY, 0, why, n) ||
+           need_str(o, "type", why, n);
+}
+
+int kd_run_check_eval(const json_t *o, char *why, size_t n)
+{
+    return need_object(o, why, n) || need_int(o, "step", 0, why, n) ||
+           need_num(o, "val_loss", -INFINITY, 1, why, n);
+}
+
+int kd_run_check_ckrec(const json_t *o, char *why, size_t n)
+{
+    if (need_object(o, why, n) || need_int(o, "checkpoint_step", 0, why, n) ||
+        need_hex(o, "sha256", why, n) || need_int(o, "size", 0, why, n))
+        return 1;
+    if (!kd_trk_rel_path_ok(json_string_value(json_object_get(o, "relative_path"))))
+        WHY("field 'relative_path' is missing or points outside the output directory");
+    return 0;
+}
+
+int kd_run_check_intent(const json_t *o, char *why, size_t n)
+{
+    if (need_object(o, why, n) || need_str(o, "op", why, n))
+        return 1;
+    const char *op = json_string_value(json_object_get(o, "op"));
+    if (strcmp(op, "base") == 0)
+        return need_num(o, "possibly_billed_cost", 0, 0, why, n);
+    if (strcmp(op, "send") == 0)
+        return need_int(o, "id", 1, why, n) || need_hex(o, "key", why, n) ||
+               need_num(o, "reserved", 0, 0, why, n) || need_int(o, "ledger_offset", 0, why, n);
+    if (strcmp(op, "done") == 0) {
+        if (need_int(o, "id", 1, why, n) || need_str(o, "outcome", why, n) ||
+            need_num(o, "amount", 0, 0, why, n))
+            return 1;
+        const char *out = json_string_value(json_object_get(o, "outcome"));
+        if (strcmp(out, "paid") != 0 && strcmp(out, "not_billed") != 0 &&
+            strcmp(out, "possibly_billed") != 0)
+            WHY("field 'outcome' is \"%s\", not paid, not_billed or possibly_billed", out);
+        return 0;
+    }
+    WHY("field 'op' is \"%s\", not base, send or done", op);
+}
+
+int kd_run_check_session(const json_t *o, char *why, size_t n)
+{
+    if (need_object(o, why, n))
+        return 1;
+    static const char *nonneg[] = {"total_cost", "active_seconds", "paused_seconds",
+                                   "elapsed_wall_clock_hours"};
+    for (size_t i = 0; i < sizeof nonneg / sizeof nonneg[0]; i++)
+        if (json_object_get(o, nonneg[i]) && need_num(o, nonneg[i], 0, 1, why, n))
+            return 1;
+    static const char *counts[] = {"api_responses_saved", "connection_failures",
+                                   "possibly_billed_failures", "steps_completed",
+                                   "total_steps_target", "pauses", "api_recovery_bytes",
+                                   "failures_bytes"};
+    for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++)
+        if (opt_int(o, counts[i], 0, why, n))
+            return 1;
+    return 0;
+}
+
+#undef WHY
+
+int kd_run_hex64_lower(const char *s, char out[65])
+{
+    return kd_run_hexn_lower(s, 64, out);
+}
+
+int kd_run_hexn_lower(const char *s, size_t n, char *out)
+{
+    if (!s || strlen(s) != n)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (c >= 'A' && c <= 'F')
+            c = (char)(c - 'A' + 'a');
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
+            return 0;
+        out[i] = c;
+    }
+    out[n] = '\0';
+    return 1;
+}
+
+int kd_run_move_aside(const char *dir, const char *name, char *aside, size_t asidesz)
+{
+    char from[PATH_MAX], to[PATH_MAX], stamp[32];
+    time_t now = time(NULL);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &tm);
+    if (snprintf(from, sizeof from, "%s/%s", dir, name) >= (int)sizeof from) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    for (int k = 0; k < 1000; k++) {
+        int w = k ? snprintf(to, sizeof to, "%s/%s.damaged-%s.%d", dir, name, stamp, k)
+                  : snprintf(to, sizeof to, "%s/%s.damaged-%s", dir, name, stamp);
+        if (w >= (int)sizeof to) {
+            errno = ENAMETOOLONG;
+            return -1;
+        }
+        struct stat st;
+        if (lstat(to, &st) == 0)
+            continue; /* never over an earlier one */
+        if (kd_sys_rename(from, to) != 0)
+            return -1;
+        if (aside)
+            snprintf(aside, asidesz, "%s", to);
+        return 0;
+    }
+    errno = EEXIST;
+    return -1;
+}
