@@ -65,7 +65,13 @@ void kd_tracker_opts_init(kd_tracker_opts *o);
  * Open the tracker of `output_dir` (created if missing).  `config_json` is the
  * run's configuration as JSON text (kd_config_load_yaml turns YAML into it);
  * its canonical SHA-256 is the session's config_hash.  total_steps is the
- * target.  opts may be NULL.  On KD_EMISMATCH (strict mode) and other errors,
+ * target.  opts may be NULL.
+ *
+ * config_json NULL attaches a component (the teacher, a mix) to whatever
+ * session the directory holds, without comparing its main config; with no
+ * session there, a new one starts whose main config is {} (a training run
+ * opened later then archives it, as for any other config).  The component
+ * then records its own identity with kd_tracker_set_component.  On KD_EMISMATCH (strict mode) and other errors,
  * *out is NULL and *e names what is wrong, e.g. which config keys changed.
  */
 int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config_json,
@@ -84,6 +90,43 @@ int kd_tracker_resumed(const kd_tracker *t);
  * metrics.jsonl (37 bytes moved to ...)").  Empty string when nothing.
  */
 const char *kd_tracker_open_report(const kd_tracker *t);
+
+/*
+ * Record a named component's identity in session.json ("components"): its
+ * config's canonical SHA-256 and its version (the teacher: "teacher", its
+ * config and teacher_version).  It is shown by kdkit status and never
+ * compared with the main config.  The same identity again: nothing happens.
+ * A changed one is handled like a changed main config: with
+ * KD_MISMATCH_REFUSE it fails with KD_EMISMATCH naming the changed keys (and
+ * the version) and changes nothing; otherwise the new identity replaces the
+ * old (the open report names the changed keys; events.jsonl keeps both).
+ * Errors: KD_EINVAL (name empty or longer than 31 bytes, config not JSON),
+ * KD_EMISMATCH, KD_ELIMIT (more than 8 components), KD_ESTATE (read-only),
+ * KD_EIO, KD_ENOMEM.
+ */
+int kd_tracker_set_component(kd_tracker *t, const char *name, const char *config_json,
+                             const char *version);
+
+/* One recorded component; the strings are the tracker's, valid until the
+   next kd_tracker_set_component or close. */
+typedef struct kd_component_info {
+    const char *name;
+    const char *config_hash;
+    const char *version;       /* NULL when none */
+    double recorded_at;        /* Unix seconds */
+} kd_component_info;
+
+size_t kd_tracker_component_count(const kd_tracker *t);
+/* KD_EINVAL when i is out of range. */
+int kd_tracker_component_get(const kd_tracker *t, size_t i, kd_component_info *c);
+
+/*
+ * Note a repair another layer made in the directory (a damaged journal moved
+ * aside): appended to events.jsonl as type "repair" with {file, what} and to
+ * kd_tracker_open_report's text.  Errors: KD_EINVAL, KD_ESTATE (read-only),
+ * KD_EIO.
+ */
+int kd_tracker_record_repair(kd_tracker *t, const char *file, const char *what);
 
 /* Sentinel for "not measured" doubles in kd_metrics. */
 #define KD_UNSET (-1e308)

@@ -200,6 +200,9 @@ typedef struct kd_train_opts {
     const char *output_dir;      /* required */
     const char *resume;          /* NULL, "auto", or a checkpoint path */
     int strict_config;           /* refuse (not archive) a session with another config */
+    int start_over;              /* --resume auto and no live checkpoint verifies: move
+                                    them aside (*.damaged-<time>) and start at step 0
+                                    instead of refusing with KD_ESTATE */
     const volatile sig_atomic_t *stop; /* nonzero: stop after the current step */
     double progress_seconds;     /* PROGRESS cadence; 0 = every step */
     kd_train_event_fn on_event;  /* may be NULL */

@@ -497,6 +497,21 @@ int kd_cmd_status(int argc, char **argv)
         printf("Failures:     %lld connection failures\n", nf);
     fmt_hours(a, sizeof a, num(s, "paused_hours"));
     printf("Pauses:       %lld (%s excluded from active time)\n", inum(s, "pauses", 0), a);
+    /* components with their own identity (the teacher): recorded, shown,
+       never compared with the training config */
+    const char *cname;
+    json_t *cv;
+    json_object_foreach(json_object_get(s, "components"), cname, cv)
+    {
+        printf("Component:    ");
+        put_safe(stdout, cname);
+        printf(" (config %.16s..., version ", json_string_value(json_object_get(cv, "config_hash"))
+                                                  ? json_string_value(json_object_get(cv, "config_hash"))
+                                                  : "?");
+        const char *ver = json_string_value(json_object_get(cv, "version"));
+        put_safe(stdout, ver ? ver : "none");
+        printf(")\n");
+    }
     long holder = lock_holder(dir);
     if (holder > 0)
         printf("Writer:       running (process %ld holds the directory)\n", holder);

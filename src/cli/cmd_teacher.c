@@ -193,8 +193,16 @@ static int cmd_ask(int argc, char **argv)
     kd_tracker *tr = NULL;
     kd_teacher *t = NULL;
     int status = 1;
-    if (kd_tracker_open(&tr, dir, l.json, existing_total_steps(dir), &to, &e) != KD_OK) {
+    /* The teacher is a component of the run in `dir`: it attaches to the
+       session there (a training run's, after make run) and records its own
+       identity beside the training config, never in place of it. */
+    if (kd_tracker_open(&tr, dir, NULL, existing_total_steps(dir), &to, &e) != KD_OK) {
         kd_cli_error(cmd, "%s: %s", dir, e.msg);
+        status = 2;
+        goto out;
+    }
+    if (kd_tracker_set_component(tr, "teacher", l.json, l.cfg.teacher_version) != KD_OK) {
+        kd_cli_error(cmd, "%s: %s", dir, kd_tracker_errmsg(tr));
         status = 2;
         goto out;
     }
@@ -202,6 +210,11 @@ static int cmd_ask(int argc, char **argv)
         kd_cli_error(cmd, "%s", e.msg);
         status = e.code == KD_ECONFIG ? 2 : 1;
         goto out;
+    }
+    {
+        const char *rep = kd_tracker_open_report(tr); /* repairs: damaged journals moved aside */
+        if (rep && *rep)
+            fprintf(stderr, "%s: %s", cmd, rep);
     }
     kd_teacher_params p = l.cfg.defaults;
     if (max_tokens > 0)

@@ -58,6 +58,7 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: kdkit train --config FILE.yaml [--output-dir DIR] [--resume auto|CKPT]\n"
             "                   [--set section.key=value ...] [--strict-config] [--print-config]\n"
+            "                   [--start-over]\n"
             "\n"
             "Train the byte-level GPT student on a text corpus, or distil it from a teacher\n"
             "(a kd: section: offline from a `kdkit mix` directory, or online through the\n"
@@ -70,12 +71,16 @@ static void usage(FILE *f)
             "                     takes its default (configs/default.yaml spells them all out)\n"
             "  --output-dir DIR   where the run's files go (default training_progress)\n"
             "  --resume auto      continue from the newest checkpoint of DIR that verifies\n"
-            "                     (falls back to older ones; starts at step 0 if there is none)\n"
+            "                     (falls back to older ones; starts at step 0 if DIR has none)\n"
             "  --resume CKPT      continue from that checkpoint file\n"
             "  --set KEY=VALUE    override one config key, e.g. --set train.steps=100\n"
             "                     (the value is read as YAML: 3, 0.5, true, null, text)\n"
             "  --strict-config    refuse, rather than archive, a leftover session of DIR with\n"
             "                     another config (with --resume that is always so)\n"
+            "  --start-over       with --resume auto, when DIR records checkpoints but none\n"
+            "                     verifies: move them aside (<name>.damaged-<time>, bytes kept)\n"
+            "                     and start at step 0; without it that case exits 2 and lists\n"
+            "                     why each checkpoint was refused\n"
             "  --print-config     print the effective config as JSON and exit\n"
             "\n"
             "Without --resume, a DIR that already holds progress is refused.\n");
@@ -184,7 +189,7 @@ static int exit_code(int rc)
 int kd_cmd_train(int argc, char **argv)
 {
     const char *config = NULL, *outdir = "training_progress", *resume = NULL;
-    int strict = 0, print_config = 0;
+    int strict = 0, print_config = 0, start_over = 0;
     const char **sets = calloc((size_t)argc + 1, sizeof *sets);
     size_t nsets = 0;
     if (!sets) {
@@ -231,6 +236,8 @@ int kd_cmd_train(int argc, char **argv)
             strict = 1;
         else if (strcmp(a, "--print-config") == 0)
             print_config = 1;
+        else if (strcmp(a, "--start-over") == 0)
+            start_over = 1;
         else {
             kd_cli_error("train", "unknown argument '%s'", a);
             usage(stderr);
@@ -279,6 +286,7 @@ int kd_cmd_train(int argc, char **argv)
         .output_dir = outdir,
         .resume = resume,
         .strict_config = strict,
+        .start_over = start_over,
         .stop = &g_stop,
         .progress_seconds = v.tty ? 0.2 : cfg.log_every_seconds,
         .on_event = on_event,

@@ -35,6 +35,7 @@
 #include <jansson.h>
 
 #include "core/sb.h"
+#include "tracker/run.h"
 #include "kdkit/teacher.h"
 
 struct kd_teacher {
@@ -196,13 +197,23 @@ static int recover_intents(kd_teacher *t, const char *path, kd_err *e)
     const char *line;
     size_t len;
     int s;
+    /* Lines the registry's validator (tracker/run.h, the one kdkit verify
+       uses) refuses: the journal is then moved aside, bytes kept, before the
+       base line replaces it; the valid lines still count. */
+    int64_t nbad = 0, first_bad = 0;
+    char bad_why[256] = "";
     while ((s = kd_jsonl_next(rd, &line, &len, e)) == 1) {
         json_t *j = json_loadb(line, len, 0, NULL);
-        const char *op = json_string_value(json_object_get(j, "op"));
-        if (!op) {
+        char why[256] = "not valid JSON";
+        if (!j || kd_run_check_intent(j, why, sizeof why)) {
+            if (nbad++ == 0) {
+                first_bad = kd_jsonl_reader_lineno(rd);
+                snprintf(bad_why, sizeof bad_why, "%s", why);
+            }
             json_decref(j);
-            continue; /* not ours to judge; the journal is evidence only */
+            continue;
         }
+        const char *op = json_string_value(json_object_get(j, "op"));
         if (strcmp(op, "base") == 0) {
             t->possibly_billed_cost +=
                 json_number_value(json_object_get(j, "possibly_billed_cost"));
@@ -241,10 +252,37 @@ static int recover_intents(kd_teacher *t, const char *path, kd_err *e)
         }
         json_decref(j);
     }
+    int64_t nlines = kd_jsonl_reader_lineno(rd);
     kd_jsonl_reader_close(rd);
-    /* A torn last line (s == KD_ECORRUPT) is a record that never completed. */
+    /* A torn last line (s == KD_ECORRUPT) is a record that never completed;
+       its bytes are kept with the rest below. */
     if (rc == KD_OK && s < 0 && s != KD_ECORRUPT)
         rc = s;
+    if (rc == KD_OK && (nbad > 0 || s == KD_ECORRUPT)) {
+        char aside[4300] = "", what[1024];
+        const char *dir = kd_tracker_dir(t->tracker);
+        if (kd_run_move_aside(dir, "teacher_intents.jsonl", aside, sizeof aside) != 0) {
+            free(p);
+            return kd_err_sys(e, KD_EIO, errno, "teacher: cannot move the damaged %s aside",
+                              path);
+        }
+        const char *an = strrchr(aside, '/') ? strrchr(aside, '/') + 1 : aside;
+        if (nbad > 0)
+            snprintf(what, sizeof what,
+                     "teacher_intents.jsonl: %lld of %lld lines invalid (first: line %lld, %.200s)%s; "
+                     "moved to %.200s (bytes kept); the valid lines were settled as usual (unsettled "
+                     "sends counted as possibly billed)",
+                     (long long)nbad, (long long)nlines, (long long)first_bad, bad_why,
+                     s == KD_ECORRUPT ? " and a torn last line" : "", an);
+        else
+            snprintf(what, sizeof what,
+                     "teacher_intents.jsonl: torn last line after line %lld; moved to %.200s (bytes "
+                     "kept)",
+                     (long long)nlines, an);
+        rc = kd_tracker_record_repair(t->tracker, "teacher_intents.jsonl", what);
+        if (rc != KD_OK)
+            kd_err_set(e, rc, "teacher: %s", kd_tracker_errmsg(t->tracker));
+    }
     for (size_t i = 0; i < np && rc == KD_OK; i++) {
         if (p[i].done)
             continue;

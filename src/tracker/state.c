@@ -414,6 +414,10 @@ char *kd_trk_progress_doc(kd_tracker *t)
     put_step_or_null(&s, best_step(t));
     kv_int(&s, "pauses", m.pauses);
     kv_num(&s, "paused_hours", m.paused_hours);
+    kd_sb_puts(&s, ",\n  \"config_hash\": ");
+    kd_sb_json_cstr(&s, t->config_hash);
+    kd_sb_puts(&s, ",\n  \"components\": ");
+    kd_trk_put_components(&s, t, 0);
     kd_sb_puts(&s, ",\n  \"updated_at\": ");
     kd_sb_printf(&s, "%.6f", kd_now());
     kd_sb_puts(&s, "\n}\n");
@@ -512,7 +516,9 @@ static int write_session_files(kd_tracker *t, batch *b)
         kd_sb_printf(&s, "%s{\"time\": %.3f, \"duration\": %.3f}", i ? ", " : "",
                      t->pause_log[k][0], t->pause_log[k][1]);
     }
-    kd_sb_puts(&s, "],\n  \"config\": ");
+    kd_sb_puts(&s, "],\n  \"components\": ");
+    kd_trk_put_components(&s, t, 1);
+    kd_sb_puts(&s, ",\n  \"config\": ");
     kd_sb_puts(&s, t->config_canon ? t->config_canon : "null");
     kd_sb_puts(&s, "\n}\n");
     int rc = write_sb(t, b, F_SESSION, &s);
@@ -1205,7 +1211,10 @@ int kd_trk_load(kd_tracker *t, json_t *s)
         t->pause_log_n++;
     }
 
-    int rc = kd_trk_load_checkpoints(t);
+    int rc = kd_trk_load_components(t, s);
+    if (rc != KD_OK)
+        return rc;
+    rc = kd_trk_load_checkpoints(t);
     if (rc != KD_OK)
         return rc;
     if (t->nck == 0) {
@@ -1275,6 +1284,84 @@ int kd_trk_load(kd_tracker *t, json_t *s)
              "{\"interruption_seconds\":%.3f,\"steps_completed\":%lld,\"api_responses_saved\":%lld}",
              gap, (long long)t->steps_completed, (long long)t->api_responses);
     return kd_trk_event(t, "resume", d);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Components                                                                */
+
+void kd_trk_components_free(kd_tracker *t)
+{
+    for (size_t i = 0; i < t->ncomp; i++) {
+        free(t->comp[i].version);
+        free(t->comp[i].canon);
+    }
+    t->ncomp = 0;
+}
+
+/* session.json's "components": {"<name>": {"config_hash", "version",
+   "recorded_at", "config"}}.  Validated as strictly as the main identity. */
+int kd_trk_load_components(kd_tracker *t, const json_t *session)
+{
+    char spath[PATH_MAX];
+    kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    kd_trk_components_free(t);
+    json_t *cs = json_object_get(session, "components");
+    if (!cs || json_is_null(cs))
+        return KD_OK;
+    if (!json_is_object(cs) || json_object_size(cs) > KD_COMPONENTS_MAX)
+        return kd_trk_fail(t, KD_ECORRUPT,
+                           "%s: 'components' must be an object of at most %d entries; nothing "
+                           "was changed",
+                           spath, KD_COMPONENTS_MAX);
+    const char *name;
+    json_t *c;
+    json_object_foreach(cs, name, c)
+    {
+        const char *h = json_string_value(json_object_get(c, "config_hash"));
+        json_t *ver = json_object_get(c, "version");
+        if (!json_is_object(c) || strlen(name) == 0 || strlen(name) >= KD_COMPONENT_NAME_MAX ||
+            !kd_trk_is_hex64(h) || (ver && !json_is_null(ver) && !json_is_string(ver)))
+            return kd_trk_fail(t, KD_ECORRUPT,
+                               "%s: components[\"%.40s\"] needs a 'config_hash' of 64 lowercase "
+                               "hex digits and a 'version' string or null; nothing was changed",
+                               spath, name);
+        component *k = &t->comp[t->ncomp];
+        memset(k, 0, sizeof *k);
+        snprintf(k->name, sizeof k->name, "%s", name);
+        memcpy(k->config_hash, h, KD_SHA256_HEX);
+        k->recorded_at = json_number_value(json_object_get(c, "recorded_at"));
+        json_t *cfg = json_object_get(c, "config");
+        k->canon = cfg ? json_dumps(cfg, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENCODE_ANY) : NULL;
+        k->version = json_is_string(ver) ? strdup(json_string_value(ver)) : NULL;
+        t->ncomp++;
+        if ((cfg && !k->canon) || (json_is_string(ver) && !k->version))
+            return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+    }
+    return KD_OK;
+}
+
+void kd_trk_put_components(kd_sb *s, const kd_tracker *t, int with_config)
+{
+    kd_sb_puts(s, "{");
+    for (size_t i = 0; i < t->ncomp; i++) {
+        const component *k = &t->comp[i];
+        kd_sb_puts(s, i ? ", " : "");
+        kd_sb_json_cstr(s, k->name);
+        kd_sb_puts(s, ": {\"config_hash\": ");
+        kd_sb_json_cstr(s, k->config_hash);
+        kd_sb_puts(s, ", \"version\": ");
+        if (k->version)
+            kd_sb_json_cstr(s, k->version);
+        else
+            kd_sb_puts(s, "null");
+        kd_sb_printf(s, ", \"recorded_at\": %.3f", k->recorded_at);
+        if (with_config) {
+            kd_sb_puts(s, ", \"config\": ");
+            kd_sb_puts(s, k->canon ? k->canon : "null");
+        }
+        kd_sb_puts(s, "}");
+    }
+    kd_sb_puts(s, "}");
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1552,6 +1639,7 @@ out:
     for (size_t i = 0; i < t->nck; i++)
         kd_trk_ck_free(&t->ck[i]);
     free(t->ck);
+    kd_trk_components_free(t);
     kd_sb_free(&t->report);
     kd_sb_free(&t->line);
     free(t);

@@ -80,6 +80,138 @@ const char *kd_tracker_open_report(const kd_tracker *t)
     return t->report.buf ? t->report.buf : "";
 }
 
+int kd_tracker_record_repair(kd_tracker *t, const char *file, const char *what)
+{
+    if (!t || !file || !what)
+        return KD_EINVAL;
+    if (t->readonly)
+        return kd_trk_fail(t, KD_ESTATE, "record_repair: the tracker is read-only");
+    kd_sb_printf(&t->report, "%s\n", what);
+    kd_sb d;
+    kd_sb_init(&d, 1 << 16);
+    kd_sb_puts(&d, "{\"file\":");
+    kd_sb_json_cstr(&d, file);
+    kd_sb_puts(&d, ",\"what\":");
+    kd_sb_json_cstr(&d, what);
+    kd_sb_puts(&d, "}");
+    int rc = kd_sb_error(&d) ? kd_trk_fail(t, KD_ENOMEM, "record_repair: out of memory")
+                             : kd_trk_event(t, "repair", d.buf);
+    kd_sb_free(&d);
+    return rc;
+}
+
+int kd_tracker_set_component(kd_tracker *t, const char *name, const char *config_json,
+                             const char *version)
+{
+    if (!t || !name || !*name || strlen(name) >= KD_COMPONENT_NAME_MAX || !config_json)
+        return KD_EINVAL;
+    if (t->readonly)
+        return kd_trk_fail(t, KD_ESTATE, "set_component: the tracker is read-only");
+    if (version && !kd_utf8_valid(version, strlen(version)))
+        return kd_trk_fail(t, KD_EINVAL, "set_component: version is not valid UTF-8");
+    char *canon = NULL;
+    char hash[KD_SHA256_HEX];
+    int rc = kd_json_canonical(config_json, strlen(config_json), &canon, &t->err);
+    if (rc != KD_OK)
+        return kd_trk_fail(t, KD_EINVAL, "set_component %s: config is not valid JSON: %s", name,
+                           t->err.msg);
+    rc = kd_json_hash(canon, strlen(canon), hash, &t->err);
+    if (rc != KD_OK) {
+        free(canon);
+        return rc;
+    }
+    component *k = NULL;
+    for (size_t i = 0; i < t->ncomp; i++)
+        if (strcmp(t->comp[i].name, name) == 0)
+            k = &t->comp[i];
+    if (k && strcmp(k->config_hash, hash) == 0 &&
+        strcmp(k->version ? k->version : "", version ? version : "") == 0) {
+        free(canon);
+        return KD_OK; /* the same identity: nothing to record */
+    }
+    if (k) {
+        /* A changed component is handled like a changed main config: the
+           keys that changed are named; strict mode refuses. */
+        kd_sb diff;
+        kd_sb_init(&diff, 1 << 15);
+        json_t *a = k->canon ? json_loads(k->canon, 0, NULL) : NULL;
+        json_t *b = json_loads(canon, 0, NULL);
+        kd_trk_config_diff(a, b, &diff);
+        json_decref(a);
+        json_decref(b);
+        if (strcmp(k->version ? k->version : "", version ? version : "") != 0)
+            kd_sb_printf(&diff, "  version: \"%s\" -> \"%s\"\n", k->version ? k->version : "",
+                         version ? version : "");
+        if (t->opts.on_mismatch == KD_MISMATCH_REFUSE) {
+            rc = kd_trk_fail(t, KD_EMISMATCH,
+                             "%s's identity changed in %s (session %s). Changed keys:\n%sNothing "
+                             "was changed. Use the %s config this run was made with, or another "
+                             "output directory",
+                             name, t->dir, t->session_id, diff.buf ? diff.buf : "  (unknown)\n",
+                             name);
+            kd_sb_free(&diff);
+            free(canon);
+            return rc;
+        }
+        kd_sb_printf(&t->report, "%s's identity changed; now %s. Changed keys:\n%s", name, hash,
+                     diff.buf ? diff.buf : "  (unknown)\n");
+        kd_sb_free(&diff);
+    } else {
+        if (t->ncomp == KD_COMPONENTS_MAX) {
+            free(canon);
+            return kd_trk_fail(t, KD_ELIMIT, "set_component: at most %d components",
+                               KD_COMPONENTS_MAX);
+        }
+        k = &t->comp[t->ncomp++];
+        memset(k, 0, sizeof *k);
+        snprintf(k->name, sizeof k->name, "%s", name);
+    }
+    char *v = version ? strdup(version) : NULL;
+    if (version && !v) {
+        free(canon);
+        return kd_trk_fail(t, KD_ENOMEM, "set_component: out of memory");
+    }
+    free(k->canon);
+    free(k->version);
+    k->canon = canon;
+    k->version = v;
+    memcpy(k->config_hash, hash, KD_SHA256_HEX);
+    k->recorded_at = kd_now();
+    kd_sb d;
+    kd_sb_init(&d, 1 << 16);
+    kd_sb_puts(&d, "{\"component\":");
+    kd_sb_json_cstr(&d, name);
+    kd_sb_puts(&d, ",\"config_hash\":");
+    kd_sb_json_cstr(&d, hash);
+    kd_sb_puts(&d, ",\"version\":");
+    if (version)
+        kd_sb_json_cstr(&d, version);
+    else
+        kd_sb_puts(&d, "null");
+    kd_sb_puts(&d, "}");
+    rc = kd_sb_error(&d) ? KD_ENOMEM : kd_trk_event(t, "component", d.buf);
+    kd_sb_free(&d);
+    if (rc == KD_OK)
+        rc = kd_trk_write_session(t);
+    return rc;
+}
+
+size_t kd_tracker_component_count(const kd_tracker *t)
+{
+    return t ? t->ncomp : 0;
+}
+
+int kd_tracker_component_get(const kd_tracker *t, size_t i, kd_component_info *c)
+{
+    if (!t || !c || i >= t->ncomp)
+        return KD_EINVAL;
+    c->name = t->comp[i].name;
+    c->config_hash = t->comp[i].config_hash;
+    c->version = t->comp[i].version;
+    c->recorded_at = t->comp[i].recorded_at;
+    return KD_OK;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Opening                                                                   */
 
@@ -207,9 +339,13 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
     char *text = NULL;
     kd_tracker *t = NULL;
 
-    if (!out || !output_dir || !*output_dir || !config_json || total_steps < 0)
+    if (!out || !output_dir || !*output_dir || total_steps < 0)
         return kd_err_set(e, KD_EINVAL,
-                          "kd_tracker_open: output_dir, config_json and total_steps >= 0 are required");
+                          "kd_tracker_open: output_dir and total_steps >= 0 are required");
+    /* NULL config: a component attaching to whatever session is there */
+    int attach = config_json == NULL;
+    if (attach)
+        config_json = "{}";
     *out = NULL;
     t = calloc(1, sizeof *t);
     if (!t)
@@ -316,6 +452,24 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
         goto fail;
     }
 
+    if (attach && !t->opts.new_session) {
+        /* Take the session's main identity as it is; only a component's own
+           identity (kd_tracker_set_component) is compared. */
+        json_t *oc = json_object_get(session, "config");
+        char *oc_text = json_is_object(oc) ? json_dumps(oc, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+        char *canon = NULL;
+        if (oc_text && kd_json_canonical(oc_text, strlen(oc_text), &canon, &t->err) == KD_OK) {
+            free(t->config_canon);
+            t->config_canon = canon;
+        }
+        free(oc_text);
+        if (!kd_trk_is_hex64(old_hash)) {
+            rc = kd_trk_fail(t, KD_ECORRUPT, "%s: field 'config_hash' is malformed; nothing was "
+                                             "changed", spath);
+            goto fail;
+        }
+        memcpy(t->config_hash, old_hash, KD_SHA256_HEX);
+    }
     int mismatch = strcmp(old_hash, t->config_hash) != 0;
     if (mismatch || t->opts.new_session) {
         kd_sb diff;
@@ -1132,6 +1286,7 @@ int kd_tracker_close(kd_tracker *t)
     free(t->ck);
     free(t->pending);
     free(t->config_canon);
+    kd_trk_components_free(t);
     kd_sb_free(&t->report);
     kd_sb_free(&t->line);
     free(t);

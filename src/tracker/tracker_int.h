@@ -24,6 +24,8 @@
 #define KD_PAUSE_LOG_MAX 100     /* pauses listed in session.json */
 #define KD_SESSION_RECENT_CKPTS 10 /* checkpoints session.json lists (+ the best) */
 #define KD_DELETED_KEPT 100      /* deleted records, files gone, kept in the manifest */
+#define KD_COMPONENTS_MAX 8      /* named components with their own identity */
+#define KD_COMPONENT_NAME_MAX 32
 
 /* File names inside the output directory. */
 #define F_SESSION "session.json"
@@ -55,6 +57,17 @@ typedef struct ckrec {
     char *deleted_reason;
     char *frag;        /* cached JSON text of this record */
 } ckrec;
+
+/* A component of the run with its own identity (the teacher, a mix): its
+   config's hash and version, recorded, shown, never compared with the
+   main config. */
+typedef struct component {
+    char name[KD_COMPONENT_NAME_MAX];
+    char config_hash[KD_SHA256_HEX];
+    char *version;     /* NULL when none */
+    char *canon;       /* canonical JSON of its config */
+    double recorded_at;
+} component;
 
 typedef struct pending_metric {
     kd_metrics m;
@@ -114,6 +127,9 @@ struct kd_tracker {
 
     ckrec *ck;
     size_t nck, capck;
+
+    component comp[KD_COMPONENTS_MAX];
+    size_t ncomp;
 };
 
 /* state.c */
@@ -143,5 +159,8 @@ int kd_trk_find_cut(kd_tracker *t, const char *path, int64_t step, uint64_t *cut
 int kd_trk_event(kd_tracker *t, const char *type, const char *detail_json);
 void kd_trk_config_diff(const json_t *old_cfg, const json_t *new_cfg, kd_sb *out);
 int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session);
+int kd_trk_load_components(kd_tracker *t, const json_t *session);
+void kd_trk_put_components(kd_sb *s, const kd_tracker *t, int with_config);
+void kd_trk_components_free(kd_tracker *t);
 
 #endif

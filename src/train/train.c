@@ -47,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -57,6 +58,7 @@
 #include "kdkit/tracker.h"
 #include "kdkit/train.h"
 #include "train_int.h"
+#include "tracker/run.h"
 
 #define TRAIN_FORMAT "1"
 #define STREAM_INIT 0  /* kd_rng_seed_stream(seed, .): weight initialisation */
@@ -483,6 +485,51 @@ out:
     return rc;
 }
 
+/*
+ * --resume auto found no checkpoint that verifies.  With none recorded that
+ * is a fresh start.  With live ones recorded, starting over would throw the
+ * run away and write new checkpoints over the damaged files: refuse, listing
+ * each reason, unless told to start over (--start-over); then each damaged
+ * file is first moved aside to <name>.damaged-<UTC time>, bytes kept.
+ */
+static int no_checkpoint_verifies(run *r, const kd_recovery *rec)
+{
+    size_t live = 0;
+    for (size_t i = 0; i < kd_tracker_checkpoint_count(r->t); i++) {
+        kd_checkpoint_record cr;
+        if (kd_tracker_checkpoint_get(r->t, i, &cr) == KD_OK && !cr.deleted)
+            live++;
+    }
+    if (live == 0)
+        return KD_OK;
+    const char *dir = kd_tracker_dir(r->t);
+    if (!r->o->start_over)
+        return kd_err_set(r->e, KD_ESTATE,
+                          "--resume auto: none of the %zu checkpoints %s/checkpoints.json "
+                          "records verifies:\n%sNothing was changed. Restore a checkpoint file "
+                          "(kdkit verify %s lists them), or pass --start-over to move the "
+                          "damaged files aside (kept as <name>.damaged-<time>) and start again "
+                          "at step 0",
+                          live, dir, rec->skipped, dir);
+    say_lines(r, KD_TRAIN_EV_WARN, "skipped checkpoint ", rec->skipped);
+    for (size_t i = 0; i < kd_tracker_checkpoint_count(r->t); i++) {
+        kd_checkpoint_record cr;
+        if (kd_tracker_checkpoint_get(r->t, i, &cr) != KD_OK || cr.deleted)
+            continue;
+        struct stat st;
+        char aside[PATH_MAX];
+        if (lstat(cr.path, &st) != 0)
+            continue; /* missing: nothing to keep */
+        if (kd_run_move_aside(dir, cr.relative_path, aside, sizeof aside) != 0)
+            return kd_err_sys(r->e, KD_EIO, errno,
+                              "--start-over: cannot move %s aside; nothing else was changed",
+                              cr.path);
+        say(r, KD_TRAIN_EV_WARN, "--start-over: moved damaged %s to %s (bytes kept)", cr.path,
+            aside);
+    }
+    return KD_OK;
+}
+
 /* --resume auto | PATH. Sets r->step/pos when a checkpoint is loaded. */
 static int resume(run *r)
 {
@@ -494,13 +541,16 @@ static int resume(run *r)
         int rc = kd_tracker_recovery_checkpoint(r->t, &rec);
         if (rc != KD_OK)
             return trk_err(r, rc, "cannot find a recovery checkpoint");
-        say_lines(r, KD_TRAIN_EV_WARN, "skipped checkpoint ", rec.skipped);
         if (!rec.found) {
+            rc = no_checkpoint_verifies(r, &rec);
+            if (rc != KD_OK)
+                return rc;
             say(r, KD_TRAIN_EV_INFO,
                 "--resume auto: no usable checkpoint in %s; starting from step 0",
                 kd_tracker_dir(r->t));
             return KD_OK;
         }
+        say_lines(r, KD_TRAIN_EV_WARN, "skipped checkpoint ", rec.skipped);
         /* The tracker has just hashed this file and found its checksum
            (XXH3-128, or SHA-256 for an older record) the one recorded;
            hashing it again while loading would double the

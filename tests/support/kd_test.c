@@ -14,6 +14,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "tracker/run.h"
+
 char *kdt_tmpdir(const char *tag)
 {
     const char *base = getenv("TMPDIR");
@@ -179,4 +181,23 @@ long kdt_http(int port, const char *path, const char *body, const char *auth, lo
     curl_slist_free_all(h);
     curl_easy_cleanup(c);
     return status;
+}
+
+int kdt_list_unknown(const char *dir, FILE *out)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return -1;
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+        if (!kd_run_lookup(de->d_name)) {
+            fprintf(out, "%s\n", de->d_name);
+            n++;
+        }
+    }
+    closedir(d);
+    return n;
 }

@@ -8,6 +8,7 @@
 #define KD_TESTS_SUPPORT_KD_TEST_H
 
 #include <stddef.h>
+#include <stdio.h>
 
 #include <curl/curl.h>
 
@@ -28,6 +29,10 @@ int kdt_spit(const char *path, const void *data, size_t len);
 int kdt_count_prefix(const char *dir, const char *prefix);
 /* Name of the first entry in dir starting with prefix (malloc'd), or NULL. */
 char *kdt_find_prefix(const char *dir, const char *prefix);
+
+/* Write to `out` one line per entry of run directory `dir` that the run
+ * registry (src/tracker/run.h) does not know; returns how many. */
+int kdt_list_unknown(const char *dir, FILE *out);
 
 /* POST `body` (or GET when NULL) to http://127.0.0.1:port/path with an
  * optional extra header line (`auth`); returns the HTTP status, *raw (may be

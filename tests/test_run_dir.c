@@ -1,0 +1,485 @@
+/*
+ * tests/test_run_dir.c - the run directory as a hostile or careless user
+ * meets it, through the library: records that verify flags are never
+ * trusted by the reopen (negative costs, a metrics tail whose step goes
+ * backwards), the journals verify did not read (eval.jsonl,
+ * checkpoints.deleted.jsonl, teacher_intents.jsonl), the archive on a config
+ * change taking every file of the session, the SHA-256 case the writer and
+ * the reader must agree on, the lock file that must not be followed, a
+ * damaged intent journal kept and its spend not forgotten, the teacher
+ * recorded as a component beside the training config, and the registry
+ * against docs/formats.md.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "kdkit/core.h"
+#include "kdkit/teacher.h"
+#include "kdkit/tracker.h"
+#include "support/kd_test.h"
+#include "tracker/run.h"
+
+#define CFG "{\"model\":\"tiny\",\"lr\":0.001}"
+#define HEX_A "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+
+static int setup(void **state)
+{
+    char *dir = kdt_tmpdir("rundir");
+    kd_fault_clear();
+    *state = dir;
+    return dir ? 0 : -1;
+}
+
+static int teardown(void **state)
+{
+    kdt_rmrf(*state);
+    free(*state);
+    return 0;
+}
+
+static kd_tracker *open_ok(const char *dir, const char *cfg)
+{
+    kd_tracker *t = NULL;
+    kd_err e;
+    if (kd_tracker_open(&t, dir, cfg, 100, NULL, &e) != KD_OK)
+        fail_msg("open %s: %s", dir, e.msg);
+    return t;
+}
+
+static void append(const char *dir, const char *name, const char *text)
+{
+    char *p = kdt_path(dir, name);
+    FILE *f = fopen(p, "ab");
+    assert_non_null(f);
+    fputs(text, f);
+    assert_int_equal(fclose(f), 0);
+    free(p);
+}
+
+static char *slurp(const char *dir, const char *name)
+{
+    char *p = kdt_path(dir, name);
+    char *s = kdt_slurp(p, NULL);
+    free(p);
+    return s;
+}
+
+typedef struct found {
+    int n;
+    char text[8192];
+} found;
+
+static int collect(void *ctx, const kd_verify_problem *p)
+{
+    found *f = ctx;
+    f->n++;
+    size_t u = strlen(f->text);
+    snprintf(f->text + u, sizeof f->text - u, "%s:%lld: %s\n", p->file, (long long)p->line,
+             p->what);
+    return 0;
+}
+
+static void verify(const char *dir, found *f)
+{
+    memset(f, 0, sizeof *f);
+    kd_err e;
+    int rc = kd_session_verify(dir, 0, collect, f, &e);
+    assert_true(rc >= 0);
+}
+
+/* One paid response, so the ledger has a valid first line. */
+static void one_response(kd_tracker *t, double cost)
+{
+    kd_api_response r;
+    kd_api_response_init(&r);
+    r.prompt = "p";
+    r.response = "r";
+    r.cost = cost;
+    assert_int_equal(kd_tracker_record_api_response(t, &r), KD_OK);
+}
+
+/* A negative cost in the ledger would lower the spend the budget cap sees:
+   the reopen refuses it with the file and line, as verify reports it. */
+static void test_negative_cost_in_ledger_refused_by_reopen(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    one_response(t, 0.5);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    append(dir, "api_recovery.jsonl",
+           "{\"prompt_hash\":\"" HEX_A "\",\"response\":\"x\",\"cost\":-100,\"timestamp\":1}\n");
+    char *before = slurp(dir, "api_recovery.jsonl");
+
+    kd_err e;
+    t = NULL;
+    assert_int_equal(kd_tracker_open(&t, dir, CFG, 100, NULL, &e), KD_ECORRUPT);
+    assert_null(t);
+    assert_non_null(strstr(e.msg, "api_recovery.jsonl line 2"));
+    assert_non_null(strstr(e.msg, "'cost' is negative"));
+    char *after = slurp(dir, "api_recovery.jsonl");
+    assert_string_equal(before, after); /* nothing changed */
+
+    found f;
+    verify(dir, &f);
+    if (!strstr(f.text, "api_recovery.jsonl:2: api_recovery.jsonl line 2: field 'cost' is negative"))
+        fail_msg("verify did not flag the same line:\n%s", f.text);
+    free(before);
+    free(after);
+}
+
+static void test_negative_total_cost_in_session_refused(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    one_response(t, 0.5);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    char *s = slurp(dir, "session.json");
+    char *at = strstr(s, "\"total_cost\": ");
+    assert_non_null(at);
+    /* "total_cost": 0.5 -> "total_cost": -9.5 */
+    char *num = at + strlen("\"total_cost\": ");
+    size_t rest = strlen(num);
+    char *fixed = malloc(strlen(s) + 8);
+    size_t pre = (size_t)(num - s);
+    memcpy(fixed, s, pre);
+    strcpy(fixed + pre, "-9.5");
+    strcat(fixed, strchr(num, ','));
+    (void)rest;
+    char *p = kdt_path(dir, "session.json");
+    assert_int_equal(kdt_spit(p, fixed, strlen(fixed)), 0);
+
+    kd_err e;
+    t = NULL;
+    assert_int_equal(kd_tracker_open(&t, dir, CFG, 100, NULL, &e), KD_ECORRUPT);
+    assert_non_null(strstr(e.msg, "session.json"));
+    assert_non_null(strstr(e.msg, "'total_cost' is negative"));
+    char *after = kdt_slurp(p, NULL);
+    assert_string_equal(after, fixed);
+    /* status's read-only view refuses it too, rather than showing a wrong spend */
+    char *doc = NULL;
+    assert_int_equal(kd_session_inspect(dir, &doc, &e), KD_ECORRUPT);
+    found f;
+    verify(dir, &f);
+    assert_non_null(strstr(f.text, "'total_cost' is negative"));
+    free(after);
+    free(p);
+    free(fixed);
+    free(s);
+}
+
+/* A tail whose step goes backwards would make the resume log steps twice. */
+static void test_metrics_tail_going_backwards_refused(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    for (int s = 1; s <= 3; s++) {
+        kd_metrics m;
+        kd_metrics_init(&m);
+        m.step = s;
+        m.loss = 1.0;
+        assert_int_equal(kd_tracker_update_metrics(t, &m), KD_OK);
+    }
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    append(dir, "metrics.jsonl", "{\"step\":9,\"loss\":1}\n{\"step\":2,\"loss\":1}\n");
+    kd_err e;
+    t = NULL;
+    assert_int_equal(kd_tracker_open(&t, dir, CFG, 100, NULL, &e), KD_ECORRUPT);
+    assert_non_null(strstr(e.msg, "metrics.jsonl"));
+    assert_non_null(strstr(e.msg, "step 9, not below step 2"));
+    found f;
+    verify(dir, &f);
+    assert_non_null(strstr(f.text, "metrics.jsonl line 5: step 2 is not greater than step 9"));
+}
+
+/* The writer took an upper-case digest the reader refused: every later open
+   failed as corrupt.  Now it is stored lower-case and reopens. */
+static void test_upper_case_sha256_stored_lower_case(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    char *ck = kdt_path(dir, "checkpoint_5.safetensors");
+    assert_int_equal(kdt_spit(ck, "abc", 3), 0);
+    char hex[KD_SHA256_HEX];
+    assert_int_equal(kd_sha256_hex("abc", 3, hex), KD_OK);
+    char upper[KD_SHA256_HEX];
+    for (int i = 0; i < 65; i++)
+        upper[i] = (char)(hex[i] >= 'a' && hex[i] <= 'f' ? hex[i] - 32 : hex[i]);
+    kd_checkpoint_info c = {.step = 5, .path = ck, .dataset_position = 20, .sha256 = upper,
+                            .size = 3};
+    assert_int_equal(kd_tracker_record_checkpoint(t, &c), KD_OK);
+    kd_checkpoint_record r;
+    assert_int_equal(kd_tracker_checkpoint_get(t, 0, &r), KD_OK);
+    assert_string_equal(r.sha256, hex);
+    c.step = 6;
+    c.sha256 = "not hex";
+    assert_int_equal(kd_tracker_record_checkpoint(t, &c), KD_EINVAL);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    t = open_ok(dir, CFG);
+    kd_recovery rec;
+    assert_int_equal(kd_tracker_recovery_checkpoint(t, &rec), KD_OK);
+    assert_int_equal(rec.found, 1);
+    assert_int_equal(rec.step, 5);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    found f;
+    verify(dir, &f);
+    if (f.n)
+        fail_msg("verify: %s", f.text);
+    free(ck);
+}
+
+/* verify never read eval.jsonl, checkpoints.deleted.jsonl or the intent
+   journal: now each line goes through its validator. */
+static void test_verify_reads_every_journal(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    append(dir, "eval.jsonl", "{\"step\":10,\"val_loss\":2.5}\n{\"step\":5,\"val_loss\":2.4}\n");
+    append(dir, "checkpoints.deleted.jsonl",
+           "{\"checkpoint_step\":5,\"relative_path\":\"../x\",\"sha256\":\"" HEX_A
+           "\",\"size\":1}\n");
+    append(dir, "teacher_intents.jsonl",
+           "{\"op\":\"base\",\"possibly_billed_cost\":0}\n"
+           "{\"op\":\"send\",\"id\":1,\"key\":\"" HEX_A "\",\"reserved\":-3,\"ledger_offset\":0}\n");
+    found f;
+    verify(dir, &f);
+    if (!strstr(f.text, "eval.jsonl:2: eval.jsonl line 2: step 5 is not greater than step 10") ||
+        !strstr(f.text, "checkpoints.deleted.jsonl:1: checkpoints.deleted.jsonl line 1: field "
+                        "'relative_path'") ||
+        !strstr(f.text, "teacher_intents.jsonl:2: teacher_intents.jsonl line 2: field "
+                        "'reserved' is negative"))
+        fail_msg("verify missed a journal:\n%s", f.text);
+}
+
+/* A config change archives every file of the session the registry marks,
+   so the old run's eval lines and possibly-billed spend do not leak into the
+   new one. */
+static void test_config_change_archives_eval_and_intents(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    char old_id[64];
+    snprintf(old_id, sizeof old_id, "%s", kd_tracker_session_id(t));
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    append(dir, "eval.jsonl", "{\"step\":10,\"val_loss\":2.5}\n");
+    append(dir, "teacher_intents.jsonl", "{\"op\":\"base\",\"possibly_billed_cost\":4}\n");
+    t = open_ok(dir, "{\"model\":\"other\"}");
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    for (size_t i = 0; i < 2; i++) {
+        const char *name = i ? "teacher_intents.jsonl" : "eval.jsonl";
+        char rel[256];
+        snprintf(rel, sizeof rel, "sessions/%s/%s", old_id, name);
+        char *p = kdt_path(dir, rel);
+        if (!kd_path_exists(p))
+            fail_msg("%s was not archived", name);
+        char *q = kdt_path(dir, name);
+        if (kd_path_exists(q))
+            fail_msg("%s leaked into the new session", name);
+        free(p);
+        free(q);
+    }
+}
+
+/* A symlink at .kdkit.lock was followed and its target truncated. */
+static void test_lock_symlink_refused_target_untouched(void **state)
+{
+    const char *dir = *state;
+    char *target = kdt_path(dir, "precious.txt");
+    assert_int_equal(kdt_spit(target, "keep me\n", 8), 0);
+    char *run = kdt_path(dir, "run");
+    assert_int_equal(mkdir(run, 0755), 0);
+    char *lock = kdt_path(run, ".kdkit.lock");
+    assert_int_equal(symlink(target, lock), 0);
+    kd_tracker *t = NULL;
+    kd_err e;
+    assert_int_equal(kd_tracker_open(&t, run, CFG, 10, NULL, &e), KD_ECORRUPT);
+    assert_non_null(strstr(e.msg, "symbolic link"));
+    char *after = kdt_slurp(target, NULL);
+    assert_string_equal(after, "keep me\n");
+    /* a FIFO there is refused at once, not waited on */
+    assert_int_equal(unlink(lock), 0);
+    assert_int_equal(mkfifo(lock, 0644), 0);
+    assert_int_equal(kd_tracker_open(&t, run, CFG, 10, NULL, &e), KD_ECORRUPT);
+    assert_non_null(strstr(e.msg, "not a regular file"));
+    free(after);
+    free(lock);
+    free(run);
+    free(target);
+}
+
+/* A damaged intent journal was replaced and its bytes kept nowhere: now it is
+   moved aside, and the spend of its valid lines still counts. */
+static void test_damaged_intent_journal_kept_and_counted(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    const char *journal = "{\"op\":\"base\",\"possibly_billed_cost\":1.5,\"time\":1}\n"
+                          "garbage that is not JSON\n"
+                          "{\"op\":\"send\",\"id\":7,\"key\":\"" HEX_A
+                          "\",\"reserved\":0.25,\"ledger_offset\":0,\"time\":2}\n";
+    append(dir, "teacher_intents.jsonl", journal);
+    t = open_ok(dir, CFG);
+    kd_teacher_config cfg;
+    kd_teacher_config_init(&cfg);
+    cfg.base_url = "http://127.0.0.1:9/v1";
+    cfg.model = "m";
+    cfg.budget_max_cost = 10;
+    kd_teacher *th = NULL;
+    kd_err e;
+    if (kd_teacher_open(&th, &cfg, t, &e) != KD_OK)
+        fail_msg("teacher open: %s", e.msg);
+    double spent, reserved, cap;
+    kd_budget_get(kd_teacher_budget(th), &spent, &reserved, &cap);
+    assert_true(fabs(spent - 1.75) < 1e-9); /* base 1.5 + the unsettled send 0.25 */
+    const char *rep = kd_tracker_open_report(t);
+    assert_non_null(strstr(rep, "teacher_intents.jsonl: 1 of 3 lines invalid (first: line 2"));
+    char *aname = kdt_find_prefix(dir, "teacher_intents.jsonl.damaged-");
+    assert_non_null(aname);
+    char *aside = kdt_path(dir, aname);
+    free(aname);
+    char *kept = kdt_slurp(aside, NULL);
+    assert_string_equal(kept, journal);
+    assert_int_equal(kd_teacher_close(th), KD_OK);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    /* the repair is in events.jsonl, and verify is content with the result */
+    char *ev = slurp(dir, "events.jsonl");
+    assert_non_null(strstr(ev, "\"type\":\"repair\""));
+    found f;
+    verify(dir, &f);
+    if (f.n)
+        fail_msg("verify after the repair: %s", f.text);
+    free(ev);
+    free(kept);
+    free(aside);
+}
+
+/* The teacher has its own identity: recorded beside the training config,
+   never compared with it; a changed teacher config is refused in strict
+   mode with the keys named. */
+static void test_teacher_is_a_component(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    char main_hash[KD_SHA256_HEX];
+    snprintf(main_hash, sizeof main_hash, "%s", kd_tracker_config_hash(t));
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+
+    kd_tracker_opts o;
+    kd_tracker_opts_init(&o);
+    o.on_mismatch = KD_MISMATCH_REFUSE;
+    kd_err e;
+    assert_int_equal(kd_tracker_open(&t, dir, NULL, 100, &o, &e), KD_OK);
+    assert_string_equal(kd_tracker_config_hash(t), main_hash);
+    assert_int_equal(kd_tracker_set_component(t, "teacher", "{\"model\":\"big\"}", "1"), KD_OK);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+
+    /* the training run reopens with its own config: no mismatch */
+    t = open_ok(dir, CFG);
+    assert_int_equal(kd_tracker_resumed(t), 1);
+    assert_int_equal(kd_tracker_component_count(t), 1);
+    kd_component_info ci;
+    assert_int_equal(kd_tracker_component_get(t, 0, &ci), KD_OK);
+    assert_string_equal(ci.name, "teacher");
+    assert_string_equal(ci.version, "1");
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    char *doc = NULL;
+    assert_int_equal(kd_session_inspect(dir, &doc, &e), KD_OK);
+    assert_non_null(strstr(doc, "\"teacher\": {\"config_hash\": \""));
+    free(doc);
+
+    assert_int_equal(kd_tracker_open(&t, dir, NULL, 100, &o, &e), KD_OK);
+    assert_int_equal(kd_tracker_set_component(t, "teacher", "{\"model\":\"bigger\"}", "2"),
+                     KD_EMISMATCH);
+    const char *m = kd_tracker_errmsg(t);
+    assert_non_null(strstr(m, "model"));
+    assert_non_null(strstr(m, "version: \"1\" -> \"2\""));
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    found f;
+    verify(dir, &f);
+    if (f.n)
+        fail_msg("verify: %s", f.text);
+}
+
+/* Every registry entry has its line in docs/formats.md's file tree. */
+static void test_formats_md_lists_every_registry_entry(void **state)
+{
+    (void)state;
+    char *doc = kdt_slurp(KD_SOURCE_DIR "/docs/formats.md", NULL);
+    assert_non_null(doc);
+    for (size_t i = 0; i < kd_run_nfiles; i++) {
+        char want[128];
+        snprintf(want, sizeof want, "── %s", kd_run_files[i].name);
+        if (!strstr(doc, want))
+            fail_msg("docs/formats.md's tree has no line for registry entry %s",
+                     kd_run_files[i].name);
+    }
+    free(doc);
+}
+
+/* The registry knows each file the tracker writes (the binary-level test,
+   test_run_guide, checks a whole training run and a teacher ask). */
+static void test_registry_knows_tracker_files(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    one_response(t, 0.1);
+    kd_failure fl = {.retry_count = 0, .error = "x", .http_status = 503};
+    assert_int_equal(kd_tracker_record_connection_failure(t, &fl), KD_OK);
+    kd_metrics m;
+    kd_metrics_init(&m);
+    m.step = 1;
+    m.loss = 1;
+    assert_int_equal(kd_tracker_update_metrics(t, &m), KD_OK);
+    assert_int_equal(kd_tracker_rewind(t, 0), KD_OK);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    assert_non_null(kd_run_lookup("metrics.rewound.jsonl"));
+    assert_null(kd_run_lookup("stray.txt"));
+    assert_non_null(kd_run_lookup("checkpoint_10.safetensors"));
+    assert_non_null(kd_run_lookup("api_recovery.jsonl.torn-20261201T000000Z"));
+    char *names = NULL;
+    size_t n = 0;
+    FILE *ls = open_memstream(&names, &n);
+    int unknown = kdt_list_unknown(dir, ls);
+    fclose(ls);
+    if (unknown)
+        fail_msg("files the registry does not know:\n%s", names);
+    free(names);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_negative_cost_in_ledger_refused_by_reopen, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_negative_total_cost_in_session_refused, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_metrics_tail_going_backwards_refused, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_upper_case_sha256_stored_lower_case, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_verify_reads_every_journal, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_config_change_archives_eval_and_intents, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_lock_symlink_refused_target_untouched, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_damaged_intent_journal_kept_and_counted, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_teacher_is_a_component, setup, teardown),
+        cmocka_unit_test(test_formats_md_lists_every_registry_entry),
+        cmocka_unit_test_setup_teardown(test_registry_knows_tracker_files, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
