@@ -1,0 +1,321 @@
+/*
+ * tests/test_run_guide.c - the product guide's recovery commands typed as
+ * the guide types them, on the real binary (env KDKIT), through /bin/sh from
+ * the output directory's parent with relative paths:
+ *
+ *   Scenario 2: kdkit train --config C --resume training_progress/checkpoint_N.safetensors
+ *               --output-dir training_progress
+ *   Scenario 3: kdkit train --config C --resume training_progress/checkpoint_N.safetensors
+ *
+ * both resume at step N (a 64-byte buffer once cut the manifest's SHA-256
+ * and refused every such resume).  Then what must never destroy evidence:
+ * --resume auto when no recorded checkpoint verifies exits 2 and lists each
+ * reason, touching nothing; --start-over moves the damaged files aside and
+ * starts again.  And the README's teacher after `make run`: kdkit teacher
+ * ask into the training run's directory works, kdkit status shows the
+ * teacher as a component, and the training run still resumes.  After all of
+ * it, every file in the directory is one the registry knows.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "kdkit/core.h"
+#include "support/kd_test.h"
+
+static char *g_root;
+static char g_kdkit[4096];
+
+static void write_text(const char *dir, const char *name, const char *text)
+{
+    char *p = kdt_path(dir, name);
+    assert_int_equal(kdt_spit(p, text, strlen(text)), 0);
+    free(p);
+}
+
+/* Run `cmd` with sh from g_root, output to out.log; returns the exit code. */
+static int sh(char **out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int sh(char **out, const char *fmt, ...)
+{
+    char cmd[4096], full[16384];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    snprintf(full, sizeof full, "cd '%s' && KDKIT='%s' && %s > out.log 2>&1", g_root, g_kdkit,
+             cmd);
+    int st = system(full);
+    char *log = kdt_path(g_root, "out.log");
+    char *text = kdt_slurp(log, NULL);
+    free(log);
+    if (out)
+        *out = text;
+    else
+        free(text);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    const char *k = getenv("KDKIT");
+    snprintf(g_kdkit, sizeof g_kdkit, "%s", k ? k : KD_BINARY_DIR "/kdkit");
+    g_root = kdt_tmpdir("guide");
+    if (!g_root)
+        return -1;
+    /* a small corpus and a tiny model: 20 steps, a checkpoint every 5, all kept */
+    char corpus[6001];
+    unsigned x = 7;
+    static const char *const words[] = {"the", "cat", "sat", "on", "a", "mat", "and", "dog"};
+    size_t n = 0;
+    while (n < 6000) {
+        x = x * 1103515245u + 12345u;
+        const char *w = words[(x >> 16) % 8];
+        for (const char *c = w; *c && n < 6000; c++)
+            corpus[n++] = *c;
+        if (n < 6000)
+            corpus[n++] = (x >> 8) % 11 == 0 ? '\n' : ' ';
+    }
+    corpus[n] = '\0';
+    write_text(g_root, "corpus.txt", corpus);
+    write_text(g_root, "C.yaml",
+               "model: {n_layer: 1, n_head: 2, d_model: 16, n_ctx: 16}\n"
+               "data:\n  path: corpus.txt\n  val_fraction: 0.1\n"
+               "train: {steps: 20, batch_size: 2, seed: 3, threads: 1}\n"
+               "lr: {max: 0.003, min: 0.0003, warmup_steps: 2}\n"
+               "checkpoint: {every: 5, keep_last: 10}\n"
+               "eval: {every: 10, batches: 1}\n"
+               "log: {every_seconds: 1000}\n");
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    if (!getenv("KD_KEEP_TEST_DIR"))
+        kdt_rmrf(g_root);
+    free(g_root);
+    return 0;
+}
+
+static void expect(int got, int want, const char *what, char *log)
+{
+    if (got != want)
+        fail_msg("%s: exit %d, expected %d:\n%s", what, got, want, log ? log : "");
+}
+
+static void test_guide_scenarios_2_and_3(void **state)
+{
+    (void)state;
+    char *log = NULL;
+    int rc = sh(&log, "$KDKIT train --config C.yaml --output-dir training_progress");
+    expect(rc, 0, "the first run", log);
+    free(log);
+
+    /* Scenario 2, as the guide types it */
+    rc = sh(&log, "$KDKIT train --config C.yaml --resume training_progress/checkpoint_10.safetensors "
+                  "--output-dir training_progress");
+    expect(rc, 0, "Scenario 2", log);
+    if (!strstr(log, "resuming from training_progress/checkpoint_10.safetensors: step 10 of 20"))
+        fail_msg("Scenario 2 did not resume at step 10:\n%s", log);
+    free(log);
+
+    /* Scenario 3: the same without --output-dir (training_progress is the default) */
+    rc = sh(&log, "$KDKIT train --config C.yaml --resume training_progress/checkpoint_15.safetensors");
+    expect(rc, 0, "Scenario 3", log);
+    if (!strstr(log, "step 15 of 20"))
+        fail_msg("Scenario 3 did not resume at step 15:\n%s", log);
+    free(log);
+
+    rc = sh(&log, "$KDKIT verify training_progress");
+    expect(rc, 0, "verify after the scenarios", log);
+    free(log);
+}
+
+/* Flip one byte in the middle of a file. */
+static void damage(const char *path)
+{
+    int fd = open(path, O_RDWR);
+    assert_true(fd >= 0);
+    struct stat st;
+    assert_int_equal(fstat(fd, &st), 0);
+    off_t at = st.st_size / 2;
+    unsigned char b;
+    assert_int_equal(pread(fd, &b, 1, at), 1);
+    b ^= 0x55;
+    assert_int_equal(pwrite(fd, &b, 1, at), 1);
+    close(fd);
+}
+
+static void test_resume_auto_when_nothing_verifies(void **state)
+{
+    (void)state;
+    char *log = NULL;
+    int rc = sh(&log, "$KDKIT train --config C.yaml --output-dir nothing_verifies");
+    expect(rc, 0, "the first run", log);
+    free(log);
+    char *dir = kdt_path(g_root, "nothing_verifies");
+    char names[4][64];
+    char *before[4];
+    for (int i = 0; i < 4; i++) {
+        snprintf(names[i], sizeof names[i], "checkpoint_%d.safetensors", 5 * (i + 1));
+        char *p = kdt_path(dir, names[i]);
+        damage(p);
+        before[i] = kdt_slurp(p, NULL);
+        assert_non_null(before[i]);
+        free(p);
+    }
+    rc = sh(&log, "$KDKIT train --config C.yaml --output-dir nothing_verifies --resume auto");
+    expect(rc, 2, "--resume auto with every checkpoint damaged", log);
+    for (int i = 0; i < 4; i++) {
+        char want[64];
+        snprintf(want, sizeof want, "step %d:", 5 * (i + 1));
+        if (!strstr(log, want))
+            fail_msg("the refusal does not list %s:\n%s", want, log);
+    }
+    assert_non_null(strstr(log, "--start-over"));
+    free(log);
+    for (int i = 0; i < 4; i++) { /* nothing touched */
+        char *p = kdt_path(dir, names[i]);
+        char *now = kdt_slurp(p, NULL);
+        assert_non_null(now);
+        assert_memory_equal(now, before[i], 16);
+        free(now);
+        free(p);
+    }
+    assert_int_equal(kdt_count_prefix(dir, "checkpoint_20.safetensors.damaged-"), 0);
+
+    rc = sh(&log, "$KDKIT train --config C.yaml --output-dir nothing_verifies --resume auto "
+                  "--start-over");
+    expect(rc, 0, "--resume auto --start-over", log);
+    free(log);
+    for (int i = 0; i < 4; i++) { /* kept, byte for byte, beside the new checkpoints */
+        char prefix[96];
+        snprintf(prefix, sizeof prefix, "%s.damaged-", names[i]);
+        char *aname = kdt_find_prefix(dir, prefix);
+        if (!aname)
+            fail_msg("%s was not moved aside", names[i]);
+        char *ap = kdt_path(dir, aname);
+        size_t n = 0;
+        char *kept = kdt_slurp(ap, &n);
+        assert_non_null(kept);
+        assert_memory_equal(kept, before[i], n);
+        free(kept);
+        free(ap);
+        free(aname);
+        free(before[i]);
+    }
+    rc = sh(&log, "$KDKIT verify nothing_verifies");
+    expect(rc, 0, "verify after the start-over", log);
+    free(log);
+    FILE *devnull = fopen("/dev/null", "w");
+    int unknown = kdt_list_unknown(dir, devnull);
+    fclose(devnull);
+    assert_int_equal(unknown, 0);
+    free(dir);
+}
+
+/* The README: make run, then the teacher in three commands, in the same
+   directory. */
+static void test_teacher_ask_after_training(void **state)
+{
+    (void)state;
+    char *log = NULL;
+    int rc = sh(&log, "$KDKIT train --config C.yaml --output-dir with_teacher");
+    expect(rc, 0, "the training run", log);
+    free(log);
+
+    char portfile[4200];
+    snprintf(portfile, sizeof portfile, "%s/port", g_root);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int fd = open("/dev/null", O_WRONLY);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        execl(g_kdkit, g_kdkit, "serve", "--toy", "--port", "0", "--port-file", portfile,
+              (char *)NULL);
+        _exit(127);
+    }
+    int port = 0;
+    for (int i = 0; i < 1000 && port <= 0; i++) {
+        char *t = kdt_slurp(portfile, NULL);
+        if (t)
+            port = atoi(t);
+        free(t);
+        if (port <= 0)
+            usleep(10000);
+    }
+    if (port <= 0) {
+        kill(pid, SIGTERM);
+        waitpid(pid, NULL, 0);
+        fail_msg("kdkit serve --toy did not start");
+    }
+    char cfg[1024];
+    snprintf(cfg, sizeof cfg,
+             "teacher:\n  base_url: http://127.0.0.1:%d/v1\n  model: kdkit-toy\n"
+             "  teacher_version: \"1\"\n  prices: {input_per_million: 0.15, output_per_million: 0.6}\n"
+             "  budget: {max_cost: 5.0}\n  cache: {path: with_teacher_cache.sqlite}\n",
+             port);
+    write_text(g_root, "teacher.yaml", cfg);
+    rc = sh(&log, "$KDKIT teacher ask --config teacher.yaml --output-dir with_teacher "
+                  "'What is distillation?'");
+    int rc2 = -1;
+    char *log2 = NULL;
+    if (rc == 0) /* the second ask is a cache hit, and still no mismatch */
+        rc2 = sh(&log2, "$KDKIT teacher ask --config teacher.yaml --output-dir with_teacher "
+                        "'What is distillation?'");
+    kill(pid, SIGTERM);
+    waitpid(pid, NULL, 0);
+    expect(rc, 0, "kdkit teacher ask into the training run's directory", log);
+    expect(rc2, 0, "the second ask", log2);
+    assert_non_null(strstr(log2, "cache: hit"));
+    free(log);
+    free(log2);
+
+    rc = sh(&log, "$KDKIT status with_teacher");
+    expect(rc, 0, "status", log);
+    if (!strstr(log, "Component:    teacher (config ") || !strstr(log, "version 1)") ||
+        !strstr(log, "Steps:        20/20") || !strstr(log, "API:          1 responses saved"))
+        fail_msg("status does not show the run and its teacher:\n%s", log);
+    free(log);
+    /* the training run is still the directory's main identity */
+    rc = sh(&log, "$KDKIT train --config C.yaml --output-dir with_teacher --resume auto");
+    expect(rc, 0, "make run again (--resume auto)", log);
+    free(log);
+    rc = sh(&log, "$KDKIT verify with_teacher");
+    expect(rc, 0, "verify", log);
+    free(log);
+    char *dir = kdt_path(g_root, "with_teacher");
+    char *names = NULL;
+    size_t n = 0;
+    FILE *ls = open_memstream(&names, &n);
+    int unknown = kdt_list_unknown(dir, ls);
+    fclose(ls);
+    if (unknown)
+        fail_msg("files the registry does not know:\n%s", names);
+    free(names);
+    free(dir);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_guide_scenarios_2_and_3),
+        cmocka_unit_test(test_resume_auto_when_nothing_verifies),
+        cmocka_unit_test(test_teacher_ask_after_training),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
