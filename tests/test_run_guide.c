@@ -15,8 +15,16 @@
  * ask into the training run's directory works, kdkit status shows the
  * teacher as a component, and the training run still resumes.  After all of
  * it, every file in the directory is one the registry knows.
+ *
+ * Sense and special files: --resume PATH refuses a dataset_position that
+ * does not match the step and a checkpoint holding NaN; a run whose updates
+ * are all non-finite stops with exit 1 keeping its last good checkpoint; a
+ * FIFO given as config or checkpoint is refused at once; SIGHUP stops like
+ * SIGTERM; a closed stdout pipe does not stop the run; a data.path that
+ * contains the output directory is refused.
  */
 #include <errno.h>
+#include <math.h>
 #include <fcntl.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -32,6 +40,7 @@
 
 #include <cmocka.h>
 
+#include "kdkit/ckpt.h"
 #include "kdkit/core.h"
 #include "support/kd_test.h"
 
@@ -310,12 +319,171 @@ static void test_teacher_ask_after_training(void **state)
     free(dir);
 }
 
+/* Copy checkpoint `src` to `dst` with metadata `key` set to `value` (or left
+   when NULL), and with the first F32 tensor's first element NaN if `poison`. */
+static void rewrite_ckpt(const char *src, const char *dst, const char *key, const char *value,
+                         int poison)
+{
+    kd_ckpt *c = NULL;
+    kd_err e;
+    if (kd_ckpt_open(&c, src, NULL, &e) != KD_OK)
+        fail_msg("open %s: %s", src, e.msg);
+    size_t n = kd_ckpt_count(c), nm = kd_ckpt_meta_count(c);
+    kd_tensor_view *v = calloc(n, sizeof *v);
+    const char **kv = calloc(2 * nm, sizeof *kv);
+    assert_non_null(v);
+    assert_non_null(kv);
+    void *copy = NULL;
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(kd_ckpt_tensor(c, i, &v[i]), KD_OK);
+        if (poison && !copy && v[i].dtype == KD_DTYPE_F32 && v[i].nbytes >= 4) {
+            copy = malloc(v[i].nbytes);
+            memcpy(copy, v[i].data, v[i].nbytes);
+            float nan = NAN;
+            memcpy(copy, &nan, 4);
+            v[i].data = copy;
+        }
+    }
+    for (size_t i = 0; i < nm; i++) {
+        assert_int_equal(kd_ckpt_meta_get(c, i, &kv[2 * i], &kv[2 * i + 1]), KD_OK);
+        if (key && strcmp(kv[2 * i], key) == 0)
+            kv[2 * i + 1] = value;
+    }
+    if (kd_ckpt_write(dst, v, n, kv, nm, NULL, &e) != KD_OK)
+        fail_msg("write %s: %s", dst, e.msg);
+    free(copy);
+    free(kv);
+    free(v);
+    kd_ckpt_close(c);
+}
+
+static void test_resume_path_checked_for_sense(void **state)
+{
+    (void)state;
+    char *log = NULL;
+    int rc = sh(&log, "$KDKIT train --config C.yaml --output-dir sense");
+    expect(rc, 0, "the first run", log);
+    free(log);
+    char src[4300], bad[4300];
+    snprintf(src, sizeof src, "%s/sense/checkpoint_10.safetensors", g_root);
+    snprintf(bad, sizeof bad, "%s/moved_position.safetensors", g_root);
+    rewrite_ckpt(src, bad, "dataset_position", "7", 0);
+    rc = sh(&log, "$KDKIT train --config C.yaml --output-dir sense --resume moved_position.safetensors");
+    expect(rc, 1, "--resume with a dataset_position that does not match its step", log);
+    if (!strstr(log, "dataset_position 7 does not match step 10 (batch_size 2: expected 20)"))
+        fail_msg("no dataset_position refusal:\n%s", log);
+    free(log);
+    snprintf(bad, sizeof bad, "%s/nan_weight.safetensors", g_root);
+    rewrite_ckpt(src, bad, NULL, NULL, 1);
+    rc = sh(&log, "$KDKIT train --config C.yaml --output-dir sense --resume nan_weight.safetensors");
+    expect(rc, 1, "--resume with a NaN weight", log);
+    if (!strstr(log, "holds a non-finite value (nan at element 0)"))
+        fail_msg("no non-finite refusal:\n%s", log);
+    free(log);
+    rc = sh(&log, "$KDKIT verify sense");
+    expect(rc, 0, "the refused resumes changed nothing", log);
+    free(log);
+}
+
+static void test_all_updates_nonfinite_stops_with_exit_1(void **state)
+{
+    (void)state;
+    char *log = NULL;
+    /* a learning rate that blows the weights up within a step or two */
+    const char *cfg = "--config C.yaml --output-dir diverged --set train.steps=400 "
+                      "--set lr.max=1e14 --set lr.min=1e13 --set train.grad_clip=0";
+    int rc = sh(&log, "$KDKIT train %s", cfg);
+    expect(rc, 1, "a run whose updates are all non-finite", log);
+    if (!strstr(log, "training diverged: 20 consecutive steps"))
+        fail_msg("no divergence stop:\n%s", log);
+    free(log);
+    /* it did not "finish"; the checkpoints it kept verify, and the newest
+       passes the resume's sense checks (then diverges again: exit 1) */
+    rc = sh(&log, "$KDKIT status diverged");
+    expect(rc, 0, "status", log);
+    assert_null(strstr(log, "Steps:        400/400"));
+    free(log);
+    rc = sh(&log, "$KDKIT checkpoints diverged --verify");
+    expect(rc, 0, "the checkpoints it kept", log);
+    free(log);
+    rc = sh(&log, "$KDKIT train %s --resume auto", cfg);
+    expect(rc, 1, "resuming the diverged run", log);
+    if (!strstr(log, "resuming from") || strstr(log, "cannot resume"))
+        fail_msg("the last checkpoint was not a good one:\n%s", log);
+    free(log);
+}
+
+static void test_fifo_refused_before_open(void **state)
+{
+    (void)state;
+    char fifo[4300];
+    snprintf(fifo, sizeof fifo, "%s/a.fifo", g_root);
+    assert_int_equal(mkfifo(fifo, 0644), 0);
+    char *log = NULL;
+    /* timeout 60: a hang (the old behaviour) fails the test with 124 */
+    int rc = sh(&log, "timeout 60 $KDKIT ckpt verify a.fifo");
+    if (rc == 0 || rc == 124 || !strstr(log, "not a regular file"))
+        fail_msg("ckpt verify on a FIFO: exit %d:\n%s", rc, log);
+    free(log);
+    rc = sh(&log, "timeout 60 $KDKIT train --config a.fifo --output-dir fifo_run");
+    if (rc != 2 || !strstr(log, "FIFO"))
+        fail_msg("train --config FIFO: exit %d:\n%s", rc, log);
+    free(log);
+    rc = sh(&log, "timeout 60 $KDKIT train --config C.yaml --output-dir fifo_run --resume a.fifo");
+    if (rc == 0 || rc == 124 || !strstr(log, "not a regular file"))
+        fail_msg("train --resume FIFO: exit %d:\n%s", rc, log);
+    free(log);
+}
+
+static void test_sighup_stops_like_sigterm_and_sigpipe_is_ignored(void **state)
+{
+    (void)state;
+    char *log = NULL;
+    /* SIGHUP once the first checkpoint exists: finish the step, save, exit 0 */
+    int rc = sh(&log, "( $KDKIT train --config C.yaml --output-dir hup --set train.steps=100000 "
+                      "> hup.log 2>&1 & pid=$!; i=0; while [ ! -e hup/checkpoint_5.safetensors ] "
+                      "&& [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done; kill -HUP $pid; "
+                      "wait $pid; echo \"exit=$?\"; cat hup.log )");
+    expect(rc, 0, "the SIGHUP script", log);
+    if (!strstr(log, "exit=0") || !strstr(log, "stopped at step "))
+        fail_msg("SIGHUP did not stop the run cleanly:\n%s", log);
+    free(log);
+    /* stdout closed after one byte: the run still reaches its target */
+    rc = sh(&log, "$KDKIT train --config C.yaml --output-dir pipe | head -c 1 >/dev/null; "
+                  "$KDKIT status pipe");
+    expect(rc, 0, "status after a run whose stdout was closed", log);
+    if (!strstr(log, "Steps:        20/20"))
+        fail_msg("the run stopped when its stdout closed:\n%s", log);
+    free(log);
+}
+
+static void test_data_path_containing_output_dir_refused(void **state)
+{
+    (void)state;
+    char *log = NULL;
+    int rc = sh(&log, "mkdir -p corpus_dir && cp corpus.txt corpus_dir/ && "
+                      "$KDKIT train --config C.yaml --set data.path=corpus_dir "
+                      "--output-dir corpus_dir/run");
+    expect(rc, 2, "data.path holding the output directory", log);
+    if (!strstr(log, "contains the output directory"))
+        fail_msg("no refusal:\n%s", log);
+    free(log);
+    char *d = kdt_path(g_root, "corpus_dir/run");
+    assert_false(kd_path_exists(d)); /* refused before anything was created */
+    free(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_guide_scenarios_2_and_3),
         cmocka_unit_test(test_resume_auto_when_nothing_verifies),
         cmocka_unit_test(test_teacher_ask_after_training),
+        cmocka_unit_test(test_resume_path_checked_for_sense),
+        cmocka_unit_test(test_all_updates_nonfinite_stops_with_exit_1),
+        cmocka_unit_test(test_fifo_refused_before_open),
+        cmocka_unit_test(test_sighup_stops_like_sigterm_and_sigpipe_is_ignored),
+        cmocka_unit_test(test_data_path_containing_output_dir_refused),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -83,7 +83,8 @@ int kd_fsync_dir(const char *dir, kd_err *e);
 
 /*
  * Read a whole file into a NUL-terminated buffer.  Fails with KD_ELIMIT when
- * the file is larger than `max` bytes, KD_ENOTFOUND when it does not exist.
+ * the file is larger than `max` bytes, KD_ENOTFOUND when it does not exist,
+ * KD_EINVAL when it is a FIFO, device or socket (refused without blocking).
  */
 int kd_file_read_all(const char *path, size_t max, char **out, size_t *len, kd_err *e);
 

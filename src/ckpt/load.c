@@ -785,7 +785,9 @@ static int open_file(kd_ckpt **out, const char *path, int populate, kd_err *e)
     *out = NULL;
     if (!(c = ckpt_new(path)))
         return kd_err_set(e, KD_ENOMEM, "out of memory");
-    fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
+    /* O_NONBLOCK: a FIFO given as a checkpoint must be refused below, not
+       wait forever for a writer (and ignore SIGTERM meanwhile) */
+    fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
     if (fd < 0) {
         rc = kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "%s: cannot open",
                         path);

@@ -1,7 +1,8 @@
 /*
  * src/cli/cmd_train.c - `kdkit train`: parse the command line, load the
- * config, install the stop signals (SIGINT, SIGTERM, SIGUSR1: finish the
- * step, checkpoint, exit 0), show progress, and print the summary.  The loop
+ * config, install the stop signals (SIGINT, SIGTERM, SIGHUP, SIGUSR1: finish
+ * the step, checkpoint, exit 0; SIGPIPE is ignored), show progress, and print
+ * the summary.  The loop
  * itself is kd_train_run (src/train/).
  *
  * Progress: on a terminal one line rewritten with '\r' (step/total, loss,
@@ -28,6 +29,7 @@ static void on_signal(int sig)
                                 "a checkpoint (a second signal does not interrupt the save)\n";
     static const char again[] = "\nkdkit train: still saving; the checkpoint write is not "
                                 "interrupted\n";
+    int saved = errno; /* the interrupted code may be about to read errno */
     ssize_t w;
     if (g_stop)
         w = write(STDERR_FILENO, again, sizeof again - 1);
@@ -35,6 +37,7 @@ static void on_signal(int sig)
         w = write(STDERR_FILENO, first, sizeof first - 1);
     (void)w;
     g_stop = sig;
+    errno = saved;
 }
 
 static int install_signals(void)
@@ -47,8 +50,19 @@ static int install_signals(void)
     sigaddset(&sa.sa_mask, SIGINT);
     sigaddset(&sa.sa_mask, SIGTERM);
     sigaddset(&sa.sa_mask, SIGUSR1);
+    sigaddset(&sa.sa_mask, SIGHUP);
+    /* SIGHUP (the terminal went away, a scheduler's hangup) stops the run
+       like SIGTERM: finish the step, checkpoint, exit 0 */
     if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGTERM, &sa, NULL) != 0 ||
-        sigaction(SIGUSR1, &sa, NULL) != 0)
+        sigaction(SIGUSR1, &sa, NULL) != 0 || sigaction(SIGHUP, &sa, NULL) != 0)
+        return -1;
+    /* A closed pipe on stdout (kdkit train | head) stops the printing, not
+       the run: writes then fail with EPIPE, which the display ignores. */
+    struct sigaction ign;
+    memset(&ign, 0, sizeof ign);
+    ign.sa_handler = SIG_IGN;
+    sigemptyset(&ign.sa_mask);
+    if (sigaction(SIGPIPE, &ign, NULL) != 0)
         return -1;
     return 0;
 }
@@ -62,10 +76,11 @@ static void usage(FILE *f)
             "\n"
             "Train the byte-level GPT student on a text corpus, or distil it from a teacher\n"
             "(a kd: section: offline from a `kdkit mix` directory, or online through the\n"
-            "teacher's cache; docs/training.md).  Stop it any time with Ctrl-C,\n"
-            "SIGTERM or SIGUSR1 (it finishes the step, saves a checkpoint and exits 0), or lose\n"
+            "teacher's cache; docs/training.md).  Stop it any time with Ctrl-C, SIGTERM,\n"
+            "SIGHUP or SIGUSR1 (it finishes the step, saves a checkpoint and exits 0), or lose\n"
             "it to a crash: --resume auto continues at the exact step and gives the same\n"
-            "numbers as a run never interrupted.\n"
+            "numbers as a run never interrupted.  A closed pipe on stdout stops the\n"
+            "printing, not the run.\n"
             "\n"
             "  --config FILE      YAML config (keys: docs/training.md); a key it leaves out\n"
             "                     takes its default (configs/default.yaml spells them all out)\n"

@@ -243,12 +243,19 @@ int kd_file_read_all(const char *path, size_t max, char **out, size_t *len, kd_e
     *out = NULL;
     if (len)
         *len = 0;
-    fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
+    /* O_NONBLOCK: a FIFO is refused below instead of blocking the open */
+    fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
     if (fd < 0) {
         rc = kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "open of %s failed", path);
         goto done;
     }
     struct stat st;
+    if (fstat(fd, &st) == 0 && (S_ISFIFO(st.st_mode) || S_ISCHR(st.st_mode) ||
+                                S_ISBLK(st.st_mode) || S_ISSOCK(st.st_mode))) {
+        rc = kd_err_set(e, KD_EINVAL, "%s is a %s, not a regular file; give a file", path,
+                        S_ISFIFO(st.st_mode) ? "FIFO" : S_ISSOCK(st.st_mode) ? "socket" : "device");
+        goto done;
+    }
     if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
         if ((uint64_t)st.st_size > (uint64_t)max) {
             rc = kd_err_set(e, KD_ELIMIT, "%s is %lld bytes, more than the limit of %zu",

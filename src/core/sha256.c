@@ -5,6 +5,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <openssl/evp.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -94,9 +95,14 @@ int kd_sha256_file(const char *path, char hex[KD_SHA256_HEX], uint64_t *size, kd
     uint64_t total = 0;
     if (!path || !hex)
         return kd_err_set(e, KD_EINVAL, "kd_sha256_file: bad arguments");
-    fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
+    fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
     if (fd < 0) {
         rc = kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "open of %s failed", path);
+        goto done;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        rc = kd_err_set(e, KD_EINVAL, "%s is not a regular file; only files are hashed", path);
         goto done;
     }
     buf = malloc(FILE_BLOCK);

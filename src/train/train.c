@@ -63,8 +63,10 @@
 #define TRAIN_FORMAT "1"
 #define STREAM_INIT 0  /* kd_rng_seed_stream(seed, .): weight initialisation */
 #define STREAM_TRAIN 1 /* the trainer's RNG, saved in every checkpoint */
+#define KD_TRAIN_NONFINITE_MAX 20 /* consecutive skipped updates that stop the run */
 
 typedef struct run {
+    int nonfinite_run; /* consecutive steps whose update was skipped */
     const kd_train_config *c;
     const kd_train_opts *o;
     kd_err *e;
@@ -435,6 +437,24 @@ static int load_checkpoint(run *r, const char *path, const kd_ckpt_expect *ex)
     }
     for (size_t i = 0; i < n && rc == KD_OK; i++)
         rc = kd_ckpt_tensor(ck, i, &v[i]);
+    /* Sense, not only format: a NaN or Inf weight or moment would make every
+       update after the resume non-finite. */
+    for (size_t i = 0; i < n && rc == KD_OK; i++) {
+        if (v[i].dtype != KD_DTYPE_F32)
+            continue;
+        const unsigned char *p = v[i].data;
+        for (size_t k = 0; k + 4 <= v[i].nbytes; k += 4) {
+            float f;
+            memcpy(&f, p + k, 4);
+            if (!isfinite(f)) {
+                rc = kd_err_set(r->e, KD_ECORRUPT,
+                                "cannot resume: %s: tensor %s holds a non-finite value (%g at "
+                                "element %zu); resume from an earlier checkpoint",
+                                path, v[i].name ? v[i].name : "?", (double)f, k / 4);
+                break;
+            }
+        }
+    }
     if (rc == KD_OK)
         rc = kd_gpt_load_views(r->m, v, n, r->e);
     if (rc == KD_OK)
@@ -463,6 +483,16 @@ static int load_checkpoint(run *r, const char *path, const kd_ckpt_expect *ex)
         rc = kd_err_set(r->e, KD_EMISMATCH,
                         "cannot resume: %s holds LR schedule \"%s\", which is not this config's",
                         path, st.lr_schedule);
+        goto out;
+    }
+    if (!r->kd && st.step >= 0 &&
+        st.dataset_position != st.step * (int64_t)r->c->batch_size) {
+        /* the data order is pos += batch_size per step from 0 */
+        rc = kd_err_set(r->e, KD_ECORRUPT,
+                        "cannot resume: %s: dataset_position %lld does not match step %lld "
+                        "(batch_size %d: expected %lld); the checkpoint's metadata is wrong",
+                        path, (long long)st.dataset_position, (long long)st.step,
+                        r->c->batch_size, (long long)(st.step * (int64_t)r->c->batch_size));
         goto out;
     }
     if (st.step < 0 || st.step > r->c->steps || st.dataset_position < 0) {
@@ -904,9 +934,19 @@ static int one_step(run *r)
         rc = kd_adamw_step(r->opt, lr, r->e);
         if (rc != KD_OK)
             return rc;
+        r->nonfinite_run = 0;
     } else {
         say(r, KD_TRAIN_EV_WARN, "step %lld: gradient norm is %g; update skipped",
             (long long)r->step + 1, norm);
+        if (++r->nonfinite_run >= KD_TRAIN_NONFINITE_MAX)
+            /* going on would "finish" a run whose every update is skipped,
+               and checkpoint it over the last good state */
+            return kd_err_set(r->e, KD_ECORRUPT,
+                              "training diverged: %d consecutive steps (to step %lld) had a "
+                              "non-finite gradient and were skipped; stopped without a new "
+                              "checkpoint. Lower lr.max or raise train.grad_clip, then resume "
+                              "from the last good checkpoint (--resume auto)",
+                              r->nonfinite_run, (long long)r->step + 1);
     }
     r->step++;
     if (!r->kd)
@@ -1056,6 +1096,43 @@ static int open_teacher(run *r)
     return KD_OK;
 }
 
+/*
+ * The run's own files must never become its training data: a data.path
+ * directory that holds the output directory would read metrics.jsonl and the
+ * checkpoints as corpus (and change the corpus hash at every resume).
+ */
+static int check_data_outside_output(run *r)
+{
+    char data[PATH_MAX], out[PATH_MAX];
+    struct stat st;
+    if (!realpath(r->c->data_path, data) || stat(data, &st) != 0 || !S_ISDIR(st.st_mode))
+        return KD_OK; /* a file, or missing: kd_train_data_open says why */
+    if (!realpath(r->o->output_dir, out)) {
+        /* not created yet: its parent, plus its name */
+        char parent[PATH_MAX];
+        snprintf(parent, sizeof parent, "%s", r->o->output_dir);
+        char *slash = strrchr(parent, '/');
+        const char *base = slash ? slash + 1 : parent;
+        char rp[PATH_MAX];
+        if (slash == parent)
+            snprintf(rp, sizeof rp, "/");
+        else if (!realpath(slash ? (*slash = '\0', parent) : ".", rp))
+            return KD_OK;
+        if (snprintf(out, sizeof out, "%s/%s", strcmp(rp, "/") ? rp : "", base) >=
+            (int)sizeof out)
+            return KD_OK;
+    }
+    size_t dl = strlen(data);
+    if (strncmp(out, data, dl) == 0 && (out[dl] == '/' || out[dl] == '\0' || dl == 1))
+        return kd_err_set(r->e, KD_ECONFIG,
+                          "data.path %s contains the output directory %s: the run's own files "
+                          "would become its training data. Put the output directory outside "
+                          "the corpus (another --output-dir), or point data.path at the corpus "
+                          "files only",
+                          r->c->data_path, r->o->output_dir);
+    return KD_OK;
+}
+
 int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_result *res,
                  kd_err *e)
 {
@@ -1086,6 +1163,9 @@ int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_resu
             goto out;
         goto opened;
     }
+    rc = check_data_outside_output(&r);
+    if (rc != KD_OK)
+        goto out;
 
     rc = kd_train_data_open(&r.data, c->data_path, c->model.n_ctx, c->val_fraction, c->seed, r.e);
     if (rc != KD_OK)
