@@ -2,7 +2,8 @@
 #   make test    install deps, check that clang (with the libFuzzer targets)
 #                and gcc -O3 build warning-free, then build with ASan+UBSan
 #                (gcc) and run every test; the test summary is the last thing
-#                printed
+#                printed.  Before that, a small ThreadSanitizer build of the
+#                tracker's concurrency test (test-tsan)
 #   make build   optimised build in build/ (bin: build/kdkit)
 #   make bench   run the benchmarks in bench/ (installs the peers first,
 #                quietly) and print a table of every figure vs its target
@@ -17,7 +18,7 @@
 #                resumes or is reused, paying nothing twice
 JOBS ?= 2
 
-.PHONY: all deps build test test-asan clang-check release-check bench run clean python
+.PHONY: all deps build test test-asan test-tsan clang-check release-check bench run clean python
 
 all: build
 
@@ -43,7 +44,13 @@ release-check: deps
 	@cmake -S . -B build-release-check -DCMAKE_C_COMPILER=gcc -DCMAKE_BUILD_TYPE=Release -DKD_BUILD_TESTS=OFF >/dev/null
 	@cmake --build build-release-check -j$(JOBS)
 
-test: clang-check release-check test-asan
+# ThreadSanitizer: a small separate build of the concurrency test only.
+test-tsan: deps
+	@cmake -S . -B build-tsan -DCMAKE_C_COMPILER=gcc -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKD_TSAN=ON >/dev/null
+	@cmake --build build-tsan -j$(JOBS)
+	@TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/tsan/test_tracker_threads
+
+test: clang-check release-check test-tsan test-asan
 
 # Package installation and the build go to build/bench-setup.log (shown only
 # when they fail), so make bench prints the benchmarks' own lines and ends
@@ -62,4 +69,4 @@ run: build
 	@./scripts/kd_pipeline.sh build kd_run
 
 clean:
-	rm -rf build build-asan build-clang build-release-check
+	rm -rf build build-asan build-clang build-release-check build-tsan

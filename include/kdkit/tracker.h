@@ -22,8 +22,30 @@
  *
  * Ownership: kd_tracker_close frees the handle.  Strings returned inside
  * structs (kd_recovery, kd_summary) are owned by the tracker and valid until
- * the next call on it, unless a comment says otherwise.  A tracker is not
- * thread-safe: call it from one thread (or hold your own mutex).
+ * the next call on it, unless a comment says otherwise.
+ *
+ * Threads: a tracker is shared safely by several threads (the trainer and
+ * the teacher client's threads record into the same one).  Every function
+ * taking a kd_tracker * holds the handle's (recursive) mutex for the whole
+ * call, so each call is atomic with respect to the others, with these rules:
+ *   - kd_tracker_open: any thread; the handle is shared only after it returns.
+ *   - kd_tracker_close: once, when no other thread will call again (it waits
+ *     for a call in progress, but a call after it is a use after free).
+ *   - kd_tracker_session_id, _config_hash, _dir, _resumed: fixed at open;
+ *     any thread, any time.
+ *   - kd_tracker_errmsg: the message of the last failed call on the handle,
+ *     from whichever thread made it; with several threads, trust the return
+ *     code, or serialise the call and the errmsg yourself.
+ *   - kd_tracker_open_report: grows with kd_tracker_record_repair and
+ *     kd_tracker_set_component; read it before sharing the handle, or from
+ *     the thread that makes those calls.
+ *   - kd_tracker_checkpoint_get, _component_get, _summary: the pointers they
+ *     return stay valid until the next call that records or deletes on ANY
+ *     thread; copy what you keep, or serialise.
+ *   - everything else (update_metrics, record_*, rewind, save, pause,
+ *     recovery/best checkpoint, summary_json): any thread, concurrently.
+ * tests/test_tracker_threads.c runs these rules under ThreadSanitizer in
+ * make test.
  */
 #ifndef KDKIT_TRACKER_H
 #define KDKIT_TRACKER_H

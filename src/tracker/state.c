@@ -25,6 +25,15 @@
 #include "tracker/run.h"
 #include "tracker/tracker_int.h"
 
+void kd_trk_mutex_init(kd_tracker *t)
+{
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&t->mu, &a);
+    pthread_mutexattr_destroy(&a);
+}
+
 int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...)
 {
     va_list ap;
@@ -1591,6 +1600,7 @@ int kd_session_inspect(const char *output_dir, char **json_out, kd_err *e)
     kd_tracker *t = calloc(1, sizeof *t);
     if (!t)
         return kd_err_set(e, KD_ENOMEM, "out of memory");
+    kd_trk_mutex_init(t);
     t->readonly = 1;
     t->last_loss = t->last_lr = NAN;
     kd_sb_init(&t->report, 1 << 16);
@@ -1642,6 +1652,7 @@ out:
     kd_trk_components_free(t);
     kd_sb_free(&t->report);
     kd_sb_free(&t->line);
+    pthread_mutex_destroy(&t->mu);
     free(t);
     return rc;
 }

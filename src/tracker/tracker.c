@@ -13,6 +13,7 @@
  */
 #include <dirent.h>
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
@@ -80,7 +81,7 @@ const char *kd_tracker_open_report(const kd_tracker *t)
     return t->report.buf ? t->report.buf : "";
 }
 
-int kd_tracker_record_repair(kd_tracker *t, const char *file, const char *what)
+static int record_repair_locked(kd_tracker *t, const char *file, const char *what)
 {
     if (!t || !file || !what)
         return KD_EINVAL;
@@ -100,7 +101,17 @@ int kd_tracker_record_repair(kd_tracker *t, const char *file, const char *what)
     return rc;
 }
 
-int kd_tracker_set_component(kd_tracker *t, const char *name, const char *config_json,
+int kd_tracker_record_repair(kd_tracker *t, const char *file, const char *what)
+{
+    if (!t)
+        return record_repair_locked(t, file, what);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = record_repair_locked(t, file, what);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
+static int set_component_locked(kd_tracker *t, const char *name, const char *config_json,
                              const char *version)
 {
     if (!t || !name || !*name || strlen(name) >= KD_COMPONENT_NAME_MAX || !config_json)
@@ -196,12 +207,32 @@ int kd_tracker_set_component(kd_tracker *t, const char *name, const char *config
     return rc;
 }
 
-size_t kd_tracker_component_count(const kd_tracker *t)
+int kd_tracker_set_component(kd_tracker *t, const char *name, const char *config_json, const char *version)
+{
+    if (!t)
+        return set_component_locked(t, name, config_json, version);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = set_component_locked(t, name, config_json, version);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
+static size_t component_count_locked(const kd_tracker *t)
 {
     return t ? t->ncomp : 0;
 }
 
-int kd_tracker_component_get(const kd_tracker *t, size_t i, kd_component_info *c)
+size_t kd_tracker_component_count(const kd_tracker *t)
+{
+    if (!t)
+        return component_count_locked(t);
+    pthread_mutex_lock(&((kd_tracker *)t)->mu);
+    size_t rc_ = component_count_locked(t);
+    pthread_mutex_unlock(&((kd_tracker *)t)->mu);
+    return rc_;
+}
+
+static int component_get_locked(const kd_tracker *t, size_t i, kd_component_info *c)
 {
     if (!t || !c || i >= t->ncomp)
         return KD_EINVAL;
@@ -210,6 +241,16 @@ int kd_tracker_component_get(const kd_tracker *t, size_t i, kd_component_info *c
     c->version = t->comp[i].version;
     c->recorded_at = t->comp[i].recorded_at;
     return KD_OK;
+}
+
+int kd_tracker_component_get(const kd_tracker *t, size_t i, kd_component_info *c)
+{
+    if (!t)
+        return component_get_locked(t, i, c);
+    pthread_mutex_lock(&((kd_tracker *)t)->mu);
+    int rc_ = component_get_locked(t, i, c);
+    pthread_mutex_unlock(&((kd_tracker *)t)->mu);
+    return rc_;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -350,6 +391,7 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
     t = calloc(1, sizeof *t);
     if (!t)
         return kd_err_set(e, KD_ENOMEM, "kd_tracker_open: out of memory");
+    kd_trk_mutex_init(t);
     kd_sb_init(&t->report, 1 << 16);
     kd_sb_init(&t->line, 64u << 20);
     if (opts)
@@ -639,7 +681,7 @@ static void rate_push(kd_tracker *t, double active)
         t->rate_n++;
 }
 
-int kd_tracker_update_metrics(kd_tracker *t, const kd_metrics *m)
+static int update_metrics_locked(kd_tracker *t, const kd_metrics *m)
 {
     if (!t || !m)
         return KD_EINVAL;
@@ -690,6 +732,16 @@ int kd_tracker_update_metrics(kd_tracker *t, const kd_metrics *m)
     return KD_OK;
 }
 
+int kd_tracker_update_metrics(kd_tracker *t, const kd_metrics *m)
+{
+    if (!t)
+        return update_metrics_locked(t, m);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = update_metrics_locked(t, m);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Checkpoints                                                               */
 
@@ -701,7 +753,7 @@ static ckrec *find_ck(kd_tracker *t, int64_t step)
     return NULL;
 }
 
-int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c)
+static int record_checkpoint_locked(kd_tracker *t, const kd_checkpoint_info *c)
 {
     if (!t || !c || !c->path || c->step < 0)
         return KD_EINVAL;
@@ -828,12 +880,32 @@ int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c)
     return KD_OK;
 }
 
-size_t kd_tracker_checkpoint_count(const kd_tracker *t)
+int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c)
+{
+    if (!t)
+        return record_checkpoint_locked(t, c);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = record_checkpoint_locked(t, c);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
+static size_t checkpoint_count_locked(const kd_tracker *t)
 {
     return t ? t->nck : 0;
 }
 
-int kd_tracker_checkpoint_get(const kd_tracker *t, size_t i, kd_checkpoint_record *r)
+size_t kd_tracker_checkpoint_count(const kd_tracker *t)
+{
+    if (!t)
+        return checkpoint_count_locked(t);
+    pthread_mutex_lock(&((kd_tracker *)t)->mu);
+    size_t rc_ = checkpoint_count_locked(t);
+    pthread_mutex_unlock(&((kd_tracker *)t)->mu);
+    return rc_;
+}
+
+static int checkpoint_get_locked(const kd_tracker *t, size_t i, kd_checkpoint_record *r)
 {
     if (!t || !r || i >= t->nck)
         return KD_EINVAL;
@@ -851,6 +923,16 @@ int kd_tracker_checkpoint_get(const kd_tracker *t, size_t i, kd_checkpoint_recor
     r->xxh3_128 = c->xxh3[0] ? c->xxh3 : NULL;
     r->size = c->size;
     return KD_OK;
+}
+
+int kd_tracker_checkpoint_get(const kd_tracker *t, size_t i, kd_checkpoint_record *r)
+{
+    if (!t)
+        return checkpoint_get_locked(t, i, r);
+    pthread_mutex_lock(&((kd_tracker *)t)->mu);
+    int rc_ = checkpoint_get_locked(t, i, r);
+    pthread_mutex_unlock(&((kd_tracker *)t)->mu);
+    return rc_;
 }
 
 /* Index of the best live checkpoint by loss, or -1. */
@@ -876,7 +958,7 @@ static long newest_index(const kd_tracker *t)
     return -1;
 }
 
-int kd_tracker_checkpoint_deleted(kd_tracker *t, int64_t step, const char *reason)
+static int checkpoint_deleted_locked(kd_tracker *t, int64_t step, const char *reason)
 {
     if (!t)
         return KD_EINVAL;
@@ -902,6 +984,16 @@ int kd_tracker_checkpoint_deleted(kd_tracker *t, int64_t step, const char *reaso
     return kd_trk_write_state(t);
 }
 
+int kd_tracker_checkpoint_deleted(kd_tracker *t, int64_t step, const char *reason)
+{
+    if (!t)
+        return checkpoint_deleted_locked(t, step, reason);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = checkpoint_deleted_locked(t, step, reason);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
 static void fill_recovery(const kd_tracker *t, const ckrec *c, kd_recovery *r)
 {
     (void)t;
@@ -915,7 +1007,7 @@ static void fill_recovery(const kd_tracker *t, const ckrec *c, kd_recovery *r)
     r->loss = c->loss;
 }
 
-int kd_tracker_recovery_checkpoint(kd_tracker *t, kd_recovery *r)
+static int recovery_checkpoint_locked(kd_tracker *t, kd_recovery *r)
 {
     if (!t || !r)
         return KD_EINVAL;
@@ -959,7 +1051,17 @@ int kd_tracker_recovery_checkpoint(kd_tracker *t, kd_recovery *r)
     return KD_OK;
 }
 
-int kd_tracker_best_checkpoint(kd_tracker *t, kd_recovery *r)
+int kd_tracker_recovery_checkpoint(kd_tracker *t, kd_recovery *r)
+{
+    if (!t)
+        return recovery_checkpoint_locked(t, r);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = recovery_checkpoint_locked(t, r);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
+static int best_checkpoint_locked(kd_tracker *t, kd_recovery *r)
 {
     if (!t || !r)
         return KD_EINVAL;
@@ -969,6 +1071,16 @@ int kd_tracker_best_checkpoint(kd_tracker *t, kd_recovery *r)
     if (b >= 0)
         fill_recovery(t, &t->ck[b], r);
     return KD_OK;
+}
+
+int kd_tracker_best_checkpoint(kd_tracker *t, kd_recovery *r)
+{
+    if (!t)
+        return best_checkpoint_locked(t, r);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = best_checkpoint_locked(t, r);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1048,7 +1160,7 @@ static int append_api(kd_tracker *t, const kd_api_response *r)
     return KD_OK;
 }
 
-int kd_tracker_record_api_responses(kd_tracker *t, const kd_api_response *rs, size_t n)
+static int record_api_responses_locked(kd_tracker *t, const kd_api_response *rs, size_t n)
 {
     if (!t || (!rs && n))
         return KD_EINVAL;
@@ -1064,14 +1176,34 @@ int kd_tracker_record_api_responses(kd_tracker *t, const kd_api_response *rs, si
     return KD_OK;
 }
 
-int kd_tracker_record_api_response(kd_tracker *t, const kd_api_response *r)
+int kd_tracker_record_api_responses(kd_tracker *t, const kd_api_response *rs, size_t n)
+{
+    if (!t)
+        return record_api_responses_locked(t, rs, n);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = record_api_responses_locked(t, rs, n);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
+static int record_api_response_locked(kd_tracker *t, const kd_api_response *r)
 {
     if (!r)
         return KD_EINVAL;
     return kd_tracker_record_api_responses(t, r, 1);
 }
 
-int kd_tracker_record_connection_failure(kd_tracker *t, const kd_failure *f)
+int kd_tracker_record_api_response(kd_tracker *t, const kd_api_response *r)
+{
+    if (!t)
+        return record_api_response_locked(t, r);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = record_api_response_locked(t, r);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
+static int record_connection_failure_locked(kd_tracker *t, const kd_failure *f)
 {
     if (!t || !f)
         return KD_EINVAL;
@@ -1102,7 +1234,17 @@ int kd_tracker_record_connection_failure(kd_tracker *t, const kd_failure *f)
     return KD_OK;
 }
 
-int kd_tracker_record_pause(kd_tracker *t, double duration)
+int kd_tracker_record_connection_failure(kd_tracker *t, const kd_failure *f)
+{
+    if (!t)
+        return record_connection_failure_locked(t, f);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = record_connection_failure_locked(t, f);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
+static int record_pause_locked(kd_tracker *t, double duration)
 {
     if (!t)
         return KD_EINVAL;
@@ -1134,7 +1276,17 @@ int kd_tracker_record_pause(kd_tracker *t, double duration)
     return rc;
 }
 
-int kd_tracker_save(kd_tracker *t)
+int kd_tracker_record_pause(kd_tracker *t, double duration)
+{
+    if (!t)
+        return record_pause_locked(t, duration);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = record_pause_locked(t, duration);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
+static int save_locked(kd_tracker *t)
 {
     if (!t)
         return KD_EINVAL;
@@ -1148,10 +1300,20 @@ int kd_tracker_save(kd_tracker *t)
     return rc;
 }
 
+int kd_tracker_save(kd_tracker *t)
+{
+    if (!t)
+        return save_locked(t);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = save_locked(t);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Rewind                                                                    */
 
-int kd_tracker_rewind(kd_tracker *t, int64_t step)
+static int rewind_locked(kd_tracker *t, int64_t step)
 {
     if (!t)
         return KD_EINVAL;
@@ -1202,10 +1364,20 @@ int kd_tracker_rewind(kd_tracker *t, int64_t step)
     return rc;
 }
 
+int kd_tracker_rewind(kd_tracker *t, int64_t step)
+{
+    if (!t)
+        return rewind_locked(t, step);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = rewind_locked(t, step);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Summary and close                                                         */
 
-int kd_tracker_summary(kd_tracker *t, kd_summary *s)
+static int summary_locked(kd_tracker *t, kd_summary *s)
 {
     if (!t || !s)
         return KD_EINVAL;
@@ -1251,7 +1423,17 @@ int kd_tracker_summary(kd_tracker *t, kd_summary *s)
     return KD_OK;
 }
 
-int kd_tracker_summary_json(kd_tracker *t, char **json_out)
+int kd_tracker_summary(kd_tracker *t, kd_summary *s)
+{
+    if (!t)
+        return summary_locked(t, s);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = summary_locked(t, s);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
+static int summary_json_locked(kd_tracker *t, char **json_out)
 {
     if (!t || !json_out)
         return KD_EINVAL;
@@ -1259,10 +1441,22 @@ int kd_tracker_summary_json(kd_tracker *t, char **json_out)
     return *json_out ? KD_OK : kd_trk_fail(t, KD_ENOMEM, "summary: out of memory");
 }
 
+int kd_tracker_summary_json(kd_tracker *t, char **json_out)
+{
+    if (!t)
+        return summary_json_locked(t, json_out);
+    pthread_mutex_lock(&t->mu);
+    int rc_ = summary_json_locked(t, json_out);
+    pthread_mutex_unlock(&t->mu);
+    return rc_;
+}
+
 int kd_tracker_close(kd_tracker *t)
 {
     if (!t)
         return KD_OK;
+    /* waits for a call in progress on another thread; none may follow */
+    pthread_mutex_lock(&t->mu);
     int rc = KD_OK;
     if (!t->readonly && t->metrics) {
         rc = sync_metrics(t);
@@ -1289,6 +1483,8 @@ int kd_tracker_close(kd_tracker *t)
     kd_trk_components_free(t);
     kd_sb_free(&t->report);
     kd_sb_free(&t->line);
+    pthread_mutex_unlock(&t->mu);
+    pthread_mutex_destroy(&t->mu);
     free(t);
     return rc;
 }

@@ -7,6 +7,7 @@
 #define KD_SRC_TRACKER_INT_H
 
 #include <limits.h>
+#include <pthread.h>
 #include <stdint.h>
 
 #include <jansson.h>
@@ -80,6 +81,7 @@ typedef struct rate_point {
 } rate_point;
 
 struct kd_tracker {
+    pthread_mutex_t mu;      /* recursive; every public call holds it (tracker.h) */
     char dir[PATH_MAX];
     kd_err err;
     int readonly;
@@ -133,6 +135,7 @@ struct kd_tracker {
 };
 
 /* state.c */
+void kd_trk_mutex_init(kd_tracker *t);   /* recursive mutex of a new handle */
 int kd_trk_rel_path_ok(const char *rel); /* relative, no "..", no empty part */
 int kd_trk_is_hex64(const char *s);      /* 64 lowercase hex digits */
 int kd_trk_is_hex32(const char *s);      /* 32 lowercase hex digits (XXH3-128) */
