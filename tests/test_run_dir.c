@@ -459,6 +459,51 @@ static void test_registry_knows_tracker_files(void **state)
     free(names);
 }
 
+/* Read-only mode: status, verify, report and the binding read typed values,
+   not JSON text, and change nothing (no lock taken: it works beside a
+   writer). */
+static void test_read_only_typed_accessors(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *w = open_ok(dir, CFG);
+    one_response(w, 0.75);
+    char *ck = kdt_path(dir, "checkpoint_3.safetensors");
+    assert_int_equal(kdt_spit(ck, "abc", 3), 0);
+    kd_checkpoint_info c = {.step = 3, .path = ck, .dataset_position = 12, .size = -1};
+    assert_int_equal(kd_tracker_record_checkpoint(w, &c), KD_OK);
+    assert_int_equal(kd_tracker_set_component(w, "teacher", "{\"m\":1}", "v2"), KD_OK);
+    assert_int_equal(kd_tracker_save(w), KD_OK);
+
+    kd_tracker *r = NULL;
+    kd_err e;
+    assert_int_equal(kd_tracker_open_readonly(&r, dir, &e), KD_OK); /* beside the writer */
+    kd_summary s;
+    assert_int_equal(kd_tracker_summary(r, &s), KD_OK);
+    assert_true(fabs(s.total_cost - 0.75) < 1e-12);
+    assert_int_equal(s.api_responses_saved, 1);
+    assert_int_equal(kd_tracker_checkpoint_count(r), 1);
+    kd_checkpoint_record cr;
+    assert_int_equal(kd_tracker_checkpoint_get(r, 0, &cr), KD_OK);
+    assert_int_equal(cr.step, 3);
+    assert_int_equal(cr.dataset_position, 12);
+    assert_int_equal(kd_tracker_component_count(r), 1);
+    kd_component_info ci;
+    assert_int_equal(kd_tracker_component_get(r, 0, &ci), KD_OK);
+    assert_string_equal(ci.version, "v2");
+    assert_string_equal(kd_tracker_config_hash(r), kd_tracker_config_hash(w));
+    one_response(w, 0.0); /* the writer goes on; the view changes nothing */
+    kd_api_response ar;
+    kd_api_response_init(&ar);
+    ar.prompt = "p";
+    ar.response = "r";
+    assert_int_equal(kd_tracker_record_api_response(r, &ar), KD_ESTATE);
+    assert_int_equal(kd_tracker_checkpoint_deleted(r, 3, "x"), KD_ESTATE);
+    assert_int_equal(kd_tracker_close(r), KD_OK);
+    assert_int_equal(kd_tracker_close(w), KD_OK);
+    assert_int_equal(kd_tracker_open_readonly(&r, "/nonexistent-kdkit-dir", &e), KD_ENOTFOUND);
+    free(ck);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -478,6 +523,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_damaged_intent_journal_kept_and_counted, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_teacher_is_a_component, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_read_only_typed_accessors, setup, teardown),
         cmocka_unit_test(test_formats_md_lists_every_registry_entry),
         cmocka_unit_test_setup_teardown(test_registry_knows_tracker_files, setup, teardown),
     };

@@ -346,9 +346,24 @@ int kd_tracker_summary_json(kd_tracker *t, char **json_out);
 int kd_tracker_close(kd_tracker *t);
 
 /*
- * Read-only view of a directory for status tools: the same summary, computed
- * from the files without taking the lock or repairing anything, so it works
- * while a run is writing.  *json_out is the progress.json document.
+ * Read-only mode, for status, verify, report and the binding: a handle on
+ * `output_dir` built from the files (session.json, the journals' tails,
+ * checkpoints.json) with the reopen's validation, without taking the lock or
+ * repairing or writing anything, so it works while a run is writing.  The
+ * typed accessors work on it: kd_tracker_summary (progress and budget state:
+ * total_cost, possibly_billed_failures), kd_tracker_checkpoint_count/_get,
+ * kd_tracker_component_count/_get, kd_tracker_best_checkpoint,
+ * kd_tracker_session_id, kd_tracker_config_hash, kd_tracker_open_report (what
+ * it skipped: a torn tail, an invalid ledger line); calls that record fail
+ * with KD_ESTATE or do nothing.  Close it with kd_tracker_close.
+ * Errors: KD_ENOTFOUND (no directory, or no session.json: "DIR is not a
+ * kdkit output directory"), KD_ECORRUPT (a file the reopen refuses, named
+ * with the line and the repair), KD_EIO, KD_ENOMEM, KD_EINVAL.
+ */
+int kd_tracker_open_readonly(kd_tracker **out, const char *output_dir, kd_err *e);
+
+/*
+ * The same view as the progress.json document (*json_out, malloc'd).
  */
 int kd_session_inspect(const char *output_dir, char **json_out, kd_err *e);
 

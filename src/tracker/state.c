@@ -1592,11 +1592,11 @@ int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
 /* ------------------------------------------------------------------------ */
 /* Read-only view                                                            */
 
-int kd_session_inspect(const char *output_dir, char **json_out, kd_err *e)
+int kd_tracker_open_readonly(kd_tracker **out, const char *output_dir, kd_err *e)
 {
-    if (!output_dir || !json_out)
-        return kd_err_set(e, KD_EINVAL, "kd_session_inspect: arguments required");
-    *json_out = NULL;
+    if (!out || !output_dir)
+        return kd_err_set(e, KD_EINVAL, "kd_tracker_open_readonly: arguments required");
+    *out = NULL;
     kd_tracker *t = calloc(1, sizeof *t);
     if (!t)
         return kd_err_set(e, KD_ENOMEM, "out of memory");
@@ -1626,19 +1626,17 @@ int kd_session_inspect(const char *output_dir, char **json_out, kd_err *e)
     json_error_t je;
     s = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
     const char *id = json_string_value(json_object_get(s, "session_id"));
+    const char *hash = json_string_value(json_object_get(s, "config_hash"));
     if (!json_is_object(s) || !id || strlen(id) >= sizeof t->session_id) {
         rc = kd_trk_fail(t, KD_ECORRUPT, "%s is not a valid session file%s%s", spath,
                          s ? "" : ": ", s ? "" : je.text);
         goto out;
     }
     snprintf(t->session_id, sizeof t->session_id, "%s", id);
+    if (kd_trk_is_hex64(hash))
+        memcpy(t->config_hash, hash, KD_SHA256_HEX);
     t->total_steps = (int64_t)num_field(s, "total_steps_target", 0);
     rc = kd_trk_load(t, s);
-    if (rc != KD_OK)
-        goto out;
-    *json_out = kd_trk_progress_doc(t);
-    if (!*json_out)
-        rc = kd_trk_fail(t, KD_ENOMEM, "out of memory");
 out:
     if (rc != KD_OK && e)
         *e = t->err;
@@ -1646,13 +1644,26 @@ out:
         e->code = rc;
     json_decref(s);
     free(text);
-    for (size_t i = 0; i < t->nck; i++)
-        kd_trk_ck_free(&t->ck[i]);
-    free(t->ck);
-    kd_trk_components_free(t);
-    kd_sb_free(&t->report);
-    kd_sb_free(&t->line);
-    pthread_mutex_destroy(&t->mu);
-    free(t);
+    if (rc != KD_OK) {
+        kd_tracker_close(t);
+        return rc;
+    }
+    *out = t;
+    return KD_OK;
+}
+
+int kd_session_inspect(const char *output_dir, char **json_out, kd_err *e)
+{
+    if (!output_dir || !json_out)
+        return kd_err_set(e, KD_EINVAL, "kd_session_inspect: arguments required");
+    *json_out = NULL;
+    kd_tracker *t = NULL;
+    int rc = kd_tracker_open_readonly(&t, output_dir, e);
+    if (rc != KD_OK)
+        return rc;
+    *json_out = kd_trk_progress_doc(t);
+    if (!*json_out)
+        rc = kd_err_set(e, KD_ENOMEM, "out of memory");
+    kd_tracker_close(t);
     return rc;
 }

@@ -962,6 +962,8 @@ static int checkpoint_deleted_locked(kd_tracker *t, int64_t step, const char *re
 {
     if (!t)
         return KD_EINVAL;
+    if (t->readonly)
+        return kd_trk_fail(t, KD_ESTATE, "checkpoint_deleted: the tracker is read-only");
     ckrec *c = find_ck(t, step);
     if (!c)
         return kd_trk_fail(t, KD_ENOTFOUND, "checkpoint at step %lld is not in the manifest",

@@ -233,20 +233,21 @@ static int check_corpus(run *r)
 /* Refuse to start over a run that has made progress unless asked to resume. */
 static int check_existing(run *r)
 {
-    char *doc = NULL;
+    kd_tracker *view = NULL;
     kd_err ie;
-    int rc = kd_session_inspect(r->o->output_dir, &doc, &ie);
+    int rc = kd_tracker_open_readonly(&view, r->o->output_dir, &ie);
     if (rc != KD_OK)
         return KD_OK; /* no session (or unreadable: the tracker will say why) */
-    json_t *j = json_loads(doc, 0, NULL);
-    free(doc);
-    int64_t steps = (int64_t)json_integer_value(json_object_get(j, "steps_completed"));
-    int64_t ckpts = (int64_t)json_integer_value(json_object_get(j, "checkpoints"));
-    int64_t total = (int64_t)json_integer_value(json_object_get(j, "total_steps_target"));
-    const char *sid = json_string_value(json_object_get(j, "session_id"));
+    kd_summary sm;
+    int64_t steps = 0, ckpts = 0, total = 0;
     char id[128];
-    snprintf(id, sizeof id, "%s", sid ? sid : "?");
-    json_decref(j);
+    snprintf(id, sizeof id, "%s", kd_tracker_session_id(view));
+    if (kd_tracker_summary(view, &sm) == KD_OK) {
+        steps = sm.steps_completed;
+        ckpts = sm.checkpoints;
+        total = sm.total_steps_target;
+    }
+    kd_tracker_close(view);
     if (!r->o->resume && (steps > 0 || ckpts > 0))
         return kd_err_set(r->e, KD_ESTATE,
                           "%s already holds run %s (step %lld of %lld). Continue it with "
