@@ -21,6 +21,13 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+/* A broken check says which one, then traps for the fuzzer. */
+#define TRAP()                                                                                     \
+    do {                                                                                           \
+        fprintf(stderr, "%s:%d: check failed\n", __FILE__, __LINE__);                             \
+        __builtin_trap();                                                                          \
+    } while (0)
+
 static char g_dir[256];
 
 static void clear_dir(void)
@@ -70,19 +77,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 g_dir[0] = '\0';
         }
         if (!g_dir[0])
-            __builtin_trap();
+            TRAP();
         atexit(at_exit);
     }
     clear_dir();
     kd_err e;
     kd_tracker *t = NULL;
     if (kd_tracker_open(&t, g_dir, "{}", 0, NULL, &e) != KD_OK)
-        __builtin_trap();
+        TRAP();
     char path[600];
     snprintf(path, sizeof path, "%s/teacher_intents.jsonl", g_dir);
     FILE *f = fopen(path, "wb");
     if (!f || (size && fwrite(data, 1, size, f) != size))
-        __builtin_trap();
+        TRAP();
     fclose(f);
 
     kd_teacher_config cfg;
@@ -93,18 +100,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     kd_teacher *th = NULL;
     int rc = kd_teacher_open(&th, &cfg, t, &e);
     if (rc != KD_OK)
-        __builtin_trap();
+        TRAP();
     double spent, reserved, cap;
     kd_budget_get(kd_teacher_budget(th), &spent, &reserved, &cap);
     if (isnan(spent) || spent < 0)
-        __builtin_trap();
+        TRAP();
     kd_teacher_close(th);
 
     size_t n = 0;
     uint8_t *now = slurp(path, &n);
     if (!now || n == 0 || now[n - 1] != '\n' || memchr(now, '\n', n - 1) ||
         strncmp((const char *)now, "{\"op\":\"base\",", 13) != 0)
-        __builtin_trap();
+        TRAP();
     free(now);
     /* a damaged journal is kept byte for byte */
     DIR *d = opendir(g_dir);
@@ -119,13 +126,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         size_t an = 0;
         uint8_t *kept = slurp(ap, &an);
         if (!kept || an != size || (size && memcmp(kept, data, size) != 0))
-            __builtin_trap();
+            TRAP();
         free(kept);
     }
     if (d)
         closedir(d);
     if (asides > 1 || (size > 0 && data[size - 1] != '\n' && asides == 0))
-        __builtin_trap(); /* a torn tail must be kept */
+        TRAP(); /* a torn tail must be kept */
     kd_tracker_close(t);
     return 0;
 }

@@ -26,6 +26,7 @@
 #include <cmocka.h>
 
 #include "kdkit/core.h"
+#include "kdkit/limits.h"
 #include "kdkit/teacher.h"
 #include "kdkit/tracker.h"
 #include "support/kd_test.h"
@@ -504,6 +505,38 @@ static void test_read_only_typed_accessors(void **state)
     free(ck);
 }
 
+/* One header of limits, consistent: the largest response the client accepts,
+   at its worst escaping (every byte a control character: six-fold), is one
+   ledger line that the reopen and verify both accept. */
+static void test_largest_response_fits_one_ledger_line(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    char *big = malloc(KD_RESPONSE_MAX + 1);
+    assert_non_null(big);
+    memset(big, 0x01, KD_RESPONSE_MAX);
+    big[KD_RESPONSE_MAX] = '\0';
+    kd_api_response r;
+    kd_api_response_init(&r);
+    r.prompt = "p";
+    r.response = big;
+    r.cost = 0.5;
+    r.model = "m";
+    r.request_id = "req";
+    assert_int_equal(kd_tracker_record_api_response(t, &r), KD_OK);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    free(big);
+    t = open_ok(dir, CFG);
+    kd_summary s;
+    assert_int_equal(kd_tracker_summary(t, &s), KD_OK);
+    assert_int_equal(s.api_responses_saved, 1);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    found f;
+    verify(dir, &f);
+    if (f.n)
+        fail_msg("verify: %s", f.text);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -524,6 +557,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_teacher_is_a_component, setup, teardown),
         cmocka_unit_test_setup_teardown(test_read_only_typed_accessors, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_largest_response_fits_one_ledger_line, setup,
+                                        teardown),
         cmocka_unit_test(test_formats_md_lists_every_registry_entry),
         cmocka_unit_test_setup_teardown(test_registry_knows_tracker_files, setup, teardown),
     };

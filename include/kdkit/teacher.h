@@ -272,7 +272,8 @@ typedef struct kd_teacher_config {
     long connect_timeout_ms;    /* default 10000 */
     long total_timeout_ms;      /* per attempt, default 120000 */
     int max_in_flight;          /* default 16 */
-    size_t max_response_bytes;  /* default 64 MiB; larger bodies are a failed attempt */
+    size_t max_response_bytes;  /* default and maximum KD_RESPONSE_MAX (2 MiB, kdkit/limits.h);
+                                   larger bodies are a failed attempt */
     /* prompt-token bound used for reservations: bytes + this per message */
     int64_t per_message_token_overhead; /* default 16 */
     /* teacher_intents.jsonl is rewritten to one line whenever it passes this

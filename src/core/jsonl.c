@@ -34,8 +34,9 @@
 
 #include "kdkit/core.h"
 #include "core/sys.h"
+#include "kdkit/limits.h"
 
-#define DEFAULT_MAX_LINE ((size_t)16 << 20)
+#define DEFAULT_MAX_LINE KD_LINE_MAX /* kdkit/limits.h */
 #define SCAN_BLOCK 16384
 #define COPY_BLOCK 65536
 #define READER_INITIAL 65536

@@ -11,6 +11,7 @@
 
 #include <jansson.h>
 
+#include "kdkit/limits.h"
 #include "kdkit/teacher.h"
 
 void kd_teacher_params_init(kd_teacher_params *p)
@@ -39,7 +40,7 @@ void kd_teacher_config_init(kd_teacher_config *c)
     c->total_timeout_ms = 120000;
     c->max_in_flight = 16;
     c->intents_compact_bytes = (int64_t)64 << 20;
-    c->max_response_bytes = 64u << 20;
+    c->max_response_bytes = KD_RESPONSE_MAX; /* kdkit/limits.h */
     c->per_message_token_overhead = 16;
     c->cache_sync = KD_CACHE_SYNC_FULL;
     kd_teacher_params_init(&c->defaults);
@@ -326,7 +327,10 @@ int kd_teacher_config_from_json(const char *config_json, kd_teacher_config *c,
         TRY(get_int(p, t, "max_in_flight", "max_in_flight", &v, 1, 1024));
         c->max_in_flight = (int)v;
         v = (int64_t)c->max_response_bytes;
-        TRY(get_int(p, t, "max_response_bytes", "max_response_bytes", &v, 1024, (int64_t)1 << 32));
+        /* at most KD_RESPONSE_MAX: a larger body would not fit in one
+           ledger line, escaped (kdkit/limits.h) */
+        TRY(get_int(p, t, "max_response_bytes", "max_response_bytes", &v, 1024,
+                    (int64_t)KD_RESPONSE_MAX));
         c->max_response_bytes = (size_t)v;
         v = c->intents_compact_bytes;
         TRY(get_int(p, t, "intents_compact_bytes", "intents_compact_bytes", &v, 4096,

@@ -591,7 +591,8 @@ int kd_trk_event(kd_tracker *t, const char *type, const char *detail_json)
     kd_sb_puts(&s, ",\"detail\":");
     kd_sb_puts(&s, detail_json ? detail_json : "{}");
     kd_sb_putc(&s, '}');
-    int rc = kd_sb_error(&s) ? KD_ENOMEM : kd_jsonl_append(t->events, s.buf, s.len, &t->err);
+    int rc = kd_sb_error(&s) ? kd_trk_fail(t, KD_ENOMEM, "events.jsonl: out of memory")
+                             : kd_jsonl_append(t->events, s.buf, s.len, &t->err);
     kd_sb_free(&s);
     return rc;
 }

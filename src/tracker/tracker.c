@@ -1350,11 +1350,15 @@ static int rewind_locked(kd_tracker *t, int64_t step)
     int stale = 0;
     for (size_t i = 0; i < t->nck; i++) {
         if (t->ck[i].step > step && !t->ck[i].deleted) {
+            char *why = strdup("rewound: newer than the resume point");
+            if (!why)
+                return kd_trk_fail(t, KD_ENOMEM, "rewind: out of memory");
             t->ck[i].deleted = 1;
             free(t->ck[i].deleted_reason);
-            t->ck[i].deleted_reason = strdup("rewound: newer than the resume point");
-            kd_trk_ck_frag(&t->ck[i]);
+            t->ck[i].deleted_reason = why;
             stale = 1;
+            if (kd_trk_ck_frag(&t->ck[i]) != KD_OK)
+                return kd_trk_fail(t, KD_ENOMEM, "rewind: out of memory");
         }
     }
     char d[160];

@@ -13,6 +13,7 @@
 #include <jansson.h>
 
 #include "kdkit/core.h"
+#include "kdkit/limits.h"
 #include "kdkit/tracker.h"
 #include "core/sb.h"
 
@@ -21,7 +22,7 @@
 #define KD_RATE_WINDOW 64        /* throughput samples kept */
 #define KD_RATE_SPACING 0.5      /* seconds of active time between samples */
 #define KD_PENDING_MAX 512       /* metrics lines held before a flush (bounds its stall) */
-#define KD_STATE_FILE_MAX (256u << 20) /* largest state file we read */
+#define KD_STATE_FILE_MAX KD_STATE_FILE_MAX_BYTES /* kdkit/limits.h */
 #define KD_PAUSE_LOG_MAX 100     /* pauses listed in session.json */
 #define KD_SESSION_RECENT_CKPTS 10 /* checkpoints session.json lists (+ the best) */
 #define KD_DELETED_KEPT 100      /* deleted records, files gone, kept in the manifest */

@@ -51,7 +51,7 @@
 #include "tracker/run.h"
 #include "tracker/tracker_int.h"
 
-#define V_MAX_LINE ((size_t)16 << 20) /* the journals' own limit (jsonl.c) */
+#define V_MAX_LINE KD_LINE_MAX /* the journals' own limit (kdkit/limits.h) */
 #define V_PER_FILE 100                /* problems listed per file */
 #define V_SCAN_BLOCK 16384
 
