@@ -537,6 +537,60 @@ static void test_largest_response_fits_one_ledger_line(void **state)
         fail_msg("verify: %s", f.text);
 }
 
+/* A ledger that lost lines is reported on reopen, with how many. */
+static void test_ledger_that_lost_lines_is_reported(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    for (int i = 0; i < 3; i++)
+        one_response(t, 1.0);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    char *p = kdt_path(dir, "api_recovery.jsonl");
+    size_t n = 0;
+    char *text = kdt_slurp(p, &n);
+    char *second = strchr(text, '\n') + 1;
+    assert_int_equal(kdt_spit(p, text, (size_t)(second - text)), 0); /* keep line 1 only */
+    t = open_ok(dir, CFG);
+    const char *rep = kd_tracker_open_report(t);
+    if (!strstr(rep, "api_recovery.jsonl lost 2 of the 3 lines session.json counted") ||
+        !strstr(rep, "drops from 3.000000 to 1.000000"))
+        fail_msg("open report: %s", rep);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    free(text);
+    free(p);
+}
+
+/* One symlink rule for verify and the resume: a checkpoint symlinked out of
+   the directory is refused by both (the resume used it). */
+static void test_checkpoint_symlinked_outside_refused_by_resume_too(void **state)
+{
+    const char *dir = *state;
+    char *run = kdt_path(dir, "run");
+    kd_tracker *t = open_ok(run, CFG);
+    char *ck = kdt_path(run, "checkpoint_5.safetensors");
+    assert_int_equal(kdt_spit(ck, "weights", 7), 0);
+    kd_checkpoint_info c = {.step = 5, .path = ck, .dataset_position = 20, .size = -1};
+    assert_int_equal(kd_tracker_record_checkpoint(t, &c), KD_OK);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    char *outside = kdt_path(dir, "elsewhere.safetensors");
+    assert_int_equal(kdt_spit(outside, "weights", 7), 0); /* same bytes, same hash */
+    assert_int_equal(unlink(ck), 0);
+    assert_int_equal(symlink(outside, ck), 0);
+    found f;
+    verify(run, &f);
+    assert_non_null(strstr(f.text, "resolves to a file outside the output directory"));
+    t = open_ok(run, CFG);
+    kd_recovery rec;
+    assert_int_equal(kd_tracker_recovery_checkpoint(t, &rec), KD_OK);
+    assert_int_equal(rec.found, 0);
+    assert_non_null(strstr(rec.skipped, "step 5: checkpoint_5.safetensors resolves to a file "
+                                        "outside the output directory"));
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    free(outside);
+    free(ck);
+    free(run);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -559,6 +613,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_read_only_typed_accessors, setup, teardown),
         cmocka_unit_test_setup_teardown(test_largest_response_fits_one_ledger_line, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_ledger_that_lost_lines_is_reported, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_checkpoint_symlinked_outside_refused_by_resume_too,
+                                        setup, teardown),
         cmocka_unit_test(test_formats_md_lists_every_registry_entry),
         cmocka_unit_test_setup_teardown(test_registry_knows_tracker_files, setup, teardown),
     };

@@ -23,6 +23,8 @@
  *              finite and >= 0
  */
 #include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
 #include <fnmatch.h>
 #include <math.h>
 #include <stdio.h>
@@ -272,6 +274,13 @@ int kd_run_check_session(const json_t *o, char *why, size_t n)
 }
 
 #undef WHY
+
+int kd_run_path_inside(const char *dir, const char *path)
+{
+    char real[PATH_MAX];
+    size_t dl = strlen(dir);
+    return realpath(path, real) && strncmp(real, dir, dl) == 0 && real[dl] == '/';
+}
 
 int kd_run_hex64_lower(const char *s, char out[65])
 {

@@ -78,6 +78,10 @@ int kd_run_check_intent(const json_t *o, char *why, size_t n);   /* teacher_inte
 /* The numeric fields of session.json the reopen trusts: types and signs. */
 int kd_run_check_session(const json_t *o, char *why, size_t n);
 
+/* 1 if `path` resolves (symlinks followed) to a file inside directory `dir`
+   (itself resolved): the one symlink rule of verify and of the resume. */
+int kd_run_path_inside(const char *dir, const char *path);
+
 /* 64 hex digits of either case, copied lower-case into out[65]; 0 if not. */
 int kd_run_hex64_lower(const char *s, char out[65]);
 /* The same for `n` hex digits into out[n + 1] (32 for an XXH3-128). */

@@ -1109,10 +1109,19 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
     char path[PATH_MAX];
     kd_trk_path(t, name, path, sizeof path);
     struct stat st;
-    if (stat(path, &st) != 0)
+    if (stat(path, &st) != 0) {
+        if (*lines > 0) /* the counts are kept: the spend still counts */
+            kd_sb_printf(&t->report,
+                         "%s is missing, but session.json counts %lld lines in it; the counts "
+                         "are kept (restore the file from a backup)\n",
+                         name, (long long)*lines);
         return KD_OK;
+    }
     const char *why = NULL;
     char hex[KD_SHA256_HEX];
+    int64_t old_lines = *lines;
+    double old_cost = cost_sum ? *cost_sum : 0;
+    uint64_t old_bytes = offset;
     if ((uint64_t)st.st_size < offset)
         why = "is shorter than when session.json was saved";
     else if (offset > 0 && print) {
@@ -1173,6 +1182,21 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
     if (rc == KD_ECORRUPT && t->readonly)
         rc = KD_OK; /* torn last line seen by a read-only view */
     kd_jsonl_reader_close(r);
+    if (why && rc >= 0 && *lines < old_lines) {
+        /* lines were lost, not appended: say how many, never recount in silence */
+        kd_sb_printf(&t->report,
+                     "%s lost %lld of the %lld lines session.json counted (%llu bytes then, "
+                     "%lld now)%s",
+                     name, (long long)(old_lines - *lines), (long long)old_lines,
+                     (unsigned long long)old_bytes, (long long)st.st_size,
+                     cost_sum ? "" : "\n");
+        if (cost_sum)
+            kd_sb_printf(&t->report,
+                         "; the spend counted drops from %.6f to %.6f. Restore the file from a "
+                         "backup if you have one; the teacher cache still holds the responses "
+                         "it cached (kdkit cache rebuild refiles what the ledger still has)\n",
+                         old_cost, *cost_sum);
+    }
     return rc < 0 ? rc : KD_OK;
 }
 

@@ -1026,6 +1026,13 @@ static int recovery_checkpoint_locked(kd_tracker *t, kd_recovery *r)
             kd_sb_printf(&why, "step %lld: %s is missing\n", (long long)c->step, c->rel);
             continue;
         }
+        if (!kd_run_path_inside(t->dir, c->resolved)) {
+            /* the same rule as kdkit verify's: a checkpoint is the file in
+               the directory, not whatever a symlink there points at */
+            kd_sb_printf(&why, "step %lld: %s resolves to a file outside the output directory\n",
+                         (long long)c->step, c->rel);
+            continue;
+        }
         if ((int64_t)st.st_size != c->size) {
             kd_sb_printf(&why, "step %lld: %s has %lld bytes, the manifest says %lld\n",
                          (long long)c->step, c->rel, (long long)st.st_size, (long long)c->size);

@@ -625,7 +625,7 @@ static void check_ck_file(vctx *v, int64_t step, const char *rel, int64_t size, 
     static const char *fix_corrupt =
         "that checkpoint is corrupted; `kdkit train --resume auto` skips it and uses the "
         "previous one (restore the file from a backup to use it again)";
-    char path[PATH_MAX], real[PATH_MAX];
+    char path[PATH_MAX];
     if (in_dir(v, rel, path, sizeof path) != 0) {
         report(v, rel, 0, step, KD_ELIMIT, "shorten the output directory's path",
                "checkpoint at step %lld: path %s/%s is too long", (long long)step, v->dir, rel);
@@ -645,8 +645,7 @@ static void check_ck_file(vctx *v, int64_t step, const char *rel, int64_t size, 
                    strerror(errno));
         return;
     }
-    size_t dl = strlen(v->dir);
-    if (!realpath(path, real) || strncmp(real, v->dir, dl) != 0 || real[dl] != '/') {
+    if (!kd_run_path_inside(v->dir, path)) {
         report(v, rel, 0, step, KD_ECORRUPT,
                "replace the symbolic link by the file itself: kdkit only uses checkpoints "
                "inside the output directory",
