@@ -412,6 +412,22 @@ static void test_teacher_is_a_component(void **state)
     verify(dir, &f);
     if (f.n)
         fail_msg("verify: %s", f.text);
+
+    /* a malformed component: the reopen and verify apply the same rule */
+    char *p = kdt_path(dir, "session.json");
+    char *s = kdt_slurp(p, NULL);
+    char *h = strstr(s, "\"teacher\": {\"config_hash\": \"");
+    assert_non_null(h);
+    h += strlen("\"teacher\": {\"config_hash\": \"");
+    h[0] = 'X';
+    assert_int_equal(kdt_spit(p, s, strlen(s)), 0);
+    t = NULL;
+    assert_int_equal(kd_tracker_open(&t, dir, CFG, 100, NULL, &e), KD_ECORRUPT);
+    assert_non_null(strstr(e.msg, "components[\"teacher\"] needs a 'config_hash'"));
+    verify(dir, &f);
+    assert_non_null(strstr(f.text, "components[\"teacher\"] needs a 'config_hash'"));
+    free(s);
+    free(p);
 }
 
 /* Every registry entry has its line in docs/formats.md's file tree. */

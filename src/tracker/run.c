@@ -20,7 +20,7 @@
  *              (id >= 1, outcome paid|not_billed|possibly_billed, amount
  *              finite >= 0)
  *   session    the numbers the reopen trusts (total_cost, counters, times):
- *              finite and >= 0
+ *              finite and >= 0; "components" well formed
  */
 #include <errno.h>
 #include <limits.h>
@@ -270,6 +270,25 @@ int kd_run_check_session(const json_t *o, char *why, size_t n)
     for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++)
         if (opt_int(o, counts[i], 0, why, n))
             return 1;
+    /* components: {"<name>": {"config_hash": 64 lowercase hex, "version":
+       string or null, ...}}, at most 8, names of 1..31 bytes */
+    json_t *cs = json_object_get(o, "components");
+    if (cs && !json_is_null(cs)) {
+        if (!json_is_object(cs) || json_object_size(cs) > KD_COMPONENTS_MAX)
+            WHY("field 'components' must be an object of at most 8 entries");
+        const char *name;
+        json_t *c;
+        json_object_foreach(cs, name, c)
+        {
+            json_t *ver = json_object_get(c, "version");
+            if (!json_is_object(c) || strlen(name) == 0 || strlen(name) >= KD_COMPONENT_NAME_MAX ||
+                !kd_trk_is_hex64(json_string_value(json_object_get(c, "config_hash"))) ||
+                (ver && !json_is_null(ver) && !json_is_string(ver)))
+                WHY("components[\"%.40s\"] needs a 'config_hash' of 64 lowercase hex digits "
+                    "and a 'version' string or null",
+                    name);
+        }
+    }
     return 0;
 }
 

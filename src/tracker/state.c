@@ -1340,25 +1340,17 @@ int kd_trk_load_components(kd_tracker *t, const json_t *session)
     kd_trk_path(t, F_SESSION, spath, sizeof spath);
     kd_trk_components_free(t);
     json_t *cs = json_object_get(session, "components");
+    char why[256];
+    if (kd_run_check_session(session, why, sizeof why)) /* the one rule, as verify's */
+        return kd_trk_fail(t, KD_ECORRUPT, "%s: %s; nothing was changed", spath, why);
     if (!cs || json_is_null(cs))
         return KD_OK;
-    if (!json_is_object(cs) || json_object_size(cs) > KD_COMPONENTS_MAX)
-        return kd_trk_fail(t, KD_ECORRUPT,
-                           "%s: 'components' must be an object of at most %d entries; nothing "
-                           "was changed",
-                           spath, KD_COMPONENTS_MAX);
     const char *name;
     json_t *c;
     json_object_foreach(cs, name, c)
     {
         const char *h = json_string_value(json_object_get(c, "config_hash"));
         json_t *ver = json_object_get(c, "version");
-        if (!json_is_object(c) || strlen(name) == 0 || strlen(name) >= KD_COMPONENT_NAME_MAX ||
-            !kd_trk_is_hex64(h) || (ver && !json_is_null(ver) && !json_is_string(ver)))
-            return kd_trk_fail(t, KD_ECORRUPT,
-                               "%s: components[\"%.40s\"] needs a 'config_hash' of 64 lowercase "
-                               "hex digits and a 'version' string or null; nothing was changed",
-                               spath, name);
         component *k = &t->comp[t->ncomp];
         memset(k, 0, sizeof *k);
         snprintf(k->name, sizeof k->name, "%s", name);

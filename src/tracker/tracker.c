@@ -1481,12 +1481,15 @@ int kd_tracker_close(kd_tracker *t)
             rc = r2;
     }
     kd_err ignore;
-    int r3 = kd_jsonl_close(t->metrics, &ignore);
-    r3 |= kd_jsonl_close(t->api, &ignore);
-    r3 |= kd_jsonl_close(t->failures, &ignore);
-    r3 |= kd_jsonl_close(t->events, &ignore);
-    if (rc == KD_OK && r3 != 0 && !t->readonly)
-        rc = KD_EIO;
+    kd_jsonl *js[] = {t->metrics, t->api, t->failures, t->events};
+    int r3 = KD_OK; /* the first error, never codes OR-ed together */
+    for (size_t i = 0; i < sizeof js / sizeof js[0]; i++) {
+        int r = kd_jsonl_close(js[i], &ignore);
+        if (r3 == KD_OK)
+            r3 = r;
+    }
+    if (rc == KD_OK && r3 != KD_OK && !t->readonly)
+        rc = r3;
     kd_dir_unlock(t->lock);
     for (size_t i = 0; i < t->nck; i++)
         kd_trk_ck_free(&t->ck[i]);
