@@ -607,6 +607,64 @@ static void test_checkpoint_symlinked_outside_refused_by_resume_too(void **state
     free(run);
 }
 
+/* verify beside a running writer: a checkpoint that retention deletes
+   between verify's read of the manifest and its look at the file is not
+   "missing, restore it" (50 of 324 calls beside a training said so).  The
+   deletion is made from verify's callback, at the exact moment between the
+   two, so the test is deterministic. */
+typedef struct race {
+    kd_tracker *t;
+    char *ck2;
+    found f;
+} race;
+
+static int delete_during_verify(void *ctx, const kd_verify_problem *p)
+{
+    race *r = ctx;
+    collect(&r->f, p);
+    if (p->step == 1 && r->ck2) { /* the first problem: now retention runs */
+        if (kd_tracker_checkpoint_deleted(r->t, 2, "retention") != KD_OK || unlink(r->ck2) != 0)
+            fail_msg("retention in the callback failed");
+        free(r->ck2);
+        r->ck2 = NULL;
+    }
+    return 0;
+}
+
+static void test_verify_beside_retention_does_not_cry_missing(void **state)
+{
+    const char *dir = *state;
+    race r;
+    memset(&r, 0, sizeof r);
+    r.t = open_ok(dir, CFG);
+    for (int s = 1; s <= 3; s++) {
+        kd_metrics m;
+        kd_metrics_init(&m);
+        m.step = s;
+        m.loss = 4.0 - s;
+        assert_int_equal(kd_tracker_update_metrics(r.t, &m), KD_OK);
+        char name[64];
+        snprintf(name, sizeof name, "checkpoint_%d.safetensors", s);
+        char *ck = kdt_path(dir, name);
+        assert_int_equal(kdt_spit(ck, name, strlen(name)), 0);
+        kd_checkpoint_info c = {.step = s, .path = ck, .dataset_position = s, .size = -1};
+        assert_int_equal(kd_tracker_record_checkpoint(r.t, &c), KD_OK);
+        if (s == 1)
+            assert_int_equal(kdt_spit(ck, "damaged", 7), 0); /* problem 1: a size mismatch */
+        if (s == 2)
+            r.ck2 = ck;
+        else
+            free(ck);
+    }
+    assert_int_equal(kd_tracker_save(r.t), KD_OK);
+    kd_err e;
+    int n = kd_session_verify(dir, 0, delete_during_verify, &r, &e);
+    if (n != 1 || strstr(r.f.text, "missing"))
+        fail_msg("expected only the size mismatch of step 1, got %d:\n%s", n, r.f.text);
+    assert_int_equal(kd_tracker_close(r.t), KD_OK);
+    free(r.ck2);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -632,6 +690,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_ledger_that_lost_lines_is_reported, setup, teardown),
         cmocka_unit_test_setup_teardown(test_checkpoint_symlinked_outside_refused_by_resume_too,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(test_verify_beside_retention_does_not_cry_missing, setup,
+                                        teardown),
         cmocka_unit_test(test_formats_md_lists_every_registry_entry),
         cmocka_unit_test_setup_teardown(test_registry_knows_tracker_files, setup, teardown),
     };

@@ -619,6 +619,43 @@ static void check_progress(vctx *v)
 /* ------------------------------------------------------------------------ */
 /* Checkpoints                                                               */
 
+/*
+ * Is the checkpoint at `step` still live in checkpoints.json as it is NOW?
+ * verify runs beside a writer: between reading the manifest and looking at
+ * the file, retention may have marked the record deleted (or moved it to
+ * checkpoints.deleted.jsonl) and removed the file.  That is not a missing
+ * file to restore.  Unreadable now: assume live (report as before).
+ */
+static int still_live(vctx *v, int64_t step, const char *rel)
+{
+    char path[PATH_MAX];
+    char *text = NULL;
+    size_t len = 0;
+    kd_err e;
+    if (in_dir(v, F_CKPTS, path, sizeof path) != 0 ||
+        kd_file_read_all(path, KD_STATE_FILE_MAX, &text, &len, &e) != KD_OK)
+        return 1;
+    json_t *doc = json_loadb(text, len, 0, NULL);
+    free(text);
+    json_t *cks = json_object_get(doc, "checkpoints");
+    if (!json_is_object(cks)) {
+        json_decref(doc);
+        return 1;
+    }
+    int live = 0;
+    const char *k;
+    json_t *o;
+    json_object_foreach(cks, k, o)
+    {
+        const char *r = json_string_value(json_object_get(o, "relative_path"));
+        if (json_integer_value(json_object_get(o, "checkpoint_step")) == step && r &&
+            strcmp(r, rel) == 0 && !json_is_true(json_object_get(o, "deleted")))
+            live = 1;
+    }
+    json_decref(doc);
+    return live;
+}
+
 static void check_ck_file(vctx *v, int64_t step, const char *rel, int64_t size, const char *sha,
                           const char *xxh)
 {
@@ -633,6 +670,10 @@ static void check_ck_file(vctx *v, int64_t step, const char *rel, int64_t size, 
     }
     struct stat st;
     if (stat(path, &st) != 0) {
+        int err = errno;
+        if (err == ENOENT && !still_live(v, step, rel))
+            return; /* retention removed it while we looked: not a problem */
+        errno = err;
         if (errno == ENOENT)
             report(v, rel, 0, step, KD_ENOTFOUND,
                    "restore the file (checkpoints live inside the output directory, under the "
