@@ -281,18 +281,33 @@ static void test_teacher_ask_after_training(void **state)
     write_text(g_root, "teacher.yaml", cfg);
     rc = sh(&log, "$KDKIT teacher ask --config teacher.yaml --output-dir with_teacher "
                   "'What is distillation?'");
-    int rc2 = -1;
-    char *log2 = NULL;
+    int rc2 = -1, rc3 = -1;
+    char *log2 = NULL, *log3 = NULL;
     if (rc == 0) /* the second ask is a cache hit, and still no mismatch */
         rc2 = sh(&log2, "$KDKIT teacher ask --config teacher.yaml --output-dir with_teacher "
                         "'What is distillation?'");
+    /* the other order: the teacher first, into a fresh directory */
+    if (rc2 == 0)
+        rc3 = sh(&log3, "$KDKIT teacher ask --config teacher.yaml --output-dir teacher_first "
+                        "'Another question'");
     kill(pid, SIGTERM);
     waitpid(pid, NULL, 0);
     expect(rc, 0, "kdkit teacher ask into the training run's directory", log);
     expect(rc2, 0, "the second ask", log2);
     assert_non_null(strstr(log2, "cache: hit"));
+    expect(rc3, 0, "kdkit teacher ask into a fresh directory", log3);
     free(log);
     free(log2);
+    free(log3);
+    /* then make run there (session.json exists, so make run passes --resume
+       auto): the training run takes the teacher's session over, ledger and all */
+    rc = sh(&log, "$KDKIT train --config C.yaml --output-dir teacher_first --resume auto && "
+                  "$KDKIT status teacher_first");
+    expect(rc, 0, "make run after a teacher ask", log);
+    if (!strstr(log, "Steps:        20/20") || !strstr(log, "API:          1 responses saved") ||
+        !strstr(log, "Component:    teacher"))
+        fail_msg("the training run did not take the teacher's session over:\n%s", log);
+    free(log);
 
     rc = sh(&log, "$KDKIT status with_teacher");
     expect(rc, 0, "status", log);

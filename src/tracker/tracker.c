@@ -513,6 +513,20 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
         memcpy(t->config_hash, old_hash, KD_SHA256_HEX);
     }
     int mismatch = strcmp(old_hash, t->config_hash) != 0;
+    if (mismatch && !attach && !t->opts.new_session) {
+        /* A session a component started (kdkit teacher ask into a fresh
+           directory) has no main identity yet ({}): the first run with a main
+           config takes it over, with its components and ledger, instead of
+           archiving it or refusing. */
+        char empty[KD_SHA256_HEX];
+        if (kd_json_hash("{}", 2, empty, &t->err) == KD_OK && strcmp(old_hash, empty) == 0) {
+            mismatch = 0;
+            kd_sb_printf(&t->report,
+                         "session %s had no main config (a component started it); it is now "
+                         "this run's\n",
+                         old_id);
+        }
+    }
     if (mismatch || t->opts.new_session) {
         kd_sb diff;
         kd_sb_init(&diff, 1 << 15);
