@@ -105,7 +105,7 @@ static int session(const char *dir, char *why, size_t whysz)
     kd_err_clear(&e);
     int rc = kd_tracker_open(&t, dir, "{\"model\":\"sweep\",\"n\":[1,2,3]}", 10, NULL, &e);
     if (rc != KD_OK) {
-        snprintf(why, whysz, "open: %s", e.msg);
+        snprintf(why, whysz, "open: %.900s", e.msg);
         return rc;
     }
     const char *step = "update_metrics";
@@ -139,7 +139,7 @@ static int session(const char *dir, char *why, size_t whysz)
     if (rc == KD_OK && (step = "save"))
         rc = kd_tracker_save(t);
     if (rc != KD_OK && kd_tracker_errmsg(t)[0])
-        snprintf(why, whysz, "%s: %s", step, kd_tracker_errmsg(t));
+        snprintf(why, whysz, "%s: %.900s", step, kd_tracker_errmsg(t));
     else if (rc != KD_OK)
         fprintf(stderr, "alloc_sweep: %s returned %d with no message\n", step, rc);
     int crc = kd_tracker_close(t);
