@@ -321,7 +321,7 @@ int kd_ffi_teacher_ask_many(kd_ffi_teacher *w, size_t n, const char *const *prom
     int first = 1;
     for (size_t i = 0; i < n; i++) {
         if (res[i].rc != KD_OK && first) {
-            snprintf(ffi_err, sizeof ffi_err, "request %zu: %s", i, res[i].errmsg);
+            snprintf(ffi_err, sizeof ffi_err, "request %zu: %.960s", i, res[i].errmsg);
             first = 0;
         }
         json_array_append_new(arr, result_to_json(&res[i]));
