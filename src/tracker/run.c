@@ -70,6 +70,15 @@ const kd_run_file kd_run_files[] = {
      "eval lines moved aside by a rewind"},
     {"teacher_intents.jsonl", "teacher", KD_RUN_JOURNAL, "fdatasync before a request leaves",
      kd_run_check_intent, A | V, "teacher requests in flight (possibly-billed spend)"},
+    /* kdkit mix (src/mix/): its files are checked by kd_mix_verify with the
+       mix's own parsers (kd_mix_row_parse, kd_mix_progress_parse), the ones
+       its reader and writer use; the registry archives them with the session */
+    {"mix.jsonl", "mix", KD_RUN_JOURNAL, "rows appended, synced before the progress file",
+     NULL, A, "a kdkit mix: one row per sample and outcome (docs/mix.md)"},
+    {"mix.idx", "mix", KD_RUN_BLOB, "appended; rebuilt from mix.jsonl when behind", NULL, A,
+     "its index sidecar: the row of sample i in one pread"},
+    {"mix_progress.json", "mix", KD_RUN_STATE, "atomic replace", NULL, A,
+     "its progress: completed ranges, spend"},
     {"checkpoint_*.safetensors", "train", KD_RUN_BLOB, "atomic replace", NULL, M | P,
      "checkpoints (docs/checkpoint-format.md)"},
     {"*.torn-*", "core", KD_RUN_ASIDE, "fdatasync before the cut", NULL, A | P,
