@@ -14,7 +14,8 @@
  *   event      time number, type string
  *   eval       integer "step" >= 0, val_loss number or null
  *   ckrec      checkpoint_step integer >= 0, relative_path inside the
- *              directory, sha256 64 hex digits, size integer >= 0
+ *              directory, xxh3_128 32 hex digits (or, older, sha256 64),
+ *              size integer >= 0
  *   intent     op "base" (possibly_billed_cost finite >= 0), "send" (id >= 1,
  *              key 64 hex, reserved finite >= 0, ledger_offset >= 0) or "done"
  *              (id >= 1, outcome paid|not_billed|possibly_billed, amount
@@ -171,10 +172,10 @@ static int need_str(const json_t *o, const char *k, char *why, size_t n)
 
 static int need_hex(const json_t *o, const char *k, char *why, size_t n)
 {
-    char low[65];
-    if (!kd_trk_is_hex64(json_string_value(json_object_get(o, k))) &&
-        !kd_run_hex64_lower(json_string_value(json_object_get(o, k)), low))
-        WHY("field '%s' must be 64 hex digits", k);
+    /* on disk always lower-case: writers normalise their input
+       (kd_run_hexn_lower), so an upper-case digest here is damage */
+    if (!kd_trk_is_hex64(json_string_value(json_object_get(o, k))))
+        WHY("field '%s' must be 64 lowercase hex digits", k);
     return 0;
 }
 
@@ -233,8 +234,16 @@ int kd_run_check_eval(const json_t *o, char *why, size_t n)
 int kd_run_check_ckrec(const json_t *o, char *why, size_t n)
 {
     if (need_object(o, why, n) || need_int(o, "checkpoint_step", 0, why, n) ||
-        need_hex(o, "sha256", why, n) || need_int(o, "size", 0, why, n))
+        need_int(o, "size", 0, why, n))
         return 1;
+    /* the integrity check is XXH3-128; older records carry a SHA-256 */
+    json_t *x = json_object_get(o, "xxh3_128"), *sh = json_object_get(o, "sha256");
+    if (x && !json_is_null(x) && !kd_trk_is_hex32(json_string_value(x)))
+        WHY("field 'xxh3_128' must be 32 lowercase hex digits");
+    if (sh && !json_is_null(sh) && need_hex(o, "sha256", why, n))
+        return 1;
+    if ((!x || json_is_null(x)) && (!sh || json_is_null(sh)))
+        WHY("field 'xxh3_128' (or, from older versions, 'sha256') is missing");
     if (!kd_trk_rel_path_ok(json_string_value(json_object_get(o, "relative_path"))))
         WHY("field 'relative_path' is missing or points outside the output directory");
     return 0;
