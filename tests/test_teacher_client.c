@@ -1338,7 +1338,7 @@ static void test_parse_agrees_with_json(void **state)
         kd_err e;
         kd_err_clear(&e);
         int rc = kd_teacher_parse_response(buf, n, &r, &e);
-        json_t *j = json_loadb(buf, n, 0, NULL);
+        json_t *j = json_loadb(buf, n, JSON_ALLOW_NUL, NULL);
         if (!j) {
             assert_int_equal(rc, KD_ECORRUPT); /* not JSON: never an answer */
         } else if (rc != KD_OK) {

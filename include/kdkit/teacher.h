@@ -51,6 +51,9 @@ extern "C" {
 /* Layout of one cache entry (columns and what `body` holds).  An entry with
    another schema version is incompatible: a counted miss, never reused. */
 #define KD_CACHE_SCHEMA_VERSION 1
+/* Most JSON values (and keys) the response scanner reads in one body, at 20
+   bytes each: a larger body is refused with KD_ELIMIT, a failed attempt. */
+#define KD_TEACHER_SCAN_MAX_VALUES (1 << 22)
 /* OpenAI's "very unlikely" log-probability. */
 #define KD_TEACHER_LOGPROB_FLOOR (-9999.0)
 #define KD_TEACHER_MAX_TOP 20
@@ -292,6 +295,16 @@ typedef struct kd_teacher_config {
 void kd_teacher_config_init(kd_teacher_config *c);
 
 /*
+ * Check a teacher base URL: http:// or https://, then a host, and no
+ * credentials (user:password@host) in it.  A base URL is kept in the cache,
+ * in messages and (through the config) in session.json, so credentials
+ * belong in the environment variable named by api_key_env.  KD_ECONFIG
+ * naming `field` (e.g. "teacher.base_url") otherwise; the message never
+ * repeats the URL.
+ */
+int kd_teacher_check_base_url(const char *url, const char *field, kd_err *e);
+
+/*
  * Fill *c from the "teacher" object of a config document (JSON text, as
  * kd_config_load_yaml returns it).  Strings point into *storage, which the
  * caller frees with free() after the config is no longer used.  Unknown keys
@@ -336,7 +349,10 @@ typedef struct kd_teacher_result {
     int from_fallback;          /* 1: retries failed, a cached answer was used */
     int attempts;               /* HTTP attempts made */
     int possibly_billed;        /* failed attempts that may have been billed */
-    char *text;                 /* choices[0] text or message content */
+    char *text;                 /* choices[0] text or message content ("" on a refusal;
+                                   a \u0000 in the answer ends the C string here, the
+                                   body keeps it) */
+    char *refusal; /* the model's refusal text, NULL when it answered */
     char *body;                 /* the raw response body */
     char *finish_reason;
     char *request_id;
@@ -353,8 +369,10 @@ void kd_teacher_result_free(kd_teacher_result *r);
 /*
  * Parse an OpenAI response body (chat or completions; logprobs as
  * choices[].logprobs.content[] or the legacy tokens/token_logprobs/
- * top_logprobs form) into r's text/tokens/usage fields.  KD_ECORRUPT when
- * the body is not a valid response.
+ * top_logprobs form) into r's text/refusal/tokens/usage fields.  A refusal
+ * (message.content null, message.refusal a string) is a valid answer.
+ * Errors: KD_ECORRUPT when the body is not JSON ("not JSON" in the message)
+ * or not a response; KD_ELIMIT over KD_TEACHER_SCAN_MAX_VALUES; KD_ENOMEM.
  */
 int kd_teacher_parse_response(const char *body, size_t len, kd_teacher_result *r, kd_err *e);
 
@@ -426,6 +444,17 @@ typedef enum kd_teacher_outcome {
  * failure).  body_valid says whether a 200 body parsed.
  */
 kd_teacher_outcome kd_teacher_classify(long status, const char *body, size_t len, int body_valid);
+
+/*
+ * Copy n bytes of provider text (an error message, an answer) into out
+ * (cap >= 1 bytes, always NUL-terminated) so that it is safe to show on a
+ * terminal: valid UTF-8 is kept; \n, \r, \t become those two-character
+ * escapes; other control characters (C0, DEL, and C1 U+0080..U+009F, which
+ * start escape sequences), NUL, backslash and every byte of invalid UTF-8
+ * become \xNN.  Cut at a character boundary when out is full.  Returns the
+ * number of input bytes copied.
+ */
+size_t kd_teacher_escape_text(const char *s, size_t n, char *out, size_t cap);
 
 /* Replace every occurrence of `secret` (and any 12+ character piece of it) in
    buf with "[REDACTED]", in place (buf has room for cap bytes). */

@@ -521,7 +521,7 @@ int kd_cache_stats_get(kd_cache *c, kd_cache_stats *s)
 static int body_is_response(const char *body, size_t len, char *why, size_t whylen)
 {
     json_error_t je;
-    json_t *j = json_loadb(body, len, 0, &je);
+    json_t *j = json_loadb(body, len, JSON_ALLOW_NUL, &je);
     if (!j) {
         snprintf(why, whylen, "body is not JSON (%s)", je.text);
         return 0;

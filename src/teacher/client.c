@@ -24,6 +24,7 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,6 +61,14 @@ struct kd_teacher {
     char quota_msg[512];
     double possibly_billed_cost;
     char idem_version[17];     /* 16 hex of SHA-256(teacher_version) */
+    /* The multi handle (its connection cache) and idle easy handles, kept
+       from one kd_teacher_ask_many to the next so connections are reused.
+       One caller at a time holds it (xmu); a concurrent caller uses a
+       multi handle of its own for that call. */
+    pthread_mutex_t xmu;
+    CURLM *multi;
+    CURL **pool;
+    size_t npool, pool_cap;
     kd_err err;
 };
 
@@ -413,10 +422,14 @@ int kd_teacher_open(kd_teacher **out, const kd_teacher_config *cfg, kd_tracker *
                           "budget are set: paid answers go to its ledger");
     if (cfg->max_attempts < 1 || cfg->max_in_flight < 1)
         return kd_err_set(e, KD_ECONFIG, "teacher: max_attempts and max_in_flight must be >= 1");
+    int crc = kd_teacher_check_base_url(cfg->base_url, "teacher.base_url", e);
+    if (crc != KD_OK)
+        return crc;
     kd_teacher *t = calloc(1, sizeof *t);
     if (!t)
         return kd_err_set(e, KD_ENOMEM, "teacher: out of memory");
     pthread_mutex_init(&t->mu, NULL);
+    pthread_mutex_init(&t->xmu, NULL);
     t->tracker = tracker;
     int rc = copy_config(t, cfg, e);
     if (rc != KD_OK)
@@ -512,6 +525,14 @@ int kd_teacher_open(kd_teacher **out, const kd_teacher_config *cfg, kd_tracker *
     rc = kd_budget_new(&t->budget, t->cfg.budget_max_cost, spent, e);
     if (rc != KD_OK)
         goto fail;
+    t->multi = curl_multi_init();
+    t->pool_cap = (size_t)t->cfg.max_in_flight;
+    t->pool = calloc(t->pool_cap, sizeof *t->pool);
+    if (!t->multi || !t->pool) {
+        rc = kd_err_set(e, KD_ENOMEM, "teacher: out of memory");
+        goto fail;
+    }
+    curl_multi_setopt(t->multi, CURLMOPT_MAXCONNECTS, (long)t->cfg.max_in_flight);
     *out = t;
     return KD_OK;
 fail:
@@ -532,6 +553,12 @@ int kd_teacher_close(kd_teacher *t)
     if (kd_cache_close(t->cache) != KD_OK && rc == KD_OK)
         rc = KD_EIO;
     kd_budget_free(t->budget);
+    for (size_t i = 0; i < t->npool; i++)
+        curl_easy_cleanup(t->pool[i]);
+    free(t->pool);
+    if (t->multi)
+        curl_multi_cleanup(t->multi);
+    pthread_mutex_destroy(&t->xmu);
     wipe_headers(t);
     if (t->api_key) {
         volatile char *p = t->api_key;
@@ -1145,13 +1172,14 @@ static void provider_message(const char *body, size_t len, char *out, size_t cap
     out[0] = '\0';
     json_t *j = body ? json_loadb(body, len, 0, NULL) : NULL;
     const char *m = json_string_value(json_object_get(json_object_get(j, "error"), "message"));
-    if (m)
-        snprintf(out, cap, ": %.200s", m);
-    else if (body && len)
-        snprintf(out, cap, ": %.*s", (int)(len < 120 ? len : 120), body);
-    for (char *p = out; *p; p++)
-        if (*p == '\n' || *p == '\r')
-            *p = ' ';
+    const char *src = m ? m : body;
+    size_t n = m ? strlen(m) : body ? len : 0;
+    if (n > (m ? 200u : 120u))
+        n = m ? 200 : 120;
+    if (src && n && cap > 3) {
+        memcpy(out, ": ", 3);
+        kd_teacher_escape_text(src, n, out + 2, cap - 2);
+    }
     json_decref(j);
 }
 
@@ -1508,11 +1536,16 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
 {
     if (n == 0)
         return KD_OK;
+    /* The handle's multi (and its connections) when no other thread is in a
+       call; otherwise one of this call's own. */
+    int own = pthread_mutex_trylock(&t->xmu) == 0;
     job *jobs = calloc(n, sizeof *jobs);
-    CURLM *multi = curl_multi_init();
+    CURLM *multi = own ? t->multi : curl_multi_init();
     if (!jobs || !multi) {
         free(jobs);
-        if (multi)
+        if (own)
+            pthread_mutex_unlock(&t->xmu);
+        else if (multi)
             curl_multi_cleanup(multi);
         for (size_t i = 0; i < n; i++) {
             memset(&res[i], 0, sizeof res[i]);
@@ -1521,7 +1554,21 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
         }
         return KD_ENOMEM;
     }
-    curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, (long)t->cfg.max_in_flight);
+    if (!own)
+        curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, (long)t->cfg.max_in_flight);
+    /* SIGPIPE: libcurl runs with CURLOPT_NOSIGNAL (threads), so it does not
+       ignore SIGPIPE itself; a TLS write to a connection the server closed
+       could raise it.  It is blocked in this thread for the call and any
+       instance raised meanwhile is consumed, so the process's own
+       disposition is left as it was (docs/teacher.md, "Signals"). */
+    sigset_t pipe_set, old_mask;
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    sigset_t pending_before;
+    sigemptyset(&pending_before);
+    sigpending(&pending_before);
+    int pipe_was_pending = sigismember(&pending_before, SIGPIPE) == 1;
+    int masked = pthread_sigmask(SIG_BLOCK, &pipe_set, &old_mask) == 0;
     size_t remaining = 0;
     double now = kd_monotonic();
     for (size_t i = 0; i < n; i++) {
@@ -1567,8 +1614,15 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
     job **waiting = calloc(n, sizeof *waiting); /* retries, each with its next_at */
     size_t nwait = 0;
     size_t next_new = 0; /* jobs[next_new..] have not been sent yet */
-    xfers x = {.multi = multi, .pool = calloc(cap, sizeof(CURL *))};
-    x.cap = x.pool ? cap : 0;
+    xfers x = {.multi = multi};
+    if (own) {
+        x.pool = t->pool;
+        x.npool = t->npool;
+        x.cap = t->pool_cap;
+    } else {
+        x.pool = calloc(cap, sizeof(CURL *));
+        x.cap = x.pool ? cap : 0;
+    }
     while (remaining > 0 && batch && paid && ar && ce && crc && waiting && x.pool) {
         now = kd_monotonic();
         size_t nb = 0;
@@ -1684,9 +1738,24 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
         if (res[i].rc != KD_OK && first == KD_OK)
             first = res[i].rc;
     }
-    for (size_t i = 0; i < x.npool; i++)
-        curl_easy_cleanup(x.pool[i]);
-    free(x.pool);
+    if (own) {
+        t->npool = x.npool;
+        pthread_mutex_unlock(&t->xmu);
+    } else {
+        for (size_t i = 0; i < x.npool; i++)
+            curl_easy_cleanup(x.pool[i]);
+        free(x.pool);
+        curl_multi_cleanup(multi);
+    }
+    if (masked) {
+        sigset_t pend;
+        sigemptyset(&pend);
+        if (!pipe_was_pending && sigpending(&pend) == 0 && sigismember(&pend, SIGPIPE) == 1) {
+            struct timespec zero = {0, 0};
+            sigtimedwait(&pipe_set, NULL, &zero);
+        }
+        pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
+    }
     free(waiting);
     free(batch);
     free(paid);
@@ -1694,7 +1763,6 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
     free(ce);
     free(crc);
     free(jobs);
-    curl_multi_cleanup(multi);
     return first;
 }
 

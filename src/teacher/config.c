@@ -25,6 +25,29 @@ void kd_teacher_params_init(kd_teacher_params *p)
     p->top_logprobs = 5;
 }
 
+int kd_teacher_check_base_url(const char *url, const char *field, kd_err *e)
+{
+    if (!url)
+        return kd_err_set(e, KD_ECONFIG, "%s is required", field);
+    size_t skip = strncmp(url, "http://", 7) == 0 ? 7 : strncmp(url, "https://", 8) == 0 ? 8 : 0;
+    if (!skip)
+        return kd_err_set(e, KD_ECONFIG, "%s must start with http:// or https://", field);
+    const char *auth = url + skip;
+    size_t alen = strcspn(auth, "/?#");
+    if (alen == 0)
+        return kd_err_set(e, KD_ECONFIG, "%s has no host after the scheme", field);
+    if (memchr(auth, '@', alen))
+        return kd_err_set(e, KD_ECONFIG,
+                          "%s must not contain credentials (user:password@host): the URL is "
+                          "written to session.json, the cache and messages; put the key in "
+                          "the environment variable named by teacher.api_key_env instead",
+                          field);
+    for (const unsigned char *q = (const unsigned char *)url; *q; q++)
+        if (*q <= 0x20 || *q == 0x7f)
+            return kd_err_set(e, KD_ECONFIG, "%s contains a space or control character", field);
+    return KD_OK;
+}
+
 void kd_teacher_config_init(kd_teacher_config *c)
 {
     memset(c, 0, sizeof *c);
@@ -247,10 +270,8 @@ int kd_teacher_config_from_json(const char *config_json, kd_teacher_config *c,
     TRY(get_str(p, t, "base_url", "base_url", &c->base_url, 1));
     {
         const char *u = json_string_value(json_object_get(t, "base_url"));
-        if (strncmp(u, "http://", 7) != 0 && strncmp(u, "https://", 8) != 0) {
-            rc = bad(p, "base_url", "must start with http:// or https://");
+        if ((rc = kd_teacher_check_base_url(u, "teacher.base_url", e)) != KD_OK)
             goto done;
-        }
     }
     TRY(get_str(p, t, "provider", "provider", &c->provider, 0));
     TRY(get_str(p, t, "model", "model", &c->model, 1));

@@ -4,7 +4,9 @@
  * jitter backoff, and scrubbing the API key out of text.
  *
  * Response shapes accepted (choices[0] is used; the ledger keeps the body):
- *   chat:        choices[0].message.content, choices[0].logprobs.content[] =
+ *   chat:        choices[0].message.content, or a refusal: content null or
+ *                absent and message.refusal a string (r->refusal, text ""),
+ *                choices[0].logprobs.content[] =
  *                {token, bytes, logprob, top_logprobs[{token, bytes, logprob}]}
  *   completions: choices[0].text, and either the same logprobs.content[] or
  *                the legacy logprobs {tokens[], token_logprobs[],
@@ -18,6 +20,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +50,8 @@ void kd_teacher_result_free(kd_teacher_result *r)
     free(r->finish_reason);
     free(r->request_id);
     free(r->response_model);
+    free(r->refusal);
+    r->refusal = NULL;
     for (size_t i = 0; i < r->ntokens; i++)
         free_token(&r->tokens[i]);
     free(r->tokens);
@@ -62,22 +67,27 @@ void kd_teacher_result_free(kd_teacher_result *r)
  * Responses are read on the hot path of every paid answer, so they are not
  * turned into a jansson tree: one pass checks the whole text and records a
  * flat array of tokens (no allocation per value), and the fields are then
- * read from it.  It accepts exactly what json_loadb(body, len, 0) accepts:
+ * read from it.  It accepts exactly what json_loadb(body, len, JSON_ALLOW_NUL) accepts:
  * an object or array at the top, RFC 8259 syntax, strings of valid UTF-8
  * without raw control characters, escapes including surrogate pairs (not
  * lone surrogates, not \u0000), integers that fit 64 bits and reals that do
  * not overflow, nothing but whitespace after the value; a repeated key reads
- * as its last value.
+ * as its last value.  \u0000 is accepted, as json_loadb(.., JSON_ALLOW_NUL)
+ * does (not in object keys): decoded text then holds a NUL byte (C strings end there), the body is
+ * kept as received.  fuzz/fuzz_teacher_response.c checks every input against
+ * jansson.  Memory: 20 bytes per JSON value, at most
+ * KD_TEACHER_SCAN_MAX_VALUES values (a larger body is refused, not grown
+ * without bound).
  */
 enum { JT_OBJ = 1, JT_ARR, JT_STR, JT_INT, JT_REAL, JT_TRUE, JT_FALSE, JT_NULL };
 
 typedef struct jtok {
-    int type;
-    size_t start, end; /* strings: the text between the quotes, as written */
-    size_t n;          /* objects: pairs; arrays: items */
-    size_t next;       /* index of the token after this value and its children */
-    int esc;           /* strings: contains a backslash */
-} jtok;
+    uint32_t start, end; /* strings: the text between the quotes, as written */
+    uint32_t n;          /* objects: pairs; arrays: items */
+    uint32_t next;       /* index of the token after this value and its children */
+    uint8_t type;
+    uint8_t esc;         /* strings: contains a backslash */
+} jtok;                  /* 20 bytes per JSON value or key */
 
 typedef struct jscan {
     const char *s;
@@ -85,6 +95,7 @@ typedef struct jscan {
     jtok *t;
     size_t nt, cap;
     int depth;
+    int over_cap;        /* stopped at KD_TEACHER_SCAN_MAX_VALUES */
 } jscan;
 
 #define JSCAN_MAX_DEPTH 2048 /* jansson's limit */
@@ -99,7 +110,13 @@ static void ws(jscan *j)
 static long new_tok(jscan *j, int type)
 {
     if (j->nt == j->cap) {
+        if (j->cap >= KD_TEACHER_SCAN_MAX_VALUES) {
+            j->over_cap = 1;
+            return -1;
+        }
         size_t nc = j->cap ? j->cap * 2 : 64;
+        if (nc > KD_TEACHER_SCAN_MAX_VALUES)
+            nc = KD_TEACHER_SCAN_MAX_VALUES;
         jtok *q = realloc(j->t, nc * sizeof *q);
         if (!q)
             return -1;
@@ -107,7 +124,7 @@ static long new_tok(jscan *j, int type)
         j->cap = nc;
     }
     memset(&j->t[j->nt], 0, sizeof j->t[0]);
-    j->t[j->nt].type = type;
+    j->t[j->nt].type = (uint8_t)type;
     return (long)j->nt++;
 }
 
@@ -130,8 +147,9 @@ static int hex4(const char *p, unsigned *out)
     return 1;
 }
 
-/* A string starting at the opening quote. */
-static int scan_string(jscan *j, long *out)
+/* A string starting at the opening quote.  Object keys may not hold \u0000
+   (jansson refuses them even with JSON_ALLOW_NUL). */
+static int scan_string(jscan *j, long *out, int is_key)
 {
     long k = new_tok(j, JT_STR);
     if (k < 0)
@@ -152,7 +170,7 @@ static int scan_string(jscan *j, long *out)
             char e = (char)p[i + 1];
             if (e == 'u') {
                 unsigned u;
-                if (i + 6 > j->len || !hex4(j->s + i + 2, &u) || u == 0)
+                if (i + 6 > j->len || !hex4(j->s + i + 2, &u) || (u == 0 && is_key))
                     return 0;
                 i += 6;
                 if (u >= 0xDC00 && u <= 0xDFFF)
@@ -191,10 +209,10 @@ static int scan_string(jscan *j, long *out)
     }
     if (i >= j->len)
         return 0;
-    j->t[k].start = j->pos;
-    j->t[k].end = i;
-    j->t[k].esc = esc;
-    j->t[k].next = j->nt;
+    j->t[k].start = (uint32_t)j->pos;
+    j->t[k].end = (uint32_t)i;
+    j->t[k].esc = (uint8_t)esc;
+    j->t[k].next = (uint32_t)j->nt;
     j->pos = i + 1;
     *out = k;
     return 1;
@@ -272,9 +290,9 @@ static int scan_number(jscan *j)
     long k = new_tok(j, real ? JT_REAL : JT_INT);
     if (k < 0)
         return 0;
-    j->t[k].start = st;
-    j->t[k].end = i;
-    j->t[k].next = j->nt;
+    j->t[k].start = (uint32_t)st;
+    j->t[k].end = (uint32_t)i;
+    j->t[k].next = (uint32_t)j->nt;
     j->pos = i;
     return 1;
 }
@@ -297,7 +315,7 @@ static int scan_container(jscan *j, int obj)
         for (;;) {
             if (obj) {
                 long key;
-                if (j->pos >= j->len || j->s[j->pos] != '"' || !scan_string(j, &key))
+                if (j->pos >= j->len || j->s[j->pos] != '"' || !scan_string(j, &key, 1))
                     return 0;
                 ws(j);
                 if (j->pos >= j->len || j->s[j->pos] != ':')
@@ -321,8 +339,8 @@ static int scan_container(jscan *j, int obj)
             return 0;
         }
     }
-    j->t[k].n = n;
-    j->t[k].next = j->nt;
+    j->t[k].n = (uint32_t)n;
+    j->t[k].next = (uint32_t)j->nt;
     j->depth--;
     return 1;
 }
@@ -335,7 +353,7 @@ static int lit(jscan *j, const char *w, int type)
     long k = new_tok(j, type);
     if (k < 0)
         return 0;
-    j->t[k].next = j->nt;
+    j->t[k].next = (uint32_t)j->nt;
     j->pos += n;
     return 1;
 }
@@ -352,7 +370,7 @@ static int scan_value(jscan *j)
     case '[':
         return scan_container(j, 0);
     case '"':
-        return scan_string(j, &k);
+        return scan_string(j, &k, 0);
     case 't':
         return lit(j, "true", JT_TRUE);
     case 'f':
@@ -370,6 +388,11 @@ static int jscan_run(jscan *j, const char *s, size_t len, size_t *bad_at)
     memset(j, 0, sizeof *j);
     j->s = s;
     j->len = len;
+    if (len > UINT32_MAX - 1) { /* offsets are 32-bit; max_response_bytes is far below */
+        j->over_cap = 1;
+        *bad_at = 0;
+        return -1;
+    }
     ws(j);
     int ok = j->pos < len && (s[j->pos] == '{' || s[j->pos] == '[') && scan_value(j);
     if (ok) {
@@ -709,8 +732,13 @@ int kd_teacher_parse_response(const char *body, size_t len, kd_teacher_result *r
     size_t bad_at = 0;
     int rc = KD_OK;
     if (jscan_run(&js, body ? body : "", body ? len : 0, &bad_at) != 0) {
-        rc = kd_err_set(e, KD_ECORRUPT, "response body is not JSON (at byte %zu of %zu)", bad_at,
-                        len);
+        if (js.over_cap)
+            rc = kd_err_set(e, KD_ELIMIT,
+                            "response body has more than %d JSON values (the response "
+                            "scanner's memory cap); not read", KD_TEACHER_SCAN_MAX_VALUES);
+        else
+            rc = kd_err_set(e, KD_ECORRUPT, "response body is not JSON (at byte %zu of %zu)",
+                            bad_at, len);
         goto done;
     }
     const jscan *j = &js;
@@ -722,12 +750,26 @@ int kd_teacher_parse_response(const char *body, size_t len, kd_teacher_result *r
     }
     long msg = jget(j, c0, "message");
     long text = jtype(j, msg) == JT_OBJ ? jget(j, msg, "content") : jget(j, c0, "text");
-    if (jtype(j, text) != JT_STR) {
+    /* OpenAI's refusal: message.content null (or absent), message.refusal a
+       string.  It is an answer (billed like one), not a failure. */
+    long refusal = jtype(j, msg) == JT_OBJ ? jget(j, msg, "refusal") : -1;
+    if (jtype(j, refusal) == JT_STR) {
+        r->refusal = jstr_dup(j, refusal, NULL);
+        if (!r->refusal) {
+            rc = kd_err_set(e, KD_ENOMEM, "out of memory");
+            goto done;
+        }
+    } else if (refusal >= 0 && jtype(j, refusal) != JT_NULL) {
+        rc = kd_err_set(e, KD_ECORRUPT, "response choices[0].message.refusal is neither a "
+                                        "string nor null");
+        goto done;
+    }
+    if (jtype(j, text) != JT_STR && !(r->refusal && (text < 0 || jtype(j, text) == JT_NULL))) {
         rc = kd_err_set(e, KD_ECORRUPT, "response choices[0] has no %s string",
                         jtype(j, msg) == JT_OBJ ? "message.content" : "text");
         goto done;
     }
-    r->text = jstr_dup(j, text, NULL);
+    r->text = jtype(j, text) == JT_STR ? jstr_dup(j, text, NULL) : strdup("");
     r->finish_reason = dup_if_str(j, jget(j, c0, "finish_reason"));
     r->request_id = dup_if_str(j, jget(j, root, "id"));
     r->response_model = dup_if_str(j, jget(j, root, "model"));
@@ -852,6 +894,65 @@ double kd_teacher_retry_after_ms(const char *retry_after_ms, const char *retry_a
         }
     }
     return -1;
+}
+
+/* Length of the valid UTF-8 character at p (n bytes left), or 0. */
+static size_t utf8_len(const unsigned char *p, size_t n)
+{
+    unsigned c = p[0];
+    size_t l = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (!l || l > n)
+        return 0;
+    unsigned cp = l == 1 ? c : c & (0x7Fu >> l);
+    for (size_t q = 1; q < l; q++) {
+        if ((p[q] & 0xC0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (p[q] & 0x3Fu);
+    }
+    if ((l == 2 && cp < 0x80) || (l == 3 && cp < 0x800) || (l == 4 && cp < 0x10000) ||
+        cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+        return 0;
+    return l;
+}
+
+size_t kd_teacher_escape_text(const char *s, size_t n, char *out, size_t cap)
+{
+    if (!out || cap == 0)
+        return 0;
+    const unsigned char *p = (const unsigned char *)(s ? s : "");
+    if (!s)
+        n = 0;
+    size_t i = 0, o = 0;
+    while (i < n) {
+        char rep[16];
+        size_t in = 1, rl;
+        size_t l = utf8_len(p + i, n - i);
+        unsigned c = p[i];
+        int ctl = l == 1 ? (c < 0x20 || c == 0x7f || c == '\\')
+                         : l == 2 && c == 0xC2 && p[i + 1] < 0xA0; /* C1 controls */
+        if (l == 0 || ctl) {
+            if (c == '\n' || c == '\r' || c == '\t')
+                rl = (size_t)snprintf(rep, sizeof rep, "\\%c",
+                                      c == '\n' ? 'n' : c == '\r' ? 'r' : 't');
+            else if (l == 2) {
+                rl = (size_t)snprintf(rep, sizeof rep, "\\x%02x\\x%02x", c, p[i + 1]);
+                in = 2;
+            } else
+                rl = (size_t)snprintf(rep, sizeof rep, "\\x%02x", c);
+            if (o + rl + 1 > cap)
+                break;
+            memcpy(out + o, rep, rl);
+        } else {
+            rl = in = l;
+            if (o + rl + 1 > cap)
+                break;
+            memcpy(out + o, p + i, rl);
+        }
+        o += rl;
+        i += in;
+    }
+    out[o] = '\0';
+    return i;
 }
 
 static const char REDACTED[] = "[REDACTED]";
