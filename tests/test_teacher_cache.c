@@ -596,12 +596,150 @@ static void test_config_errors_name_the_key(void **state)
         {"{\"teacher\":{\"base_url\":\"http://x\",\"model\":\"m\",\"colour\":1}}", "teacher.colour"},
         {"{\"teacher\":{\"base_url\":\"http://x\",\"model\":\"m\",\"budget\":{\"max_cost\":-1}}}",
          "teacher.budget.max_cost"},
+        {"{\"teacher\":{\"base_url\":\"https://user:pa55word@host/v1\",\"model\":\"m\"}}",
+         "must not contain credentials"},
+        {"{\"teacher\":{\"base_url\":\"http://tok@host\",\"model\":\"m\"}}",
+         "teacher.base_url must not contain credentials"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         assert_int_equal(kd_teacher_config_from_json(bad[i].json, &c, &st, &e), KD_ECONFIG);
         if (!strstr(e.msg, bad[i].needle))
             fail_msg("case %zu: '%s' does not name %s", i, e.msg, bad[i].needle);
+        /* The credentials are never repeated in the message. */
+        assert_null(strstr(e.msg, "pa55word"));
+        assert_null(strstr(e.msg, "tok@"));
     }
+    /* The library refuses them too, not only the config reader; an @ after
+       the host (in the path) is not a credential. */
+    kd_teacher_config tc;
+    kd_teacher_config_init(&tc);
+    tc.base_url = "http://k:secret@127.0.0.1:1/v1";
+    tc.model = "m";
+    kd_teacher *t = NULL;
+    assert_int_equal(kd_teacher_open(&t, &tc, NULL, &e), KD_ECONFIG);
+    assert_null(strstr(e.msg, "secret"));
+    tc.base_url = "http://127.0.0.1:1/v1/@x";
+    assert_int_equal(kd_teacher_open(&t, &tc, NULL, &e), KD_OK);
+    kd_teacher_close(t);
+}
+
+/* ------------------------------------------------------------------------ */
+/* SQLite failures named for what they are: a VFS over the default one that  */
+/* fails writes on demand (the cache opens through the default VFS).         */
+
+static sqlite3_vfs *real_vfs;
+static sqlite3_vfs fault_vfs;
+static int fail_writes_with; /* 0: pass through; else the code xWrite returns */
+
+typedef struct ffile {
+    sqlite3_file base;
+    const struct sqlite3_io_methods *real_methods;
+    sqlite3_file *real; /* follows this struct */
+} ffile;
+
+static struct sqlite3_io_methods fault_methods;
+
+static int f_write(sqlite3_file *f, const void *p, int n, sqlite3_int64 off)
+{
+    ffile *ff = (ffile *)f;
+    if (fail_writes_with)
+        return fail_writes_with;
+    return ff->real_methods->xWrite(ff->real, p, n, off);
+}
+
+#define FWD(name, sig, args) \
+    static int f_##name sig { ffile *ff = (ffile *)f; return ff->real_methods->x##name args; }
+FWD(Close, (sqlite3_file *f), (ff->real))
+FWD(Read, (sqlite3_file *f, void *p, int n, sqlite3_int64 o), (ff->real, p, n, o))
+FWD(Truncate, (sqlite3_file *f, sqlite3_int64 s), (ff->real, s))
+FWD(Sync, (sqlite3_file *f, int fl), (ff->real, fl))
+FWD(FileSize, (sqlite3_file *f, sqlite3_int64 *s), (ff->real, s))
+FWD(Lock, (sqlite3_file *f, int l), (ff->real, l))
+FWD(Unlock, (sqlite3_file *f, int l), (ff->real, l))
+FWD(CheckReservedLock, (sqlite3_file *f, int *o), (ff->real, o))
+FWD(FileControl, (sqlite3_file *f, int op, void *a), (ff->real, op, a))
+FWD(SectorSize, (sqlite3_file *f), (ff->real))
+FWD(DeviceCharacteristics, (sqlite3_file *f), (ff->real))
+FWD(ShmMap, (sqlite3_file *f, int i, int sz, int ext, void volatile **pp), (ff->real, i, sz, ext, pp))
+FWD(ShmLock, (sqlite3_file *f, int o, int n, int fl), (ff->real, o, n, fl))
+FWD(ShmUnmap, (sqlite3_file *f, int d), (ff->real, d))
+static void f_ShmBarrier(sqlite3_file *f)
+{
+    ffile *ff = (ffile *)f;
+    ff->real_methods->xShmBarrier(ff->real);
+}
+
+static int f_open(sqlite3_vfs *v, const char *name, sqlite3_file *f, int flags, int *out)
+{
+    (void)v;
+    ffile *ff = (ffile *)f;
+    ff->real = (sqlite3_file *)(ff + 1);
+    int rc = real_vfs->xOpen(real_vfs, name, ff->real, flags, out);
+    ff->real_methods = ff->real->pMethods;
+    ff->base.pMethods = rc == SQLITE_OK ? &fault_methods : NULL;
+    return rc;
+}
+
+static void fault_vfs_install(void)
+{
+    real_vfs = sqlite3_vfs_find(NULL);
+    fault_vfs = *real_vfs;
+    fault_vfs.zName = "kdkit-test-fault";
+    fault_vfs.szOsFile = (int)sizeof(ffile) + real_vfs->szOsFile;
+    fault_vfs.xOpen = f_open;
+    fault_methods = (struct sqlite3_io_methods){
+        .iVersion = 2, .xClose = f_Close, .xRead = f_Read, .xWrite = f_write,
+        .xTruncate = f_Truncate, .xSync = f_Sync, .xFileSize = f_FileSize, .xLock = f_Lock,
+        .xUnlock = f_Unlock, .xCheckReservedLock = f_CheckReservedLock,
+        .xFileControl = f_FileControl, .xSectorSize = f_SectorSize,
+        .xDeviceCharacteristics = f_DeviceCharacteristics, .xShmMap = f_ShmMap,
+        .xShmLock = f_ShmLock, .xShmBarrier = f_ShmBarrier, .xShmUnmap = f_ShmUnmap};
+    assert_int_equal(sqlite3_vfs_register(&fault_vfs, 1), SQLITE_OK);
+}
+
+static void test_sqlite_errors_named(void **state)
+{
+    (void)state;
+    fault_vfs_install();
+    const char *path = path_in("full.sqlite");
+    kd_cache *c = NULL;
+    kd_err e;
+    assert_int_equal(kd_cache_open(&c, path, "1", KD_CACHE_SYNC_FULL, &e), KD_OK);
+    kd_cache_entry en;
+    memset(&en, 0, sizeof en);
+    memset(en.key, 'a', 64);
+    en.body = (char *)BODY;
+    en.body_len = strlen(BODY);
+    en.sample_index = -1;
+    en.prompt_tokens = en.completion_tokens = -1;
+    struct {
+        int code;
+        const char *says;
+    } cases[] = {{SQLITE_FULL, "no space left on the device"},
+                 {SQLITE_IOERR_WRITE, "I/O error"}};
+    for (size_t i = 0; i < 2; i++) {
+        fail_writes_with = cases[i].code;
+        en.key[0] = (char)('a' + i);
+        assert_int_not_equal(kd_cache_put(c, &en, NULL), KD_OK);
+        fail_writes_with = 0;
+        const char *m = kd_cache_errmsg(c);
+        if (!strstr(m, cases[i].says) || !strstr(m, path) || strstr(m, "not a SQLite"))
+            fail_msg("case %zu: %s", i, m);
+    }
+    /* Nothing was lost: the cache still works once writes do. */
+    assert_int_equal(kd_cache_put(c, &en, NULL), KD_OK);
+    assert_int_equal(kd_cache_has_key(c, en.key), 1);
+    assert_int_equal(kd_cache_close(c), KD_OK);
+    /* A file that really is not a database still says so. */
+    const char *junk = path_in("junk.sqlite");
+    FILE *f = fopen(junk, "w");
+    for (int i = 0; i < 200; i++)
+        fputs("this is not a database at all ", f);
+    fclose(f);
+    assert_int_equal(kd_cache_open(&c, junk, "1", KD_CACHE_SYNC_FULL, &e), KD_ECORRUPT);
+    assert_non_null(strstr(e.msg, "not a SQLite database"));
+    assert_non_null(strstr(e.msg, junk));
+    sqlite3_vfs_unregister(&fault_vfs);
 }
 
 int main(void)
@@ -617,6 +755,7 @@ int main(void)
         cmocka_unit_test(test_many_processes),
         cmocka_unit_test(test_budget_threads),
         cmocka_unit_test(test_config_errors_name_the_key),
+        cmocka_unit_test(test_sqlite_errors_named),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -34,7 +34,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <fcntl.h>
 #include <jansson.h>
+
+#include "support/kd_test.h"
 
 #include "kdkit/serve.h"
 #include "kdkit/teacher.h"
@@ -202,6 +205,8 @@ typedef struct responder {
     char echo_auth;        /* put the Authorization header into the body */
     char *big_body;
     size_t big_len;
+    int keep_alive;        /* answer several requests per connection */
+    int accepts;           /* connections accepted */
     volatile int stop;
     pthread_mutex_t mu;
 } responder;
@@ -217,7 +222,8 @@ static void write_all(int fd, const char *p, size_t n)
     }
 }
 
-static void serve_one(responder *rs, int c)
+/* One request on connection c; 1 when it was answered. */
+static int serve_one(responder *rs, int c)
 {
     char buf[65536];
     size_t len = 0;
@@ -225,13 +231,13 @@ static void serve_one(responder *rs, int c)
     while (!end && len < sizeof buf - 1) {
         ssize_t r = read(c, buf + len, sizeof buf - 1 - len);
         if (r <= 0)
-            return;
+            return 0;
         len += (size_t)r;
         buf[len] = '\0';
         end = strstr(buf, "\r\n\r\n");
     }
     if (!end)
-        return;
+        return 0;
     size_t clen = 0;
     char *cl = strcasestr(buf, "Content-Length:");
     if (cl)
@@ -241,7 +247,7 @@ static void serve_one(responder *rs, int c)
         char tmp[8192];
         ssize_t r = read(c, tmp, sizeof tmp);
         if (r <= 0)
-            return;
+            return 0;
         have += (size_t)r;
     }
     pthread_mutex_lock(&rs->mu);
@@ -282,10 +288,11 @@ static void serve_one(responder *rs, int c)
     char head[1024];
     int hn = snprintf(head, sizeof head,
                       "HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
-                      "Connection: close\r\n%s\r\n", cn->status, blen,
-                      cn->headers ? cn->headers : "");
+                      "%s%s\r\n", cn->status, blen,
+                      rs->keep_alive ? "" : "Connection: close\r\n", cn->headers ? cn->headers : "");
     write_all(c, head, (size_t)hn);
     write_all(c, body, cn->send_limit ? cn->send_limit : blen);
+    return 1;
 }
 
 static void *responder_main(void *arg)
@@ -298,7 +305,11 @@ static void *responder_main(void *arg)
         int c = accept(rs->fd, NULL, NULL);
         if (c < 0)
             continue;
-        serve_one(rs, c);
+        pthread_mutex_lock(&rs->mu);
+        rs->accepts++;
+        pthread_mutex_unlock(&rs->mu);
+        while (serve_one(rs, c) && rs->keep_alive && !rs->stop) {
+        }
         close(c);
     }
     return NULL;
@@ -1424,6 +1435,219 @@ static void test_policy_pieces(void **state)
     assert_int_equal(kd_teacher_parse_response(bad, strlen(bad), &r, NULL), KD_ECORRUPT);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Answers as real providers send them (issue 9)                            */
+
+static const char REFUSAL_BODY[] =
+    "{\"id\":\"chatcmpl-r\",\"object\":\"chat.completion\",\"model\":\"m\",\"choices\":[{\"index\":0,"
+    "\"message\":{\"role\":\"assistant\",\"content\":null,\"refusal\":\"I can\\u2019t help with "
+    "that.\\u001b[2J\"},\"logprobs\":null,\"finish_reason\":\"stop\"}],"
+    "\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":6}}";
+
+/* A refusal is bought once: recorded, cached, never retried, and shown. */
+static void test_refusal_is_an_answer(void **state)
+{
+    (void)state;
+    canned sc[] = {{200, NULL, REFUSAL_BODY, 0, 0}};
+    responder rs;
+    responder_start(&rs, sc, 1);
+    run r;
+    run_new(&r, rs.port, NULL);
+    run_open(&r);
+    kd_teacher_result res;
+    assert_int_equal(ask(&r, "something refused", &res), KD_OK);
+    assert_int_equal(res.attempts, 1);
+    assert_int_equal(res.possibly_billed, 0);
+    assert_non_null(res.refusal);
+    assert_non_null(strstr(res.refusal, "help with that"));
+    assert_string_equal(res.text, "");
+    assert_int_equal(res.cache_hit, 0);
+    assert_true(res.cost > 0);
+    assert_string_equal(res.body, REFUSAL_BODY);
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    /* After a restart it is a hit: nothing is bought again. */
+    run_open(&r);
+    assert_int_equal(ask(&r, "something refused", &res), KD_OK);
+    assert_int_equal(res.cache_hit, 1);
+    assert_non_null(res.refusal);
+    assert_true(res.cost == 0);
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    assert_int_equal(rs.narr, 1);
+    assert_int_equal(count_lines(r.dir, "api_recovery.jsonl", NULL), 1);
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", NULL), 0);
+    responder_stop(&rs);
+}
+
+/* Valid JSON with \u0000 in a string is an answer; the body is kept byte for
+   byte (ledger and cache), and no usage means the documented worst case. */
+static void test_nul_escape_and_missing_usage(void **state)
+{
+    (void)state;
+    static const char body[] =
+        "{\"id\":\"c0\",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\","
+        "\"content\":\"a\\u0000b\"},\"finish_reason\":\"stop\"}]}";
+    static const char half[] =
+        "{\"id\":\"c1\",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\","
+        "\"content\":\"x\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":2}}";
+    canned sc[] = {{200, NULL, body, 0, 0}, {200, NULL, half, 0, 0}};
+    responder rs;
+    responder_start(&rs, sc, 2);
+    run r;
+    run_new(&r, rs.port, NULL);
+    run_open(&r);
+    kd_teacher_result res;
+    assert_int_equal(ask(&r, "abc", &res), KD_OK);
+    assert_int_equal(res.attempts, 1);
+    assert_int_equal(res.possibly_billed, 0);
+    assert_string_equal(res.text, "a"); /* the C string ends at the NUL */
+    assert_string_equal(res.body, body);
+    assert_int_equal(res.prompt_tokens, -1);
+    assert_int_equal(res.completion_tokens, -1);
+    /* Worst case (docs/teacher.md): prompt bytes + 16 per message and one
+       for the reply; max_tokens * n completion tokens. */
+    double worst = kd_price_cost(&r.cfg.price, 3 + 16 * 2, 8 * 1);
+    assert_true(fabs(res.cost - worst) < 1e-12);
+    kd_teacher_result_free(&res);
+    /* A known count is used as given, only the unknown one at its worst. */
+    assert_int_equal(ask(&r, "abcd", &res), KD_OK);
+    assert_true(fabs(res.cost - kd_price_cost(&r.cfg.price, 2, 8)) < 1e-12);
+    kd_teacher_result_free(&res);
+    assert_int_equal(ask(&r, "abc", &res), KD_OK);
+    assert_int_equal(res.cache_hit, 1);
+    assert_string_equal(res.body, body);
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    assert_int_equal(rs.narr, 2);
+    assert_int_equal(count_lines(r.dir, "failures.jsonl", NULL), 0);
+    assert_int_equal(count_lines(r.dir, "api_recovery.jsonl", "a\\\\u0000b"), 1);
+    responder_stop(&rs);
+}
+
+/* Sequential calls reuse the connection: one TCP handshake for three asks. */
+static void test_connection_reused(void **state)
+{
+    (void)state;
+    canned sc[] = {{200, NULL, OK_BODY, 0, 0}};
+    responder rs;
+    responder_start(&rs, sc, 1);
+    rs.keep_alive = 1;
+    run r;
+    run_new(&r, rs.port, NULL);
+    run_open(&r);
+    const char *prompts[] = {"one", "two", "three"};
+    for (int i = 0; i < 3; i++) {
+        kd_teacher_result res;
+        assert_int_equal(ask(&r, prompts[i], &res), KD_OK);
+        assert_int_equal(res.cache_hit, 0);
+        kd_teacher_result_free(&res);
+    }
+    run_close(&r); /* closes the connection, so the responder can stop */
+    assert_int_equal(rs.narr, 3);
+    assert_int_equal(rs.accepts, 1);
+    responder_stop(&rs);
+}
+
+/* Escape sequences in a provider's error message never reach the caller raw. */
+static void test_provider_text_escaped(void **state)
+{
+    (void)state;
+    canned sc[] = {{400, NULL,
+                    "{\"error\":{\"message\":\"bad \\u001b]0;pwned\\u0007 \\u009b31m input\","
+                    "\"type\":\"invalid_request_error\"}}", 0, 0}};
+    responder rs;
+    responder_start(&rs, sc, 1);
+    run r;
+    run_new(&r, rs.port, NULL);
+    run_open(&r);
+    kd_teacher_result res;
+    assert_int_equal(ask(&r, "x", &res), KD_EHTTP);
+    assert_null(strchr(res.errmsg, 0x1b));
+    assert_null(strchr(res.errmsg, 0x07));
+    assert_null(strstr(res.errmsg, "\xc2\x9b"));
+    assert_non_null(strstr(res.errmsg, "\\x1b]0;pwned"));
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    responder_stop(&rs);
+    char out[64];
+    kd_teacher_escape_text("ok \xe2\x82\xac \xff\\", 9, out, sizeof out);
+    assert_string_equal(out, "ok \xe2\x82\xac \\xff\\x5c");
+}
+
+/* `kdkit teacher ask` as a user runs it: bad options exit 2 naming the
+   option, before anything is sent; a refusal prints as one, escaped. */
+static int run_cli(const char *const *argv, const char *out_path)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        int fd = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void test_cli_options_and_refusal(void **state)
+{
+    (void)state;
+    const char *kdkit = getenv("KDKIT");
+    if (!kdkit)
+        skip();
+    canned sc[] = {{200, NULL, REFUSAL_BODY, 0, 0}};
+    responder rs;
+    responder_start(&rs, sc, 1);
+    char cfg[600], dir[600], out[600];
+    snprintf(cfg, sizeof cfg, "%s/cli.yaml", tmpdir);
+    snprintf(dir, sizeof dir, "%s/cli_run", tmpdir);
+    snprintf(out, sizeof out, "%s/cli.out", tmpdir);
+    FILE *f = fopen(cfg, "w");
+    fprintf(f, "teacher:\n  base_url: http://127.0.0.1:%d/v1\n  model: m\n"
+               "  cache:\n    path: %s/cli.sqlite\n", rs.port, tmpdir);
+    fclose(f);
+    struct {
+        const char *opt, *val, *prompt, *needle;
+    } bad[] = {
+        {"--temperature", "nan", "hi", "--temperature"},
+        {"--temperature", "1e999", "hi", "--temperature"},
+        {"--temperature", "", "hi", "--temperature"},
+        {"--max-tokens", "99999999999999999999", "hi", "--max-tokens"},
+        {"--max-tokens", "2000000", "hi", "--max-tokens"},
+        {"--sample-index", "-1", "hi", "--sample-index"},
+        {"--system", "\xff\xfe", "hi", "--system"},
+        {"--max-tokens", "4", "caf\xc3", "PROMPT"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        const char *argv[] = {kdkit, "teacher", "ask", "--config", cfg, "--output-dir", dir,
+                              bad[i].opt, bad[i].val, bad[i].prompt, NULL};
+        assert_int_equal(run_cli(argv, out), 2);
+        char *txt = kdt_slurp(out, NULL);
+        if (!txt || !strstr(txt, bad[i].needle))
+            fail_msg("case %zu: output does not name %s: %s", i, bad[i].needle, txt);
+        free(txt);
+    }
+    assert_int_equal(rs.narr, 0); /* nothing was sent */
+    const char *argv[] = {kdkit, "teacher", "ask", "--config", cfg, "--output-dir", dir,
+                          "please refuse", NULL};
+    assert_int_equal(run_cli(argv, out), 0);
+    char *txt = kdt_slurp(out, NULL);
+    assert_non_null(txt);
+    assert_non_null(strstr(txt, "refusal: I can"));
+    assert_non_null(strstr(txt, "\\x1b[2J"));
+    assert_null(strchr(txt, 0x1b));
+    free(txt);
+    assert_int_equal(run_cli(argv, out), 0); /* again: a cache hit */
+    txt = kdt_slurp(out, NULL);
+    assert_non_null(strstr(txt, "cache: hit"));
+    free(txt);
+    assert_int_equal(rs.narr, 1);
+    responder_stop(&rs);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1444,6 +1668,11 @@ int main(void)
         cmocka_unit_test(test_retry_after_forms),
         cmocka_unit_test(test_huge_garbage_and_cut_bodies),
         cmocka_unit_test(test_api_key_nowhere),
+        cmocka_unit_test(test_refusal_is_an_answer),
+        cmocka_unit_test(test_nul_escape_and_missing_usage),
+        cmocka_unit_test(test_connection_reused),
+        cmocka_unit_test(test_provider_text_escaped),
+        cmocka_unit_test(test_cli_options_and_refusal),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -16,6 +16,7 @@
 #include <jansson.h>
 
 #include "cli/cli.h"
+#include "core/sb.h"
 #include "kdkit/core.h"
 #include "kdkit/teacher.h"
 #include "kdkit/tracker.h"
@@ -29,14 +30,19 @@ static void ask_usage(FILE *f)
             "cache hit: a check of endpoint, key and price table before a long run.\n\n"
             "  --config FILE       YAML/JSON config with a 'teacher:' section (docs/teacher.md)\n"
             "  --output-dir DIR    run directory holding the ledger (default training_progress)\n"
-            "  --max-tokens N      override teacher.defaults.max_tokens\n"
-            "  --temperature T     override teacher.defaults.temperature\n"
-            "  --system TEXT       add a system message (chat endpoint)\n"
+            "  --max-tokens N      override teacher.defaults.max_tokens (1..1000000)\n"
+            "  --temperature T     override teacher.defaults.temperature (0..2)\n"
+            "  --system TEXT       add a system message (chat endpoint; UTF-8)\n"
             "  --sample-index N    sample index (part of the key if the config says so)\n"
             "  --json              print the raw response body instead of the text\n"
             "  --logprobs          also print each token with its top alternatives\n\n"
-            "exit status: 0 answered, 1 the teacher failed (budget, quota, HTTP, network),\n"
-            "2 usage or config error.\n");
+            "PROMPT and --system must be valid UTF-8.  Text from the provider (answers,\n"
+            "refusals, error messages) is printed with control characters escaped.\n"
+            "A refusal (message.refusal) is an answer: printed as 'refusal:', recorded,\n"
+            "cached and paid like any answer, never retried.  An answer without usage\n"
+            "shows 'unknown' and is costed at the request's worst case (docs/teacher.md).\n\n"
+            "exit status: 0 answered (or refused), 1 the teacher failed (budget, quota,\n"
+            "HTTP, network), 2 usage or config error.\n");
 }
 
 static void cache_usage(FILE *f)
@@ -104,16 +110,64 @@ static int64_t existing_total_steps(const char *dir)
     return n;
 }
 
+/* Provider text to a terminal: control characters (C0, DEL, C1) and bad
+   UTF-8 escaped (kd_teacher_escape_text), in pieces of any length. */
+static void fput_escaped(const char *s, FILE *f)
+{
+    char buf[1024];
+    size_t n = s ? strlen(s) : 0, at = 0;
+    while (at < n) {
+        size_t used = kd_teacher_escape_text(s + at, n - at, buf, sizeof buf);
+        fputs(buf, f);
+        if (used == 0)
+            break;
+        at += used;
+    }
+}
+
 static void print_escaped(const char *s)
 {
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p == '\n')
-            fputs("\\n", stdout);
-        else if (*p < 32 || *p == 127)
-            printf("\\x%02x", *p);
-        else
-            putchar(*p);
+    fput_escaped(s, stdout);
+}
+
+/* An error whose text may come from the provider. */
+static void error_escaped(const char *cmd, const char *msg)
+{
+    char buf[2 * KD_ERRMSG_MAX];
+    kd_teacher_escape_text(msg, strlen(msg), buf, sizeof buf);
+    kd_cli_error(cmd, "%s", buf);
+}
+
+/* Strict integer option: all digits, in [lo, hi]. */
+static int int_opt(const char *cmd, const char *name, const char *v, long long lo, long long hi,
+                   long long *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (!*v || *end || errno == ERANGE || x < lo || x > hi) {
+        kd_cli_error(cmd, "%s expects an integer from %lld to %lld, not '%s'", name, lo, hi, v);
+        return 0;
     }
+    *out = x;
+    return 1;
+}
+
+static int utf8_opt(const char *cmd, const char *name, const char *v)
+{
+    if (!kd_utf8_valid(v, strlen(v))) {
+        kd_cli_error(cmd, "%s is not valid UTF-8 (the teacher would get other text)", name);
+        return 0;
+    }
+    return 1;
+}
+
+static void print_tokens(const char *what, int64_t n)
+{
+    if (n >= 0)
+        printf("%lld %s tokens", (long long)n, what);
+    else
+        printf("unknown %s tokens", what);
 }
 
 static int cmd_ask(int argc, char **argv)
@@ -144,24 +198,22 @@ static int cmd_ask(int argc, char **argv)
                 config = v;
             else if (strcmp(a, "--output-dir") == 0)
                 dir = v;
-            else if (strcmp(a, "--system") == 0)
+            else if (strcmp(a, "--system") == 0) {
+                if (!utf8_opt(cmd, "--system", v))
+                    return 2;
                 system = v;
-            else if (strcmp(a, "--max-tokens") == 0) {
-                max_tokens = strtoll(v, &end, 10);
-                if (*end || max_tokens < 1) {
-                    kd_cli_error(cmd, "--max-tokens expects an integer >= 1");
+            } else if (strcmp(a, "--max-tokens") == 0) {
+                if (!int_opt(cmd, "--max-tokens", v, 1, 1000000, &max_tokens))
                     return 2;
-                }
             } else if (strcmp(a, "--sample-index") == 0) {
-                sample = strtoll(v, &end, 10);
-                if (*end || sample < 0) {
-                    kd_cli_error(cmd, "--sample-index expects an integer >= 0");
+                if (!int_opt(cmd, "--sample-index", v, 0, INT64_MAX, &sample))
                     return 2;
-                }
             } else if (strcmp(a, "--temperature") == 0) {
+                errno = 0;
                 temperature = strtod(v, &end);
-                if (*end || temperature < 0 || temperature > 2) {
-                    kd_cli_error(cmd, "--temperature expects a number from 0 to 2");
+                /* !(x >= 0 && x <= 2) also refuses NaN */
+                if (!*v || *end || errno == ERANGE || !(temperature >= 0 && temperature <= 2)) {
+                    kd_cli_error(cmd, "--temperature expects a number from 0 to 2, not '%s'", v);
                     return 2;
                 }
             } else {
@@ -182,6 +234,8 @@ static int cmd_ask(int argc, char **argv)
         ask_usage(stderr);
         return 2;
     }
+    if (!utf8_opt(cmd, "PROMPT", prompt))
+        return 2;
     loaded l;
     if (!load_config(cmd, config, &l))
         return 2;
@@ -207,7 +261,7 @@ static int cmd_ask(int argc, char **argv)
         goto out;
     }
     if (kd_teacher_open(&t, &l.cfg, tr, &e) != KD_OK) {
-        kd_cli_error(cmd, "%s", e.msg);
+        error_escaped(cmd, e.msg);
         status = e.code == KD_ECONFIG ? 2 : 1;
         goto out;
     }
@@ -228,20 +282,30 @@ static int cmd_ask(int argc, char **argv)
                               "role", "user", "content", prompt);
         msgs = m ? json_dumps(m, JSON_COMPACT) : NULL;
         json_decref(m);
+        if (!msgs) {
+            kd_cli_error(cmd, "--system: cannot build the messages (out of memory)");
+            status = 2;
+            goto out;
+        }
         rq.messages_json = msgs;
     }
     kd_teacher_result r;
     int rc = kd_teacher_ask(t, &rq, &r);
     free(msgs);
     if (rc != KD_OK) {
-        kd_cli_error(cmd, "%s", r.errmsg);
+        error_escaped(cmd, r.errmsg);
         if (r.attempts)
             fprintf(stderr, "  attempts: %d (failures recorded in %s/failures.jsonl)\n",
                     r.attempts, dir);
     } else {
         if (json_out)
-            printf("%s\n", r.body);
-        else {
+            printf("%s\n", r.body); /* JSON: control characters are escaped in it */
+        else if (r.refusal) {
+            printf("refusal: ");
+            print_escaped(r.refusal);
+            printf("\n(the model refused: recorded, cached and paid like an answer; not "
+                   "retried)\n");
+        } else {
             printf("response: ");
             print_escaped(r.text ? r.text : "");
             printf("\n");
@@ -250,9 +314,16 @@ static int cmd_ask(int argc, char **argv)
                r.cache_hit ? (r.from_fallback ? "hit (fallback after failures)" : "hit")
                            : "miss",
                r.key, r.attempts, r.attempts == 1 ? "" : "s");
-        printf("usage: %lld prompt tokens, %lld completion tokens\n",
-               (long long)r.prompt_tokens, (long long)r.completion_tokens);
-        printf("cost: %.6f%s\n", r.cost, r.cache_hit ? " (nothing paid: cached)" : "");
+        printf("usage: ");
+        print_tokens("prompt", r.prompt_tokens);
+        printf(", ");
+        print_tokens("completion", r.completion_tokens);
+        printf("\n");
+        int unknown = r.prompt_tokens < 0 || r.completion_tokens < 0;
+        printf("cost: %.6f%s\n", r.cost,
+               r.cache_hit ? " (nothing paid: cached)"
+               : unknown   ? " (usage unknown: the request's worst case, docs/teacher.md)"
+                           : "");
         if (show_lp)
             for (size_t i = 0; i < r.ntokens; i++) {
                 printf("  ");

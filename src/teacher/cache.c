@@ -72,10 +72,43 @@ static const char *SCHEMA_SQL =
     "INSERT OR IGNORE INTO meta VALUES('created_at', strftime('%s','now'));"
     "PRAGMA user_version = 1;";
 
+/*
+ * An SQLite failure, said for what it is: a user told "not a database" may
+ * delete an intact cache whose disk was only full.  The primary result code
+ * picks the kdkit code and the words; SQLite's own message and the OS error
+ * follow.
+ */
+static int sql_fail(kd_err *e, sqlite3 *db, const char *path, const char *what)
+{
+    int ext = db ? sqlite3_extended_errcode(db) : SQLITE_CANTOPEN;
+    int sys = db ? sqlite3_system_errno(db) : 0;
+    int code = KD_EIO;
+    const char *says;
+    switch (ext & 0xff) {
+    case SQLITE_FULL: says = "no space left on the device (the cache is intact; free space and "
+                             "retry)"; break;
+    case SQLITE_IOERR: says = "I/O error reading or writing the file"; break;
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED: says = "database is locked by another process or connection";
+                        code = KD_ELOCKED; break;
+    case SQLITE_READONLY: says = "the file or its directory is read-only"; break;
+    case SQLITE_PERM: says = "permission denied"; break;
+    case SQLITE_CANTOPEN: says = "cannot open the file"; break;
+    case SQLITE_NOMEM: says = "out of memory"; code = KD_ENOMEM; break;
+    case SQLITE_CORRUPT: says = "the database file is corrupt"; code = KD_ECORRUPT; break;
+    case SQLITE_NOTADB: says = "not a SQLite database"; code = KD_ECORRUPT; break;
+    default: says = "SQLite error"; break;
+    }
+    char os[160] = "";
+    if (sys && (ext & 0xff) != SQLITE_CORRUPT && (ext & 0xff) != SQLITE_NOTADB)
+        snprintf(os, sizeof os, "; OS error: %s", strerror(sys));
+    return kd_err_set(e, code, "teacher cache %s: %s: %s (%s, SQLite code %d%s)", path, what, says,
+                      db ? sqlite3_errmsg(db) : "no handle", ext, os);
+}
+
 static int db_fail(kd_cache *c, const char *what)
 {
-    return kd_err_set(&c->err, KD_EIO, "teacher cache %s: %s: %s", c->path, what,
-                      sqlite3_errmsg(c->db));
+    return sql_fail(&c->err, c->db, c->path, what);
 }
 
 void kd_cache_entry_free(kd_cache_entry *en)
@@ -128,6 +161,7 @@ int kd_cache_open(kd_cache **out, const char *path, const char *teacher_version,
                    : kd_err_set(&c->err, KD_ENOMEM, "teacher cache %s: cannot open", path);
         goto done;
     }
+    sqlite3_extended_result_codes(c->db, 1);
     sqlite3_busy_timeout(c->db, 15000);
     sqlite3_stmt *uv = NULL;
     int version = 0;
@@ -136,8 +170,7 @@ int kd_cache_open(kd_cache **out, const char *path, const char *teacher_version,
         version = sqlite3_column_int(uv, 0);
     else {
         sqlite3_finalize(uv);
-        rc = kd_err_set(&c->err, KD_ECORRUPT, "teacher cache %s: not a SQLite database: %s",
-                        path, sqlite3_errmsg(c->db));
+        rc = db_fail(c, "reading the layout version");
         goto done;
     }
     sqlite3_finalize(uv);
@@ -149,8 +182,7 @@ int kd_cache_open(kd_cache **out, const char *path, const char *teacher_version,
     }
     char *msg = NULL;
     if (sqlite3_exec(c->db, "PRAGMA journal_mode=WAL", NULL, NULL, &msg) != SQLITE_OK) {
-        rc = kd_err_set(&c->err, KD_EIO, "teacher cache %s: WAL mode: %s", path,
-                        msg ? msg : "?");
+        rc = db_fail(c, "WAL mode");
         sqlite3_free(msg);
         goto done;
     }
@@ -168,7 +200,7 @@ int kd_cache_open(kd_cache **out, const char *path, const char *teacher_version,
         goto done;
     }
     if (sqlite3_exec(c->db, SCHEMA_SQL, NULL, NULL, &msg) != SQLITE_OK) {
-        rc = kd_err_set(&c->err, KD_EIO, "teacher cache %s: schema: %s", path, msg ? msg : "?");
+        rc = db_fail(c, "schema");
         sqlite3_free(msg);
         sqlite3_exec(c->db, "ROLLBACK", NULL, NULL, NULL);
         goto done;

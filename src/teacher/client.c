@@ -601,11 +601,12 @@ static int build(kd_teacher *t, const kd_teacher_request *req, built *b, kd_err 
     b->p = req->params ? *req->params : t->cfg.defaults;
     b->sample_index = req->sample_index;
     const kd_teacher_params *p = &b->p;
-    if (p->max_tokens < 1 || p->n < 1 || p->top_logprobs < 0 ||
-        p->top_logprobs > KD_TEACHER_MAX_TOP || !isfinite(p->temperature) ||
-        !isfinite(p->top_p))
+    if (p->max_tokens < 1 || p->n < 1 || p->n > 128 ||
+        p->top_logprobs < 0 || p->top_logprobs > KD_TEACHER_MAX_TOP ||
+        !(p->temperature >= 0 && p->temperature <= 2) || !(p->top_p >= 0 && p->top_p <= 1))
         return kd_err_set(e, KD_EINVAL, "teacher request: parameters out of range "
-                                        "(max_tokens >= 1, n >= 1, top_logprobs 0..20)");
+                                        "(max_tokens >= 1, n 1..128, top_logprobs 0..20, "
+                                        "temperature 0..2, top_p 0..1)");
     if (p->stop_json) {
         json_t *s = json_loads(p->stop_json, JSON_DECODE_ANY, NULL);
         if (json_is_string(s)) {
@@ -973,11 +974,18 @@ static char *request_body(kd_teacher *t, const built *b)
 
 /* Worst case of one attempt: every prompt byte a token, plus per-message
    overhead; every choice uses max_tokens. */
+static void worst_tokens(kd_teacher *t, const built *b, int64_t *in, int64_t *out)
+{
+    *in = (int64_t)b->prompt_bytes +
+          t->cfg.per_message_token_overhead * (int64_t)(b->nmessages + 1);
+    /* Saturating: a huge max_tokens reserves "everything", never wraps. */
+    *out = b->p.max_tokens > INT64_MAX / b->p.n ? INT64_MAX : b->p.max_tokens * (int64_t)b->p.n;
+}
+
 static double worst_cost(kd_teacher *t, const built *b)
 {
-    int64_t in = (int64_t)b->prompt_bytes +
-                 t->cfg.per_message_token_overhead * (int64_t)(b->nmessages + 1);
-    int64_t out = b->p.max_tokens * (int64_t)b->p.n;
+    int64_t in, out;
+    worst_tokens(t, b, &in, &out);
     return kd_price_cost(&t->cfg.price, in, out);
 }
 
@@ -1209,9 +1217,12 @@ static void settle_paid_batch(kd_teacher *t, job **paid, size_t n, kd_api_respon
     for (size_t k = 0; k < n; k++) {
         job *j = paid[k];
         kd_teacher_result *r = j->res;
-        r->cost = (r->prompt_tokens >= 0 && r->completion_tokens >= 0)
-                      ? kd_price_cost(&t->cfg.price, r->prompt_tokens, r->completion_tokens)
-                      : j->reserve; /* no usage in the answer: assume the worst */
+        /* A count the answer does not give is taken at its worst case (the
+           one reserved): the ledger's spend never undercounts. */
+        int64_t win, wout;
+        worst_tokens(t, &j->b, &win, &wout);
+        r->cost = kd_price_cost(&t->cfg.price, r->prompt_tokens >= 0 ? r->prompt_tokens : win,
+                                r->completion_tokens >= 0 ? r->completion_tokens : wout);
         event(t, KD_TEACHER_EV_RECEIVED, j);
     }
     int lrc = KD_OK;
