@@ -52,6 +52,11 @@ typedef struct kd_serve_gen_params {
     int top_logprobs;           /* 0..20 alternatives per token */
     const char *const *stop;
     size_t nstop;
+    /* NULL, or an additive bias for each token id 0..255 (byte value),
+       applied to the logits before sampling and in the logprobs reported
+       (OpenAI's logit_bias; -100 bans a token, +100 all but forces it).
+       Only given to a backend with supports_logit_bias. */
+    const double *logit_bias;
 } kd_serve_gen_params;
 
 typedef struct kd_serve_alt {
@@ -82,6 +87,7 @@ typedef struct kd_serve_backend {
     const char *name;           /* served model id, e.g. "kdkit-toy" */
     void *ctx;
     int thread_safe;            /* 0: the server serialises calls */
+    int supports_logit_bias;    /* 1: generate honours p->logit_bias; else 400 */
     int (*generate)(void *ctx, const kd_serve_gen_params *p, kd_serve_gen_result *out,
                     kd_err *e);
     /* *vec is malloc'd (caller frees); *prompt_tokens gets the input length. */
@@ -143,6 +149,8 @@ typedef struct kd_serve_opts {
     size_t max_body_bytes;      /* default 1 MiB -> 413 */
     int64_t max_tokens_limit;   /* default 4096 -> 400 naming max_tokens */
     int max_connections;        /* default 256 */
+    int idle_timeout_s;         /* close a connection idle this long (no byte of a
+                                   request); default 5 */
     kd_serve_faults faults;
 } kd_serve_opts;
 

@@ -89,6 +89,8 @@ static int toy_generate(void *ctx, const kd_serve_gen_params *p, kd_serve_gen_re
         for (int v = 0; v < V; v++) {
             double u = unit(mix(hist ^ ((uint64_t)v * 0xd1342543de82ef95ull)));
             lg[v] = 12.0 * u * u * u; /* a few likely bytes, a long tail */
+            if (p->logit_bias)
+                lg[v] += p->logit_bias[32 + v];
             if (lg[v] > mx)
                 mx = lg[v];
         }
@@ -209,6 +211,7 @@ int kd_serve_backend_toy(kd_serve_backend *out, uint64_t seed, kd_err *e)
     out->name = "kdkit-toy";
     out->ctx = t;
     out->thread_safe = 1;
+    out->supports_logit_bias = 1;
     out->generate = toy_generate;
     out->embed = toy_embed;
     out->destroy = toy_destroy;

@@ -9,7 +9,11 @@
  * (see "Writing JSON without building a tree").
  */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <math.h>
+#include <stdint.h>
+#include <strings.h>
+#include <sys/random.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -26,8 +30,10 @@
 #include "kdkit/core.h"
 #include "kdkit/serve.h"
 
+#define KD_SERVE_FINGERPRINT "0_1"
 #define MAX_SCRIPT 4096
 #define MAX_N 16
+#define KD_SERVE_MAX_PROMPTS 64
 
 struct kd_serve {
     struct MHD_Daemon *d;
@@ -39,10 +45,18 @@ struct kd_serve {
     pthread_mutex_t mu;        /* counters, sequence */
     pthread_mutex_t be_mu;     /* backends that are not thread-safe */
     uint64_t seq;
+    uint64_t rid;              /* x-request-id counter (every request) */
     kd_serve_stats st;
     volatile int stopping;
     int port;
+    char id_prefix[17];        /* 16 hex drawn at start: ids differ across restarts */
 };
+
+/* The x-request-id of the request this thread is answering (libmicrohttpd
+   calls the handler and queues its response on one thread). */
+static _Thread_local char tl_request_id[48];
+/* Content-Type of the 200 being sent (streams: text/event-stream). */
+static _Thread_local const char *tl_content_type;
 
 typedef struct reqctx {
     char *body;
@@ -107,7 +121,13 @@ static enum MHD_Result send_body(struct MHD_Connection *c, unsigned status, char
         free(body);
         return MHD_NO;
     }
-    MHD_add_response_header(r, "Content-Type", "application/json");
+    MHD_add_response_header(r, "Content-Type",
+                            status == 200 && tl_content_type ? tl_content_type
+                                                             : "application/json");
+    if (status == 200 && tl_content_type)
+        MHD_add_response_header(r, "Cache-Control", "no-cache");
+    if (tl_request_id[0])
+        MHD_add_response_header(r, "x-request-id", tl_request_id);
     if (extra_name)
         MHD_add_response_header(r, extra_name, extra_val);
     enum MHD_Result ret = MHD_queue_response(c, status, r);
@@ -530,6 +550,8 @@ typedef struct genreq {
     int n;
     int want_logprobs;
     int chat;
+    int stream, include_usage;
+    double bias[256];
     char *prompt_owned;
 } genreq;
 
@@ -544,9 +566,25 @@ static const char *parse_common(kd_serve *s, json_t *j, genreq *g, int chat, cha
     g->p.temperature = 1.0;
     g->p.top_p = 1.0;
     g->n = 1;
-    if ((v = json_object_get(j, "stream")) && json_is_true(v)) {
-        snprintf(msg, cap, "stream is not supported by kdkit serve");
-        return "stream";
+    if ((v = json_object_get(j, "stream")) && !json_is_null(v)) {
+        if (!json_is_boolean(v)) {
+            snprintf(msg, cap, "stream must be a boolean");
+            return "stream";
+        }
+        g->stream = json_is_true(v);
+    }
+    if ((v = json_object_get(j, "stream_options")) && !json_is_null(v)) {
+        json_t *iu = json_object_get(v, "include_usage");
+        if (!g->stream) {
+            snprintf(msg, cap, "stream_options is only allowed when stream is true");
+            return "stream_options";
+        }
+        if (!json_is_object(v) || json_object_size(v) != (iu ? 1u : 0u) ||
+            (iu && !json_is_boolean(iu))) {
+            snprintf(msg, cap, "stream_options must be an object with a boolean include_usage");
+            return "stream_options";
+        }
+        g->include_usage = json_is_true(iu);
     }
     const char *mt = json_object_get(j, "max_completion_tokens") ? "max_completion_tokens"
                                                                   : "max_tokens";
@@ -611,6 +649,30 @@ static const char *parse_common(kd_serve *s, json_t *j, genreq *g, int chat, cha
             return "stop";
         }
         g->p.stop = g->stops;
+    }
+    if ((v = json_object_get(j, "logit_bias")) && !json_is_null(v)) {
+        if (!json_is_object(v)) {
+            snprintf(msg, cap, "logit_bias must be an object mapping token ids to numbers");
+            return "logit_bias";
+        }
+        if (json_object_size(v) > 0 && !s->be.supports_logit_bias) {
+            snprintf(msg, cap, "logit_bias is not supported by the %s backend", s->be.name);
+            return "logit_bias";
+        }
+        const char *key;
+        json_t *b;
+        json_object_foreach(v, key, b) {
+            char *end = NULL;
+            long id = strtol(key, &end, 10);
+            if (!*key || *end || id < 0 || id > 255 || !json_is_number(b) ||
+                json_number_value(b) < -100 || json_number_value(b) > 100) {
+                snprintf(msg, cap, "logit_bias: '%.40s' must be a token id from 0 to 255 "
+                                   "(a byte) with a number from -100 to 100", key);
+                return "logit_bias";
+            }
+            g->bias[id] = json_number_value(b);
+            g->p.logit_bias = g->bias;
+        }
     }
     json_t *lp = json_object_get(j, "logprobs");
     json_t *tl = json_object_get(j, "top_logprobs");
@@ -748,12 +810,12 @@ static int backend_generate(kd_serve *s, const kd_serve_gen_params *p, kd_serve_
 }
 
 /* choices[].logprobs.content[]: token, bytes, logprob, top_logprobs[]. */
-static void jb_content_logprobs(jbuf *b, const kd_serve_gen_result *r, int k)
+static void jb_content_range(jbuf *b, const kd_serve_gen_result *r, int k, size_t i0, size_t i1)
 {
     jb_lit(b, "[");
-    for (size_t i = 0; i < r->ntokens; i++) {
+    for (size_t i = i0; i < i1; i++) {
         const kd_serve_token *t = &r->tokens[i];
-        if (i)
+        if (i > i0)
             jb_lit(b, ",");
         jb_lit(b, "{\"token\":");
         jb_token(b, t->bytes, t->len);
@@ -782,26 +844,31 @@ static void jb_content_logprobs(jbuf *b, const kd_serve_gen_result *r, int k)
    {token: logprob}, text_offset) plus content[].  In a top_logprobs object a
    name that occurs twice keeps its first place and its last value, as a
    JSON object built key by key does. */
-static void jb_legacy_logprobs(jbuf *b, const kd_serve_gen_result *r, int k)
+static void jb_content_logprobs(jbuf *b, const kd_serve_gen_result *r, int k)
+{
+    jb_content_range(b, r, k, 0, r->ntokens);
+}
+
+static void jb_legacy_range(jbuf *b, const kd_serve_gen_result *r, int k, size_t i0, size_t i1)
 {
     jb_lit(b, "{\"tokens\":[");
-    for (size_t i = 0; i < r->ntokens; i++) {
-        if (i)
+    for (size_t i = i0; i < i1; i++) {
+        if (i > i0)
             jb_lit(b, ",");
         jb_token(b, r->tokens[i].bytes, r->tokens[i].len);
     }
     jb_lit(b, "],\"token_logprobs\":[");
-    for (size_t i = 0; i < r->ntokens; i++) {
-        if (i)
+    for (size_t i = i0; i < i1; i++) {
+        if (i > i0)
             jb_lit(b, ",");
         jb_real(b, r->tokens[i].logprob);
     }
     jb_lit(b, "],\"top_logprobs\":[");
-    for (size_t i = 0; i < r->ntokens; i++) {
+    for (size_t i = i0; i < i1; i++) {
         const kd_serve_token *t = &r->tokens[i];
-        char names[KD_SERVE_MAX_TOP][TOKSTR_MAX];
-        size_t nlen[KD_SERVE_MAX_TOP];
-        double val[KD_SERVE_MAX_TOP];
+        char names[KD_SERVE_MAX_TOP + 1][TOKSTR_MAX];
+        size_t nlen[KD_SERVE_MAX_TOP + 1];
+        double val[KD_SERVE_MAX_TOP + 1];
         int nn = 0;
         for (int a = 0; a < t->ntop && a < k && a < KD_SERVE_MAX_TOP; a++) {
             char nm[TOKSTR_MAX];
@@ -817,7 +884,21 @@ static void jb_legacy_logprobs(jbuf *b, const kd_serve_gen_result *r, int k)
             }
             val[at] = t->top[a].logprob;
         }
-        if (i)
+        /* OpenAI lists the sampled token among the alternatives even when
+           it is outside the top k (then the object has k + 1 names). */
+        if (k > 0) {
+            char nm[TOKSTR_MAX];
+            size_t l = token_string_into(t->bytes, t->len, nm);
+            int found = 0;
+            for (int q = 0; q < nn && !found; q++)
+                found = nlen[q] == l && memcmp(names[q], nm, l) == 0;
+            if (!found && nn < KD_SERVE_MAX_TOP + 1) {
+                memcpy(names[nn], nm, l + 1);
+                nlen[nn] = l;
+                val[nn++] = t->logprob;
+            }
+        }
+        if (i > i0)
             jb_lit(b, ",");
         jb_lit(b, "{");
         for (int q = 0; q < nn; q++) {
@@ -831,15 +912,140 @@ static void jb_legacy_logprobs(jbuf *b, const kd_serve_gen_result *r, int k)
     }
     jb_lit(b, "],\"text_offset\":[");
     size_t off = 0;
-    for (size_t i = 0; i < r->ntokens; i++) {
-        if (i)
+    for (size_t i = 0; i < i0; i++)
+        off += r->tokens[i].len;
+    for (size_t i = i0; i < i1; i++) {
+        if (i > i0)
             jb_lit(b, ",");
         jb_int(b, (long long)off);
         off += r->tokens[i].len;
     }
     jb_lit(b, "],\"content\":");
-    jb_content_logprobs(b, r, k);
+    jb_content_range(b, r, k, i0, i1);
     jb_lit(b, "}");
+}
+
+static void jb_legacy_logprobs(jbuf *b, const kd_serve_gen_result *r, int k)
+{
+    jb_legacy_range(b, r, k, 0, r->ntokens);
+}
+
+/* The head every completion object and chunk starts with. */
+static void jb_head(jbuf *b, kd_serve *s, const char *id, const char *object, long long created)
+{
+    jb_lit(b, "{\"id\":");
+    jb_cstr(b, id);
+    jb_lit(b, ",\"object\":");
+    jb_cstr(b, object);
+    jb_lit(b, ",\"created\":");
+    jb_int(b, created);
+    jb_lit(b, ",\"model\":");
+    jb_cstr(b, s->be.name);
+    jb_lit(b, ",\"system_fingerprint\":\"fp_kdkit_" KD_SERVE_FINGERPRINT "\"");
+}
+
+/* Where text[from, to) may be cut so that no UTF-8 character is split:
+   trailing bytes that start a character and could still be completed stay
+   for the next piece. */
+static size_t utf8_cut(const unsigned char *t, size_t from, size_t to)
+{
+    for (size_t back = 1; back <= 3 && back <= to - from; back++) {
+        unsigned c = t[to - back];
+        if ((c & 0xC0) == 0x80)
+            continue; /* a continuation byte: look further back */
+        size_t need = (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
+        return need > back ? to - back : to;
+    }
+    return to;
+}
+
+/* A text piece as a JSON string (invalid UTF-8 -> U+FFFD, as in the whole). */
+static void jb_text(jbuf *b, const char *p, size_t n)
+{
+    char small[512];
+    char *t = n * 3 + 1 <= sizeof small ? small : malloc(n * 3 + 1);
+    size_t l = t ? utf8_lossy_into((const unsigned char *)p, n, t) : 0;
+    jb_str(b, t ? t : "", l);
+    if (t != small)
+        free(t);
+}
+
+static void jb_usage(jbuf *b, int64_t ptok, int64_t ctok)
+{
+    jb_lit(b, "{\"prompt_tokens\":");
+    jb_int(b, (long long)ptok);
+    jb_lit(b, ",\"completion_tokens\":");
+    jb_int(b, (long long)ctok);
+    jb_lit(b, ",\"total_tokens\":");
+    jb_int(b, (long long)(ptok + ctok));
+    jb_lit(b, "}");
+}
+
+/*
+ * One choice as server-sent events: chat sends a first chunk with the role,
+ * then one chunk per token (its text, and its logprobs entry when asked),
+ * then one with finish_reason; completions one chunk per token and one with
+ * finish_reason.  With include_usage every chunk has "usage": null.
+ */
+static void sse_choice(jbuf *b, kd_serve *s, const genreq *g, const char *id, long long created,
+                       int index, const kd_serve_gen_result *r)
+{
+    const char *obj = g->chat ? "chat.completion.chunk" : "text_completion";
+    const unsigned char *text = (const unsigned char *)r->text;
+    size_t done = 0, off = 0;
+    for (size_t i = 0; i <= r->ntokens + (g->chat ? 1 : 0); i++) {
+        int first = g->chat && i == 0;
+        size_t ti = g->chat ? i - 1 : i; /* token of this chunk */
+        int last = ti == r->ntokens && !first;
+        size_t from = done, to = done;
+        if (!first && !last) {
+            off += r->tokens[ti].len;
+            to = utf8_cut(text, done, off < r->text_len ? off : r->text_len);
+            if (to < done)
+                to = done;
+        } else if (last) {
+            to = r->text_len; /* whatever is left (a held partial character) */
+        }
+        done = to;
+        jb_lit(b, "data: ");
+        jb_head(b, s, id, obj, created);
+        jb_lit(b, ",\"choices\":[{\"index\":");
+        jb_int(b, index);
+        if (g->chat) {
+            jb_lit(b, ",\"delta\":");
+            if (first)
+                jb_lit(b, "{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}");
+            else if (last && to == from)
+                jb_lit(b, "{}");
+            else {
+                jb_lit(b, "{\"content\":");
+                jb_text(b, r->text + from, to - from);
+                jb_lit(b, "}");
+            }
+        } else {
+            jb_lit(b, ",\"text\":");
+            jb_text(b, r->text + from, to - from);
+        }
+        jb_lit(b, ",\"logprobs\":");
+        if (!g->want_logprobs || first || last) {
+            jb_lit(b, "null");
+        } else if (g->chat) {
+            jb_lit(b, "{\"content\":");
+            jb_content_range(b, r, g->p.top_logprobs, ti, ti + 1);
+            jb_lit(b, ",\"refusal\":null}");
+        } else {
+            jb_legacy_range(b, r, g->p.top_logprobs, ti, ti + 1);
+        }
+        jb_lit(b, ",\"finish_reason\":");
+        if (last)
+            jb_cstr(b, r->stopped ? "stop" : "length");
+        else
+            jb_lit(b, "null");
+        jb_lit(b, "}]");
+        if (g->include_usage)
+            jb_lit(b, ",\"usage\":null");
+        jb_lit(b, "}\n\n");
+    }
 }
 
 static enum MHD_Result do_generate(kd_serve *s, struct MHD_Connection *c, json_t *j, int chat,
@@ -856,100 +1062,129 @@ static enum MHD_Result do_generate(kd_serve *s, struct MHD_Connection *c, json_t
     memset(&g, 0, sizeof g);
     if ((bad = parse_common(s, j, &g, chat, msg, sizeof msg)))
         return BAD(bad, "%s", msg);
+    /* Completions take a string or a list of strings (each gets n choices,
+       numbered prompt by prompt, as OpenAI does). */
+    json_t *prompts = NULL;
+    size_t nprompts = 1;
     if (chat) {
         if ((bad = chat_prompt(json_object_get(j, "messages"), &g, msg, sizeof msg)))
             return BAD(bad, "%s", msg);
     } else {
         json_t *pr = json_object_get(j, "prompt");
-        if (json_is_array(pr) && json_array_size(pr) == 1)
-            pr = json_array_get(pr, 0);
-        if (!json_is_string(pr))
-            return BAD("prompt", "prompt is required (a string, or a list of one string)");
-        g.p.prompt = json_string_value(pr);
-        g.p.prompt_len = json_string_length(pr);
+        if (json_is_array(pr)) {
+            nprompts = json_array_size(pr);
+            if (nprompts == 0 || nprompts > KD_SERVE_MAX_PROMPTS || nprompts * (size_t)g.n > 128)
+                return BAD("prompt", "prompt must be a string or a list of 1 to %d strings "
+                                     "(at most 128 choices in all)", KD_SERVE_MAX_PROMPTS);
+            for (size_t i = 0; i < nprompts; i++)
+                if (!json_is_string(json_array_get(pr, i)))
+                    return BAD("prompt", "prompt[%zu] must be a string (token-id prompts are "
+                                         "not supported)", i);
+            prompts = pr;
+        } else if (!json_is_string(pr)) {
+            return BAD("prompt", "prompt is required (a string or a list of strings)");
+        } else {
+            g.p.prompt = json_string_value(pr);
+            g.p.prompt_len = json_string_length(pr);
+        }
     }
     /* Written as it is generated; usage comes last, so nothing is built
-       twice.  About 90 bytes per alternative of each token. */
+       twice.  About 90 bytes per alternative of each token (more per chunk
+       when streaming). */
     jbuf out = {0};
-    size_t k = g.want_logprobs ? (size_t)g.p.top_logprobs + 1 : 0;
+    size_t k = g.want_logprobs ? (size_t)g.p.top_logprobs + 2 : 0;
+    size_t per_tok = (g.stream ? 260 + strlen(s->be.name) * 6 : 8) + k * (g.chat ? 90 : 150);
     jb_reserve(&out, 512 + strlen(s->be.name) * 6 +
-                         (size_t)g.n * (size_t)g.p.max_tokens * (8 + k * (g.chat ? 90 : 150)));
-    char id[64];
-    snprintf(id, sizeof id, "%s-kdkit-%llu", chat ? "chatcmpl" : "cmpl",
+                         nprompts * (size_t)g.n * (size_t)g.p.max_tokens * per_tok);
+    char id[80];
+    snprintf(id, sizeof id, "%s-kdkit-%s-%llu", chat ? "chatcmpl" : "cmpl", s->id_prefix,
              (unsigned long long)seqno);
-    jb_lit(&out, "{\"id\":");
-    jb_cstr(&out, id);
-    jb_lit(&out, ",\"object\":");
-    jb_cstr(&out, chat ? "chat.completion" : "text_completion");
-    jb_lit(&out, ",\"created\":");
-    jb_int(&out, (long long)time(NULL));
-    jb_lit(&out, ",\"model\":");
-    jb_cstr(&out, s->be.name);
-    jb_lit(&out, ",\"choices\":[");
+    long long created = (long long)time(NULL);
+    const char *object = chat ? "chat.completion" : "text_completion";
+    if (!g.stream) {
+        jb_head(&out, s, id, object, created);
+        jb_lit(&out, ",\"choices\":[");
+    }
     int64_t ptok = 0, ctok = 0;
     int rc = KD_OK;
     kd_err e;
     kd_err_clear(&e);
-    char small[512];
-    for (int i = 0; i < g.n && rc == KD_OK; i++) {
-        kd_serve_gen_params p = g.p;
-        if (p.has_seed)
-            p.seed += (uint64_t)i;
-        else if (g.n > 1) {
-            p.has_seed = 1;
-            p.seed = (uint64_t)i;
+    for (size_t pi = 0; pi < nprompts && rc == KD_OK; pi++) {
+        if (prompts) {
+            g.p.prompt = json_string_value(json_array_get(prompts, pi));
+            g.p.prompt_len = json_string_length(json_array_get(prompts, pi));
         }
-        kd_serve_gen_result r;
-        memset(&r, 0, sizeof r);
-        rc = backend_generate(s, &p, &r, &e);
-        if (rc != KD_OK)
-            break;
-        ptok = r.prompt_tokens;
-        ctok += r.completion_tokens;
-        char *text = r.text_len * 3 + 1 <= sizeof small ? small : malloc(r.text_len * 3 + 1);
-        size_t tlen = text ? utf8_lossy_into((const unsigned char *)r.text, r.text_len, text) : 0;
-        if (i)
-            jb_lit(&out, ",");
-        jb_lit(&out, "{\"index\":");
-        jb_int(&out, i);
-        if (chat) {
-            jb_lit(&out, ",\"message\":{\"role\":\"assistant\",\"content\":");
-            jb_str(&out, text ? text : "", tlen);
-            jb_lit(&out, "},\"logprobs\":");
-        } else {
-            jb_lit(&out, ",\"text\":");
-            jb_str(&out, text ? text : "", tlen);
-            jb_lit(&out, ",\"logprobs\":");
+        for (int i = 0; i < g.n && rc == KD_OK; i++) {
+            int index = (int)pi * g.n + i;
+            kd_serve_gen_params p = g.p;
+            if (p.has_seed)
+                p.seed += (uint64_t)i;
+            else if (g.n > 1) {
+                p.has_seed = 1;
+                p.seed = (uint64_t)i;
+            }
+            kd_serve_gen_result r;
+            memset(&r, 0, sizeof r);
+            rc = backend_generate(s, &p, &r, &e);
+            if (rc != KD_OK)
+                break;
+            if (i == 0)
+                ptok += r.prompt_tokens;
+            ctok += r.completion_tokens;
+            if (g.stream) {
+                sse_choice(&out, s, &g, id, created, index, &r);
+                kd_serve_gen_result_free(&r);
+                continue;
+            }
+            if (index)
+                jb_lit(&out, ",");
+            jb_lit(&out, "{\"index\":");
+            jb_int(&out, index);
+            if (chat) {
+                jb_lit(&out, ",\"message\":{\"role\":\"assistant\",\"content\":");
+                jb_text(&out, r.text, r.text_len);
+                jb_lit(&out, ",\"refusal\":null},\"logprobs\":");
+            } else {
+                jb_lit(&out, ",\"text\":");
+                jb_text(&out, r.text, r.text_len);
+                jb_lit(&out, ",\"logprobs\":");
+            }
+            if (!g.want_logprobs) {
+                jb_lit(&out, "null");
+            } else if (chat) {
+                jb_lit(&out, "{\"content\":");
+                jb_content_logprobs(&out, &r, g.p.top_logprobs);
+                jb_lit(&out, ",\"refusal\":null}");
+            } else {
+                jb_legacy_logprobs(&out, &r, g.p.top_logprobs);
+            }
+            if (r.stopped)
+                jb_lit(&out, ",\"finish_reason\":\"stop\"}");
+            else
+                jb_lit(&out, ",\"finish_reason\":\"length\"}");
+            kd_serve_gen_result_free(&r);
         }
-        if (text != small)
-            free(text);
-        if (!g.want_logprobs) {
-            jb_lit(&out, "null");
-        } else if (chat) {
-            jb_lit(&out, "{\"content\":");
-            jb_content_logprobs(&out, &r, g.p.top_logprobs);
-            jb_lit(&out, "}");
-        } else {
-            jb_legacy_logprobs(&out, &r, g.p.top_logprobs);
-        }
-        if (r.stopped)
-            jb_lit(&out, ",\"finish_reason\":\"stop\"}");
-        else
-            jb_lit(&out, ",\"finish_reason\":\"length\"}");
-        kd_serve_gen_result_free(&r);
     }
     free(g.prompt_owned);
     if (rc != KD_OK) {
         free(out.p);
         return send_error(s, c, 500, "server_error", NULL, NULL, "generation failed: %s", e.msg);
     }
-    jb_lit(&out, "],\"usage\":{\"prompt_tokens\":");
-    jb_int(&out, (long long)ptok);
-    jb_lit(&out, ",\"completion_tokens\":");
-    jb_int(&out, (long long)ctok);
-    jb_lit(&out, ",\"total_tokens\":");
-    jb_int(&out, (long long)(ptok + ctok));
-    jb_lit(&out, "}}");
+    if (g.stream) {
+        if (g.include_usage) {
+            /* The last chunk: no choices, the usage of the whole request. */
+            jb_lit(&out, "data: ");
+            jb_head(&out, s, id, chat ? "chat.completion.chunk" : "text_completion", created);
+            jb_lit(&out, ",\"choices\":[],\"usage\":");
+            jb_usage(&out, ptok, ctok);
+            jb_lit(&out, "}\n\n");
+        }
+        jb_lit(&out, "data: [DONE]\n\n");
+    } else {
+        jb_lit(&out, "],\"usage\":");
+        jb_usage(&out, ptok, ctok);
+        jb_lit(&out, "}");
+    }
     if (out.oom) {
         free(out.p);
         return MHD_NO;
@@ -959,7 +1194,29 @@ static enum MHD_Result do_generate(kd_serve *s, struct MHD_Connection *c, json_t
         s->st.generations++;
         pthread_mutex_unlock(&s->mu);
     }
-    return respond_faulty(s, c, fault, out.p);
+    tl_content_type = g.stream ? "text/event-stream" : NULL;
+    enum MHD_Result ret = respond_faulty(s, c, fault, out.p);
+    tl_content_type = NULL;
+    return ret;
+}
+
+/* RFC 4648 base64 with padding into out (room for (n + 2) / 3 * 4 + 1). */
+static void b64_encode(const unsigned char *p, size_t n, char *out)
+{
+    static const char A[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    size_t o = 0;
+    for (size_t i = 0; i < n; i += 3) {
+        uint32_t v = (uint32_t)p[i] << 16;
+        if (i + 1 < n)
+            v |= (uint32_t)p[i + 1] << 8;
+        if (i + 2 < n)
+            v |= p[i + 2];
+        out[o++] = A[(v >> 18) & 63];
+        out[o++] = A[(v >> 12) & 63];
+        out[o++] = i + 1 < n ? A[(v >> 6) & 63] : '=';
+        out[o++] = i + 2 < n ? A[v & 63] : '=';
+    }
+    out[o] = '\0';
 }
 
 static enum MHD_Result do_embed(kd_serve *s, struct MHD_Connection *c, json_t *j,
@@ -972,6 +1229,14 @@ static enum MHD_Result do_embed(kd_serve *s, struct MHD_Connection *c, json_t *j
         return nf ? send_error(s, c, 404, "invalid_request_error", "model", "model_not_found",
                                "%s", msg)
                   : BAD(bad, "%s", msg);
+    json_t *ef = json_object_get(j, "encoding_format");
+    int b64 = 0;
+    if (ef && !json_is_null(ef)) {
+        if (json_is_string(ef) && strcmp(json_string_value(ef), "base64") == 0)
+            b64 = 1;
+        else if (!json_is_string(ef) || strcmp(json_string_value(ef), "float") != 0)
+            return BAD("encoding_format", "encoding_format must be 'float' or 'base64'");
+    }
     json_t *in = json_object_get(j, "input");
     json_t *list = json_is_string(in) ? json_pack("[O]", in) : json_incref(in);
     if (!json_is_array(list) || json_array_size(list) == 0 || json_array_size(list) > 2048) {
@@ -1002,9 +1267,32 @@ static enum MHD_Result do_embed(kd_serve *s, struct MHD_Connection *c, json_t *j
         if (rc != KD_OK)
             break;
         ptok += pt;
-        json_t *vec = json_array();
-        for (size_t k = 0; k < dim; k++)
-            json_array_append_new(vec, json_real(v[k]));
+        json_t *vec;
+        if (b64) {
+            /* OpenAI's base64 form: the float32 values, little-endian. */
+            unsigned char *raw = malloc(dim * 4 + 1);
+            char *enc = raw ? malloc((dim * 4 + 2) / 3 * 4 + 1) : NULL;
+            if (!enc) {
+                free(raw);
+                free(v);
+                rc = kd_err_set(&e, KD_ENOMEM, "out of memory");
+                break;
+            }
+            for (size_t k = 0; k < dim; k++) {
+                uint32_t u;
+                memcpy(&u, &v[k], 4);
+                for (int b = 0; b < 4; b++)
+                    raw[k * 4 + (size_t)b] = (unsigned char)(u >> (8 * b));
+            }
+            b64_encode(raw, dim * 4, enc);
+            vec = json_string(enc);
+            free(raw);
+            free(enc);
+        } else {
+            vec = json_array();
+            for (size_t k = 0; k < dim; k++)
+                json_array_append_new(vec, json_real(v[k]));
+        }
         free(v);
         json_array_append_new(data, json_pack("{s:s, s:I, s:o}", "object", "embedding", "index",
                                               (json_int_t)i, "embedding", vec));
@@ -1027,14 +1315,85 @@ static enum MHD_Result do_embed(kd_serve *s, struct MHD_Connection *c, json_t *j
     return respond_faulty(s, c, fault, txt);
 }
 
+/*
+ * Request fields.  Each endpoint accepts the fields it implements and an
+ * explicit list that is accepted because it has no effect here (documented
+ * in docs/teacher.md); any other field, or a no-effect field with a value
+ * that would have an effect, is a 400 naming it, as OpenAI does.
+ */
+enum { P_USED = 0, P_ANY, P_ZERO, P_FALSE, P_EMPTY_OBJ, P_ONE, P_NULL };
+
+typedef struct param_rule {
+    const char *name;
+    int rule;
+} param_rule;
+
+static const param_rule CHAT_PARAMS[] = {
+    {"model", P_USED}, {"messages", P_USED}, {"max_tokens", P_USED},
+    {"max_completion_tokens", P_USED}, {"temperature", P_USED}, {"top_p", P_USED},
+    {"n", P_USED}, {"seed", P_USED}, {"stop", P_USED}, {"logprobs", P_USED},
+    {"top_logprobs", P_USED}, {"stream", P_USED}, {"stream_options", P_USED},
+    {"user", P_ANY}, {"metadata", P_ANY}, {"store", P_FALSE}, {"service_tier", P_ANY},
+    {"presence_penalty", P_ZERO}, {"frequency_penalty", P_ZERO}, {"logit_bias", P_USED},
+    {NULL, 0}};
+
+static const param_rule COMPLETION_PARAMS[] = {
+    {"model", P_USED}, {"prompt", P_USED}, {"max_tokens", P_USED}, {"temperature", P_USED},
+    {"top_p", P_USED}, {"n", P_USED}, {"seed", P_USED}, {"stop", P_USED},
+    {"logprobs", P_USED}, {"stream", P_USED}, {"stream_options", P_USED}, {"user", P_ANY},
+    {"presence_penalty", P_ZERO}, {"frequency_penalty", P_ZERO}, {"logit_bias", P_USED},
+    {"echo", P_FALSE}, {"best_of", P_ONE}, {"suffix", P_NULL}, {NULL, 0}};
+
+static const param_rule EMBED_PARAMS[] = {
+    {"model", P_USED}, {"input", P_USED}, {"encoding_format", P_USED}, {"user", P_ANY},
+    {NULL, 0}};
+
+/* NULL when every field is accepted; else the field, with msg said. */
+static const char *check_params(json_t *j, const param_rule *rules, const char *what, char *msg,
+                                size_t cap)
+{
+    const char *k;
+    json_t *v;
+    json_object_foreach(j, k, v) {
+        const param_rule *r = rules;
+        while (r->name && strcmp(r->name, k) != 0)
+            r++;
+        if (!r->name) {
+            snprintf(msg, cap, "Unrecognized request argument supplied: %.100s (%s accepts: see "
+                               "docs/teacher.md, 'kdkit serve')", k, what);
+            return k;
+        }
+        int ok = 1;
+        switch (r->rule) {
+        case P_ZERO: ok = json_is_null(v) || (json_is_number(v) && json_number_value(v) == 0); break;
+        case P_FALSE: ok = json_is_null(v) || json_is_false(v); break;
+        case P_EMPTY_OBJ: ok = json_is_null(v) || (json_is_object(v) && json_object_size(v) == 0);
+                          break;
+        case P_ONE: ok = json_is_null(v) || (json_is_integer(v) && json_integer_value(v) == 1);
+                    break;
+        case P_NULL: ok = json_is_null(v); break;
+        default: break;
+        }
+        if (!ok) {
+            snprintf(msg, cap, "%.100s is not supported by kdkit serve (accepted only with its "
+                               "no-effect value; see docs/teacher.md)", k);
+            return k;
+        }
+    }
+    return NULL;
+}
+
 static int auth_ok(kd_serve *s, struct MHD_Connection *c)
 {
     if (!s->api_key)
         return 1;
     const char *h = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
-    if (!h || strncmp(h, "Bearer ", 7) != 0)
+    /* The scheme is case-insensitive (RFC 9110 11.1): "bearer" works too. */
+    if (!h || strncasecmp(h, "Bearer", 6) != 0 || (h[6] != ' ' && h[6] != '\t'))
         return 0;
-    h += 7;
+    h += 6;
+    while (*h == ' ' || *h == '\t')
+        h++;
     size_t a = strlen(h), b = strlen(s->api_key);
     unsigned diff = (unsigned)(a ^ b);
     for (size_t i = 0; i < a && i < b; i++)
@@ -1057,6 +1416,21 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         pthread_mutex_lock(&s->mu);
         s->st.requests++;
         pthread_mutex_unlock(&s->mu);
+        /* A declared body over --max-body is refused before it is read (the
+           client need not send megabytes to learn the answer). */
+        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+        if (cl) {
+            char *end = NULL;
+            errno = 0;
+            unsigned long long n = strtoull(cl, &end, 10);
+            if (end != cl && !*end && (errno == ERANGE || n > s->o.max_body_bytes)) {
+                rq->too_big = 1;
+                tl_request_id[0] = '\0';
+                return send_error(s, c, 413, "invalid_request_error", NULL, "request_too_large",
+                                  "Request body is larger than this server's limit of %zu bytes",
+                                  s->o.max_body_bytes);
+            }
+        }
         return MHD_YES;
     }
     if (*upload_size > 0) {
@@ -1086,10 +1460,27 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         return send_error(s, c, 401, "invalid_request_error", NULL, "invalid_api_key",
                           "Incorrect or missing API key (Authorization: Bearer ...)");
     int is_get = strcmp(method, "GET") == 0, is_post = strcmp(method, "POST") == 0;
-    if (strcmp(url, "/v1/models") == 0 && is_get) {
+    pthread_mutex_lock(&s->mu);
+    uint64_t rid = ++s->rid;
+    pthread_mutex_unlock(&s->mu);
+    snprintf(tl_request_id, sizeof tl_request_id, "req_%s%llu", s->id_prefix,
+             (unsigned long long)rid);
+    int models = strcmp(url, "/v1/models") == 0;
+    int model_one = strncmp(url, "/v1/models/", 11) == 0 && url[11];
+    if ((models || model_one) && !is_get)
+        return send_error_h(s, c, 405, "invalid_request_error", NULL, NULL, "Allow", "GET",
+                            "%.200s accepts GET only", url);
+    if (models)
         return send_json(c, 200, json_pack("{s:s, s:[{s:s, s:s, s:i, s:s}]}", "object", "list",
                                            "data", "id", s->be.name, "object", "model",
                                            "created", 0, "owned_by", "kdkit"));
+    if (model_one) {
+        if (strcmp(url + 11, s->be.name) != 0)
+            return send_error(s, c, 404, "invalid_request_error", "model", "model_not_found",
+                              "The model '%.100s' does not exist; this server has '%s'",
+                              url + 11, s->be.name);
+        return send_json(c, 200, json_pack("{s:s, s:s, s:i, s:s}", "id", s->be.name, "object",
+                                           "model", "created", 0, "owned_by", "kdkit"));
     }
     int chat = strcmp(url, "/v1/chat/completions") == 0;
     int comp = strcmp(url, "/v1/completions") == 0;
@@ -1098,8 +1489,8 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         return send_error(s, c, 404, "invalid_request_error", NULL, "unknown_url",
                           "Unknown request URL: %s %.200s", method, url);
     if (!is_post)
-        return send_error(s, c, 405, "invalid_request_error", NULL, NULL,
-                          "%.200s accepts POST only", url);
+        return send_error_h(s, c, 405, "invalid_request_error", NULL, NULL, "Allow", "POST",
+                            "%.200s accepts POST only", url);
     if (rq->too_big)
         return send_error(s, c, 413, "invalid_request_error", NULL, "request_too_large",
                           "Request body is larger than this server's limit of %zu bytes",
@@ -1110,6 +1501,17 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         json_decref(j);
         return BAD(NULL, "We could not parse the JSON body of your request: %s",
                    rq->body ? je.text : "empty body");
+    }
+    {
+        char pmsg[400];
+        const char *badp = check_params(j, emb ? EMBED_PARAMS : chat ? CHAT_PARAMS
+                                                                     : COMPLETION_PARAMS,
+                                        url, pmsg, sizeof pmsg);
+        if (badp) {
+            enum MHD_Result r = BAD(badp, "%s", pmsg);
+            json_decref(j);
+            return r;
+        }
     }
     pthread_mutex_lock(&s->mu);
     uint64_t n = ++s->seq;
@@ -1220,6 +1622,14 @@ int kd_serve_start(kd_serve **out, const kd_serve_opts *o, const kd_serve_backen
         s->o.max_tokens_limit = 4096;
     if (s->o.max_connections <= 0)
         s->o.max_connections = 256;
+    {
+        /* Ids (chatcmpl-kdkit-<prefix>-<n>, x-request-id) carry 64 random
+           bits drawn at start, so they do not repeat after a restart. */
+        uint64_t r = 0;
+        if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r)
+            r = mix64((uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)s);
+        snprintf(s->id_prefix, sizeof s->id_prefix, "%016llx", (unsigned long long)r);
+    }
     if (o->api_key_env) {
         const char *k = getenv(o->api_key_env);
         if (!k || !*k) {
@@ -1261,7 +1671,11 @@ int kd_serve_start(kd_serve **out, const kd_serve_opts *o, const kd_serve_backen
     s->d = MHD_start_daemon(flags, (uint16_t)s->o.port, NULL, NULL, handler, s,
                             MHD_OPTION_SOCK_ADDR, sa, MHD_OPTION_NOTIFY_COMPLETED, completed, s,
                             MHD_OPTION_CONNECTION_LIMIT, (unsigned)s->o.max_connections,
-                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
+                            /* An idle connection (one that sends nothing, or stops
+                               half-way through its headers or body) is closed after
+                               this, so idle sockets cannot hold every slot. */
+                            MHD_OPTION_CONNECTION_TIMEOUT,
+                            (unsigned)(s->o.idle_timeout_s > 0 ? s->o.idle_timeout_s : 5),
                             MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)1024,
                             MHD_OPTION_THREAD_POOL_SIZE, stalls ? 0u : pool, MHD_OPTION_END);
     if (!s->d) {
