@@ -29,7 +29,9 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: kdkit serve (--model CKPT | --toy) [options]\n\n"
             "Serve a kdkit model over an OpenAI-compatible HTTP API: POST /v1/completions,\n"
-            "/v1/chat/completions, /v1/embeddings; GET /v1/models.\n\n"
+            "/v1/chat/completions (both with stream: true), /v1/embeddings (float or\n"
+            "base64); GET /v1/models, /v1/models/ID.  The OpenAI fields it supports, and\n"
+            "those it accepts without effect, are listed in docs/teacher.md.\n\n"
             "model:\n"
             "  --model CKPT          safetensors checkpoint of a kdkit GPT\n"
             "  --gpt-config STR      architecture if the checkpoint lacks gpt_config metadata\n"
@@ -44,7 +46,8 @@ static void usage(FILE *f)
             "  --api-key-env VAR     require 'Authorization: Bearer $VAR'\n"
             "  --max-body BYTES      request size limit (default 1048576) -> 413\n"
             "  --max-tokens N        max_tokens limit (default 4096) -> 400\n"
-            "  --max-connections N   concurrent connections (default 256)\n\n"
+            "  --max-connections N   concurrent connections (default 256)\n"
+            "  --idle-timeout S      close a connection silent for S seconds (default 5)\n\n"
             "fault injection (POST endpoints only; seeded, reproducible):\n"
             "  --fault-seed N        seed of the per-request draws (default 0)\n"
             "  --fault-429 P  --fault-500 P  --fault-503 P  --fault-quota P\n"
@@ -144,6 +147,10 @@ int kd_cmd_serve(int argc, char **argv)
             if (!num_arg(cmd, a, v, 1, 100000, &d))
                 return 2;
             o.max_connections = (int)d;
+        } else if (strcmp(a, "--idle-timeout") == 0) {
+            if (!num_arg(cmd, a, v, 1, 3600, &d))
+                return 2;
+            o.idle_timeout_s = (int)d;
         } else if (strcmp(a, "--fault-seed") == 0) {
             if (!num_arg(cmd, a, v, 0, 9e15, &d))
                 return 2;
