@@ -18,6 +18,11 @@ if [ "${1:-}" = "--bench" ]; then
   pkgs="$pkgs libopenblas0 python3-aiohttp python3-diskcache"
 fi
 
+# The OpenAI SDK compatibility test (tests/openai_sdk) needs node and npm;
+# Debian's are used when the machine has none of its own.
+command -v node >/dev/null 2>&1 || pkgs="$pkgs nodejs"
+command -v npm >/dev/null 2>&1 || pkgs="$pkgs npm"
+
 missing=""
 for p in $pkgs; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
