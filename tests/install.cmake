@@ -1,4 +1,6 @@
-# The install rules and kdkit.pc, as a C user meets them (tests/install_test.sh).
+# The install rules, kdkit.pc and the CMake package, as a C user meets them:
+# a prefix, a DESTDIR staging, a multiarch libdir, a configure without
+# cmocka (tests/install_test.sh).
 set(KD_INSTALL_TEST_FLAGS "")
 if(KD_SANITIZE)
   set(KD_INSTALL_TEST_FLAGS "-fsanitize=address,undefined")
