@@ -1501,7 +1501,8 @@ static void test_nul_escape_and_missing_usage(void **state)
     assert_int_equal(ask(&r, "abc", &res), KD_OK);
     assert_int_equal(res.attempts, 1);
     assert_int_equal(res.possibly_billed, 0);
-    assert_string_equal(res.text, "a"); /* the C string ends at the NUL */
+    assert_int_equal(res.text_len, 3); /* "a", NUL, "b": the NUL is kept */
+    assert_memory_equal(res.text, "a\0b", 3);
     assert_string_equal(res.body, body);
     assert_int_equal(res.prompt_tokens, -1);
     assert_int_equal(res.completion_tokens, -1);
@@ -1517,6 +1518,7 @@ static void test_nul_escape_and_missing_usage(void **state)
     assert_int_equal(ask(&r, "abc", &res), KD_OK);
     assert_int_equal(res.cache_hit, 1);
     assert_string_equal(res.body, body);
+    assert_int_equal(res.text_len, 3);
     kd_teacher_result_free(&res);
     run_close(&r);
     assert_int_equal(rs.narr, 2);

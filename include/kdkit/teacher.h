@@ -349,9 +349,10 @@ typedef struct kd_teacher_result {
     int from_fallback;          /* 1: retries failed, a cached answer was used */
     int attempts;               /* HTTP attempts made */
     int possibly_billed;        /* failed attempts that may have been billed */
-    char *text;                 /* choices[0] text or message content ("" on a refusal;
-                                   a \u0000 in the answer ends the C string here, the
-                                   body keeps it) */
+    char *text;                 /* choices[0] text or message content ("" on a refusal),
+                                   NUL-terminated; an answer may hold \u0000, so its
+                                   length is text_len */
+    size_t text_len;            /* bytes of text (NULs included) */
     char *refusal; /* the model's refusal text, NULL when it answered */
     char *body;                 /* the raw response body */
     char *finish_reason;

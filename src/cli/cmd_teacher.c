@@ -110,15 +110,15 @@ static int64_t existing_total_steps(const char *dir)
     return n;
 }
 
-/* Provider text to a terminal: control characters (C0, DEL, C1) and bad
-   UTF-8 escaped (kd_teacher_escape_text), in pieces of any length. */
-static void fput_escaped(const char *s, FILE *f)
+/* Provider text to a terminal: control characters (C0, DEL, C1), NULs and
+   bad UTF-8 escaped (kd_teacher_escape_text), in pieces of any length. */
+static void print_escaped_n(const char *s, size_t n)
 {
     char buf[1024];
-    size_t n = s ? strlen(s) : 0, at = 0;
-    while (at < n) {
+    size_t at = 0;
+    while (s && at < n) {
         size_t used = kd_teacher_escape_text(s + at, n - at, buf, sizeof buf);
-        fputs(buf, f);
+        fputs(buf, stdout);
         if (used == 0)
             break;
         at += used;
@@ -127,7 +127,7 @@ static void fput_escaped(const char *s, FILE *f)
 
 static void print_escaped(const char *s)
 {
-    fput_escaped(s, stdout);
+    print_escaped_n(s, s ? strlen(s) : 0);
 }
 
 /* An error whose text may come from the provider. */
@@ -307,7 +307,7 @@ static int cmd_ask(int argc, char **argv)
                    "retried)\n");
         } else {
             printf("response: ");
-            print_escaped(r.text ? r.text : "");
+            print_escaped_n(r.text ? r.text : "", r.text ? r.text_len : 0);
             printf("\n");
         }
         printf("cache: %s (key %.16s..., %d attempt%s)\n",

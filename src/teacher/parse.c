@@ -56,6 +56,7 @@ void kd_teacher_result_free(kd_teacher_result *r)
         free_token(&r->tokens[i]);
     free(r->tokens);
     r->text = r->body = r->finish_reason = r->request_id = r->response_model = NULL;
+    r->text_len = 0;
     r->tokens = NULL;
     r->ntokens = 0;
 }
@@ -73,7 +74,7 @@ void kd_teacher_result_free(kd_teacher_result *r)
  * lone surrogates, not \u0000), integers that fit 64 bits and reals that do
  * not overflow, nothing but whitespace after the value; a repeated key reads
  * as its last value.  \u0000 is accepted, as json_loadb(.., JSON_ALLOW_NUL)
- * does (not in object keys): decoded text then holds a NUL byte (C strings end there), the body is
+ * does (not in object keys): decoded text then holds a NUL byte (text_len counts it), the body is
  * kept as received.  fuzz/fuzz_teacher_response.c checks every input against
  * jansson.  Memory: 20 bytes per JSON value, at most
  * KD_TEACHER_SCAN_MAX_VALUES values (a larger body is refused, not grown
@@ -769,7 +770,8 @@ int kd_teacher_parse_response(const char *body, size_t len, kd_teacher_result *r
                         jtype(j, msg) == JT_OBJ ? "message.content" : "text");
         goto done;
     }
-    r->text = jtype(j, text) == JT_STR ? jstr_dup(j, text, NULL) : strdup("");
+    r->text_len = 0;
+    r->text = jtype(j, text) == JT_STR ? jstr_dup(j, text, &r->text_len) : strdup("");
     r->finish_reason = dup_if_str(j, jget(j, c0, "finish_reason"));
     r->request_id = dup_if_str(j, jget(j, root, "id"));
     r->response_model = dup_if_str(j, jget(j, root, "model"));
