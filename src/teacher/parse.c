@@ -68,17 +68,18 @@ void kd_teacher_result_free(kd_teacher_result *r)
  * Responses are read on the hot path of every paid answer, so they are not
  * turned into a jansson tree: one pass checks the whole text and records a
  * flat array of tokens (no allocation per value), and the fields are then
- * read from it.  It accepts exactly what json_loadb(body, len, JSON_ALLOW_NUL) accepts:
- * an object or array at the top, RFC 8259 syntax, strings of valid UTF-8
- * without raw control characters, escapes including surrogate pairs (not
- * lone surrogates, not \u0000), integers that fit 64 bits and reals that do
- * not overflow, nothing but whitespace after the value; a repeated key reads
- * as its last value.  \u0000 is accepted, as json_loadb(.., JSON_ALLOW_NUL)
- * does (not in object keys): decoded text then holds a NUL byte (text_len counts it), the body is
- * kept as received.  fuzz/fuzz_teacher_response.c checks every input against
- * jansson.  Memory: 20 bytes per JSON value, at most
- * KD_TEACHER_SCAN_MAX_VALUES values (a larger body is refused, not grown
- * without bound).
+ * read from it.  It accepts exactly what json_loadb(body, len,
+ * JSON_ALLOW_NUL) accepts: an object or array at the top, RFC 8259 syntax,
+ * strings of valid UTF-8 without raw control characters, escapes including
+ * surrogate pairs (not lone surrogates; \u0000 in strings but not in object
+ * keys), integers that fit 64 bits and reals that do not overflow, nothing
+ * but whitespace after the value; a repeated key reads as its last value.
+ * Decoded text may then hold a NUL byte (text_len counts it); the body is
+ * kept as received.  One deliberate difference: a raw NUL byte is refused
+ * everywhere (jansson takes one right after a number).
+ * fuzz/fuzz_teacher_response.c checks every input against jansson.
+ * Memory: 20 bytes per JSON value, at most KD_TEACHER_SCAN_MAX_VALUES values
+ * (a larger body is refused, not grown without bound).
  */
 enum { JT_OBJ = 1, JT_ARR, JT_STR, JT_INT, JT_REAL, JT_TRUE, JT_FALSE, JT_NULL };
 
