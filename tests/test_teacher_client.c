@@ -1574,7 +1574,11 @@ static void test_provider_text_escaped(void **state)
     responder_stop(&rs);
     char out[64];
     kd_teacher_escape_text("ok \xe2\x82\xac \xff\\", 9, out, sizeof out);
-    assert_string_equal(out, "ok \xe2\x82\xac \\xff\\x5c");
+    assert_string_equal(out, "ok \xe2\x82\xac \\xff\\");
+    /* Idempotent: escaping the escaped text changes nothing. */
+    char again[64];
+    kd_teacher_escape_text(out, strlen(out), again, sizeof again);
+    assert_string_equal(again, out);
 }
 
 /* `kdkit teacher ask` as a user runs it: bad options exit 2 naming the

@@ -451,9 +451,10 @@ kd_teacher_outcome kd_teacher_classify(long status, const char *body, size_t len
  * (cap >= 1 bytes, always NUL-terminated) so that it is safe to show on a
  * terminal: valid UTF-8 is kept; \n, \r, \t become those two-character
  * escapes; other control characters (C0, DEL, and C1 U+0080..U+009F, which
- * start escape sequences), NUL, backslash and every byte of invalid UTF-8
- * become \xNN.  Cut at a character boundary when out is full.  Returns the
- * number of input bytes copied.
+ * start escape sequences), NUL and every byte of invalid UTF-8 become \xNN.
+ * A backslash is kept, so escaping escaped text changes nothing (messages
+ * the library escaped can be escaped again by a caller).  Cut at a character
+ * boundary when out is full.  Returns the number of input bytes copied.
  */
 size_t kd_teacher_escape_text(const char *s, size_t n, char *out, size_t cap);
 

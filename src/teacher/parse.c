@@ -931,7 +931,7 @@ size_t kd_teacher_escape_text(const char *s, size_t n, char *out, size_t cap)
         size_t in = 1, rl;
         size_t l = utf8_len(p + i, n - i);
         unsigned c = p[i];
-        int ctl = l == 1 ? (c < 0x20 || c == 0x7f || c == '\\')
+        int ctl = l == 1 ? (c < 0x20 || c == 0x7f)
                          : l == 2 && c == 0xC2 && p[i + 1] < 0xA0; /* C1 controls */
         if (l == 0 || ctl) {
             if (c == '\n' || c == '\r' || c == '\t')
