@@ -2,14 +2,16 @@
  * kdkit/serve.h - a local OpenAI-compatible teacher server (libmicrohttpd)
  * over a pluggable model backend, with seeded fault injection for tests.
  *
- * Endpoints:
- *   POST /v1/completions       prompt -> text, logprobs, usage
+ * Endpoints (the exact fields: docs/teacher.md, "Which OpenAI features"):
+ *   POST /v1/completions       prompt (string or list) -> text, logprobs, usage
  *   POST /v1/chat/completions  messages -> message.content, logprobs.content[], usage
- *   POST /v1/embeddings        input (string or list) -> data[].embedding
- *   GET  /v1/models            the one served model
+ *                              (both: stream -> server-sent events ending in [DONE])
+ *   POST /v1/embeddings        input (string or list) -> data[].embedding,
+ *                              encoding_format float or base64
+ *   GET  /v1/models, /v1/models/{id}
  * Errors use OpenAI's body {"error":{"message","type","param","code"}}: 400
- * names the bad field, 401 a bad bearer key, 404 an unknown path or model,
- * 413 a body over max_body_bytes.
+ * names the bad field (unknown fields too), 401 a bad bearer key, 404 an
+ * unknown path or model, 405 with Allow, 413 a body over max_body_bytes.
  *
  * A backend is a small interface: generate(prompt, params) -> bytes plus
  * per-token top-k log-probabilities and usage; embed(text) -> vector.  kdkit
