@@ -732,6 +732,16 @@ static void test_idle_connections_let_clients_in(void **state)
     for (int i = 0; i < 8; i++)
         close(fds[i]);
     kd_serve_stop(s);
+    /* Time spent answering is not idleness: an answer slower than the idle
+       timeout still arrives. */
+    o.faults.script = "stall";
+    o.faults.stall_ms = 2500;
+    s = start(&o);
+    assert_int_equal(http(kd_serve_port(s), "/v1/completions",
+                          "{\"model\":\"kdkit-toy\",\"prompt\":\"x\",\"max_tokens\":2}", NULL, &j,
+                          NULL), 200);
+    json_decref(j);
+    kd_serve_stop(s);
 }
 
 int main(void)
