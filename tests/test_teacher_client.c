@@ -1604,9 +1604,13 @@ static void test_cli_options_and_refusal(void **state)
     const char *kdkit = getenv("KDKIT");
     if (!kdkit)
         skip();
-    canned sc[] = {{200, NULL, REFUSAL_BODY, 0, 0}};
+    /* The second answer holds a raw C1 control (U+009B, CSI) in a string:
+       valid JSON, but not for a terminal. */
+    canned sc[] = {{200, NULL, REFUSAL_BODY, 0, 0},
+                   {200, NULL, "{\"choices\":[{\"message\":{\"content\":\"x\xc2\x9b" "31my\"}}]}",
+                    0, 0}};
     responder rs;
-    responder_start(&rs, sc, 1);
+    responder_start(&rs, sc, 2);
     char cfg[600], dir[600], out[600];
     snprintf(cfg, sizeof cfg, "%s/cli.yaml", tmpdir);
     snprintf(dir, sizeof dir, "%s/cli_run", tmpdir);
@@ -1651,6 +1655,21 @@ static void test_cli_options_and_refusal(void **state)
     assert_non_null(strstr(txt, "cache: hit"));
     free(txt);
     assert_int_equal(rs.narr, 1);
+    const char *jargv[] = {kdkit, "teacher", "ask", "--config", cfg, "--output-dir", dir,
+                           "--json", "raw C1", NULL};
+    assert_int_equal(run_cli(jargv, out), 0);
+    txt = kdt_slurp(out, NULL);
+    assert_non_null(strstr(txt, "x\\u009b31my"));
+    assert_null(strstr(txt, "\xc2\x9b"));
+    free(txt);
+    const char *pargv[] = {kdkit, "teacher", "ask", "--config", cfg, "--output-dir", dir,
+                           "raw C1", NULL};
+    assert_int_equal(run_cli(pargv, out), 0); /* a hit, printed as text */
+    txt = kdt_slurp(out, NULL);
+    assert_non_null(strstr(txt, "response: x\\xc2\\x9b31my"));
+    assert_null(strstr(txt, "\xc2\x9b"));
+    free(txt);
+    assert_int_equal(rs.narr, 2);
     responder_stop(&rs);
 }
 

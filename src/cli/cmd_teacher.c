@@ -298,8 +298,20 @@ static int cmd_ask(int argc, char **argv)
             fprintf(stderr, "  attempts: %d (failures recorded in %s/failures.jsonl)\n",
                     r.attempts, dir);
     } else {
-        if (json_out)
-            printf("%s\n", r.body); /* JSON: control characters are escaped in it */
+        if (json_out) {
+            /* A valid body has no raw C0 controls; DEL and the C1 controls
+               (U+0080..U+009F) may appear raw inside its strings: written as
+               \u escapes, the JSON means the same and the terminal is safe. */
+            for (const unsigned char *q = (const unsigned char *)r.body; *q; q++) {
+                if (*q == 0xC2 && q[1] >= 0x80 && q[1] <= 0x9F)
+                    printf("\\u%04x", (unsigned)*++q);
+                else if (*q == 0x7F)
+                    fputs("\\u007f", stdout);
+                else
+                    putchar(*q);
+            }
+            putchar('\n');
+        }
         else if (r.refusal) {
             printf("refusal: ");
             print_escaped(r.refusal);
