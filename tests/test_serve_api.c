@@ -414,6 +414,39 @@ static void test_gpt_backend(void **state)
                           NULL, &j, NULL), 200);
     assert_int_equal(json_array_size(json_object_get(json_array_get(json_object_get(j, "data"), 0), "embedding")), 16);
     json_decref(j);
+    /* logit_bias on the GPT: the biased loop without a bias gives what
+       kd_gpt_generate gives; -100 bans the greedy byte; +100 forces one. */
+    const char *g0 = "{\"model\":\"tiny-gpt\",\"prompt\":\"hello\",\"max_tokens\":5,"
+                     "\"temperature\":0,\"logprobs\":2";
+    char gb[256];
+    snprintf(gb, sizeof gb, "%s}", g0);
+    assert_int_equal(http(kd_serve_port(s), "/v1/completions", gb, NULL, &j, NULL), 200);
+    char plain[64];
+    snprintf(plain, sizeof plain, "%s", json_string_value(json_object_get(
+        json_array_get(json_object_get(j, "choices"), 0), "text")));
+    /* The first byte as generated (the text is shown lossily as UTF-8). */
+    json_t *lc = json_object_get(json_object_get(json_array_get(json_object_get(j, "choices"), 0),
+                                                 "logprobs"), "content");
+    int first = (int)json_integer_value(json_array_get(json_object_get(json_array_get(lc, 0),
+                                                                       "bytes"), 0));
+    json_decref(j);
+    snprintf(gb, sizeof gb, "%s,\"logit_bias\":{\"0\":0}}", g0);
+    assert_int_equal(http(kd_serve_port(s), "/v1/completions", gb, NULL, &j, NULL), 200);
+    assert_string_equal(json_string_value(json_object_get(
+        json_array_get(json_object_get(j, "choices"), 0), "text")), plain);
+    json_decref(j);
+    snprintf(gb, sizeof gb, "%s,\"logit_bias\":{\"%d\":-100}}", g0, first);
+    assert_int_equal(http(kd_serve_port(s), "/v1/completions", gb, NULL, &j, NULL), 200);
+    lc = json_object_get(json_object_get(json_array_get(json_object_get(j, "choices"), 0),
+                                         "logprobs"), "content");
+    assert_int_not_equal(json_integer_value(json_array_get(json_object_get(json_array_get(lc, 0),
+                                                                           "bytes"), 0)), first);
+    json_decref(j);
+    snprintf(gb, sizeof gb, "%s,\"logit_bias\":{\"90\":100}}", g0);
+    assert_int_equal(http(kd_serve_port(s), "/v1/completions", gb, NULL, &j, NULL), 200);
+    assert_string_equal(json_string_value(json_object_get(
+        json_array_get(json_object_get(j, "choices"), 0), "text")), "ZZZZZ");
+    json_decref(j);
     kd_serve_stop(s);
     /* Without the architecture: a clear error naming what is missing. */
     unlink(path);

@@ -2,9 +2,11 @@
  * src/serve/backend_gpt.c - the serve backend over kdkit's byte-level GPT:
  * weights from a safetensors checkpoint, generation with per-byte top-k
  * log-probabilities (kd_gpt_generate), embeddings as the mean of the final
- * LayerNorm output over the text's positions (kd_gpt_pooled).  One token is
- * one byte.  A kd_gpt is not thread-safe: the server serialises calls.
+ * LayerNorm output over the text's positions (kd_gpt_pooled); with a
+ * logit_bias, its own loop over kd_gpt_forward and kd_gpt_sample.  One token
+ * is one byte.  A kd_gpt is not thread-safe: the server serialises calls.
  */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,11 +29,100 @@ static uint64_t fnv(const void *p, size_t n)
     return h;
 }
 
+/*
+ * Generation with a logit bias (OpenAI's logit_bias): the same loop as
+ * kd_gpt_generate (the last n_ctx bytes of prompt + output as context, a NUL
+ * byte when both are empty, the same RNG draws, stop strings cut from the
+ * text but kept in the tokens), with the bias added to each position's
+ * logits before sampling; the logprobs reported are those of the biased
+ * distribution at temperature 1.
+ */
+static int gpt_generate_biased(gptb *g, const kd_serve_gen_params *p, kd_serve_gen_result *r,
+                               kd_err *e)
+{
+    const kd_gpt_config *c = kd_gpt_get_config(g->m);
+    size_t max = (size_t)(p->max_tokens > 0 ? p->max_tokens : 0);
+    int k = p->top_logprobs > KD_GPT_MAX_TOPK ? KD_GPT_MAX_TOPK : p->top_logprobs;
+    size_t cap = (size_t)c->n_ctx;
+    uint8_t *seq = malloc(p->prompt_len + max + 1);
+    r->tokens = calloc(max ? max : 1, sizeof *r->tokens);
+    r->text = malloc(max + 1);
+    int rc = KD_OK;
+    if (!seq || !r->tokens || !r->text) {
+        rc = kd_err_set(e, KD_ENOMEM, "gpt backend: out of memory");
+        goto done;
+    }
+    memcpy(seq, p->prompt, p->prompt_len);
+    size_t len = p->prompt_len;
+    kd_rng rng;
+    kd_rng_seed(&rng, p->has_seed ? p->seed : fnv(p->prompt, p->prompt_len));
+    size_t n = 0, cut = 0;
+    int stopped = 0;
+    while (n < max && !stopped) {
+        uint8_t nul = 0;
+        size_t w = len < cap ? len : cap;
+        const uint8_t *ctxp = w ? seq + (len - w) : &nul;
+        rc = kd_gpt_forward(g->m, ctxp, 1, w ? (int)w : 1, e);
+        if (rc != KD_OK)
+            goto done;
+        float lg[KD_GPT_VOCAB];
+        memcpy(lg, kd_gpt_logits(g->m) + (size_t)((w ? w : 1) - 1) * KD_GPT_VOCAB, sizeof lg);
+        double mx = -1e300;
+        for (int v = 0; v < KD_GPT_VOCAB; v++) {
+            lg[v] += (float)p->logit_bias[v];
+            if (lg[v] > mx)
+                mx = lg[v];
+        }
+        double z = 0;
+        for (int v = 0; v < KD_GPT_VOCAB; v++)
+            z += exp((double)lg[v] - mx);
+        int pick = kd_gpt_sample(lg, (float)p->temperature, (float)p->top_p, &rng);
+        kd_serve_token *t = &r->tokens[n];
+        t->bytes[0] = (unsigned char)pick;
+        t->len = 1;
+        t->logprob = (double)lg[pick] - mx - log(z);
+        if (k > 0) {
+            int32_t ids[KD_GPT_MAX_TOPK];
+            float lps[KD_GPT_MAX_TOPK];
+            if ((rc = kd_gpt_topk_logprobs(lg, k, ids, lps, e)) != KD_OK)
+                goto done;
+            t->ntop = k;
+            for (int a = 0; a < k; a++) {
+                t->top[a].bytes[0] = (unsigned char)ids[a];
+                t->top[a].len = 1;
+                t->top[a].logprob = lps[a];
+            }
+        }
+        seq[len++] = (uint8_t)pick;
+        r->text[n++] = (char)pick;
+        for (size_t q = 0; q < p->nstop && !stopped; q++) {
+            size_t sl = strlen(p->stop[q]);
+            if (sl && sl <= n && memcmp(r->text + n - sl, p->stop[q], sl) == 0) {
+                stopped = 1;
+                cut = sl;
+            }
+        }
+    }
+    r->ntokens = n;
+    r->text_len = n - cut;
+    r->text[r->text_len] = '\0';
+    r->stopped = stopped;
+    r->prompt_tokens = (int64_t)p->prompt_len;
+    r->completion_tokens = (int64_t)n;
+done:
+    free(seq);
+    if (rc != KD_OK)
+        kd_serve_gen_result_free(r);
+    return rc;
+}
+
 static int gpt_generate(void *ctx, const kd_serve_gen_params *p, kd_serve_gen_result *r,
                         kd_err *e)
 {
     gptb *g = ctx;
     memset(r, 0, sizeof *r);
+    if (p->logit_bias)
+        return gpt_generate_biased(g, p, r, e);
     size_t max = (size_t)(p->max_tokens > 0 ? p->max_tokens : 0);
     int k = p->top_logprobs;
     if (k > KD_GPT_MAX_TOPK)
@@ -173,6 +264,7 @@ int kd_serve_backend_gpt(kd_serve_backend *out, const char *ckpt_path, const cha
     out->name = g->name;
     out->ctx = g;
     out->thread_safe = 0;
+    out->supports_logit_bias = 1;
     out->generate = gpt_generate;
     out->embed = gpt_embed;
     out->destroy = gpt_destroy;
