@@ -26,6 +26,11 @@
  * kd_teacher_result_free / kd_cache_entry_free.  Strings passed in are
  * copied when kept.
  *
+ * Connections: a kd_teacher keeps one libcurl multi handle (its connection
+ * cache) from open to close, so sequential calls reuse connections; a thread
+ * calling while another is in a call uses a multi handle of its own.
+ * SIGPIPE is blocked in the calling thread during a call (docs/teacher.md).
+ *
  * Threads: kd_cache, kd_budget and kd_teacher are safe to share between
  * threads (each holds a mutex).  A kd_teacher calls its tracker only under
  * its own mutex, so the tracker must not be used by other threads at the
