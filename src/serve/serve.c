@@ -290,7 +290,10 @@ static enum MHD_Result respond_faulty(kd_serve *s, struct MHD_Connection *c, kd_
             drop_free(d);
             return MHD_NO;
         }
-        MHD_add_response_header(r, "Content-Type", "application/json");
+        MHD_add_response_header(r, "Content-Type",
+                                tl_content_type ? tl_content_type : "application/json");
+        if (tl_request_id[0])
+            MHD_add_response_header(r, "x-request-id", tl_request_id);
         enum MHD_Result ret = MHD_queue_response(c, 200, r);
         MHD_destroy_response(r);
         return ret;
