@@ -226,6 +226,7 @@ static json_t *result_to_json(const kd_teacher_result *r)
     json_object_set_new(o, "attempts", json_integer(r->attempts));
     json_object_set_new(o, "possibly_billed", json_integer(r->possibly_billed));
     json_object_set_new(o, "text", jstr_or_null(r->text));
+    json_object_set_new(o, "refusal", jstr_or_null(r->refusal)); /* null: it answered */
     json_object_set_new(o, "body", jstr_or_null(r->body));
     json_object_set_new(o, "finish_reason", jstr_or_null(r->finish_reason));
     json_object_set_new(o, "request_id", jstr_or_null(r->request_id));
