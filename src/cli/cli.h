@@ -18,6 +18,7 @@ int kd_cmd_teacher(int argc, char **argv);     /* cmd_teacher.c */
 int kd_cmd_cache(int argc, char **argv);       /* cmd_teacher.c */
 int kd_cmd_eval(int argc, char **argv);        /* cmd_eval.c */
 int kd_cmd_mix(int argc, char **argv);         /* cmd_mix.c */
+int kd_cmd_report(int argc, char **argv);      /* cmd_report.c */
 
 /* "kdkit CMD: " + message on stderr. */
 void kd_cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

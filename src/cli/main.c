@@ -23,6 +23,7 @@ static const struct {
     {"ckpt", kd_cmd_ckpt, "inspect or verify safetensors checkpoint files"},
     {"teacher", kd_cmd_teacher, "ask the configured teacher one prompt through the cache"},
     {"cache", kd_cmd_cache, "teacher cache: stats, verify, rebuild, export, gc"},
+    {"report", kd_cmd_report, "one self-contained HTML page with plots of a run"},
     {"serve", kd_cmd_serve, "serve a kdkit model over an OpenAI-compatible HTTP API"},
     {"eval", kd_cmd_eval, "score a distilled student on a mix's held-out split"},
     {"mix", kd_cmd_mix, "build the KD dataset of a prompt file through the teacher, resumable"},

@@ -1,0 +1,1214 @@
+/*
+ * src/cli/cmd_report.c - `kdkit report DIR [-o FILE]`: one self-contained
+ * HTML page (inline CSS and SVG; no script, no network) about the run in
+ * DIR, readable offline and attachable to a ticket.
+ *
+ * Reads, without the lock and without changing anything (so it works beside
+ * a running writer): session.json and the summary (kd_session_inspect),
+ * checkpoints.json, and streams metrics.jsonl, metrics.rewound.jsonl,
+ * eval.jsonl, events.jsonl, api_recovery.jsonl, failures.jsonl and
+ * teacher_intents.jsonl through core's JSONL reader, one line at a time, so
+ * memory stays bounded by the chart resolution whatever the length of the
+ * run.  Series are downsampled with min/max per bucket (report_plot.c); the
+ * page says so.  Lines that are not valid are counted and named, never
+ * drawn; a last line without newline is one being written and is left for
+ * the next report.  The page's content is described in docs/report.md.
+ *
+ * Writes FILE (default ./report.html) with core's atomic replace.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "cli/cli.h"
+#include "cli/report.h"
+#include "kdkit/core.h"
+#include "kdkit/tracker.h"
+
+#define STATE_MAX ((size_t)256 << 20)
+#define PAGE_MAX ((size_t)256 << 20)
+#define MAX_MARKERS 2000  /* per kind and chart; the page says when more were left out */
+#define MAX_EVAL_KEYS 16
+#define MAX_FAIL_KINDS 32
+#define FAIL_TABLE 100
+
+static const char *const PALETTE[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd",
+                                      "#ff7f0e", "#8c564b", "#e377c2", "#17becf"};
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kdkit report DIR [-o FILE] [--budget AMOUNT] [--buckets N] [--quiet]\n"
+            "\n"
+            "Write one self-contained HTML page about the run in DIR (inline SVG and\n"
+            "CSS, no script, no network): training loss per step with every resume,\n"
+            "rewind and pause marked and rewound attempts drawn faintly, validation\n"
+            "loss, loss components, learning rate, throughput, checkpoints (best\n"
+            "marked); the teacher's paid responses and cost over time against the\n"
+            "budget with the possibly-billed part, failures by kind; the KD figures of\n"
+            "eval.jsonl; tables of sessions, checkpoints and failures.  Long series are\n"
+            "drawn as the min and max of each bucket, so spikes stay visible.\n"
+            "Read-only, no lock: it works while the run is writing.\n"
+            "\n"
+            "  -o FILE          where to write the page (default report.html; '-' for\n"
+            "                   standard output)\n"
+            "  --budget AMOUNT  the budget line, when the session's config has no\n"
+            "                   teacher.budget.max_cost\n"
+            "  --buckets N      chart resolution: buckets per series (default 1000,\n"
+            "                   64..100000); each bucket draws at most 4 points\n"
+            "  --quiet          no progress line\n"
+            "\n"
+            "exit status: 0 written, 1 the files cannot be read or the page cannot be\n"
+            "written, 2 usage error, or DIR missing or not a kdkit output directory.\n");
+}
+
+/* ------------------------------------------------------------------------ */
+/* Reading                                                                   */
+
+typedef struct ev {
+    char kind[16];  /* resume | rewind | pause | session_created | close | other */
+    double time;
+    int64_t step;   /* -1 until known */
+    char *title;
+} ev;
+
+typedef struct fkind {
+    char name[80];
+    long long n, billed;
+} fkind;
+
+typedef struct failrow {
+    double time;
+    long long retry, http;
+    int billed;
+    char *error, *hash;
+} failrow;
+
+typedef struct rep {
+    const char *cmd, *dir;
+    kd_progress prog;
+    int quiet;
+    uint64_t bytes_total, bytes_done;
+    size_t nb;
+
+    json_t *session, *summary, *manifest;
+    char notes[32][512]; /* problems met while reading, shown in the page */
+    int nnotes;
+
+    /* events */
+    ev *evs;
+    size_t nev, capev;
+    long long ev_dropped;
+
+    /* training */
+    rp_series loss, val, rewound, kd, ce, inter, lr, tok, smp;
+    double first_ts, last_ts;
+    int64_t last_step;
+    long long metric_lines;
+
+    /* eval */
+    rp_series eval[MAX_EVAL_KEYS];
+    size_t neval;
+    long long eval_lines;
+
+    /* teacher */
+    rp_series cost, resp;
+    double paid_total;
+    long long paid_n;
+    fkind kinds[MAX_FAIL_KINDS + 1];
+    size_t nkinds;
+    long long fail_n, billed_n;
+    failrow ftab[FAIL_TABLE];
+    size_t ftab_n;   /* ring: the last FAIL_TABLE failures */
+    rp_marker *billed_mk;
+    size_t nbilled_mk;
+    double intents_billed, intents_open;
+    long long intents_open_n;
+    int have_intents;
+} rep;
+
+static void note(rep *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void note(rep *r, const char *fmt, ...)
+{
+    if (r->nnotes >= 32)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->notes[r->nnotes++], sizeof r->notes[0], fmt, ap);
+    va_end(ap);
+}
+
+static double jnum(const json_t *o, const char *k)
+{
+    json_t *x = json_object_get(o, k);
+    return json_is_number(x) ? json_number_value(x) : NAN;
+}
+
+static long long jint(const json_t *o, const char *k, long long dflt)
+{
+    json_t *x = json_object_get(o, k);
+    return json_is_integer(x) ? (long long)json_integer_value(x) : dflt;
+}
+
+static const char *jstr(const json_t *o, const char *k)
+{
+    return json_string_value(json_object_get(o, k));
+}
+
+static json_t *load_doc(rep *r, const char *name, int quiet_missing)
+{
+    char p[4200];
+    snprintf(p, sizeof p, "%s/%s", r->dir, name);
+    char *text = NULL;
+    size_t len = 0;
+    kd_err e;
+    kd_err_clear(&e);
+    int rc = kd_file_read_all(p, STATE_MAX, &text, &len, &e);
+    if (rc != KD_OK) {
+        if (rc != KD_ENOTFOUND || !quiet_missing)
+            note(r, "%s", e.msg);
+        return NULL;
+    }
+    json_error_t je;
+    json_t *d = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
+    free(text);
+    if (!json_is_object(d)) {
+        note(r, "%s is not a valid JSON object (line %d); run 'kdkit verify'", name,
+             d ? 1 : je.line);
+        json_decref(d);
+        return NULL;
+    }
+    return d;
+}
+
+static uint64_t file_size(const rep *r, const char *name)
+{
+    char p[4200];
+    struct stat st;
+    snprintf(p, sizeof p, "%s/%s", r->dir, name);
+    return stat(p, &st) == 0 ? (uint64_t)st.st_size : 0;
+}
+
+typedef int (*line_fn)(rep *r, json_t *o, int64_t lineno);
+
+/*
+ * Stream one journal: each line parsed and handed to fn.  Invalid lines are
+ * counted and the first named; a torn last line (being written) ends the
+ * file quietly.  Returns lines handed to fn.
+ */
+static long long stream(rep *r, const char *name, line_fn fn)
+{
+    char p[4200];
+    snprintf(p, sizeof p, "%s/%s", r->dir, name);
+    kd_jsonl_reader *rd = NULL;
+    kd_err e;
+    kd_err_clear(&e);
+    int rc = kd_jsonl_reader_open(&rd, p, 0, &e);
+    if (rc == KD_ENOTFOUND)
+        return 0;
+    if (rc != KD_OK) {
+        note(r, "%s", e.msg);
+        return 0;
+    }
+    const char *line;
+    size_t len;
+    long long used = 0, bad = 0, first_bad = 0;
+    uint64_t base = r->bytes_done;
+    int s;
+    while ((s = kd_jsonl_next(rd, &line, &len, &e)) == 1) {
+        json_t *o = json_loadb(line, len, 0, NULL);
+        int64_t ln = kd_jsonl_reader_lineno(rd);
+        if (!json_is_object(o) || fn(r, o, ln) != 0) {
+            if (!bad)
+                first_bad = ln;
+            bad++;
+        } else {
+            used++;
+        }
+        json_decref(o);
+        if ((ln & 0xfff) == 0 && !r->quiet) {
+            r->bytes_done = base + kd_jsonl_reader_offset(rd);
+            kd_progress_update(&r->prog, r->bytes_done, r->bytes_total, name);
+        }
+    }
+    if (s == KD_ELIMIT)
+        note(r, "%s: %s; the rest of the file is not shown", name, e.msg);
+    else if (s < 0 && s != KD_ECORRUPT)
+        note(r, "%s: %s", name, e.msg);
+    if (bad)
+        note(r, "%s: %lld line(s) not valid, not shown (first: line %lld); run 'kdkit verify %s'",
+             name, bad, first_bad, r->dir);
+    r->bytes_done = base + file_size(r, name);
+    kd_jsonl_reader_close(rd);
+    return used;
+}
+
+/* events.jsonl */
+static int on_event(rep *r, json_t *o, int64_t ln)
+{
+    (void)ln;
+    const char *type = jstr(o, "type");
+    double t = jnum(o, "time");
+    if (!type || !isfinite(t))
+        return -1;
+    json_t *d = json_object_get(o, "detail");
+    int64_t step = -1;
+    char title[400];
+    if (strcmp(type, "resume") == 0) {
+        step = jint(d, "steps_completed", -1);
+        snprintf(title, sizeof title, "resume at step %lld after %.0f s away",
+                 (long long)step, jnum(d, "interruption_seconds"));
+    } else if (strcmp(type, "rewind") == 0) {
+        step = jint(d, "to_step", -1);
+        long long moved = jint(d, "lines_moved", 0);
+        if (moved == 0 && jint(d, "from_step", 0) == step)
+            return 0; /* the no-op rewind of a fresh start: nothing to mark */
+        snprintf(title, sizeof title, "rewind from step %lld to %lld (%lld metric lines moved aside)",
+                 jint(d, "from_step", -1), (long long)step, moved);
+    } else if (strcmp(type, "pause") == 0) {
+        step = jint(d, "step", -1); /* placed by time below when absent */
+        snprintf(title, sizeof title, "pause (%.0f s recorded)", jnum(d, "duration"));
+    } else if (strcmp(type, "session_created") == 0) {
+        snprintf(title, sizeof title, "session created");
+    } else {
+        return 0; /* close and kinds a newer kdkit adds: not drawn */
+    }
+    if (r->nev == r->capev) {
+        if (r->nev >= 3 * MAX_MARKERS) {
+            r->ev_dropped++;
+            return 0;
+        }
+        size_t nc = r->capev ? r->capev * 2 : 64;
+        ev *n = realloc(r->evs, nc * sizeof *n);
+        if (!n)
+            return -1;
+        r->evs = n;
+        r->capev = nc;
+    }
+    ev *v = &r->evs[r->nev++];
+    snprintf(v->kind, sizeof v->kind, "%s", type);
+    v->time = t;
+    v->step = step;
+    v->title = strdup(title);
+    return 0;
+}
+
+/* The next pause (in time order) still without a step. */
+static size_t next_pause(const rep *r, size_t from)
+{
+    while (from < r->nev && !(strcmp(r->evs[from].kind, "pause") == 0 && r->evs[from].step < 0))
+        from++;
+    return from;
+}
+
+static size_t g_pause_i;
+
+static int on_metric(rep *r, json_t *o, int64_t ln)
+{
+    (void)ln;
+    json_t *st = json_object_get(o, "step");
+    if (!json_is_integer(st))
+        return -1;
+    double x = (double)json_integer_value(st);
+    double ts = jnum(o, "timestamp");
+    /* a pause happened after the last step recorded before it */
+    if (isfinite(ts)) {
+        while ((g_pause_i = next_pause(r, g_pause_i)) < r->nev && r->evs[g_pause_i].time < ts) {
+            r->evs[g_pause_i].step = r->last_step;
+            g_pause_i++;
+        }
+        if (!isfinite(r->first_ts))
+            r->first_ts = ts;
+        r->last_ts = ts;
+    }
+    r->last_step = (int64_t)x;
+    r->metric_lines++;
+    rp_series_add(&r->loss, x, jnum(o, "loss"));
+    json_t *c = json_object_get(o, "loss_components");
+    rp_series_add(&r->kd, x, jnum(c, "kd"));
+    rp_series_add(&r->ce, x, jnum(c, "ce"));
+    rp_series_add(&r->inter, x, jnum(c, "intermediate"));
+    rp_series_add(&r->lr, x, jnum(o, "learning_rate"));
+    rp_series_add(&r->tok, x, jnum(o, "throughput_tokens_per_sec"));
+    rp_series_add(&r->smp, x, jnum(o, "throughput_samples_per_sec"));
+    /* the null counts of optional fields are not "skipped" points */
+    return 0;
+}
+
+static int on_rewound(rep *r, json_t *o, int64_t ln)
+{
+    (void)ln;
+    json_t *st = json_object_get(o, "step");
+    if (!json_is_integer(st))
+        return -1;
+    rp_series_add(&r->rewound, (double)json_integer_value(st), jnum(o, "loss"));
+    return 0;
+}
+
+static int on_eval(rep *r, json_t *o, int64_t ln)
+{
+    (void)ln;
+    json_t *st = json_object_get(o, "step");
+    if (!json_is_integer(st))
+        return -1;
+    double x = (double)json_integer_value(st);
+    r->eval_lines++;
+    const char *k;
+    json_t *v;
+    json_object_foreach(o, k, v)
+    {
+        if (!json_is_number(v) || strcmp(k, "step") == 0 || strcmp(k, "timestamp") == 0 ||
+            strcmp(k, "batches") == 0)
+            continue;
+        if (strcmp(k, "val_loss") == 0) {
+            rp_series_add(&r->val, x, json_number_value(v));
+            continue;
+        }
+        size_t i = 0;
+        while (i < r->neval && strcmp(r->eval[i].key, k) != 0)
+            i++;
+        if (i == r->neval) {
+            if (r->neval == MAX_EVAL_KEYS || strlen(k) >= sizeof r->eval[0].key)
+                continue;
+            if (rp_series_init(&r->eval[i], k, k, PALETTE[i % 8], r->nb) != 0)
+                return -1;
+            r->neval++;
+        }
+        rp_series_add(&r->eval[i], x, json_number_value(v));
+    }
+    return 0;
+}
+
+static int on_api(rep *r, json_t *o, int64_t ln)
+{
+    (void)ln;
+    double t = jnum(o, "timestamp"), c = jnum(o, "cost");
+    if (!json_is_string(json_object_get(o, "prompt_hash")) || !isfinite(c))
+        return -1;
+    r->paid_total += c;
+    r->paid_n++;
+    if (isfinite(t)) {
+        rp_series_add(&r->cost, t, r->paid_total);
+        rp_series_add(&r->resp, t, (double)r->paid_n);
+    }
+    return 0;
+}
+
+/* The kind of a failure, for the count by kind. */
+static void fail_kind(json_t *o, char *out, size_t n)
+{
+    long long http = jint(o, "http_status", 0);
+    const char *err = jstr(o, "error");
+    if (http > 0) {
+        snprintf(out, n, "HTTP %lld", http);
+        return;
+    }
+    if (!err || !*err) {
+        snprintf(out, n, "unknown");
+        return;
+    }
+    /* the message up to its first ':' or '(' (or 40 bytes): "timeout", ... */
+    size_t k = 0;
+    while (err[k] && err[k] != ':' && err[k] != '(' && err[k] != ';' && k < 40)
+        k++;
+    while (k > 0 && err[k - 1] == ' ')
+        k--;
+    snprintf(out, n, "%.*s", (int)k, err);
+}
+
+static int on_failure(rep *r, json_t *o, int64_t ln)
+{
+    (void)ln;
+    double t = jnum(o, "time");
+    if (!json_is_integer(json_object_get(o, "retry_count")) || !isfinite(t))
+        return -1;
+    int billed = json_is_true(json_object_get(o, "possibly_billed"));
+    r->fail_n++;
+    r->billed_n += billed;
+    char k[80];
+    fail_kind(o, k, sizeof k);
+    size_t i = 0;
+    while (i < r->nkinds && strcmp(r->kinds[i].name, k) != 0)
+        i++;
+    if (i == r->nkinds) {
+        if (r->nkinds == MAX_FAIL_KINDS)
+            i = MAX_FAIL_KINDS, snprintf(r->kinds[i].name, sizeof r->kinds[i].name, "other");
+        else
+            snprintf(r->kinds[r->nkinds++].name, sizeof r->kinds[0].name, "%s", k);
+    }
+    r->kinds[i].n++;
+    r->kinds[i].billed += billed;
+    failrow *f = &r->ftab[r->ftab_n % FAIL_TABLE];
+    free(f->error);
+    free(f->hash);
+    f->time = t;
+    f->retry = jint(o, "retry_count", 0);
+    f->http = jint(o, "http_status", 0);
+    f->billed = billed;
+    f->error = jstr(o, "error") ? strdup(jstr(o, "error")) : NULL;
+    f->hash = jstr(o, "request_hash") ? strdup(jstr(o, "request_hash")) : NULL;
+    r->ftab_n++;
+    if (billed && r->nbilled_mk < MAX_MARKERS) {
+        rp_marker *n = realloc(r->billed_mk, (r->nbilled_mk + 1) * sizeof *n);
+        if (n) {
+            r->billed_mk = n;
+            n[r->nbilled_mk++] = (rp_marker){"possibly-billed", t, NAN, "possibly billed failure"};
+        }
+    }
+    return 0;
+}
+
+/* teacher_intents.jsonl, read as the client reads it at open (client.c):
+   base lines and possibly_billed outcomes are spent; a send without done is
+   open (in flight, or unsettled if its process died). */
+typedef struct intent_open {
+    long long id;
+    double reserved;
+} intent_open;
+
+static intent_open *g_open;
+static size_t g_nopen, g_capopen;
+
+static int on_intent(rep *r, json_t *o, int64_t ln)
+{
+    (void)ln;
+    const char *op = jstr(o, "op");
+    if (!op)
+        return 0; /* the client ignores such lines too */
+    r->have_intents = 1;
+    if (strcmp(op, "base") == 0) {
+        double v = jnum(o, "possibly_billed_cost");
+        if (isfinite(v))
+            r->intents_billed += v;
+    } else if (strcmp(op, "send") == 0) {
+        if (g_nopen == g_capopen) {
+            size_t nc = g_capopen ? g_capopen * 2 : 64;
+            intent_open *n = realloc(g_open, nc * sizeof *n);
+            if (!n)
+                return -1;
+            g_open = n;
+            g_capopen = nc;
+        }
+        g_open[g_nopen].id = jint(o, "id", -1);
+        g_open[g_nopen].reserved = jnum(o, "reserved");
+        g_nopen++;
+    } else if (strcmp(op, "done") == 0) {
+        long long id = jint(o, "id", -2);
+        const char *out = jstr(o, "outcome");
+        for (size_t i = g_nopen; i-- > 0;)
+            if (g_open[i].id == id) {
+                if (out && strcmp(out, "possibly_billed") == 0 && isfinite(jnum(o, "amount")))
+                    r->intents_billed += jnum(o, "amount");
+                g_open[i] = g_open[--g_nopen];
+                break;
+            }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Writing                                                                   */
+
+static const char CSS[] =
+    "body{font:14px/1.4 system-ui,-apple-system,'DejaVu Sans',sans-serif;margin:24px;"
+    "color:#222;max-width:1000px}"
+    "h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 8px;"
+    "border-bottom:1px solid #ddd;padding-bottom:2px}"
+    "table{border-collapse:collapse;font-size:12px;margin:6px 0}"
+    "td,th{border:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top}"
+    "th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}"
+    "code,.mono{font-family:'DejaVu Sans Mono',monospace;font-size:12px;word-break:break-all}"
+    ".kv td:first-child{color:#555;white-space:nowrap}"
+    "figure{margin:10px 0 18px}figcaption{font-weight:600;margin-bottom:2px}"
+    "svg{width:100%;height:auto;background:#fff;border:1px solid #eee}"
+    "svg text{font-size:11px;fill:#444}.axis line{stroke:#888;stroke-width:1}"
+    ".grid{stroke:#eee!important}"
+    ".series{fill:none;stroke-width:1.3;stroke-linejoin:round}"
+    ".series.faint{stroke-opacity:.35;stroke-dasharray:3 2}"
+    ".mk{stroke-width:1.2}.mk-resume{stroke:#2ca02c}.mk-rewind{stroke:#d62728;"
+    "stroke-dasharray:4 3}.mk-pause{stroke:#ff7f0e;stroke-dasharray:1 2}"
+    ".mk-possibly-billed{stroke:#d62728;stroke-opacity:.6}"
+    "circle.mk-checkpoint{fill:#fff;stroke:#555}circle.mk-best{fill:#ffd700;stroke:#000}"
+    ".hl{stroke-width:1.5}.hl-budget{stroke:#d62728;stroke-dasharray:6 3}"
+    ".hl-billed{stroke:#ff7f0e;stroke-dasharray:2 2}"
+    ".legend{font-size:12px;color:#444}.legend span{margin-right:14px;white-space:nowrap}"
+    ".legend i{display:inline-block;width:14px;height:3px;vertical-align:middle;"
+    "margin-right:4px}.legend i.faint{opacity:.35}"
+    ".legend i.mk-key{width:2px;height:12px}.legend i.mk-resume{background:#2ca02c}"
+    ".legend i.mk-rewind{background:#d62728}.legend i.mk-pause{background:#ff7f0e}"
+    ".legend i.mk-checkpoint{background:#555;width:7px;height:7px;border-radius:4px}"
+    ".legend i.mk-best{background:#ffd700;width:9px;height:9px;border-radius:5px;"
+    "border:1px solid #000}.legend i.mk-possibly-billed{background:#d62728}"
+    ".legend i.hl-key{height:2px}.legend i.hl-budget{background:#d62728}"
+    ".legend i.hl-billed{background:#ff7f0e}"
+    ".note,.empty{color:#666;font-size:12px;margin:2px 0}"
+    ".warn{background:#fff4e5;border:1px solid #f0c080;padding:6px 10px}"
+    ".bar{display:inline-block;height:10px;background:#d62728;vertical-align:middle}";
+
+static void fmt_utc(char *out, size_t n, double t)
+{
+    if (!isfinite(t)) {
+        snprintf(out, n, "-");
+        return;
+    }
+    time_t tt = (time_t)t;
+    struct tm tm;
+    gmtime_r(&tt, &tm);
+    strftime(out, n, "%Y-%m-%d %H:%M:%S UTC", &tm);
+}
+
+static void kv(kd_sb *s, const char *k, const char *v)
+{
+    kd_sb_lit(s, "<tr><td>");
+    rp_html(s, k);
+    kd_sb_lit(s, "</td><td>");
+    rp_html(s, v);
+    kd_sb_lit(s, "</td></tr>");
+}
+
+static void kvf(kd_sb *s, const char *k, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void kvf(kd_sb *s, const char *k, const char *fmt, ...)
+{
+    char b[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(b, sizeof b, fmt, ap);
+    va_end(ap);
+    kv(s, k, b);
+}
+
+/* The budget cap: --budget, else the session config's teacher.budget.max_cost. */
+static double budget_cap(const rep *r, double cli)
+{
+    if (isfinite(cli))
+        return cli;
+    json_t *b = json_object_get(json_object_get(json_object_get(r->session, "config"), "teacher"),
+                                "budget");
+    return jnum(b, "max_cost");
+}
+
+/* Keys whose values differ between two configs, as "a.b, c" (at most n bytes). */
+static void config_diff(const json_t *a, const json_t *b, const char *prefix, char *out,
+                        size_t n)
+{
+    if (json_is_object(a) && json_is_object(b)) {
+        const char *k;
+        json_t *v;
+        json_object_foreach((json_t *)a, k, v)
+        {
+            char p[256];
+            snprintf(p, sizeof p, "%s%s%s", prefix, *prefix ? "." : "", k);
+            config_diff(v, json_object_get(b, k), p, out, n);
+        }
+        json_object_foreach((json_t *)b, k, v)
+        {
+            if (json_object_get(a, k))
+                continue;
+            char p[256];
+            snprintf(p, sizeof p, "%s%s%s", prefix, *prefix ? "." : "", k);
+            config_diff(NULL, v, p, out, n);
+        }
+        return;
+    }
+    if (a && b && json_equal((json_t *)a, (json_t *)b))
+        return;
+    size_t used = strlen(out);
+    if (used + 1 < n)
+        snprintf(out + used, n - used, "%s%s", used ? ", " : "", *prefix ? prefix : "(config)");
+}
+
+typedef struct sess {
+    char *id, *hash, *where;
+    double start;
+    long long steps, target;
+    json_t *config;
+} sess;
+
+static int sess_cmp(const void *a, const void *b)
+{
+    const sess *x = a, *y = b;
+    return x->start < y->start ? -1 : x->start > y->start;
+}
+
+static void write_sessions(rep *r, kd_sb *s)
+{
+    sess v[256];
+    size_t n = 0;
+    char p[4200];
+    snprintf(p, sizeof p, "%s/sessions", r->dir);
+    DIR *d = opendir(p);
+    long long more = 0;
+    if (d) {
+        struct dirent *de;
+        while ((de = readdir(d))) {
+            if (de->d_name[0] == '.')
+                continue;
+            if (n >= 255) {
+                more++;
+                continue;
+            }
+            char name[4200];
+            snprintf(name, sizeof name, "sessions/%s/session.json", de->d_name);
+            json_t *o = load_doc(r, name, 0);
+            if (!o)
+                continue;
+            v[n] = (sess){strdup(jstr(o, "session_id") ? jstr(o, "session_id") : de->d_name),
+                          strdup(jstr(o, "config_hash") ? jstr(o, "config_hash") : "?"),
+                          strdup(name), jnum(o, "start_time"), jint(o, "steps_completed", 0),
+                          jint(o, "total_steps_target", 0),
+                          json_incref(json_object_get(o, "config"))};
+            json_decref(o);
+            n++;
+        }
+        closedir(d);
+    }
+    if (r->session) {
+        const json_t *o = r->session;
+        v[n++] = (sess){strdup(jstr(o, "session_id") ? jstr(o, "session_id") : "?"),
+                        strdup(jstr(o, "config_hash") ? jstr(o, "config_hash") : "?"),
+                        strdup("session.json (current)"), jnum(o, "start_time"),
+                        jint(o, "steps_completed", 0), jint(o, "total_steps_target", 0),
+                        json_incref(json_object_get(o, "config"))};
+    }
+    qsort(v, n, sizeof v[0], sess_cmp);
+    kd_sb_lit(s, "<h2>Sessions</h2><table data-table=\"sessions\"><tr><th>session</th>"
+                 "<th>started</th><th>steps</th><th>config hash</th><th>changed from the "
+                 "previous session</th><th>file</th></tr>");
+    for (size_t i = 0; i < n; i++) {
+        char t[64], diff[1024] = "";
+        fmt_utc(t, sizeof t, v[i].start);
+        if (i > 0)
+            config_diff(v[i - 1].config, v[i].config, "", diff, sizeof diff);
+        kd_sb_lit(s, "<tr data-session=\"");
+        rp_html(s, v[i].id);
+        kd_sb_lit(s, "\"><td class=\"mono\">");
+        rp_html(s, v[i].id);
+        kd_sb_lit(s, "</td><td>");
+        rp_html(s, t);
+        kd_sb_printf(s, "</td><td class=\"n\">%lld/%lld</td><td class=\"mono\">", v[i].steps,
+                     v[i].target);
+        rp_html(s, v[i].hash);
+        kd_sb_lit(s, "</td><td>");
+        rp_html(s, i == 0 ? "-" : diff[0] ? diff : "nothing (same config)");
+        kd_sb_lit(s, "</td><td class=\"mono\">");
+        rp_html(s, v[i].where);
+        kd_sb_lit(s, "</td></tr>");
+        free(v[i].id);
+        free(v[i].hash);
+        free(v[i].where);
+        json_decref(v[i].config);
+    }
+    kd_sb_lit(s, "</table>");
+    if (more)
+        kd_sb_printf(s, "<p class=\"note\">%lld more archived sessions not listed.</p>", more);
+}
+
+typedef struct ckv {
+    long long step;
+    double loss, created;
+    long long size;
+    int deleted;
+    const char *rel, *reason, *sha;
+} ckv;
+
+static int ckv_cmp(const void *a, const void *b)
+{
+    const ckv *x = a, *y = b;
+    return x->step < y->step ? -1 : x->step > y->step;
+}
+
+/* The manifest's records in step order (*n of them); malloc'd. */
+static ckv *checkpoints(const rep *r, size_t *n)
+{
+    json_t *cks = json_object_get(r->manifest ? r->manifest : r->session, "checkpoints");
+    size_t cap = json_is_object(cks) ? json_object_size(cks) : json_array_size(cks);
+    ckv *v = calloc(cap + 1, sizeof *v);
+    *n = 0;
+    if (!v)
+        return NULL;
+    const char *k;
+    json_t *o;
+    size_t i;
+    void *it = json_is_object(cks) ? json_object_iter(cks) : NULL;
+    for (i = 0; i < cap; i++) {
+        o = json_is_object(cks) ? json_object_iter_value(it) : json_array_get(cks, i);
+        if (json_is_object(cks))
+            it = json_object_iter_next(cks, it);
+        if (!json_is_integer(json_object_get(o, "checkpoint_step")))
+            continue;
+        ckv *c = &v[(*n)++];
+        c->step = jint(o, "checkpoint_step", 0);
+        c->loss = jnum(json_object_get(o, "metrics"), "loss");
+        c->created = jnum(o, "created_at");
+        c->size = jint(o, "size", -1);
+        c->deleted = json_is_true(json_object_get(o, "deleted"));
+        c->rel = jstr(o, "relative_path");
+        c->reason = jstr(o, "deleted_reason");
+        c->sha = jstr(o, "sha256");
+    }
+    (void)k;
+    qsort(v, *n, sizeof *v, ckv_cmp);
+    return v;
+}
+
+static void add_marker(rp_marker **m, size_t *n, size_t *cap, rp_marker x)
+{
+    if (*n == *cap) {
+        size_t nc = *cap ? *cap * 2 : 64;
+        rp_marker *p = realloc(*m, nc * sizeof *p);
+        if (!p)
+            return;
+        *m = p;
+        *cap = nc;
+    }
+    (*m)[(*n)++] = x;
+}
+
+static void table_failures(rep *r, kd_sb *s)
+{
+    kd_sb_lit(s, "<h3>Failures by kind</h3><table data-table=\"failure-kinds\"><tr><th>kind</th>"
+                 "<th>count</th><th>possibly billed</th><th></th></tr>");
+    long long mx = 1;
+    for (size_t i = 0; i <= MAX_FAIL_KINDS; i++)
+        if (r->kinds[i].n > mx)
+            mx = r->kinds[i].n;
+    for (size_t i = 0; i <= MAX_FAIL_KINDS; i++) {
+        if (r->kinds[i].n == 0)
+            continue;
+        kd_sb_lit(s, "<tr data-kind=\"");
+        rp_html(s, r->kinds[i].name);
+        kd_sb_printf(s, "\" data-count=\"%lld\"><td>", r->kinds[i].n);
+        rp_html(s, r->kinds[i].name);
+        kd_sb_printf(s,
+                     "</td><td class=\"n\">%lld</td><td class=\"n\">%lld</td><td><span "
+                     "class=\"bar\" style=\"width:%.0fpx\"></span></td></tr>",
+                     r->kinds[i].n, r->kinds[i].billed, 200.0 * (double)r->kinds[i].n / (double)mx);
+    }
+    kd_sb_lit(s, "</table>");
+    size_t shown = r->ftab_n < FAIL_TABLE ? r->ftab_n : FAIL_TABLE;
+    kd_sb_printf(s, "<h3>Failures (the last %zu of %lld)</h3>", shown, r->fail_n);
+    kd_sb_lit(s, "<table data-table=\"failures\"><tr><th>time</th><th>attempt</th><th>HTTP</th>"
+                 "<th>possibly billed</th><th>error</th><th>request</th></tr>");
+    for (size_t k = 0; k < shown; k++) {
+        const failrow *f = &r->ftab[(r->ftab_n - shown + k) % FAIL_TABLE];
+        char t[64];
+        fmt_utc(t, sizeof t, f->time);
+        kd_sb_printf(s, "<tr><td>%s</td><td class=\"n\">%lld</td><td class=\"n\">", t,
+                     f->retry + 1);
+        if (f->http > 0)
+            kd_sb_printf(s, "%lld", f->http);
+        kd_sb_printf(s, "</td><td>%s</td><td class=\"mono\">", f->billed ? "yes" : "no");
+        rp_html(s, f->error);
+        kd_sb_lit(s, "</td><td class=\"mono\">");
+        if (f->hash)
+            rp_html_n(s, f->hash, strlen(f->hash) > 16 ? 16 : strlen(f->hash));
+        kd_sb_lit(s, "</td></tr>");
+    }
+    kd_sb_lit(s, "</table>");
+}
+
+static void build_page(rep *r, kd_sb *s, double cli_budget)
+{
+    const json_t *S = r->summary;
+    const char *sid = jstr(r->session, "session_id");
+    char t[64], b2[64];
+    kd_sb_lit(s, "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                 "<meta name=\"viewport\" content=\"width=device-width\">"
+                 "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+                 "style-src 'unsafe-inline'; img-src data:\"><title>kdkit report: ");
+    rp_html(s, sid ? sid : r->dir);
+    kd_sb_lit(s, "</title><style>");
+    kd_sb_put(s, CSS, sizeof CSS - 1);
+    kd_sb_lit(s, "</style></head><body>\n<h1>kdkit report: <span class=\"mono\" id=\"session\">");
+    rp_html(s, sid ? sid : "?");
+    kd_sb_lit(s, "</span></h1>\n");
+    fmt_utc(t, sizeof t, kd_now());
+    kd_sb_lit(s, "<p class=\"note\">Directory <code>");
+    rp_html(s, r->dir);
+    kd_sb_printf(s, "</code>, read at %s. Long series are drawn as the first, last, lowest and "
+                    "highest point of each of at most %zu buckets (min/max per bucket), so one-step "
+                    "spikes stay visible; a legend says when a series was thinned.</p>\n",
+                 t, r->nb);
+    if (r->nnotes) {
+        kd_sb_lit(s, "<div class=\"warn\" id=\"problems\"><b>Read with problems:</b><ul>");
+        for (int i = 0; i < r->nnotes; i++) {
+            kd_sb_lit(s, "<li>");
+            rp_html(s, r->notes[i]);
+            kd_sb_lit(s, "</li>");
+        }
+        kd_sb_lit(s, "</ul></div>\n");
+    }
+
+    /* --- summary */
+    kd_sb_lit(s, "<h2>Summary</h2><table class=\"kv\" data-table=\"summary\">");
+    long long done = jint(S, "steps_completed", 0), target = jint(S, "total_steps_target", 0);
+    kvf(s, "progress", "%lld/%lld steps (%.1f%%)", done, target, jnum(S, "progress_pct"));
+    kvf(s, "time", "%.2f h wall clock, %.2f h active, %lld pauses (%.2f h)",
+        jnum(S, "elapsed_wall_clock_hours"), jnum(S, "active_hours"), jint(S, "pauses", 0),
+        jnum(S, "paused_hours"));
+    double eta = jnum(S, "estimated_remaining_hours");
+    if (done >= target && target > 0)
+        kv(s, "ETA", "done (target reached)");
+    else if (isfinite(eta))
+        kvf(s, "ETA", "%.2f h at the recent active rate", eta);
+    else
+        kv(s, "ETA", "unknown");
+    const char *trend = jstr(S, "loss_trend");
+    kvf(s, "loss", "%.4f latest, trend %s", jnum(S, "latest_loss"), trend ? trend : "?");
+    kv(s, "config hash", jstr(r->session, "config_hash"));
+    fmt_utc(t, sizeof t, jnum(r->session, "start_time"));
+    kv(s, "started", t);
+    fmt_utc(b2, sizeof b2, r->last_ts);
+    kv(s, "last metric", b2);
+    kd_sb_lit(s, "</table>\n");
+
+    /* --- markers on step charts */
+    size_t nck = 0;
+    ckv *ck = checkpoints(r, &nck);
+    rp_marker *mk = NULL;
+    size_t nmk = 0, capmk = 0;
+    long long counts[3] = {0, 0, 0}, dropped = 0;
+    for (size_t i = 0; i < r->nev; i++) {
+        ev *v = &r->evs[i];
+        int k = strcmp(v->kind, "resume") == 0 ? 0 : strcmp(v->kind, "rewind") == 0 ? 1
+              : strcmp(v->kind, "pause") == 0  ? 2 : -1;
+        if (k < 0 || v->step < 0)
+            continue;
+        if (counts[k]++ >= MAX_MARKERS) {
+            dropped++;
+            continue;
+        }
+        add_marker(&mk, &nmk, &capmk, (rp_marker){v->kind, (double)v->step, NAN, v->title});
+    }
+    size_t nvert = nmk; /* event lines; checkpoint points follow */
+    long long best = jint(r->manifest ? r->manifest : S, "best_checkpoint_step", -1);
+    char (*cktitle)[96] = calloc(nck + 1, sizeof *cktitle);
+    for (size_t i = 0; ck && cktitle && i < nck; i++) {
+        if (ck[i].deleted || !isfinite(ck[i].loss))
+            continue;
+        int is_best = ck[i].step == best;
+        snprintf(cktitle[i], sizeof cktitle[i], "%scheckpoint at step %lld, loss %.4f",
+                 is_best ? "best " : "", ck[i].step, ck[i].loss);
+        add_marker(&mk, &nmk, &capmk,
+                   (rp_marker){is_best ? "best" : "checkpoint", (double)ck[i].step, ck[i].loss,
+                               cktitle[i]});
+    }
+
+    /* --- training */
+    kd_sb_lit(s, "<h2>Training</h2>\n");
+    rp_series *ls[] = {&r->rewound, &r->loss, &r->val};
+    char lnote[512];
+    snprintf(lnote, sizeof lnote,
+             "%lld metric lines; %llu rewound (attempts abandoned by a resume, faint); %lld "
+             "resumes, %lld rewinds, %lld pauses marked%s.",
+             r->metric_lines, (unsigned long long)r->rewound.n, counts[0], counts[1], counts[2],
+             dropped ? " (some markers left out: more than 2000 of a kind)" : "");
+    rp_chart_write(s, &(rp_chart){"loss", "Training loss per step", "step", 0, ls, 3, mk, nmk,
+                                  NULL, 0, lnote});
+    rp_series *cs[] = {&r->kd, &r->ce, &r->inter};
+    rp_chart_write(s, &(rp_chart){"components", "Loss components (kd / ce / intermediate)", "step",
+                                  0, cs, 3, mk, nvert, NULL, 0, NULL});
+    rp_series *lrs[] = {&r->lr};
+    rp_chart_write(s, &(rp_chart){"lr", "Learning rate", "step", 0, lrs, 1, NULL, 0, NULL, 0, NULL});
+    rp_series *ts[] = {&r->tok};
+    rp_chart_write(s, &(rp_chart){"throughput", "Throughput (tokens/s)", "step", 0, ts, 1, mk,
+                                  nvert, NULL, 0, NULL});
+
+    /* --- KD quality */
+    kd_sb_lit(s, "<h2>KD quality (eval.jsonl)</h2>\n");
+    if (r->neval == 0) {
+        kd_sb_printf(s, "<p class=\"empty\" data-plot=\"kd-none\">%s</p>\n",
+                     r->eval_lines ? "eval.jsonl has only the validation loss (shown with the "
+                                     "training loss); no KD figures yet."
+                                   : "no eval.jsonl in this directory.");
+    }
+    for (size_t i = 0; i < r->neval; i++) {
+        char id[96];
+        snprintf(id, sizeof id, "eval-%s", r->eval[i].key);
+        rp_series *es[] = {&r->eval[i]};
+        rp_chart_write(s, &(rp_chart){id, r->eval[i].key, "step", 0, es, 1, NULL, 0, NULL, 0,
+                                      NULL});
+    }
+
+    /* --- teacher */
+    kd_sb_lit(s, "<h2>Teacher</h2>\n");
+    double cap = budget_cap(r, cli_budget);
+    double billed = r->intents_billed + r->intents_open;
+    double spent = r->paid_total + billed;
+    kd_sb_lit(s, "<table class=\"kv\" data-table=\"teacher\">");
+    kvf(s, "paid responses", "%lld (api_recovery.jsonl)", r->paid_n);
+    kvf(s, "paid cost", "%.6f", r->paid_total);
+    if (r->have_intents)
+        kvf(s, "possibly billed", "%.6f worst case (%lld failures marked possibly billed; %lld "
+                                  "requests unsettled, %.6f)",
+            billed, r->billed_n, r->intents_open_n, r->intents_open);
+    else
+        kvf(s, "possibly billed", "%lld failures marked possibly billed (no teacher_intents.jsonl: "
+                                  "their worst case is unknown here)",
+            r->billed_n);
+    if (isfinite(cap))
+        kvf(s, "budget", "%.6f spent of %.6f (%.1f%%), %.6f left", spent, cap,
+            cap > 0 ? 100.0 * spent / cap : 0.0, cap - spent);
+    else
+        kv(s, "budget", "no cap in the session's config (teacher.budget.max_cost)");
+    kv(s, "cache hits", "not recorded in the run directory (hits cost nothing and leave no "
+                        "ledger line); see 'kdkit cache stats'");
+    kd_sb_lit(s, "</table>\n");
+    rp_hline hl[2];
+    size_t nhl = 0;
+    if (isfinite(cap))
+        hl[nhl++] = (rp_hline){"budget", "budget", cap};
+    char bl[96];
+    if (billed > 0) {
+        snprintf(bl, sizeof bl, "paid + possibly billed (%.6f)", spent);
+        hl[nhl++] = (rp_hline){"billed", bl, spent};
+    }
+    rp_series *cost[] = {&r->cost};
+    rp_chart_write(s, &(rp_chart){"cost", "Teacher cost over time (cumulative)", "time (UTC)", 1,
+                                  cost, 1, r->billed_mk, r->nbilled_mk, hl, nhl,
+                                  "Vertical marks: failures marked possibly billed."});
+    rp_series *resp[] = {&r->resp};
+    rp_chart_write(s, &(rp_chart){"responses", "Paid responses over time (cumulative)",
+                                  "time (UTC)", 1, resp, 1, NULL, 0, NULL, 0, NULL});
+    table_failures(r, s);
+
+    /* --- tables */
+    kd_sb_lit(s, "<h2>Checkpoints</h2>");
+    kd_sb_lit(s, "<table data-table=\"checkpoints\"><tr><th>step</th><th>loss</th><th>size</th>"
+                 "<th>created</th><th>file</th><th>state</th><th>SHA-256</th></tr>");
+    for (size_t i = 0; ck && i < nck; i++) {
+        fmt_utc(t, sizeof t, ck[i].created);
+        kd_sb_printf(s, "<tr data-step=\"%lld\"%s><td class=\"n\">%lld</td><td class=\"n\">",
+                     ck[i].step, ck[i].step == best ? " data-best=\"1\"" : "", ck[i].step);
+        if (isfinite(ck[i].loss))
+            kd_sb_printf(s, "%.4f", ck[i].loss);
+        kd_sb_printf(s, "</td><td class=\"n\">%lld</td><td>%s</td><td class=\"mono\">",
+                     ck[i].size, t);
+        rp_html(s, ck[i].rel);
+        kd_sb_lit(s, "</td><td>");
+        if (ck[i].deleted) {
+            kd_sb_lit(s, "deleted: ");
+            rp_html(s, ck[i].reason ? ck[i].reason : "no reason given");
+        } else {
+            kd_sb_puts(s, ck[i].step == best ? "<b>best</b>" : "live");
+        }
+        kd_sb_lit(s, "</td><td class=\"mono\">");
+        if (ck[i].sha)
+            rp_html_n(s, ck[i].sha, strlen(ck[i].sha) > 16 ? 16 : strlen(ck[i].sha));
+        kd_sb_lit(s, "</td></tr>");
+    }
+    kd_sb_lit(s, "</table>");
+    write_sessions(r, s);
+    kd_sb_lit(s, "<p class=\"note\">Made by kdkit report; no script, no network.</p>\n"
+                 "</body></html>\n");
+    free(cktitle);
+    free(ck);
+    free(mk);
+}
+
+static void rep_free(rep *r)
+{
+    json_decref(r->session);
+    json_decref(r->summary);
+    json_decref(r->manifest);
+    for (size_t i = 0; i < r->nev; i++)
+        free(r->evs[i].title);
+    free(r->evs);
+    rp_series *all[] = {&r->loss, &r->val, &r->rewound, &r->kd, &r->ce, &r->inter,
+                        &r->lr, &r->tok, &r->smp, &r->cost, &r->resp};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        rp_series_free(all[i]);
+    for (size_t i = 0; i < r->neval; i++)
+        rp_series_free(&r->eval[i]);
+    for (size_t i = 0; i < FAIL_TABLE; i++) {
+        free(r->ftab[i].error);
+        free(r->ftab[i].hash);
+    }
+    free(r->billed_mk);
+    free(g_open);
+    g_open = NULL;
+    g_nopen = g_capopen = 0;
+}
+
+int kd_cmd_report(int argc, char **argv)
+{
+    const char *cmd = argv[0], *dir = NULL, *out = "report.html";
+    double cli_budget = NAN;
+    long nb = 1000;
+    int quiet = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (kd_cli_is_help(a)) {
+            usage(stdout);
+            return 0;
+        }
+        if (strcmp(a, "-o") == 0 || strcmp(a, "--output") == 0 || strcmp(a, "--budget") == 0 ||
+            strcmp(a, "--buckets") == 0) {
+            if (i + 1 >= argc) {
+                kd_cli_error(cmd, "%s needs a value", a);
+                return 2;
+            }
+            const char *v = argv[++i];
+            char *end;
+            if (a[1] == 'o' || a[2] == 'o') {
+                out = v;
+            } else if (strcmp(a, "--budget") == 0) {
+                errno = 0;
+                cli_budget = strtod(v, &end);
+                if (*end || errno || !(cli_budget >= 0) || !isfinite(cli_budget)) {
+                    kd_cli_error(cmd, "--budget needs a non-negative amount, not '%s'", v);
+                    return 2;
+                }
+            } else {
+                errno = 0;
+                nb = strtol(v, &end, 10);
+                if (*end || errno || nb < 64 || nb > 100000) {
+                    kd_cli_error(cmd, "--buckets needs an integer 64..100000, not '%s'", v);
+                    return 2;
+                }
+            }
+            continue;
+        }
+        if (strcmp(a, "--quiet") == 0) {
+            quiet = 1;
+            continue;
+        }
+        if (a[0] == '-' && a[1]) {
+            kd_cli_error(cmd, "unknown option '%s'", a);
+            usage(stderr);
+            return 2;
+        }
+        if (dir) {
+            kd_cli_error(cmd, "one directory only (got '%s' and '%s')", dir, a);
+            return 2;
+        }
+        dir = a;
+    }
+    if (!dir) {
+        kd_cli_error(cmd, "which output directory? (e.g. kdkit report training_progress)");
+        usage(stderr);
+        return 2;
+    }
+
+    rep *r = calloc(1, sizeof *r);
+    if (!r) {
+        kd_cli_error(cmd, "out of memory");
+        return 1;
+    }
+    r->cmd = cmd;
+    r->dir = dir;
+    r->quiet = quiet;
+    r->nb = (size_t)nb;
+    r->first_ts = r->last_ts = NAN;
+    int status = 1;
+    char *sum = NULL;
+    kd_err e;
+    kd_err_clear(&e);
+    int rc = kd_session_inspect(dir, &sum, &e);
+    if (rc != KD_OK) {
+        kd_cli_error(cmd, "%s", e.msg[0] ? e.msg : kd_strerror(rc));
+        if (rc != KD_ENOTFOUND)
+            fprintf(stderr, "run 'kdkit verify %s' to see every problem and how to fix it\n", dir);
+        status = rc == KD_ENOTFOUND ? 2 : 1;
+        goto out;
+    }
+    r->summary = json_loads(sum, 0, NULL);
+    free(sum);
+    r->session = load_doc(r, "session.json", 0);
+    r->manifest = load_doc(r, "checkpoints.json", 1);
+    if (!r->session || !r->summary) {
+        kd_cli_error(cmd, "%s: session.json cannot be read: %s", dir, r->nnotes ? r->notes[0] : "?");
+        goto out;
+    }
+    rp_series *all[] = {&r->loss, &r->val, &r->rewound, &r->kd, &r->ce, &r->inter,
+                        &r->lr, &r->tok, &r->smp, &r->cost, &r->resp};
+    static const char *const keys[][3] = {
+        {"loss", "training loss", "#1f77b4"},
+        {"val_loss", "validation loss (eval.jsonl)", "#ff7f0e"},
+        {"rewound", "rewound attempts (metrics.rewound.jsonl)", "#7f7f7f"},
+        {"kd", "kd", "#9467bd"},
+        {"ce", "ce", "#2ca02c"},
+        {"intermediate", "intermediate", "#8c564b"},
+        {"learning_rate", "learning rate", "#17becf"},
+        {"throughput_tokens_per_sec", "tokens/s", "#e377c2"},
+        {"throughput_samples_per_sec", "samples/s", "#bcbd22"},
+        {"cost", "paid cost (api_recovery.jsonl)", "#1f77b4"},
+        {"responses", "paid responses", "#2ca02c"},
+    };
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        if (rp_series_init(all[i], keys[i][0], keys[i][1], keys[i][2], r->nb) != 0) {
+            kd_cli_error(cmd, "out of memory");
+            goto out;
+        }
+    r->rewound.faint = 1;
+
+    static const char *const files[] = {"events.jsonl",       "metrics.jsonl",
+                                        "metrics.rewound.jsonl", "eval.jsonl",
+                                        "api_recovery.jsonl", "failures.jsonl",
+                                        "teacher_intents.jsonl"};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
+        r->bytes_total += file_size(r, files[i]);
+    kd_progress_init(&r->prog, cmd, "reading", 5);
+    g_pause_i = 0;
+    stream(r, "events.jsonl", on_event);
+    stream(r, "metrics.jsonl", on_metric);
+    /* pauses after the last metric line */
+    for (size_t i = 0; i < r->nev; i++)
+        if (strcmp(r->evs[i].kind, "pause") == 0 && r->evs[i].step < 0)
+            r->evs[i].step = r->last_step;
+    stream(r, "metrics.rewound.jsonl", on_rewound);
+    stream(r, "eval.jsonl", on_eval);
+    stream(r, "api_recovery.jsonl", on_api);
+    stream(r, "failures.jsonl", on_failure);
+    stream(r, "teacher_intents.jsonl", on_intent);
+    for (size_t i = 0; i < g_nopen; i++)
+        if (isfinite(g_open[i].reserved)) {
+            r->intents_open += g_open[i].reserved;
+            r->intents_open_n++;
+        }
+    if (r->ev_dropped)
+        note(r, "events.jsonl: %lld events beyond the first %d not marked", r->ev_dropped,
+             3 * MAX_MARKERS);
+    if (!quiet)
+        kd_progress_end(&r->prog);
+
+    kd_sb page;
+    kd_sb_init(&page, PAGE_MAX);
+    build_page(r, &page, cli_budget);
+    if (kd_sb_error(&page)) {
+        kd_cli_error(cmd, "the page grew past %zu MiB or memory ran out", PAGE_MAX >> 20);
+        kd_sb_free(&page);
+        goto out;
+    }
+    if (strcmp(out, "-") == 0) {
+        if (fwrite(page.buf, 1, page.len, stdout) != page.len || fflush(stdout) != 0) {
+            kd_cli_error(cmd, "writing to standard output: %s", strerror(errno));
+            kd_sb_free(&page);
+            goto out;
+        }
+    } else {
+        kd_err we;
+        kd_err_clear(&we);
+        if (kd_file_write_atomic(out, page.buf, page.len, &we) != KD_OK) {
+            kd_cli_error(cmd, "%s", we.msg);
+            kd_sb_free(&page);
+            goto out;
+        }
+        if (!quiet)
+            fprintf(stderr, "kdkit %s: wrote %s (%.1f KiB)%s\n", cmd, out, (double)page.len / 1024,
+                    r->nnotes ? "; some files had problems, see the top of the page" : "");
+    }
+    kd_sb_free(&page);
+    status = 0;
+out:
+    rep_free(r);
+    free(r);
+    return status;
+}

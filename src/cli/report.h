@@ -1,0 +1,126 @@
+/*
+ * src/cli/report.h - the pieces of `kdkit report` (cmd_report.c) that do
+ * not know the run directory: a streaming downsampler that keeps spikes,
+ * HTML escaping, SVG line charts with data- attributes a test can count,
+ * and the live/periodic progress line shared by long commands.
+ */
+#ifndef KD_SRC_CLI_REPORT_H
+#define KD_SRC_CLI_REPORT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "core/sb.h"
+
+/* ------------------------------------------------------------------------ */
+/* Downsampling                                                              */
+
+/*
+ * A series of (x, y) points read once, in file order, held in at most
+ * `nb` buckets of equal width in arrival order.  Each bucket keeps its
+ * first, last, lowest and highest point, so a spike of one step survives
+ * any amount of downsampling (min/max per bucket).  When the points
+ * outgrow the buckets, neighbours are merged pairwise and the width
+ * doubles: memory is O(nb) whatever the length of the file.
+ */
+typedef struct rp_pt {
+    double x, y;
+    uint64_t ord; /* arrival number, to put a bucket's points back in order */
+} rp_pt;
+
+typedef struct rp_bucket {
+    rp_pt first, last, lo, hi;
+    uint64_t n;
+} rp_bucket;
+
+typedef struct rp_series {
+    char key[64];       /* data-series name */
+    char label[96];     /* legend text (escaped when written) */
+    const char *color;
+    int faint;          /* rewound attempts: drawn light, dashed */
+    int dots;           /* draw points, not a line */
+    rp_bucket *b;
+    size_t nb, used;
+    uint64_t width;     /* points per bucket */
+    uint64_t n;         /* points added */
+    uint64_t skipped;   /* non-finite values not drawn */
+    double xmin, xmax, ymin, ymax;
+} rp_series;
+
+/* 0, or -1 when out of memory.  nb >= 2. */
+int rp_series_init(rp_series *s, const char *key, const char *label, const char *color,
+                   size_t nb);
+void rp_series_free(rp_series *s);
+void rp_series_add(rp_series *s, double x, double y);
+/* The points kept, in arrival order, into *out (malloc'd; caller frees);
+   returns how many, or (size_t)-1 when out of memory. */
+size_t rp_series_points(const rp_series *s, rp_pt **out);
+
+/* ------------------------------------------------------------------------ */
+/* HTML                                                                      */
+
+/* Text as HTML: & < > " ' escaped, control bytes (terminal escapes) shown
+   as \xNN, invalid UTF-8 bytes as U+FFFD.  NULL writes nothing. */
+void rp_html(kd_sb *s, const char *text);
+void rp_html_n(kd_sb *s, const char *text, size_t n);
+
+/* ------------------------------------------------------------------------ */
+/* Charts                                                                    */
+
+typedef struct rp_marker {
+    const char *kind;   /* resume | rewind | pause | checkpoint | best | failure ... */
+    double x;           /* step (or time, on a time axis) */
+    double y;           /* for point markers (checkpoints); NAN for a vertical line */
+    const char *title;  /* tooltip, escaped when written; may be NULL */
+} rp_marker;
+
+typedef struct rp_hline {
+    const char *kind;   /* data-kind, e.g. "budget" */
+    const char *label;
+    double y;
+} rp_hline;
+
+typedef struct rp_chart {
+    const char *id;      /* data-plot */
+    const char *title;
+    const char *xlabel;  /* "step" or "time (UTC)" */
+    int xtime;           /* x is Unix seconds: ticks as dates */
+    rp_series **series;
+    size_t nseries;
+    const rp_marker *markers;
+    size_t nmarkers;
+    const rp_hline *hlines;
+    size_t nhlines;
+    const char *note;    /* a line under the chart, may be NULL */
+} rp_chart;
+
+/* A <figure> with an inline SVG line chart.  Each series is a
+   <polyline data-series=KEY data-points=N data-raw=M> (N points drawn out
+   of M read); each marker a <line|circle data-kind=K data-step=X>; each
+   horizontal line a <line data-kind=K data-value=Y>.  A chart without any
+   point says so instead of drawing empty axes. */
+void rp_chart_write(kd_sb *s, const rp_chart *c);
+
+/* ------------------------------------------------------------------------ */
+/* Progress line                                                             */
+
+/*
+ * "kdkit CMD: WHAT 42% (3.1 of 7.4 MiB) ..." on stderr: rewritten in place
+ * with '\r' at most 10 times a second on a terminal, else a plain line every
+ * `every_s` seconds (and none at all for a job shorter than that).
+ */
+typedef struct kd_progress {
+    const char *cmd, *what;
+    int tty;
+    double every_s, start, last;
+    int shown;
+} kd_progress;
+
+void kd_progress_init(kd_progress *p, const char *cmd, const char *what, double every_s);
+/* done/total in bytes (total 0 = unknown); extra may be NULL. */
+void kd_progress_update(kd_progress *p, uint64_t done, uint64_t total, const char *extra);
+/* Clear a live line (tty) or say the job ended (when lines were shown). */
+void kd_progress_end(kd_progress *p);
+
+#endif
