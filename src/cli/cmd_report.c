@@ -197,13 +197,14 @@ static uint64_t file_size(const rep *r, const char *name)
 }
 
 typedef int (*line_fn)(rep *r, json_t *o, int64_t lineno);
+typedef int (*fast_fn)(rep *r, const char *line, size_t len, int *res);
 
 /*
  * Stream one journal: each line parsed and handed to fn.  Invalid lines are
  * counted and the first named; a torn last line (being written) ends the
  * file quietly.  Returns lines handed to fn.
  */
-static long long stream(rep *r, const char *name, line_fn fn)
+static long long stream(rep *r, const char *name, line_fn fn, fast_fn fast)
 {
     char p[4200];
     snprintf(p, sizeof p, "%s/%s", r->dir, name);
@@ -223,9 +224,14 @@ static long long stream(rep *r, const char *name, line_fn fn)
     uint64_t base = r->bytes_done;
     int s;
     while ((s = kd_jsonl_next(rd, &line, &len, &e)) == 1) {
-        json_t *o = json_loadb(line, len, 0, NULL);
         int64_t ln = kd_jsonl_reader_lineno(rd);
-        if (!json_is_object(o) || fn(r, o, ln) != 0) {
+        int res = 0;
+        json_t *o = NULL;
+        if (!fast || !fast(r, line, len, &res)) {
+            o = json_loadb(line, len, 0, NULL);
+            res = json_is_object(o) ? fn(r, o, ln) : -1;
+        }
+        if (res != 0) {
             if (!bad)
                 first_bad = ln;
             bad++;
@@ -310,14 +316,27 @@ static size_t next_pause(const rep *r, size_t from)
 
 static size_t g_pause_i;
 
-static int on_metric(rep *r, json_t *o, int64_t ln)
+static void metric_from_json(json_t *o, rp_metric *m)
 {
-    (void)ln;
     json_t *st = json_object_get(o, "step");
-    if (!json_is_integer(st))
+    m->has_step = json_is_integer(st);
+    m->step = m->has_step ? (int64_t)json_integer_value(st) : 0;
+    m->timestamp = jnum(o, "timestamp");
+    m->loss = jnum(o, "loss");
+    json_t *c = json_object_get(o, "loss_components");
+    m->kd = jnum(c, "kd");
+    m->ce = jnum(c, "ce");
+    m->inter = jnum(c, "intermediate");
+    m->lr = jnum(o, "learning_rate");
+    m->tok = jnum(o, "throughput_tokens_per_sec");
+    m->smp = jnum(o, "throughput_samples_per_sec");
+}
+
+static int add_metric(rep *r, const rp_metric *m)
+{
+    if (!m->has_step)
         return -1;
-    double x = (double)json_integer_value(st);
-    double ts = jnum(o, "timestamp");
+    double x = (double)m->step, ts = m->timestamp;
     /* a pause happened after the last step recorded before it */
     if (isfinite(ts)) {
         while ((g_pause_i = next_pause(r, g_pause_i)) < r->nev && r->evs[g_pause_i].time < ts) {
@@ -328,18 +347,34 @@ static int on_metric(rep *r, json_t *o, int64_t ln)
             r->first_ts = ts;
         r->last_ts = ts;
     }
-    r->last_step = (int64_t)x;
+    r->last_step = m->step;
     r->metric_lines++;
-    rp_series_add(&r->loss, x, jnum(o, "loss"));
-    json_t *c = json_object_get(o, "loss_components");
-    rp_series_add(&r->kd, x, jnum(c, "kd"));
-    rp_series_add(&r->ce, x, jnum(c, "ce"));
-    rp_series_add(&r->inter, x, jnum(c, "intermediate"));
-    rp_series_add(&r->lr, x, jnum(o, "learning_rate"));
-    rp_series_add(&r->tok, x, jnum(o, "throughput_tokens_per_sec"));
-    rp_series_add(&r->smp, x, jnum(o, "throughput_samples_per_sec"));
-    /* the null counts of optional fields are not "skipped" points */
+    rp_series_add(&r->loss, x, m->loss);
+    rp_series_add(&r->kd, x, m->kd);
+    rp_series_add(&r->ce, x, m->ce);
+    rp_series_add(&r->inter, x, m->inter);
+    rp_series_add(&r->lr, x, m->lr);
+    rp_series_add(&r->tok, x, m->tok);
+    rp_series_add(&r->smp, x, m->smp);
     return 0;
+}
+
+static int on_metric(rep *r, json_t *o, int64_t ln)
+{
+    (void)ln;
+    rp_metric m;
+    metric_from_json(o, &m);
+    return add_metric(r, &m);
+}
+
+/* 1 handled (0 or -1 in *res), 0 hand the line to jansson */
+static int fast_metric(rep *r, const char *line, size_t len, int *res)
+{
+    rp_metric m;
+    if (!rp_scan_metric(line, len, &m))
+        return 0;
+    *res = add_metric(r, &m);
+    return 1;
 }
 
 static int on_rewound(rep *r, json_t *o, int64_t ln)
@@ -350,6 +385,17 @@ static int on_rewound(rep *r, json_t *o, int64_t ln)
         return -1;
     rp_series_add(&r->rewound, (double)json_integer_value(st), jnum(o, "loss"));
     return 0;
+}
+
+static int fast_rewound(rep *r, const char *line, size_t len, int *res)
+{
+    rp_metric m;
+    if (!rp_scan_metric(line, len, &m))
+        return 0;
+    *res = m.has_step ? 0 : -1;
+    if (m.has_step)
+        rp_series_add(&r->rewound, (double)m.step, m.loss);
+    return 1;
 }
 
 static int on_eval(rep *r, json_t *o, int64_t ln)
@@ -401,12 +447,14 @@ static int on_api(rep *r, json_t *o, int64_t ln)
     return 0;
 }
 
-/* The kind of a failure, for the count by kind. */
+/* The kind of a failure, for the count by kind: "HTTP 503", or the
+   client's message without its "attempt N of M: " prefix, up to its first
+   ':' or '(' ("Timeout was reached", "Transferred a partial file"). */
 static void fail_kind(json_t *o, char *out, size_t n)
 {
     long long http = jint(o, "http_status", 0);
     const char *err = jstr(o, "error");
-    if (http > 0) {
+    if (http >= 400) {
         snprintf(out, n, "HTTP %lld", http);
         return;
     }
@@ -414,9 +462,13 @@ static void fail_kind(json_t *o, char *out, size_t n)
         snprintf(out, n, "unknown");
         return;
     }
-    /* the message up to its first ':' or '(' (or 40 bytes): "timeout", ... */
+    if (strncmp(err, "attempt ", 8) == 0) {
+        const char *c = strstr(err, ": ");
+        if (c && c - err < 32)
+            err = c + 2;
+    }
     size_t k = 0;
-    while (err[k] && err[k] != ':' && err[k] != '(' && err[k] != ';' && k < 40)
+    while (err[k] && err[k] != ':' && err[k] != '(' && err[k] != ';' && k < 48)
         k++;
     while (k > 0 && err[k - 1] == ' ')
         k--;
@@ -531,9 +583,9 @@ static const char CSS[] =
     "svg text{font-size:11px;fill:#444}.axis line{stroke:#888;stroke-width:1}"
     ".grid{stroke:#eee!important}"
     ".series{fill:none;stroke-width:1.3;stroke-linejoin:round}"
-    ".series.faint{stroke-opacity:.35;stroke-dasharray:3 2}"
+    ".series.faint{stroke-opacity:.5;stroke-dasharray:3 2}"
     ".mk{stroke-width:1.2}.mk-resume{stroke:#2ca02c}.mk-rewind{stroke:#d62728;"
-    "stroke-dasharray:4 3}.mk-pause{stroke:#ff7f0e;stroke-dasharray:1 2}"
+    "stroke-dasharray:4 3}.mk-pause{stroke:#ff7f0e;stroke-width:4;stroke-opacity:.6}"
     ".mk-possibly-billed{stroke:#d62728;stroke-opacity:.6}"
     "circle.mk-checkpoint{fill:#fff;stroke:#555}circle.mk-best{fill:#ffd700;stroke:#000}"
     ".hl{stroke-width:1.5}.hl-budget{stroke:#d62728;stroke-dasharray:6 3}"
@@ -773,6 +825,11 @@ static void add_marker(rp_marker **m, size_t *n, size_t *cap, rp_marker x)
 
 static void table_failures(rep *r, kd_sb *s)
 {
+    if (r->fail_n == 0) {
+        kd_sb_lit(s, "<h3>Failures</h3><p class=\"empty\" data-table=\"failures\">none "
+                     "recorded (failures.jsonl is empty or absent)</p>\n");
+        return;
+    }
     kd_sb_lit(s, "<h3>Failures by kind</h3><table data-table=\"failure-kinds\"><tr><th>kind</th>"
                  "<th>count</th><th>possibly billed</th><th></th></tr>");
     long long mx = 1;
@@ -837,7 +894,7 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
                     "spikes stay visible; a legend says when a series was thinned.</p>\n",
                  t, r->nb);
     if (r->nnotes) {
-        kd_sb_lit(s, "<div class=\"warn\" id=\"problems\"><b>Read with problems:</b><ul>");
+        kd_sb_lit(s, "<div class=\"warn\" id=\"problems\"><strong>Read with problems:</strong><ul>");
         for (int i = 0; i < r->nnotes; i++) {
             kd_sb_lit(s, "<li>");
             rp_html(s, r->notes[i]);
@@ -997,7 +1054,7 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
             kd_sb_lit(s, "deleted: ");
             rp_html(s, ck[i].reason ? ck[i].reason : "no reason given");
         } else {
-            kd_sb_puts(s, ck[i].step == best ? "<b>best</b>" : "live");
+            kd_sb_puts(s, ck[i].step == best ? "<strong>best</strong>" : "live");
         }
         kd_sb_lit(s, "</td><td class=\"mono\">");
         if (ck[i].sha)
@@ -1132,7 +1189,7 @@ int kd_cmd_report(int argc, char **argv)
     static const char *const keys[][3] = {
         {"loss", "training loss", "#1f77b4"},
         {"val_loss", "validation loss (eval.jsonl)", "#ff7f0e"},
-        {"rewound", "rewound attempts (metrics.rewound.jsonl)", "#7f7f7f"},
+        {"rewound", "rewound attempts (metrics.rewound.jsonl)", "#d62728"},
         {"kd", "kd", "#9467bd"},
         {"ce", "ce", "#2ca02c"},
         {"intermediate", "intermediate", "#8c564b"},
@@ -1157,17 +1214,17 @@ int kd_cmd_report(int argc, char **argv)
         r->bytes_total += file_size(r, files[i]);
     kd_progress_init(&r->prog, cmd, "reading", 5);
     g_pause_i = 0;
-    stream(r, "events.jsonl", on_event);
-    stream(r, "metrics.jsonl", on_metric);
+    stream(r, "events.jsonl", on_event, NULL);
+    stream(r, "metrics.jsonl", on_metric, fast_metric);
     /* pauses after the last metric line */
     for (size_t i = 0; i < r->nev; i++)
         if (strcmp(r->evs[i].kind, "pause") == 0 && r->evs[i].step < 0)
             r->evs[i].step = r->last_step;
-    stream(r, "metrics.rewound.jsonl", on_rewound);
-    stream(r, "eval.jsonl", on_eval);
-    stream(r, "api_recovery.jsonl", on_api);
-    stream(r, "failures.jsonl", on_failure);
-    stream(r, "teacher_intents.jsonl", on_intent);
+    stream(r, "metrics.rewound.jsonl", on_rewound, fast_rewound);
+    stream(r, "eval.jsonl", on_eval, NULL);
+    stream(r, "api_recovery.jsonl", on_api, NULL);
+    stream(r, "failures.jsonl", on_failure, NULL);
+    stream(r, "teacher_intents.jsonl", on_intent, NULL);
     for (size_t i = 0; i < g_nopen; i++)
         if (isfinite(g_open[i].reserved)) {
             r->intents_open += g_open[i].reserved;

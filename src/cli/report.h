@@ -58,6 +58,20 @@ void rp_series_add(rp_series *s, double x, double y);
 size_t rp_series_points(const rp_series *s, rp_pt **out);
 
 /* ------------------------------------------------------------------------ */
+/* metrics.jsonl fast path (report_scan.c)                                   */
+
+/* The numbers of one metrics line; NAN when absent, null or not a number. */
+typedef struct rp_metric {
+    int has_step;  /* 1 when "step" is an integer */
+    int64_t step;
+    double timestamp, loss, kd, ce, inter, lr, tok, smp;
+} rp_metric;
+
+/* 1 when the line is in the strict JSON subset the scanner takes (*m filled);
+   0 when the line must go to jansson instead (it may still be valid). */
+int rp_scan_metric(const char *line, size_t len, rp_metric *m);
+
+/* ------------------------------------------------------------------------ */
 /* HTML                                                                      */
 
 /* Text as HTML: & < > " ' escaped, control bytes (terminal escapes) shown

@@ -247,12 +247,16 @@ static void fmt_num(char *out, size_t n, double v)
         snprintf(out, n, "%.6g", v);
 }
 
+/* with_date: 1 "MM-DD HH:MM", 0 "HH:MM:SS", -1 "HH:MM:SS.s" (ticks under a second apart) */
 static void fmt_time(char *out, size_t n, double t, int with_date)
 {
-    time_t tt = (time_t)t;
+    double fl = floor(t);
+    time_t tt = (time_t)fl;
     struct tm tm;
     gmtime_r(&tt, &tm);
-    strftime(out, n, with_date ? "%m-%d %H:%M" : "%H:%M:%S", &tm);
+    size_t k = strftime(out, n, with_date > 0 ? "%m-%d %H:%M" : "%H:%M:%S", &tm);
+    if (with_date < 0 && k + 3 < n)
+        snprintf(out + k, n - k, ".%d", (int)((t - fl) * 10 + 0.5) % 10);
 }
 
 static void put_num_attr(kd_sb *s, double v)
@@ -282,7 +286,7 @@ static void axes(kd_sb *s, const rp_chart *c, const scale *k)
     double xs = nice_step(k->x1 - k->x0, 8);
     if (!c->xtime && xs < 1)
         xs = 1;
-    int with_date = c->xtime && (k->x1 - k->x0) > 86400;
+    int with_date = (k->x1 - k->x0) > 86400 ? 1 : xs < 1 ? -1 : 0;
     for (double x = ceil(k->x0 / xs) * xs; x <= k->x1 + xs * 1e-9; x += xs) {
         char t[32];
         if (c->xtime)
@@ -380,8 +384,17 @@ void rp_chart_write(kd_sb *s, const rp_chart *c)
             kd_sb_lit(s, " faint");
         kd_sb_lit(s, "\" data-series=\"");
         rp_html(s, r->key);
-        kd_sb_printf(s, "\" data-points=\"%zu\" data-raw=\"%llu\" stroke=\"%s\" d=\"", n,
-                     (unsigned long long)r->n, r->color);
+        double lo = INFINITY, hi = -INFINITY;
+        for (size_t j = 0; j < n; j++) {
+            lo = fmin(lo, p[j].y);
+            hi = fmax(hi, p[j].y);
+        }
+        kd_sb_printf(s, "\" data-points=\"%zu\" data-raw=\"%llu\" data-ymin=\"", n,
+                     (unsigned long long)r->n);
+        put_num_attr(s, lo);
+        kd_sb_lit(s, "\" data-ymax=\"");
+        put_num_attr(s, hi);
+        kd_sb_printf(s, "\" stroke=\"%s\" d=\"", r->color);
         for (size_t j = 0; j < n; j++) {
             /* a step going back starts a new stretch (another rewound attempt) */
             int move = j == 0 || p[j].x < p[j - 1].x;
