@@ -85,6 +85,14 @@ cat "$W/teacher/api_recovery.jsonl" >>"$RUN/api_recovery.jsonl"
 cat "$W/teacher/failures.jsonl" >>"$RUN/failures.jsonl"
 cp "$W/teacher/teacher_intents.jsonl" "$RUN/"
 
+# status counts the budget as the client does: paid + possibly billed
+spent=$(sed -n 's/^spent: \([0-9.]*\) of budget.*/\1/p' "$W/ask.log" | tail -n 1)
+[ -n "$spent" ] || fail "teacher ask printed no spend: $(tail -3 "$W/ask.log")"
+"$K" status "$W/teacher" >"$W/teacher.status" || fail "status of the teacher directory"
+grep -q "^Budget:       spent $spent of 0.200000" "$W/teacher.status" ||
+  fail "status's budget is not the client's ($spent): $(grep Budget "$W/teacher.status")"
+grep -q "possibly billed (worst case)" "$W/teacher.status" || fail "status hides the possibly-billed part"
+
 # 3. the report in a browser
 "$K" report "$RUN" -o "$W/report.html" --budget 0.2 2>"$W/report.err" || fail "report: $(cat "$W/report.err")"
 grep -q 'src=\|href=\|@import\|url(' "$W/report.html" && fail "the page loads something"

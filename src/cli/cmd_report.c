@@ -517,54 +517,6 @@ static int on_failure(rep *r, json_t *o, int64_t ln)
     return 0;
 }
 
-/* teacher_intents.jsonl, read as the client reads it at open (client.c):
-   base lines and possibly_billed outcomes are spent; a send without done is
-   open (in flight, or unsettled if its process died). */
-typedef struct intent_open {
-    long long id;
-    double reserved;
-} intent_open;
-
-static intent_open *g_open;
-static size_t g_nopen, g_capopen;
-
-static int on_intent(rep *r, json_t *o, int64_t ln)
-{
-    (void)ln;
-    const char *op = jstr(o, "op");
-    if (!op)
-        return 0; /* the client ignores such lines too */
-    r->have_intents = 1;
-    if (strcmp(op, "base") == 0) {
-        double v = jnum(o, "possibly_billed_cost");
-        if (isfinite(v))
-            r->intents_billed += v;
-    } else if (strcmp(op, "send") == 0) {
-        if (g_nopen == g_capopen) {
-            size_t nc = g_capopen ? g_capopen * 2 : 64;
-            intent_open *n = realloc(g_open, nc * sizeof *n);
-            if (!n)
-                return -1;
-            g_open = n;
-            g_capopen = nc;
-        }
-        g_open[g_nopen].id = jint(o, "id", -1);
-        g_open[g_nopen].reserved = jnum(o, "reserved");
-        g_nopen++;
-    } else if (strcmp(op, "done") == 0) {
-        long long id = jint(o, "id", -2);
-        const char *out = jstr(o, "outcome");
-        for (size_t i = g_nopen; i-- > 0;)
-            if (g_open[i].id == id) {
-                if (out && strcmp(out, "possibly_billed") == 0 && isfinite(jnum(o, "amount")))
-                    r->intents_billed += jnum(o, "amount");
-                g_open[i] = g_open[--g_nopen];
-                break;
-            }
-    }
-    return 0;
-}
-
 /* ------------------------------------------------------------------------ */
 /* Writing                                                                   */
 
@@ -1089,9 +1041,6 @@ static void rep_free(rep *r)
         free(r->ftab[i].hash);
     }
     free(r->billed_mk);
-    free(g_open);
-    g_open = NULL;
-    g_nopen = g_capopen = 0;
 }
 
 int kd_cmd_report(int argc, char **argv)
@@ -1208,8 +1157,7 @@ int kd_cmd_report(int argc, char **argv)
 
     static const char *const files[] = {"events.jsonl",       "metrics.jsonl",
                                         "metrics.rewound.jsonl", "eval.jsonl",
-                                        "api_recovery.jsonl", "failures.jsonl",
-                                        "teacher_intents.jsonl"};
+                                        "api_recovery.jsonl", "failures.jsonl"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
         r->bytes_total += file_size(r, files[i]);
     kd_progress_init(&r->prog, cmd, "reading", 5);
@@ -1224,12 +1172,14 @@ int kd_cmd_report(int argc, char **argv)
     stream(r, "eval.jsonl", on_eval, NULL);
     stream(r, "api_recovery.jsonl", on_api, NULL);
     stream(r, "failures.jsonl", on_failure, NULL);
-    stream(r, "teacher_intents.jsonl", on_intent, NULL);
-    for (size_t i = 0; i < g_nopen; i++)
-        if (isfinite(g_open[i].reserved)) {
-            r->intents_open += g_open[i].reserved;
-            r->intents_open_n++;
-        }
+    kd_look_spend sp;
+    char msg[512] = "";
+    if (kd_look_spend_read(dir, &sp, msg, sizeof msg) != 0)
+        note(r, "%s", msg);
+    r->have_intents = sp.present;
+    r->intents_billed = sp.billed;
+    r->intents_open = sp.open;
+    r->intents_open_n = sp.open_n;
     if (r->ev_dropped)
         note(r, "events.jsonl: %lld events beyond the first %d not marked", r->ev_dropped,
              3 * MAX_MARKERS);

@@ -3,8 +3,10 @@
  * or a script, without the lock and without changing anything (so it works
  * while a run is writing):
  *
- *   kdkit status DIR                   the guide's "Monitoring Progress"
- *                                      summary, for a person
+ *   kdkit status DIR [--watch]         the guide's "Monitoring Progress"
+ *                                      summary, for a person, with the
+ *                                      budget's whole spend, identities and
+ *                                      staleness (run_look.c)
  *   kdkit summary DIR [--json]         progress.json recomputed from the
  *                                      files (kd_session_inspect)
  *   kdkit checkpoints DIR [--best] [--verify] [--json]
@@ -25,9 +27,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/sysmacros.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
+#include "cli/report.h"
 #include "kdkit/tracker.h"
 
 #define STATE_MAX ((size_t)256 << 20)
@@ -357,77 +361,102 @@ static const ckrow *last_row(const manifest *m)
 static void status_usage(FILE *f)
 {
     fprintf(f,
-            "usage: kdkit status DIR\n"
+            "usage: kdkit status DIR [--watch] [--interval SECONDS] [--stale-after SECONDS]\n"
             "\n"
             "Show the progress of the run whose output directory is DIR (e.g.\n"
             "training_progress): session, progress, steps, elapsed and active time, ETA,\n"
             "loss trend and latest loss, throughput, checkpoints, API responses saved,\n"
-            "cost so far, connection failures and pauses.  Read-only: it takes no lock,\n"
-            "so it works while the run is writing.\n"
+            "the budget's spend (paid plus the worst case of possibly-billed and\n"
+            "in-flight requests, as the teacher client counts it), connection failures,\n"
+            "pauses, the identities (config hash, teacher), when the files were last\n"
+            "written and whether a writer holds the directory.  A writer that holds the\n"
+            "lock but has written nothing for --stale-after seconds (default: 300, or 5\n"
+            "steps at the recent rate if longer) is reported as making no progress\n"
+            "(stopped with SIGSTOP, blocked on a hung mount, ...).  Read-only: it takes\n"
+            "no lock, so it works while the run is writing.\n"
             "\n"
-            "See also: kdkit summary DIR --json, kdkit checkpoints DIR, kdkit verify DIR.\n"
+            "  --watch             show it again every --interval seconds (in place on a\n"
+            "                      terminal, as new blocks otherwise) until the run ends:\n"
+            "                      no process holds the directory, or the target is reached\n"
+            "  --interval S        seconds between refreshes (default 2 on a terminal, 30\n"
+            "                      otherwise)\n"
+            "  --stale-after S     seconds without a write that count as no progress\n"
+            "\n"
+            "See also: kdkit summary DIR --json, kdkit checkpoints DIR, kdkit report DIR,\n"
+            "kdkit verify DIR.\n"
             "\n"
             "exit status: 0 shown, 1 the files cannot be read (see kdkit verify), 2 usage\n"
             "error, or DIR missing or not a kdkit output directory.\n");
 }
 
-/* The pid holding the directory's flock, from /proc/locks; 0 when none, -1
-   when it cannot be told.  Looking does not take the lock. */
-static long lock_holder(const char *dir)
+/* 'T' when the process is stopped (SIGSTOP / traced), 'D' in uninterruptible
+   I/O wait, its state letter otherwise; 0 when it cannot be told. */
+static char proc_state(long pid)
 {
-    char p[4096];
-    struct stat st;
-    snprintf(p, sizeof p, "%s/.kdkit.lock", dir);
-    if (stat(p, &st) != 0)
-        return 0;
-    FILE *f = fopen("/proc/locks", "r");
+    char p[64], buf[512];
+    snprintf(p, sizeof p, "/proc/%ld/stat", pid);
+    FILE *f = fopen(p, "r");
     if (!f)
-        return -1;
-    char line[512];
-    long pid = 0;
-    while (fgets(line, sizeof line, f)) {
-        char type[16];
-        long lp;
-        unsigned maj, min;
-        unsigned long long ino;
-        if (strstr(line, "->"))
-            continue; /* a waiter, not a holder */
-        if (sscanf(line, "%*s %15s %*s %*s %ld %x:%x:%llu", type, &lp, &maj, &min, &ino) == 5 &&
-            strcmp(type, "FLOCK") == 0 && ino == (unsigned long long)st.st_ino &&
-            maj == major(st.st_dev) && min == minor(st.st_dev)) {
-            pid = lp;
-            break;
-        }
-    }
+        return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
     fclose(f);
-    return pid;
+    buf[n] = '\0';
+    char *rp = strrchr(buf, ')'); /* the name may hold spaces and ')' */
+    return rp && rp[1] == ' ' ? rp[2] : 0;
 }
 
-int kd_cmd_status(int argc, char **argv)
+static void fmt_ago(char *out, size_t n, double s)
 {
-    const char *dir;
-    int flags[1] = {0};
-    int rc = parse_args(argc, argv, status_usage, NULL, flags, 0, &dir);
-    if (rc)
-        return rc == 1 ? 0 : rc;
-    if ((rc = check_dir(argv[0], dir)) != 0)
-        return rc;
+    if (!isfinite(s))
+        snprintf(out, n, "unknown");
+    else if (s < 0)
+        snprintf(out, n, "in the future (clock skew?)");
+    else if (s < 120)
+        snprintf(out, n, "%.0f s ago", s);
+    else if (s < 7200)
+        snprintf(out, n, "%.0f min ago", s / 60);
+    else
+        snprintf(out, n, "%.1f hours ago", s / 3600);
+}
+
+/* One status block.  *ended = 1 when the run is over (no writer holds the
+   directory, or the target is reached). */
+static int status_once(const char *cmd, const char *dir, double stale_after, int *ended)
+{
     char *text = NULL;
     kd_err e;
     kd_err_clear(&e);
-    rc = kd_session_inspect(dir, &text, &e);
+    *ended = 1;
+    int rc = kd_session_inspect(dir, &text, &e);
     if (rc != KD_OK)
-        return inspect_error(argv[0], dir, rc, &e);
+        return inspect_error(cmd, dir, rc, &e);
     json_t *s = json_loads(text, 0, NULL);
     free(text);
     if (!s) {
-        kd_cli_error(argv[0], "internal error: the summary is not JSON");
+        kd_cli_error(cmd, "internal error: the summary is not JSON");
         return 1;
     }
     /* the best checkpoint's loss is a bonus: a bad manifest is verify's
        business, not status's */
     manifest m;
-    int have_m = load_manifest(argv[0], dir, &m, 1) == 0;
+    int have_m = load_manifest(cmd, dir, &m, 1) == 0;
+    char err[1024];
+    int missing;
+    json_t *sess = load_json(dir, "session.json", err, sizeof err, &missing);
+    json_t *cfg = json_object_get(sess, "config");
+    json_t *teacher = json_object_get(cfg, "teacher");
+
+    long holder = kd_look_lock_holder(dir);
+    char which[64];
+    double last = kd_look_last_write(dir, which, sizeof which), now = kd_now();
+    double sps = num(s, "steps_per_sec");
+    double limit = stale_after;
+    if (!(limit > 0)) {
+        limit = 300;
+        if (isfinite(sps) && sps > 0 && 5.0 / sps > limit)
+            limit = 5.0 / sps;
+    }
+    int stale = holder > 0 && isfinite(last) && now - last > limit;
 
     char a[64], b[64], c[64];
     printf("Session:      ");
@@ -452,7 +481,15 @@ int kd_cmd_status(int argc, char **argv)
     double eta = num(s, "estimated_remaining_hours");
     if (done >= target && target > 0)
         printf("ETA:          done (target reached)\n");
-    else if (isfinite(eta)) {
+    else if (stale) {
+        fmt_hours(a, sizeof a, (now - last) / 3600.0);
+        printf("ETA:          none: no progress for %s", a);
+        if (isfinite(eta)) {
+            fmt_hours(b, sizeof b, eta);
+            printf(" (%s once the writer moves again)", b);
+        }
+        putchar('\n');
+    } else if (isfinite(eta)) {
         fmt_hours(a, sizeof a, eta);
         printf("ETA:          %s (at the recent active rate)\n", a);
     } else
@@ -466,7 +503,7 @@ int kd_cmd_status(int argc, char **argv)
         printf("Loss:         %s, trend: %s\n", done > 0 ? "not finite" : "none yet",
                trend ? trend : "?");
 
-    fmt_rate(a, sizeof a, num(s, "steps_per_sec"));
+    fmt_rate(a, sizeof a, sps);
     fmt_rate(b, sizeof b, num(s, "samples_per_sec"));
     fmt_rate(c, sizeof c, num(s, "tokens_per_sec"));
     printf("Throughput:   %s steps/s, %s samples/s, %s tokens/s\n", a, b, c);
@@ -474,11 +511,11 @@ int kd_cmd_status(int argc, char **argv)
            inum(s, "tokens_processed", 0));
 
     long long nck = inum(s, "checkpoints", 0);
-    long long last = inum(s, "last_checkpoint_step", -1), best = inum(s, "best_checkpoint_step", -1);
+    long long lastck = inum(s, "last_checkpoint_step", -1), best = inum(s, "best_checkpoint_step", -1);
     if (nck == 0) {
         printf("Checkpoints:  none yet\n");
     } else {
-        printf("Checkpoints:  %lld (last: step %lld", nck, last);
+        printf("Checkpoints:  %lld (last: step %lld", nck, lastck);
         if (best >= 0) {
             printf(", best: step %lld", best);
             const ckrow *br = have_m ? best_row(&m) : NULL;
@@ -487,8 +524,34 @@ int kd_cmd_status(int argc, char **argv)
         }
         printf(")\n");
     }
+    double paid = num(s, "total_cost");
     printf("API:          %lld responses saved, cost so far %.4f\n",
-           inum(s, "api_responses_saved", 0), num(s, "total_cost"));
+           inum(s, "api_responses_saved", 0), paid);
+    /* the budget as the teacher client counts it (docs/teacher.md, Budget) */
+    kd_look_spend sp;
+    char smsg[512] = "";
+    int sprc = kd_look_spend_read(dir, &sp, smsg, sizeof smsg);
+    double cap = num(json_object_get(teacher, "budget"), "max_cost");
+    if (!isfinite(paid))
+        paid = 0;
+    double spent = paid + sp.billed + sp.open;
+    if (sprc != 0) {
+        printf("Budget:       cannot read teacher_intents.jsonl: ");
+        put_safe(stdout, smsg);
+        putchar('\n');
+    } else if (isfinite(cap) || sp.present) {
+        printf("Budget:       spent %.6f", spent);
+        if (isfinite(cap))
+            printf(" of %.6f (%.1f%%, %.6f left)", cap, cap > 0 ? 100.0 * spent / cap : 0.0,
+                   cap - spent);
+        else
+            printf(" (no cap)");
+        printf(" = %.6f paid + %.6f possibly billed (worst case)", paid, sp.billed);
+        if (sp.open_n)
+            printf(" + %.6f for %lld request%s %s", sp.open, sp.open_n, sp.open_n == 1 ? "" : "s",
+                   holder > 0 ? "in flight" : "unsettled (counted as possibly billed at the next open)");
+        putchar('\n');
+    }
     long long nf = inum(s, "connection_failures", 0), billed = inum(s, "possibly_billed_failures", 0);
     if (billed > 0)
         printf("Failures:     %lld connection failures (%lld possibly billed: sent, answer lost)\n",
@@ -512,14 +575,118 @@ int kd_cmd_status(int argc, char **argv)
         put_safe(stdout, ver ? ver : "none");
         printf(")\n");
     }
-    long holder = lock_holder(dir);
-    if (holder > 0)
-        printf("Writer:       running (process %ld holds the directory)\n", holder);
-    else if (holder == 0)
+    const char *ch = json_string_value(json_object_get(sess, "config_hash"));
+    printf("Identity:     config ");
+    put_safe(stdout, ch ? ch : "?");
+    if (json_is_object(teacher)) {
+        json_t *tv = json_object_get(teacher, "teacher_version");
+        printf("; teacher ");
+        put_safe(stdout, json_string_value(json_object_get(teacher, "model")));
+        printf(" at ");
+        put_safe(stdout, json_string_value(json_object_get(teacher, "base_url")));
+        if (json_is_string(tv)) {
+            printf(", version ");
+            put_safe(stdout, json_string_value(tv));
+        }
+    }
+    putchar('\n');
+    if (isfinite(last)) {
+        fmt_ago(a, sizeof a, now - last);
+        printf("Last write:   %s (%s)\n", a, which);
+    }
+    if (holder > 0) {
+        char st = proc_state(holder);
+        printf("Writer:       running (process %ld holds the directory)", holder);
+        if (stale) {
+            fmt_hours(a, sizeof a, (now - last) / 3600.0);
+            printf("; NO PROGRESS for %s", a);
+            if (st == 'T' || st == 't')
+                printf(": the process is stopped (SIGSTOP or a debugger; 'kill -CONT %ld')",
+                       holder);
+            else if (st == 'D')
+                printf(": the process is blocked in I/O (a hung mount?)");
+        }
+        putchar('\n');
+    } else if (holder == 0) {
         printf("Writer:       none (no process holds the directory)\n");
+    }
+    *ended = holder <= 0 || (target > 0 && done >= target);
     manifest_free(&m);
+    json_decref(sess);
     json_decref(s);
     return 0;
+}
+
+int kd_cmd_status(int argc, char **argv)
+{
+    const char *cmd = argv[0], *dir = NULL;
+    int watch = 0;
+    double interval = NAN, stale_after = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (kd_cli_is_help(a)) {
+            status_usage(stdout);
+            return 0;
+        }
+        if (strcmp(a, "--watch") == 0) {
+            watch = 1;
+        } else if (strcmp(a, "--interval") == 0 || strcmp(a, "--stale-after") == 0) {
+            char *end;
+            double v = i + 1 < argc ? strtod(argv[i + 1], &end) : NAN;
+            if (i + 1 >= argc || *end || !(v > 0) || v > 1e9) {
+                kd_cli_error(cmd, "%s needs a number of seconds > 0", a);
+                return 2;
+            }
+            i++;
+            if (a[2] == 'i')
+                interval = v;
+            else
+                stale_after = v;
+        } else if (a[0] == '-' && a[1]) {
+            kd_cli_error(cmd, "unknown option '%s'", a);
+            status_usage(stderr);
+            return 2;
+        } else if (dir) {
+            kd_cli_error(cmd, "one directory only (got '%s' and '%s')", dir, a);
+            return 2;
+        } else {
+            dir = a;
+        }
+    }
+    if (!dir) {
+        kd_cli_error(cmd, "which output directory? (e.g. training_progress)");
+        status_usage(stderr);
+        return 2;
+    }
+    int rc = check_dir(cmd, dir);
+    if (rc)
+        return rc;
+    int tty = isatty(1);
+    if (!isfinite(interval))
+        interval = tty ? 2 : 30;
+    for (;;) {
+        int ended;
+        if (watch && tty)
+            fputs("\033[H\033[2J", stdout); /* in place */
+        else if (watch) {
+            char t[64];
+            time_t now = time(NULL);
+            struct tm tm;
+            gmtime_r(&now, &tm);
+            strftime(t, sizeof t, "%Y-%m-%d %H:%M:%S UTC", &tm);
+            printf("--- %s\n", t);
+        }
+        rc = status_once(cmd, dir, stale_after, &ended);
+        fflush(stdout);
+        if (!watch || rc != 0)
+            return rc;
+        if (ended) {
+            printf("(the run has ended: %s)\n", "no writer holds the directory or the target is reached");
+            return 0;
+        }
+        struct timespec ts = {(time_t)interval, (long)((interval - floor(interval)) * 1e9)};
+        nanosleep(&ts, NULL);
+    }
 }
 
 /* ------------------------------------------------------------------------ */

@@ -137,4 +137,30 @@ void kd_progress_update(kd_progress *p, uint64_t done, uint64_t total, const cha
 /* Clear a live line (tty) or say the job ended (when lines were shown). */
 void kd_progress_end(kd_progress *p);
 
+/* ------------------------------------------------------------------------ */
+/* Facts about a run directory, read without the lock (run_look.c)           */
+
+/* What teacher_intents.jsonl says, read the way the teacher client reads it
+   when it opens (src/teacher/client.c): `base` lines and `possibly_billed`
+   outcomes are spent at their worst case; a `send` without its `done` is
+   open: in flight while its writer runs, possibly billed if it died. */
+typedef struct kd_look_spend {
+    int present;          /* the journal exists */
+    double billed;        /* worst case of possibly-billed requests */
+    double open;          /* reservations of open requests */
+    long long open_n;
+    long long bad_lines;  /* lines that are not JSON objects (ignored, as the client does) */
+} kd_look_spend;
+
+/* 0, or -1 when the journal cannot be read (*msg says why). */
+int kd_look_spend_read(const char *dir, kd_look_spend *s, char *msg, size_t n);
+
+/* The pid holding the directory's lock (flock on .kdkit.lock), from
+   /proc/locks without taking it; 0 when none, -1 when it cannot be told. */
+long kd_look_lock_holder(const char *dir);
+
+/* The newest modification time among the run's files (Unix seconds; NAN when
+   none), and which file it was. */
+double kd_look_last_write(const char *dir, char *which, size_t n);
+
 #endif

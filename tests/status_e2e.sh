@@ -1,0 +1,53 @@
+#!/bin/sh
+# tests/status_e2e.sh KDKIT SOURCE_DIR WORK_DIR - `kdkit status` on a live run:
+#   1. a running writer is not reported stale; stopped with SIGSTOP it is
+#      ("NO PROGRESS", the process named as stopped, no ETA promised);
+#   2. `status --watch` keeps refreshing while the run goes and exits 0 by
+#      itself once the run ends (SIGTERM releases the lock);
+#   3. on a finished run (no writer) --watch shows it once and exits.
+set -eu
+K=$1
+SRC=$2
+W=$3
+rm -rf "$W"
+mkdir -p "$W"
+RUN=$W/run
+fail() { echo "status_e2e: FAIL: $*" >&2; [ -n "${pid:-}" ] && kill -CONT $pid 2>/dev/null && kill -KILL $pid 2>/dev/null; exit 1; }
+( exec "$K" train --config "$SRC/configs/tiny-test.yaml" --output-dir "$RUN" --set train.steps=100000 >"$W/train.log" 2>&1 ) &
+pid=$!
+i=0
+while [ ! -s "$RUN/metrics.jsonl" ]; do
+  i=$((i + 1)); [ $i -lt 3000 ] || fail "no metrics after 60 s"
+  kill -0 $pid 2>/dev/null || fail "train ended early: $(tail -3 "$W/train.log")"
+  sleep 0.02
+done
+"$K" status "$RUN" --stale-after 30 >"$W/live.txt" || fail "status of a live run"
+grep -q "Writer:       running (process $pid holds" "$W/live.txt" || fail "the writer is not seen: $(cat "$W/live.txt")"
+grep -q "NO PROGRESS" "$W/live.txt" && fail "a running writer is reported stale"
+kill -STOP $pid
+sleep 2.5
+"$K" status "$RUN" --stale-after 1 >"$W/stopped.txt" || fail "status of a stopped run"
+grep -q "NO PROGRESS for" "$W/stopped.txt" || fail "a stopped writer is not reported: $(cat "$W/stopped.txt")"
+grep -q "the process is stopped" "$W/stopped.txt" || fail "SIGSTOP not named: $(cat "$W/stopped.txt")"
+grep -q "^ETA:          none: no progress for" "$W/stopped.txt" || fail "an ETA is promised for a stopped writer"
+kill -CONT $pid
+
+# --watch, not a terminal: one block per interval, exit when the run ends
+( exec "$K" status "$RUN" --watch --interval 0.2 >"$W/watch.txt" 2>&1 ) &
+wpid=$!
+sleep 1
+kill -0 $wpid 2>/dev/null || fail "--watch ended while the run was going: $(tail -3 "$W/watch.txt")"
+kill -TERM $pid
+wait $pid || fail "train after SIGTERM exited $?"
+pid=
+i=0
+while kill -0 $wpid 2>/dev/null; do
+  i=$((i + 1)); [ $i -lt 500 ] || { kill $wpid; fail "--watch did not exit after the run ended"; }
+  sleep 0.02
+done
+wait $wpid || fail "--watch exited $?"
+[ "$(grep -c '^--- ' "$W/watch.txt")" -ge 2 ] || fail "--watch did not refresh: $(cat "$W/watch.txt")"
+tail -1 "$W/watch.txt" | grep -q "the run has ended" || fail "--watch did not say why it ended"
+"$K" status "$RUN" --watch --interval 100 >"$W/watch2.txt" || fail "--watch on a stopped run"
+[ "$(grep -c '^--- ' "$W/watch2.txt")" -eq 1 ] || fail "--watch on a run that has ended showed more than once"
+echo "status_e2e: ok"
