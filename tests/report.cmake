@@ -9,3 +9,6 @@ add_test(NAME status_e2e
   COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/status_e2e.sh $<TARGET_FILE:kdkit_cli>
           ${PROJECT_SOURCE_DIR} ${CMAKE_CURRENT_BINARY_DIR}/status_e2e)
 set_tests_properties(status_e2e PROPERTIES TIMEOUT 300)
+add_test(NAME progress_e2e
+  COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/progress_e2e.sh $<TARGET_FILE:kdkit_cli>
+          ${CMAKE_CURRENT_BINARY_DIR}/progress_e2e)

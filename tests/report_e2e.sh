@@ -155,7 +155,8 @@ with open(path, "a") as f:
                 '"throughput_samples_per_sec":512.5,"throughput_tokens_per_sec":65574.4}\n'
                 % (s, 1.9e9 + i, loss, loss, 4 * s, 128 * s))
 EOF
-"$K" report "$B" -o "$W/big.html" --quiet || fail "report of the long log"
+KDKIT_PROGRESS_EVERY=0.001 "$K" report "$B" -o "$W/big.html" 2>"$W/big.err" </dev/null || fail "report of the long log"
+grep -q '^kdkit report: reading .*%.*metrics.jsonl' "$W/big.err" || fail "no progress line: $(head -3 "$W/big.err")"
 size=$(wc -c <"$W/big.html")
 echo "report_e2e: 200k-line metrics log -> $size byte page"
 [ "$size" -lt 2000000 ] || fail "the page of a 200k-line log is $size bytes (limit 2 MB)"

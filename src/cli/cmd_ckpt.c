@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 
 #include "cli/cli.h"
+#include "cli/report.h"
 #include "kdkit/ckpt.h"
 
 static void usage(FILE *f)
@@ -199,7 +200,14 @@ static int verify_one(const char *path, const kd_ckpt_expect *x, unsigned flags)
     kd_err_clear(&e);
     kd_ckpt_written w;
     memset(&w, 0, sizeof w);
+    struct stat st;
+    char what[4300];
+    snprintf(what, sizeof what, "verifying %s", path);
+    /* the check runs inside one library call: a thread shows it is going */
+    kd_ticker *tk = stat(path, &st) == 0 ? kd_ticker_start("ckpt verify", what, (uint64_t)st.st_size, 0)
+                                         : NULL;
     int rc = kd_ckpt_verify_ex(path, x, flags, &w, &e);
+    kd_ticker_stop(tk);
     if (rc == KD_OK) {
         printf("OK    %s  %" PRIu64 " bytes  xxh3_128 %s  %s", path, w.size, w.xxh3_128,
                w.data_xxh3_128[0] ? "data checked" : "no data_xxh3_128 (older file)");

@@ -1160,7 +1160,7 @@ int kd_cmd_report(int argc, char **argv)
                                         "api_recovery.jsonl", "failures.jsonl"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
         r->bytes_total += file_size(r, files[i]);
-    kd_progress_init(&r->prog, cmd, "reading", 5);
+    kd_progress_init(&r->prog, cmd, "reading", kd_progress_every(5));
     g_pause_i = 0;
     stream(r, "events.jsonl", on_event, NULL);
     stream(r, "metrics.jsonl", on_metric, fast_metric);

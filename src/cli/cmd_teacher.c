@@ -11,11 +11,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <jansson.h>
 
 #include "cli/cli.h"
+#include "cli/report.h"
 #include "core/sb.h"
 #include "kdkit/core.h"
 #include "kdkit/teacher.h"
@@ -513,7 +515,12 @@ int kd_cmd_cache(int argc, char **argv)
             ledger = lp;
         }
         kd_cache_rebuild_report r;
-        if (kd_cache_rebuild(c, ledger, 0, NULL, &r) != KD_OK) {
+        struct stat lst;
+        kd_ticker *tk = kd_ticker_start(cmd, "reading the ledger",
+                                        stat(ledger, &lst) == 0 ? (uint64_t)lst.st_size : 0, 1);
+        int rrc = kd_cache_rebuild(c, ledger, 0, NULL, &r);
+        kd_ticker_stop(tk);
+        if (rrc != KD_OK) {
             kd_cli_error(cmd, "%s", kd_cache_errmsg(c));
         } else {
             printf("ledger %s: %lld lines, %lld inserted, %lld already cached, %lld skipped "

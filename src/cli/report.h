@@ -137,6 +137,22 @@ void kd_progress_update(kd_progress *p, uint64_t done, uint64_t total, const cha
 /* Clear a live line (tty) or say the job ended (when lines were shown). */
 void kd_progress_end(kd_progress *p);
 
+/*
+ * The same line for a job that runs inside one library call (a checkpoint
+ * hash, a cache rebuild): a thread redraws it while the call runs.  With
+ * count_reads, "done" is the bytes this process has read since the start
+ * (/proc/self/io rchar; shown as "about", capped below total), otherwise
+ * only the elapsed time is shown.  $KDKIT_PROGRESS_EVERY (seconds) sets the
+ * period of the plain lines (default 10).  NULL when no thread could start
+ * (then there is just no progress line).
+ */
+typedef struct kd_ticker kd_ticker;
+kd_ticker *kd_ticker_start(const char *cmd, const char *what, uint64_t total, int count_reads);
+/* Stop the thread and end the line; accepts NULL. */
+void kd_ticker_stop(kd_ticker *t);
+/* The plain-line period: $KDKIT_PROGRESS_EVERY or `dflt`. */
+double kd_progress_every(double dflt);
+
 /* ------------------------------------------------------------------------ */
 /* Facts about a run directory, read without the lock (run_look.c)           */
 

@@ -4,6 +4,8 @@
  * file itself; the page it helps build is described in docs/report.md.
  */
 #include <math.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -525,4 +527,105 @@ void kd_progress_end(kd_progress *p)
         fprintf(stderr, "kdkit %s: %s done in %.1f s\n", p->cmd, p->what,
                 kd_monotonic() - p->start);
     fflush(stderr);
+}
+
+double kd_progress_every(double dflt)
+{
+    const char *v = getenv("KDKIT_PROGRESS_EVERY");
+    char *end;
+    double d = v && *v ? strtod(v, &end) : NAN;
+    return v && *v && !*end && d > 0 && d < 1e6 ? d : dflt;
+}
+
+struct kd_ticker {
+    pthread_t th;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int stop;
+    kd_progress p;
+    char what[256];
+    uint64_t total, base;
+    int count_reads;
+};
+
+/* Bytes read by this process so far (rchar), 0 when unknown. */
+static uint64_t rchar(void)
+{
+    FILE *f = fopen("/proc/self/io", "r");
+    if (!f)
+        return 0;
+    char line[128];
+    unsigned long long v = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "rchar: %llu", &v) == 1)
+            break;
+    fclose(f);
+    return v;
+}
+
+static void *tick(void *arg)
+{
+    kd_ticker *t = arg;
+    pthread_mutex_lock(&t->mu);
+    while (!t->stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        double every = t->p.tty ? 0.1 : t->p.every_s < 0.1 ? t->p.every_s : 0.1;
+        ts.tv_nsec += (long)(every * 1e9);
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&t->cv, &t->mu, &ts);
+        if (t->stop)
+            break;
+        if (t->count_reads) {
+            uint64_t d = rchar() - t->base;
+            if (t->total && d >= t->total)
+                d = t->total - t->total / 100; /* "about": other reads count too */
+            kd_progress_update(&t->p, d, t->total, NULL);
+        } else {
+            char el[64];
+            snprintf(el, sizeof el, "(%.1f s so far)", kd_monotonic() - t->p.start);
+            kd_progress_update(&t->p, t->total, 0, el);
+        }
+    }
+    pthread_mutex_unlock(&t->mu);
+    return NULL;
+}
+
+kd_ticker *kd_ticker_start(const char *cmd, const char *what, uint64_t total, int count_reads)
+{
+    kd_ticker *t = calloc(1, sizeof *t);
+    if (!t)
+        return NULL;
+    snprintf(t->what, sizeof t->what, "%s", what);
+    kd_progress_init(&t->p, cmd, t->what, kd_progress_every(10));
+    t->total = total;
+    t->count_reads = count_reads;
+    t->base = count_reads ? rchar() : 0;
+    pthread_mutex_init(&t->mu, NULL);
+    pthread_cond_init(&t->cv, NULL);
+    if (pthread_create(&t->th, NULL, tick, t) != 0) {
+        pthread_mutex_destroy(&t->mu);
+        pthread_cond_destroy(&t->cv);
+        free(t);
+        return NULL;
+    }
+    return t;
+}
+
+void kd_ticker_stop(kd_ticker *t)
+{
+    if (!t)
+        return;
+    pthread_mutex_lock(&t->mu);
+    t->stop = 1;
+    pthread_cond_signal(&t->cv);
+    pthread_mutex_unlock(&t->mu);
+    pthread_join(t->th, NULL);
+    kd_progress_end(&t->p);
+    pthread_mutex_destroy(&t->mu);
+    pthread_cond_destroy(&t->cv);
+    free(t);
 }
