@@ -106,7 +106,7 @@ chrome --dump-dom "file://$W/probe.html" >/dev/null 2>"$W/probe.err" || true
 grep -q 'CONSOLE.*kdkit-probe' "$W/probe.err" || fail "cannot see console messages: $(tail -3 "$W/probe.err")"
 chrome --dump-dom "file://$W/report.html" >"$W/dom.html" 2>"$W/chrome.err" || fail "chromium --dump-dom failed"
 grep 'CONSOLE' "$W/chrome.err" && fail "the page logged to the console"
-chrome --screenshot="$W/report.png" --window-size=1040,2600 "file://$W/report.html" >/dev/null 2>&1 ||
+chrome --screenshot="$W/report.png" --window-size=1040,3400 "file://$W/report.html" >/dev/null 2>&1 ||
   fail "no screenshot"
 [ "$(head -c 8 "$W/report.png" | od -An -tx1 | tr -d ' \n')" = "89504e470d0a1a0a" ] || fail "the screenshot is not a PNG"
 [ "$(wc -c <"$W/report.png")" -gt 20000 ] || fail "the screenshot is nearly empty"

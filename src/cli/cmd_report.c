@@ -608,7 +608,9 @@ static void config_diff(const json_t *a, const json_t *b, const char *prefix, ch
         json_object_foreach((json_t *)a, k, v)
         {
             char p[256];
-            snprintf(p, sizeof p, "%s%s%s", prefix, *prefix ? "." : "", k);
+            int w = snprintf(p, sizeof p, "%s%s%s", prefix, *prefix ? "." : "", k);
+            if (w < 0 || (size_t)w >= sizeof p)
+                continue; /* a key path that long is not worth naming */
             config_diff(v, json_object_get(b, k), p, out, n);
         }
         json_object_foreach((json_t *)b, k, v)
@@ -616,7 +618,9 @@ static void config_diff(const json_t *a, const json_t *b, const char *prefix, ch
             if (json_object_get(a, k))
                 continue;
             char p[256];
-            snprintf(p, sizeof p, "%s%s%s", prefix, *prefix ? "." : "", k);
+            int w = snprintf(p, sizeof p, "%s%s%s", prefix, *prefix ? "." : "", k);
+            if (w < 0 || (size_t)w >= sizeof p)
+                continue; /* a key path that long is not worth naming */
             config_diff(NULL, v, p, out, n);
         }
         return;
