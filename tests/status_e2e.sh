@@ -50,4 +50,29 @@ wait $wpid || fail "--watch exited $?"
 tail -1 "$W/watch.txt" | grep -q "the run has ended" || fail "--watch did not say why it ended"
 "$K" status "$RUN" --watch --interval 100 >"$W/watch2.txt" || fail "--watch on a stopped run"
 [ "$(grep -c '^--- ' "$W/watch2.txt")" -eq 1 ] || fail "--watch on a run that has ended showed more than once"
+
+# 4. a mix directory (mix_progress.json as docs/mix.md of the mix defines it;
+#    written here by hand until kdkit mix is on main), with a hostile state
+M=$W/mix
+mkdir -p "$M"
+cat >"$M/mix_progress.json" <<'JSON'
+{"format": "kdkit-mix-progress", "version": 1, "identity": "i", "config_hash": "c",
+ "prompts_sha256": "p", "prompts_validated": true, "total": 1000, "completed": 640,
+ "completed_ranges": [[0, 639]], "failed_ranges": [[17, 17]], "refused_ranges": [],
+ "skipped_ranges": [], "counts": {"ok": 639, "refused": 0, "failed": 1, "skipped": 0},
+ "mix_bytes": 1234567, "mix_rows": 641, "cache_hits": 12, "paid_rows": 628,
+ "paid_cost": 0.031, "spent": 0.0312, "reserved": 0, "budget": 0.05,
+ "projected_rest": {"expected": 0.0178, "worst": 0.041}, "rate": 412.5, "eta_s": 90,
+ "ledger_bytes": 998877, "ledger_lines": 628, "resume_index": 640, "prompts_offset": 51234,
+ "state": "running\u001b[2J", "updated_at": 1763352435.1}
+JSON
+"$K" status "$M" >"$W/mix.txt" || fail "status of a mix directory: $(cat "$W/mix.txt")"
+grep -q '^Mix:          640/1000 samples (64.0%): 639 ok, 0 refused, 1 failed, 0 skipped; state running\\x1b\[2J$' "$W/mix.txt" ||
+  fail "mix progress: $(cat "$W/mix.txt")"
+grep -q '^Mix cost:     spent 0.031200 of budget 0.050000 (62.4%)' "$W/mix.txt" || fail "mix spend: $(cat "$W/mix.txt")"
+grep -q '^Projected:    the rest 0.017800 expected, 0.041000 worst case -> 0.049000 expected in all$' "$W/mix.txt" ||
+  fail "mix projection: $(cat "$W/mix.txt")"
+grep -q '^Mix ETA:      2 min at 412 samples/s$' "$W/mix.txt" || fail "mix ETA: $(cat "$W/mix.txt")"
+echo '{"format": "something-else", "version": 1}' >"$M/mix_progress.json"
+if "$K" status "$M" >/dev/null 2>"$W/mix.err"; then fail "an unknown mix_progress.json format is shown"; fi
 echo "status_e2e: ok"

@@ -358,6 +358,78 @@ static const ckrow *last_row(const manifest *m)
 /* ------------------------------------------------------------------------ */
 /* kdkit status                                                              */
 
+/* The mix block from mix_progress.json (docs/mix.md, written by kdkit mix).
+   Only a few fields are read, after checking the format and version; the
+   full validator is the mix reader's.  *running = 1 while state is
+   "running".  Returns 0 shown, 1 unreadable, -1 no mix_progress.json. */
+static int mix_block(const char *cmd, const char *dir, int *running)
+{
+    char err[1024] = "";
+    int missing;
+    *running = 0;
+    json_t *m = load_json(dir, "mix_progress.json", err, sizeof err, &missing);
+    if (!m) {
+        if (missing)
+            return -1;
+        kd_cli_error(cmd, "%s/%s", dir, err);
+        return 1;
+    }
+    const char *fmt = json_string_value(json_object_get(m, "format"));
+    if (!fmt || strcmp(fmt, "kdkit-mix-progress") != 0 || inum(m, "version", -1) != 1) {
+        kd_cli_error(cmd, "%s/mix_progress.json: not a mix progress file this kdkit knows "
+                     "(format and version)", dir);
+        json_decref(m);
+        return 1;
+    }
+    long long total = inum(m, "total", -1), done = inum(m, "completed", -1);
+    json_t *c = json_object_get(m, "counts");
+    const char *state = json_string_value(json_object_get(m, "state"));
+    *running = state && strcmp(state, "running") == 0;
+    printf("Mix:          %lld/%lld samples", done, total);
+    if (total > 0 && done >= 0)
+        printf(" (%.1f%%)", 100.0 * (double)done / (double)total);
+    printf(": %lld ok, %lld refused, %lld failed, %lld skipped; state ", inum(c, "ok", 0),
+           inum(c, "refused", 0), inum(c, "failed", 0), inum(c, "skipped", 0));
+    put_safe(stdout, state ? state : "?");
+    putchar('\n');
+    double spent = num(m, "spent"), budget = num(m, "budget"), reserved = num(m, "reserved");
+    printf("Mix cost:     spent %.6f", isfinite(spent) ? spent : 0.0);
+    if (isfinite(budget))
+        printf(" of budget %.6f (%.1f%%)", budget, budget > 0 ? 100.0 * spent / budget : 0.0);
+    else
+        printf(" (no budget)");
+    if (isfinite(reserved) && reserved > 0)
+        printf(", %.6f reserved in flight", reserved);
+    printf("; %lld paid rows (%.6f), %lld cache hits\n", inum(m, "paid_rows", 0),
+           isfinite(num(m, "paid_cost")) ? num(m, "paid_cost") : 0.0, inum(m, "cache_hits", 0));
+    json_t *pr = json_object_get(m, "projected_rest");
+    double pe = num(pr, "expected"), pw = num(pr, "worst");
+    if (isfinite(pe) || isfinite(pw)) {
+        printf("Projected:    the rest %.6f expected, %.6f worst case", isfinite(pe) ? pe : 0.0,
+               isfinite(pw) ? pw : 0.0);
+        if (isfinite(pe) && isfinite(spent))
+            printf(" -> %.6f expected in all", spent + pe);
+        if (isfinite(budget) && isfinite(pe) && isfinite(spent) && spent + pe > budget)
+            printf(" (OVER the budget: the mix will stop at it)");
+        putchar('\n');
+    }
+    double eta = num(m, "eta_s"), rate = num(m, "rate");
+    if (total >= 0 && done >= total)
+        printf("Mix ETA:      done\n");
+    else if (isfinite(eta)) {
+        char a[64];
+        fmt_hours(a, sizeof a, eta / 3600.0);
+        printf("Mix ETA:      %s", a);
+        if (isfinite(rate))
+            printf(" at %.3g samples/s", rate);
+        putchar('\n');
+    } else {
+        printf("Mix ETA:      unknown\n");
+    }
+    json_decref(m);
+    return 0;
+}
+
 static void status_usage(FILE *f)
 {
     fprintf(f,
@@ -658,7 +730,13 @@ int kd_cmd_status(int argc, char **argv)
         status_usage(stderr);
         return 2;
     }
-    int rc = check_dir(cmd, dir);
+    /* a mix directory may hold mix_progress.json beside (or without) a session */
+    char mp[4200];
+    snprintf(mp, sizeof mp, "%s/mix_progress.json", dir);
+    int is_mix = kd_path_exists(mp);
+    snprintf(mp, sizeof mp, "%s/session.json", dir);
+    int rc = is_mix && !kd_path_exists(mp) ? 0 : check_dir(cmd, dir);
+    int have_session = kd_path_exists(mp);
     if (rc)
         return rc;
     int tty = isatty(1);
@@ -676,7 +754,32 @@ int kd_cmd_status(int argc, char **argv)
             strftime(t, sizeof t, "%Y-%m-%d %H:%M:%S UTC", &tm);
             printf("--- %s\n", t);
         }
-        rc = status_once(cmd, dir, stale_after, &ended);
+        rc = 0;
+        ended = 1;
+        if (have_session)
+            rc = status_once(cmd, dir, stale_after, &ended);
+        if (is_mix && rc == 0) {
+            int running = 0;
+            int mrc = mix_block(cmd, dir, &running);
+            if (mrc > 0)
+                rc = 1;
+            if (!have_session) {
+                /* the writer and its staleness, without a session */
+                long holder = kd_look_lock_holder(dir);
+                char which[64], a[64];
+                double last = kd_look_last_write(dir, which, sizeof which);
+                if (isfinite(last)) {
+                    fmt_ago(a, sizeof a, kd_now() - last);
+                    printf("Last write:   %s (%s)\n", a, which);
+                }
+                if (holder > 0)
+                    printf("Writer:       running (process %ld holds the directory)\n", holder);
+                else if (holder == 0)
+                    printf("Writer:       none (no process holds the directory)\n");
+                ended = holder <= 0;
+            }
+            ended = ended || !running;
+        }
         fflush(stdout);
         if (!watch || rc != 0)
             return rc;
