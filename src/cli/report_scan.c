@@ -96,15 +96,22 @@ static int number(cur *c, double *v, int *is_int, int64_t *iv)
         if (eneg)
             ex = -ex;
     }
+    if (*is_int) {
+        /* jansson refuses integers outside long long: leave those to it */
+        if (dropped || m > (uint64_t)INT64_MAX + (uint64_t)neg)
+            return 0;
+    }
     int pw = ex + dropped - frac;
     double d = (double)m;
     if (pw > 0)
         d = pw <= 22 ? d * P10[pw] : d * pow(10.0, pw);
     else if (pw < 0)
         d = -pw <= 22 ? d / P10[-pw] : d * pow(10.0, pw);
+    if (isinf(d))
+        return 0; /* jansson refuses a real that overflows */
     *v = neg ? -d : d;
     if (*is_int && dropped == 0)
-        *iv = neg ? -(int64_t)m : (int64_t)m;
+        *iv = neg ? (int64_t)(0 - m) : (int64_t)m;
     else
         *is_int = 0;
     c->p = p;
