@@ -103,6 +103,8 @@ static int number(cur *c, double *v, int *is_int, int64_t *iv)
     }
     int pw = ex + dropped - frac;
     double d = (double)m;
+    if (m == 0)
+        pw = 0; /* 0e400 is 0, not 0 * inf */
     if (pw > 0)
         d = pw <= 22 ? d * P10[pw] : d * pow(10.0, pw);
     else if (pw < 0)
@@ -193,6 +195,8 @@ static int object(cur *c, rp_metric *m, int depth)
                 slot = &m->inter;
         }
         char ch = *c->p;
+        if (depth == 0 && ch != '{' && KEY("loss_components"))
+            m->kd = m->ce = m->inter = NAN; /* a later duplicate wins, as in jansson */
         if (ch == '{') {
             if (depth > 0 || !KEY("loss_components"))
                 return 0;
