@@ -827,6 +827,42 @@ static void table_failures(rep *r, kd_sb *s)
     kd_sb_lit(s, "</table>");
 }
 
+/* A mix directory's progress file (docs/mix.md): a table, after checking
+   its format and version (the full validation is the mix reader's). */
+static void write_mix(rep *r, kd_sb *s)
+{
+    json_t *m = load_doc(r, "mix_progress.json", 1);
+    if (!m)
+        return;
+    kd_sb_lit(s, "<h3>Mix (mix_progress.json)</h3>");
+    const char *fmt = jstr(m, "format");
+    if (!fmt || strcmp(fmt, "kdkit-mix-progress") != 0 || jint(m, "version", -1) != 1) {
+        kd_sb_lit(s, "<p class=\"warn\">mix_progress.json is not a format this kdkit knows.</p>");
+        json_decref(m);
+        return;
+    }
+    json_t *c = json_object_get(m, "counts"), *pr = json_object_get(m, "projected_rest");
+    long long total = jint(m, "total", -1), done = jint(m, "completed", -1);
+    kd_sb_lit(s, "<table class=\"kv\" data-table=\"mix\">");
+    kvf(s, "samples", "%lld/%lld (%.1f%%): %lld ok, %lld refused, %lld failed, %lld skipped", done,
+        total, total > 0 ? 100.0 * (double)done / (double)total : 0.0, jint(c, "ok", 0),
+        jint(c, "refused", 0), jint(c, "failed", 0), jint(c, "skipped", 0));
+    kv(s, "state", jstr(m, "state") ? jstr(m, "state") : "?");
+    double spent = jnum(m, "spent"), budget = jnum(m, "budget");
+    if (isfinite(budget))
+        kvf(s, "spent", "%.6f of budget %.6f (%.1f%%)", spent, budget,
+            budget > 0 ? 100.0 * spent / budget : 0.0);
+    else
+        kvf(s, "spent", "%.6f (no budget)", spent);
+    kvf(s, "paid / cache hits", "%lld paid rows (%.6f), %lld cache hits", jint(m, "paid_rows", 0),
+        jnum(m, "paid_cost"), jint(m, "cache_hits", 0));
+    kvf(s, "projected rest", "%.6f expected, %.6f worst case (%.6f expected in all)",
+        jnum(pr, "expected"), jnum(pr, "worst"), spent + jnum(pr, "expected"));
+    kvf(s, "rate, ETA", "%.3g samples/s, %.0f s left", jnum(m, "rate"), jnum(m, "eta_s"));
+    kd_sb_lit(s, "</table>");
+    json_decref(m);
+}
+
 static void build_page(rep *r, kd_sb *s, double cli_budget)
 {
     const json_t *S = r->summary;
@@ -991,6 +1027,7 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
     rp_chart_write(s, &(rp_chart){"responses", "Paid responses over time (cumulative)",
                                   "time (UTC)", 1, resp, 1, NULL, 0, NULL, 0, NULL});
     table_failures(r, s);
+    write_mix(r, s);
 
     /* --- tables */
     kd_sb_lit(s, "<h2>Checkpoints</h2>");
