@@ -139,7 +139,20 @@ cat >"$H/mix_progress.json" <<'JSON'
  "projected_rest": {"expected": 0.0178, "worst": 0.041}, "rate": 412.5, "eta_s": 90,
  "state": "<script>x</script>\u001b[2J"}
 JSON
+# KD figures as the distillation helper adds them to eval.jsonl, one key hostile
+$PY - "$H/eval.jsonl" <<'PY'
+import json, sys
+with open(sys.argv[1], "a") as f:
+    for i in range(1, 8):
+        f.write(json.dumps({"step": 600 + 10 * i, "val_loss": 2.5, "student_bpb": 3.0 - 0.1 * i,
+                            "teacher_bpb": 1.2, "gap": 1.8 - 0.1 * i, "agreement": 0.3 + 0.05 * i,
+                            "<script>k</script>": 1}) + "\n")
+PY
 "$K" report "$H" -o "$W/hostile.html" --quiet || fail "report of the hostile directory"
+for k in student_bpb teacher_bpb gap agreement; do
+  grep -q "<figure class=\"chart\" data-plot=\"eval-$k\">.*data-series=\"$k\" data-points=\"7\"" "$W/hostile.html" ||
+    fail "no KD chart of $k with 7 points"
+done
 grep -q '<td>640/1000 (64.0%): 639 ok, 0 refused, 1 failed, 0 skipped</td>' "$W/hostile.html" || fail "no mix table"
 grep -q '<td>0.017800 expected, 0.041000 worst case (0.049000 expected in all)</td>' "$W/hostile.html" || fail "no mix projection"
 grep -qi '<script\|<img\|<b>' "$W/hostile.html" && fail "hostile markup reached the page"

@@ -4,7 +4,8 @@
 #      ("NO PROGRESS", the process named as stopped, no ETA promised);
 #   2. `status --watch` keeps refreshing while the run goes and exits 0 by
 #      itself once the run ends (SIGTERM releases the lock);
-#   3. on a finished run (no writer) --watch shows it once and exits.
+#   3. on a finished run (no writer) --watch shows it once and exits;
+#   4. a mix directory's block.  Also: kdkit report beside the running writer.
 set -eu
 K=$1
 SRC=$2
@@ -24,6 +25,10 @@ done
 "$K" status "$RUN" --stale-after 30 >"$W/live.txt" || fail "status of a live run"
 grep -q "Writer:       running (process $pid holds" "$W/live.txt" || fail "the writer is not seen: $(cat "$W/live.txt")"
 grep -q "NO PROGRESS" "$W/live.txt" && fail "a running writer is reported stale"
+# report beside a running writer: no lock taken, a whole page
+"$K" report "$RUN" -o "$W/live.html" --quiet || fail "report beside a running writer"
+grep -q 'data-series="loss" data-points="[1-9]' "$W/live.html" || fail "the live report has no loss points"
+tail -c 20 "$W/live.html" | grep -q '</html>' || fail "the live report is cut short"
 kill -STOP $pid
 sleep 2.5
 "$K" status "$RUN" --stale-after 1 >"$W/stopped.txt" || fail "status of a stopped run"
