@@ -174,31 +174,34 @@ static int object(cur *c, rp_metric *m, int depth)
         ws(c);
         if (c->p >= c->end)
             return 0;
+        /* which field: by length first, then one comparison */
         double *slot = NULL;
+        int is_step = 0, is_comp = 0;
         if (depth == 0) {
-            if (KEY("loss"))
-                slot = &m->loss;
-            else if (KEY("timestamp"))
-                slot = &m->timestamp;
-            else if (KEY("learning_rate"))
-                slot = &m->lr;
-            else if (KEY("throughput_tokens_per_sec"))
-                slot = &m->tok;
-            else if (KEY("throughput_samples_per_sec"))
-                slot = &m->smp;
-        } else {
-            if (KEY("kd"))
-                slot = &m->kd;
-            else if (KEY("ce"))
-                slot = &m->ce;
-            else if (KEY("intermediate"))
-                slot = &m->inter;
+            switch (kn) {
+            case 4:
+                if (KEY("loss"))
+                    slot = &m->loss;
+                else
+                    is_step = KEY("step");
+                break;
+            case 9: slot = KEY("timestamp") ? &m->timestamp : NULL; break;
+            case 13: slot = KEY("learning_rate") ? &m->lr : NULL; break;
+            case 15: is_comp = KEY("loss_components"); break;
+            case 25: slot = KEY("throughput_tokens_per_sec") ? &m->tok : NULL; break;
+            case 26: slot = KEY("throughput_samples_per_sec") ? &m->smp : NULL; break;
+            default: break;
+            }
+        } else if (kn == 2) {
+            slot = KEY("kd") ? &m->kd : KEY("ce") ? &m->ce : NULL;
+        } else if (kn == 12) {
+            slot = KEY("intermediate") ? &m->inter : NULL;
         }
         char ch = *c->p;
-        if (depth == 0 && ch != '{' && KEY("loss_components"))
+        if (is_comp && ch != '{')
             m->kd = m->ce = m->inter = NAN; /* a later duplicate wins, as in jansson */
         if (ch == '{') {
-            if (depth > 0 || !KEY("loss_components"))
+            if (!is_comp)
                 return 0;
             m->kd = m->ce = m->inter = NAN;
             if (!object(c, m, 1))
@@ -210,21 +213,21 @@ static int object(cur *c, rp_metric *m, int depth)
                 return 0;
             if (slot)
                 *slot = NAN;
-            if (depth == 0 && KEY("step"))
+            if (is_step)
                 m->has_step = 0;
         } else if (ch == 'n') {
             if (!lit(c, "null", 4))
                 return 0;
             if (slot)
                 *slot = NAN;
-            if (depth == 0 && KEY("step"))
+            if (is_step)
                 m->has_step = 0;
         } else if (ch == 't' || ch == 'f') {
             if (!(ch == 't' ? lit(c, "true", 4) : lit(c, "false", 5)))
                 return 0;
             if (slot)
                 *slot = NAN;
-            if (depth == 0 && KEY("step"))
+            if (is_step)
                 m->has_step = 0;
         } else {
             double v;
@@ -234,7 +237,7 @@ static int object(cur *c, rp_metric *m, int depth)
                 return 0;
             if (slot)
                 *slot = v;
-            if (depth == 0 && KEY("step")) {
+            if (is_step) {
                 m->has_step = is_int;
                 m->step = iv;
             }
