@@ -1,6 +1,7 @@
 #!/bin/sh
-# tests/progress_e2e.sh KDKIT WORK_DIR - the progress line of `kdkit ckpt
-# verify` (the hash runs inside one library call; a thread shows the line):
+# tests/progress_e2e.sh KDKIT WORK_DIR - the progress lines of `kdkit ckpt
+# verify` and `kdkit cache rebuild` (each runs inside one library call; a
+# thread shows the line):
 # with stderr not a terminal, plain lines every $KDKIT_PROGRESS_EVERY
 # seconds, and none at all for a job shorter than the default period.
 set -eu
@@ -28,4 +29,24 @@ grep -q '^kdkit ckpt verify: verifying .* done in ' "$W/err" || fail "no end lin
 grep -q "$(printf '\r')" "$W/err" && fail "carriage returns in a log file"
 "$K" ckpt verify "$W/big.safetensors" >"$W/out2" 2>"$W/err2" || fail "verify"
 [ ! -s "$W/err2" ] || fail "a short job printed progress lines: $(cat "$W/err2")"
+
+# kdkit cache rebuild: about how much of the ledger has been read.  A ledger
+# of 5000 copies of one paid line (same key: inserted once, then present).
+/usr/bin/python3 - "$W/ledger.jsonl" <<'PY'
+import json, sys
+body = json.dumps({"id": "x", "object": "chat.completion", "model": "m", "choices": [{"index": 0,
+       "message": {"role": "assistant", "content": "y" * 3000}, "finish_reason": "stop"}],
+       "usage": {"prompt_tokens": 3, "completion_tokens": 3000}})
+line = json.dumps({"prompt_hash": "a" * 64, "response": body, "cost": 0.001, "timestamp": 1.8e9,
+                   "request_hash": "b" * 64, "sample_index": None, "prompt_tokens": 3,
+                   "completion_tokens": 3000, "latency_ms": 1.0, "model": "m", "request_id": "r",
+                   "teacher_version": "1"})
+with open(sys.argv[1], "w") as f:
+    for _ in range(5000):
+        f.write(line + "\n")
+PY
+KDKIT_PROGRESS_EVERY=0.001 "$K" cache rebuild --cache "$W/cache.sqlite" --ledger "$W/ledger.jsonl" \
+  >"$W/rb.out" 2>"$W/rb.err" || fail "cache rebuild: $(cat "$W/rb.err")"
+grep -q '5000 lines, 1 inserted, 4999 already cached' "$W/rb.out" || fail "rebuild: $(cat "$W/rb.out")"
+grep -q '^kdkit cache: reading the ledger .*%' "$W/rb.err" || fail "no rebuild progress line: $(head -3 "$W/rb.err")"
 echo "progress_e2e: ok"
