@@ -969,6 +969,9 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
     rp_series *ts[] = {&r->tok};
     rp_chart_write(s, &(rp_chart){"throughput", "Throughput (tokens/s)", "step", 0, ts, 1, mk,
                                   nvert, NULL, 0, NULL});
+    rp_series *ss[] = {&r->smp};
+    rp_chart_write(s, &(rp_chart){"throughput-samples", "Throughput (samples/s)", "step", 0, ss,
+                                  1, NULL, 0, NULL, 0, NULL});
 
     /* --- KD quality */
     kd_sb_lit(s, "<h2>KD quality (eval.jsonl)</h2>\n");
