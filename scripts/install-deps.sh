@@ -7,6 +7,7 @@
 # train a real torch model (python3-torch, libtorch1.13 and libtorch-test are
 # 230 MB installed; with their dependencies ~170 packages, about 30 s here).
 # python3-venv: `make python` makes a virtual environment.
+# chromium: tests/report_e2e.sh renders `kdkit report` headless and checks its DOM.
 set -eu
 
 pkgs="build-essential cmake pkg-config clang libclang-rt-14-dev
