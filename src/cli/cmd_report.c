@@ -5,14 +5,15 @@
  *
  * Reads, without the lock and without changing anything (so it works beside
  * a running writer): session.json and the summary (kd_session_inspect),
- * checkpoints.json, and streams metrics.jsonl, metrics.rewound.jsonl,
+ * checkpoints.json, the archived sessions' sessions/<id>/session.json, a
+ * mix's mix_progress.json, and streams metrics.jsonl, metrics.rewound.jsonl,
  * eval.jsonl, events.jsonl, api_recovery.jsonl, failures.jsonl and
- * teacher_intents.jsonl through core's JSONL reader, one line at a time, so
- * memory stays bounded by the chart resolution whatever the length of the
- * run.  Series are downsampled with min/max per bucket (report_plot.c); the
- * page says so.  Lines that are not valid are counted and named, never
- * drawn; a last line without newline is one being written and is left for
- * the next report.  The page's content is described in docs/report.md.
+ * teacher_intents.jsonl (run_look.c) through core's JSONL reader, one line
+ * at a time, so memory stays bounded by the chart resolution whatever the
+ * length of the run.  Series are downsampled with min/max per bucket
+ * (report_plot.c); the page says so.  Lines that are not valid are counted
+ * and named, never drawn; a last line without newline is one being written
+ * and is left for the next report.  The page is described in docs/report.md.
  *
  * Writes FILE (default ./report.html) with core's atomic replace.
  */
@@ -741,7 +742,6 @@ static ckv *checkpoints(const rep *r, size_t *n)
     *n = 0;
     if (!v)
         return NULL;
-    const char *k;
     json_t *o;
     size_t i;
     void *it = json_is_object(cks) ? json_object_iter(cks) : NULL;
@@ -761,7 +761,6 @@ static ckv *checkpoints(const rep *r, size_t *n)
         c->reason = jstr(o, "deleted_reason");
         c->sha = jstr(o, "sha256");
     }
-    (void)k;
     qsort(v, *n, sizeof *v, ckv_cmp);
     return v;
 }
