@@ -131,14 +131,8 @@ with open(d + "/failures.jsonl", "a") as f:
     f.write(json.dumps({"retry_count": 0, "error": "<script>alert('x')</script>\u001b[2J<img src=x onerror=alert(1)>",
                         "time": 1.8e9, "http_status": 0, "possibly_billed": False, "request_hash": "<b>"}) + "\n")
 EOF
-# a mix's progress file (format of docs/mix.md), its state hostile too
-cat >"$H/mix_progress.json" <<'JSON'
-{"format": "kdkit-mix-progress", "version": 1, "total": 1000, "completed": 640,
- "counts": {"ok": 639, "refused": 0, "failed": 1, "skipped": 0}, "cache_hits": 12,
- "paid_rows": 628, "paid_cost": 0.031, "spent": 0.0312, "reserved": 0, "budget": 0.05,
- "projected_rest": {"expected": 0.0178, "worst": 0.041}, "rate": 412.5, "eta_s": 90,
- "state": "<script>x</script>\u001b[2J"}
-JSON
+# a mix progress file that the mix's validator refuses, with hostile text
+printf '{"format": "kdkit-mix-progress", "version": 1, "identity": "<script>x</script>\033[2J"}' >"$H/mix_progress.json"
 # KD figures as the distillation helper adds them to eval.jsonl, one key hostile
 $PY - "$H/eval.jsonl" <<'PY'
 import json, sys
@@ -153,8 +147,7 @@ for k in student_bpb teacher_bpb gap agreement; do
   grep -q "<figure class=\"chart\" data-plot=\"eval-$k\">.*data-series=\"$k\" data-points=\"7\"" "$W/hostile.html" ||
     fail "no KD chart of $k with 7 points"
 done
-grep -q '<td>640/1000 (64.0%): 639 ok, 0 refused, 1 failed, 0 skipped</td>' "$W/hostile.html" || fail "no mix table"
-grep -q '<td>0.017800 expected, 0.041000 worst case (0.049000 expected in all)</td>' "$W/hostile.html" || fail "no mix projection"
+grep -q '<p class="warn" data-table="mix">.*mix_progress.json' "$W/hostile.html" || fail "an invalid mix_progress.json is not flagged"
 grep -qi '<script\|<img\|<b>' "$W/hostile.html" && fail "hostile markup reached the page"
 grep -q "$(printf '\033')" "$W/hostile.html" && fail "a terminal escape reached the page"
 grep -q '&lt;script&gt;alert(1)&lt;/script&gt;' "$W/hostile.html" || fail "the hostile session id is not shown escaped"

@@ -5,7 +5,9 @@
 #   2. `status --watch` keeps refreshing while the run goes and exits 0 by
 #      itself once the run ends (SIGTERM releases the lock);
 #   3. on a finished run (no writer) --watch shows it once and exits;
-#   4. a mix directory's block.  Also: kdkit report beside the running writer.
+#   4. a real `kdkit mix` stopped by its budget: status's mix block and the
+#      report's mix table agree with mix_progress.json.
+# Also: kdkit report beside the running writer.
 set -eu
 K=$1
 SRC=$2
@@ -56,28 +58,43 @@ tail -1 "$W/watch.txt" | grep -q "the run has ended" || fail "--watch did not sa
 "$K" status "$RUN" --watch --interval 100 >"$W/watch2.txt" || fail "--watch on a stopped run"
 [ "$(grep -c '^--- ' "$W/watch2.txt")" -eq 1 ] || fail "--watch on a run that has ended showed more than once"
 
-# 4. a mix directory (mix_progress.json as docs/mix.md of the mix defines it;
-#    written here by hand until kdkit mix is on main), with a hostile state
+# 4. a real mix against kdkit serve --toy (a 503 and a dropped body), stopped
+#    by its budget: status and report show what mix_progress.json says
 M=$W/mix
 mkdir -p "$M"
-cat >"$M/mix_progress.json" <<'JSON'
-{"format": "kdkit-mix-progress", "version": 1, "identity": "i", "config_hash": "c",
- "prompts_sha256": "p", "prompts_validated": true, "total": 1000, "completed": 640,
- "completed_ranges": [[0, 639]], "failed_ranges": [[17, 17]], "refused_ranges": [],
- "skipped_ranges": [], "counts": {"ok": 639, "refused": 0, "failed": 1, "skipped": 0},
- "mix_bytes": 1234567, "mix_rows": 641, "cache_hits": 12, "paid_rows": 628,
- "paid_cost": 0.031, "spent": 0.0312, "reserved": 0, "budget": 0.05,
- "projected_rest": {"expected": 0.0178, "worst": 0.041}, "rate": 412.5, "eta_s": 90,
- "ledger_bytes": 998877, "ledger_lines": 628, "resume_index": 640, "prompts_offset": 51234,
- "state": "running\u001b[2J", "updated_at": 1763352435.1}
-JSON
-"$K" status "$M" >"$W/mix.txt" || fail "status of a mix directory: $(cat "$W/mix.txt")"
-grep -q '^Mix:          640/1000 samples (64.0%): 639 ok, 0 refused, 1 failed, 0 skipped; state running\\x1b\[2J$' "$W/mix.txt" ||
-  fail "mix progress: $(cat "$W/mix.txt")"
-grep -q '^Mix cost:     spent 0.031200 of budget 0.050000 (62.4%)' "$W/mix.txt" || fail "mix spend: $(cat "$W/mix.txt")"
-grep -q '^Projected:    the rest 0.017800 expected, 0.041000 worst case -> 0.049000 expected in all$' "$W/mix.txt" ||
-  fail "mix projection: $(cat "$W/mix.txt")"
-grep -q '^Mix ETA:      2 min at 412 samples/s$' "$W/mix.txt" || fail "mix ETA: $(cat "$W/mix.txt")"
-echo '{"format": "something-else", "version": 1}' >"$M/mix_progress.json"
-if "$K" status "$M" >/dev/null 2>"$W/mix.err"; then fail "an unknown mix_progress.json format is shown"; fi
+"$K" serve --toy --port 0 --port-file "$W/port" --fault-script 'ok,503,ok,drop,ok*100' >"$W/serve.log" 2>&1 &
+spid=$!
+i=0
+while [ ! -s "$W/port" ]; do i=$((i + 1)); [ $i -lt 500 ] || fail "serve did not start"; sleep 0.02; done
+for n in $(seq 1 30); do echo "{\"id\": \"p$n\", \"prompt\": \"question $n about distillation\"}"; done >"$M/prompts.jsonl"
+sed "s#http://127.0.0.1:8088/v1#http://127.0.0.1:$(cat "$W/port")/v1#; s#max_cost: 1.00#max_cost: 0.0006#" \
+  "$SRC/configs/mix-example.yaml" >"$M/mix.yaml"
+"$K" mix --config "$M/mix.yaml" --prompts "$M/prompts.jsonl" --output-dir "$M/out" >"$W/mix.log" 2>&1 || true
+kill $spid; wait $spid 2>/dev/null || true
+grep -q "budget reached" "$W/mix.log" || fail "the mix did not stop at its budget: $(tail -3 "$W/mix.log")"
+"$K" status "$M/out" >"$W/mix.txt" || fail "status of a mix directory: $(cat "$W/mix.txt")"
+/usr/bin/python3 - "$M/out/mix_progress.json" "$W/mix.txt" <<'PY' || fail "status disagrees with mix_progress.json: $(cat "$W/mix.txt")"
+import json, sys
+p = json.load(open(sys.argv[1]))
+out = open(sys.argv[2]).read()
+c = p["counts"]
+want = [
+    "Mix:          %d/%d samples (%.1f%%): %d ok, %d refused, %d failed, %d skipped; state budget"
+    % (p["completed"], p["total"], 100.0 * p["completed"] / p["total"], c["ok"], c["refused"], c["failed"], c["skipped"]),
+    "Mix cost:     spent %.6f of budget %.6f" % (p["spent"], p["budget"]),
+    "Projected:    the rest %.6f expected, %.6f worst case -> %.6f expected in all (OVER the budget"
+    % (p["projected_rest"]["expected"], p["projected_rest"]["worst"], p["spent"] + p["projected_rest"]["expected"]),
+    "Budget:       spent %.6f of %.6f" % (p["spent"], p["budget"]),
+]
+bad = [w for w in want if w not in out]
+for w in bad:
+    print("missing: " + w)
+sys.exit(1 if bad else 0)
+PY
+"$K" report "$M/out" -o "$W/mix.html" --quiet || fail "report of a mix directory"
+grep -q '<table class="kv" data-table="mix"><tr><td>samples</td>' "$W/mix.html" || fail "no mix table in the report"
+grep -q 'data-kind="budget" data-value="0.0006"' "$W/mix.html" || fail "no budget line from the mix's progress file"
+echo '{"format": "kdkit-mix-progress", "version": 1}' >"$M/out/mix_progress.json"
+if "$K" status "$M/out" >/dev/null 2>"$W/mix.err"; then fail "status shows a mix_progress.json the validator refuses"; fi
+grep -q "mix_progress.json" "$W/mix.err" || fail "the refusal does not name the file: $(cat "$W/mix.err")"
 echo "status_e2e: ok"

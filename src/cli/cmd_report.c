@@ -31,6 +31,7 @@
 #include "cli/cli.h"
 #include "cli/report.h"
 #include "kdkit/core.h"
+#include "kdkit/mix.h"
 #include "kdkit/tracker.h"
 
 #define STATE_MAX ((size_t)256 << 20)
@@ -596,7 +597,25 @@ static double budget_cap(const rep *r, double cli)
         return cli;
     json_t *b = json_object_get(json_object_get(json_object_get(r->session, "config"), "teacher"),
                                 "budget");
-    return jnum(b, "max_cost");
+    double cap = jnum(b, "max_cost");
+    if (isfinite(cap))
+        return cap;
+    /* a mix keeps its cap out of its identity: its progress file has it */
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", r->dir, KD_MIX_PROGRESS_FILE);
+    char *text = NULL;
+    size_t len = 0;
+    kd_err e;
+    kd_mix_progress p;
+    memset(&p, 0, sizeof p);
+    if (kd_file_read_all(path, STATE_MAX, &text, &len, &e) == KD_OK &&
+        kd_mix_progress_parse(text, len, KD_MIX_PROGRESS_FILE, &p, &e) == KD_OK) {
+        if (p.x.budget >= 0)
+            cap = p.x.budget;
+        kd_mix_progress_free(&p);
+    }
+    free(text);
+    return cap;
 }
 
 /* Keys whose values differ between two configs, as "a.b, c" (at most n bytes). */
@@ -826,40 +845,53 @@ static void table_failures(rep *r, kd_sb *s)
     kd_sb_lit(s, "</table>");
 }
 
-/* A mix directory's progress file (docs/mix.md): a table, after checking
-   its format and version (the full validation is the mix reader's). */
+/* A mix directory's progress file (docs/mix.md), checked by the mix's own
+   validator (kd_mix_progress_parse): a table. */
 static void write_mix(rep *r, kd_sb *s)
 {
-    json_t *m = load_doc(r, "mix_progress.json", 1);
-    if (!m)
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", r->dir, KD_MIX_PROGRESS_FILE);
+    char *text = NULL;
+    size_t len = 0;
+    kd_err e;
+    kd_err_clear(&e);
+    int rc = kd_file_read_all(path, STATE_MAX, &text, &len, &e);
+    if (rc == KD_ENOTFOUND)
         return;
+    kd_mix_progress p;
+    memset(&p, 0, sizeof p);
+    if (rc == KD_OK)
+        rc = kd_mix_progress_parse(text, len, KD_MIX_PROGRESS_FILE, &p, &e);
+    free(text);
     kd_sb_lit(s, "<h3>Mix (mix_progress.json)</h3>");
-    const char *fmt = jstr(m, "format");
-    if (!fmt || strcmp(fmt, "kdkit-mix-progress") != 0 || jint(m, "version", -1) != 1) {
-        kd_sb_lit(s, "<p class=\"warn\">mix_progress.json is not a format this kdkit knows.</p>");
-        json_decref(m);
+    if (rc != KD_OK) {
+        kd_sb_lit(s, "<p class=\"warn\" data-table=\"mix\">");
+        rp_html(s, e.msg);
+        kd_sb_lit(s, "</p>");
         return;
     }
-    json_t *c = json_object_get(m, "counts"), *pr = json_object_get(m, "projected_rest");
-    long long total = jint(m, "total", -1), done = jint(m, "completed", -1);
+    const kd_mix_progress_extra *x = &p.x;
     kd_sb_lit(s, "<table class=\"kv\" data-table=\"mix\">");
-    kvf(s, "samples", "%lld/%lld (%.1f%%): %lld ok, %lld refused, %lld failed, %lld skipped", done,
-        total, total > 0 ? 100.0 * (double)done / (double)total : 0.0, jint(c, "ok", 0),
-        jint(c, "refused", 0), jint(c, "failed", 0), jint(c, "skipped", 0));
-    kv(s, "state", jstr(m, "state") ? jstr(m, "state") : "?");
-    double spent = jnum(m, "spent"), budget = jnum(m, "budget");
-    if (isfinite(budget))
-        kvf(s, "spent", "%.6f of budget %.6f (%.1f%%)", spent, budget,
-            budget > 0 ? 100.0 * spent / budget : 0.0);
+    kvf(s, "samples", "%lld/%lld (%.1f%%): %lld ok, %lld refused, %lld failed, %lld skipped",
+        (long long)p.completed, (long long)p.total,
+        p.total > 0 ? 100.0 * (double)p.completed / (double)p.total : 0.0,
+        (long long)p.counts[KD_MIX_ST_OK], (long long)p.counts[KD_MIX_ST_REFUSED],
+        (long long)p.counts[KD_MIX_ST_FAILED], (long long)p.counts[KD_MIX_ST_SKIPPED]);
+    kv(s, "state", x->state ? x->state : p.state);
+    if (x->budget >= 0)
+        kvf(s, "spent", "%.6f of budget %.6f (%.1f%%)", x->spent, x->budget,
+            x->budget > 0 ? 100.0 * x->spent / x->budget : 0.0);
     else
-        kvf(s, "spent", "%.6f (no budget)", spent);
-    kvf(s, "paid / cache hits", "%lld paid rows (%.6f), %lld cache hits", jint(m, "paid_rows", 0),
-        jnum(m, "paid_cost"), jint(m, "cache_hits", 0));
-    kvf(s, "projected rest", "%.6f expected, %.6f worst case (%.6f expected in all)",
-        jnum(pr, "expected"), jnum(pr, "worst"), spent + jnum(pr, "expected"));
-    kvf(s, "rate, ETA", "%.3g samples/s, %.0f s left", jnum(m, "rate"), jnum(m, "eta_s"));
+        kvf(s, "spent", "%.6f (no budget)", x->spent);
+    kvf(s, "paid / cache hits", "%lld paid rows (%.6f), %lld cache hits", (long long)x->paid_rows,
+        x->paid_cost, (long long)x->cache_hits);
+    if (x->rest_expected >= 0)
+        kvf(s, "projected rest", "%.6f expected, %.6f worst case (%.6f expected in all)",
+            x->rest_expected, x->rest_worst, x->spent + x->rest_expected);
+    if (x->rate >= 0 || x->eta_s >= 0)
+        kvf(s, "rate, ETA", "%.3g samples/s, %.0f s left", x->rate, x->eta_s);
     kd_sb_lit(s, "</table>");
-    json_decref(m);
+    kd_mix_progress_free(&p);
 }
 
 static void build_page(rep *r, kd_sb *s, double cli_budget)

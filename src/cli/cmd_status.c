@@ -32,6 +32,7 @@
 
 #include "cli/cli.h"
 #include "cli/report.h"
+#include "kdkit/mix.h"
 #include "kdkit/tracker.h"
 
 #define STATE_MAX ((size_t)256 << 20)
@@ -358,75 +359,87 @@ static const ckrow *last_row(const manifest *m)
 /* ------------------------------------------------------------------------ */
 /* kdkit status                                                              */
 
-/* The mix block from mix_progress.json (docs/mix.md, written by kdkit mix).
-   Only a few fields are read, after checking the format and version; the
-   full validator is the mix reader's.  *running = 1 while state is
-   "running".  Returns 0 shown, 1 unreadable, -1 no mix_progress.json. */
+/* mix_progress.json checked by the mix's own validator (kd_mix_progress_parse,
+   the writer's and kdkit verify's).  0 with *p filled, 1 invalid (printed),
+   -1 no such file. */
+static int mix_progress_load(const char *cmd, const char *dir, kd_mix_progress *p, int quiet)
+{
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", dir, KD_MIX_PROGRESS_FILE);
+    char *text = NULL;
+    size_t len = 0;
+    kd_err e;
+    kd_err_clear(&e);
+    int rc = kd_file_read_all(path, STATE_MAX, &text, &len, &e);
+    if (rc == KD_ENOTFOUND)
+        return -1;
+    if (rc == KD_OK)
+        rc = kd_mix_progress_parse(text, len, path, p, &e);
+    free(text);
+    if (rc != KD_OK) {
+        if (!quiet) {
+            kd_cli_error(cmd, "%s", e.msg);
+            fprintf(stderr, "run 'kdkit verify %s' to see every problem and how to fix it\n", dir);
+        }
+        return 1;
+    }
+    return 0;
+}
+
+/* The mix block.  *running = 1 while its state is "running".  Returns 0
+   shown, 1 unreadable, -1 no mix_progress.json. */
 static int mix_block(const char *cmd, const char *dir, int *running)
 {
-    char err[1024] = "";
-    int missing;
+    kd_mix_progress p;
+    memset(&p, 0, sizeof p);
     *running = 0;
-    json_t *m = load_json(dir, "mix_progress.json", err, sizeof err, &missing);
-    if (!m) {
-        if (missing)
-            return -1;
-        kd_cli_error(cmd, "%s/%s", dir, err);
-        return 1;
-    }
-    const char *fmt = json_string_value(json_object_get(m, "format"));
-    if (!fmt || strcmp(fmt, "kdkit-mix-progress") != 0 || inum(m, "version", -1) != 1) {
-        kd_cli_error(cmd, "%s/mix_progress.json: not a mix progress file this kdkit knows "
-                     "(format and version)", dir);
-        json_decref(m);
-        return 1;
-    }
-    long long total = inum(m, "total", -1), done = inum(m, "completed", -1);
-    json_t *c = json_object_get(m, "counts");
-    const char *state = json_string_value(json_object_get(m, "state"));
-    *running = state && strcmp(state, "running") == 0;
-    printf("Mix:          %lld/%lld samples", done, total);
-    if (total > 0 && done >= 0)
-        printf(" (%.1f%%)", 100.0 * (double)done / (double)total);
-    printf(": %lld ok, %lld refused, %lld failed, %lld skipped; state ", inum(c, "ok", 0),
-           inum(c, "refused", 0), inum(c, "failed", 0), inum(c, "skipped", 0));
-    put_safe(stdout, state ? state : "?");
+    int rc = mix_progress_load(cmd, dir, &p, 0);
+    if (rc != 0)
+        return rc;
+    const kd_mix_progress_extra *x = &p.x;
+    const char *state = x->state ? x->state : p.state;
+    *running = strcmp(state, "running") == 0;
+    printf("Mix:          %lld/%lld samples", (long long)p.completed, (long long)p.total);
+    if (p.total > 0)
+        printf(" (%.1f%%)", 100.0 * (double)p.completed / (double)p.total);
+    printf(": %lld ok, %lld refused, %lld failed, %lld skipped; state ",
+           (long long)p.counts[KD_MIX_ST_OK], (long long)p.counts[KD_MIX_ST_REFUSED],
+           (long long)p.counts[KD_MIX_ST_FAILED], (long long)p.counts[KD_MIX_ST_SKIPPED]);
+    put_safe(stdout, state);
     putchar('\n');
-    double spent = num(m, "spent"), budget = num(m, "budget"), reserved = num(m, "reserved");
-    printf("Mix cost:     spent %.6f", isfinite(spent) ? spent : 0.0);
-    if (isfinite(budget))
-        printf(" of budget %.6f (%.1f%%)", budget, budget > 0 ? 100.0 * spent / budget : 0.0);
+    printf("Mix cost:     spent %.6f", x->spent > 0 ? x->spent : 0.0);
+    if (x->budget >= 0)
+        printf(" of budget %.6f (%.1f%%)", x->budget,
+               x->budget > 0 ? 100.0 * x->spent / x->budget : 0.0);
     else
         printf(" (no budget)");
-    if (isfinite(reserved) && reserved > 0)
-        printf(", %.6f reserved in flight", reserved);
-    printf("; %lld paid rows (%.6f), %lld cache hits\n", inum(m, "paid_rows", 0),
-           isfinite(num(m, "paid_cost")) ? num(m, "paid_cost") : 0.0, inum(m, "cache_hits", 0));
-    json_t *pr = json_object_get(m, "projected_rest");
-    double pe = num(pr, "expected"), pw = num(pr, "worst");
-    if (isfinite(pe) || isfinite(pw)) {
-        printf("Projected:    the rest %.6f expected, %.6f worst case", isfinite(pe) ? pe : 0.0,
-               isfinite(pw) ? pw : 0.0);
-        if (isfinite(pe) && isfinite(spent))
-            printf(" -> %.6f expected in all", spent + pe);
-        if (isfinite(budget) && isfinite(pe) && isfinite(spent) && spent + pe > budget)
-            printf(" (OVER the budget: the mix will stop at it)");
+    if (x->reserved > 0)
+        printf(", %.6f reserved in flight", x->reserved);
+    printf("; %lld paid rows (%.6f), %lld cache hits\n", (long long)x->paid_rows,
+           x->paid_cost > 0 ? x->paid_cost : 0.0, (long long)x->cache_hits);
+    if (x->rest_expected >= 0 || x->rest_worst >= 0) {
+        printf("Projected:    the rest %.6f expected, %.6f worst case",
+               x->rest_expected >= 0 ? x->rest_expected : 0.0,
+               x->rest_worst >= 0 ? x->rest_worst : 0.0);
+        if (x->rest_expected >= 0)
+            printf(" -> %.6f expected in all", x->spent + x->rest_expected);
+        if (x->budget >= 0 && x->rest_expected >= 0 && x->spent + x->rest_expected > x->budget)
+            printf(" (OVER the budget: the mix stops at it)");
         putchar('\n');
     }
-    double eta = num(m, "eta_s"), rate = num(m, "rate");
-    if (total >= 0 && done >= total)
+    if (p.total >= 0 && p.completed >= p.total)
         printf("Mix ETA:      done\n");
-    else if (isfinite(eta)) {
+    else if (x->eta_s >= 0 && *running) {
         char a[64];
-        fmt_hours(a, sizeof a, eta / 3600.0);
+        fmt_hours(a, sizeof a, x->eta_s / 3600.0);
         printf("Mix ETA:      %s", a);
-        if (isfinite(rate))
-            printf(" at %.3g samples/s", rate);
+        if (x->rate >= 0)
+            printf(" at %.3g samples/s", x->rate);
         putchar('\n');
     } else {
-        printf("Mix ETA:      unknown\n");
+        printf("Mix ETA:      none while %s (rerun kdkit mix to continue)\n", state);
     }
-    json_decref(m);
+    kd_mix_progress_free(&p);
     return 0;
 }
 
@@ -604,6 +617,16 @@ static int status_once(const char *cmd, const char *dir, double stale_after, int
     char smsg[512] = "";
     int sprc = kd_look_spend_read(dir, &sp, smsg, sizeof smsg);
     double cap = num(json_object_get(teacher, "budget"), "max_cost");
+    if (!isfinite(cap)) {
+        /* a mix keeps its cap out of its identity: its progress file has it */
+        kd_mix_progress mp;
+        memset(&mp, 0, sizeof mp);
+        if (mix_progress_load(cmd, dir, &mp, 1) == 0) {
+            if (mp.x.budget >= 0)
+                cap = mp.x.budget;
+            kd_mix_progress_free(&mp);
+        }
+    }
     if (!isfinite(paid))
         paid = 0;
     double spent = paid + sp.billed + sp.open;
@@ -652,10 +675,19 @@ static int status_once(const char *cmd, const char *dir, double stale_after, int
     put_safe(stdout, ch ? ch : "?");
     if (json_is_object(teacher)) {
         json_t *tv = json_object_get(teacher, "teacher_version");
+        const char *url = json_string_value(json_object_get(teacher, "base_url"));
+        const char *prov = json_string_value(json_object_get(teacher, "provider"));
         printf("; teacher ");
         put_safe(stdout, json_string_value(json_object_get(teacher, "model")));
-        printf(" at ");
-        put_safe(stdout, json_string_value(json_object_get(teacher, "base_url")));
+        if (url) {
+            printf(" at ");
+            put_safe(stdout, url);
+        }
+        if (prov) {
+            printf(" (provider ");
+            put_safe(stdout, prov);
+            putchar(')');
+        }
         if (json_is_string(tv)) {
             printf(", version ");
             put_safe(stdout, json_string_value(tv));
