@@ -743,7 +743,7 @@ typedef struct ckv {
     double loss, created;
     long long size;
     int deleted;
-    const char *rel, *reason, *sha;
+    const char *rel, *reason, *sha, *xxh;
 } ckv;
 
 static int ckv_cmp(const void *a, const void *b)
@@ -779,6 +779,7 @@ static ckv *checkpoints(const rep *r, size_t *n)
         c->rel = jstr(o, "relative_path");
         c->reason = jstr(o, "deleted_reason");
         c->sha = jstr(o, "sha256");
+        c->xxh = jstr(o, "xxh3_128");
     }
     qsort(v, *n, sizeof *v, ckv_cmp);
     return v;
@@ -1066,7 +1067,7 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
     /* --- tables */
     kd_sb_lit(s, "<h2>Checkpoints</h2>");
     kd_sb_lit(s, "<table data-table=\"checkpoints\"><tr><th>step</th><th>loss</th><th>size</th>"
-                 "<th>created</th><th>file</th><th>state</th><th>SHA-256</th></tr>");
+                 "<th>created</th><th>file</th><th>state</th><th>checksum</th></tr>");
     for (size_t i = 0; ck && i < nck; i++) {
         fmt_utc(t, sizeof t, ck[i].created);
         kd_sb_printf(s, "<tr data-step=\"%lld\"%s><td class=\"n\">%lld</td><td class=\"n\">",
@@ -1084,8 +1085,12 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
             kd_sb_puts(s, ck[i].step == best ? "<strong>best</strong>" : "live");
         }
         kd_sb_lit(s, "</td><td class=\"mono\">");
-        if (ck[i].sha)
-            rp_html_n(s, ck[i].sha, strlen(ck[i].sha) > 16 ? 16 : strlen(ck[i].sha));
+        /* the manifest's integrity hash: XXH3-128, or SHA-256 (older or on demand) */
+        const char *h = ck[i].xxh ? ck[i].xxh : ck[i].sha;
+        if (h) {
+            kd_sb_puts(s, ck[i].xxh ? "xxh3 " : "sha256 ");
+            rp_html_n(s, h, strlen(h) > 16 ? 16 : strlen(h));
+        }
         kd_sb_lit(s, "</td></tr>");
     }
     kd_sb_lit(s, "</table>");
