@@ -139,14 +139,18 @@ import json, sys
 with open(sys.argv[1], "a") as f:
     for i in range(1, 8):
         f.write(json.dumps({"step": 600 + 10 * i, "val_loss": 2.5, "student_bpb": 3.0 - 0.1 * i,
-                            "teacher_bpb": 1.2, "gap": 1.8 - 0.1 * i, "agreement": 0.3 + 0.05 * i,
+                            "teacher_bpb": 1.2, "gap": 1.8 - 0.1 * i, "first_byte_agreement": 0.3 + 0.05 * i,
+                            "samples": 8, "bytes": 900,
                             "<script>k</script>": 1}) + "\n")
 PY
 "$K" report "$H" -o "$W/hostile.html" --quiet || fail "report of the hostile directory"
-for k in student_bpb teacher_bpb gap agreement; do
+for k in gap first_byte_agreement; do
   grep -q "<figure class=\"chart\" data-plot=\"eval-$k\">.*data-series=\"$k\" data-points=\"7\"" "$W/hostile.html" ||
     fail "no KD chart of $k with 7 points"
 done
+grep '<figure class="chart" data-plot="eval-bpb">' "$W/hostile.html" | grep 'data-series="student_bpb" data-points="7"' |
+  grep -q 'data-series="teacher_bpb" data-points="7"' || fail "student and teacher bits per byte are not on one chart"
+grep -q 'data-plot="eval-samples"\|data-plot="eval-bytes"' "$W/hostile.html" && fail "counts drawn as KD figures"
 grep -q '<p class="warn" data-table="mix">.*mix_progress.json' "$W/hostile.html" || fail "an invalid mix_progress.json is not flagged"
 grep -qi '<script\|<img\|<b>' "$W/hostile.html" && fail "hostile markup reached the page"
 grep -q "$(printf '\033')" "$W/hostile.html" && fail "a terminal escape reached the page"

@@ -412,8 +412,9 @@ static int on_eval(rep *r, json_t *o, int64_t ln)
     json_t *v;
     json_object_foreach(o, k, v)
     {
+        /* counts of what was scored are not figures to plot */
         if (!json_is_number(v) || strcmp(k, "step") == 0 || strcmp(k, "timestamp") == 0 ||
-            strcmp(k, "batches") == 0)
+            strcmp(k, "batches") == 0 || strcmp(k, "samples") == 0 || strcmp(k, "bytes") == 0)
             continue;
         if (strcmp(k, "val_loss") == 0) {
             rp_series_add(&r->val, x, json_number_value(v));
@@ -1013,7 +1014,23 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
                                      "training loss); no KD figures yet."
                                    : "no eval.jsonl in this directory.");
     }
+    /* student and teacher bits per byte on one chart; each other figure on its own */
+    rp_series *stu = NULL, *tea = NULL;
     for (size_t i = 0; i < r->neval; i++) {
+        if (strcmp(r->eval[i].key, "student_bpb") == 0)
+            stu = &r->eval[i];
+        else if (strcmp(r->eval[i].key, "teacher_bpb") == 0)
+            tea = &r->eval[i];
+    }
+    if (stu && tea) {
+        tea->color = "#ff7f0e";
+        rp_series *bs[] = {stu, tea};
+        rp_chart_write(s, &(rp_chart){"eval-bpb", "Bits per byte: student vs teacher", "step", 0,
+                                      bs, 2, NULL, 0, NULL, 0, NULL});
+    }
+    for (size_t i = 0; i < r->neval; i++) {
+        if (stu && tea && (&r->eval[i] == stu || &r->eval[i] == tea))
+            continue;
         char id[96];
         snprintf(id, sizeof id, "eval-%s", r->eval[i].key);
         rp_series *es[] = {&r->eval[i]};
