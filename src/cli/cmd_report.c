@@ -596,8 +596,13 @@ static double budget_cap(const rep *r, double cli)
 {
     if (isfinite(cli))
         return cli;
-    json_t *b = json_object_get(json_object_get(json_object_get(r->session, "config"), "teacher"),
-                                "budget");
+    json_t *t = json_object_get(json_object_get(r->session, "config"), "teacher");
+    if (!json_is_object(t)) /* the teacher as a component (its own identity) */
+        t = json_object_get(json_object_get(json_object_get(json_object_get(r->session, "components"),
+                                                            "teacher"),
+                                            "config"),
+                            "teacher");
+    json_t *b = json_object_get(t, "budget");
     double cap = jnum(b, "max_cost");
     if (isfinite(cap))
         return cap;

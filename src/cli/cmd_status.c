@@ -530,6 +530,10 @@ static int status_once(const char *cmd, const char *dir, double stale_after, int
     json_t *sess = load_json(dir, "session.json", err, sizeof err, &missing);
     json_t *cfg = json_object_get(sess, "config");
     json_t *teacher = json_object_get(cfg, "teacher");
+    if (!json_is_object(teacher)) /* the teacher as a component (its own identity) */
+        teacher = json_object_get(
+            json_object_get(json_object_get(json_object_get(sess, "components"), "teacher"), "config"),
+            "teacher");
 
     long holder = kd_look_lock_holder(dir);
     char which[64];
