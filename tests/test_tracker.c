@@ -685,6 +685,55 @@ static void test_nonfinite_loss_recorded_and_diverging(void **state)
     free(dir);
 }
 
+/* kdkit mix logs steps but has no loss: KD_UNSET is "not measured", not NaN.
+   Its lines carry "loss": null without a marker, the trend stays
+   insufficient_data (never "diverging"), before and after a reopen, and
+   progress.json says no loss is in the window. */
+static void test_unmeasured_loss_is_not_nonfinite(void **state)
+{
+    (void)state;
+    char *dir = mkdtemp_dir();
+    kd_tracker *t = open_ok(dir, CFG, 100);
+    for (int64_t s = 1; s <= 30; s++) {
+        kd_metrics m;
+        kd_metrics_init(&m);
+        m.step = s;
+        m.loss = KD_UNSET;
+        m.samples_processed = s;
+        assert_int_equal(kd_tracker_update_metrics(t, &m), KD_OK);
+    }
+    kd_summary s;
+    kd_tracker_summary(t, &s);
+    assert_string_equal(s.loss_trend, "insufficient_data");
+    assert_true(isnan(s.latest_loss));
+    kd_tracker_close(t);
+    json_t *ml = load_jsonl(path_in(dir, "metrics.jsonl"));
+    assert_int_equal(json_array_size(ml), 30);
+    json_t *last = json_array_get(ml, 29);
+    assert_true(json_is_null(json_object_get(last, "loss")));
+    assert_null(json_object_get(last, "loss_nonfinite"));
+    json_decref(ml);
+    t = open_ok(dir, CFG, 100);
+    kd_tracker_summary(t, &s);
+    assert_string_equal(s.loss_trend, "insufficient_data");
+    assert_int_equal(s.steps_completed, 30);
+    char *pj = NULL;
+    assert_int_equal(kd_tracker_summary_json(t, &pj), KD_OK);
+    json_error_t je;
+    json_t *p = json_loads(pj, 0, &je);
+    assert_non_null(p);
+    assert_int_equal(json_integer_value(json_object_get(p, "recent_losses")), 0);
+    json_decref(p);
+    free(pj);
+    /* a measured loss after them counts again */
+    log_steps(t, 31, 45);
+    kd_tracker_summary(t, &s);
+    assert_string_equal(s.loss_trend, "improving");
+    kd_tracker_close(t);
+    rm_rf(dir);
+    free(dir);
+}
+
 static void test_config_change_archives_old_session(void **state)
 {
     (void)state;
@@ -1042,6 +1091,7 @@ int main(void)
         cmocka_unit_test(test_pause_excluded_from_active_time),
         cmocka_unit_test(test_eta_and_throughput),
         cmocka_unit_test(test_loss_trend_rule),
+        cmocka_unit_test(test_unmeasured_loss_is_not_nonfinite),
         cmocka_unit_test(test_nonfinite_loss_recorded_and_diverging),
         cmocka_unit_test(test_config_change_archives_old_session),
         cmocka_unit_test(test_torn_metrics_tail_repaired_on_open),

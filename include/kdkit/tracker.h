@@ -155,7 +155,9 @@ int kd_tracker_record_repair(kd_tracker *t, const char *file, const char *what);
 
 typedef struct kd_metrics {
     int64_t step;                  /* strictly increasing (see rewind) */
-    double loss;                   /* NaN/Inf allowed: written as null + marker */
+    double loss;                   /* NaN/Inf allowed: written as null + marker;
+                                      KD_UNSET: no loss measured (kdkit mix):
+                                      null without a marker, not in the trend */
     double loss_kd;                /* KD_UNSET when not part of the loss */
     double loss_ce;
     double loss_intermediate;

@@ -588,6 +588,8 @@ static int status_once(const char *cmd, const char *dir, double stale_after, int
     const char *trend = json_string_value(json_object_get(s, "loss_trend"));
     if (isfinite(loss))
         printf("Loss:         %.4f latest, trend: %s\n", loss, trend ? trend : "?");
+    else if (done > 0 && inum(s, "recent_losses", -1) == 0)
+        printf("Loss:         none recorded (this run logs no loss)\n");
     else
         printf("Loss:         %s, trend: %s\n", done > 0 ? "not finite" : "none yet",
                trend ? trend : "?");

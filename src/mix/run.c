@@ -1129,6 +1129,7 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
             kd_metrics_init(&mt);
             mt.step = r->completed;
             mt.samples_processed = r->completed;
+            mt.loss = KD_UNSET; /* a mix has no loss: keep it out of the trend */
             kd_summary sum;
             if (kd_tracker_summary(tr, &sum) == KD_OK && r->completed > sum.steps_completed)
                 kd_tracker_update_metrics(tr, &mt);
@@ -1167,6 +1168,7 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
         kd_metrics_init(&mt);
         mt.step = r->completed;
         mt.samples_processed = r->completed;
+        mt.loss = KD_UNSET;
         kd_summary sum;
         if (kd_tracker_summary(tr, &sum) == KD_OK && r->completed > sum.steps_completed)
             kd_tracker_update_metrics(tr, &mt);

@@ -406,6 +406,9 @@ char *kd_trk_progress_doc(kd_tracker *t)
     kd_sb_puts(&s, ",\n  \"loss_trend\": ");
     kd_sb_json_cstr(&s, m.loss_trend);
     kv_num(&s, "latest_loss", m.latest_loss);
+    /* losses in the trend window: 0 with steps done means the run logs no loss
+       (kdkit mix), which readers must not call "not finite" */
+    kv_int(&s, "recent_losses", (int64_t)t->loss_n);
     kv_num(&s, "learning_rate", t->last_lr);
     kv_num(&s, "steps_per_sec", m.steps_per_sec);
     kv_num(&s, "samples_per_sec", m.samples_per_sec);
@@ -706,6 +709,9 @@ static int json_num_or_null(const json_t *o, const char *k, double *v)
     return 0;
 }
 
+/* A metrics line's loss: the number, NaN/Inf from its loss_nonfinite marker,
+   or KD_UNSET when the line records no loss at all (null without a marker:
+   a writer such as kdkit mix that has no loss to report). */
 static double metric_loss(const json_t *o)
 {
     double l;
@@ -714,7 +720,7 @@ static double metric_loss(const json_t *o)
     const char *nf = json_string_value(json_object_get(o, "loss_nonfinite"));
     if (nf)
         return strcmp(nf, "inf") == 0 ? INFINITY : strcmp(nf, "-inf") == 0 ? -INFINITY : NAN;
-    return l;
+    return isnan(l) ? KD_UNSET : l;
 }
 
 int kd_trk_find_cut(kd_tracker *t, const char *path, int64_t step, uint64_t *cut, int64_t *moved)
@@ -836,12 +842,16 @@ int kd_trk_scan_metrics_tail(kd_tracker *t)
             if (json_int(o, "tokens_processed", &v) == 0)
                 t->tokens_processed = v;
             t->last_loss = metric_loss(o);
+            if (t->last_loss == KD_UNSET)
+                t->last_loss = NAN;
             json_num_or_null(o, "learning_rate", &t->last_lr);
             double ts;
             if (json_num_or_null(o, "timestamp", &ts) == 0 && isfinite(ts))
                 t->last_metric_time = ts;
         }
-        newest_first[n++] = metric_loss(o);
+        double l = metric_loss(o);
+        if (l != KD_UNSET) /* a line without a loss says nothing about the trend */
+            newest_first[n++] = l;
         json_decref(o);
     }
     back_close(&b);

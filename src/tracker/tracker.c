@@ -615,8 +615,11 @@ static void format_metric(kd_sb *s, const pending_metric *p)
     kd_sb_lit(s, ",\"timestamp\":");
     kd_sb_fixed(s, p->timestamp, 6);
     kd_sb_lit(s, ",\"loss\":");
-    kd_sb_json_double(s, m->loss);
-    if (!isfinite(m->loss))
+    if (m->loss == KD_UNSET)
+        kd_sb_put(s, "null", 4); /* no loss measured: null without a marker */
+    else
+        kd_sb_json_double(s, m->loss);
+    if (m->loss != KD_UNSET && !isfinite(m->loss))
         kd_sb_puts(s, isnan(m->loss) ? ",\"loss_nonfinite\":\"nan\""
                                      : (m->loss > 0 ? ",\"loss_nonfinite\":\"inf\""
                                                     : ",\"loss_nonfinite\":\"-inf\""));
@@ -719,10 +722,11 @@ static int update_metrics_locked(kd_tracker *t, const kd_metrics *m)
     t->steps_completed = m->step;
     t->samples_processed = m->samples_processed;
     t->tokens_processed = m->tokens_processed;
-    t->last_loss = m->loss;
+    t->last_loss = m->loss == KD_UNSET ? NAN : m->loss;
     t->last_lr = m->learning_rate == KD_UNSET ? NAN : m->learning_rate;
     t->last_metric_time = now;
-    kd_trk_loss_push(t, m->loss);
+    if (m->loss != KD_UNSET)
+        kd_trk_loss_push(t, m->loss);
     rate_push(t, kd_trk_active(t, now));
     if (m->throughput_samples_per_sec == KD_UNSET || m->throughput_tokens_per_sec == KD_UNSET) {
         double st, sa, to;
