@@ -1673,6 +1673,122 @@ static void test_cli_options_and_refusal(void **state)
     responder_stop(&rs);
 }
 
+/* A refusal is counted as one: marked in its ledger line, counted in the
+   summary, kept by a reopen (from session.json and from a recounted tail),
+   and shown by kdkit status; a ledger line whose mark is not a boolean is
+   refused by kdkit verify and by the reopen alike. */
+static void test_refusal_counted_and_shown(void **state)
+{
+    (void)state;
+    const char *kdkit = getenv("KDKIT");
+    if (!kdkit)
+        skip();
+    canned sc[] = {{200, NULL, REFUSAL_BODY, 0, 0},
+                   {200, NULL, "{\"choices\":[{\"message\":{\"content\":\"plain\"}}]}", 0, 0}};
+    responder rs;
+    responder_start(&rs, sc, 2);
+    run r;
+    run_new(&r, rs.port, NULL);
+    run_open(&r);
+    kd_teacher_result res;
+    assert_int_equal(ask(&r, "refuse this", &res), KD_OK);
+    assert_non_null(res.refusal);
+    kd_teacher_result_free(&res);
+    assert_int_equal(ask(&r, "answer this", &res), KD_OK);
+    assert_null(res.refusal);
+    kd_teacher_result_free(&res);
+    kd_summary sm;
+    assert_int_equal(kd_tracker_summary(r.tr, &sm), KD_OK);
+    assert_int_equal(sm.api_responses_saved, 2);
+    assert_int_equal(sm.api_refusals, 1);
+    run_close(&r);
+    assert_int_equal(count_lines(r.dir, "api_recovery.jsonl", NULL), 2);
+    assert_int_equal(count_lines(r.dir, "api_recovery.jsonl", "\"refusal\":true"), 1);
+    assert_int_equal(count_lines(r.dir, "api_recovery.jsonl", "\"refusal\""), 1);
+    assert_int_equal(count_lines(r.dir, "session.json", "\"api_refusals\": 1"), 1);
+
+    /* reopened: the count comes back from session.json */
+    run_open(&r);
+    assert_int_equal(kd_tracker_summary(r.tr, &sm), KD_OK);
+    assert_int_equal(sm.api_refusals, 1);
+    run_close(&r);
+
+    /* a refusal line appended after the last save (a crash before it): the
+       reopen counts it from the ledger's tail */
+    char lp[700], line[4096] = "";
+    snprintf(lp, sizeof lp, "%s/api_recovery.jsonl", r.dir);
+    FILE *f = fopen(lp, "r");
+    assert_non_null(f);
+    while (fgets(line, sizeof line, f) && !strstr(line, "\"refusal\":true"))
+        ;
+    fclose(f);
+    assert_non_null(strstr(line, "\"refusal\":true"));
+    f = fopen(lp, "a");
+    fputs(line, f);
+    fclose(f);
+    run_open(&r);
+    assert_int_equal(kd_tracker_summary(r.tr, &sm), KD_OK);
+    assert_int_equal(sm.api_responses_saved, 3);
+    assert_int_equal(sm.api_refusals, 2);
+    char *js = NULL;
+    assert_int_equal(kd_tracker_summary_json(r.tr, &js), KD_OK);
+    assert_non_null(strstr(js, "\"api_refusals\": 2"));
+    free(js);
+    run_close(&r);
+
+    /* kdkit status and summary --json show it */
+    char out[700];
+    snprintf(out, sizeof out, "%s/status.out", tmpdir);
+    const char *st[] = {kdkit, "status", r.dir, NULL};
+    assert_int_equal(run_cli(st, out), 0);
+    char *txt = kdt_slurp(out, NULL);
+    assert_non_null(txt);
+    if (!strstr(txt, "3 responses saved (2 refusals)"))
+        fail_msg("status does not show the refusals: %s", txt);
+    free(txt);
+    const char *sj[] = {kdkit, "summary", r.dir, "--json", NULL};
+    assert_int_equal(run_cli(sj, out), 0);
+    txt = kdt_slurp(out, NULL);
+    assert_non_null(strstr(txt, "\"api_refusals\": 2"));
+    free(txt);
+    char html[700];
+    snprintf(html, sizeof html, "%s/refusal_report.html", tmpdir);
+    const char *rp[] = {kdkit, "report", r.dir, "-o", html, "--quiet", NULL};
+    assert_int_equal(run_cli(rp, out), 0);
+    txt = kdt_slurp(html, NULL);
+    assert_non_null(txt);
+    char *teach = strstr(txt, "data-table=\"teacher\"");
+    assert_non_null(teach);
+    char *row = strstr(teach, "refusals");
+    if (!row || !strstr(row, "2 (answers in the refusal shape"))
+        fail_msg("the report's Teacher table has no refusal count");
+    free(txt);
+
+    /* a hostile mark: verify and the reopen both refuse the line */
+    char *mark = strstr(line, "\"refusal\":true");
+    assert_non_null(mark);
+    char hostile[4200];
+    snprintf(hostile, sizeof hostile, "%.*s\"refusal\":\"yes\"%s", (int)(mark - line), line,
+             mark + strlen("\"refusal\":true"));
+    f = fopen(lp, "a");
+    fputs(hostile, f);
+    fclose(f);
+    const char *vf[] = {kdkit, "verify", r.dir, NULL};
+    assert_int_equal(run_cli(vf, out), 1);
+    txt = kdt_slurp(out, NULL);
+    if (!strstr(txt, "'refusal' must be true or false"))
+        fail_msg("verify does not name the field: %s", txt);
+    free(txt);
+    kd_err e;
+    kd_tracker *tr = NULL;
+    assert_int_equal(kd_tracker_open(&tr, r.dir, "{\"teacher\":\"test\"}", 0, NULL, &e),
+                     KD_ECORRUPT);
+    assert_non_null(strstr(e.msg, "'refusal' must be true or false"));
+    assert_non_null(strstr(e.msg, "line 4"));
+    assert_int_equal(rs.narr, 2);
+    responder_stop(&rs);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1698,6 +1814,7 @@ int main(void)
         cmocka_unit_test(test_connection_reused),
         cmocka_unit_test(test_provider_text_escaped),
         cmocka_unit_test(test_cli_options_and_refusal),
+        cmocka_unit_test(test_refusal_counted_and_shown),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -250,6 +250,8 @@ typedef struct kd_api_response {
     const char *model;         /* the model the response names, or NULL */
     const char *request_id;    /* provider's id, or NULL */
     const char *teacher_version; /* the cache's teacher version, or NULL */
+    int refusal;               /* 1: the answer is a refusal (message.refusal);
+                                  the line gets "refusal": true and is counted */
 } kd_api_response;
 
 void kd_api_response_init(kd_api_response *r);
@@ -338,6 +340,7 @@ typedef struct kd_summary {
     int64_t last_checkpoint_step;       /* -1 when none */
     int64_t pauses;
     double paused_hours;
+    int64_t api_refusals;     /* ledger lines marked "refusal": true */
 } kd_summary;
 
 int kd_tracker_summary(kd_tracker *t, kd_summary *s);

@@ -123,7 +123,7 @@ typedef struct rep {
     /* teacher */
     rp_series cost, resp;
     double paid_total;
-    long long paid_n;
+    long long paid_n, refused_n; /* refused_n: lines with "refusal": true */
     fkind kinds[MAX_FAIL_KINDS + 1];
     size_t nkinds;
     long long fail_n, billed_n;
@@ -443,6 +443,8 @@ static int on_api(rep *r, json_t *o, int64_t ln)
         return -1;
     r->paid_total += c;
     r->paid_n++;
+    if (json_is_true(json_object_get(o, "refusal")))
+        r->refused_n++;
     if (isfinite(t)) {
         rp_series_add(&r->cost, t, r->paid_total);
         rp_series_add(&r->resp, t, (double)r->paid_n);
@@ -1050,6 +1052,8 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
     double spent = r->paid_total + billed;
     kd_sb_lit(s, "<table class=\"kv\" data-table=\"teacher\">");
     kvf(s, "paid responses", "%lld (api_recovery.jsonl)", r->paid_n);
+    kvf(s, "refusals", "%lld (answers in the refusal shape, paid and cached like any)",
+        r->refused_n);
     kvf(s, "paid cost", "%.6f", r->paid_total);
     if (r->have_intents)
         kvf(s, "possibly billed", "%.6f worst case (%lld failures marked possibly billed; %lld "

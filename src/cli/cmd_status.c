@@ -616,8 +616,11 @@ static int status_once(const char *cmd, const char *dir, double stale_after, int
         printf(")\n");
     }
     double paid = num(s, "total_cost");
-    printf("API:          %lld responses saved, cost so far %.4f\n",
-           inum(s, "api_responses_saved", 0), paid);
+    long long nref = inum(s, "api_refusals", 0);
+    printf("API:          %lld responses saved", inum(s, "api_responses_saved", 0));
+    if (nref > 0) /* refusals are answers, paid like any: shown as what they are */
+        printf(" (%lld refusal%s)", nref, nref == 1 ? "" : "s");
+    printf(", cost so far %.4f\n", paid);
     /* the budget as the teacher client counts it (docs/teacher.md, Budget) */
     kd_look_spend sp;
     char smsg[512] = "";
@@ -843,8 +846,9 @@ static void summary_usage(FILE *f)
             "scripts: session_id, progress_pct, steps_completed, total_steps_target,\n"
             "elapsed_wall_clock_hours, active_hours, estimated_remaining_hours (null\n"
             "while unknown), loss_trend, latest_loss, throughput, api_responses_saved,\n"
-            "connection_failures, total_cost, checkpoints, pauses.  JSON is the only\n"
-            "format; --json is accepted for clarity.  Read-only, no lock.\n"
+            "api_refusals (refused answers among them), connection_failures,\n"
+            "total_cost, checkpoints, pauses.  JSON is the only format; --json is\n"
+            "accepted for clarity.  Read-only, no lock.\n"
             "\n"
             "  kdkit summary training_progress --json | jq '.progress_pct'\n"
             "\n"

@@ -1245,6 +1245,7 @@ static void settle_paid_batch(kd_teacher *t, job **paid, size_t n, kd_api_respon
             a->model = r->response_model;
             a->request_id = r->request_id;
             a->teacher_version = t->cfg.teacher_version;
+            a->refusal = r->refusal != NULL; /* counted and shown as a refusal */
         }
         pthread_mutex_lock(&t->mu);
         lrc = kd_tracker_record_api_responses(t->tracker, ar, n);

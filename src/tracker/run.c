@@ -8,7 +8,8 @@
  *   metrics    integer "step" >= 0; "loss" a number or null (null with
  *              "loss_nonfinite" for NaN/Inf); counters integers >= 0
  *   api        prompt_hash string, response string (or response_base64),
- *              cost a finite number >= 0, timestamp a number
+ *              cost a finite number >= 0, timestamp a number, refusal
+ *              (when present) true/false
  *   failure    retry_count integer >= 0, error string, time number,
  *              possibly_billed (when present) true/false
  *   event      time number, type string
@@ -205,6 +206,9 @@ int kd_run_check_api(const json_t *o, char *why, size_t n)
     if (!json_is_string(json_object_get(o, "response")) &&
         !json_is_string(json_object_get(o, "response_base64")))
         WHY("field 'response' is missing or not a string (and there is no 'response_base64')");
+    json_t *rf = json_object_get(o, "refusal");
+    if (rf && !json_is_boolean(rf))
+        WHY("field 'refusal' must be true or false");
     return 0;
 }
 
@@ -281,13 +285,17 @@ int kd_run_check_session(const json_t *o, char *why, size_t n)
     for (size_t i = 0; i < sizeof nonneg / sizeof nonneg[0]; i++)
         if (json_object_get(o, nonneg[i]) && need_num(o, nonneg[i], 0, 1, why, n))
             return 1;
-    static const char *counts[] = {"api_responses_saved", "connection_failures",
+    static const char *counts[] = {"api_responses_saved", "api_refusals", "connection_failures",
                                    "possibly_billed_failures", "steps_completed",
                                    "total_steps_target", "pauses", "api_recovery_bytes",
                                    "failures_bytes"};
     for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++)
         if (opt_int(o, counts[i], 0, why, n))
             return 1;
+    json_t *nr = json_object_get(o, "api_refusals"), *na = json_object_get(o, "api_responses_saved");
+    if (nr && na && json_integer_value(nr) > json_integer_value(na))
+        WHY("field 'api_refusals' (%lld) is larger than 'api_responses_saved' (%lld)",
+            (long long)json_integer_value(nr), (long long)json_integer_value(na));
     /* components: {"<name>": {"config_hash": 64 lowercase hex, "version":
        string or null, ...}}, at most 8, names of 1..31 bytes */
     json_t *cs = json_object_get(o, "components");

@@ -416,6 +416,7 @@ char *kd_trk_progress_doc(kd_tracker *t)
     kv_int(&s, "samples_processed", m.samples_processed);
     kv_int(&s, "tokens_processed", m.tokens_processed);
     kv_int(&s, "api_responses_saved", m.api_responses_saved);
+    kv_int(&s, "api_refusals", m.api_refusals);
     kv_int(&s, "connection_failures", m.connection_failures);
     kv_int(&s, "possibly_billed_failures", m.possibly_billed_failures);
     kv_num(&s, "total_cost", m.total_cost);
@@ -499,6 +500,7 @@ static int write_session_files(kd_tracker *t, batch *b)
     put_ck_object(&s, t, "  ", KD_SESSION_RECENT_CKPTS);
     kv_int(&s, "checkpoints_in_manifest", (int64_t)t->nck);
     kv_int(&s, "api_responses_saved", t->api_responses);
+    kv_int(&s, "api_refusals", t->api_refusals);
     kv_int(&s, "connection_failures", t->nfailures);
     kv_num(&s, "elapsed_wall_clock_hours", (now - t->start_time) / 3600.0);
     kd_sb_puts(&s, ",\n  \"format\": \"" KD_SESSION_FORMAT "\"");
@@ -1110,10 +1112,11 @@ static double num_field(const json_t *o, const char *k, double dflt)
     return json_is_number(x) ? json_number_value(x) : dflt;
 }
 
-/* Count lines and sum a field of the journal lines from `offset` on. */
+/* Count lines, sum a field and count the lines whose `flag_key` is true, of
+   the journal lines from `offset` on. */
 static int count_since(kd_tracker *t, const char *name, uint64_t offset, const char *print,
-                       int64_t *lines, double *cost_sum, int64_t *billed, double *last_time,
-                       const char *time_key)
+                       int64_t *lines, double *cost_sum, int64_t *billed, const char *flag_key,
+                       double *last_time, const char *time_key)
 {
     const kd_run_file *reg = kd_run_lookup(name);
     char path[PATH_MAX];
@@ -1182,7 +1185,7 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
         (*lines)++;
         if (cost_sum)
             *cost_sum += num_field(o, "cost", 0);
-        if (billed && json_is_true(json_object_get(o, "possibly_billed")))
+        if (billed && json_is_true(json_object_get(o, flag_key)))
             (*billed)++;
         double tm = num_field(o, time_key, 0);
         if (tm > *last_time)
@@ -1237,6 +1240,7 @@ int kd_trk_load(kd_tracker *t, json_t *s)
     t->pauses = (int64_t)num_field(s, "pauses", 0);
     t->total_cost = num_field(s, "total_cost", 0);
     t->api_responses = (int64_t)num_field(s, "api_responses_saved", 0);
+    t->api_refusals = (int64_t)num_field(s, "api_refusals", 0);
     t->nfailures = (int64_t)num_field(s, "connection_failures", 0);
     t->possibly_billed = (int64_t)num_field(s, "possibly_billed_failures", 0);
     t->saved_steps_per_sec = num_field(s, "recent_steps_per_sec", 0);
@@ -1273,6 +1277,7 @@ int kd_trk_load(kd_tracker *t, json_t *s)
     if (!json_object_get(s, "api_recovery_bytes")) { /* not kdkit's: count all */
         api_off = 0;
         t->api_responses = 0;
+        t->api_refusals = 0;
         t->total_cost = 0;
     }
     if (!json_object_get(s, "failures_bytes")) {
@@ -1282,12 +1287,13 @@ int kd_trk_load(kd_tracker *t, json_t *s)
     }
     rc = count_since(t, F_API, api_off,
                      json_string_value(json_object_get(s, "api_recovery_tail_sha256")),
-                     &t->api_responses, &t->total_cost, NULL, &last_activity, "timestamp");
+                     &t->api_responses, &t->total_cost, &t->api_refusals, "refusal",
+                     &last_activity, "timestamp");
     if (rc != KD_OK)
         return rc;
     rc = count_since(t, F_FAILURES, fail_off,
                      json_string_value(json_object_get(s, "failures_tail_sha256")), &t->nfailures,
-                     NULL, &t->possibly_billed, &last_activity, "time");
+                     NULL, &t->possibly_billed, "possibly_billed", &last_activity, "time");
     if (rc != KD_OK)
         return rc;
     rc = kd_trk_scan_metrics_tail(t);

@@ -1176,6 +1176,8 @@ static int append_api(kd_tracker *t, const kd_api_response *r)
     kd_sb_json_cstr(s, r->request_id);
     kd_sb_puts(s, ",\"teacher_version\":");
     kd_sb_json_cstr(s, r->teacher_version);
+    if (r->refusal) /* absent otherwise: older ledgers stay valid */
+        kd_sb_puts(s, ",\"refusal\":true");
     kd_sb_putc(s, '}');
     if (kd_sb_error(s))
         return kd_trk_fail(t, kd_sb_error(s), "record_api_response: response too large to record");
@@ -1183,6 +1185,8 @@ static int append_api(kd_tracker *t, const kd_api_response *r)
     if (rc != KD_OK)
         return rc;
     t->api_responses++;
+    if (r->refusal)
+        t->api_refusals++;
     t->total_cost += r->cost;
     return KD_OK;
 }
@@ -1439,6 +1443,7 @@ static int summary_locked(kd_tracker *t, kd_summary *s)
     s->samples_processed = t->samples_processed;
     s->tokens_processed = t->tokens_processed;
     s->api_responses_saved = t->api_responses;
+    s->api_refusals = t->api_refusals;
     s->connection_failures = t->nfailures;
     s->possibly_billed_failures = t->possibly_billed;
     s->total_cost = t->total_cost;

@@ -105,6 +105,7 @@ struct kd_tracker {
     double last_metric_time;
 
     int64_t api_responses;
+    int64_t api_refusals; /* of those, lines with "refusal": true */
     double total_cost;
     int64_t nfailures, possibly_billed;
     int64_t pauses;
