@@ -15,7 +15,8 @@ libcmocka-dev libjansson-dev libyaml-dev libssl-dev libcurl4-openssl-dev
 libsqlite3-dev libmicrohttpd-dev libopenblas-dev jq fortunes-min
 python3-numpy
 python3-torch python3-venv libxxhash-dev libomp-dev
-chromium fonts-dejavu-core"
+chromium fonts-dejavu-core
+libopenmpi-dev openmpi-bin"
 if [ "${1:-}" = "--bench" ]; then
   pkgs="$pkgs libopenblas0 python3-aiohttp python3-diskcache"
 fi

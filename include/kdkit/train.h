@@ -68,6 +68,8 @@ typedef struct kd_train_config {
     int batch_size;             /* train.batch_size: windows per step */
     uint64_t seed;              /* train.seed */
     int threads;                /* train.threads: OpenBLAS threads */
+    int micro_batch;            /* train.micro_batch: sequences per micro-batch,
+                                   0 = the batch in one piece (docs/distributed.md) */
     double grad_clip;           /* train.grad_clip: max global L2 norm, 0 = off */
     kd_adamw_config adamw;      /* train.weight_decay, beta1, beta2, eps */
     kd_lr_schedule lr;          /* lr.max, lr.min, lr.warmup_steps (+ train.steps) */
@@ -222,6 +224,10 @@ typedef struct kd_train_result {
                                     string fields point into the struct below */
     char loss_trend[32];
     double last_val_loss;        /* NaN when none */
+    int rank, ranks;             /* under mpirun: this process's rank and the
+                                    rank count (0, 1 otherwise); only rank 0
+                                    writes files and fills the fields above
+                                    that describe them */
 } kd_train_result;
 
 /*

@@ -316,6 +316,14 @@ int kd_cmd_train(int argc, char **argv)
     }
     rc = kd_train_run(&cfg, &o, res, &e);
     clear_line(&v);
+    if (res->rank > 0) {
+        /* under mpirun, rank 0 speaks for the job; another rank prints
+           only its own error */
+        if (rc != KD_OK && rc != KD_EINTR)
+            kd_cli_error("train", "rank %d: %s", res->rank, e.msg);
+        rcode = rc == KD_OK || rc == KD_EINTR ? 0 : exit_code(rc);
+        goto done;
+    }
     if (rc == KD_OK || rc == KD_EINTR) {
         char text[4096];
         kd_train_summary_text(res, text, sizeof text);
@@ -346,6 +354,7 @@ int kd_cmd_train(int argc, char **argv)
                     res->last_checkpoint);
         rcode = exit_code(rc);
     }
+done:
     fflush(stdout);
     free(res);
     kd_train_config_free(&cfg);

@@ -112,6 +112,7 @@ static const keydef KEYS[] = {
     {"train", "batch_size", K_INT, 1, KD_GPT_MAX_BATCH, 0, 0},
     {"train", "seed", K_INT, 0, 9007199254740991.0, 0, 0},
     {"train", "threads", K_INT, 1, 1024, 0, 0},
+    {"train", "micro_batch", K_INT, 0, KD_GPT_MAX_BATCH, 0, 0},
     {"train", "grad_clip", K_NUM, 0, BIG, 0, 0},
     {"train", "weight_decay", K_NUM, 0, BIG, 0, 0},
     {"train", "beta1", K_NUM, 0, 1, 0, 1},
@@ -295,6 +296,7 @@ static int take(kd_train_config *c, const keydef *k, const json_t *v, const orig
     else if (IS("train", "batch_size")) c->batch_size = (int)iv;
     else if (IS("train", "seed")) c->seed = (uint64_t)iv;
     else if (IS("train", "threads")) c->threads = (int)iv;
+    else if (IS("train", "micro_batch")) c->micro_batch = (int)iv;
     else if (IS("train", "grad_clip")) c->grad_clip = d;
     else if (IS("train", "weight_decay")) c->adamw.weight_decay = d;
     else if (IS("train", "beta1")) c->adamw.beta1 = d;
@@ -576,6 +578,11 @@ int kd_train_config_validate(const kd_train_config *c, kd_err *e)
                           "%s: train.batch_size: batch_size x model.n_ctx must be at most 2^26 "
                           "tokens per step, got %d x %d",
                           src, c->batch_size, c->model.n_ctx);
+    if (c->micro_batch < 0 || (c->micro_batch > 0 && c->batch_size % c->micro_batch != 0))
+        return kd_err_set(e, KD_ECONFIG,
+                          "%s: train.micro_batch: must be 0 (the batch in one piece) or divide "
+                          "train.batch_size (%d), got %d",
+                          src, c->batch_size, c->micro_batch);
     if (c->lr.lr_min > c->lr.lr_max)
         return kd_err_set(e, KD_ECONFIG, "%s: lr.min: must be at most lr.max (%.17g), got %.17g", src,
                           c->lr.lr_max, c->lr.lr_min);
@@ -791,6 +798,9 @@ static void put_numbers(json_t *root, const kd_train_config *c)
     json_object_set_new(t, "batch_size", json_integer(c->batch_size));
     json_object_set_new(t, "seed", json_integer((json_int_t)c->seed));
     json_object_set_new(t, "threads", json_integer(c->threads));
+    /* only when set, so the identity of a run without it is unchanged */
+    if (c->micro_batch > 0)
+        json_object_set_new(t, "micro_batch", json_integer(c->micro_batch));
     json_object_set_new(t, "grad_clip", json_real(c->grad_clip));
     json_object_set_new(t, "weight_decay", json_real(c->adamw.weight_decay));
     json_object_set_new(t, "beta1", json_real(c->adamw.beta1));

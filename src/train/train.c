@@ -57,6 +57,7 @@
 #include "kdkit/model.h"
 #include "kdkit/tracker.h"
 #include "kdkit/train.h"
+#include "dist.h"
 #include "train_int.h"
 #include "tracker/run.h"
 
@@ -97,6 +98,9 @@ typedef struct run {
     kd_kdwin win;
     double last_kd, last_ce;
     int warned_no_targets;
+    /* data-parallel (dist.h): rank 0 alone owns the tracker and the files */
+    int rank, nranks;
+    kd_mbstep *mbs;              /* NULL: the batch in one piece (micro_batch 0) */
 } run;
 
 /* ------------------------------------------------------------------------ */
@@ -104,7 +108,7 @@ typedef struct run {
 
 static void event(run *r, kd_train_event_kind kind, const char *text)
 {
-    if (!r->o->on_event)
+    if (!r->o->on_event || r->rank != 0)
         return;
     kd_train_event ev;
     memset(&ev, 0, sizeof ev);
@@ -673,6 +677,11 @@ static int open_eval_journal(run *r)
 static int checkpoint(run *r, const char *reason_tag)
 {
     const kd_train_config *c = r->c;
+    if (r->rank != 0) {
+        /* rank 0 writes it; the agreement after it (settle) is the barrier */
+        r->last_ckpt_step = r->step;
+        return KD_OK;
+    }
     char path[PATH_MAX];
     if (snprintf(path, sizeof path, "%s/checkpoint_%lld.safetensors", kd_tracker_dir(r->t),
                  (long long)r->step) >= (int)sizeof path)
@@ -806,6 +815,8 @@ static int validate_kd(run *r)
 static int validate(run *r)
 {
     const kd_train_config *c = r->c;
+    if (r->rank != 0)
+        return KD_OK; /* rank 0 measures and records it */
     if (r->kd)
         return validate_kd(r);
     const int B = c->batch_size, T = c->model.n_ctx;
@@ -846,6 +857,20 @@ static int validate(run *r)
 
 /* ------------------------------------------------------------------------ */
 /* The loop                                                                  */
+
+/* Data-parallel agreement on `rc` (a no-op for one rank): when any rank
+   failed, every rank returns an error, the failing one its own. */
+static int settle(run *r, int rc)
+{
+    int first = 0;
+    if (r->nranks < 2 || !kd_dist_any(rc != KD_OK, &first))
+        return rc;
+    if (rc != KD_OK)
+        return rc;
+    return kd_err_set(r->e, KD_EIO, "rank %d stopped with an error (its message is above, or "
+                                    "in rank 0's output); every rank stops",
+                      first);
+}
 
 /* B usable training samples from the stream at r->pos (which advances past
    every index visited). */
@@ -901,12 +926,16 @@ static int one_step(run *r)
         rc = kd_batch(r);
     else
         kd_train_data_batch(r->data, r->pos, B, r->x, r->y);
-    if (rc != KD_OK) {
+    if (rc != KD_OK)
         r->pos = pos0;
+    if (r->nranks > 1)
+        rc = settle(r, rc); /* a batch one rank could not read stops all */
+    if (rc != KD_OK)
         return rc;
+    if (!r->mbs) {
+        kd_gpt_zero_grad(r->m);
+        rc = kd_gpt_forward(r->m, r->x, B, T, r->e);
     }
-    kd_gpt_zero_grad(r->m);
-    rc = kd_gpt_forward(r->m, r->x, B, T, r->e);
     kd_gpt_loss_spec sp = {.targets = r->y, .ce_weight = 1.0f, .kd_weight = 0.0f};
     if (r->kd) {
         sp.mask = r->win.mask;
@@ -923,9 +952,11 @@ static int one_step(run *r)
                                                                        : c->kd.jsd_beta);
     }
     kd_gpt_loss_out lo;
-    if (rc == KD_OK)
+    if (r->mbs) /* fixed micro-batches: the same numbers for any rank count */
+        rc = kd_mbstep_run(r->mbs, r->m, r->x, &sp, &lo, r->e);
+    else if (rc == KD_OK)
         rc = kd_gpt_loss(r->m, &sp, &lo, r->e);
-    if (rc == KD_OK)
+    if (rc == KD_OK && !r->mbs)
         rc = kd_gpt_backward(r->m, r->e);
     if (rc != KD_OK)
         return wrap_err(r->e, rc, "training step: ", "");
@@ -954,6 +985,8 @@ static int one_step(run *r)
         r->pos += B;
     r->last_loss = lo.total;
     r->last_lr = lr;
+    if (r->rank != 0)
+        return KD_OK;
     kd_metrics m;
     kd_metrics_init(&m);
     m.step = r->step;
@@ -976,7 +1009,7 @@ static int one_step(run *r)
 static void take_summary(run *r)
 {
     kd_summary s;
-    if (kd_tracker_summary(r->t, &s) != KD_OK)
+    if (!r->t || kd_tracker_summary(r->t, &s) != KD_OK)
         return;
     r->res->summary = s;
     snprintf(r->res->loss_trend, sizeof r->res->loss_trend, "%s", s.loss_trend);
@@ -987,7 +1020,10 @@ static void take_summary(run *r)
 
 static int stop_requested(const run *r)
 {
-    return r->o->stop && *r->o->stop;
+    int mine = r->o->stop && *r->o->stop;
+    /* every rank stops after the same step: the first to see a signal
+       (mpirun forwards it to all, not at one instant) stops them all */
+    return r->nranks > 1 ? kd_dist_any(mine, NULL) : mine;
 }
 
 static int loop(run *r)
@@ -1004,19 +1040,15 @@ static int loop(run *r)
         if (stop_requested(r))
             break;
         int rc = one_step(r);
+        if (rc == KD_OK && c->eval_every > 0 && r->step % c->eval_every == 0)
+            rc = validate(r);
+        int last = r->step == c->steps;
+        if (rc == KD_OK && (r->step % c->ckpt_every == 0 || last))
+            rc = checkpoint(r, last ? "final" : NULL);
+        /* rank 0's files are done (or failed) before any rank goes on */
+        rc = settle(r, rc);
         if (rc != KD_OK)
             return rc;
-        if (c->eval_every > 0 && r->step % c->eval_every == 0) {
-            rc = validate(r);
-            if (rc != KD_OK)
-                return rc;
-        }
-        int last = r->step == c->steps;
-        if (r->step % c->ckpt_every == 0 || last) {
-            rc = checkpoint(r, last ? "final" : NULL);
-            if (rc != KD_OK)
-                return rc;
-        }
         double now = kd_monotonic();
         if (last || now >= r->next_progress) {
             event(r, KD_TRAIN_EV_PROGRESS, NULL);
@@ -1030,13 +1062,13 @@ static int loop(run *r)
     /* Stopped on request: save where we are (step 0 needs nothing: the
        initial state is a function of the seed), then record the pause. */
     if (r->step > r->last_ckpt_step && r->step > 0) {
-        int rc = checkpoint(r, "stop");
+        int rc = settle(r, checkpoint(r, "stop"));
         if (rc != KD_OK)
             return rc;
     }
     event(r, KD_TRAIN_EV_PROGRESS, NULL);
     take_summary(r); /* before the pause resets the measured rate */
-    int rc = kd_tracker_record_pause(r->t, 0);
+    int rc = r->t ? kd_tracker_record_pause(r->t, 0) : KD_OK;
     if (rc != KD_OK)
         return trk_err(r, rc, "recording the pause");
     r->res->stopped = 1;
@@ -1134,6 +1166,128 @@ static int check_data_outside_output(run *r)
     return KD_OK;
 }
 
+/* The corpus (pretraining) or the sample source (distillation), and the
+   run's identity: every rank reads its own copy. */
+static int open_data(run *r)
+{
+    const kd_train_config *c = r->c;
+    if (r->kd)
+        return open_kd_source(r);
+    int rc = check_data_outside_output(r);
+    if (rc != KD_OK)
+        return rc;
+    rc = kd_train_data_open(&r->data, c->data_path, c->model.n_ctx, c->val_fraction, c->seed,
+                                r->e);
+    if (rc != KD_OK)
+        return rc;
+    say(r, KD_TRAIN_EV_INFO,
+        "corpus %s: %lld file%s, %lld bytes, sha256 %.16s...; %lld training and %lld held-out "
+        "windows of %d bytes",
+        c->data_path, (long long)kd_train_data_files(r->data),
+        kd_train_data_files(r->data) == 1 ? "" : "s", (long long)kd_train_data_bytes(r->data),
+        kd_train_data_sha256(r->data), (long long)kd_train_data_n_train(r->data),
+        (long long)kd_train_data_n_val(r->data), c->model.n_ctx + 1);
+    return kd_train_config_identity_json(c, kd_train_data_sha256(r->data),
+                                         kd_train_data_bytes(r->data), &r->identity, r->e);
+}
+
+/* Rank 0 (or the only rank): the tracker, the model, the resume, the
+   journals. */
+static int open_writer(run *r)
+{
+    const kd_train_config *c = r->c;
+    int rc = check_existing(r);
+    if (rc == KD_OK)
+        rc = open_tracker(r);
+    if (rc == KD_OK && r->kd && c->kd.source == KD_TRAIN_KD_ONLINE)
+        rc = open_teacher(r);
+    if (rc == KD_OK)
+        rc = build_model(r);
+    if (rc != KD_OK)
+        return rc;
+    say(r, KD_TRAIN_EV_INFO,
+        "model %d layers, %d heads, width %d, context %d: %zu parameters; batch %d, %d "
+        "thread%s; session %s",
+        c->model.n_layer, c->model.n_head, c->model.d_model, c->model.n_ctx,
+        kd_gpt_num_params(r->m), c->batch_size, c->threads, c->threads == 1 ? "" : "s",
+        kd_tracker_session_id(r->t));
+    rc = resume(r);
+    if (rc != KD_OK)
+        return rc;
+    if (kd_tracker_rewind(r->t, r->step) != KD_OK)
+        return trk_err(r, KD_EIO, "rewinding the metrics to the resume step");
+    kd_recovery best;
+    if (kd_tracker_best_checkpoint(r->t, &best) == KD_OK && best.found && isfinite(best.loss))
+        r->best_ckpt_loss = best.loss;
+    return open_eval_journal(r);
+}
+
+/* Under mpirun: join the job and refuse what cannot be rank-independent. */
+static int dist_start(run *r)
+{
+    const kd_train_config *c = r->c;
+    int rc = kd_dist_init(r->e);
+    if (rc != KD_OK)
+        return rc;
+    r->rank = kd_dist_rank();
+    r->nranks = kd_dist_size();
+    r->res->rank = r->rank;
+    r->res->ranks = r->nranks;
+    if (r->nranks < 2)
+        return KD_OK;
+    /* these checks see the same config on every rank: all refuse alike */
+    if (r->kd && c->kd.source == KD_TRAIN_KD_ONLINE)
+        return kd_err_set(r->e, KD_ECONFIG,
+                          "kd.source online is not supported under mpirun (%d ranks): each "
+                          "rank would need its own teacher client and a shared budget. Make a "
+                          "mix first (kdkit mix) and train from it with kd.source: mix",
+                          r->nranks);
+    if (c->micro_batch < 1)
+        return kd_err_set(r->e, KD_ECONFIG,
+                          "%s: train.micro_batch: must be set under mpirun (%d ranks): the "
+                          "batch is split into micro-batches of that many sequences, and the "
+                          "numbers depend on it, never on the rank count (e.g. --set "
+                          "train.micro_batch=1; docs/distributed.md)",
+                          c->source ? c->source : "config", r->nranks);
+    int M = c->batch_size / c->micro_batch;
+    if (M < r->nranks)
+        return kd_err_set(r->e, KD_ECONFIG,
+                          "%s: train.micro_batch: %d ranks need at least as many micro-batches, "
+                          "but train.batch_size %d / train.micro_batch %d gives %d",
+                          c->source ? c->source : "config", r->nranks, c->batch_size,
+                          c->micro_batch, M);
+    return KD_OK;
+}
+
+/* Rank 0's state (weights, AdamW moments and step, RNG, position) to every
+   rank: the other ranks need no checkpoint file of their own. */
+static int share_state(run *r)
+{
+    for (size_t i = 0; i < r->nviews; i++)
+        kd_dist_bcast(r->views[i].data, r->views[i].nbytes, 0);
+    struct {
+        int64_t step, pos, last_ckpt_step;
+        double last_loss;
+        kd_rng rng;
+    } st = {r->step, r->pos, r->last_ckpt_step, r->last_loss, r->rng};
+    kd_dist_bcast(&st, sizeof st, 0);
+    r->step = st.step;
+    r->pos = st.pos;
+    r->last_ckpt_step = st.last_ckpt_step;
+    r->last_loss = st.last_loss;
+    r->rng = st.rng;
+    if (r->rank == 0) {
+        size_t P = kd_gpt_num_params(r->m);
+        int M = r->c->batch_size / r->c->micro_batch;
+        say(r, KD_TRAIN_EV_INFO,
+            "data-parallel: %d ranks, %d micro-batches of %d sequence%s per step; per step "
+            "the gradient chain and its broadcast move %zu bytes (%d x %zu parameters x 4)",
+            r->nranks, M, r->c->micro_batch, r->c->micro_batch == 1 ? "" : "s",
+            (size_t)(2 * r->nranks - 2) * P * 4, 2 * r->nranks - 2, P);
+    }
+    return KD_OK;
+}
+
 int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_result *res,
                  kd_err *e)
 {
@@ -1158,64 +1312,22 @@ int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_resu
     }
     kd_gpt_set_threads(c->threads);
     r.kd = c->kd.enabled;
-    if (r.kd) {
-        rc = open_kd_source(&r);
-        if (rc != KD_OK)
-            goto out;
-        goto opened;
-    }
-    rc = check_data_outside_output(&r);
+    rc = dist_start(&r);
     if (rc != KD_OK)
         goto out;
-
-    rc = kd_train_data_open(&r.data, c->data_path, c->model.n_ctx, c->val_fraction, c->seed, r.e);
-    if (rc != KD_OK)
-        goto out;
-    say(&r, KD_TRAIN_EV_INFO,
-        "corpus %s: %lld file%s, %lld bytes, sha256 %.16s...; %lld training and %lld held-out "
-        "windows of %d bytes",
-        c->data_path, (long long)kd_train_data_files(r.data),
-        kd_train_data_files(r.data) == 1 ? "" : "s", (long long)kd_train_data_bytes(r.data),
-        kd_train_data_sha256(r.data), (long long)kd_train_data_n_train(r.data),
-        (long long)kd_train_data_n_val(r.data), c->model.n_ctx + 1);
-    rc = kd_train_config_identity_json(c, kd_train_data_sha256(r.data),
-                                       kd_train_data_bytes(r.data), &r.identity, r.e);
-    if (rc != KD_OK)
-        goto out;
-
-opened:
-    rc = check_existing(&r);
+    /* From here every rank's failure is agreed on (settle) before any rank
+       leaves, so none waits forever for another. */
+    rc = settle(&r, open_data(&r));
     if (rc == KD_OK)
-        rc = open_tracker(&r);
-    if (rc == KD_OK && r.kd && c->kd.source == KD_TRAIN_KD_ONLINE)
-        rc = open_teacher(&r);
-    if (rc == KD_OK)
-        rc = build_model(&r);
-    if (rc != KD_OK)
-        goto out;
-    say(&r, KD_TRAIN_EV_INFO,
-        "model %d layers, %d heads, width %d, context %d: %zu parameters; batch %d, %d "
-        "thread%s; session %s",
-        c->model.n_layer, c->model.n_head, c->model.d_model, c->model.n_ctx,
-        kd_gpt_num_params(r.m), c->batch_size, c->threads, c->threads == 1 ? "" : "s",
-        kd_tracker_session_id(r.t));
-    rc = resume(&r);
+        rc = settle(&r, r.rank == 0 ? open_writer(&r) : build_model(&r));
+    if (rc == KD_OK && r.nranks > 1)
+        rc = settle(&r, share_state(&r));
+    if (rc == KD_OK && (c->micro_batch > 0 || r.nranks > 1))
+        rc = settle(&r, kd_mbstep_create(&r.mbs, kd_gpt_num_params(r.m), c->batch_size,
+                                         c->micro_batch, c->model.n_ctx, r.e));
     if (rc != KD_OK)
         goto out;
     res->start_step = r.step;
-    if (kd_tracker_rewind(r.t, r.step) != KD_OK) {
-        rc = trk_err(&r, KD_EIO, "rewinding the metrics to the resume step");
-        goto out;
-    }
-    {
-        kd_recovery best;
-        if (kd_tracker_best_checkpoint(r.t, &best) == KD_OK && best.found && isfinite(best.loss))
-            r.best_ckpt_loss = best.loss;
-    }
-    rc = open_eval_journal(&r);
-    if (rc != KD_OK)
-        goto out;
-
     rc = loop(&r);
 
 out:
@@ -1257,6 +1369,7 @@ out:
     free(r.win.lp);
     free(r.win.other);
     free(r.win.tok_start);
+    kd_mbstep_free(r.mbs);
     kd_adamw_free(r.opt);
     kd_gpt_free(r.m);
     kd_train_data_free(r.data);

@@ -1,0 +1,76 @@
+/*
+ * src/train/dist.h - the train layer's whole view of MPI (docs/distributed.md):
+ * rank, size, and the few collectives the data-parallel step needs.  Built
+ * over MPI when KD_HAVE_MPI is defined (CMake KD_MPI) and the process was
+ * started by mpirun (OMPI_COMM_WORLD_SIZE in the environment); otherwise
+ * every function is the one-rank identity, so a build or a run without MPI
+ * is exactly what it was.  Not installed; no MPI type crosses this header.
+ *
+ * Every function is collective over all ranks unless it says otherwise, and
+ * must be called by every rank in the same order.  A failure of the MPI
+ * library itself ends the job (MPI_ERRORS_ARE_FATAL): there is no partial
+ * state to report, and mpirun names the rank.
+ */
+#ifndef KDKIT_TRAIN_DIST_H
+#define KDKIT_TRAIN_DIST_H
+
+#include <stddef.h>
+
+#include "kdkit/error.h"
+#include "kdkit/model.h"
+
+/* Join the job (MPI_Init once per process, MPI_Finalize at exit); without
+   mpirun or MPI a no-op that leaves one rank.  Not collective when alone. */
+int kd_dist_init(kd_err *e);
+int kd_dist_rank(void);
+int kd_dist_size(void);
+/* 1 when this binary was built with MPI (whether or not under mpirun). */
+int kd_dist_built(void);
+
+/* Agreement: every rank passes `flag`; returns 1 on every rank when any
+   rank passed nonzero, and *first (may be NULL) = the lowest such rank
+   (size when none). */
+int kd_dist_any(int flag, int *first);
+/* Copy n bytes from `root`'s buf into every other rank's buf. */
+void kd_dist_bcast(void *buf, size_t n, int root);
+/* Point to point (not collective): n bytes to / from rank `peer`. */
+void kd_dist_send(const void *buf, size_t n, int peer);
+void kd_dist_recv(void *buf, size_t n, int peer);
+/* Every rank's n_r doubles (rank r's at offset off[r], counts n[r], both
+   known to all) into all[] on every rank. */
+void kd_dist_allgather(const double *mine, double *all, const int *n, const int *off);
+/* End the whole job with `code` (used only when a rank cannot go on while
+   the others would wait for it forever). */
+void kd_dist_abort(int code);
+
+/*
+ * The rank-independent step (mbstep.c).  The batch of B sequences is cut
+ * into M = B / mb micro-batches of mb sequences; micro-batch j's gradient
+ * g_j is computed alone (forward, loss, backward on mb sequences) with the
+ * loss weights scaled so that the g_j add up to the gradient of the whole
+ * batch's mean loss, and the step's gradient is the left fold
+ * ((g_0 + g_1) + g_2) + ... in float, whatever the rank count: rank r owns
+ * micro-batches [r M / N, (r+1) M / N), folds them onto the sum it receives
+ * from the previous working rank, and the last one broadcasts the result.
+ */
+typedef struct kd_mbstep kd_mbstep;
+/* For a model of `nparams` parameters, batches of B sequences of T tokens
+   in micro-batches of mb (mb divides B).  KD_ENOMEM. */
+int kd_mbstep_create(kd_mbstep **out, size_t nparams, int B, int mb, int T, kd_err *e);
+void kd_mbstep_free(kd_mbstep *s);
+/*
+ * One step's gradient into kd_gpt_grads(m) on every rank, and the loss of
+ * the whole batch in *out (ce, kd: means over the batch's positions; total;
+ * n_ce, n_kd), bitwise the same for any rank count.  x: the B*T inputs;
+ * sp: the loss of the whole batch (its arrays B*T positions long, teacher
+ * arrays teacher_k per position).  Collective: a rank whose own work fails
+ * still joins the agreement, and every rank then returns an error (the
+ * failing rank its own, the others KD_EIO naming it).
+ */
+int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_spec *sp,
+                  kd_gpt_loss_out *out, kd_err *e);
+/* Bytes this rank sent in the last kd_mbstep_run (gradient chain, the
+   broadcast it rooted, its loss figures). */
+size_t kd_mbstep_bytes_sent(const kd_mbstep *s);
+
+#endif
