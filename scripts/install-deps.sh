@@ -8,6 +8,8 @@
 # 230 MB installed; with their dependencies ~170 packages, about 30 s here).
 # python3-venv: `make python` makes a virtual environment.
 # chromium: tests/report_e2e.sh renders `kdkit report` headless and checks its DOM.
+# libopenmpi-dev, openmpi-bin: the MPI build of kdkit train and its tests
+# (tests/mpi.cmake, docs/distributed.md).
 set -eu
 
 pkgs="build-essential cmake pkg-config clang libclang-rt-14-dev

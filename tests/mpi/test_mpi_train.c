@@ -10,6 +10,9 @@
  *   - one rank SIGKILLed mid-run stops the job, mpirun names the rank, the
  *     directory keeps its last checkpoint; resuming with another N gives
  *     bitwise the numbers of a run never interrupted; kdkit verify passes;
+ *   - SIGTERM to mpirun: one stop, one checkpoint, a clean directory, and a
+ *     resume with 3 ranks that ends bitwise where the uninterrupted run did;
+ *   - the micro-batched losses equal the one-piece batch's up to rounding;
  *   - online distillation and a missing train.micro_batch are refused.
  * Writes only under a fresh temp directory.
  */
@@ -324,6 +327,20 @@ static void equal_for_any_rank_count(const char *cfg, const char *tag)
         must_train(np, cfg, dir, "");
         same_run(ref, dir, STEPS);
     }
+    /* the micro-batches' scaled losses add up to the whole batch's: the
+       batch in one piece gives the same losses up to float rounding (a
+       wrong weighting, e.g. of masked KD positions, would be off by far
+       more) */
+    char whole[4400];
+    pathf(whole, sizeof whole, "%s/%s_whole", g_root, tag);
+    must_train(0, cfg, whole, "--set train.micro_batch=0");
+    double a[STEPS], b[STEPS];
+    losses(ref, STEPS, a);
+    losses(whole, STEPS, b);
+    for (int s = 0; s < STEPS; s++)
+        if (!(fabs(a[s] - b[s]) <= (s == 0 ? 1e-5 : 1e-3) * fabs(b[s])))
+            fail_msg("%s step %d: loss %.9g in micro-batches, %.9g in one piece", tag, s + 1,
+                     a[s], b[s]);
     /* rank 0 speaks for the job: one summary, not one per rank */
     char log[4500];
     pathf(log, sizeof log, "%s.log", dir);
@@ -462,6 +479,57 @@ static void test_sigkill_of_a_rank_then_resume_with_other_n(void **state)
     }
 }
 
+/* SIGTERM to mpirun: every rank stops after the same step, one checkpoint,
+   a clean pause; resuming with 3 ranks ends where the uninterrupted run
+   did.  Uses kill_ref from the test above. */
+static void test_sigterm_to_mpirun_is_a_clean_stop(void **state)
+{
+    (void)state;
+    char ref[4400], dir[4400], log[4500], cmd[16384];
+    pathf(ref, sizeof ref, "%s/kill_ref", g_root);
+    pathf(dir, sizeof dir, "%s/term_np2", g_root);
+    pathf(log, sizeof log, "%s.stop.log", dir);
+    pid_t job = fork();
+    assert_true(job >= 0);
+    if (job == 0) {
+        FILE *f = freopen(log, "w", stdout);
+        if (!f || dup2(STDOUT_FILENO, STDERR_FILENO) < 0)
+            _exit(127);
+        execlp("mpirun", "mpirun", "--oversubscribe", "--allow-run-as-root", "-np", "2", g_kdkit,
+               "train", "--config", g_kill, "--output-dir", dir, (char *)NULL);
+        _exit(127);
+    }
+    int status = 0, done = 0;
+    for (int i = 0; i < 60000; i++) {
+        if (waitpid(job, &status, WNOHANG) == job) {
+            done = 1;
+            break;
+        }
+        if (latest_checkpoint(dir) >= 4)
+            break;
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+    }
+    if (done)
+        fail_msg("the run ended (status %d) before SIGTERM: raise KILL_STEPS", status);
+    assert_int_equal(kill(job, SIGTERM), 0);
+    assert_int_equal(waitpid(job, &status, 0), job);
+    if (!grep_file(log, "stopped at step")) {
+        snprintf(cmd, sizeof cmd, "tail -n 30 '%s' >&2", log);
+        if (system(cmd) != 0)
+            fprintf(stderr, "(no log)\n");
+        fail_msg("no clean stop after SIGTERM to mpirun");
+    }
+    assert_int_equal(count_in_file(log, "stopped at step"), 1);
+    int64_t at = latest_checkpoint(dir);
+    assert_true(at >= 4 && at < KILL_STEPS); /* the stop saved where it stopped */
+    snprintf(cmd, sizeof cmd, "'%s' verify '%s' >/dev/null 2>&1", g_kdkit, dir);
+    int vst = system(cmd);
+    assert_true(WIFEXITED(vst) && WEXITSTATUS(vst) == 0);
+    must_train(3, g_kill, dir, "--resume auto");
+    same_run(ref, dir, KILL_STEPS);
+}
+
 static void test_refusals(void **state)
 {
     (void)state;
@@ -499,6 +567,7 @@ int main(void)
         cmocka_unit_test(test_pretraining_is_rank_independent),
         cmocka_unit_test(test_kd_from_mix_is_rank_independent),
         cmocka_unit_test(test_sigkill_of_a_rank_then_resume_with_other_n),
+        cmocka_unit_test(test_sigterm_to_mpirun_is_a_clean_stop),
         cmocka_unit_test(test_refusals),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
