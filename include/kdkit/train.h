@@ -239,6 +239,13 @@ typedef struct kd_train_result {
  * directory belongs to another config or corpus, KD_ELOCKED when another
  * process writes the directory, KD_ECONFIG / KD_ECORRUPT / KD_EIO /
  * KD_ENOMEM otherwise, always with a message saying what to do.
+ *
+ * Under mpirun (a build with CMake KD_MPI): every rank calls this with the
+ * same config; rank 0 alone writes files and sends events, the others fill
+ * res->rank / res->ranks and the step; a failure on any rank makes every
+ * rank return an error (KD_EIO naming the rank on the others), and
+ * KD_ECONFIG refuses online distillation and an unset train.micro_batch
+ * (docs/distributed.md).
  */
 int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_result *res,
                  kd_err *e);

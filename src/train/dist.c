@@ -95,12 +95,6 @@ void kd_dist_allgather(const double *mine, double *all, const int *n, const int 
     MPI_Allgatherv(mine, n[g_rank], MPI_DOUBLE, all, n, off, MPI_DOUBLE, MPI_COMM_WORLD);
 }
 
-void kd_dist_abort(int code)
-{
-    if (g_size > 1)
-        MPI_Abort(MPI_COMM_WORLD, code);
-}
-
 #else /* one rank */
 
 int kd_dist_init(kd_err *e)
@@ -139,5 +133,4 @@ void kd_dist_allgather(const double *mine, double *all, const int *n, const int 
 {
     memmove(all + off[0], mine, (size_t)n[0] * sizeof *all);
 }
-void kd_dist_abort(int code) { (void)code; }
 #endif

@@ -1,8 +1,10 @@
 /*
  * src/train/dist.h - the train layer's whole view of MPI (docs/distributed.md):
- * rank, size, and the few collectives the data-parallel step needs.  Built
- * over MPI when KD_HAVE_MPI is defined (CMake KD_MPI) and the process was
- * started by mpirun (OMPI_COMM_WORLD_SIZE in the environment); otherwise
+ * rank, size, and the few collectives the data-parallel step needs (no
+ * abort: a failing rank joins the next agreement instead, see settle in
+ * train.c).  Built over MPI when KD_HAVE_MPI is defined (CMake KD_MPI) and
+ * the process was started by mpirun (OMPI_COMM_WORLD_SIZE in the
+ * environment); otherwise
  * every function is the one-rank identity, so a build or a run without MPI
  * is exactly what it was.  Not installed; no MPI type crosses this header.
  *
@@ -39,9 +41,6 @@ void kd_dist_recv(void *buf, size_t n, int peer);
 /* Every rank's n_r doubles (rank r's at offset off[r], counts n[r], both
    known to all) into all[] on every rank. */
 void kd_dist_allgather(const double *mine, double *all, const int *n, const int *off);
-/* End the whole job with `code` (used only when a rank cannot go on while
-   the others would wait for it forever). */
-void kd_dist_abort(int code);
 
 /*
  * The rank-independent step (mbstep.c).  The batch of B sequences is cut

@@ -13,6 +13,12 @@
  *   then   metrics line, validation every eval.every steps, checkpoint every
  *          checkpoint.every steps and at the end, stop if asked to.
  *
+ * With train.micro_batch set, or under mpirun, the loss and backward run
+ * per fixed micro-batch and their gradients are summed in micro-batch order
+ * (mbstep.c), so the numbers do not depend on the rank count; rank 0 alone
+ * owns the tracker and the files, and the ranks agree on every step's
+ * outcome and on a stop (settle, dist.h; docs/distributed.md).
+ *
  * A checkpoint (checkpoint_<step>.safetensors in the output directory) holds
  * every parameter, the AdamW state (opt.step, opt.m.*, opt.v.*), and in its
  * metadata the kdkit keys of kd_ckpt_state (step, dataset_position, RNG
