@@ -6,7 +6,8 @@
 # ranks (AddressSanitizer's other checks stay on).
 if(KD_MPI_ON)
   add_executable(test_mpi_train ${CMAKE_CURRENT_SOURCE_DIR}/mpi/test_mpi_train.c)
-  target_link_libraries(test_mpi_train PRIVATE kdkit_static PkgConfig::CMOCKA)
+  target_link_libraries(test_mpi_train PRIVATE kdkit_static kd_test_support PkgConfig::CMOCKA)
+  target_include_directories(test_mpi_train PRIVATE ${CMAKE_CURRENT_SOURCE_DIR})
   target_compile_definitions(test_mpi_train PRIVATE
     KD_SOURCE_DIR="${PROJECT_SOURCE_DIR}" KD_BINARY_DIR="${PROJECT_BINARY_DIR}")
   add_test(NAME test_mpi_train COMMAND test_mpi_train)

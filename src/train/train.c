@@ -1269,6 +1269,29 @@ static int dist_start(run *r)
    rank: the other ranks need no checkpoint file of their own. */
 static int share_state(run *r)
 {
+    /* the same run on every rank: config and data (by hash) as rank 0's */
+    uint64_t len = r->identity ? strlen(r->identity) : 0;
+    kd_dist_bcast(&len, sizeof len, 0);
+    char *id0 = calloc(1, (size_t)len + 1);
+    if (!id0)
+        return kd_err_set(r->e, KD_ENOMEM, "out of memory");
+    if (r->rank == 0 && len)
+        memcpy(id0, r->identity, (size_t)len);
+    kd_dist_bcast(id0, (size_t)len, 0);
+    int same = r->identity && strcmp(id0, r->identity) == 0;
+    free(id0);
+    /* agreed before the state broadcasts, whose sizes depend on the config */
+    int first = 0;
+    if (kd_dist_any(!same, &first)) {
+        if (same)
+            return kd_err_set(r->e, KD_EMISMATCH, "rank %d sees another run than rank 0 (its "
+                                                  "message is above); every rank stops",
+                              first);
+        return kd_err_set(r->e, KD_EMISMATCH,
+                          "rank %d sees another run than rank 0: its config or its copy of the "
+                          "%s differs (identity %s). Give every rank the same config and data",
+                          r->rank, r->kd ? "mix" : "corpus", r->identity ? r->identity : "?");
+    }
     for (size_t i = 0; i < r->nviews; i++)
         kd_dist_bcast(r->views[i].data, r->views[i].nbytes, 0);
     struct {

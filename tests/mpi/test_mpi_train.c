@@ -13,7 +13,8 @@
  *   - SIGTERM to mpirun: one stop, one checkpoint, a clean directory, and a
  *     resume with 3 ranks that ends bitwise where the uninterrupted run did;
  *   - the micro-batched losses equal the one-piece batch's up to rounding;
- *   - online distillation and a missing train.micro_batch are refused.
+ *   - online distillation, a missing train.micro_batch and ranks that see
+ *     different configs are refused.
  * Writes only under a fresh temp directory.
  */
 #include <dirent.h>
@@ -36,6 +37,7 @@
 
 #include "kdkit/ckpt.h"
 #include "kdkit/mix.h"
+#include "support/kd_test.h"
 
 static char g_root[] = "/tmp/kd_mpi_XXXXXX";
 static char g_kdkit[4096], g_pre[4200], g_kd[4200], g_kill[4200], g_mix[4200];
@@ -154,34 +156,20 @@ static void same_run(const char *ref, const char *dir, int64_t steps)
     same_tensors(ref, dir, steps);
 }
 
-static int grep_file(const char *path, const char *needle)
-{
-    size_t cap = 1 << 20;
-    char *buf = calloc(1, cap + 1);
-    FILE *f = fopen(path, "rb");
-    size_t n = f ? fread(buf, 1, cap, f) : 0;
-    if (f)
-        fclose(f);
-    buf[n] = '\0';
-    int hit = strstr(buf, needle) != NULL;
-    free(buf);
-    return hit;
-}
-
+/* Occurrences of `needle` in the file at `path` (0 when it is missing). */
 static int count_in_file(const char *path, const char *needle)
 {
-    size_t cap = 1 << 20;
-    char *buf = calloc(1, cap + 1);
-    FILE *f = fopen(path, "rb");
-    size_t n = f ? fread(buf, 1, cap, f) : 0;
-    if (f)
-        fclose(f);
-    buf[n] = '\0';
+    char *buf = kdt_slurp(path, NULL);
     int c = 0;
-    for (const char *p = buf; (p = strstr(p, needle)) != NULL; p += strlen(needle))
+    for (const char *p = buf; p && (p = strstr(p, needle)) != NULL; p += strlen(needle))
         c++;
     free(buf);
     return c;
+}
+
+static int grep_file(const char *path, const char *needle)
+{
+    return count_in_file(path, needle) > 0;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -542,6 +530,28 @@ static void test_refusals(void **state)
     /* fewer micro-batches than ranks */
     pathf(dir, sizeof dir, "%s/refuse_few", g_root);
     assert_int_equal(train(3, g_pre, dir, "--set train.micro_batch=3"), 2);
+    /* ranks that do not see the same run (MPMD: rank 1 gets another seed) */
+    pathf(cfg, sizeof cfg, "%s/other_seed.yaml", g_root);
+    char *t = kdt_slurp(g_pre, NULL);
+    assert_non_null(t);
+    char *at = strstr(t, "seed: 3");
+    assert_non_null(at);
+    at[6] = '4';
+    write_text(cfg, t);
+    free(t);
+    pathf(dir, sizeof dir, "%s/refuse_other", g_root);
+    char cmd[16384];
+    pathf(cmd, sizeof cmd,
+          "mpirun --oversubscribe --allow-run-as-root -np 1 '%s' train --config '%s' "
+          "--output-dir '%s' : -np 1 '%s' train --config '%s' --output-dir '%s' >'%s.log' 2>&1",
+          g_kdkit, g_pre, dir, g_kdkit, cfg, dir, dir);
+    int st = system(cmd);
+    assert_false(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    pathf(cfg, sizeof cfg, "%s.log", dir);
+    if (!grep_file(cfg, "rank 1 sees another run than rank 0")) {
+        show_log(dir);
+        fail_msg("ranks with different configs were not refused");
+    }
     /* online distillation */
     pathf(cfg, sizeof cfg, "%s/online.yaml", g_root);
     snprintf(text, sizeof text,
