@@ -180,6 +180,7 @@ static int exists(const char *name)
     return stat(in_dir(name), &st) == 0;
 }
 
+/* 1 deleted, 0 live, -1 not in the manifest (moved to the deleted journal) */
 static int manifest_deleted(kd_tracker *t, int64_t step)
 {
     for (size_t i = 0; i < kd_tracker_checkpoint_count(t); i++) {
@@ -188,7 +189,6 @@ static int manifest_deleted(kd_tracker *t, int64_t step)
         if (r.step == step)
             return r.deleted;
     }
-    fail_msg("step %lld not in the manifest", (long long)step);
     return -1;
 }
 
@@ -230,14 +230,22 @@ static void test_retain_with_tracker(void **state)
     assert_int_equal(rep.deleted, 2);
     assert_int_equal(rep.refused, 0);
     assert_true(rep.bytes_freed > 2 * 256);
-    assert_int_equal(manifest_deleted(t, 100), 1);
-    assert_int_equal(manifest_deleted(t, 400), 1);
+    /* deleted records leave the manifest at once: it lists live ones only */
+    assert_int_not_equal(manifest_deleted(t, 100), 0); /* 1 until the next save, -1 after */
+    assert_int_not_equal(manifest_deleted(t, 400), 0);
     assert_int_equal(manifest_deleted(t, 600), 0);
 
-    /* the deletions are in checkpoints.json on disk */
+    /* the deletions are in checkpoints.deleted.jsonl on disk, with their
+       reason, and no longer in checkpoints.json */
     char *json = NULL;
     size_t len;
     assert_int_equal(kd_file_read_all(in_dir("checkpoints.json"), 1 << 24, &json, &len, &e), KD_OK);
+    assert_null(strstr(json, "checkpoint_100.safetensors"));
+    assert_null(strstr(json, "\"deleted\":true"));
+    free(json);
+    assert_int_equal(kd_file_read_all(in_dir("checkpoints.deleted.jsonl"), 1 << 24, &json, &len, &e),
+                     KD_OK);
+    assert_non_null(strstr(json, "checkpoint_100.safetensors"));
     assert_non_null(strstr(json, "retention: not among the last 2"));
     free(json);
 
@@ -249,6 +257,7 @@ static void test_retain_with_tracker(void **state)
     assert_false(exists("checkpoint_600.safetensors"));
     assert_true(exists("checkpoint_700.bin"));
     assert_int_equal(manifest_deleted(t, 700), 0);
+    assert_int_not_equal(manifest_deleted(t, 600), 0);
     assert_int_equal(rep.refused, 1);
     assert_non_null(strstr(rep.detail, "not named *.safetensors"));
     assert_true(exists("checkpoint_800.safetensors"));

@@ -990,23 +990,40 @@ static void test_checkpoint_listing_and_deletion(void **state)
     free(doc);
     kd_tracker_close(t);
 
-    /* the deletion is in the manifest, with its reason, after a reopen */
+    /* the deletion left the manifest at once for the deleted journal, with
+       its reason; its file is still there, so after a reopen the record is
+       still known (deleted) for retention to remove the file */
     json_t *c = load_json(path_in(dir, "checkpoints.json"));
-    json_t *r10 = json_object_get(json_object_get(c, "checkpoints"), "10");
-    assert_true(json_is_true(json_object_get(r10, "deleted")));
-    assert_string_equal(json_string_value(json_object_get(r10, "deleted_reason")), "keep_last=2");
+    assert_null(json_object_get(json_object_get(c, "checkpoints"), "10"));
+    assert_int_equal(json_object_size(json_object_get(c, "checkpoints")), 2);
     assert_int_equal(json_integer_value(json_object_get(c, "best_checkpoint_step")), 20);
     json_decref(c);
+    json_t *s10 = load_json(path_in(dir, "session.json"));
+    assert_null(json_object_get(json_object_get(s10, "checkpoints"), "10"));
+    assert_non_null(json_object_get(json_object_get(s10, "checkpoints"), "20"));
+    json_decref(s10);
+    json_t *moved = load_jsonl(path_in(dir, "checkpoints.deleted.jsonl"));
+    assert_int_equal(json_array_size(moved), 1);
+    json_t *r10 = json_array_get(moved, 0);
+    assert_int_equal(json_integer_value(json_object_get(r10, "checkpoint_step")), 10);
+    assert_true(json_is_true(json_object_get(r10, "deleted")));
+    assert_string_equal(json_string_value(json_object_get(r10, "deleted_reason")), "keep_last=2");
+    json_decref(moved);
     t = open_ok(dir, CFG, 100);
     assert_int_equal(kd_tracker_checkpoint_get(t, 0, &r), KD_OK);
+    assert_int_equal(r.step, 10);
     assert_true(r.deleted);
+    assert_int_equal(kd_tracker_save(t), KD_OK); /* not appended twice */
     kd_tracker_close(t);
+    moved = load_jsonl(path_in(dir, "checkpoints.deleted.jsonl"));
+    assert_int_equal(json_array_size(moved), 1);
+    json_decref(moved);
     rm_rf(dir);
     free(dir);
 }
 
-/* A long run with retention keeps its manifest small: deleted records whose
-   file is gone, beyond the newest 100, move to checkpoints.deleted.jsonl. */
+/* A long run with retention keeps its manifest small: every deleted record
+   moves to checkpoints.deleted.jsonl at once, each exactly once. */
 static void test_manifest_history_moves_out(void **state)
 {
     (void)state;
@@ -1023,32 +1040,34 @@ static void test_manifest_history_moves_out(void **state)
             char name[64];
             snprintf(name, sizeof name, "checkpoint_%lld.safetensors", (long long)(s - 1));
             /* step 5's file stays, as after a crash between the record and
-               the unlink: retention must still find it, so it is never moved */
+               the unlink: retention must still find it */
             if (s - 1 != 5)
                 assert_int_equal(unlink(path_in(dir, name)), 0);
             assert_int_equal(kd_tracker_checkpoint_deleted(t, s - 1, "keep_last=1"), KD_OK);
         }
     }
-    /* 128 deleted with their files gone: 100 stay, 28 moved, oldest first;
-       step 5 stays whatever its age */
-    assert_int_equal(kd_tracker_checkpoint_count(t), 102);
+    /* in memory: step 5 (deleted, its file present) and the live 130 */
+    assert_int_equal(kd_tracker_checkpoint_count(t), 2);
     kd_checkpoint_record r;
     assert_int_equal(kd_tracker_checkpoint_get(t, 0, &r), KD_OK);
     assert_int_equal(r.step, 5);
     assert_true(r.deleted);
     assert_int_equal(kd_tracker_checkpoint_get(t, 1, &r), KD_OK);
-    assert_int_equal(r.step, 30);
+    assert_int_equal(r.step, 130);
     kd_tracker_close(t);
     json_t *moved = load_jsonl(path_in(dir, "checkpoints.deleted.jsonl"));
-    assert_int_equal(json_array_size(moved), 28);
-    assert_int_equal(json_integer_value(json_object_get(json_array_get(moved, 0), "checkpoint_step")), 1);
-    assert_int_equal(json_integer_value(json_object_get(json_array_get(moved, 4), "checkpoint_step")), 6);
-    assert_true(json_is_true(json_object_get(json_array_get(moved, 27), "deleted")));
+    assert_int_equal(json_array_size(moved), 129);
+    for (size_t i = 0; i < 129; i++) {
+        json_t *o = json_array_get(moved, i);
+        assert_int_equal(json_integer_value(json_object_get(o, "checkpoint_step")), (json_int_t)i + 1);
+        assert_true(json_is_true(json_object_get(o, "deleted")));
+    }
     json_decref(moved);
     json_t *c = load_json(path_in(dir, "checkpoints.json"));
-    assert_int_equal(json_object_size(json_object_get(c, "checkpoints")), 102);
+    assert_int_equal(json_object_size(json_object_get(c, "checkpoints")), 1);
     json_decref(c);
     t = open_ok(dir, CFG, 1000);
+    assert_int_equal(kd_tracker_checkpoint_count(t), 2); /* step 5 from the journal */
     kd_recovery rec;
     kd_tracker_recovery_checkpoint(t, &rec);
     assert_int_equal(rec.step, 130);

@@ -210,9 +210,14 @@ typedef struct kd_checkpoint_info {
 int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c);
 
 /*
- * Note that a checkpoint file was deleted (retention) and why.  The record
- * stays in the manifest with "deleted": true.  The tracker refuses
- * (KD_EINVAL) to mark the recovery checkpoint or the best one.
+ * Note that a checkpoint file is being deleted (retention) and why, before
+ * the file is unlinked.  The record moves at once to checkpoints.deleted.jsonl
+ * (appended and fdatasync'd first, then checkpoints.json and session.json are
+ * rewritten without it), so the manifest lists live checkpoints only; see
+ * docs/recovery.md for a crash between the two.  The tracker refuses
+ * (KD_EINVAL) to mark the recovery checkpoint or the best one, KD_ENOTFOUND
+ * for a step not in the manifest, KD_ESTATE when read-only, KD_EIO when the
+ * journal or the manifest cannot be written (then nothing is dropped).
  */
 int kd_tracker_checkpoint_deleted(kd_tracker *t, int64_t step, const char *reason);
 

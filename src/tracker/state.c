@@ -220,7 +220,8 @@ static void put_step_or_null(kd_sb *s, int64_t v)
  * "checkpoints": {"1000": {...}, ...} in step order, one record a line.
  * `recent` > 0 limits it to the newest `recent` records plus the best, which
  * is what session.json carries so that it stays small however many
- * checkpoints a run makes; checkpoints.json always has every record.
+ * checkpoints a run makes; checkpoints.json always has every live record.
+ * Deleted records are never written (move_deleted journals them first).
  */
 static void put_ck_object(kd_sb *s, const kd_tracker *t, const char *indent, size_t recent)
 {
@@ -229,7 +230,7 @@ static void put_ck_object(kd_sb *s, const kd_tracker *t, const char *indent, siz
     int any = 0;
     kd_sb_putc(s, '{');
     for (size_t i = 0; i < t->nck; i++) {
-        if (i < first && t->ck[i].step != best)
+        if (t->ck[i].deleted || (i < first && t->ck[i].step != best))
             continue;
         kd_sb_puts(s, any ? ",\n" : "\n");
         kd_sb_puts(s, indent);
@@ -304,61 +305,60 @@ static int batch_commit(kd_tracker *t, batch *b)
 }
 
 /*
- * Retention marks records deleted but keeps them, so a long run's manifest
- * would grow with every checkpoint ever made, and every save and reopen with
- * it.  A deleted record whose file is gone is history: beyond the newest
- * KD_DELETED_KEPT of those, records are appended (and fdatasync'd) to
- * checkpoints.deleted.jsonl, then dropped from the manifest.  Records whose
- * file still exists stay, so retention can still remove a file a crash left
- * behind.
+ * The manifest lists live checkpoints only.  A record marked deleted (by
+ * retention, by a rewind, or read from an older manifest that kept them with
+ * "deleted": true) is first appended to checkpoints.deleted.jsonl and
+ * fdatasync'd, unless the reopen found it there already, and only then
+ * dropped from memory, so the manifest rewrite that follows no longer holds
+ * it.  A crash between the two leaves the record in both files: the reopen
+ * (kd_trk_load_deleted_journal) recognises it and completes the move without
+ * appending it again.
  */
-static int move_old_deleted(kd_tracker *t)
+static int move_deleted(kd_tracker *t)
 {
-    size_t gone = 0;
-    for (size_t i = 0; i < t->nck; i++)
-        if (t->ck[i].deleted && !kd_path_exists(t->ck[i].resolved))
-            gone++;
-    if (gone <= KD_DELETED_KEPT)
-        return KD_OK;
-    size_t excess = gone - KD_DELETED_KEPT;
-    unsigned char *move = calloc(t->nck, 1);
-    if (!move)
-        return kd_trk_fail(t, KD_ENOMEM, "out of memory");
-    /* the oldest first: the array is in step order */
-    for (size_t i = 0, picked = 0; i < t->nck && picked < excess; i++)
-        if (t->ck[i].deleted && !kd_path_exists(t->ck[i].resolved)) {
-            move[i] = 1;
-            picked++;
-        }
-    char path[PATH_MAX];
-    kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
-    kd_jsonl_opts o = {.sync = KD_SYNC_EXPLICIT};
-    kd_jsonl *j = NULL;
-    int rc = kd_jsonl_open(&j, path, &o, NULL, &t->err);
-    for (size_t i = 0; rc == KD_OK && i < t->nck; i++)
-        if (move[i])
-            rc = kd_jsonl_append(j, t->ck[i].frag, strlen(t->ck[i].frag), &t->err);
-    if (rc == KD_OK)
-        rc = kd_jsonl_sync(j, &t->err);
-    kd_err ignore;
-    kd_jsonl_close(j, &ignore);
-    if (rc == KD_OK) { /* durable elsewhere: now drop them from memory */
-        size_t w = 0;
-        for (size_t i = 0; i < t->nck; i++) {
-            if (move[i])
-                kd_trk_ck_free(&t->ck[i]);
-            else
-                t->ck[w++] = t->ck[i];
-        }
-        t->nck = w;
+    size_t todo = 0, gone = 0;
+    for (size_t i = 0; i < t->nck; i++) {
+        gone += t->ck[i].deleted && !kd_path_exists(t->ck[i].resolved);
+        todo += t->ck[i].deleted && !t->ck[i].journaled;
     }
-    free(move);
-    return rc;
+    if (gone == 0 && todo == 0)
+        return KD_OK;
+    int rc = KD_OK;
+    if (todo) {
+        char path[PATH_MAX];
+        kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
+        kd_jsonl_opts o = {.sync = KD_SYNC_EXPLICIT};
+        kd_jsonl *j = NULL;
+        rc = kd_jsonl_open(&j, path, &o, NULL, &t->err);
+        for (size_t i = 0; rc == KD_OK && i < t->nck; i++)
+            if (t->ck[i].deleted && !t->ck[i].journaled)
+                rc = kd_jsonl_append(j, t->ck[i].frag, strlen(t->ck[i].frag), &t->err);
+        if (rc == KD_OK)
+            rc = kd_jsonl_sync(j, &t->err);
+        kd_err ignore;
+        kd_jsonl_close(j, &ignore);
+    }
+    if (rc != KD_OK)
+        return rc;
+    /* durable in the journal: now drop them from memory, except those whose
+       file is still there (a crash before retention's unlink, a rewound
+       attempt's file), which retention removes at its next pass; they are
+       never written to the manifest again */
+    size_t w = 0;
+    for (size_t i = 0; i < t->nck; i++) {
+        t->ck[i].journaled |= t->ck[i].deleted;
+        if (t->ck[i].deleted && !kd_path_exists(t->ck[i].resolved))
+            kd_trk_ck_free(&t->ck[i]);
+        else
+            t->ck[w++] = t->ck[i];
+    }
+    t->nck = w;
+    return KD_OK;
 }
 
 static int write_checkpoints(kd_tracker *t, batch *b)
 {
-    int rc0 = move_old_deleted(t);
+    int rc0 = move_deleted(t);
     if (rc0 != KD_OK)
         return rc0;
     kd_sb s;
@@ -1106,6 +1106,104 @@ int kd_trk_load_checkpoints(kd_tracker *t)
     return rc;
 }
 
+/*
+ * Reopen: checkpoints.deleted.jsonl is read line by line; a record there that
+ * is also in the manifest (same step, relative path and checksum) is one
+ * whose move a crash interrupted after the journal append and before the
+ * manifest rewrite.  It is deleted: it is no longer offered for resume or as
+ * the best, and the next write drops it from the manifest without appending
+ * it again.  A journal line that does not parse cannot match and is left
+ * alone here (kdkit verify reports it); its bytes stay where they are.
+ */
+static int same_record(const ckrec *a, const ckrec *b)
+{
+    if (a->step != b->step || !a->rel || !b->rel || strcmp(a->rel, b->rel) != 0)
+        return 0;
+    if (a->xxh3[0] || b->xxh3[0])
+        return strcmp(a->xxh3, b->xxh3) == 0;
+    return strcmp(a->sha256, b->sha256) == 0;
+}
+
+int kd_trk_load_deleted_journal(kd_tracker *t)
+{
+    char path[PATH_MAX];
+    kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
+    kd_jsonl_reader *r = NULL;
+    kd_err e;
+    int rc = kd_jsonl_reader_open(&r, path, 1 << 20, &e);
+    if (rc == KD_ENOTFOUND)
+        return KD_OK;
+    if (rc != KD_OK)
+        return kd_trk_fail(t, rc, "%s", e.msg);
+    const char *line;
+    size_t len;
+    kd_err saved = t->err;
+    while ((rc = kd_jsonl_next(r, &line, &len, &e)) == 1) {
+        json_t *o = json_loadb(line, len, JSON_REJECT_DUPLICATES, NULL);
+        ckrec c;
+        char key[32];
+        snprintf(key, sizeof key, "line %lld", (long long)kd_jsonl_reader_lineno(r));
+        int ok = o && parse_ck(t, F_CKPTS_DELETED, key, o, &c) == KD_OK;
+        json_decref(o);
+        if (!ok) {
+            t->err = saved; /* not this reader's verdict: kdkit verify reports it */
+            continue;
+        }
+        int step_known = 0;
+        for (size_t i = 0; i < t->nck; i++) {
+            ckrec *m = &t->ck[i];
+            step_known |= m->step == c.step;
+            if (m->journaled || !same_record(m, &c))
+                continue;
+            if (!m->deleted) {
+                kd_sb_printf(&t->report,
+                             "checkpoint at step %lld (%s) is in %s line %lld: it was deleted "
+                             "and a crash came before the manifest was rewritten; it is no "
+                             "longer offered (the manifest drops it at the next save)\n",
+                             (long long)m->step, m->rel, F_CKPTS_DELETED,
+                             (long long)kd_jsonl_reader_lineno(r));
+                char *why = c.deleted_reason ? strdup(c.deleted_reason) : strdup("retention");
+                if (!why) {
+                    kd_trk_ck_free(&c);
+                    kd_jsonl_reader_close(r);
+                    return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+                }
+                m->deleted = 1;
+                free(m->deleted_reason);
+                m->deleted_reason = why;
+            }
+            m->journaled = 1;
+        }
+        if (!step_known && c.resolved && kd_path_exists(c.resolved)) {
+            /* deleted, but its file survived (a crash before retention's
+               unlink): kept in memory, not in the manifest, so retention's
+               next pass removes the file */
+            if (t->nck == t->capck) {
+                size_t nc = t->capck ? t->capck * 2 : 16;
+                ckrec *n = realloc(t->ck, nc * sizeof *n);
+                if (!n) {
+                    kd_trk_ck_free(&c);
+                    kd_jsonl_reader_close(r);
+                    return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+                }
+                t->ck = n;
+                t->capck = nc;
+            }
+            c.deleted = 1;
+            c.journaled = 1;
+            t->ck[t->nck++] = c;
+            qsort(t->ck, t->nck, sizeof *t->ck, ck_cmp);
+            continue;
+        }
+        kd_trk_ck_free(&c);
+    }
+    kd_jsonl_reader_close(r);
+    if (rc < 0) /* a torn last line was never durable: its record is still live */
+        kd_sb_printf(&t->report, "%s: read up to the damage only (%s); kdkit verify shows it\n",
+                     F_CKPTS_DELETED, e.msg);
+    return KD_OK;
+}
+
 static double num_field(const json_t *o, const char *k, double dflt)
 {
     json_t *x = json_object_get(o, k);
@@ -1270,6 +1368,9 @@ int kd_trk_load(kd_tracker *t, json_t *s)
         if (rc != KD_OK)
             return rc;
     }
+    rc = kd_trk_load_deleted_journal(t);
+    if (rc != KD_OK)
+        return rc;
 
     double last_activity = saved_at;
     uint64_t api_off = (uint64_t)num_field(s, "api_recovery_bytes", 0);

@@ -25,7 +25,6 @@
 #define KD_STATE_FILE_MAX KD_STATE_FILE_MAX_BYTES /* kdkit/limits.h */
 #define KD_PAUSE_LOG_MAX 100     /* pauses listed in session.json */
 #define KD_SESSION_RECENT_CKPTS 10 /* checkpoints session.json lists (+ the best) */
-#define KD_DELETED_KEPT 100      /* deleted records, files gone, kept in the manifest */
 #define KD_COMPONENTS_MAX 8      /* named components with their own identity */
 #define KD_COMPONENT_NAME_MAX 32
 
@@ -56,6 +55,7 @@ typedef struct ckrec {
     char xxh3[KD_XXH3_HEX];     /* "" for records from before XXH3 */
     int64_t size;
     int deleted;
+    int journaled;     /* deleted and already in checkpoints.deleted.jsonl */
     char *deleted_reason;
     char *frag;        /* cached JSON text of this record */
 } ckrec;
@@ -157,6 +157,7 @@ int kd_trk_write_session(kd_tracker *t);       /* session.json + progress.json *
 char *kd_trk_progress_doc(kd_tracker *t);
 int kd_trk_load(kd_tracker *t, json_t *session); /* state from session.json + tails */
 int kd_trk_load_checkpoints(kd_tracker *t);
+int kd_trk_load_deleted_journal(kd_tracker *t); /* completes a move a crash interrupted */
 int kd_trk_scan_metrics_tail(kd_tracker *t);
 /* End offset of the last metrics line with step <= `step`, and how many lines
    follow it (they are the ones a rewind moves aside). */
