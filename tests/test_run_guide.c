@@ -492,10 +492,63 @@ static void test_data_path_containing_output_dir_refused(void **state)
     free(d);
 }
 
+/*
+ * The guide's "Find best checkpoint by loss" command, typed as the guide types
+ * it, after a `kdkit train` whose retention deleted checkpoints: every record
+ * it reads (.checkpoints[]) is a live checkpoint whose file exists, and the
+ * value it prints belongs to one of them.  session.json's `checkpoints` map
+ * holds live records too, each also in checkpoints.json.
+ */
+static void test_guide_best_by_loss_after_retention(void **state)
+{
+    (void)state;
+    char *log = NULL;
+    int rc = sh(&log, "mkdir -p ret && cd ret && cp ../corpus.txt . && "
+                      "sed 's/keep_last: 10/keep_last: 1/; s/every: 5,/every: 2,/' ../C.yaml > C.yaml && "
+                      "$KDKIT train --config C.yaml --output-dir training_progress");
+    expect(rc, 0, "a run with keep_last: 1", log);
+    free(log);
+    /* retention did delete some: they are in the deleted journal */
+    rc = sh(&log, "cd ret && test $(wc -l < training_progress/checkpoints.deleted.jsonl) -ge 3 && "
+                  "! ls training_progress/checkpoint_4.safetensors");
+    expect(rc, 0, "retention deleted checkpoints", log);
+    free(log);
+
+    rc = sh(&log, "cd ret && cat training_progress/checkpoints.json | jq '.checkpoints[] | {step: "
+                  ".checkpoint_step, loss: .metrics.loss}' | sort -k6 -n | head -1");
+    expect(rc, 0, "the guide's command", log);
+    /* it prints one line of jq's output: `"loss": X`, `"step": N,` or a brace,
+       depending on sort's locale; a value printed must be a live record's */
+    char *val = strrchr(log, ':');
+    char num[64] = "null";
+    if (val) {
+        snprintf(num, sizeof num, "%s", val + 1);
+        num[strcspn(num, ",\n")] = '\0';
+    }
+    free(log);
+    rc = sh(&log,
+            "cd ret/training_progress && jq -e --argjson v '%s' '$v == null or ([.checkpoints[] | "
+            "select(.checkpoint_step == $v or .metrics.loss == $v)] | length >= 1)' checkpoints.json && "
+            "jq -r '.checkpoints[] | select(.deleted) | .relative_path' checkpoints.json | grep -c . | grep -qx 0 && "
+            "for f in $(jq -r '.checkpoints[] | .relative_path' checkpoints.json) "
+            "$(jq -r '.checkpoints[] | .relative_path' session.json); do test -f \"$f\" || "
+            "{ echo \"$f is named but missing\"; exit 1; }; done && "
+            "for k in $(jq -r '.checkpoints | keys[]' session.json); do "
+            "jq -e --arg k \"$k\" '.checkpoints[$k] and (.checkpoints[$k].deleted | not)' checkpoints.json "
+            ">/dev/null || { echo \"session.json's $k is not live in checkpoints.json\"; exit 1; }; done",
+            num);
+    expect(rc, 0, "every record the guide's command reads names an existing file", log);
+    free(log);
+    rc = sh(&log, "$KDKIT verify ret/training_progress");
+    expect(rc, 0, "verify after retention", log);
+    free(log);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_guide_scenarios_2_and_3),
+        cmocka_unit_test(test_guide_best_by_loss_after_retention),
         cmocka_unit_test(test_resume_auto_when_nothing_verifies),
         cmocka_unit_test(test_teacher_ask_after_training),
         cmocka_unit_test(test_resume_path_checked_for_sense),

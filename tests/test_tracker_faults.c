@@ -327,10 +327,123 @@ static void test_faults_at_every_point(void **state)
     assert_true(cases > 50);
 }
 
+/* Lines of checkpoints.deleted.jsonl that hold `rel`. */
+static size_t journal_mentions(const char *dir, const char *rel)
+{
+    char *s = slurp(dir, "checkpoints.deleted.jsonl");
+    size_t n = 0;
+    for (const char *p = s; p && (p = strstr(p, rel)); p += strlen(rel))
+        n++;
+    free(s);
+    return n;
+}
+
+/* The step-10 record's state in the tracker: 1 deleted, 0 live, -1 absent. */
+static int ck_state(kd_tracker *t, int64_t step)
+{
+    for (size_t i = 0; i < kd_tracker_checkpoint_count(t); i++) {
+        kd_checkpoint_record r;
+        assert_int_equal(kd_tracker_checkpoint_get(t, i, &r), KD_OK);
+        if (r.step == step)
+            return r.deleted;
+    }
+    return -1;
+}
+
+/*
+ * kd_tracker_checkpoint_deleted moves the record: journal append + fdatasync,
+ * then the manifest rewrite.  A fault at every write, fsync, rename, open and
+ * ftruncate of it (a crash between the two among them): after a reopen the
+ * record is either still live with no journal line, or deleted (not offered,
+ * not in the rewritten manifest) with exactly one journal line, never both
+ * live and journaled, never lost, never journaled twice.
+ */
+static void delete_case(kd_fault_op fop, long nth, int err, long *cases)
+{
+    char dir[64];
+    kd_tracker *t = setup(dir);
+    char p[4200];
+    kd_err e;
+    for (int s = 12; s <= 13; s++) {
+        snprintf(p, sizeof p, "%s/checkpoint_%d.bin", dir, s);
+        assert_int_equal(kd_file_write_atomic(p, "ck", 2, &e), KD_OK);
+        kd_checkpoint_info c = {.step = s, .path = p, .size = -1};
+        if (s == 13)
+            log_step(t, 13);
+        assert_int_equal(kd_tracker_record_checkpoint(t, &c), KD_OK);
+    }
+    kd_fault_clear();
+    if (nth > 0)
+        kd_fault_set(fop, nth, err, 0, 0);
+    int rc = kd_tracker_checkpoint_deleted(t, 10, "retention");
+    kd_fault_clear();
+    if (nth == 0)
+        assert_int_equal(rc, KD_OK);
+    kd_tracker_close(t);
+    (*cases)++;
+
+    assert_int_equal(kd_tracker_open(&t, dir, CFG, 100, NULL, &e), KD_OK);
+    size_t lines = journal_mentions(dir, "\"relative_path\":\"checkpoint_10.bin\"");
+    int st = ck_state(t, 10);
+    if (lines > 1)
+        fail_msg("fault %d #%ld: checkpoint_10.bin journaled %zu times", (int)fop, nth, lines);
+    if (lines == 1 && st == 0)
+        fail_msg("fault %d #%ld: journaled as deleted but still offered", (int)fop, nth);
+    if (lines == 0 && st != 0)
+        fail_msg("fault %d #%ld: the record was lost (state %d, not journaled)", (int)fop, nth, st);
+    if (st == 0) /* the delete did not happen: do it now */
+        assert_int_equal(kd_tracker_checkpoint_deleted(t, 10, "retention"), KD_OK);
+    assert_int_equal(kd_tracker_save(t), KD_OK);
+    kd_tracker_close(t);
+    assert_int_equal(journal_mentions(dir, "\"relative_path\":\"checkpoint_10.bin\""), 1);
+    char *m = slurp(dir, "checkpoints.json");
+    assert_non_null(m);
+    if (strstr(m, "\"relative_path\":\"checkpoint_10.bin\""))
+        fail_msg("fault %d #%ld: the manifest still lists the deleted checkpoint", (int)fop, nth);
+    free(m);
+    must_parse(dir, "session.json", "delete");
+    teardown_dir(dir);
+}
+
+static void test_delete_moves_under_faults(void **state)
+{
+    (void)state;
+    static const kd_fault_op fops[] = {KD_FAULT_WRITE, KD_FAULT_FSYNC, KD_FAULT_RENAME,
+                                       KD_FAULT_OPEN, KD_FAULT_TRUNCATE};
+    long cases = 0;
+    delete_case(KD_FAULT_WRITE, 0, 0, &cases); /* no fault */
+    for (size_t fi = 0; fi < sizeof fops / sizeof fops[0]; fi++) {
+        /* count the calls of a clean delete */
+        char dir[64];
+        kd_tracker *t = setup(dir);
+        char p[4200];
+        kd_err e;
+        for (int s = 12; s <= 13; s++) {
+            snprintf(p, sizeof p, "%s/checkpoint_%d.bin", dir, s);
+            assert_int_equal(kd_file_write_atomic(p, "ck", 2, &e), KD_OK);
+            kd_checkpoint_info c = {.step = s, .path = p, .size = -1};
+            if (s == 13)
+                log_step(t, 13);
+            assert_int_equal(kd_tracker_record_checkpoint(t, &c), KD_OK);
+        }
+        kd_fault_clear();
+        assert_int_equal(kd_tracker_checkpoint_deleted(t, 10, "retention"), KD_OK);
+        long calls = kd_fault_calls(fops[fi]);
+        kd_fault_clear();
+        kd_tracker_close(t);
+        teardown_dir(dir);
+        for (long n = 1; n <= calls; n++)
+            delete_case(fops[fi], n, EIO, &cases);
+    }
+    print_message("%ld delete fault cases\n", cases);
+    assert_true(cases > 5);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_faults_at_every_point),
+        cmocka_unit_test(test_delete_moves_under_faults),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -65,7 +65,7 @@ const kd_run_file kd_run_files[] = {
     {"checkpoints.json", "tracker", KD_RUN_STATE, "atomic replace", NULL, A | V,
      "checkpoint manifest (live checkpoints)"},
     {"checkpoints.deleted.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync before the manifest drops them",
-     kd_run_check_ckrec, A | V, "old records of deleted checkpoints"},
+     kd_run_check_ckrec, A | V, "records of deleted checkpoints"},
     {"eval.jsonl", "train", KD_RUN_JOURNAL, "fdatasync before each checkpoint", kd_run_check_eval,
      A | V | UP, "one line per validation"},
     {"eval.rewound.jsonl", "train", KD_RUN_JOURNAL, "fdatasync per move", kd_run_check_eval, A | V,

@@ -1108,7 +1108,7 @@ int kd_trk_load_checkpoints(kd_tracker *t)
 
 /*
  * Reopen: checkpoints.deleted.jsonl is read line by line; a record there that
- * is also in the manifest (same step, relative path and checksum) is one
+ * is also in the manifest (same step, relative path, created_at, checksum) is one
  * whose move a crash interrupted after the journal append and before the
  * manifest rewrite.  It is deleted: it is no longer offered for resume or as
  * the best, and the next write drops it from the manifest without appending
@@ -1117,7 +1117,10 @@ int kd_trk_load_checkpoints(kd_tracker *t)
  */
 static int same_record(const ckrec *a, const ckrec *b)
 {
-    if (a->step != b->step || !a->rel || !b->rel || strcmp(a->rel, b->rel) != 0)
+    /* created_at too: a resumed run recomputes a rewound checkpoint bit for
+       bit (same step, path and checksum), but records it anew */
+    if (a->step != b->step || a->created_at != b->created_at || !a->rel || !b->rel ||
+        strcmp(a->rel, b->rel) != 0)
         return 0;
     if (a->xxh3[0] || b->xxh3[0])
         return strcmp(a->xxh3, b->xxh3) == 0;
