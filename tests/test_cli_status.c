@@ -496,6 +496,63 @@ static void test_checkpoints_list_best_verify_json(void **state)
     assert_int_equal(r.code, 0);
     expect_in(r.out, "checkpoint_60.bin  [every_20_steps]  FILE MISSING");
     res_free(&r);
+    /* and with --verify it fails: the re-read finds it still live */
+    r = kdkit("checkpoints", dir, "--verify", NULL);
+    assert_int_equal(r.code, 1);
+    expect_in(r.out, "checkpoint_60.bin is missing");
+    expect_not_in(r.out, "deleted by retention while checking");
+    res_free(&r);
+    free(id);
+    rm_rf(dir);
+    free(dir);
+}
+
+/* `kdkit checkpoints --verify` beside a writer whose retention deletes a
+   checkpoint after each new one: never "missing, restore it", never exit 1. */
+static void test_checkpoints_verify_beside_retention(void **state)
+{
+    (void)state;
+    char *dir = tmpdir();
+    kd_tracker *t = NULL;
+    char *id = make_run(dir, &t);
+    const char *k = getenv("KDKIT");
+    assert_non_null(k);
+    char *out = strdup(path_in(dir, "../verify-race.log"));
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        char cmd[8192];
+        snprintf(cmd, sizeof cmd,
+                 "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do '%s' checkpoints '%s' --verify >> '%s' 2>&1 "
+                 "|| echo EXIT=$? >> '%s'; done",
+                 k, dir, out, out);
+        _exit(system(cmd) == 0 ? 0 : 1);
+    }
+    int64_t prev = 40, s = 51;
+    int st = 0;
+    while (waitpid(pid, &st, WNOHANG) == 0) {
+        if (s > 100) {
+            assert_int_equal(waitpid(pid, &st, 0), pid);
+            break;
+        }
+        log_steps(t, s, s);
+        checkpoint(t, dir, s, NULL);
+        assert_int_equal(kd_tracker_checkpoint_deleted(t, prev, "retention: keep 2"), KD_OK);
+        char name[64];
+        snprintf(name, sizeof name, "checkpoint_%lld.bin", (long long)prev);
+        assert_int_equal(unlink(path_in(dir, name)), 0);
+        prev = s++;
+    }
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    char *log = read_file(out);
+    assert_non_null(log);
+    expect_not_in(log, "is missing");
+    expect_not_in(log, "EXIT=");
+    expect_in(log, "verify: every live checkpoint matches");
+    free(log);
+    unlink(out);
+    free(out);
+    kd_tracker_close(t);
     free(id);
     rm_rf(dir);
     free(dir);
@@ -1057,6 +1114,7 @@ int main(void)
         cmocka_unit_test(test_status_and_verify_while_the_run_writes),
         cmocka_unit_test(test_summary_json_is_progress_recomputed),
         cmocka_unit_test(test_checkpoints_list_best_verify_json),
+        cmocka_unit_test(test_checkpoints_verify_beside_retention),
         cmocka_unit_test(test_checkpoints_none_and_no_best),
         cmocka_unit_test(test_usage_and_bad_directories),
         cmocka_unit_test(test_verify_healthy_run),

@@ -235,6 +235,8 @@ typedef struct kd_checkpoint_record {
     const char *sha256;         /* NULL when the record has none */
     int64_t size;
     const char *xxh3_128;       /* NULL for records from before XXH3 */
+    const char *deleted_reason; /* NULL unless deleted */
+    const char *checkpoint_path; /* absolute path when recorded (informational) */
 } kd_checkpoint_record;
 
 size_t kd_tracker_checkpoint_count(const kd_tracker *t);

@@ -196,7 +196,8 @@ typedef struct ckrow {
     long long dataset_position;
     double created_at;
     const char *sha256;
-    json_t *tags;
+    const char *const *tags;
+    size_t ntags;
     int deleted;
     const char *deleted_reason;
     int exists;
@@ -204,8 +205,7 @@ typedef struct ckrow {
 } ckrow;
 
 typedef struct manifest {
-    json_t *doc;   /* owns the strings the rows point into */
-    const char *source; /* "checkpoints.json" or "session.json" */
+    kd_tracker *t; /* read-only: owns the strings the rows point into */
     ckrow *rows;
     size_t n;
 } manifest;
@@ -245,86 +245,54 @@ static json_t *load_json(const char *dir, const char *name, char *err, size_t er
     return doc;
 }
 
-static int add_row(manifest *m, const char *dir, json_t *o)
+static void add_row(manifest *m, const char *dir, const kd_checkpoint_record *c)
 {
-    if (!json_is_object(o) || !json_is_integer(json_object_get(o, "checkpoint_step")))
-        return -1;
     ckrow *r = &m->rows[m->n++];
     memset(r, 0, sizeof *r);
-    r->step = (long long)json_integer_value(json_object_get(o, "checkpoint_step"));
-    r->rel = json_string_value(json_object_get(o, "relative_path"));
-    r->abs = json_string_value(json_object_get(o, "checkpoint_path"));
-    json_t *mx = json_object_get(o, "metrics");
-    r->loss = num(mx, "loss");
-    r->size = inum(o, "size", -1);
-    r->dataset_position = inum(o, "dataset_position", -1);
-    r->created_at = num(o, "created_at");
-    r->sha256 = json_string_value(json_object_get(o, "sha256"));
-    r->tags = json_object_get(o, "recovery_tags");
-    r->deleted = json_is_true(json_object_get(o, "deleted"));
-    r->deleted_reason = json_string_value(json_object_get(o, "deleted_reason"));
-    char p[4096];
+    r->step = (long long)c->step;
+    r->rel = c->relative_path;
+    r->abs = c->checkpoint_path;
+    r->loss = c->loss;
+    r->size = c->size;
+    r->dataset_position = c->dataset_position;
+    r->created_at = c->created_at;
+    r->sha256 = c->sha256;
+    r->tags = c->tags;
+    r->ntags = c->ntags;
+    r->deleted = c->deleted;
+    r->deleted_reason = c->deleted_reason;
     struct stat st;
-    if (r->rel && r->rel[0] != '/' && !strstr(r->rel, ".."))
-        snprintf(p, sizeof p, "%s/%s", dir, r->rel);
-    else if (r->abs)
-        snprintf(p, sizeof p, "%s", r->abs);
-    else
-        p[0] = '\0';
-    r->exists = p[0] && stat(p, &st) == 0;
-    return 0;
+    r->exists = c->path && stat(c->path, &st) == 0;
+    (void)dir;
 }
 
-/* Load the manifest; prints the error (unless quiet) and returns 1
+/* Load the manifest through the library's read-only handle (the reopen's
+   reader and validator); prints the error (unless quiet) and returns 1
    (unreadable) or 0. */
 static int load_manifest(const char *cmd, const char *dir, manifest *m, int quiet)
 {
-    char err[1024] = "";
-    int missing;
     memset(m, 0, sizeof *m);
-    m->source = "checkpoints.json";
-    m->doc = load_json(dir, m->source, err, sizeof err, &missing);
-    if (!m->doc) {
-        if (!missing) {
-            if (!quiet) {
-                kd_cli_error(cmd, "%s/%s", dir, err);
-                fprintf(stderr, "run 'kdkit verify %s' to see how to fix it\n", dir);
-            }
-            return 1;
+    kd_err e;
+    kd_err_clear(&e);
+    int rc = kd_tracker_open_readonly(&m->t, dir, &e);
+    if (rc != KD_OK) {
+        if (!quiet) {
+            kd_cli_error(cmd, "%s", e.msg);
+            fprintf(stderr, "run 'kdkit verify %s' to see how to fix it\n", dir);
         }
-        /* as the tracker does: session.json holds a copy of the records */
-        m->source = "session.json";
-        m->doc = load_json(dir, m->source, err, sizeof err, &missing);
-        if (!m->doc) {
-            if (!quiet)
-                kd_cli_error(cmd, "%s/%s", dir, missing ? "session.json is missing" : err);
-            return 1;
-        }
+        return 1;
     }
-    json_t *cks = json_object_get(m->doc, "checkpoints");
-    size_t n = json_is_object(cks) ? json_object_size(cks) : json_array_size(cks);
+    size_t n = kd_tracker_checkpoint_count(m->t);
     m->rows = calloc(n ? n : 1, sizeof *m->rows);
     if (!m->rows) {
         if (!quiet)
             kd_cli_error(cmd, "out of memory");
         return 1;
     }
-    const char *k;
-    json_t *v;
-    size_t i;
-    int bad = 0;
-    if (json_is_object(cks)) {
-        json_object_foreach(cks, k, v) bad |= add_row(m, dir, v);
-    } else if (json_is_array(cks)) {
-        json_array_foreach(cks, i, v) bad |= add_row(m, dir, v);
-    } else if (cks && !json_is_null(cks)) {
-        bad = 1;
-    }
-    if (bad) {
-        if (!quiet)
-            kd_cli_error(cmd, "%s/%s: a checkpoint record is malformed; run 'kdkit verify %s'",
-                         dir, m->source, dir);
-        return 1;
+    for (size_t i = 0; i < n; i++) {
+        kd_checkpoint_record c;
+        if (kd_tracker_checkpoint_get(m->t, i, &c) == KD_OK)
+            add_row(m, dir, &c);
     }
     qsort(m->rows, m->n, sizeof *m->rows, row_cmp);
     return 0;
@@ -333,7 +301,38 @@ static int load_manifest(const char *cmd, const char *dir, manifest *m, int quie
 static void manifest_free(manifest *m)
 {
     free(m->rows);
-    json_decref(m->doc);
+    kd_tracker_close(m->t);
+    m->t = NULL;
+}
+
+/*
+ * checkpoints --verify beside a running writer: a live row whose file is gone
+ * now may have been deleted by retention after the manifest was read.  The
+ * manifest is read again (the same read-only reader); a record no longer
+ * live there is "deleted by retention while checking", not a failure.
+ * Returns 1 when that is so.
+ */
+static int deleted_meanwhile(const char *dir, const ckrow *r)
+{
+    if (r->deleted || r->exists)
+        return 0;
+    char p[4096];
+    struct stat st;
+    if (r->rel && snprintf(p, sizeof p, "%s/%s", dir, r->rel) < (int)sizeof p && stat(p, &st) == 0)
+        return 0;
+    kd_tracker *t = NULL;
+    kd_err e;
+    if (kd_tracker_open_readonly(&t, dir, &e) != KD_OK)
+        return 0;
+    int live = 0;
+    for (size_t i = 0; i < kd_tracker_checkpoint_count(t); i++) {
+        kd_checkpoint_record c;
+        if (kd_tracker_checkpoint_get(t, i, &c) == KD_OK && (long long)c.step == r->step &&
+            !c.deleted && c.relative_path && r->rel && strcmp(c.relative_path, r->rel) == 0)
+            live = 1;
+    }
+    kd_tracker_close(t);
+    return !live;
 }
 
 /* The tracker's rule: lowest finite loss among the checkpoints not deleted. */
@@ -943,7 +942,10 @@ static json_t *row_json(const ckrow *r, int verified)
     json_object_set_new(o, "dataset_position",
                         r->dataset_position >= 0 ? json_integer(r->dataset_position) : json_null());
     json_object_set_new(o, "created_at", isfinite(r->created_at) ? json_real(r->created_at) : json_null());
-    json_object_set_new(o, "recovery_tags", json_is_array(r->tags) ? json_incref(r->tags) : json_array());
+    json_t *tags = json_array();
+    for (size_t i = 0; i < r->ntags; i++)
+        json_array_append_new(tags, json_string(r->tags[i]));
+    json_object_set_new(o, "recovery_tags", tags);
     json_object_set_new(o, "deleted", json_boolean(r->deleted));
     json_object_set_new(o, "deleted_reason",
                         r->deleted_reason ? json_string(r->deleted_reason) : json_null());
@@ -959,11 +961,8 @@ static void print_tags(const ckrow *r, char *out, size_t n)
 {
     size_t o = 0;
     out[0] = '\0';
-    size_t i;
-    json_t *t;
-    json_array_foreach(r->tags, i, t)
-    {
-        const char *s = json_string_value(t);
+    for (size_t i = 0; i < r->ntags; i++) {
+        const char *s = r->tags[i];
         if (!s)
             continue;
         int w = snprintf(out + o, n - o, "%s%s", o ? "," : "", s);
@@ -1037,6 +1036,11 @@ int kd_cmd_checkpoints(int argc, char **argv)
         }
         if (n > 0)
             status = 1;
+        for (size_t i = 0; i < m.n; i++)
+            if (!m.rows[i].problem[0] && deleted_meanwhile(dir, &m.rows[i])) {
+                m.rows[i].deleted = 1;
+                m.rows[i].deleted_reason = "deleted by retention while checking";
+            }
     }
     const ckrow *best = best_row(&m);
     if (want_best) {

@@ -940,6 +940,8 @@ static int checkpoint_get_locked(const kd_tracker *t, size_t i, kd_checkpoint_re
     r->sha256 = c->sha256[0] ? c->sha256 : NULL;
     r->xxh3_128 = c->xxh3[0] ? c->xxh3 : NULL;
     r->size = c->size;
+    r->deleted_reason = c->deleted ? c->deleted_reason : NULL;
+    r->checkpoint_path = c->abs;
     return KD_OK;
 }
 
