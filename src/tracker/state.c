@@ -1111,7 +1111,7 @@ int kd_trk_load_checkpoints(kd_tracker *t)
  * is also in the manifest (same step, relative path, created_at, checksum) is one
  * whose move a crash interrupted after the journal append and before the
  * manifest rewrite.  It is deleted: it is no longer offered for resume or as
- * the best, and the next write drops it from the manifest without appending
+ * the best, and a writer's reopen drops it from the manifest without appending
  * it again.  A journal line that does not parse cannot match and is left
  * alone here (kdkit verify reports it); its bytes stay where they are.
  */
@@ -1162,7 +1162,7 @@ int kd_trk_load_deleted_journal(kd_tracker *t)
                 kd_sb_printf(&t->report,
                              "checkpoint at step %lld (%s) is in %s line %lld: it was deleted "
                              "and a crash came before the manifest was rewritten; it is no "
-                             "longer offered (the manifest drops it at the next save)\n",
+                             "longer offered (a writer's reopen drops it from the manifest)\n",
                              (long long)m->step, m->rel, F_CKPTS_DELETED,
                              (long long)kd_jsonl_reader_lineno(r));
                 char *why = c.deleted_reason ? strdup(c.deleted_reason) : strdup("retention");

@@ -576,8 +576,14 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
     free(text);
     text = NULL;
     /* The resume is recorded at once, so a crash right after it loses no
-       part of the interruption accounting. */
-    rc = kd_trk_write_session(t);
+       part of the interruption accounting.  A deleted record still in
+       memory (an older manifest's, or a move a crash interrupted, see
+       kd_trk_load_deleted_journal) makes it a full write, which moves it
+       out of checkpoints.json now. */
+    int any_deleted = 0;
+    for (size_t i = 0; i < t->nck; i++)
+        any_deleted |= t->ck[i].deleted;
+    rc = any_deleted ? kd_trk_write_state(t) : kd_trk_write_session(t);
     if (rc != KD_OK)
         goto fail;
     *out = t;
