@@ -667,6 +667,38 @@ static void test_online_matches_offline_and_pays_once(void **state)
                                           NULL};
     same_lines(on, off, "eval.jsonl", efields, STEPS / 8);
 
+    /* the same prompts as a plain-text file (one prompt per line, read by the
+       mix layer's reader): the same requests, so the same losses */
+    char ptxt[4300], txtcfg[4300], txtrun[4300];
+    pathf(ptxt, sizeof ptxt, "%s/prompts.txt", g_root);
+    f = fopen(ptxt, "w");
+    for (int i = 0; i < NSAMPLES; i++)
+        fprintf(f, "Tell me about item %d.%s\n", i, i % 3 ? "" : "\r"); /* CRLF too */
+    fclose(f);
+    pathf(txtcfg, sizeof txtcfg, "%s/online-text.yaml", g_root);
+    snprintf(text, sizeof text, "%skd: {source: online, prompts: '%s', eval_fraction: 0.2}\n%s",
+             CFG_HEAD, ptxt, teacher);
+    write_text(txtcfg, text);
+    pathf(txtrun, sizeof txtrun, "%s/online-text", g_root);
+    const char *at[] = {"train", "--config", txtcfg, "--output-dir", txtrun, NULL};
+    run_ok(log, at);
+    same_lines(on, txtrun, "metrics.jsonl", lfields, STEPS);
+    /* a malformed JSON line is refused before training, naming file and line */
+    char pbad[4300], badcfg[4300], badrun[4300];
+    pathf(pbad, sizeof pbad, "%s/prompts-bad.jsonl", g_root);
+    write_text(pbad, "{\"prompt\": \"one\"}\n{\"prompt\": \"two\"}\n{\"prompt\": 3}\n");
+    pathf(badcfg, sizeof badcfg, "%s/online-bad.yaml", g_root);
+    snprintf(text, sizeof text, "%skd: {source: online, prompts: '%s', eval_fraction: 0.2}\n%s",
+             CFG_HEAD, pbad, teacher);
+    write_text(badcfg, text);
+    pathf(badrun, sizeof badrun, "%s/online-bad", g_root);
+    const char *ab[] = {"train", "--config", badcfg, "--output-dir", badrun, NULL};
+    assert_int_equal(run(log, ab), 2);
+    char *lt = slurp(log);
+    if (!strstr(lt, "prompts-bad.jsonl line 3") || !strstr(lt, "\"prompt\" must be a string"))
+        fail_msg("a malformed prompt line is not named:\n%s", lt);
+    free(lt);
+
     /* online, interrupted: the same losses; each answer paid once */
     const char *first[] = {"train", "--config", tcfg, "--output-dir", intr, NULL};
     const char *again[] = {"train", "--config", tcfg, "--output-dir", intr, "--resume", "auto",

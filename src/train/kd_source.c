@@ -7,24 +7,24 @@
  * stored JSON through the one builder of kdkit/distill.h, so the same
  * answer gives the same window bit for bit.
  *
- * Reads: a mix directory (docs/mix.md), or a prompt file of one JSON object
- * per line: {"prompt": "..."} or {"messages": [{"role", "content"}, ...]},
- * optionally "id".  The student-side prompt of a messages line is its
- * contents joined by "\n" (as kdkit mix stores prompt_text).
+ * Reads: a mix directory (docs/mix.md), or a prompt file through the mix
+ * layer's own reader (src/mix/prompts.c, so both accept the same files):
+ * JSON lines ({"prompt": "..."} or {"messages": [{"role", "content"}, ...]},
+ * optionally "id") for names ending .jsonl, .ndjson or .json, else plain
+ * text, one prompt per line.  The student-side prompt of a messages line is
+ * its contents joined by "\n" (as kdkit mix stores prompt_text); an empty
+ * line is a sample without a row (skipped, as in a mix).
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <jansson.h>
-
 #include "kdkit/core.h"
 #include "kdkit/mix.h"
-#include "core/sb.h"
+#include "mix/mix_prompts.h"
 #include "train_int.h"
 
-#define MAX_PROMPTS_FILE (1ull << 30)
 /* Built samples are kept (by index) up to this many bytes: every epoch after
    the first then costs no JSON parsing, no row read and no teacher lookup. */
 #define SAMPLE_CACHE_BYTES ((size_t)256 << 20)
@@ -35,9 +35,8 @@ struct kd_kdsrc {
     kd_mix *mix;
     /* online */
     kd_teacher *teacher;
-    char *ptext;
-    size_t plen;
-    size_t *line_off;            /* [nlines + 1] */
+    kd_mix_prompts *prompts;     /* the prompt file, read by offset */
+    uint64_t *line_off;          /* [nlines]: byte offset of each line */
     int64_t nlines;
     char path[4096];
     char identity[KD_SHA256_HEX];
@@ -106,36 +105,42 @@ int kd_kdsrc_open_online(kd_kdsrc **out, const char *prompts_path, kd_teacher *t
         return kd_err_set(e, KD_ENOMEM, "out of memory");
     s->teacher = teacher;
     snprintf(s->path, sizeof s->path, "%s", prompts_path);
-    int rc = kd_file_read_all(prompts_path, MAX_PROMPTS_FILE, &s->ptext, &s->plen, e);
+    int jsonl = 0;
+    uint64_t size = 0;
+    int64_t n = 0;
+    int rc = kd_mix_prompts_format(NULL, prompts_path, &jsonl, e);
+    if (rc == KD_OK)
+        rc = kd_mix_prompts_hash(prompts_path, s->identity, &n, &size, e);
+    if (rc == KD_OK && n == 0)
+        rc = kd_err_set(e, KD_ECONFIG, "%s holds no prompt", prompts_path);
+    if (rc == KD_OK && !(s->line_off = malloc((size_t)n * sizeof *s->line_off)))
+        rc = kd_err_set(e, KD_ENOMEM, "out of memory");
+    if (rc == KD_OK)
+        rc = kd_mix_prompts_open(&s->prompts, prompts_path, jsonl, e);
+    /* one pass up front: every line's offset, and a malformed line refused
+       now (naming its line) rather than at the step that reaches it */
+    while (rc == KD_OK) {
+        kd_mix_prompt q;
+        int got = kd_mix_prompts_next(s->prompts, &q, e);
+        if (got <= 0) {
+            rc = got;
+            break;
+        }
+        if (s->nlines < n)
+            s->line_off[s->nlines] = q.offset;
+        s->nlines++;
+        kd_mix_prompt_clear(&q);
+    }
+    if (rc == KD_OK && s->nlines != n)
+        rc = kd_err_set(e, KD_ECONFIG, "%s changed while it was read", prompts_path);
     if (rc != KD_OK) {
         char m[KD_ERRMSG_MAX];
         snprintf(m, sizeof m, "%s", e ? e->msg : "");
-        kd_err_set(e, rc == KD_ENOTFOUND ? KD_ECONFIG : rc, "kd.prompts: %s", m);
-        free(s);
-        return rc == KD_ENOTFOUND ? KD_ECONFIG : rc;
-    }
-    kd_sha256_hex(s->ptext, s->plen, s->identity);
-    size_t n = 0;
-    for (size_t i = 0; i < s->plen; i++)
-        n += s->ptext[i] == '\n';
-    if (s->plen && s->ptext[s->plen - 1] != '\n')
-        n++;
-    s->line_off = malloc((n + 1) * sizeof *s->line_off);
-    if (!s->line_off) {
+        if (rc == KD_ENOTFOUND || rc == KD_ECORRUPT)
+            rc = KD_ECONFIG; /* a bad input of this run's config: exit 2 */
+        kd_err_set(e, rc, "kd.prompts: %s", m);
         kd_kdsrc_close(s);
-        return kd_err_set(e, KD_ENOMEM, "out of memory");
-    }
-    size_t at = 0;
-    s->line_off[0] = 0;
-    for (size_t i = 0; i < s->plen; i++)
-        if (s->ptext[i] == '\n')
-            s->line_off[++at] = i + 1;
-    if (at < n)
-        s->line_off[++at] = s->plen + 1; /* last line without newline */
-    s->nlines = (int64_t)n;
-    if (n == 0) {
-        kd_kdsrc_close(s);
-        return kd_err_set(e, KD_ECONFIG, "kd.prompts: %s holds no prompt", prompts_path);
+        return rc;
     }
     *out = s;
     return KD_OK;
@@ -156,7 +161,7 @@ void kd_kdsrc_close(kd_kdsrc *s)
         free(s->cache);
     }
     kd_mix_close(s->mix);
-    free(s->ptext);
+    kd_mix_prompts_close(s->prompts);
     free(s->line_off);
     free(s);
 }
@@ -262,75 +267,52 @@ static int load_online(kd_kdsrc *s, int64_t index, sample *sm, kd_err *e)
 {
     if (index < 0 || index >= s->nlines)
         return KD_ENOTFOUND;
-    size_t a = s->line_off[index], b = s->line_off[index + 1] - 1;
-    json_error_t je;
-    json_t *j = json_loadb(s->ptext + a, b - a, 0, &je);
-    json_t *p = json_object_get(j, "prompt"), *msgs = json_object_get(j, "messages");
-    if (!json_is_object(j) || (!json_is_string(p) && !json_is_array(msgs))) {
-        json_decref(j);
-        return kd_err_set(e, KD_ECORRUPT,
-                          "kd.prompts: %s line %lld: expected a JSON object with \"prompt\" (a "
-                          "string) or \"messages\" (a list)",
-                          s->path, (long long)index + 1);
-    }
-    kd_sb sb;
-    kd_sb_init(&sb, 64u << 20);
-    char *messages_json = NULL;
-    if (json_is_string(p)) {
-        kd_sb_put(&sb, json_string_value(p), json_string_length(p));
-    } else {
-        size_t i;
-        json_t *m;
-        json_array_foreach(msgs, i, m)
-        {
-            json_t *c = json_object_get(m, "content");
-            if (!json_is_string(c) || !json_is_string(json_object_get(m, "role"))) {
-                kd_sb_free(&sb);
-                json_decref(j);
-                return kd_err_set(e, KD_ECORRUPT,
-                                  "kd.prompts: %s line %lld: messages[%zu]: expected role and "
-                                  "content strings",
-                                  s->path, (long long)index + 1, i);
-            }
-            if (i)
-                kd_sb_put(&sb, "\n", 1);
-            kd_sb_put(&sb, json_string_value(c), json_string_length(c));
-        }
-        messages_json = json_dumps(msgs, JSON_COMPACT);
-    }
-    int rc = kd_sb_error(&sb) ? kd_err_set(e, KD_ENOMEM, "out of memory") : KD_OK;
+    kd_mix_prompt q;
+    int rc = kd_mix_prompts_seek(s->prompts, s->line_off[index], index, e);
     if (rc == KD_OK) {
-        sm->plen = sb.len;
-        sm->prompt = kd_sb_take(&sb);
-        if (!sm->prompt)
-            sm->prompt = calloc(1, 1);
+        rc = kd_mix_prompts_next(s->prompts, &q, e);
+        if (rc == 0)
+            rc = kd_err_set(e, KD_ECORRUPT, "kd.prompts: %s: line %lld is gone (the file "
+                            "changed under the run)", s->path, (long long)index + 1);
+        else if (rc == 1)
+            rc = KD_OK;
+        else {
+            char m[KD_ERRMSG_MAX];
+            snprintf(m, sizeof m, "%s", e ? e->msg : "");
+            kd_err_set(e, rc, "kd.prompts: %s", m);
+        }
     }
+    if (rc != KD_OK)
+        return rc;
+    if (q.blank) {
+        kd_mix_prompt_clear(&q);
+        return KD_ENOTFOUND; /* an empty line: no sample, as a skipped mix row */
+    }
+    sm->plen = q.text_len;
+    sm->prompt = q.text; /* taken */
+    q.text = NULL;
     kd_teacher_request req = {.sample_index = index};
-    if (messages_json)
-        req.messages_json = messages_json;
+    if (q.messages_json)
+        req.messages_json = q.messages_json;
     else
         req.prompt = sm->prompt;
     kd_teacher_result res;
     memset(&res, 0, sizeof res);
-    if (rc == KD_OK) {
-        rc = kd_teacher_ask(s->teacher, &req, &res);
-        if (rc != KD_OK) {
-            rc = kd_err_set(e, rc, "teacher, prompt %lld of %s: %s", (long long)index + 1, s->path,
-                            res.errmsg);
-        } else {
-            if (res.cache_hit)
-                s->hits++;
-            else
-                s->paid++;
-            s->cost += res.cost;
-            rc = take_answer(sm, 1, res.body, strlen(res.body), res.text ? res.text : "",
-                             res.text ? strlen(res.text) : 0, e);
-        }
+    rc = kd_teacher_ask(s->teacher, &req, &res);
+    if (rc != KD_OK) {
+        rc = kd_err_set(e, rc, "teacher, prompt %lld of %s: %s", (long long)index + 1, s->path,
+                        res.errmsg);
+    } else {
+        if (res.cache_hit)
+            s->hits++;
+        else
+            s->paid++;
+        s->cost += res.cost;
+        rc = take_answer(sm, 1, res.body, strlen(res.body), res.text ? res.text : "",
+                         res.text ? strlen(res.text) : 0, e);
     }
     kd_teacher_result_free(&res);
-    free(messages_json);
-    kd_sb_free(&sb);
-    json_decref(j);
+    kd_mix_prompt_clear(&q);
     return rc;
 }
 
