@@ -35,6 +35,36 @@
 
 static int T = 6; /* sequence length of the current check */
 
+/* The hidden-state term (kd_gpt_add_layer_grad): with g_inject on, the loss
+ * also has Q = sum_l sum_i (h_l[i] - target_l[i])^2 / (2 N) over every
+ * layer's output h_l (the shape of the intermediate KD term), and its
+ * gradient (h_l - target_l) / N is injected at each layer. */
+#define IMAX (2 * B * TMAX * 16)
+static int g_inject = 0;
+static float g_itarget[IMAX], g_igrad[IMAX];
+
+static double hidden_term(kd_gpt *m, int with_grad)
+{
+    const kd_gpt_config *c = kd_gpt_get_config(m);
+    size_t per = (size_t)B * T * c->d_model;
+    assert_true((size_t)c->n_layer * per <= IMAX);
+    double q = 0.0;
+    for (int l = 0; l < c->n_layer; l++) {
+        const float *h = kd_gpt_layer_output(m, l);
+        assert_non_null(h);
+        for (size_t i = 0; i < per; i++) {
+            double d = (double)h[i] - g_itarget[l * per + i];
+            q += d * d / (2.0 * per);
+            g_igrad[l * per + i] = (float)(d / per);
+        }
+        if (with_grad) {
+            kd_err e;
+            assert_int_equal(kd_gpt_add_layer_grad(m, l, g_igrad + l * per, &e), KD_OK);
+        }
+    }
+    return q;
+}
+
 typedef struct setup_ {
     kd_gpt *m;
     uint8_t tokens[B * TMAX], targets[B * TMAX], mask[B * TMAX];
@@ -89,7 +119,7 @@ static double loss_at(setup_ *s)
     kd_gpt_loss_out lo;
     assert_int_equal(kd_gpt_forward(s->m, s->tokens, B, T, &e), KD_OK);
     assert_int_equal(kd_gpt_loss(s->m, &s->spec, &lo, &e), KD_OK);
-    return lo.total;
+    return lo.total + (g_inject ? hidden_term(s->m, 0) : 0.0);
 }
 
 static void check_model(kd_gpt_config cfg)
@@ -97,7 +127,15 @@ static void check_model(kd_gpt_config cfg)
     setup_ s;
     make(&s, cfg);
     kd_err e;
+    if (g_inject) {
+        kd_rng tr;
+        kd_rng_seed(&tr, 5);
+        for (size_t i = 0; i < IMAX; i++)
+            g_itarget[i] = (float)kd_rng_normal(&tr);
+    }
     loss_at(&s);
+    if (g_inject)
+        hidden_term(s.m, 1);
     kd_gpt_zero_grad(s.m);
     assert_int_equal(kd_gpt_backward(s.m, &e), KD_OK);
     size_t n;
@@ -166,6 +204,37 @@ static void test_every_tensor_one_head_one_layer(void **state)
 {
     (void)state;
     check_model((kd_gpt_config){.n_layer = 1, .n_head = 1, .d_model = 4, .n_ctx = 6});
+}
+
+/* The same check with a loss on every layer's output, its gradient injected
+ * per layer: the injection must reach exactly the layers below it. */
+static void test_every_tensor_with_layer_gradients(void **state)
+{
+    (void)state;
+    g_inject = 1;
+    check_model((kd_gpt_config){.n_layer = 3, .n_head = 2, .d_model = 8, .n_ctx = 8});
+    g_inject = 0;
+}
+
+/* The accessor's and the injection point's refusals. */
+static void test_layer_access_errors(void **state)
+{
+    (void)state;
+    kd_gpt *m;
+    kd_err e;
+    kd_gpt_config cfg = {.n_layer = 2, .n_head = 1, .d_model = 4, .n_ctx = 4};
+    assert_int_equal(kd_gpt_create(&m, &cfg, &e), KD_OK);
+    float d[2 * 4 * 4] = {0};
+    assert_null(kd_gpt_layer_output(m, 0));
+    assert_int_equal(kd_gpt_add_layer_grad(m, 0, d, &e), KD_ESTATE);
+    uint8_t tok[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    assert_int_equal(kd_gpt_forward(m, tok, 2, 4, &e), KD_OK);
+    assert_non_null(kd_gpt_layer_output(m, 1));
+    assert_null(kd_gpt_layer_output(m, 2));
+    assert_null(kd_gpt_layer_output(m, -1));
+    assert_int_equal(kd_gpt_add_layer_grad(m, 2, d, &e), KD_EINVAL);
+    assert_int_equal(kd_gpt_add_layer_grad(m, 0, NULL, &e), KD_EINVAL);
+    kd_gpt_free(m);
 }
 
 /* Longer than the attention block (32 queries): crosses block boundaries,
@@ -355,6 +424,8 @@ int main(void)
         cmocka_unit_test(test_every_tensor_two_heads),
         cmocka_unit_test(test_every_tensor_one_head_one_layer),
         cmocka_unit_test(test_every_tensor_long_sequence),
+        cmocka_unit_test(test_every_tensor_with_layer_gradients),
+        cmocka_unit_test(test_layer_access_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

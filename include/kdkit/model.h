@@ -176,6 +176,23 @@ size_t kd_gpt_activation_bytes(const kd_gpt *m);
 int kd_gpt_forward(kd_gpt *m, const uint8_t *tokens, int B, int T, kd_err *e);
 const float *kd_gpt_logits(const kd_gpt *m);
 const float *kd_gpt_hidden(const kd_gpt *m);
+/*
+ * The residual stream after layer `l` (0-based; after its MLP, before the
+ * next layer or the final LayerNorm) of the last forward: B*T*d_model
+ * floats, one row per token.  Valid until the next forward; NULL before any
+ * forward or for l outside 0..n_layer-1.
+ */
+const float *kd_gpt_layer_output(const kd_gpt *m, int l);
+/*
+ * Gradient injection for a loss on kd_gpt_layer_output(m, l): `d` (B*T*
+ * d_model floats, d loss / d that output, borrowed until the backward) is
+ * ADDED to the residual gradient when the next kd_gpt_backward() reaches
+ * layer l, so the parameters get the gradient of (kd_gpt_loss's total +
+ * that loss).  One array per layer (a second call for l replaces the
+ * first); forward and backward forget them.  KD_ESTATE before any forward,
+ * KD_EINVAL for a bad layer or a NULL d.
+ */
+int kd_gpt_add_layer_grad(kd_gpt *m, int l, const float *d, kd_err *e);
 /* Shape of the last forward (0, 0 before any). */
 void kd_gpt_last_shape(const kd_gpt *m, int *B, int *T);
 

@@ -87,6 +87,7 @@ struct kd_gpt {
     float *d_res, *d_c, *d_c2, *d_3c, *d_4c, *d_att; /* backward scratch */
     float *partial; /* per-chunk partial sums (colsum_acc, layer-norm backward) */
     uint8_t *tokens;                  /* [B_cap*T_cap] copy of the last input */
+    const float **inject;             /* [n_layer]: borrowed d loss / d res3, or NULL */
     /* last call */
     int B, T;
     int state;                        /* 0 nothing, 1 forward done, 2 loss done */
@@ -255,7 +256,8 @@ int kd_gpt_create(kd_gpt **out, const kd_gpt_config *cfg, kd_err *e)
     m->lp = calloc((size_t)cfg->n_layer, sizeof *m->lp);
     m->lg = calloc((size_t)cfg->n_layer, sizeof *m->lg);
     m->la = calloc((size_t)cfg->n_layer, sizeof *m->la);
-    if (!m->pviews || !m->gviews || !m->names || !m->lp || !m->lg || !m->la) {
+    m->inject = calloc((size_t)cfg->n_layer, sizeof *m->inject);
+    if (!m->pviews || !m->gviews || !m->names || !m->lp || !m->lg || !m->la || !m->inject) {
         kd_gpt_free(m);
         return kd_err_set(e, KD_ENOMEM, "model: out of memory");
     }
@@ -304,6 +306,7 @@ void kd_gpt_free(kd_gpt *m)
     free(m->lp);
     free(m->lg);
     free(m->la);
+    free((void *)m->inject);
     free(m->acts);
     free(m->tokens);
     free(m);
@@ -621,6 +624,7 @@ int kd_gpt_forward(kd_gpt *m, const uint8_t *tokens, int B, int T, kd_err *e)
     size_t L = (size_t)m->cfg.n_layer, C = (size_t)m->cfg.d_model, H = (size_t)m->cfg.n_head;
     size_t N = (size_t)B * (size_t)T;
     memcpy(m->tokens, tokens, N);
+    memset((void *)m->inject, 0, L * sizeof *m->inject);
 
 #pragma omp parallel for collapse(2) schedule(static)
     for (size_t b = 0; b < (size_t)B; b++)
@@ -674,6 +678,24 @@ int kd_gpt_forward(kd_gpt *m, const uint8_t *tokens, int B, int T, kd_err *e)
 }
 
 const float *kd_gpt_logits(const kd_gpt *m) { return m->logits; }
+
+const float *kd_gpt_layer_output(const kd_gpt *m, int l)
+{
+    if (m->state == ST_NONE || l < 0 || l >= m->cfg.n_layer)
+        return NULL;
+    return m->la[l].res3;
+}
+
+int kd_gpt_add_layer_grad(kd_gpt *m, int l, const float *d, kd_err *e)
+{
+    if (m->state == ST_NONE)
+        return kd_err_set(e, KD_ESTATE, "layer gradient: needs a forward pass first");
+    if (l < 0 || l >= m->cfg.n_layer || !d)
+        return kd_err_set(e, KD_EINVAL, "layer gradient: layer %d of %d%s", l, m->cfg.n_layer,
+                          d ? "" : ", or a NULL gradient");
+    m->inject[l] = d;
+    return KD_OK;
+}
 const float *kd_gpt_hidden(const kd_gpt *m) { return m->lnf; }
 
 void kd_gpt_last_shape(const kd_gpt *m, int *B, int *T)
@@ -883,6 +905,14 @@ int kd_gpt_backward(kd_gpt *m, kd_err *e)
         float *const *w = m->lp[l].t;
         float *const *g = m->lg[l].t;
         const float *res_in = l ? m->la[l - 1].res3 : m->encoded;
+        /* an injected d loss / d res3 (kd_gpt_add_layer_grad) joins here;
+           element-wise, so any thread split gives the same sums */
+        if (m->inject[l]) {
+            const float *inj = m->inject[l];
+#pragma omp parallel for schedule(static)
+            for (size_t i = 0; i < N * C; i++)
+                dres[i] += inj[i];
+        }
         /* MLP: res3 = res2 + gelu(ln2 . Wfc^T + bfc) . Wfcp^T + bfcp */
         linear_backward(m->d_4c, g[P_FCPW], g[P_FCPB], dres, a->fch_gelu, w[P_FCPW], N, 4 * C, C,
                         part);
@@ -914,6 +944,7 @@ int kd_gpt_backward(kd_gpt *m, kd_err *e)
                 }
             }
     }
+    memset((void *)m->inject, 0, L * sizeof *m->inject);
     m->state = ST_FORWARD; /* a second backward needs a new loss */
     return KD_OK;
 }
