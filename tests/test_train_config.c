@@ -191,6 +191,17 @@ static void test_kd_section(void **state)
     refused(p, "kd.intermediate_weight=0.1", "kd.intermediate_weight", "API teacher",
             "hidden states", NULL);
     refused(p, "kd.eval_fraction=0", "eval.every", "kd.eval_fraction", NULL);
+    refused(p, "kd.teacher_checkpoint=t.safetensors", "kd.teacher_checkpoint",
+            "intermediate_weight is 0", NULL);
+    refused(yaml("ilx.yaml", "kd: {mix: m, intermediate_weight: 0.1, teacher_checkpoint: t, "
+                             "intermediate_layers: 'x'}\n"),
+            NULL, "kd.intermediate_layers", "student:teacher", NULL);
+    refused(yaml("il2.yaml", "kd: {mix: m, intermediate_weight: 0.1, teacher_checkpoint: t, "
+                             "intermediate_layers: '0:0,0:1'}\n"),
+            NULL, "kd.intermediate_layers", "mapped twice", NULL);
+    refused(yaml("il3.yaml", "kd: {mix: m, intermediate_weight: 0.1, teacher_checkpoint: t, "
+                             "intermediate_layers: '99:0'}\n"),
+            NULL, "kd.intermediate_layers", "student layer 99", NULL);
     refused(p, "kd.typo=1", "kd.typo", "unknown key", NULL);
     refused(yaml("nomix.yaml", "kd: {}\n"), NULL, "kd.mix", "kdkit mix", NULL);
     refused(yaml("both0.yaml", "kd: {mix: m, kd_weight: 0, ce_weight: 0}\n"), NULL,
@@ -220,7 +231,7 @@ static char *kd_identity(const char *const *sets, size_t n, const char *mix_id)
     if (kd_train_config_load(&c, NULL, all, n + 1, &e) != KD_OK)
         fail_msg("%s", e.msg);
     char *j = NULL;
-    assert_int_equal(kd_train_config_kd_identity_json(&c, mix_id, 10, &j, NULL), KD_OK);
+    assert_int_equal(kd_train_config_kd_identity_json(&c, mix_id, 10, NULL, &j, NULL), KD_OK);
     kd_train_config_free(&c);
     char hex[KD_SHA256_HEX];
     assert_int_equal(kd_json_hash(j, strlen(j), hex, NULL), KD_OK);
@@ -272,7 +283,7 @@ static void test_kd_identity(void **state)
         if (kd_train_config_load(&c, p, NULL, 0, &e) != KD_OK)
             fail_msg("%s", e.msg);
         char *j = NULL;
-        assert_int_equal(kd_train_config_kd_identity_json(&c, "sha", -1, &j, NULL), KD_OK);
+        assert_int_equal(kd_train_config_kd_identity_json(&c, "sha", -1, NULL, &j, NULL), KD_OK);
         kd_train_config_free(&c);
         char hex[KD_SHA256_HEX];
         assert_int_equal(kd_json_hash(j, strlen(j), hex, NULL), KD_OK);

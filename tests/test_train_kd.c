@@ -564,6 +564,123 @@ static void test_changed_or_unfinished_mix_is_refused(void **state)
 }
 
 /* ------------------------------------------------------------------------ */
+/* The intermediate term                                                     */
+
+/* A wider, deeper local teacher (trained here by kdkit train), the student's
+   hidden states mapped to its layers proportionally: intermediate is logged
+   and falls, the map travels in the checkpoints, SIGTERM/SIGKILLs and
+   --resume auto give the same losses and final weights (map and its AdamW
+   moments included), the checkpoint still evaluates as a plain model, and a
+   changed teacher checkpoint is refused naming what changed. */
+static void test_intermediate_term_resumes_exactly(void **state)
+{
+    (void)state;
+    char tdir[4300], tck[4400], tck2[4400], log[4300], cfg[4300], text[12288];
+    pathf(tdir, sizeof tdir, "%s/teacher", g_root);
+    pathf(log, sizeof log, "%s/inter.log", g_root);
+    const char *ta[] = {"train", "--config", g_cfg, "--output-dir", tdir, "--set",
+                        "model.n_layer=3", "--set", "model.d_model=48", NULL};
+    run_ok(log, ta);
+    pathf(tck, sizeof tck, "%s/checkpoint_%d.safetensors", tdir, STEPS);
+    pathf(tck2, sizeof tck2, "%s/checkpoint_%d.safetensors", tdir, STEPS - 4);
+    pathf(cfg, sizeof cfg, "%s/inter.yaml", g_root);
+    snprintf(text, sizeof text,
+             "%skd: {source: mix, mix: '%s', eval_fraction: 0.2, intermediate_weight: 0.5, "
+             "teacher_checkpoint: '%s', intermediate_layers: proportional}\n",
+             CFG_HEAD, g_mix, tck);
+    write_text(cfg, text);
+
+    char ref[4300], dir[4300], a[4400], b[4400];
+    pathf(ref, sizeof ref, "%s/inter-ref", g_root);
+    pathf(dir, sizeof dir, "%s/inter-interrupted", g_root);
+    const char *ra[] = {"train", "--config", cfg, "--output-dir", ref, NULL};
+    run_ok(log, ra);
+    pathf(a, sizeof a, "%s/metrics.jsonl", ref);
+    json_t *m = load_jsonl(a);
+    assert_int_equal(json_array_size(m), STEPS);
+    double first = 0, last = 0;
+    for (size_t i = 0; i < STEPS; i++) {
+        json_t *line = json_array_get(m, i), *lc = json_object_get(line, "loss_components");
+        double kd = json_number_value(json_object_get(lc, "kd"));
+        double ce = json_number_value(json_object_get(lc, "ce"));
+        json_t *im = json_object_get(lc, "intermediate");
+        if (!json_is_number(im) || !(json_number_value(im) > 0.0))
+            fail_msg("metrics line %zu: intermediate must be a positive number", i + 1);
+        double want = 0.5 * ce + 0.5 * kd + 0.5 * json_number_value(im);
+        double loss = json_number_value(json_object_get(line, "loss"));
+        if (fabs(loss - want) > 1e-4 * fabs(want))
+            fail_msg("metrics line %zu: loss %.9g is not 0.5 ce + 0.5 kd + 0.5 intermediate "
+                     "(%.9g)", i + 1, loss, want);
+        if (i < 4)
+            first += json_number_value(im);
+        if (i >= STEPS - 4)
+            last += json_number_value(im);
+    }
+    json_decref(m);
+    if (!(last < first))
+        fail_msg("the intermediate MSE did not fall: first steps %g, last %g", first / 4,
+                 last / 4);
+    /* the map (2 student layers -> teacher layers 0 and 2) and its moments
+       are in the checkpoint */
+    pathf(a, sizeof a, "%s/checkpoint_%d.safetensors", ref, STEPS);
+    kd_ckpt *ck;
+    kd_err e;
+    if (kd_ckpt_open(&ck, a, NULL, &e) != KD_OK)
+        fail_msg("%s", e.msg);
+    static const char *const names[] = {"distill.map.0.weight", "distill.map.1.bias",
+                                        "opt.m.distill.map.1.weight",
+                                        "opt.v.distill.map.0.bias"};
+    for (size_t i = 0; i < 4; i++) {
+        int found = 0;
+        for (size_t j = 0; j < kd_ckpt_count(ck); j++) {
+            kd_tensor_view v;
+            assert_int_equal(kd_ckpt_tensor(ck, j, &v), KD_OK);
+            if (strcmp(v.name, names[i]) == 0) {
+                found = 1;
+                if (strstr(names[i], "weight"))
+                    assert_true(v.ndim == 2 && v.shape[0] == 48 && v.shape[1] == 32);
+            }
+        }
+        if (!found)
+            fail_msg("%s is not in %s", names[i], a);
+    }
+    kd_ckpt_close(ck);
+
+    const char *first_a[] = {"train", "--config", cfg, "--output-dir", dir, NULL};
+    const char *again[] = {"train", "--config", cfg, "--output-dir", dir, "--resume", "auto",
+                           NULL};
+    interrupt_and_finish(first_a, again, dir, log);
+    same_lines(ref, dir, "metrics.jsonl", MFIELDS, STEPS);
+    pathf(b, sizeof b, "%s/checkpoint_%d.safetensors", dir, STEPS);
+    same_weights(a, b);
+
+    /* the student checkpoint still loads as a plain model */
+    const char *ea[] = {"eval", "--checkpoint", a, "--mix", g_mix, "--json", NULL};
+    run_ok(log, ea);
+
+    /* another teacher checkpoint under the same run is refused, with a diff */
+    char set[4500];
+    pathf(set, sizeof set, "kd.teacher_checkpoint=%s", tck2);
+    const char *ca[] = {"train", "--config", cfg, "--output-dir", dir, "--resume", "auto",
+                        "--set", set, NULL};
+    unlink(log);
+    assert_int_equal(run(log, ca), 2);
+    char *t = slurp(log);
+    if (!strstr(t, "teacher_checkpoint_sha256"))
+        fail_msg("a changed teacher checkpoint is not named:\n%s", t);
+    free(t);
+    /* an API teacher (no checkpoint) with a weight stays a config error */
+    unlink(log);
+    const char *na[] = {"train", "--config", g_cfg, "--output-dir", dir, "--set",
+                        "kd.intermediate_weight=0.5", NULL};
+    assert_int_equal(run(log, na), 2);
+    t = slurp(log);
+    if (!strstr(t, "kd.intermediate_weight"))
+        fail_msg("a weight without a teacher checkpoint is not refused by name:\n%s", t);
+    free(t);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Online                                                                    */
 
 static void test_online_matches_offline_and_pays_once(void **state)
@@ -739,6 +856,7 @@ int main(void)
         cmocka_unit_test(test_offline_logs_components_and_eval_agrees),
         cmocka_unit_test(test_offline_interrupted_is_bitwise_identical),
         cmocka_unit_test(test_changed_or_unfinished_mix_is_refused),
+        cmocka_unit_test(test_intermediate_term_resumes_exactly),
         cmocka_unit_test(test_online_matches_offline_and_pays_once),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -309,7 +309,9 @@ const kd_tensor_view *kd_gpt_param_views(const kd_gpt *m, size_t *n);
 const kd_tensor_view *kd_gpt_grad_views(const kd_gpt *m, size_t *n);
 /*
  * Copy parameters from views (any order, e.g. a mapped checkpoint).  Names
- * starting with "opt." are skipped (they belong to kd_adamw_load_views).
+ * starting with "opt." are skipped (they belong to kd_adamw_load_views), and
+ * so are names starting with "distill." (training-side tensors that are not
+ * part of the model: the intermediate term's map, docs/training.md).
  * Every parameter must be present with dtype F32 and its exact shape
  * (KD_ENOTFOUND / KD_EMISMATCH), and any other name is KD_EMISMATCH (a
  * checkpoint of a different architecture).  On error the model is unchanged.
@@ -400,6 +402,16 @@ int64_t kd_adamw_step_count(const kd_adamw *o);
  * checks as kd_gpt_load_views, using only names starting with "opt.".
  */
 const kd_tensor_view *kd_adamw_views(const kd_adamw *o, size_t *n);
+/*
+ * Train `n` more F32 tensors outside the model (the intermediate term's
+ * map): params[i] and grads[i] (borrowed for the optimizer's life, same
+ * size) get the same update as the model's parameters, after them, at every
+ * kd_adamw_step (weight decay on those with ndim >= 2), and their moments
+ * join kd_adamw_views as "opt.m.<name>" / "opt.v.<name>" (so call it before
+ * taking the views).  KD_EINVAL for a bad view, KD_ENOMEM.
+ */
+int kd_adamw_add_tensors(kd_adamw *o, const kd_tensor_view *params, const kd_tensor_view *grads,
+                         size_t n, kd_err *e);
 int kd_adamw_load_views(kd_adamw *o, const kd_tensor_view *v, size_t n, kd_err *e);
 
 #ifdef __cplusplus

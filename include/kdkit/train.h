@@ -58,6 +58,7 @@ typedef struct kd_train_kd {
     int mask_prompt;            /* kd.mask_prompt, default true */
     double eval_fraction;       /* kd.eval_fraction: held-out share of samples */
     char *teacher_checkpoint;   /* kd.teacher_checkpoint (intermediate), or NULL */
+    char *intermediate_layers;  /* kd.intermediate_layers, NULL = "last" */
 } kd_train_kd;
 
 typedef struct kd_train_config {
@@ -120,11 +121,25 @@ int kd_train_config_identity_json(const kd_train_config *c, const char *corpus_s
  * and the data by its identity: `source_identity` is kd_mix_identity of the
  * mix (source mix) or the prompt file's SHA-256 (source online), and
  * mix_ok_rows (>= 0, source mix) the number of rows with status ok (a
- * failed row retried later changes what trains).  KD_EINVAL without a kd
+ * failed row retried later changes what trains).  With the intermediate
+ * term on, teacher_ckpt_sha256 (the SHA-256 of kd.teacher_checkpoint's
+ * bytes) and the layer mapping are part of it too.  KD_EINVAL without a kd
  * section.
  */
 int kd_train_config_kd_identity_json(const kd_train_config *c, const char *source_identity,
-                                     int64_t mix_ok_rows, char **json_out, kd_err *e);
+                                     int64_t mix_ok_rows, const char *teacher_ckpt_sha256,
+                                     char **json_out, kd_err *e);
+/*
+ * kd.intermediate_layers -> (student layer, teacher layer) pairs, 0-based:
+ * NULL or "last" maps the student's last layer to the teacher's last;
+ * "proportional" maps every student layer i to teacher layer
+ * (i + 1) * teacher_layers / student_layers - 1 (floor); otherwise
+ * "s:t,s:t,..." explicitly (each student layer at most once).  With n_pairs
+ * NULL only checks (the arrays then may be NULL; student and teacher hold
+ * KD_GPT_MAX_LAYER entries otherwise).  KD_ECONFIG naming the bad part.
+ */
+int kd_train_intermediate_layers_parse(const char *spec, int student_layers, int teacher_layers,
+                                       int *n_pairs, int *student, int *teacher, kd_err *e);
 /* Every key with its effective value (for display and docs), malloc'd. */
 int kd_train_config_effective_json(const kd_train_config *c, char **json_out, kd_err *e);
 

@@ -5,7 +5,9 @@
  * so "opt.m.<name>" / "opt.v.<name>" views alias it for checkpoints; the
  * step count travels as "opt.step" (I64 [1]).  The update is element-wise,
  * so splitting each tensor across OpenMP threads (static blocks) changes no
- * bit of the result.
+ * bit of the result.  Tensors outside the model (kd_adamw_add_tensors: the
+ * intermediate term's map) get the same update, after the model's, with
+ * their own moments and views.
  */
 #include <math.h>
 #include <stdio.h>
@@ -27,6 +29,11 @@ struct kd_adamw {
     size_t n_views;      /* 1 + 2 * tensors */
     kd_tensor_view *views;
     char *names;
+    /* extra tensors (kd_adamw_add_tensors), each with its own moments */
+    size_t nx;
+    kd_tensor_view *xp, *xg;
+    float **xmv;         /* [nx]: m then v, 2 * count floats each */
+    char **xnames;       /* [nx]: "opt.m.<name>\0opt.v.<name>\0" */
 };
 
 #define NAME_CAP 48
@@ -94,6 +101,14 @@ void kd_adamw_free(kd_adamw *o)
     free(o->mv);
     free(o->views);
     free(o->names);
+    for (size_t i = 0; i < o->nx; i++) {
+        free(o->xmv[i]);
+        free(o->xnames[i]);
+    }
+    free(o->xp);
+    free(o->xg);
+    free(o->xmv);
+    free(o->xnames);
     free(o);
 }
 
@@ -134,6 +149,78 @@ int kd_adamw_step(kd_adamw *o, double lr, kd_err *e)
             m[j] = mj;
             v[j] = vj;
             p[j] = pj - step_size * (mj / (sqrtf(vj) / bc2_sqrt + eps));
+        }
+    }
+    for (size_t i = 0; i < o->nx; i++) {
+        size_t cnt = o->xp[i].nbytes / sizeof(float);
+        float *p = o->xp[i].data;
+        const float *g = o->xg[i].data;
+        float *m = o->xmv[i], *v = o->xmv[i] + cnt;
+        int decays = o->xp[i].ndim >= 2 && o->cfg.weight_decay != 0.0;
+#pragma omp parallel for schedule(static)
+        for (size_t j = 0; j < cnt; j++) {
+            float pj = decays ? p[j] * decay : p[j];
+            float gj = g[j];
+            float mj = b1 * m[j] + omb1 * gj;
+            float vj = b2 * v[j] + omb2 * (gj * gj);
+            m[j] = mj;
+            v[j] = vj;
+            p[j] = pj - step_size * (mj / (sqrtf(vj) / bc2_sqrt + eps));
+        }
+    }
+    return KD_OK;
+}
+
+int kd_adamw_add_tensors(kd_adamw *o, const kd_tensor_view *params, const kd_tensor_view *grads,
+                         size_t n, kd_err *e)
+{
+    for (size_t i = 0; i < n; i++) {
+        const kd_tensor_view *p = &params[i], *g = &grads[i];
+        if (!p->name || p->dtype != KD_DTYPE_F32 || g->dtype != KD_DTYPE_F32 || !p->data ||
+            !g->data || p->nbytes != g->nbytes || p->nbytes % sizeof(float) != 0)
+            return kd_err_set(e, KD_EINVAL, "adamw: extra tensor %zu (%s): expected F32 "
+                              "parameters and gradients of one size", i, p->name ? p->name : "?");
+        if (strlen(p->name) + 7 > NAME_CAP)
+            return kd_err_set(e, KD_EINVAL, "adamw: extra tensor name %s is too long", p->name);
+    }
+    kd_tensor_view *xp = realloc(o->xp, (o->nx + n) * sizeof *xp);
+    if (xp)
+        o->xp = xp;
+    kd_tensor_view *xg = realloc(o->xg, (o->nx + n) * sizeof *xg);
+    if (xg)
+        o->xg = xg;
+    float **xmv = realloc(o->xmv, (o->nx + n) * sizeof *xmv);
+    if (xmv)
+        o->xmv = xmv;
+    char **xnames = realloc(o->xnames, (o->nx + n) * sizeof *xnames);
+    if (xnames)
+        o->xnames = xnames;
+    kd_tensor_view *views = realloc(o->views, (o->n_views + 2 * n) * sizeof *views);
+    if (views)
+        o->views = views;
+    if (!xp || !xg || !xmv || !xnames || !views)
+        return kd_err_set(e, KD_ENOMEM, "adamw: out of memory");
+    for (size_t i = 0; i < n; i++) {
+        size_t cnt = params[i].nbytes / sizeof(float);
+        float *mv = calloc(cnt ? 2 * cnt : 1, sizeof(float));
+        char *names = malloc(2 * NAME_CAP);
+        if (!mv || !names) {
+            free(mv);
+            free(names);
+            return kd_err_set(e, KD_ENOMEM, "adamw: out of memory for %s", params[i].name);
+        }
+        o->xp[o->nx] = params[i];
+        o->xg[o->nx] = grads[i];
+        o->xmv[o->nx] = mv;
+        o->xnames[o->nx] = names;
+        o->nx++;
+        for (int which = 0; which < 2; which++) {
+            kd_tensor_view *v = &o->views[o->n_views++];
+            *v = params[i];
+            snprintf(names + which * NAME_CAP, NAME_CAP, "opt.%c.%s", which ? 'v' : 'm',
+                     params[i].name);
+            v->name = names + which * NAME_CAP;
+            v->data = mv + (which ? cnt : 0);
         }
     }
     return KD_OK;

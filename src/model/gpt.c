@@ -1059,6 +1059,15 @@ int kd_gpt_load_views(kd_gpt *m, const kd_tensor_view *v, size_t n, kd_err *e)
 {
     if (!v && n)
         return kd_err_set(e, KD_EINVAL, "load: views is NULL");
-    int rc = kd_gpt__load_matching(m->pviews, m->n_tensors, v, n, "opt.", 0, e);
+    /* "distill." tensors (the intermediate term's map) are the trainer's */
+    kd_tensor_view *own = malloc((n ? n : 1) * sizeof *own);
+    if (!own)
+        return kd_err_set(e, KD_ENOMEM, "load: out of memory");
+    size_t no = 0;
+    for (size_t i = 0; i < n; i++)
+        if (!v[i].name || strncmp(v[i].name, "distill.", 8) != 0)
+            own[no++] = v[i];
+    int rc = kd_gpt__load_matching(m->pviews, m->n_tensors, own, no, "opt.", 0, e);
+    free(own);
     return rc;
 }

@@ -80,10 +80,12 @@ void kd_train_config_free(kd_train_config *c)
     free(c->kd.mix);
     free(c->kd.prompts);
     free(c->kd.teacher_checkpoint);
+    free(c->kd.intermediate_layers);
     free(c->teacher_json);
     c->data_path = NULL;
     c->source = NULL;
     c->kd.mix = c->kd.prompts = c->kd.teacher_checkpoint = c->teacher_json = NULL;
+    c->kd.intermediate_layers = NULL;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -143,6 +145,7 @@ static const keydef KEYS[] = {
     {"kd", "mask_prompt", K_BOOL, 0, 0, 0, 0},
     {"kd", "eval_fraction", K_NUM, 0, 0.5, 0, 0},
     {"kd", "teacher_checkpoint", K_STR, 0, 0, 0, 0},
+    {"kd", "intermediate_layers", K_STR, 0, 0, 0, 0},
 };
 #define NKEYS (sizeof KEYS / sizeof KEYS[0])
 
@@ -329,12 +332,15 @@ static int take(kd_train_config *c, const keydef *k, const json_t *v, const orig
             return kd_err_set(e, KD_ECONFIG, "%s: kd.source: expected mix or online, got '%s'",
                               src, w);
     }
-    else if (IS("kd", "mix") || IS("kd", "prompts") || IS("kd", "teacher_checkpoint")) {
+    else if (IS("kd", "mix") || IS("kd", "prompts") || IS("kd", "teacher_checkpoint") ||
+             IS("kd", "intermediate_layers")) {
         char *p = strdup(json_string_value(v));
         if (!p)
             return kd_err_set(e, KD_ENOMEM, "out of memory");
         char **slot = IS("kd", "mix") ? &c->kd.mix
-                      : IS("kd", "prompts") ? &c->kd.prompts : &c->kd.teacher_checkpoint;
+                      : IS("kd", "prompts") ? &c->kd.prompts
+                      : IS("kd", "teacher_checkpoint") ? &c->kd.teacher_checkpoint
+                                                       : &c->kd.intermediate_layers;
         free(*slot);
         *slot = p;
     }
@@ -532,17 +538,17 @@ static int validate_kd(const kd_train_config *c, const char *src, kd_err *e)
                               "returns hidden states, so the intermediate term needs a local "
                               "teacher (kd.teacher_checkpoint, a kdkit GPT checkpoint); got %.17g",
                               src, k->intermediate_weight);
+        kd_err le;
+        int rc = kd_train_intermediate_layers_parse(k->intermediate_layers, c->model.n_layer,
+                                                    KD_GPT_MAX_LAYER, NULL, NULL, NULL, &le);
+        if (rc != KD_OK)
+            return kd_err_set(e, KD_ECONFIG, "%s: kd.intermediate_layers: %s", src, le.msg);
+    } else if (k->teacher_checkpoint || k->intermediate_layers) {
         return kd_err_set(e, KD_ECONFIG,
-                          "%s: kd.intermediate_weight: the intermediate term (hidden-state MSE "
-                          "against kd.teacher_checkpoint) is not implemented in this version; set "
-                          "it to 0",
-                          src);
+                          "%s: kd.%s: used only by the intermediate term, which is off "
+                          "(kd.intermediate_weight is 0); set a weight or remove the key",
+                          src, k->teacher_checkpoint ? "teacher_checkpoint" : "intermediate_layers");
     }
-    if (k->teacher_checkpoint)
-        return kd_err_set(e, KD_ECONFIG,
-                          "%s: kd.teacher_checkpoint: used only by the intermediate term, which "
-                          "is not implemented in this version; remove the key",
-                          src);
     if (k->kd_weight == 0.0 && k->ce_weight == 0.0)
         return kd_err_set(e, KD_ECONFIG,
                           "%s: kd.kd_weight: kd.kd_weight and kd.ce_weight are both 0: nothing "
@@ -583,6 +589,13 @@ int kd_train_config_validate(const kd_train_config *c, kd_err *e)
                           "%s: train.micro_batch: must be 0 (the batch in one piece) or divide "
                           "train.batch_size (%d), got %d",
                           src, c->batch_size, c->micro_batch);
+    if (c->micro_batch > 0 && c->kd.enabled && c->kd.intermediate_weight != 0.0)
+        return kd_err_set(e, KD_ECONFIG,
+                          "%s: kd.intermediate_weight: the intermediate term is not supported with "
+                          "train.micro_batch (the micro-batched step, used under MPI, does not "
+                          "carry the hidden-state map's gradients yet): set train.micro_batch to 0 "
+                          "or kd.intermediate_weight to 0",
+                          src);
     if (c->lr.lr_min > c->lr.lr_max)
         return kd_err_set(e, KD_ECONFIG, "%s: lr.min: must be at most lr.max (%.17g), got %.17g", src,
                           c->lr.lr_max, c->lr.lr_min);
@@ -827,6 +840,61 @@ int kd_train_config_identity_json(const kd_train_config *c, const char *corpus_s
     return dump(root, json_out, e);
 }
 
+int kd_train_intermediate_layers_parse(const char *spec, int student_layers, int teacher_layers,
+                                       int *n_pairs, int *student, int *teacher, kd_err *e)
+{
+    int n = 0;
+    int s_[KD_GPT_MAX_LAYER], t_[KD_GPT_MAX_LAYER];
+    if (!spec || strcmp(spec, "last") == 0) {
+        s_[0] = student_layers - 1;
+        t_[0] = teacher_layers - 1;
+        n = 1;
+    } else if (strcmp(spec, "proportional") == 0) {
+        for (int i = 0; i < student_layers; i++) {
+            s_[n] = i;
+            t_[n++] = (int)(((int64_t)(i + 1) * teacher_layers) / student_layers) - 1;
+        }
+    } else {
+        const char *p = spec;
+        while (*p) {
+            char *end;
+            long a = strtol(p, &end, 10);
+            if (end == p || *end != ':')
+                return kd_err_set(e, KD_ECONFIG, "expected last, proportional or pairs "
+                                  "\"student:teacher\" (0-based layers) separated by commas, "
+                                  "e.g. \"0:1,1:3\"; got \"%s\"", spec);
+            const char *q = end + 1;
+            long b = strtol(q, &end, 10);
+            if (end == q || (*end != ',' && *end != '\0'))
+                return kd_err_set(e, KD_ECONFIG, "expected last, proportional or pairs "
+                                  "\"student:teacher\" (0-based layers) separated by commas, "
+                                  "e.g. \"0:1,1:3\"; got \"%s\"", spec);
+            if (a < 0 || a >= student_layers)
+                return kd_err_set(e, KD_ECONFIG, "student layer %ld: the student has layers 0..%d",
+                                  a, student_layers - 1);
+            if (b < 0 || b >= teacher_layers)
+                return kd_err_set(e, KD_ECONFIG, "teacher layer %ld: the teacher has layers 0..%d",
+                                  b, teacher_layers - 1);
+            for (int i = 0; i < n; i++)
+                if (s_[i] == (int)a)
+                    return kd_err_set(e, KD_ECONFIG, "student layer %ld is mapped twice", a);
+            if (n == KD_GPT_MAX_LAYER)
+                return kd_err_set(e, KD_ECONFIG, "more than %d pairs", KD_GPT_MAX_LAYER);
+            s_[n] = (int)a;
+            t_[n++] = (int)b;
+            p = *end ? end + 1 : end;
+        }
+        if (n == 0)
+            return kd_err_set(e, KD_ECONFIG, "no layer pair in \"%s\"", spec);
+    }
+    if (n_pairs) {
+        *n_pairs = n;
+        memcpy(student, s_, (size_t)n * sizeof *student);
+        memcpy(teacher, t_, (size_t)n * sizeof *teacher);
+    }
+    return KD_OK;
+}
+
 static const char *div_name(int d)
 {
     return d == KD_GPT_DIV_SKEW ? "skew" : d == KD_GPT_DIV_JSD ? "jsd" : "forward_kl";
@@ -854,7 +922,8 @@ static json_t *kd_numbers(json_t *root, const kd_train_config *c)
 }
 
 int kd_train_config_kd_identity_json(const kd_train_config *c, const char *source_identity,
-                                     int64_t mix_ok_rows, char **json_out, kd_err *e)
+                                     int64_t mix_ok_rows, const char *teacher_ckpt_sha256,
+                                     char **json_out, kd_err *e)
 {
     if (!c->kd.enabled)
         return kd_err_set(e, KD_EINVAL, "identity: the config has no kd section");
@@ -868,6 +937,14 @@ int kd_train_config_kd_identity_json(const kd_train_config *c, const char *sourc
                         source_identity ? json_string(source_identity) : json_null());
     if (c->kd.source == KD_TRAIN_KD_MIX)
         json_object_set_new(k, "mix_ok_rows", json_integer(mix_ok_rows));
+    if (c->kd.intermediate_weight != 0.0) {
+        /* the local teacher by its bytes (it may move, not change) */
+        json_object_set_new(k, "teacher_checkpoint_sha256",
+                            teacher_ckpt_sha256 ? json_string(teacher_ckpt_sha256) : json_null());
+        json_object_set_new(k, "intermediate_layers",
+                            json_string(c->kd.intermediate_layers ? c->kd.intermediate_layers
+                                                                  : "last"));
+    }
     if (c->teacher_json) {
         /* what decides the answers: who is asked (the provider label when
            set, as cache keys and mix identities do, so the port may change),
@@ -914,6 +991,12 @@ int kd_train_config_effective_json(const kd_train_config *c, char **json_out, kd
             json_object_set_new(kd, "mix", json_string(c->kd.mix));
         if (c->kd.prompts)
             json_object_set_new(kd, "prompts", json_string(c->kd.prompts));
+        if (c->kd.teacher_checkpoint)
+            json_object_set_new(kd, "teacher_checkpoint", json_string(c->kd.teacher_checkpoint));
+        if (c->kd.intermediate_weight != 0.0)
+            json_object_set_new(kd, "intermediate_layers",
+                                json_string(c->kd.intermediate_layers ? c->kd.intermediate_layers
+                                                                      : "last"));
         json_object_set_new(kd, "skew_lambda", json_real(c->kd.skew_lambda));
         json_object_set_new(kd, "jsd_beta", json_real(c->kd.jsd_beta));
     }

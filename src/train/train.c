@@ -71,6 +71,7 @@
 #define STREAM_INIT 0  /* kd_rng_seed_stream(seed, .): weight initialisation */
 #define STREAM_TRAIN 1 /* the trainer's RNG, saved in every checkpoint */
 #define KD_TRAIN_NONFINITE_MAX 20 /* consecutive skipped updates that stop the run */
+#define STREAM_MAP 2   /* the intermediate term's map initialisation */
 
 typedef struct run {
     int nonfinite_run; /* consecutive steps whose update was skipped */
@@ -107,6 +108,7 @@ typedef struct run {
     /* data-parallel (dist.h): rank 0 alone owns the tracker and the files */
     int rank, nranks;
     kd_mbstep *mbs;              /* NULL: the batch in one piece (micro_batch 0) */
+    kd_kdinter *inter;           /* the intermediate term, when on (never with mbs) */
 } run;
 
 /* ------------------------------------------------------------------------ */
@@ -340,12 +342,15 @@ static int build_model(run *r)
         rc = kd_adamw_create(&r->opt, r->m, &c->adamw, r->e);
     if (rc == KD_OK)
         rc = kd_gpt_reserve(r->m, c->batch_size, c->model.n_ctx, r->e);
+    size_t np = 0, no = 0, ni = 0, nig = 0;
+    const kd_tensor_view *iv = r->inter ? kd_kdinter_views(r->inter, 0, &ni) : NULL;
+    if (rc == KD_OK && r->inter) /* the map is trained by the same AdamW */
+        rc = kd_adamw_add_tensors(r->opt, iv, kd_kdinter_views(r->inter, 1, &nig), ni, r->e);
     if (rc != KD_OK)
         return rc;
-    size_t np = 0, no = 0;
     const kd_tensor_view *pv = kd_gpt_param_views(r->m, &np);
     const kd_tensor_view *ov = kd_adamw_views(r->opt, &no);
-    r->views = malloc((np + no) * sizeof *r->views);
+    r->views = malloc((np + no + ni) * sizeof *r->views);
     size_t tokens = (size_t)c->batch_size * (size_t)c->model.n_ctx;
     r->x = malloc(tokens);
     r->y = malloc(tokens);
@@ -364,10 +369,16 @@ static int build_model(run *r)
     }
     memcpy(r->views, pv, np * sizeof *pv);
     memcpy(r->views + np, ov, no * sizeof *ov);
-    r->nviews = np + no;
+    if (ni)
+        memcpy(r->views + np + no, iv, ni * sizeof *iv);
+    r->nviews = np + no + ni;
     kd_rng init;
     kd_rng_seed_stream(&init, c->seed, STREAM_INIT);
     kd_gpt_init_weights(r->m, &init);
+    if (r->inter) {
+        kd_rng_seed_stream(&init, c->seed, STREAM_MAP);
+        kd_kdinter_init(r->inter, &init);
+    }
     kd_rng_seed_stream(&r->rng, c->seed, STREAM_TRAIN);
     r->sched = c->lr;
     r->sched.total_steps = c->steps;
@@ -470,6 +481,8 @@ static int load_checkpoint(run *r, const char *path, const kd_ckpt_expect *ex)
         rc = kd_gpt_load_views(r->m, v, n, r->e);
     if (rc == KD_OK)
         rc = kd_adamw_load_views(r->opt, v, n, r->e);
+    if (rc == KD_OK && r->inter)
+        rc = kd_kdinter_load_views(r->inter, v, n, r->e);
     if (rc != KD_OK) {
         wrap_err(r->e, rc, "cannot resume: ", "");
         goto out;
@@ -940,6 +953,8 @@ static int one_step(run *r)
         return rc;
     if (!r->mbs) {
         kd_gpt_zero_grad(r->m);
+        if (r->inter)
+            kd_kdinter_zero_grad(r->inter);
         rc = kd_gpt_forward(r->m, r->x, B, T, r->e);
     }
     kd_gpt_loss_spec sp = {.targets = r->y, .ce_weight = 1.0f, .kd_weight = 0.0f};
@@ -962,6 +977,13 @@ static int one_step(run *r)
         rc = kd_mbstep_run(r->mbs, r->m, r->x, &sp, &lo, r->e);
     else if (rc == KD_OK)
         rc = kd_gpt_loss(r->m, &sp, &lo, r->e);
+    double inter = 0.0;
+    /* the config refuses the intermediate term with micro-batches (config.c) */
+    if (rc == KD_OK && r->inter && !r->mbs) {
+        rc = kd_kdinter_loss(r->inter, r->m, r->x, r->win.mask, B, T, c->kd.intermediate_weight,
+                             &inter, r->e);
+        lo.total += c->kd.intermediate_weight * inter;
+    }
     if (rc == KD_OK && !r->mbs)
         rc = kd_gpt_backward(r->m, r->e);
     if (rc != KD_OK)
@@ -999,9 +1021,8 @@ static int one_step(run *r)
     m.loss = lo.total;
     m.loss_ce = lo.ce;
     if (r->kd) {
-        /* the intermediate term is not part of this version's loss: 0 */
         m.loss_kd = lo.kd;
-        m.loss_intermediate = 0.0;
+        m.loss_intermediate = inter; /* 0 when the term is off */
     }
     m.learning_rate = lr;
     m.samples_processed = r->kd ? r->step * B : r->pos;
@@ -1111,8 +1132,19 @@ static int open_kd_source(run *r)
         say(r, KD_TRAIN_EV_INFO, "prompts %s: %lld samples, sha256 %.16s...; asked online",
             c->kd.prompts, (long long)total, kd_kdsrc_identity(r->src));
     }
+    if (c->kd.intermediate_weight != 0.0) {
+        rc = kd_kdinter_open(&r->inter, c, r->e);
+        if (rc != KD_OK)
+            return rc;
+        char d[512];
+        kd_kdinter_describe(r->inter, d, sizeof d);
+        say(r, KD_TRAIN_EV_INFO, "intermediate term: %s (%s, sha256 %.16s...)", d,
+            c->kd.teacher_checkpoint, kd_kdinter_teacher_sha256(r->inter));
+    }
     return kd_train_config_kd_identity_json(c, kd_kdsrc_identity(r->src),
-                                            kd_kdsrc_ok_rows(r->src), &r->identity, r->e);
+                                            kd_kdsrc_ok_rows(r->src),
+                                            r->inter ? kd_kdinter_teacher_sha256(r->inter) : NULL,
+                                            &r->identity, r->e);
 }
 
 /* Online: the teacher client on this run's tracker (its paid answers go to
@@ -1400,6 +1432,7 @@ out:
     free(r.win.tok_start);
     kd_mbstep_free(r.mbs);
     kd_adamw_free(r.opt);
+    kd_kdinter_free(r.inter);
     kd_gpt_free(r.m);
     kd_train_data_free(r.data);
     free(r.views);

@@ -78,4 +78,37 @@ int kd_kd_heldout(int64_t index, double fraction);
 int kd_kd_evaluate(kd_gpt *m, kd_kdsrc *s, double eval_fraction, int64_t max_samples, int B,
                    int T, kd_train_kd_eval *out, kd_err *e);
 
+/* The intermediate term (intermediate.c): a local teacher checkpoint and
+   the learned map from student to teacher hidden states. */
+typedef struct kd_kdinter kd_kdinter;
+
+/* Load kd.teacher_checkpoint (its SHA-256 taken first), resolve
+   kd.intermediate_layers against both models, allocate the map (zero).
+   KD_ECONFIG naming the key for a missing/unusable checkpoint or a bad
+   mapping; loader errors (KD_ECORRUPT, ...) otherwise. */
+int kd_kdinter_open(kd_kdinter **out, const kd_train_config *c, kd_err *e);
+void kd_kdinter_free(kd_kdinter *x);
+/* SHA-256 of the teacher checkpoint's bytes (part of the run identity). */
+const char *kd_kdinter_teacher_sha256(const kd_kdinter *x);
+/* "teacher n_layer=.. d_model=..; layers s->t, ..." for the start-up line. */
+void kd_kdinter_describe(const kd_kdinter *x, char *buf, size_t cap);
+/* Initialise the map's weights from `rng` (biases stay 0). */
+void kd_kdinter_init(kd_kdinter *x, kd_rng *rng);
+/* The map's parameter (grads 0) or gradient (grads 1) views, "distill.map.*". */
+const kd_tensor_view *kd_kdinter_views(const kd_kdinter *x, int grads, size_t *n);
+/* Restore the map from checkpoint views; every map tensor must be there
+   with its shape, and no other "distill." tensor.  Unchanged on error. */
+int kd_kdinter_load_views(kd_kdinter *x, const kd_tensor_view *v, size_t n, kd_err *e);
+void kd_kdinter_zero_grad(kd_kdinter *x);
+/*
+ * After the student's forward (and loss) on tokens[B*T]: run the teacher
+ * forward on the same bytes, set *loss to the mean over layer pairs of the
+ * MSE between the mapped student and the teacher hidden states on the
+ * masked positions, ADD weight * its gradient into the map's gradients,
+ * and hand weight * d loss / d hidden to the student's next backward
+ * (kd_gpt_add_layer_grad).  KD_ENOMEM, model errors.
+ */
+int kd_kdinter_loss(kd_kdinter *x, kd_gpt *student, const uint8_t *tokens, const uint8_t *mask,
+                    int B, int T, double weight, double *loss, kd_err *e);
+
 #endif
