@@ -211,6 +211,80 @@ static void test_resume_from_views_is_bitwise(void **state)
     run_free(&b);
 }
 
+/* kd_adamw_add_tensors: a tensor outside the model, holding a copy of one
+ * model tensor and fed the same gradient, gets exactly that tensor's update
+ * (decay included), and its moments are views that load back. */
+static void test_extra_tensors_get_the_same_update(void **state)
+{
+    (void)state;
+    run a;
+    run_init(&a, 5);
+    kd_err e;
+    size_t n;
+    const kd_tensor_view *pv = kd_gpt_param_views(a.m, &n);
+    const kd_tensor_view *gv = kd_gpt_grad_views(a.m, &n);
+    int wi = -1, bi = -1;
+    for (size_t i = 0; i < n; i++) {
+        if (strcmp(pv[i].name, "h.1.mlp.c_fc.weight") == 0)
+            wi = (int)i;
+        if (strcmp(pv[i].name, "h.1.mlp.c_fc.bias") == 0)
+            bi = (int)i;
+    }
+    assert_true(wi >= 0 && bi >= 0);
+    float *xw = malloc(pv[wi].nbytes), *xb = malloc(pv[bi].nbytes);
+    float *gw = malloc(pv[wi].nbytes), *gb = malloc(pv[bi].nbytes);
+    memcpy(xw, pv[wi].data, pv[wi].nbytes);
+    memcpy(xb, pv[bi].data, pv[bi].nbytes);
+    kd_tensor_view xp[2] = {pv[wi], pv[bi]}, xg[2];
+    xp[0].name = "distill.x.weight", xp[0].data = xw;
+    xp[1].name = "distill.x.bias", xp[1].data = xb;
+    xg[0] = xp[0], xg[0].data = gw;
+    xg[1] = xp[1], xg[1].data = gb;
+    size_t before;
+    kd_adamw_views(a.o, &before);
+    assert_int_equal(kd_adamw_add_tensors(a.o, xp, xg, 2, &e), KD_OK);
+    size_t after;
+    const kd_tensor_view *ov = kd_adamw_views(a.o, &after);
+    assert_int_equal(after, before + 4);
+    assert_string_equal(ov[before].name, "opt.m.distill.x.weight");
+    assert_string_equal(ov[before + 3].name, "opt.v.distill.x.bias");
+    for (int s = 0; s < 3; s++) {
+        uint8_t x[B * T], y[B * T];
+        for (int i = 0; i < B * T; i++)
+            x[i] = (uint8_t)TEXT[i + s], y[i] = (uint8_t)TEXT[i + s + 1];
+        kd_gpt_loss_spec spec = {.targets = y, .ce_weight = 1.0f};
+        kd_gpt_loss_out lo;
+        kd_gpt_zero_grad(a.m);
+        assert_int_equal(kd_gpt_forward(a.m, x, B, T, &e), KD_OK);
+        assert_int_equal(kd_gpt_loss(a.m, &spec, &lo, &e), KD_OK);
+        assert_int_equal(kd_gpt_backward(a.m, &e), KD_OK);
+        memcpy(gw, gv[wi].data, gv[wi].nbytes);
+        memcpy(gb, gv[bi].data, gv[bi].nbytes);
+        assert_int_equal(kd_adamw_step(a.o, 3e-3, &e), KD_OK);
+    }
+    assert_memory_equal(xw, pv[wi].data, pv[wi].nbytes);
+    assert_memory_equal(xb, pv[bi].data, pv[bi].nbytes);
+    assert_memory_equal(ov[before].data, ov[1 + 2 * (size_t)wi].data, pv[wi].nbytes);
+    /* the moments load back through kd_adamw_load_views */
+    snap ck = {0};
+    snap_add(&ck, ov, after);
+    memset(ov[before].data, 0, pv[wi].nbytes);
+    assert_int_equal(kd_adamw_load_views(a.o, ck.v, ck.n, &e), KD_OK);
+    assert_memory_equal(ov[before].data, ov[1 + 2 * (size_t)wi].data, pv[wi].nbytes);
+    snap_free(&ck);
+    /* and a model checkpoint with distill.* tensors still loads as a model */
+    kd_tensor_view all[64];
+    assert_true(n + 2 <= 64);
+    memcpy(all, pv, n * sizeof *pv);
+    all[n] = xp[0], all[n + 1] = xp[1];
+    assert_int_equal(kd_gpt_load_views(a.m, all, n + 2, &e), KD_OK);
+    run_free(&a);
+    free(xw);
+    free(xb);
+    free(gw);
+    free(gb);
+}
+
 static void test_loaders_reject_other_models(void **state)
 {
     (void)state;
@@ -387,6 +461,7 @@ int main(void)
         cmocka_unit_test(test_two_runs_bitwise_equal),
         cmocka_unit_test(test_resume_from_views_is_bitwise),
         cmocka_unit_test(test_loaders_reject_other_models),
+        cmocka_unit_test(test_extra_tensors_get_the_same_update),
         cmocka_unit_test(test_accumulation_and_state),
         cmocka_unit_test(test_init_weights),
     };
