@@ -216,6 +216,49 @@ static void test_every_tensor_with_layer_gradients(void **state)
     g_inject = 0;
 }
 
+/* At tau = 1 with CE on, the coarse KD term reuses the CE's softmax terms
+ * (src/model/loss.c); it must give the KD value bit for bit as when it takes
+ * them itself (CE off), for every tail and divergence. */
+static void test_kd_term_same_with_and_without_ce(void **state)
+{
+    (void)state;
+    enum { NP = 40 };
+    static float z[NP * 256], d[NP * 256], lp[NP * K], oth[NP];
+    static int32_t ids[NP * K];
+    static uint8_t y[NP];
+    kd_rng r;
+    kd_rng_seed(&r, 11);
+    for (int i = 0; i < NP * 256; i++)
+        z[i] = (float)(3.0 * kd_rng_normal(&r));
+    for (int i = 0; i < NP; i++) {
+        y[i] = (uint8_t)kd_rng_below(&r, 256);
+        for (int j = 0; j < K; j++) {
+            ids[i * K + j] = (int32_t)kd_rng_below(&r, 256);
+            lp[i * K + j] = (float)log(0.05 + 0.2 * kd_rng_uniform(&r));
+        }
+        oth[i] = 0.1f;
+    }
+    for (int tail = 0; tail < 2; tail++)
+        for (int dv = 0; dv < 3; dv++) {
+            kd_gpt_loss_spec sp = {.targets = y, .ce_weight = 0.5f, .teacher_ids = ids,
+                                   .teacher_logprobs = lp, .teacher_k = K, .kd_weight = 0.5f,
+                                   .temperature = 1.0f, .grad_scale = 1.0f,
+                                   .kd_tail = tail ? KD_GPT_TAIL_BUCKET : KD_GPT_TAIL_RENORM,
+                                   .teacher_other = tail ? oth : NULL,
+                                   .kd_divergence = dv == 0   ? KD_GPT_DIV_FORWARD_KL
+                                                    : dv == 1 ? KD_GPT_DIV_SKEW
+                                                              : KD_GPT_DIV_JSD,
+                                   .kd_div_param = 0.3f};
+            kd_gpt_loss_out with, without;
+            kd_err e;
+            assert_int_equal(kd_gpt_loss_logits(z, d, NP, &sp, &with, &e), KD_OK);
+            sp.ce_weight = 0.0f;
+            assert_int_equal(kd_gpt_loss_logits(z, d, NP, &sp, &without, &e), KD_OK);
+            assert_true(with.n_kd == NP);
+            assert_memory_equal(&with.kd, &without.kd, sizeof with.kd);
+        }
+}
+
 /* The accessor's and the injection point's refusals. */
 static void test_layer_access_errors(void **state)
 {
@@ -426,6 +469,7 @@ int main(void)
         cmocka_unit_test(test_every_tensor_long_sequence),
         cmocka_unit_test(test_every_tensor_with_layer_gradients),
         cmocka_unit_test(test_layer_access_errors),
+        cmocka_unit_test(test_kd_term_same_with_and_without_ce),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -14,7 +14,10 @@
  * softmax gives dL/dz_j = (1/tau) q_j (g_c(j) - sum_c Q_c g_c), and the
  * tau^2 factor of the term leaves tau q_j (g_c(j) - gbar).  The student's
  * softmax costs one exp per byte, in double; class masses are sums of those
- * terms and their logs are taken of the sums.
+ * terms and their logs are taken of the sums.  At tau = 1 with CE on, those
+ * exps are the very ones the CE's softmax takes (expf(z - max z)), so they
+ * are taken once and shared; every result is bit for bit what it was
+ * (tests/test_model_grad.c, test_kd_term_same_with_and_without_ce).
  */
 #include <math.h>
 #include <string.h>
@@ -23,15 +26,23 @@
 
 #define V KD_GPT_VOCAB
 
-/* logsumexp of x[V] / tau, with the max subtracted for range. */
-static float log_softmax_row(const float *x, float inv_tau, float *lsm)
+/* logsumexp of x[V] / tau, with the max subtracted for range; ex (when
+ * non-NULL) keeps the terms expf((x[j] - max) * inv_tau). */
+static float log_softmax_row(const float *x, float inv_tau, float *lsm, float *ex)
 {
     float mx = x[0];
     for (int j = 1; j < V; j++)
         mx = x[j] > mx ? x[j] : mx;
     float s = 0.0f;
-    for (int j = 0; j < V; j++)
-        s += expf((x[j] - mx) * inv_tau);
+    if (ex) {
+        for (int j = 0; j < V; j++) {
+            ex[j] = expf((x[j] - mx) * inv_tau);
+            s += ex[j];
+        }
+    } else {
+        for (int j = 0; j < V; j++)
+            s += expf((x[j] - mx) * inv_tau);
+    }
     float lse = logf(s);
     if (lsm)
         for (int j = 0; j < V; j++)
@@ -64,7 +75,7 @@ static int coarse_has_mass(const kd_gpt_loss_spec *sp, size_t i)
  * support bytes, class ns the rest.
  */
 static double kd_coarse(const kd_gpt_loss_spec *sp, size_t i, const float *z, float *dz,
-                        float kd_g)
+                        float kd_g, const float *ex1)
 {
     const int k = sp->teacher_k;
     const int32_t *ids = sp->teacher_ids + i * (size_t)k;
@@ -124,9 +135,19 @@ static double kd_coarse(const kd_gpt_loss_spec *sp, size_t i, const float *z, fl
     for (int j = 0; j < V; j++)
         zmx = (double)z[j] * inv_tau > zmx ? (double)z[j] * inv_tau : zmx;
     const float fmx = (float)zmx, fit = (float)inv_tau;
-    for (int j = 0; j < V; j++) {
-        ez[j] = (double)expf(z[j] * fit - fmx); /* float exp: the logits are float */
-        zs += ez[j];
+    if (ex1) {
+        /* tau = 1 with CE on: the CE's softmax already took these very
+           terms (expf(z[j] - max z), the same float operations), so reuse
+           them; the sum runs in the same order, so every bit is the same */
+        for (int j = 0; j < V; j++) {
+            ez[j] = (double)ex1[j];
+            zs += ez[j];
+        }
+    } else {
+        for (int j = 0; j < V; j++) {
+            ez[j] = (double)expf(z[j] * fit - fmx); /* float exp: the logits are float */
+            zs += ez[j];
+        }
     }
     const double lzs = log(zs);
     double logQ[V + 1], Q[V + 1], S[V + 1]; /* S: class sums of ez */
@@ -134,10 +155,11 @@ static double kd_coarse(const kd_gpt_loss_spec *sp, size_t i, const float *z, fl
         S[c] = ez[byte_of[c]];
         logQ[c] = (double)z[byte_of[c]] * inv_tau - zmx - lzs;
     }
-    S[ns] = 0.0;
+    double rest = 0.0; /* in a register: the same additions, in the same order */
     for (int j = 0; j < V; j++)
         if (cls[j] < 0)
-            S[ns] += ez[j];
+            rest += ez[j];
+    S[ns] = rest;
     if (nrest == 0) {
         logQ[ns] = -INFINITY;
     } else if (S[ns] > 0.0) {
@@ -263,7 +285,10 @@ int kd_gpt_loss_logits(const float *logits, float *d_logits, size_t n_pos,
     float ce_g = n_ce ? spec->ce_weight * gscale / (float)n_ce : 0.0f;
     float kd_g = n_kd ? spec->kd_weight * gscale * tau / (float)n_kd : 0.0f;
     double ce_sum = 0.0, kd_sum = 0.0;
-    float lsm[V], q[V], pt[V];
+    float lsm[V], q[V], pt[V], ex[V];
+    /* kd_coarse at tau = 1 takes expf(z[j] - max z) per byte, which the CE's
+       softmax has just taken: share them (see kd_coarse) */
+    const int share = use_ce && coarse && (float)(1.0 / (double)tau) == 1.0f;
 
     for (size_t i = 0; i < n_pos; i++) {
         const float *z = logits + i * V;
@@ -273,7 +298,7 @@ int kd_gpt_loss_logits(const float *logits, float *d_logits, size_t n_pos,
         if (spec->mask && !spec->mask[i])
             continue;
         if (use_ce) {
-            log_softmax_row(z, 1.0f, lsm);
+            log_softmax_row(z, 1.0f, lsm, share ? ex : NULL);
             int y = spec->targets[i];
             ce_sum -= lsm[y];
             if (dz) {
@@ -284,7 +309,7 @@ int kd_gpt_loss_logits(const float *logits, float *d_logits, size_t n_pos,
         }
         if (coarse) {
             if (coarse_has_mass(spec, i))
-                kd_sum += kd_coarse(spec, i, z, dz, kd_g);
+                kd_sum += kd_coarse(spec, i, z, dz, kd_g, share ? ex : NULL);
         } else if (use_kd) {
             const int32_t *ids = spec->teacher_ids + i * (size_t)k;
             const float *lp = spec->teacher_logprobs + i * (size_t)k;
@@ -304,7 +329,7 @@ int kd_gpt_loss_logits(const float *logits, float *d_logits, size_t n_pos,
             for (int j = 0; j < k; j++)
                 if (ids[j] >= 0)
                     pt[ids[j]] += expf((lp[j] - mx) / tau - lse_t);
-            log_softmax_row(z, 1.0f / tau, q);
+            log_softmax_row(z, 1.0f / tau, q, NULL);
             double kl = 0.0;
             for (int j = 0; j < V; j++)
                 if (pt[j] > 0.0f)
