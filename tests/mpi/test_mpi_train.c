@@ -75,8 +75,8 @@ static int train(int np, const char *cfg, const char *dir, const char *extra)
 
 static void show_log(const char *dir)
 {
-    char cmd[4400];
-    snprintf(cmd, sizeof cmd, "tail -n 30 '%s.log' >&2", dir);
+    char cmd[4400 + 32];
+    pathf(cmd, sizeof cmd, "tail -n 30 '%s.log' >&2", dir);
     if (system(cmd) != 0)
         fprintf(stderr, "(no log)\n");
 }
