@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -275,6 +276,32 @@ static void test_streaming_atomic(void **state)
     assert_int_equal(kdt_count_prefix(f->dir, ".session.json.tmp"), 0);
 }
 
+/* Both file hashes share one reader: a FIFO (here with no writer, which a
+   blocking open or read would wait on forever) or a directory is refused at
+   once with the file named; a regular file hashes to the one-shot digest. */
+static void test_file_hashes_refuse_special_files(void **state)
+{
+    fx *f = *state;
+    kd_err e;
+    char sha[KD_SHA256_HEX], xx[KD_XXH3_HEX], ref[KD_XXH3_HEX];
+    char *fifo = kdt_path(f->dir, "checkpoint_1.safetensors");
+    assert_int_equal(mkfifo(fifo, 0644), 0);
+    assert_int_equal(kd_sha256_file(fifo, sha, NULL, &e), KD_EINVAL);
+    assert_non_null(strstr(e.msg, "not a regular file"));
+    assert_int_equal(kd_xxh3_file(fifo, xx, NULL, &e), KD_EINVAL);
+    assert_non_null(strstr(e.msg, "not a regular file"));
+    assert_non_null(strstr(e.msg, fifo));
+    assert_int_equal(kd_xxh3_file(f->dir, xx, NULL, &e), KD_EINVAL);
+    assert_int_equal(kd_xxh3_file(f->target, xx, NULL, &e), KD_ENOTFOUND);
+    assert_int_equal(kdt_spit(f->target, OLD, strlen(OLD)), 0);
+    uint64_t size = 0;
+    assert_int_equal(kd_xxh3_file(f->target, xx, &size, &e), KD_OK);
+    assert_int_equal(size, strlen(OLD));
+    assert_int_equal(kd_xxh3_hex(OLD, strlen(OLD), ref), KD_OK);
+    assert_string_equal(xx, ref);
+    free(fifo);
+}
+
 static void test_read_all(void **state)
 {
     fx *f = *state;
@@ -358,6 +385,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_fault_message_names_step_and_path, setup, teardown),
         cmocka_unit_test_setup_teardown(test_streaming_atomic, setup, teardown),
         cmocka_unit_test_setup_teardown(test_read_all, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_file_hashes_refuse_special_files, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mkdir_p_and_exists, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

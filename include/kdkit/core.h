@@ -216,7 +216,8 @@ void kd_sha256_final_hex(kd_sha256 *h, char hex[KD_SHA256_HEX]);
 void kd_sha256_free(kd_sha256 *h);
 /* One-shot forms. */
 int kd_sha256_hex(const void *data, size_t len, char hex[KD_SHA256_HEX]);
-/* Hash a file's content; *size (may be NULL) gets its length. */
+/* Hash a file's content; *size (may be NULL) gets its length.  A FIFO,
+   device or directory is refused (KD_EINVAL) before it is read. */
 int kd_sha256_file(const char *path, char hex[KD_SHA256_HEX], uint64_t *size, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
@@ -234,7 +235,8 @@ void kd_xxh3_final_hex(kd_xxh3 *h, char hex[KD_XXH3_HEX]);
 void kd_xxh3_free(kd_xxh3 *h);
 /* One-shot (KD_EINVAL for NULL data with len > 0). */
 int kd_xxh3_hex(const void *data, size_t len, char hex[KD_XXH3_HEX]);
-/* Hash a file's content; *size (may be NULL) gets its length.  KD_ENOTFOUND,
+/* Hash a file's content; *size (may be NULL) gets its length.  KD_EINVAL for
+   a FIFO, device or directory (refused before it is read), KD_ENOTFOUND,
    KD_EIO (sys_errno set), KD_ENOMEM. */
 int kd_xxh3_file(const char *path, char hex[KD_XXH3_HEX], uint64_t *size, kd_err *e);
 

@@ -384,3 +384,48 @@ done:
     free(p);
     return rc;
 }
+
+/* ------------------------------------------------------------------------ */
+/* Streaming a file to a hash (kd_sha256_file, kd_xxh3_file)                 */
+
+#define STREAM_BLOCK ((size_t)1 << 20)
+
+int kd_core_stream_file(const char *path, void (*update)(void *h, const void *p, size_t n),
+                        void *h, uint64_t *total, kd_err *e)
+{
+    int rc = KD_OK;
+    char *buf = NULL;
+    *total = 0;
+    /* O_NONBLOCK: opening a FIFO with no writer must not hang before the check */
+    int fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
+    if (fd < 0)
+        return kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "open of %s failed",
+                          path);
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        rc = kd_err_set(e, KD_EINVAL, "%s is not a regular file; only files are hashed", path);
+        goto done;
+    }
+    buf = malloc(STREAM_BLOCK);
+    if (!buf) {
+        rc = kd_err_set(e, KD_ENOMEM, "out of memory hashing %s", path);
+        goto done;
+    }
+    for (;;) {
+        ssize_t n = kd_sys_read(fd, buf, STREAM_BLOCK);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = kd_err_sys(e, KD_EIO, errno, "read of %s failed", path);
+            goto done;
+        }
+        if (n == 0)
+            break;
+        update(h, buf, (size_t)n);
+        *total += (uint64_t)n;
+    }
+done:
+    free(buf);
+    close(fd);
+    return rc;
+}

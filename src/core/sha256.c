@@ -13,7 +13,6 @@
 #include "kdkit/core.h"
 #include "core/sys.h"
 
-#define FILE_BLOCK ((size_t)1 << 20)
 
 struct kd_sha256 {
     EVP_MD_CTX *ctx;
@@ -86,50 +85,25 @@ int kd_sha256_hex(const void *data, size_t len, char hex[KD_SHA256_HEX])
     return KD_OK;
 }
 
+static void sha256_block(void *h, const void *p, size_t n)
+{
+    kd_sha256_update((kd_sha256 *)h, p, n);
+}
+
 int kd_sha256_file(const char *path, char hex[KD_SHA256_HEX], uint64_t *size, kd_err *e)
 {
-    int rc = KD_OK;
-    int fd = -1;
-    char *buf = NULL;
-    kd_sha256 *h = NULL;
-    uint64_t total = 0;
     if (!path || !hex)
         return kd_err_set(e, KD_EINVAL, "kd_sha256_file: bad arguments");
-    fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
-    if (fd < 0) {
-        rc = kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "open of %s failed", path);
-        goto done;
+    kd_sha256 *h = NULL;
+    if (kd_sha256_new(&h) != KD_OK)
+        return kd_err_set(e, KD_ENOMEM, "out of memory hashing %s", path);
+    uint64_t total = 0;
+    int rc = kd_core_stream_file(path, sha256_block, h, &total, e);
+    if (rc == KD_OK) {
+        kd_sha256_final_hex(h, hex);
+        if (size)
+            *size = total;
     }
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        rc = kd_err_set(e, KD_EINVAL, "%s is not a regular file; only files are hashed", path);
-        goto done;
-    }
-    buf = malloc(FILE_BLOCK);
-    if (!buf || kd_sha256_new(&h) != KD_OK) {
-        rc = kd_err_set(e, KD_ENOMEM, "out of memory hashing %s", path);
-        goto done;
-    }
-    for (;;) {
-        ssize_t n = kd_sys_read(fd, buf, FILE_BLOCK);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            rc = kd_err_sys(e, KD_EIO, errno, "read of %s failed", path);
-            goto done;
-        }
-        if (n == 0)
-            break;
-        kd_sha256_update(h, buf, (size_t)n);
-        total += (uint64_t)n;
-    }
-    kd_sha256_final_hex(h, hex);
-    if (size)
-        *size = total;
-done:
     kd_sha256_free(h);
-    free(buf);
-    if (fd >= 0)
-        close(fd);
     return rc;
 }

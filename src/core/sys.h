@@ -9,7 +9,10 @@
 #define KD_SRC_CORE_SYS_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
+
+#include "kdkit/error.h"
 
 int kd_sys_open(const char *path, int flags, mode_t mode);
 ssize_t kd_sys_write(int fd, const void *buf, size_t len);
@@ -25,5 +28,12 @@ int kd_sys_ftruncate(int fd, off_t len);
 int kd_sys_write_all(int fd, const void *buf, size_t len);
 /* Same for pwrite at an offset. */
 int kd_sys_pwrite_all(int fd, const void *buf, size_t len, off_t off);
+
+/* Stream a regular file through update(h, block, n) in 1 MiB blocks: the one
+   reader behind kd_sha256_file and kd_xxh3_file (file.c).  A FIFO, device or
+   directory is refused (KD_EINVAL) before anything is read, so hashing never
+   blocks on one.  *total gets the bytes read.  KD_ENOTFOUND, KD_EIO, KD_ENOMEM. */
+int kd_core_stream_file(const char *path, void (*update)(void *h, const void *p, size_t n),
+                        void *h, uint64_t *total, kd_err *e);
 
 #endif

@@ -15,7 +15,6 @@
 #include "core/sys.h"
 #include "kdkit/core.h"
 
-#define FILE_BLOCK ((size_t)1 << 20)
 
 struct kd_xxh3 {
     XXH3_state_t *st;
@@ -83,45 +82,25 @@ int kd_xxh3_hex(const void *data, size_t len, char hex[KD_XXH3_HEX])
     return KD_OK;
 }
 
+static void xxh3_block(void *h, const void *p, size_t n)
+{
+    kd_xxh3_update((kd_xxh3 *)h, p, n);
+}
+
 int kd_xxh3_file(const char *path, char hex[KD_XXH3_HEX], uint64_t *size, kd_err *e)
 {
-    int rc = KD_OK;
-    int fd = -1;
-    char *buf = NULL;
-    kd_xxh3 *h = NULL;
-    uint64_t total = 0;
     if (!path || !hex)
         return kd_err_set(e, KD_EINVAL, "kd_xxh3_file: bad arguments");
-    fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
-    if (fd < 0) {
-        rc = kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "open of %s failed", path);
-        goto done;
+    kd_xxh3 *h = NULL;
+    if (kd_xxh3_new(&h) != KD_OK)
+        return kd_err_set(e, KD_ENOMEM, "out of memory hashing %s", path);
+    uint64_t total = 0;
+    int rc = kd_core_stream_file(path, xxh3_block, h, &total, e);
+    if (rc == KD_OK) {
+        kd_xxh3_final_hex(h, hex);
+        if (size)
+            *size = total;
     }
-    buf = malloc(FILE_BLOCK);
-    if (!buf || kd_xxh3_new(&h) != KD_OK) {
-        rc = kd_err_set(e, KD_ENOMEM, "out of memory hashing %s", path);
-        goto done;
-    }
-    for (;;) {
-        ssize_t n = kd_sys_read(fd, buf, FILE_BLOCK);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            rc = kd_err_sys(e, KD_EIO, errno, "read of %s failed", path);
-            goto done;
-        }
-        if (n == 0)
-            break;
-        kd_xxh3_update(h, buf, (size_t)n);
-        total += (uint64_t)n;
-    }
-    kd_xxh3_final_hex(h, hex);
-    if (size)
-        *size = total;
-done:
     kd_xxh3_free(h);
-    free(buf);
-    if (fd >= 0)
-        close(fd);
     return rc;
 }
