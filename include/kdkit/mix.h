@@ -86,6 +86,14 @@ int64_t kd_mix_completed(const kd_mix *m);      /* indices that have a row */
  * or is not the row of that index.
  */
 int kd_mix_row_get(kd_mix *m, int64_t index, kd_mix_row *row, kd_err *e);
+/*
+ * Status (KD_MIX_ST_*) of the row of sample `index` as of kd_mix_open_read:
+ * mix_progress.json's ranges, then the rows written after it (a later row
+ * superseding).  O(1), reads no file (one byte per sample kept at open).
+ * KD_MIX_ST_NONE when the index has no row or is out of range.  Lets a
+ * reader choose samples without reading the rows of the ones it skips.
+ */
+int kd_mix_row_status(const kd_mix *m, int64_t index);
 /* 64-hex SHA-256 of "<config hash>:<prompt file SHA-256>". */
 const char *kd_mix_identity(const kd_mix *m);
 /* The mix config's canonical hash and the prompt file's SHA-256 (64 hex). */

@@ -5,6 +5,8 @@
  * mix_int.h) and mix.jsonl (rows validated by kd_mix_row_parse).  Takes no
  * lock and repairs nothing, so it works beside a running mix: rows written
  * after the progress file are found by scanning the tail from its mix_bytes.
+ * Keeps one status byte per sample (the progress file's ranges, then the
+ * tail's rows, later rows superseding), so kd_mix_row_status reads nothing.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -25,6 +27,7 @@ struct kd_mix {
     char *buf;         /* its bytes */
     size_t bufcap;
     char *lp_json;
+    uint8_t *status;   /* [total]: KD_MIX_ST_* as of open */
 };
 
 static char *join(const char *dir, const char *name)
@@ -49,7 +52,16 @@ static int in_ranges(const int64_t *r, size_t n, int64_t i)
     return lo < n && r[2 * lo] <= i;
 }
 
-/* Count indices of rows after the progress file that it does not cover. */
+/* Mark every index of the inclusive [lo, hi] pairs r[0..n) with `st`. */
+static void mark_ranges(kd_mix *m, const int64_t *r, size_t n, uint8_t st)
+{
+    for (size_t k = 0; k < n; k++)
+        for (int64_t i = r[2 * k] < 0 ? 0 : r[2 * k]; i <= r[2 * k + 1] && i < m->total; i++)
+            m->status[i] = st;
+}
+
+/* Count indices of rows after the progress file that it does not cover;
+   each tail row's status supersedes what the progress file says. */
 static int count_tail(kd_mix *m, const kd_mix_progress *p, kd_err *e)
 {
     kd_jsonl_reader *r = NULL;
@@ -76,7 +88,8 @@ static int count_tail(kd_mix *m, const kd_mix_progress *p, kd_err *e)
                  (long long)kd_jsonl_reader_lineno(r),
                  (unsigned long long)kd_jsonl_reader_offset(r));
         int64_t idx;
-        rc = kd_mix_row_validate(line, len, -1, where, &idx, NULL, e);
+        int st = KD_MIX_ST_NONE;
+        rc = kd_mix_row_validate(line, len, -1, where, &idx, &st, e);
         if (rc != KD_OK)
             break;
         if (idx >= m->total) {
@@ -84,6 +97,7 @@ static int count_tail(kd_mix *m, const kd_mix_progress *p, kd_err *e)
                             (long long)idx, (long long)m->total);
             break;
         }
+        m->status[idx] = (uint8_t)st;
         if (in_ranges(p->ranges, p->nranges, idx))
             continue;
         if (!seen && !(seen = calloc((size_t)(m->total / 8 + 1), 1))) {
@@ -135,6 +149,15 @@ int kd_mix_open_read(kd_mix **out, const char *dir, kd_err *e)
     memcpy(m->identity, p.identity, KD_SHA256_HEX);
     memcpy(m->config_hash, p.config_hash, KD_SHA256_HEX);
     memcpy(m->prompts_sha, p.prompts_sha256, KD_SHA256_HEX);
+    if (!(m->status = calloc((size_t)(m->total > 0 ? m->total : 1), 1))) {
+        rc = kd_err_set(e, KD_ENOMEM, "out of memory (%lld sample statuses)", (long long)m->total);
+        goto fail;
+    }
+    /* done minus the other statuses is ok (the progress file's counts) */
+    mark_ranges(m, p.ranges, p.nranges, KD_MIX_ST_OK);
+    mark_ranges(m, p.failed, p.nfailed, KD_MIX_ST_FAILED);
+    mark_ranges(m, p.refused, p.nrefused, KD_MIX_ST_REFUSED);
+    mark_ranges(m, p.skipped, p.nskipped, KD_MIX_ST_SKIPPED);
     m->rows_fd = open(m->rows_path, O_RDONLY | O_CLOEXEC);
     m->idx_fd = open(m->idx_path, O_RDONLY | O_CLOEXEC);
     if (m->rows_fd < 0 || m->idx_fd < 0) {
@@ -193,6 +216,11 @@ const char *kd_mix_config_hash(const kd_mix *m)
 const char *kd_mix_prompts_sha256(const kd_mix *m)
 {
     return m->prompts_sha;
+}
+
+int kd_mix_row_status(const kd_mix *m, int64_t index)
+{
+    return index >= 0 && index < m->total ? m->status[index] : KD_MIX_ST_NONE;
 }
 
 static void drop_row(kd_mix *m)
@@ -285,5 +313,6 @@ void kd_mix_close(kd_mix *m)
     free(m->rows_path);
     free(m->idx_path);
     free(m->lp_json);
+    free(m->status);
     free(m);
 }

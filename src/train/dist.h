@@ -38,6 +38,15 @@ void kd_dist_bcast(void *buf, size_t n, int root);
 /* Point to point (not collective): n bytes to / from rank `peer`. */
 void kd_dist_send(const void *buf, size_t n, int peer);
 void kd_dist_recv(void *buf, size_t n, int peer);
+/* Point to point, several at once (not collective): post every send
+   (recv 0) and receive (recv 1) of msgs[0..n), n <= 8, then wait for all.
+   Each message's peer posts the matching one, of the same size. */
+typedef struct kd_dist_msg {
+    void *buf;
+    size_t n;
+    int peer, recv;
+} kd_dist_msg;
+void kd_dist_exchange(kd_dist_msg *msgs, int n);
 /* Every rank's n_r doubles (rank r's at offset off[r], counts n[r], both
    known to all) into all[] on every rank. */
 void kd_dist_allgather(const double *mine, double *all, const int *n, const int *off);
@@ -47,10 +56,12 @@ void kd_dist_allgather(const double *mine, double *all, const int *n, const int 
  * into M = B / mb micro-batches of mb sequences; micro-batch j's gradient
  * g_j is computed alone (forward, loss, backward on mb sequences) with the
  * loss weights scaled so that the g_j add up to the gradient of the whole
- * batch's mean loss, and the step's gradient is the left fold
- * ((g_0 + g_1) + g_2) + ... in float, whatever the rank count: rank r owns
- * micro-batches [r M / N, (r+1) M / N), folds them onto the sum it receives
- * from the previous working rank, and the last one broadcasts the result.
+ * batch's mean loss, and the step's gradient is their sum in a fixed
+ * binary tree over micro-batch index (((g_0 + g_1) + (g_2 + g_3)) + ...,
+ * its shape a function of M alone), whatever the rank count: rank r owns
+ * micro-batches [r M / N, (r+1) M / N), sums the subtrees inside its run,
+ * exchanges the subtrees that straddle runs level by level, and rank 0,
+ * which ends with the root, broadcasts it.
  */
 typedef struct kd_mbstep kd_mbstep;
 /* For a model of `nparams` parameters, batches of B sequences of T tokens
@@ -62,14 +73,23 @@ void kd_mbstep_free(kd_mbstep *s);
  * the whole batch in *out (ce, kd: means over the batch's positions; total;
  * n_ce, n_kd), bitwise the same for any rank count.  x: the B*T inputs;
  * sp: the loss of the whole batch (its arrays B*T positions long, teacher
- * arrays teacher_k per position).  Collective: a rank whose own work fails
+ * arrays teacher_k per position); only this rank's rows (kd_mbstep_rows)
+ * of x and sp are read.  Collective: a rank whose own work fails
  * still joins the agreement, and every rank then returns an error (the
  * failing rank its own, the others KD_EIO naming it).
  */
 int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_spec *sp,
                   kd_gpt_loss_out *out, kd_err *e);
-/* Bytes this rank sent in the last kd_mbstep_run (gradient chain, the
-   broadcast it rooted, its loss figures). */
+/* Bytes this rank sent in the last kd_mbstep_run (gradient tree, the
+   broadcast it rooted, its loss counts and figures). */
 size_t kd_mbstep_bytes_sent(const kd_mbstep *s);
+/* The batch rows [*b0, *b1) whose samples this rank computes (its
+   micro-batches): the only rows of x and of the loss arrays that
+   kd_mbstep_run reads on this rank. */
+void kd_mbstep_rows(const kd_mbstep *s, int *b0, int *b1);
+/* The tree for M micro-batches over N ranks: its depth ceil(log2 M), the
+   gradient messages (4P bytes each) a step sends between ranks, and the
+   levels that send any (the hops one after another).  Not collective. */
+void kd_mbstep_tree_shape(int M, int N, int *levels, int *messages, int *comm_levels);
 
 #endif

@@ -176,6 +176,13 @@ int64_t kd_kdsrc_ok_rows(const kd_kdsrc *s)
     return s->mix ? s->ok_rows : -1;
 }
 
+int kd_kdsrc_usable(const kd_kdsrc *s, int64_t index)
+{
+    if (!s->mix)
+        return -1;
+    return kd_mix_row_status(s->mix, index) == KD_MIX_ST_OK;
+}
+
 const char *kd_kdsrc_identity(const kd_kdsrc *s)
 {
     return s->identity;

@@ -1,15 +1,27 @@
 /*
  * src/train/mbstep.c - the data-parallel step whose numbers do not depend on
  * the number of ranks (dist.h, docs/distributed.md): fixed micro-batches,
- * each one's gradient alone, summed as a left fold in micro-batch order
- * along a chain of ranks.  Reads and writes no file.
+ * each one's gradient alone, summed in a fixed binary tree over micro-batch
+ * index whose shape depends only on the micro-batch count M.  Reads and
+ * writes no file.
+ *
+ * The tree: leaf j is g_j; node (a, l) (a a multiple of 2^l) is the sum of
+ * leaves [a, a + 2^l) cut at M, computed as (a, l-1) + (a + 2^(l-1), l-1)
+ * in float, or as (a, l-1) alone when a + 2^(l-1) >= M.  The root is
+ * (0, L), L = ceil(log2 M).  A node is held by the rank that owns its first
+ * leaf; ranks own contiguous runs of micro-batches, so a rank builds the
+ * nodes inside its run as its gradients come (a stack of at most L + 1
+ * partial sums), then, level by level, sends a node whose left sibling
+ * starts on a lower rank and receives the right sibling that starts on a
+ * higher one.  Rank 0 ends with the root and broadcasts it.
  *
  * Scaling: the batch's loss is ce_w * (sum of CE over its N_ce positions) /
  * N_ce + kd_w * (sum of KD) / N_kd.  Micro-batch j computes its own mean
  * over its n_j positions, so it is given the weights ce_w * n_ce_j / N_ce and
- * kd_w * n_kd_j / N_kd; the counts come from the loss itself, evaluated on
- * zero logits (they depend on the targets, mask and teacher entries only),
- * so they are exactly the loss's own.
+ * kd_w * n_kd_j / N_kd; each rank counts its own micro-batches with the
+ * loss itself, evaluated on zero logits (the counts depend on the targets,
+ * mask and teacher entries only, so they are exactly the loss's own), and
+ * the counts are gathered, so a rank needs no other rank's samples.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -17,13 +29,23 @@
 
 #include "dist.h"
 
+typedef struct node {
+    int a, l;  /* first leaf, level */
+    float *g;  /* its sum [P] */
+} node;
+
 struct kd_mbstep {
     size_t P;         /* parameters */
     int B, mb, T, M;  /* batch, micro-batch, context, micro-batch count */
-    float *acc;       /* the running fold [P] */
-    float *store;     /* this rank's own g_j, waiting for the fold [own * P] */
+    int L;            /* tree depth: ceil(log2 M) */
+    int lo, hi;       /* this rank's micro-batches [lo, hi) */
+    node *stk;        /* this rank's complete nodes, by first leaf [L + 2] */
+    int nstk;
+    float **pool;     /* free sum buffers [L + 3] */
+    int npool;
+    float *tmp;       /* a received right sibling [P] */
     float *zlogits;   /* zeros [mb * T * 256], for the counts */
-    int64_t *n_ce, *n_kd;
+    double *cnt_all;  /* [2 M]: n_ce, n_kd of each micro-batch (gathered) */
     double *means;    /* [2 M]: ce, kd mean of each micro-batch */
     double *mine;     /* [2 M] */
     int *cnt, *off;   /* allgather layout [size] */
@@ -31,6 +53,43 @@ struct kd_mbstep {
 };
 
 static int first_of(int r, int M, int N) { return (int)((int64_t)r * M / N); }
+
+/* Rank owning micro-batch j. */
+static int owner(int j, int M, int N)
+{
+    int r = (int)(((int64_t)j * N + N - 1) / M);
+    while (r > 0 && first_of(r, M, N) > j)
+        r--;
+    while (r + 1 < N && first_of(r + 1, M, N) <= j)
+        r++;
+    return r;
+}
+
+static int depth(int M)
+{
+    int L = 0;
+    while (((int64_t)1 << L) < M)
+        L++;
+    return L;
+}
+
+void kd_mbstep_tree_shape(int M, int N, int *levels, int *messages, int *comm_levels)
+{
+    int L = depth(M), msgs = 0, cl = 0;
+    for (int l = 0; l < L; l++) {
+        int here = 0;
+        for (int64_t a = 0; a + ((int64_t)1 << l) < M; a += (int64_t)2 << l)
+            here += owner((int)a, M, N) != owner((int)(a + ((int64_t)1 << l)), M, N);
+        msgs += here;
+        cl += here > 0;
+    }
+    if (levels)
+        *levels = L;
+    if (messages)
+        *messages = msgs;
+    if (comm_levels)
+        *comm_levels = cl;
+}
 
 int kd_mbstep_create(kd_mbstep **out, size_t nparams, int B, int mb, int T, kd_err *e)
 {
@@ -46,21 +105,26 @@ int kd_mbstep_create(kd_mbstep **out, size_t nparams, int B, int mb, int T, kd_e
     s->mb = mb;
     s->T = T;
     s->M = B / mb;
-    int own = first_of(r + 1, s->M, N) - first_of(r, s->M, N);
-    s->acc = malloc(nparams * sizeof(float));
-    s->store = malloc((size_t)(own > 0 ? own : 1) * nparams * sizeof(float));
+    s->L = depth(s->M);
+    s->lo = first_of(r, s->M, N);
+    s->hi = first_of(r + 1, s->M, N);
+    s->stk = calloc((size_t)s->L + 2, sizeof *s->stk);
+    s->pool = calloc((size_t)s->L + 3, sizeof *s->pool);
+    s->tmp = malloc(nparams * sizeof(float));
     s->zlogits = calloc((size_t)mb * (size_t)T * KD_GPT_VOCAB, sizeof(float));
-    s->n_ce = calloc((size_t)s->M, sizeof(int64_t));
-    s->n_kd = calloc((size_t)s->M, sizeof(int64_t));
+    s->cnt_all = calloc(2 * (size_t)s->M, sizeof(double));
     s->means = calloc(2 * (size_t)s->M, sizeof(double));
     s->mine = calloc(2 * (size_t)s->M, sizeof(double));
     s->cnt = calloc((size_t)N, sizeof(int));
     s->off = calloc((size_t)N, sizeof(int));
-    if (!s->acc || !s->store || !s->zlogits || !s->n_ce || !s->n_kd || !s->means || !s->mine ||
-        !s->cnt || !s->off) {
+    int ok = s->stk && s->pool && s->tmp && s->zlogits && s->cnt_all && s->means && s->mine &&
+             s->cnt && s->off;
+    for (int k = 0; ok && k < s->L + 2; k++)
+        ok = (s->pool[s->npool++] = malloc(nparams * sizeof(float))) != NULL;
+    if (!ok) {
         kd_mbstep_free(s);
-        return kd_err_set(e, KD_ENOMEM, "out of memory (micro-batch gradients: %d x %zu floats)",
-                          own, nparams);
+        return kd_err_set(e, KD_ENOMEM, "out of memory (micro-batch partial sums: %d x %zu "
+                                        "floats)", s->L + 3, nparams);
     }
     for (int q = 0; q < N; q++) {
         s->off[q] = 2 * first_of(q, s->M, N);
@@ -74,11 +138,15 @@ void kd_mbstep_free(kd_mbstep *s)
 {
     if (!s)
         return;
-    free(s->acc);
-    free(s->store);
+    for (int k = 0; k < s->nstk; k++)
+        free(s->stk[k].g);
+    for (int k = 0; k < s->npool; k++)
+        free(s->pool[k]);
+    free(s->stk);
+    free(s->pool);
+    free(s->tmp);
     free(s->zlogits);
-    free(s->n_ce);
-    free(s->n_kd);
+    free(s->cnt_all);
     free(s->means);
     free(s->mine);
     free(s->cnt);
@@ -87,6 +155,12 @@ void kd_mbstep_free(kd_mbstep *s)
 }
 
 size_t kd_mbstep_bytes_sent(const kd_mbstep *s) { return s ? s->sent : 0; }
+
+void kd_mbstep_rows(const kd_mbstep *s, int *b0, int *b1)
+{
+    *b0 = s->lo * s->mb;
+    *b1 = s->hi * s->mb;
+}
 
 /* The spec of micro-batch j: every array advanced to its first position. */
 static kd_gpt_loss_spec slice(const kd_gpt_loss_spec *sp, size_t pos)
@@ -106,9 +180,93 @@ static kd_gpt_loss_spec slice(const kd_gpt_loss_spec *sp, size_t pos)
     return q;
 }
 
-static float weight(double w, int64_t n, int64_t total)
+static float weight(double w, double n, double total)
 {
-    return total > 0 ? (float)(w * (double)n / (double)total) : 0.0f;
+    return total > 0 ? (float)(w * n / total) : 0.0f;
+}
+
+/* left += right, the tree's one operation. */
+static void add(float *restrict left, const float *restrict right, size_t P)
+{
+    for (size_t i = 0; i < P; i++)
+        left[i] += right[i];
+}
+
+static int is_right(int a, int l) { return (a >> l) & 1; }
+
+/* Fold the stack's top into the tree as far as this rank's own leaves
+   allow: onto its left sibling when that is just below it, or one level up
+   unchanged when it has no right sibling. */
+static void settle_top(kd_mbstep *s)
+{
+    while (s->nstk > 0) {
+        node *t = &s->stk[s->nstk - 1];
+        if (t->l >= s->L)
+            return;
+        if (is_right(t->a, t->l)) {
+            node *b = s->nstk > 1 ? t - 1 : NULL;
+            if (!b || b->l != t->l || b->a != t->a - (1 << t->l))
+                return;
+            add(b->g, t->g, s->P);
+            s->pool[s->npool++] = t->g;
+            s->nstk--;
+            b->l++;
+        } else if (t->a + (1 << t->l) >= s->M) {
+            t->l++;
+        } else {
+            return;
+        }
+    }
+}
+
+/* Levels 0..L-1 across ranks; rank 0 ends holding the root. */
+static void reduce_across(kd_mbstep *s)
+{
+    const int N = kd_dist_size(), M = s->M;
+    const size_t bytes = s->P * sizeof(float);
+    for (int l = 0; l < s->L; l++) {
+        kd_dist_msg msg[2];
+        int nm = 0, recv_at = -1, sent_at = -1;
+        for (int k = 0; k < s->nstk; k++) {
+            const node *x = &s->stk[k];
+            if (x->l != l)
+                continue;
+            if (is_right(x->a, l) && x->a - (1 << l) < s->lo) {
+                msg[nm++] = (kd_dist_msg){x->g, bytes, owner(x->a - (1 << l), M, N), 0};
+                sent_at = k;
+            } else if (!is_right(x->a, l) && x->a + (1 << l) < M && x->a + (1 << l) >= s->hi) {
+                msg[nm++] = (kd_dist_msg){s->tmp, bytes, owner(x->a + (1 << l), M, N), 1};
+                recv_at = k;
+            }
+        }
+        if (nm == 0 && s->nstk == 0)
+            continue;
+        kd_dist_exchange(msg, nm);
+        if (sent_at >= 0)
+            s->sent += bytes;
+        /* rebuild the stack one level up */
+        int w = 0;
+        for (int k = 0; k < s->nstk; k++) {
+            node x = s->stk[k];
+            if (k == sent_at) {
+                s->pool[s->npool++] = x.g;
+                continue;
+            }
+            if (x.l == l && !is_right(x.a, l)) {
+                if (k == recv_at)
+                    add(x.g, s->tmp, s->P);
+                else if (x.a + (1 << l) < M && k + 1 < s->nstk && s->stk[k + 1].l == l &&
+                         s->stk[k + 1].a == x.a + (1 << l)) {
+                    add(x.g, s->stk[k + 1].g, s->P); /* the right sibling is this rank's */
+                    s->pool[s->npool++] = s->stk[k + 1].g;
+                    k++;
+                }
+                x.l++;
+            }
+            s->stk[w++] = x;
+        }
+        s->nstk = w;
+    }
 }
 
 int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_spec *sp,
@@ -116,26 +274,42 @@ int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_s
 {
     const int N = kd_dist_size(), r = kd_dist_rank();
     const size_t span = (size_t)s->mb * (size_t)s->T, P = s->P;
-    const int lo = first_of(r, s->M, N), hi = first_of(r + 1, s->M, N);
+    const int lo = s->lo, hi = s->hi;
     s->sent = 0;
     int rc = KD_OK;
-    /* The counts of every micro-batch (each rank needs the totals). */
-    int64_t tce = 0, tkd = 0;
-    for (int j = 0; j < s->M && rc == KD_OK; j++) {
+    /* The counts of this rank's micro-batches, then everyone's (a failure
+       is sent as -1, so every rank learns of it in the same gather). */
+    for (int j = lo; j < hi; j++) {
         kd_gpt_loss_spec q = slice(sp, (size_t)j * span);
-        kd_gpt_loss_out lo_;
-        rc = kd_gpt_loss_logits(s->zlogits, NULL, span, &q, &lo_, e);
-        s->n_ce[j] = lo_.n_ce;
-        s->n_kd[j] = lo_.n_kd;
-        tce += lo_.n_ce;
-        tkd += lo_.n_kd;
+        kd_gpt_loss_out lo_ = {0};
+        if (rc == KD_OK)
+            rc = kd_gpt_loss_logits(s->zlogits, NULL, span, &q, &lo_, e);
+        s->mine[2 * j] = rc == KD_OK ? (double)lo_.n_ce : -1.0;
+        s->mine[2 * j + 1] = rc == KD_OK ? (double)lo_.n_kd : -1.0;
     }
-    /* This rank's micro-batches, each gradient alone. */
+    kd_dist_allgather(s->mine + s->off[r], s->cnt_all, s->cnt, s->off);
+    s->sent += (size_t)(N - 1) * (size_t)s->cnt[r] * sizeof(double);
+    double tce = 0, tkd = 0;
+    int bad = -1;
+    for (int j = 0; j < s->M; j++) {
+        if (s->cnt_all[2 * j] < 0 && bad < 0)
+            bad = owner(j, s->M, N);
+        tce += s->cnt_all[2 * j];
+        tkd += s->cnt_all[2 * j + 1];
+    }
+    if (bad >= 0)
+        return rc != KD_OK ? rc
+                           : kd_err_set(e, KD_EIO, "rank %d failed in this step (its message is "
+                                                   "above); every rank stops", bad);
+    /* This rank's micro-batches, each gradient alone, into the tree. */
     float *g = kd_gpt_grads(m);
+    for (int k = 0; k < s->nstk; k++)
+        s->pool[s->npool++] = s->stk[k].g;
+    s->nstk = 0;
     for (int j = lo; j < hi && rc == KD_OK; j++) {
         kd_gpt_loss_spec q = slice(sp, (size_t)j * span);
-        q.ce_weight = weight(sp->ce_weight, s->n_ce[j], tce);
-        q.kd_weight = weight(sp->kd_weight, s->n_kd[j], tkd);
+        q.ce_weight = weight(sp->ce_weight, s->cnt_all[2 * j], tce);
+        q.kd_weight = weight(sp->kd_weight, s->cnt_all[2 * j + 1], tkd);
         kd_gpt_zero_grad(m);
         kd_gpt_loss_out lj;
         rc = kd_gpt_forward(m, x + (size_t)j * span, s->mb, s->T, e);
@@ -147,13 +321,12 @@ int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_s
             break;
         s->mine[2 * j] = lj.n_ce ? lj.ce : 0.0;
         s->mine[2 * j + 1] = lj.n_kd ? lj.kd : 0.0;
-        if (r == 0 && j == lo)
-            memcpy(s->acc, g, P * sizeof(float));
-        else if (r == 0)
-            for (size_t i = 0; i < P; i++)
-                s->acc[i] += g[i];
-        else
-            memcpy(s->store + (size_t)(j - lo) * P, g, P * sizeof(float));
+        node *t = &s->stk[s->nstk++];
+        t->a = j;
+        t->l = 0;
+        t->g = s->pool[--s->npool];
+        memcpy(t->g, g, P * sizeof(float));
+        settle_top(s);
     }
     int first = 0;
     if (kd_dist_any(rc != KD_OK, &first)) {
@@ -163,49 +336,30 @@ int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_s
                                      "every rank stops",
                           first);
     }
-    /* The fold along the chain of ranks that own micro-batches. */
     if (N > 1) {
-        int last = N - 1;
-        while (first_of(last + 1, s->M, N) == first_of(last, s->M, N))
-            last--;
-        if (hi > lo && r > 0) {
-            int prev = r - 1;
-            while (first_of(prev + 1, s->M, N) == first_of(prev, s->M, N))
-                prev--; /* rank 0 always owns micro-batch 0 */
-            kd_dist_recv(s->acc, P * sizeof(float), prev);
-            for (int j = lo; j < hi; j++) {
-                const float *gj = s->store + (size_t)(j - lo) * P;
-                for (size_t i = 0; i < P; i++)
-                    s->acc[i] += gj[i];
-            }
-        }
-        if (hi > lo && r < last) {
-            int next = r + 1;
-            while (first_of(next + 1, s->M, N) == first_of(next, s->M, N))
-                next++;
-            kd_dist_send(s->acc, P * sizeof(float), next);
-            s->sent += P * sizeof(float);
-        }
-        kd_dist_bcast(s->acc, P * sizeof(float), last);
-        if (r == last)
+        reduce_across(s);
+        if (r == 0)
+            memcpy(g, s->stk[0].g, P * sizeof(float));
+        kd_dist_bcast(g, P * sizeof(float), 0);
+        if (r == 0)
             s->sent += (size_t)(N - 1) * P * sizeof(float);
         kd_dist_allgather(s->mine + s->off[r], s->means, s->cnt, s->off);
         s->sent += (size_t)(N - 1) * (size_t)s->cnt[r] * sizeof(double);
     } else {
+        memcpy(g, s->stk[0].g, P * sizeof(float));
         memcpy(s->means, s->mine, 2 * (size_t)s->M * sizeof(double));
     }
-    memcpy(g, s->acc, P * sizeof(float));
     /* The batch's loss from the micro-batch means, in micro-batch order. */
     double sce = 0, skd = 0;
     for (int j = 0; j < s->M; j++) {
-        sce += s->means[2 * j] * (double)s->n_ce[j];
-        skd += s->means[2 * j + 1] * (double)s->n_kd[j];
+        sce += s->means[2 * j] * s->cnt_all[2 * j];
+        skd += s->means[2 * j + 1] * s->cnt_all[2 * j + 1];
     }
     memset(out, 0, sizeof *out);
-    out->n_ce = tce;
-    out->n_kd = tkd;
-    out->ce = tce ? sce / (double)tce : 0.0;
-    out->kd = tkd ? skd / (double)tkd : 0.0;
+    out->n_ce = (int64_t)tce;
+    out->n_kd = (int64_t)tkd;
+    out->ce = tce > 0 ? sce / tce : 0.0;
+    out->kd = tkd > 0 ? skd / tkd : 0.0;
     out->total = (double)sp->ce_weight * out->ce + (double)sp->kd_weight * out->kd;
     return KD_OK;
 }

@@ -14,8 +14,9 @@
  *          checkpoint.every steps and at the end, stop if asked to.
  *
  * With train.micro_batch set, or under mpirun, the loss and backward run
- * per fixed micro-batch and their gradients are summed in micro-batch order
- * (mbstep.c), so the numbers do not depend on the rank count; rank 0 alone
+ * per fixed micro-batch and their gradients are summed in a fixed tree over
+ * micro-batch index (mbstep.c), so the numbers do not depend on the rank
+ * count; each rank reads only its own micro-batches' samples; rank 0 alone
  * owns the tracker and the files, and the ranks agree on every step's
  * outcome and on a stop (settle, dist.h; docs/distributed.md).
  *
@@ -108,6 +109,9 @@ typedef struct run {
     /* data-parallel (dist.h): rank 0 alone owns the tracker and the files */
     int rank, nranks;
     kd_mbstep *mbs;              /* NULL: the batch in one piece (micro_batch 0) */
+    int dbg_on;                  /* KDKIT_DEBUG_SAMPLES: list the samples read */
+    int64_t *dbg;
+    size_t ndbg, dbg_cap;
     kd_kdinter *inter;           /* the intermediate term, when on (never with mbs) */
 } run;
 
@@ -891,9 +895,63 @@ static int settle(run *r, int rc)
                       first);
 }
 
-/* B usable training samples from the stream at r->pos (which advances past
-   every index visited). */
-static int kd_batch(run *r)
+/* Test hook (docs/distributed.md): with KDKIT_DEBUG_SAMPLES set in the
+   environment, every rank lists on stderr, at the end, the training
+   samples it materialised (mix indices, or the stream positions of
+   pretraining windows). */
+static void note_sample(run *r, int64_t i)
+{
+    if (!r->dbg_on)
+        return;
+    if (r->ndbg == r->dbg_cap) {
+        size_t cap = r->dbg_cap ? 2 * r->dbg_cap : 256;
+        int64_t *n = realloc(r->dbg, cap * sizeof *n);
+        if (!n) {
+            r->dbg_on = 0; /* a test hook: it stops listing, the run goes on */
+            return;
+        }
+        r->dbg = n;
+        r->dbg_cap = cap;
+    }
+    r->dbg[r->ndbg++] = i;
+}
+
+static void print_samples(const run *r)
+{
+    if (!r->dbg_on)
+        return;
+    fprintf(stderr, "kdkit debug: rank %d of %d materialised %zu training samples:", r->rank,
+            r->nranks, r->ndbg);
+    for (size_t k = 0; k < r->ndbg; k++)
+        fprintf(stderr, " %lld", (long long)r->dbg[k]);
+    fprintf(stderr, "\n");
+}
+
+/* Fill one sample's window in row b; warn once about a sample without
+   teacher targets. */
+static int kd_fill_row(run *r, int64_t i, int b, int64_t *no_targets)
+{
+    const kd_train_config *c = r->c;
+    kd_kdwin_info info;
+    int rc = kd_kdsrc_fill(r->src, i, c->model.n_ctx, c->kd.tail, c->kd.mask_prompt, &r->win,
+                           (size_t)b, &info, r->e);
+    if (rc != KD_OK)
+        return rc;
+    note_sample(r, i);
+    if (info.no_targets && !r->warned_no_targets && *no_targets < 0)
+        *no_targets = i;
+    return KD_OK;
+}
+
+/* The step's B training samples from the stream at r->pos (which advances
+   past every index visited).  Offline, which indices they are follows from
+   the seed, the position and the mix's row statuses alone
+   (kd_kdsrc_usable: no row is read to skip one), so every rank picks the
+   same; then a rank fills only the rows [b0, b1) of its own micro-batches.
+   Online (one rank) each index is asked as it comes, and one that has no
+   sample is skipped.  *no_targets: an index trained without teacher
+   targets, or -1. */
+static int kd_batch(run *r, int b0, int b1, int64_t *no_targets)
 {
     const kd_train_config *c = r->c;
     const int64_t N = kd_kdsrc_total(r->src);
@@ -907,27 +965,23 @@ static int kd_batch(run *r)
         int64_t k = r->pos++;
         int64_t i = (int64_t)kd_train_perm(c->seed, (uint64_t)(k / N), (uint64_t)N,
                                            (uint64_t)(k % N));
-        if (kd_kd_heldout(i, c->kd.eval_fraction)) {
+        int use = kd_kd_heldout(i, c->kd.eval_fraction) ? 0 : kd_kdsrc_usable(r->src, i);
+        if (use == 0) {
             passed++;
             continue;
         }
-        kd_kdwin_info info;
-        int rc = kd_kdsrc_fill(r->src, i, c->model.n_ctx, c->kd.tail, c->kd.mask_prompt, &r->win,
-                               (size_t)b, &info, r->e);
-        if (rc == KD_ENOTFOUND) {
-            passed++;
-            continue;
-        }
-        if (rc != KD_OK) {
-            r->pos--; /* this index was not consumed */
-            return rc;
-        }
-        if (info.no_targets && !r->warned_no_targets) {
-            r->warned_no_targets = 1;
-            say(r, KD_TRAIN_EV_WARN,
-                "sample %lld has no usable teacher logprobs (none, or they do not spell its "
-                "completion): it trains with CE only, as will any other such sample",
-                (long long)i);
+        if (use < 0 || (b >= b0 && b < b1)) {
+            int rc = kd_fill_row(r, i, b, no_targets);
+            if (rc == KD_ENOTFOUND && use < 0) {
+                passed++;
+                continue;
+            }
+            if (rc == KD_ENOTFOUND)
+                rc = kd_err_set(r->e, KD_ECORRUPT, "kd.mix: %s: sample %lld is ok by the mix's "
+                                "progress file but its row is not (the mix changed under the "
+                                "run?)", c->kd.mix, (long long)i);
+            if (rc != KD_OK)
+                return rc;
         }
         passed = 0;
         b++;
@@ -940,17 +994,42 @@ static int one_step(run *r)
     const kd_train_config *c = r->c;
     const int B = c->batch_size, T = c->model.n_ctx;
     int64_t pos0 = r->pos;
-    int rc = KD_OK;
-    if (r->kd)
-        rc = kd_batch(r);
-    else
-        kd_train_data_batch(r->data, r->pos, B, r->x, r->y);
+    int rc = KD_OK, b0 = 0, b1 = B;
+    int64_t no_targets = -1;
+    if (r->mbs) /* only this rank's micro-batches are read */
+        kd_mbstep_rows(r->mbs, &b0, &b1);
+    if (r->kd) {
+        rc = kd_batch(r, b0, b1, &no_targets);
+    } else {
+        kd_train_data_batch(r->data, r->pos + b0, b1 - b0, r->x + (size_t)b0 * (size_t)T,
+                            r->y + (size_t)b0 * (size_t)T);
+        for (int b = b0; b < b1; b++)
+            note_sample(r, r->pos + b);
+    }
     if (rc != KD_OK)
         r->pos = pos0;
     if (r->nranks > 1)
         rc = settle(r, rc); /* a batch one rank could not read stops all */
     if (rc != KD_OK)
         return rc;
+    if (r->kd && !r->warned_no_targets) {
+        /* any rank's sample: the warning is rank 0's to print */
+        int first = 0, any = r->nranks > 1 ? kd_dist_any(no_targets >= 0, &first)
+                                           : no_targets >= 0;
+        if (any) {
+            r->warned_no_targets = 1;
+            if (r->rank == 0 && no_targets >= 0)
+                say(r, KD_TRAIN_EV_WARN,
+                    "sample %lld has no usable teacher logprobs (none, or they do not spell its "
+                    "completion): it trains with CE only, as will any other such sample",
+                    (long long)no_targets);
+            else
+                say(r, KD_TRAIN_EV_WARN,
+                    "a sample of rank %d has no usable teacher logprobs (none, or they do not "
+                    "spell its completion): it trains with CE only, as will any other such "
+                    "sample", first);
+        }
+    }
     if (!r->mbs) {
         kd_gpt_zero_grad(r->m);
         if (r->inter)
@@ -1339,12 +1418,14 @@ static int share_state(run *r)
     r->rng = st.rng;
     if (r->rank == 0) {
         size_t P = kd_gpt_num_params(r->m);
-        int M = r->c->batch_size / r->c->micro_batch;
+        int M = r->c->batch_size / r->c->micro_batch, levels = 0, msgs = 0, hops = 0;
+        kd_mbstep_tree_shape(M, r->nranks, &levels, &msgs, &hops);
         say(r, KD_TRAIN_EV_INFO,
-            "data-parallel: %d ranks, %d micro-batches of %d sequence%s per step; per step "
-            "the gradient chain and its broadcast move %zu bytes (%d x %zu parameters x 4)",
-            r->nranks, M, r->c->micro_batch, r->c->micro_batch == 1 ? "" : "s",
-            (size_t)(2 * r->nranks - 2) * P * 4, 2 * r->nranks - 2, P);
+            "data-parallel: %d ranks, %d micro-batches of %d sequence%s per step, summed in a "
+            "tree of depth %d; per step the gradient tree (%d messages over %d levels) and the "
+            "broadcast of its sum move %zu bytes (%d x %zu parameters x 4)",
+            r->nranks, M, r->c->micro_batch, r->c->micro_batch == 1 ? "" : "s", levels, msgs,
+            hops, (size_t)(msgs + r->nranks - 1) * P * 4, msgs + r->nranks - 1, P);
     }
     return KD_OK;
 }
@@ -1373,6 +1454,7 @@ int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_resu
     }
     kd_gpt_set_threads(c->threads);
     r.kd = c->kd.enabled;
+    r.dbg_on = getenv("KDKIT_DEBUG_SAMPLES") != NULL;
     rc = dist_start(&r);
     if (rc != KD_OK)
         goto out;
@@ -1431,6 +1513,8 @@ out:
     free(r.win.other);
     free(r.win.tok_start);
     kd_mbstep_free(r.mbs);
+    print_samples(&r);
+    free(r.dbg);
     kd_adamw_free(r.opt);
     kd_kdinter_free(r.inter);
     kd_gpt_free(r.m);

@@ -39,6 +39,11 @@ int64_t kd_kdsrc_completed(const kd_kdsrc *s);
 /* Online: requests answered from the cache / paid so far by this source. */
 void kd_kdsrc_counts(const kd_kdsrc *s, int64_t *hits, int64_t *paid, double *cost);
 
+/* Offline: 1 when sample `index` trains (its row is ok, as of opening the
+   mix), 0 when it is skipped, without reading the row (kd_mix_row_status);
+   -1 online (only asking tells). */
+int kd_kdsrc_usable(const kd_kdsrc *s, int64_t index);
+
 /* One sample laid out as a window of T predictions. */
 typedef struct kd_kdwin {
     uint8_t *x, *y, *mask;       /* [T]: input bytes, next bytes, loss mask */
