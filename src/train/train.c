@@ -920,11 +920,20 @@ static void print_samples(const run *r)
 {
     if (!r->dbg_on)
         return;
-    fprintf(stderr, "kdkit debug: rank %d of %d materialised %zu training samples:", r->rank,
-            r->nranks, r->ndbg);
-    for (size_t k = 0; k < r->ndbg; k++)
-        fprintf(stderr, " %lld", (long long)r->dbg[k]);
-    fprintf(stderr, "\n");
+    /* one write, so the ranks' lines do not interleave in mpirun's output */
+    size_t cap = 96 + 21 * r->ndbg, n = 0;
+    char *line = malloc(cap);
+    if (!line)
+        return;
+    n += (size_t)snprintf(line, cap, "kdkit debug: rank %d of %d materialised %zu training "
+                          "samples:", r->rank, r->nranks, r->ndbg);
+    for (size_t k = 0; k < r->ndbg && n < cap; k++)
+        n += (size_t)snprintf(line + n, cap - n, " %lld", (long long)r->dbg[k]);
+    if (n < cap - 1)
+        line[n++] = '\n';
+    fwrite(line, 1, n < cap ? n : cap - 1, stderr);
+    fflush(stderr);
+    free(line);
 }
 
 /* Fill one sample's window in row b; warn once about a sample without

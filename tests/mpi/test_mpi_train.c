@@ -2,11 +2,14 @@
  * tests/mpi/test_mpi_train.c - data-parallel kdkit train under mpirun
  * (docs/distributed.md), built and registered by tests/mpi.cmake only when
  * KD_MPI is on.  It runs the real binary: without mpirun and under
- * `mpirun --oversubscribe -np N` for N = 1, 2, 3, and asserts what a user
+ * `mpirun --oversubscribe -np N` for N = 1, 2, 3, 4, and asserts what a user
  * would see:
  *   - per-step losses (metrics.jsonl) and the final checkpoint's tensors
  *     (weights and AdamW state) bitwise equal for every N and the non-MPI
  *     run, in pretraining and in distillation from a mix;
+ *   - each rank materialises only the samples of its own micro-batches,
+ *     exactly the ones the one-process run puts in those rows (the
+ *     KDKIT_DEBUG_SAMPLES listing of every rank);
  *   - one rank SIGKILLed mid-run stops the job, mpirun names the rank, the
  *     directory keeps its last checkpoint; resuming with another N gives
  *     bitwise the numbers of a run never interrupted; kdkit verify passes;
@@ -250,8 +253,9 @@ static void make_mix(const char *dir, int64_t n)
     assert_int_equal(kd_mix_writer_close(w, &e), KD_OK);
 }
 
-/* 6 sequences a step as 6 micro-batches of 1: every N in 1..3 divides the
-   work unevenly or evenly, which must not matter. */
+/* 6 sequences a step as 6 micro-batches of 1 (a tree of depth 3 that is
+   not full): every N in 1..4 divides the work unevenly or evenly, and cuts
+   the tree at other places, which must not matter. */
 #define HEAD                                                                          \
     "model: {n_layer: 2, n_head: 2, d_model: 32, n_ctx: 32}\n"                        \
     "lr: {max: 0.003, min: 0.0003, warmup_steps: 2}\n"                                \
@@ -305,16 +309,75 @@ static int teardown(void **state)
 
 /* ------------------------------------------------------------------------ */
 
+/* The training samples that rank `rank` of `np` listed in dir's log
+   (KDKIT_DEBUG_SAMPLES: one line per rank), malloc'd, *n of them. */
+static int64_t *listed_samples(const char *dir, int rank, int np, size_t *n)
+{
+    char path[4500], head[128];
+    pathf(path, sizeof path, "%s.log", dir);
+    snprintf(head, sizeof head, "kdkit debug: rank %d of %d materialised ", rank, np);
+    char *text = kdt_slurp(path, NULL);
+    assert_non_null(text);
+    char *at = strstr(text, head);
+    if (!at) {
+        show_log(dir);
+        fail_msg("%s: no sample listing of rank %d of %d", path, rank, np);
+    }
+    assert_null(strstr(at + 1, head)); /* one listing per rank */
+    char *p = at + strlen(head), *end;
+    *n = (size_t)strtoull(p, &end, 10);
+    assert_true(strncmp(end, " training samples:", 18) == 0);
+    p = end + 18;
+    int64_t *v = calloc(*n + 1, sizeof *v);
+    assert_non_null(v);
+    for (size_t k = 0; k < *n; k++) {
+        v[k] = strtoll(p, &end, 10);
+        assert_true(end != p);
+        p = end;
+    }
+    assert_true(*p == '\n');
+    free(text);
+    return v;
+}
+
+#define BATCH 6 /* train.batch_size of the fixtures; micro_batch 1 */
+
+/* Rank r of np read exactly the samples that the one-process run `ref`
+   put in its micro-batches' rows, step by step, and no other. */
+static void each_rank_reads_its_own(const char *ref, const char *dir, int np)
+{
+    size_t nall;
+    int64_t *all = listed_samples(ref, 0, 1, &nall);
+    assert_int_equal(nall, STEPS * BATCH);
+    for (int r = 0; r < np; r++) {
+        size_t n, k = 0;
+        int64_t *mine = listed_samples(dir, r, np, &n);
+        int lo = r * BATCH / np, hi = (r + 1) * BATCH / np;
+        assert_int_equal(n, (size_t)(STEPS * (hi - lo)));
+        for (int st = 0; st < STEPS; st++)
+            for (int b = lo; b < hi; b++, k++)
+                if (mine[k] != all[st * BATCH + b])
+                    fail_msg("%s: rank %d of %d read sample %lld at step %d row %d, where the "
+                             "one-process run has %lld", dir, r, np, (long long)mine[k], st + 1,
+                             b, (long long)all[st * BATCH + b]);
+        free(mine);
+    }
+    free(all);
+}
+
 static void equal_for_any_rank_count(const char *cfg, const char *tag)
 {
     char ref[4400], dir[4400];
     pathf(ref, sizeof ref, "%s/%s_plain", g_root, tag);
+    setenv("KDKIT_DEBUG_SAMPLES", "1", 1);
     must_train(0, cfg, ref, "");
-    for (int np = 1; np <= 3; np++) {
+    for (int np = 1; np <= 4; np++) {
         pathf(dir, sizeof dir, "%s/%s_np%d", g_root, tag, np);
         must_train(np, cfg, dir, "");
         same_run(ref, dir, STEPS);
+        each_rank_reads_its_own(ref, dir, np);
     }
+    unsetenv("KDKIT_DEBUG_SAMPLES");
     /* the micro-batches' scaled losses add up to the whole batch's: the
        batch in one piece gives the same losses up to float rounding (a
        wrong weighting, e.g. of masked KD positions, would be off by far
@@ -332,7 +395,8 @@ static void equal_for_any_rank_count(const char *cfg, const char *tag)
     /* rank 0 speaks for the job: one summary, not one per rank */
     char log[4500];
     pathf(log, sizeof log, "%s.log", dir);
-    assert_int_equal(count_in_file(log, "data-parallel: 3 ranks"), 1);
+    assert_int_equal(count_in_file(log, "data-parallel: 4 ranks"), 1);
+    assert_int_equal(count_in_file(log, "summed in a tree of depth 3"), 1);
     assert_int_equal(count_in_file(log, "  checkpoints "), 1);
 }
 
