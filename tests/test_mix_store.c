@@ -2,7 +2,8 @@
  * tests/test_mix_store.c - the mix's files without a teacher: rows written by
  * kd_mix_writer_* read back through the reader API (the contract with
  * offline distillation) byte for byte, superseding rows, resume with rows
- * after the progress file, a torn last row, a changed row, another mix's
+ * after the progress file, the statuses kept at open (no row read), a torn
+ * last row, a changed row, another mix's
  * directory refused untouched.
  */
 #include <setjmp.h>
@@ -115,6 +116,15 @@ static void test_roundtrip(void **state)
     assert_int_equal(kd_mix_row_get(m, 1, &row, &e), KD_ENOTFOUND);
     assert_int_equal(kd_mix_row_get(m, 4, &row, &e), KD_ENOTFOUND);
     assert_int_equal(kd_mix_row_get(m, 5, &row, &e), KD_ENOTFOUND);
+    /* statuses without reading rows: the tail's ok row supersedes the
+       progress file's failed one */
+    assert_int_equal(kd_mix_row_status(m, 0), KD_MIX_ST_OK);
+    assert_int_equal(kd_mix_row_status(m, 2), KD_MIX_ST_OK);
+    assert_int_equal(kd_mix_row_status(m, 3), KD_MIX_ST_SKIPPED);
+    assert_int_equal(kd_mix_row_status(m, 1), KD_MIX_ST_NONE);
+    assert_int_equal(kd_mix_row_status(m, 4), KD_MIX_ST_NONE);
+    assert_int_equal(kd_mix_row_status(m, 5), KD_MIX_ST_NONE);
+    assert_int_equal(kd_mix_row_status(m, -1), KD_MIX_ST_NONE);
     kd_mix_close(m);
 
     /* Resume: the row after the progress file is rescanned; counts right. */
@@ -138,6 +148,25 @@ static void test_roundtrip(void **state)
     kd_mix_writer_counts(w, counts, &done);
     assert_int_equal(counts[KD_MIX_ST_OK], 2);
     assert_int_equal(kd_mix_writer_close(w, &e), KD_OK);
+
+    /* kd_mix_row_status reads no row: with row 0's bytes damaged its status
+       is still the progress file's, while reading the row is refused */
+    char *rows = kdt_path(dir, KD_MIX_ROWS_FILE);
+    size_t len;
+    char *text = kdt_slurp(rows, &len);
+    assert_non_null(text);
+    char *he = strstr(text, "say hi");
+    assert_non_null(he);
+    he[0] = 'S';
+    assert_int_equal(kdt_spit(rows, text, len), 0);
+    free(text);
+    free(rows);
+    assert_int_equal(kd_mix_open_read(&m, dir, &e), KD_OK);
+    assert_int_equal(kd_mix_row_status(m, 0), KD_MIX_ST_OK);
+    assert_int_equal(kd_mix_row_status(m, 2), KD_MIX_ST_OK);
+    assert_int_equal(kd_mix_row_status(m, 3), KD_MIX_ST_SKIPPED);
+    assert_int_equal(kd_mix_row_get(m, 0, &row, &e), KD_ECORRUPT);
+    kd_mix_close(m);
     kdt_rmrf(dir);
     free(dir);
 }
