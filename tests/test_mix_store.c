@@ -3,8 +3,7 @@
  * kd_mix_writer_* read back through the reader API (the contract with
  * offline distillation) byte for byte, superseding rows, resume with rows
  * after the progress file, the statuses kept at open (no row read), a torn
- * last row, a changed row, another mix's
- * directory refused untouched.
+ * last row, a changed row, another mix's directory refused untouched.
  */
 #include <setjmp.h>
 #include <stdarg.h>
