@@ -40,7 +40,7 @@ run plain "" 2 0
 run mb1 "" 2 1
 run np2 "mpirun --oversubscribe -np 2" 1 1
 run np1t1 "" 1 1
-BYTES=$(sed -n 's/.*per step the gradient chain and its broadcast move \([0-9]*\) bytes.*/\1/p' "$OUT/np2.log" | head -1)
+BYTES=$(sed -n 's/.*broadcast of its sum move \([0-9]*\) bytes.*/\1/p' "$OUT/np2.log" | head -1)
 PARAMS=$(sed -n 's/.*: \([0-9]*\) parameters;.*/\1/p' "$OUT/plain.log" | head -1)
 /usr/bin/python3 - "$OUT" "$WARMUP" "$BYTES" "$PARAMS" <<'PY'
 import json, sys
@@ -58,24 +58,46 @@ for n, label in (("plain", "1 rank  x 2 threads, batch in one piece (micro_batch
     print(f"  {label}: {r[n][0]:8.0f} tokens/s  {1e3 * r[n][1]:7.1f} ms/step")
 print(f"  2 ranks x 1 thread vs 1 rank x 2 threads (same micro-batches): {r['np2'][0] / r['mb1'][0]:.2f}x;"
       f" micro-batching's own cost at 2 threads: {r['mb1'][0] / r['plain'][0]:.2f}x of the one-piece rate")
-print(f"  bytes per step (2 ranks): {nbytes} = 2 (N - 1) x {P} parameters x 4 (chain + broadcast);"
-      f" plus 16 bytes per micro-batch of loss figures and a few 4-byte agreements")
-# Paper projection: N machines, each rank computes M/N micro-batches, then the
-# chain: N - 1 sequential hops of the gradient (4P bytes), then a broadcast
-# (pipelined: ~4P / bw + log2 N latencies).  Measured: t_mb = one micro-batch's
-# compute on one thread (np1t1 step / 16); assumed: 10 Gbit/s links (1.25e9
-# B/s), 50 us latency, a per-hop fold of P float adds at 1e9 adds/s.
+# The gradient tree of mbstep.c (docs/distributed.md): C messages of 4P bytes
+# in H levels for M micro-batches over N ranks.
+def tree(M, N):
+    first = lambda r: r * M // N
+    owner = lambda j: max(r for r in range(N) if first(r) <= j)
+    L = 0
+    while (1 << L) < M:
+        L += 1
+    C = H = 0
+    for l in range(L):
+        here = sum(owner(a) != owner(a + (1 << l)) for a in range(0, M, 2 << l) if a + (1 << l) < M)
+        C += here
+        H += here > 0
+    return L, C, H
+M = 16
+L2, C2, H2 = tree(M, 2)
+print(f"  bytes per step (2 ranks): {nbytes} = (C + N - 1) x {P} parameters x 4, C = {C2} tree"
+      f" message(s) in {H2} level(s), depth {L2}; plus 32 bytes per micro-batch of counts and"
+      f" loss figures and a few 4-byte agreements")
+# Paper projection: N machines, each rank computes ceil(M/N) micro-batches,
+# then the tree: H levels, each one hop of the gradient (4P bytes) and a
+# fold of P adds, then the broadcast (pipelined: ~4P / bw + log2 N
+# latencies).  Measured: t_mb = one micro-batch's compute on one thread
+# (np1t1 step / 16); assumed: 10 Gbit/s links (1.25e9 B/s), 50 us latency,
+# P float adds at 1e9 adds/s.
 import math
-M, N, bw, lat, adds = 16, 8, 1.25e9, 50e-6, 1e9
+N, bw, lat, adds = 8, 1.25e9, 50e-6, 1e9
+L8, C8, H8 = tree(M, N)
 t_mb = r["np1t1"][1] / M
 for label, scale in (("default model", 1), ("10x wider (d_model 1280: ~100x parameters)", 100)):
     p = P * scale; tm = t_mb * scale
     comp = math.ceil(M / N) * tm
     hop = 4 * p / bw + lat + p / adds
-    comm = (N - 1) * hop + 4 * p / bw + math.log2(N) * lat
+    comm = H8 * hop + 4 * p / bw + math.log2(N) * lat
+    chain = (N - 1) * hop + 4 * p / bw + math.log2(N) * lat
     one = M * tm
     print(f"  projection, {N} machines, {label}: P = {p:.3g}, compute {1e3 * comp:.1f} ms"
           f" (= ceil(M/N) x t_mb, t_mb = {1e3 * tm:.2f} ms) + communication {1e3 * comm:.1f} ms"
-          f" (= (N-1)(4P/bw + lat + P/adds) + 4P/bw + log2(N) lat) = {1e3 * (comp + comm):.1f} ms/step"
-          f" vs {1e3 * one:.1f} ms on one machine x 1 thread: {one / (comp + comm):.2f}x")
+          f" (= H (4P/bw + lat + P/adds) + 4P/bw + log2(N) lat, H = {H8}; {C8 + N - 1} x 4P bytes)"
+          f" = {1e3 * (comp + comm):.1f} ms/step vs {1e3 * one:.1f} ms on one machine x 1 thread:"
+          f" {one / (comp + comm):.2f}x (a chain of N - 1 hops: {1e3 * chain:.1f} ms,"
+          f" {one / (comp + chain):.2f}x)")
 PY

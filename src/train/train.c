@@ -1431,10 +1431,11 @@ static int share_state(run *r)
         kd_mbstep_tree_shape(M, r->nranks, &levels, &msgs, &hops);
         say(r, KD_TRAIN_EV_INFO,
             "data-parallel: %d ranks, %d micro-batches of %d sequence%s per step, summed in a "
-            "tree of depth %d; per step the gradient tree (%d messages over %d levels) and the "
+            "tree of depth %d; per step the gradient tree (%d message%s in %d level%s) and the "
             "broadcast of its sum move %zu bytes (%d x %zu parameters x 4)",
             r->nranks, M, r->c->micro_batch, r->c->micro_batch == 1 ? "" : "s", levels, msgs,
-            hops, (size_t)(msgs + r->nranks - 1) * P * 4, msgs + r->nranks - 1, P);
+            msgs == 1 ? "" : "s", hops, hops == 1 ? "" : "s",
+            (size_t)(msgs + r->nranks - 1) * P * 4, msgs + r->nranks - 1, P);
     }
     return KD_OK;
 }
