@@ -42,6 +42,7 @@
 #include "kdkit/model.h"
 #include "kdkit/serve.h"
 #include "kdkit/teacher.h"
+#include "support/kd_test.h"
 
 #define STEPS 24
 #define NSAMPLES 40
@@ -190,50 +191,11 @@ static const char *CFG_HEAD =
 /* ------------------------------------------------------------------------ */
 /* Running the binary                                                        */
 
-static pid_t spawn(const char *log, const char *const *args)
-{
-    const char *argv[32];
-    int n = 0;
-    argv[n++] = g_kdkit;
-    for (; *args && n < 30; args++)
-        argv[n++] = *args;
-    argv[n] = NULL;
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd < 0)
-            _exit(126);
-        dup2(fd, 1);
-        dup2(fd, 2);
-        close(fd);
-        execv(g_kdkit, (char *const *)argv);
-        _exit(127);
-    }
-    return pid;
-}
-
-static int wait_exit(pid_t pid)
-{
-    int st;
-    assert_int_equal(waitpid(pid, &st, 0), pid);
-    return st;
-}
-
-static char *slurp(const char *path)
-{
-    char *text = NULL;
-    size_t len;
-    if (kd_file_read_all(path, 64u << 20, &text, &len, NULL) != KD_OK)
-        return strdup("");
-    return text;
-}
-
 static int run(const char *log, const char *const *args)
 {
-    int st = wait_exit(spawn(log, args));
+    int st = kdt_wait_exit(kdt_spawn(log, g_kdkit, args));
     if (!WIFEXITED(st)) {
-        char *t = slurp(log);
+        char *t = kdt_slurp_text(log);
         fail_msg("kdkit died of signal %d:\n%s", WTERMSIG(st), t);
     }
     return WEXITSTATUS(st);
@@ -243,7 +205,7 @@ static void run_ok(const char *log, const char *const *args)
 {
     int rc = run(log, args);
     if (rc != 0) {
-        char *t = slurp(log);
+        char *t = kdt_slurp_text(log);
         fail_msg("kdkit exited %d:\n%s", rc, t);
     }
 }
@@ -263,52 +225,6 @@ static int64_t latest_checkpoint(const char *dir)
     int64_t s = (int64_t)json_integer_value(json_object_get(m, "latest_checkpoint_step"));
     json_decref(m);
     return s;
-}
-
-static json_t *load_jsonl(const char *path)
-{
-    json_t *arr = json_array();
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return arr;
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t n;
-    while ((n = getline(&line, &cap, f)) > 0) {
-        json_error_t e;
-        json_t *o = json_loadb(line, (size_t)n, 0, &e);
-        if (!o)
-            fail_msg("%s: %s", path, e.text);
-        json_array_append_new(arr, o);
-    }
-    free(line);
-    fclose(f);
-    return arr;
-}
-
-static void same_lines(const char *a_dir, const char *b_dir, const char *name,
-                       const char *const *fields, size_t expect_lines)
-{
-    char pa[4300], pb[4300];
-    pathf(pa, sizeof pa, "%s/%s", a_dir, name);
-    pathf(pb, sizeof pb, "%s/%s", b_dir, name);
-    json_t *a = load_jsonl(pa), *b = load_jsonl(pb);
-    if (json_array_size(a) != expect_lines || json_array_size(b) != expect_lines)
-        fail_msg("%s: %zu lines in %s, %zu in %s, expected %zu", name, json_array_size(a), a_dir,
-                 json_array_size(b), b_dir, expect_lines);
-    for (size_t i = 0; i < expect_lines; i++)
-        for (const char *const *f = fields; *f; f++) {
-            json_t *u = json_object_get(json_array_get(a, i), *f);
-            json_t *v = json_object_get(json_array_get(b, i), *f);
-            if (!u || !v || !json_equal(u, v)) {
-                char *su = u ? json_dumps(u, JSON_ENCODE_ANY | JSON_REAL_PRECISION(17)) : NULL;
-                char *sv = v ? json_dumps(v, JSON_ENCODE_ANY | JSON_REAL_PRECISION(17)) : NULL;
-                fail_msg("%s line %zu: %s differs: %s vs %s", name, i + 1, *f, su ? su : "missing",
-                         sv ? sv : "missing");
-            }
-        }
-    json_decref(a);
-    json_decref(b);
 }
 
 static void same_weights(const char *a_path, const char *b_path)
@@ -343,19 +259,19 @@ static void interrupt_and_finish(const char *const *first, const char *const *ag
 {
     char ck[4300];
     pathf(ck, sizeof ck, "%s/checkpoint_4.safetensors", dir);
-    pid_t pid = spawn(log, first);
+    pid_t pid = kdt_spawn(log, g_kdkit, first);
     for (int i = 0; i < 5000 && !kd_path_exists(ck); i++)
         sleep_ms(2);
     assert_int_equal(kill(pid, SIGTERM), 0);
-    int st = wait_exit(pid);
+    int st = kdt_wait_exit(pid);
     if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-        char *t = slurp(log);
+        char *t = kdt_slurp_text(log);
         fail_msg("SIGTERM: status %d:\n%s", st, t);
     }
     srand48(20261201);
     int kills = 0;
     for (int i = 0; i < 5; i++) {
-        pid = spawn(log, again);
+        pid = kdt_spawn(log, g_kdkit, again);
         int exited = 0;
         if (i == 1) {
             sleep_ms(lrand48() % 100);
@@ -375,14 +291,14 @@ static void interrupt_and_finish(const char *const *first, const char *const *ag
         }
         if (!exited) {
             kill(pid, SIGKILL);
-            st = wait_exit(pid);
+            st = kdt_wait_exit(pid);
         }
         if (WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL) {
             kills++;
             continue;
         }
         if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-            char *t = slurp(log);
+            char *t = kdt_slurp_text(log);
             fail_msg("attempt %d failed (status %d):\n%s", i, st, t);
         }
         break;
@@ -447,7 +363,7 @@ static void test_offline_logs_components_and_eval_agrees(void **state)
     reference_run();
     char p[4300];
     pathf(p, sizeof p, "%s/metrics.jsonl", g_ref);
-    json_t *m = load_jsonl(p);
+    json_t *m = kdt_load_jsonl(p);
     assert_int_equal(json_array_size(m), STEPS);
     for (size_t i = 0; i < STEPS; i++) {
         json_t *lc = json_object_get(json_array_get(m, i), "loss_components");
@@ -471,7 +387,7 @@ static void test_offline_logs_components_and_eval_agrees(void **state)
     json_decref(m);
 
     pathf(p, sizeof p, "%s/eval.jsonl", g_ref);
-    json_t *ev = load_jsonl(p);
+    json_t *ev = kdt_load_jsonl(p);
     assert_int_equal(json_array_size(ev), STEPS / 8);
     json_t *lastev = json_array_get(ev, json_array_size(ev) - 1);
     for (const char *const *f = EFIELDS; *f; f++)
@@ -488,7 +404,7 @@ static void test_offline_logs_components_and_eval_agrees(void **state)
     pathf(log, sizeof log, "%s/eval.log", g_root);
     const char *args[] = {"eval", "--checkpoint", ck, "--mix", g_mix, "--json", NULL};
     run_ok(log, args);
-    char *text = slurp(log);
+    char *text = kdt_slurp_text(log);
     json_t *j = json_loads(strchr(text, '{'), JSON_DISABLE_EOF_CHECK, NULL);
     if (!j)
         fail_msg("kdkit eval --json printed no JSON:\n%s", text);
@@ -505,7 +421,7 @@ static void test_offline_logs_components_and_eval_agrees(void **state)
     pathf(out, sizeof out, "%s/eval-text.log", g_root);
     const char *targs[] = {"eval", "--checkpoint", ck, "--mix", g_mix, NULL};
     run_ok(out, targs);
-    text = slurp(out);
+    text = kdt_slurp_text(out);
     assert_non_null(strstr(text, "student bits/byte"));
     assert_non_null(strstr(text, "teacher bits/byte"));
     assert_non_null(strstr(text, "first-byte agreement"));
@@ -523,8 +439,8 @@ static void test_offline_interrupted_is_bitwise_identical(void **state)
     const char *again[] = {"train", "--config", g_cfg, "--output-dir", dir, "--resume", "auto",
                            NULL};
     interrupt_and_finish(first, again, dir, log);
-    same_lines(g_ref, dir, "metrics.jsonl", MFIELDS, STEPS);
-    same_lines(g_ref, dir, "eval.jsonl", EFIELDS, STEPS / 8);
+    kdt_same_lines(g_ref, dir, "metrics.jsonl", MFIELDS, STEPS);
+    kdt_same_lines(g_ref, dir, "eval.jsonl", EFIELDS, STEPS / 8);
     pathf(a, sizeof a, "%s/checkpoint_%d.safetensors", g_ref, STEPS);
     pathf(b, sizeof b, "%s/checkpoint_%d.safetensors", dir, STEPS);
     same_weights(a, b);
@@ -543,7 +459,7 @@ static void test_changed_or_unfinished_mix_is_refused(void **state)
     const char *args[] = {"train", "--config", g_cfg, "--output-dir", g_ref, "--resume", "auto",
                           "--set", set, NULL};
     assert_int_equal(run(log, args), 2);
-    char *t = slurp(log);
+    char *t = kdt_slurp_text(log);
     if (!strstr(t, "mix changed") || !strstr(t, "identity"))
         fail_msg("a changed mix is not named:\n%s", t);
     free(t);
@@ -557,7 +473,7 @@ static void test_changed_or_unfinished_mix_is_refused(void **state)
     const char *pargs[] = {"train", "--config", g_cfg, "--output-dir", dir, "--set", set, NULL};
     unlink(log);
     assert_int_equal(run(log, pargs), 2);
-    t = slurp(log);
+    t = kdt_slurp_text(log);
     if (!strstr(t, "9 of its 20 samples") || !strstr(t, "finish the mix"))
         fail_msg("an unfinished mix is not refused clearly:\n%s", t);
     free(t);
@@ -596,7 +512,7 @@ static void test_intermediate_term_resumes_exactly(void **state)
     const char *ra[] = {"train", "--config", cfg, "--output-dir", ref, NULL};
     run_ok(log, ra);
     pathf(a, sizeof a, "%s/metrics.jsonl", ref);
-    json_t *m = load_jsonl(a);
+    json_t *m = kdt_load_jsonl(a);
     assert_int_equal(json_array_size(m), STEPS);
     double first = 0, last = 0;
     for (size_t i = 0; i < STEPS; i++) {
@@ -650,7 +566,7 @@ static void test_intermediate_term_resumes_exactly(void **state)
     const char *again[] = {"train", "--config", cfg, "--output-dir", dir, "--resume", "auto",
                            NULL};
     interrupt_and_finish(first_a, again, dir, log);
-    same_lines(ref, dir, "metrics.jsonl", MFIELDS, STEPS);
+    kdt_same_lines(ref, dir, "metrics.jsonl", MFIELDS, STEPS);
     pathf(b, sizeof b, "%s/checkpoint_%d.safetensors", dir, STEPS);
     same_weights(a, b);
 
@@ -665,7 +581,7 @@ static void test_intermediate_term_resumes_exactly(void **state)
                         "--set", set, NULL};
     unlink(log);
     assert_int_equal(run(log, ca), 2);
-    char *t = slurp(log);
+    char *t = kdt_slurp_text(log);
     if (!strstr(t, "teacher_checkpoint_sha256"))
         fail_msg("a changed teacher checkpoint is not named:\n%s", t);
     free(t);
@@ -674,7 +590,7 @@ static void test_intermediate_term_resumes_exactly(void **state)
     const char *na[] = {"train", "--config", g_cfg, "--output-dir", dir, "--set",
                         "kd.intermediate_weight=0.5", NULL};
     assert_int_equal(run(log, na), 2);
-    t = slurp(log);
+    t = kdt_slurp_text(log);
     if (!strstr(t, "kd.intermediate_weight"))
         fail_msg("a weight without a teacher checkpoint is not refused by name:\n%s", t);
     free(t);
@@ -779,10 +695,10 @@ static void test_online_matches_offline_and_pays_once(void **state)
     run_ok(log, a2);
     /* one target builder: online and offline give the same losses, bit for bit */
     static const char *const lfields[] = {"step", "loss", "loss_components", NULL};
-    same_lines(on, off, "metrics.jsonl", lfields, STEPS);
+    kdt_same_lines(on, off, "metrics.jsonl", lfields, STEPS);
     static const char *const efields[] = {"step", "student_bpb", "teacher_bpb", "kl_bucket",
                                           NULL};
-    same_lines(on, off, "eval.jsonl", efields, STEPS / 8);
+    kdt_same_lines(on, off, "eval.jsonl", efields, STEPS / 8);
 
     /* the same prompts as a plain-text file (one prompt per line, read by the
        mix layer's reader): the same requests, so the same losses */
@@ -799,7 +715,7 @@ static void test_online_matches_offline_and_pays_once(void **state)
     pathf(txtrun, sizeof txtrun, "%s/online-text", g_root);
     const char *at[] = {"train", "--config", txtcfg, "--output-dir", txtrun, NULL};
     run_ok(log, at);
-    same_lines(on, txtrun, "metrics.jsonl", lfields, STEPS);
+    kdt_same_lines(on, txtrun, "metrics.jsonl", lfields, STEPS);
     /* a malformed JSON line is refused before training, naming file and line */
     char pbad[4300], badcfg[4300], badrun[4300];
     pathf(pbad, sizeof pbad, "%s/prompts-bad.jsonl", g_root);
@@ -811,7 +727,7 @@ static void test_online_matches_offline_and_pays_once(void **state)
     pathf(badrun, sizeof badrun, "%s/online-bad", g_root);
     const char *ab[] = {"train", "--config", badcfg, "--output-dir", badrun, NULL};
     assert_int_equal(run(log, ab), 2);
-    char *lt = slurp(log);
+    char *lt = kdt_slurp_text(log);
     if (!strstr(lt, "prompts-bad.jsonl line 3") || !strstr(lt, "\"prompt\" must be a string"))
         fail_msg("a malformed prompt line is not named:\n%s", lt);
     free(lt);
@@ -821,12 +737,12 @@ static void test_online_matches_offline_and_pays_once(void **state)
     const char *again[] = {"train", "--config", tcfg, "--output-dir", intr, "--resume", "auto",
                            NULL};
     interrupt_and_finish(first, again, intr, log);
-    same_lines(on, intr, "metrics.jsonl", MFIELDS, STEPS);
+    kdt_same_lines(on, intr, "metrics.jsonl", MFIELDS, STEPS);
     char lp[4400];
     pathf(lp, sizeof lp, "%s/api_recovery.jsonl", intr);
-    json_t *ledger = load_jsonl(lp);
+    json_t *ledger = kdt_load_jsonl(lp);
     pathf(lp, sizeof lp, "%s/api_recovery.jsonl", on);
-    json_t *ref_ledger = load_jsonl(lp);
+    json_t *ref_ledger = kdt_load_jsonl(lp);
     assert_int_equal(json_array_size(ledger), json_array_size(ref_ledger));
     assert_int_equal((int64_t)json_array_size(ref_ledger), asked);
     json_t *seen = json_object();

@@ -35,6 +35,7 @@
 #include "kdkit/ckpt.h"
 #include "kdkit/core.h"
 #include "kdkit/tracker.h"
+#include "support/kd_test.h"
 
 static char g_root[] = "/tmp/kdkit-test-train-XXXXXX";
 static char g_kdkit[4096];
@@ -102,53 +103,25 @@ static void write_config(const char *path, const char *corpus, int steps)
 /* ------------------------------------------------------------------------ */
 /* Running the binary                                                        */
 
+/* kdkit train with args, through the shared spawner (tests/support). */
 static pid_t spawn(const char *log, const char *const *args)
 {
     const char *argv[32];
     int n = 0;
-    argv[n++] = g_kdkit;
     argv[n++] = "train";
-    for (; *args && n < 30; args++)
+    for (; *args && n < 31; args++)
         argv[n++] = *args;
     argv[n] = NULL;
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd < 0)
-            _exit(126);
-        dup2(fd, 1);
-        dup2(fd, 2);
-        close(fd);
-        execv(g_kdkit, (char *const *)argv);
-        _exit(127);
-    }
-    return pid;
-}
-
-static int wait_exit(pid_t pid)
-{
-    int st;
-    assert_int_equal(waitpid(pid, &st, 0), pid);
-    return st;
+    return kdt_spawn(log, g_kdkit, argv);
 }
 
 /* Run to the end; returns the exit code (fails on a signal). */
 static int run(const char *log, const char *const *args)
 {
-    int st = wait_exit(spawn(log, args));
+    int st = kdt_wait_exit(spawn(log, args));
     if (!WIFEXITED(st))
         fail_msg("kdkit train died of signal %d (log %s)", WTERMSIG(st), log);
     return WEXITSTATUS(st);
-}
-
-static char *slurp(const char *path)
-{
-    char *text = NULL;
-    size_t len;
-    if (kd_file_read_all(path, 64u << 20, &text, &len, NULL) != KD_OK)
-        return strdup("");
-    return text;
 }
 
 static void sleep_ms(long ms)
@@ -171,53 +144,6 @@ static int64_t latest_checkpoint(const char *dir)
 
 /* ------------------------------------------------------------------------ */
 /* Comparing two runs                                                        */
-
-static json_t *load_jsonl(const char *path)
-{
-    json_t *arr = json_array();
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return arr;
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t n;
-    while ((n = getline(&line, &cap, f)) > 0) {
-        json_error_t e;
-        json_t *o = json_loadb(line, (size_t)n, 0, &e);
-        if (!o)
-            fail_msg("%s: %s", path, e.text);
-        json_array_append_new(arr, o);
-    }
-    free(line);
-    fclose(f);
-    return arr;
-}
-
-static void same_lines(const char *a_dir, const char *b_dir, const char *name,
-                       const char *const *fields, size_t expect_lines)
-{
-    char pa[4200], pb[4200];
-    pathf(pa, sizeof pa, "%s/%s", a_dir, name);
-    pathf(pb, sizeof pb, "%s/%s", b_dir, name);
-    json_t *a = load_jsonl(pa), *b = load_jsonl(pb);
-    if (json_array_size(a) != expect_lines || json_array_size(b) != expect_lines)
-        fail_msg("%s: %zu lines uninterrupted, %zu interrupted, expected %zu", name,
-                 json_array_size(a), json_array_size(b), expect_lines);
-    for (size_t i = 0; i < expect_lines; i++) {
-        json_t *x = json_array_get(a, i), *y = json_array_get(b, i);
-        for (const char *const *f = fields; *f; f++) {
-            json_t *u = json_object_get(x, *f), *v = json_object_get(y, *f);
-            if (!u || !v || !json_equal(u, v)) {
-                char *su = u ? json_dumps(u, JSON_ENCODE_ANY | JSON_REAL_PRECISION(17)) : NULL;
-                char *sv = v ? json_dumps(v, JSON_ENCODE_ANY | JSON_REAL_PRECISION(17)) : NULL;
-                fail_msg("%s line %zu: %s differs: %s uninterrupted, %s interrupted", name, i + 1,
-                         *f, su ? su : "missing", sv ? sv : "missing");
-            }
-        }
-    }
-    json_decref(a);
-    json_decref(b);
-}
 
 static void same_checkpoint(const char *a_path, const char *b_path)
 {
@@ -288,7 +214,7 @@ static void reference_run(void)
     const char *args[] = {"--config", g_cfg, "--output-dir", g_ref, NULL};
     int rc = run(log, args);
     if (rc != 0) {
-        char *t = slurp(log);
+        char *t = kdt_slurp_text(log);
         fail_msg("reference run exited %d:\n%s", rc, t);
     }
 }
@@ -312,8 +238,8 @@ static void test_interrupted_run_is_bitwise_identical(void **state)
     for (int i = 0; i < 3000 && !kd_path_exists(ck5); i++)
         sleep_ms(2);
     assert_int_equal(kill(pid, SIGTERM), 0);
-    int st = wait_exit(pid);
-    char *text = slurp(log);
+    int st = kdt_wait_exit(pid);
+    char *text = kdt_slurp_text(log);
     if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
         fail_msg("SIGTERM: expected exit 0, got status %d:\n%s", st, text);
     if (!strstr(text, "stopped at step ") || !strstr(text, "--resume auto"))
@@ -346,14 +272,14 @@ static void test_interrupted_run_is_bitwise_identical(void **state)
         }
         if (!exited) {
             kill(pid, SIGKILL);
-            st = wait_exit(pid);
+            st = kdt_wait_exit(pid);
         }
         if (WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL) {
             kills++;
             continue;
         }
         if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-            text = slurp(log);
+            text = kdt_slurp_text(log);
             fail_msg("attempt %d failed on its own (status %d):\n%s", i, st, text);
         }
         break; /* it finished before the kill */
@@ -365,15 +291,15 @@ static void test_interrupted_run_is_bitwise_identical(void **state)
     /* 3. Finish. */
     int rc = run(log, again);
     if (rc != 0) {
-        text = slurp(log);
+        text = kdt_slurp_text(log);
         fail_msg("final resume exited %d:\n%s", rc, text);
     }
 
     static const char *const mfields[] = {"step", "loss", "loss_components", "learning_rate",
                                           "samples_processed", "tokens_processed", NULL};
-    same_lines(g_ref, dir, "metrics.jsonl", mfields, 60);
+    kdt_same_lines(g_ref, dir, "metrics.jsonl", mfields, 60);
     static const char *const efields[] = {"step", "val_loss", "batches", NULL};
-    same_lines(g_ref, dir, "eval.jsonl", efields, 6);
+    kdt_same_lines(g_ref, dir, "eval.jsonl", efields, 6);
     char a[4300], b[4300];
     pathf(a, sizeof a, "%s/checkpoint_60.safetensors", g_ref);
     pathf(b, sizeof b, "%s/checkpoint_60.safetensors", dir);
@@ -382,7 +308,7 @@ static void test_interrupted_run_is_bitwise_identical(void **state)
     /* The directory is healthy and a resume of a finished run is a no-op. */
     rc = run(log, again);
     assert_int_equal(rc, 0);
-    text = slurp(log);
+    text = kdt_slurp_text(log);
     assert_non_null(strstr(text, "already complete"));
     free(text);
 }
@@ -398,7 +324,7 @@ static void test_refuses_to_start_over_a_run(void **state)
     pathf(log, sizeof log, "%s/refuse.log", g_root);
     const char *args[] = {"--config", g_cfg, "--output-dir", g_ref, NULL};
     assert_int_equal(run(log, args), 2);
-    char *t = slurp(log);
+    char *t = kdt_slurp_text(log);
     if (!strstr(t, "already holds run") || !strstr(t, "--resume auto"))
         fail_msg("unexpected message:\n%s", t);
     free(t);
@@ -413,7 +339,7 @@ static void test_changed_config_on_resume_is_refused(void **state)
     const char *args[] = {"--config", g_cfg, "--output-dir", g_ref, "--resume", "auto",
                           "--set", "lr.max=0.002", NULL};
     assert_int_equal(run(log, args), 2);
-    char *t = slurp(log);
+    char *t = kdt_slurp_text(log);
     if (!strstr(t, "lr.max") || !strstr(t, "0.003") || !strstr(t, "0.002"))
         fail_msg("the message should name lr.max and both values:\n%s", t);
     free(t);
@@ -448,7 +374,7 @@ static void test_changed_corpus_is_refused(void **state)
     pathf(log, sizeof log, "%s/corpus-change-2.log", g_root);
     const char *again[] = {"--config", cfg, "--output-dir", dir, "--resume", "auto", NULL};
     assert_int_equal(run(log, again), 2);
-    char *t = slurp(log);
+    char *t = kdt_slurp_text(log);
     if (!strstr(t, "corpus changed") || !strstr(t, old_sha))
         fail_msg("the message should name the corpus hash that changed (%s):\n%s", old_sha, t);
     free(t);
@@ -459,7 +385,7 @@ static void test_changed_corpus_is_refused(void **state)
     const char *bypath[] = {"--config", cfg, "--output-dir", dir2, "--resume", ck, NULL};
     pathf(log, sizeof log, "%s/corpus-change-3.log", g_root);
     assert_int_equal(run(log, bypath), 2);
-    t = slurp(log);
+    t = kdt_slurp_text(log);
     if (!strstr(t, "trained on a corpus with SHA-256") || !strstr(t, old_sha))
         fail_msg("expected the corpus message naming %s:\n%s", old_sha, t);
     free(t);
@@ -478,7 +404,7 @@ static void test_resume_from_path_into_new_dir(void **state)
     const char *args[] = {"--config", g_cfg, "--output-dir", dir, "--resume", ck, NULL};
     int rc = run(log, args);
     if (rc != 0) {
-        char *t = slurp(log);
+        char *t = kdt_slurp_text(log);
         fail_msg("exit %d:\n%s", rc, t);
     }
     char a[4300], b[4300];
@@ -494,20 +420,20 @@ static void test_resume_from_path_into_new_dir(void **state)
     same_checkpoint(a, b);
     char p[4300];
     pathf(p, sizeof p, "%s/metrics.rewound.jsonl", dir);
-    json_t *moved = load_jsonl(p);
+    json_t *moved = kdt_load_jsonl(p);
     assert_int_equal(json_array_size(moved), 5);
     assert_int_equal(json_integer_value(json_object_get(json_array_get(moved, 0), "step")), 56);
     json_decref(moved);
     pathf(p, sizeof p, "%s/eval.rewound.jsonl", dir);
-    moved = load_jsonl(p);
+    moved = kdt_load_jsonl(p);
     assert_int_equal(json_array_size(moved), 1);
     json_decref(moved);
     pathf(p, sizeof p, "%s/metrics.jsonl", dir);
-    json_t *now = load_jsonl(p);
+    json_t *now = kdt_load_jsonl(p);
     assert_int_equal(json_array_size(now), 5);
     json_decref(now);
     pathf(p, sizeof p, "%s/eval.jsonl", dir);
-    now = load_jsonl(p);
+    now = kdt_load_jsonl(p);
     assert_int_equal(json_array_size(now), 1);
     json_decref(now);
 }
@@ -523,7 +449,7 @@ static void test_corrupt_newest_checkpoint_falls_back(void **state)
     for (int i = 0; i < 10000 && latest_checkpoint(dir) < 10; i++)
         sleep_ms(1);
     kill(pid, SIGKILL);
-    wait_exit(pid);
+    kdt_wait_exit(pid);
 
     /* Flip one byte of tensor data in the newest live checkpoint of the manifest. */
     char manifest[4300], newest[4300] = "";
@@ -555,13 +481,13 @@ static void test_corrupt_newest_checkpoint_falls_back(void **state)
 
     const char *again[] = {"--config", g_cfg, "--output-dir", dir, "--resume", "auto", NULL};
     int rc = run(log, again);
-    char *text = slurp(log);
+    char *text = kdt_slurp_text(log);
     if (rc != 0 || !strstr(text, "skipped checkpoint step"))
         fail_msg("expected a fallback with a 'skipped' line and exit 0 (got %d):\n%s", rc, text);
     free(text);
     reference_run();
     static const char *const mfields[] = {"step", "loss", NULL};
-    same_lines(g_ref, dir, "metrics.jsonl", mfields, 60);
+    kdt_same_lines(g_ref, dir, "metrics.jsonl", mfields, 60);
 }
 
 static void test_resume_auto_without_checkpoint_starts_at_zero(void **state)
@@ -573,7 +499,7 @@ static void test_resume_auto_without_checkpoint_starts_at_zero(void **state)
     const char *args[] = {"--config", g_cfg, "--output-dir", dir, "--resume", "auto",
                           "--set", "train.steps=3", "--set", "lr.warmup_steps=1", NULL};
     assert_int_equal(run(log, args), 0);
-    char *t = slurp(log);
+    char *t = kdt_slurp_text(log);
     if (!strstr(t, "no usable checkpoint") || !strstr(t, "starting from step 0"))
         fail_msg("expected the 'starting from step 0' message:\n%s", t);
     free(t);
@@ -599,8 +525,8 @@ static void test_signals_while_saving_do_not_abort(void **state)
     assert_int_equal(kill(pid, SIGINT), 0);
     sleep_ms(1);
     assert_int_equal(kill(pid, SIGINT), 0);
-    int st = wait_exit(pid);
-    char *t = slurp(log);
+    int st = kdt_wait_exit(pid);
+    char *t = kdt_slurp_text(log);
     if (!WIFEXITED(st) || WEXITSTATUS(st) != 0 || !strstr(t, "stopped at step"))
         fail_msg("expected a clean stop (status %d):\n%s", st, t);
     free(t);

@@ -14,7 +14,9 @@
  *     directory keeps its last checkpoint; resuming with another N gives
  *     bitwise the numbers of a run never interrupted; kdkit verify passes;
  *   - SIGTERM to mpirun: one stop, one checkpoint, a clean directory, and a
- *     resume with 3 ranks that ends bitwise where the uninterrupted run did;
+ *     resume with 3 ranks that ends bitwise where the uninterrupted run did
+ *     (mpirun itself exits 1: Open MPI 4 aborts the job on SIGTERM); SIGUSR1
+ *     to mpirun: the same stop, and mpirun exits 0;
  *   - the micro-batched losses equal the one-piece batch's up to rounding;
  *   - online distillation, a missing train.micro_batch and ranks that see
  *     different configs are refused.
@@ -98,24 +100,18 @@ static void losses(const char *dir, int64_t steps, double *out)
 {
     char path[4400];
     pathf(path, sizeof path, "%s/metrics.jsonl", dir);
-    FILE *f = fopen(path, "r");
-    assert_non_null(f);
     for (int64_t s = 0; s < steps; s++)
         out[s] = NAN;
-    char line[65536];
-    int64_t seen = 0;
-    while (fgets(line, sizeof line, f)) {
-        json_t *j = json_loads(line, 0, NULL);
-        assert_non_null(j);
+    json_t *lines = kdt_load_jsonl(path);
+    assert_int_equal(json_array_size(lines), steps);
+    for (size_t k = 0; k < json_array_size(lines); k++) {
+        json_t *j = json_array_get(lines, k);
         json_int_t s = json_integer_value(json_object_get(j, "step"));
         assert_true(s >= 1 && s <= steps);
         assert_true(isnan(out[s - 1])); /* no step twice */
         out[s - 1] = json_real_value(json_object_get(j, "loss"));
-        json_decref(j);
-        seen++;
     }
-    fclose(f);
-    assert_int_equal(seen, steps);
+    json_decref(lines);
 }
 
 /* Every tensor of checkpoint_<step> in a and b bitwise equal. */
@@ -468,17 +464,11 @@ static void test_sigkill_of_a_rank_then_resume_with_other_n(void **state)
     snprintf(tag, sizeof tag, "%ld", (long)getpid());
     must_train(0, g_kill, ref, "");
 
-    pid_t job = fork();
-    assert_true(job >= 0);
-    if (job == 0) {
-        setenv("KD_MPI_TEST_TAG", tag, 1);
-        FILE *f = freopen(log, "w", stdout);
-        if (!f || dup2(STDOUT_FILENO, STDERR_FILENO) < 0)
-            _exit(127);
-        execlp("mpirun", "mpirun", "--oversubscribe", "--allow-run-as-root", "-np", "3", g_kdkit,
-               "train", "--config", g_kill, "--output-dir", dir, (char *)NULL);
-        _exit(127);
-    }
+    const char *args[] = {"--oversubscribe", "--allow-run-as-root", "-np", "3", g_kdkit, "train",
+                          "--config", g_kill, "--output-dir", dir, NULL};
+    setenv("KD_MPI_TEST_TAG", tag, 1); /* the ranks inherit it: find_rank */
+    pid_t job = kdt_spawn(log, "mpirun", args);
+    unsetenv("KD_MPI_TEST_TAG");
     /* once a checkpoint is recorded, SIGKILL rank 1 */
     pid_t victim = -1;
     int status = 0, done = 0;
@@ -507,7 +497,7 @@ static void test_sigkill_of_a_rank_then_resume_with_other_n(void **state)
     }
     if (waited >= 120000) {
         kill(job, SIGKILL);
-        waitpid(job, &status, 0);
+        kdt_wait_exit(job);
         fail_msg("mpirun did not end after rank 1 was killed");
     }
     assert_false(WIFEXITED(status) && WEXITSTATUS(status) == 0);
@@ -541,16 +531,9 @@ static void test_sigterm_to_mpirun_is_a_clean_stop(void **state)
     pathf(ref, sizeof ref, "%s/kill_ref", g_root);
     pathf(dir, sizeof dir, "%s/term_np2", g_root);
     pathf(log, sizeof log, "%s.stop.log", dir);
-    pid_t job = fork();
-    assert_true(job >= 0);
-    if (job == 0) {
-        FILE *f = freopen(log, "w", stdout);
-        if (!f || dup2(STDOUT_FILENO, STDERR_FILENO) < 0)
-            _exit(127);
-        execlp("mpirun", "mpirun", "--oversubscribe", "--allow-run-as-root", "-np", "2", g_kdkit,
-               "train", "--config", g_kill, "--output-dir", dir, (char *)NULL);
-        _exit(127);
-    }
+    const char *args[] = {"--oversubscribe", "--allow-run-as-root", "-np", "2", g_kdkit, "train",
+                          "--config", g_kill, "--output-dir", dir, NULL};
+    pid_t job = kdt_spawn(log, "mpirun", args);
     int status = 0, done = 0;
     for (int i = 0; i < 60000; i++) {
         if (waitpid(job, &status, WNOHANG) == job) {
@@ -565,7 +548,7 @@ static void test_sigterm_to_mpirun_is_a_clean_stop(void **state)
     if (done)
         fail_msg("the run ended (status %d) before SIGTERM: raise KILL_STEPS", status);
     assert_int_equal(kill(job, SIGTERM), 0);
-    assert_int_equal(waitpid(job, &status, 0), job);
+    status = kdt_wait_exit(job);
     if (!grep_file(log, "stopped at step")) {
         snprintf(cmd, sizeof cmd, "tail -n 30 '%s' >&2", log);
         if (system(cmd) != 0)
@@ -580,6 +563,44 @@ static void test_sigterm_to_mpirun_is_a_clean_stop(void **state)
     assert_true(WIFEXITED(vst) && WEXITSTATUS(vst) == 0);
     must_train(3, g_kill, dir, "--resume auto");
     same_run(ref, dir, KILL_STEPS);
+}
+
+/* SIGUSR1 to mpirun (Open MPI forwards it as a plain signal, where SIGTERM
+   aborts the job): the same clean stop, and mpirun itself exits 0. */
+static void test_sigusr1_to_mpirun_exits_0(void **state)
+{
+    (void)state;
+    char dir[4400], log[4500];
+    pathf(dir, sizeof dir, "%s/usr1_np2", g_root);
+    pathf(log, sizeof log, "%s.stop.log", dir);
+    const char *args[] = {"--oversubscribe", "--allow-run-as-root", "-np", "2", g_kdkit, "train",
+                          "--config", g_kill, "--output-dir", dir, NULL};
+    pid_t job = kdt_spawn(log, "mpirun", args);
+    int status = 0;
+    for (int i = 0; i < 60000; i++) {
+        if (waitpid(job, &status, WNOHANG) == job)
+            fail_msg("the run ended (status %d) before SIGUSR1: raise KILL_STEPS", status);
+        if (latest_checkpoint(dir) >= 4)
+            break;
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+    }
+    assert_int_equal(kill(job, SIGUSR1), 0);
+    status = kdt_wait_exit(job);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 ||
+        count_in_file(log, "stopped at step") != 1) {
+        char cmd[4600];
+        snprintf(cmd, sizeof cmd, "tail -n 30 '%s' >&2", log);
+        if (system(cmd) != 0)
+            fprintf(stderr, "(no log)\n");
+        fail_msg("SIGUSR1 to mpirun: status %d, not one clean stop and exit 0", status);
+    }
+    int64_t at = latest_checkpoint(dir);
+    assert_true(at >= 4 && at < KILL_STEPS);
+    char cmd[16384];
+    snprintf(cmd, sizeof cmd, "'%s' verify '%s' >/dev/null 2>&1", g_kdkit, dir);
+    int vst = system(cmd);
+    assert_true(WIFEXITED(vst) && WEXITSTATUS(vst) == 0);
 }
 
 static void test_refusals(void **state)
@@ -642,6 +663,7 @@ int main(void)
         cmocka_unit_test(test_kd_from_mix_is_rank_independent),
         cmocka_unit_test(test_sigkill_of_a_rank_then_resume_with_other_n),
         cmocka_unit_test(test_sigterm_to_mpirun_is_a_clean_stop),
+        cmocka_unit_test(test_sigusr1_to_mpirun_exits_0),
         cmocka_unit_test(test_refusals),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

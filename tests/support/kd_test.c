@@ -1,6 +1,7 @@
 /*
- * tests/support/kd_test.c - scratch directories and whole-file helpers for
- * the tests (see kd_test.h).
+ * tests/support/kd_test.c - scratch directories, whole-file helpers,
+ * running a binary and comparing two runs' JSONL files, for the tests (see
+ * kd_test.h).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -8,11 +9,19 @@
 #include "kd_test.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <ftw.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <cmocka.h>
 
 #include "tracker/run.h"
 
@@ -200,4 +209,88 @@ int kdt_list_unknown(const char *dir, FILE *out)
     }
     closedir(d);
     return n;
+}
+
+pid_t kdt_spawn(const char *log, const char *exe, const char *const *args)
+{
+    const char *argv[64];
+    int n = 0;
+    argv[n++] = exe;
+    for (; *args && n < 63; args++)
+        argv[n++] = *args;
+    argv[n] = NULL;
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd < 0)
+            _exit(126);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        close(fd);
+        execvp(exe, (char *const *)argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+int kdt_wait_exit(pid_t pid)
+{
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    return st;
+}
+
+char *kdt_slurp_text(const char *path)
+{
+    char *t = kdt_slurp(path, NULL);
+    return t ? t : strdup("");
+}
+
+json_t *kdt_load_jsonl(const char *path)
+{
+    json_t *arr = json_array();
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return arr;
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n;
+    while ((n = getline(&line, &cap, f)) > 0) {
+        json_error_t e;
+        json_t *o = json_loadb(line, (size_t)n, 0, &e);
+        if (!o)
+            fail_msg("%s: %s", path, e.text);
+        json_array_append_new(arr, o);
+    }
+    free(line);
+    fclose(f);
+    return arr;
+}
+
+void kdt_same_lines(const char *a_dir, const char *b_dir, const char *name,
+                    const char *const *fields, size_t expect_lines)
+{
+    char *pa = kdt_path(a_dir, name), *pb = kdt_path(b_dir, name);
+    assert_non_null(pa);
+    assert_non_null(pb);
+    json_t *a = kdt_load_jsonl(pa), *b = kdt_load_jsonl(pb);
+    if (json_array_size(a) != expect_lines || json_array_size(b) != expect_lines)
+        fail_msg("%s: %zu lines in %s, %zu in %s, expected %zu", name, json_array_size(a), a_dir,
+                 json_array_size(b), b_dir, expect_lines);
+    for (size_t i = 0; i < expect_lines; i++)
+        for (const char *const *f = fields; *f; f++) {
+            json_t *u = json_object_get(json_array_get(a, i), *f);
+            json_t *v = json_object_get(json_array_get(b, i), *f);
+            if (!u || !v || !json_equal(u, v)) {
+                char *su = u ? json_dumps(u, JSON_ENCODE_ANY | JSON_REAL_PRECISION(17)) : NULL;
+                char *sv = v ? json_dumps(v, JSON_ENCODE_ANY | JSON_REAL_PRECISION(17)) : NULL;
+                fail_msg("%s line %zu: %s differs: %s in %s, %s in %s", name, i + 1, *f,
+                         su ? su : "missing", a_dir, sv ? sv : "missing", b_dir);
+            }
+        }
+    json_decref(a);
+    json_decref(b);
+    free(pa);
+    free(pb);
 }

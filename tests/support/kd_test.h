@@ -1,8 +1,9 @@
 /*
  * tests/support/kd_test.h - small helpers shared by the cmocka tests: a fresh
  * scratch directory per test, and whole-file read/write/count helpers that
- * use plain libc (so they are not affected by kd_fault_set()), and a
- * loopback HTTP call for the server tests.
+ * use plain libc (so they are not affected by kd_fault_set()), a
+ * loopback HTTP call for the server tests, and running a binary and
+ * comparing the JSONL files of two runs (the train and MPI tests).
  */
 #ifndef KD_TESTS_SUPPORT_KD_TEST_H
 #define KD_TESTS_SUPPORT_KD_TEST_H
@@ -10,7 +11,10 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#include <sys/types.h>
+
 #include <curl/curl.h>
+#include <jansson.h>
 
 /* Create a new empty directory under $TMPDIR (or /tmp) named after `tag`;
  * returns a malloc'd path, or NULL. */
@@ -39,5 +43,23 @@ int kdt_list_unknown(const char *dir, FILE *out);
  * NULL) the malloc'd response body or NULL, *cc (may be NULL) curl's result. */
 long kdt_http(int port, const char *path, const char *body, const char *auth, long timeout_ms,
               char **raw, CURLcode *cc);
+
+/* Start exe with arguments args (NULL-terminated, without argv[0]), stdout
+ * and stderr appended to `log`; exe without a '/' is looked up in PATH.
+ * Returns the pid (the test fails when fork does). */
+pid_t kdt_spawn(const char *log, const char *exe, const char *const *args);
+/* Wait for pid; returns its wait status (the test fails when waitpid does). */
+int kdt_wait_exit(pid_t pid);
+/* Whole file as a malloc'd string, or a malloc'd "" when it cannot be read
+ * (for logs a failed run may not have written). */
+char *kdt_slurp_text(const char *path);
+/* Every line of a JSONL file parsed, as a JSON array (empty when the file is
+ * missing); a line that does not parse fails the test. */
+json_t *kdt_load_jsonl(const char *path);
+/* a_dir/name and b_dir/name both have expect_lines lines, and on each line
+ * the values of `fields` (NULL-terminated) are equal (json_equal: reals
+ * compared as doubles); fails naming the file, line and field. */
+void kdt_same_lines(const char *a_dir, const char *b_dir, const char *name,
+                    const char *const *fields, size_t expect_lines);
 
 #endif
