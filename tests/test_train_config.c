@@ -202,10 +202,6 @@ static void test_kd_section(void **state)
     refused(yaml("il3.yaml", "kd: {mix: m, intermediate_weight: 0.1, teacher_checkpoint: t, "
                              "intermediate_layers: '99:0'}\n"),
             NULL, "kd.intermediate_layers", "student layer 99", NULL);
-    /* the micro-batched (MPI) step does not carry the map's gradients */
-    refused(yaml("ilmb.yaml", "train: {batch_size: 4, micro_batch: 2}\n"
-                              "kd: {mix: m, intermediate_weight: 0.1, teacher_checkpoint: t}\n"),
-            NULL, "kd.intermediate_weight", "train.micro_batch", NULL);
     refused(p, "kd.typo=1", "kd.typo", "unknown key", NULL);
     refused(yaml("nomix.yaml", "kd: {}\n"), NULL, "kd.mix", "kdkit mix", NULL);
     refused(yaml("both0.yaml", "kd: {mix: m, kd_weight: 0, ce_weight: 0}\n"), NULL,

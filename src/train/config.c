@@ -589,13 +589,6 @@ int kd_train_config_validate(const kd_train_config *c, kd_err *e)
                           "%s: train.micro_batch: must be 0 (the batch in one piece) or divide "
                           "train.batch_size (%d), got %d",
                           src, c->batch_size, c->micro_batch);
-    if (c->micro_batch > 0 && c->kd.enabled && c->kd.intermediate_weight != 0.0)
-        return kd_err_set(e, KD_ECONFIG,
-                          "%s: kd.intermediate_weight: the intermediate term is not supported with "
-                          "train.micro_batch (the micro-batched step, used under MPI, does not "
-                          "carry the hidden-state map's gradients yet): set train.micro_batch to 0 "
-                          "or kd.intermediate_weight to 0",
-                          src);
     if (c->lr.lr_min > c->lr.lr_max)
         return kd_err_set(e, KD_ECONFIG, "%s: lr.min: must be at most lr.max (%.17g), got %.17g", src,
                           c->lr.lr_max, c->lr.lr_min);

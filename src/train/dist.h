@@ -64,22 +64,39 @@ void kd_dist_allgather(const double *mine, double *all, const int *n, const int 
  * which ends with the root, broadcasts it.
  */
 typedef struct kd_mbstep kd_mbstep;
-/* For a model of `nparams` parameters, batches of B sequences of T tokens
-   in micro-batches of mb (mb divides B).  KD_ENOMEM. */
-int kd_mbstep_create(kd_mbstep **out, size_t nparams, int B, int mb, int T, kd_err *e);
+/* For a model of `nparams` parameters and an extra term of `extra`
+   gradient floats (0: none), batches of B sequences of T tokens in
+   micro-batches of mb (mb divides B).  KD_ENOMEM. */
+int kd_mbstep_create(kd_mbstep **out, size_t nparams, size_t extra, int B, int mb, int T,
+                     kd_err *e);
 void kd_mbstep_free(kd_mbstep *s);
+/* An extra loss term computed per micro-batch (the intermediate term). */
+typedef struct kd_mbstep_term {
+    float *grads; /* its parameters' gradient, `extra` floats: zeroed per micro-batch */
+    /* After a micro-batch's forward and loss, before its backward: add the
+       term's gradient (into grads and, through the model, the student's),
+       averaging over `positions`, the whole batch's masked positions, so
+       the micro-batches' values (*value) add up to the batch's. */
+    int (*run)(void *ctx, const uint8_t *x, const uint8_t *mask, int mb, int T,
+               int64_t positions, double *value, kd_err *e);
+    void *ctx;
+} kd_mbstep_term;
 /*
- * One step's gradient into kd_gpt_grads(m) on every rank, and the loss of
- * the whole batch in *out (ce, kd: means over the batch's positions; total;
- * n_ce, n_kd), bitwise the same for any rank count.  x: the B*T inputs;
- * sp: the loss of the whole batch (its arrays B*T positions long, teacher
- * arrays teacher_k per position); only this rank's rows (kd_mbstep_rows)
- * of x and sp are read.  Collective: a rank whose own work fails
- * still joins the agreement, and every rank then returns an error (the
- * failing rank its own, the others KD_EIO naming it).
+ * One step's gradient into kd_gpt_grads(m) (and term->grads) on every rank,
+ * and the loss of the whole batch in *out (ce, kd: means over the batch's
+ * positions; total without the extra term; n_ce, n_kd) and the extra
+ * term's value in *term_value (may be NULL), bitwise the same for any rank
+ * count.  x: the B*T inputs; sp: the loss of the whole batch (its arrays
+ * B*T positions long, teacher arrays teacher_k per position; sp->mask
+ * required with a term); only this rank's rows (kd_mbstep_rows) of x and
+ * sp are read.  term: NULL, or the extra term (extra > 0 at create).
+ * Collective: a rank whose own work fails still joins the agreement, and
+ * every rank then returns an error (the failing rank its own, the others
+ * KD_EIO naming it).
  */
 int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_spec *sp,
-                  kd_gpt_loss_out *out, kd_err *e);
+                  const kd_mbstep_term *term, kd_gpt_loss_out *out, double *term_value,
+                  kd_err *e);
 /* Bytes this rank sent in the last kd_mbstep_run (gradient tree, the
    broadcast it rooted, its loss counts and figures). */
 size_t kd_mbstep_bytes_sent(const kd_mbstep *s);

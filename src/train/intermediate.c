@@ -231,8 +231,14 @@ void kd_kdinter_zero_grad(kd_kdinter *x)
     memset(x->grads, 0, (size_t)x->npairs * per_pair(x) * sizeof(float));
 }
 
+float *kd_kdinter_grads(kd_kdinter *x, size_t *n)
+{
+    *n = (size_t)x->npairs * per_pair(x);
+    return x->grads;
+}
+
 int kd_kdinter_loss(kd_kdinter *x, kd_gpt *student, const uint8_t *tokens, const uint8_t *mask,
-                    int B, int T, double weight, double *loss, kd_err *e)
+                    int B, int T, double weight, int64_t positions, double *loss, kd_err *e)
 {
     *loss = 0.0;
     size_t N = (size_t)B * (size_t)T, cs = (size_t)x->cs, ct = (size_t)x->ct;
@@ -251,8 +257,10 @@ int kd_kdinter_loss(kd_kdinter *x, kd_gpt *student, const uint8_t *tokens, const
     if (rc != KD_OK)
         return rc;
     size_t P = 0;
-    for (size_t i = 0; i < N; i++)
+    for (size_t i = 0; positions <= 0 && i < N; i++)
         P += mask[i] != 0;
+    if (positions > 0) /* a micro-batch: the mean is the whole batch's */
+        P = (size_t)positions;
     double total = 0.0;
     /* d total / d r = 2 r / (P ct npairs) on masked rows, times the weight */
     float scale = P ? (float)(2.0 * weight / ((double)P * (double)ct * x->npairs)) : 0.0f;

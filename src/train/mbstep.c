@@ -22,6 +22,11 @@
  * loss itself, evaluated on zero logits (the counts depend on the targets,
  * mask and teacher entries only, so they are exactly the loss's own), and
  * the counts are gathered, so a rank needs no other rank's samples.
+ *
+ * An extra term (the intermediate one of distillation) rides along: its
+ * gradient is appended to the model's in every tree node, it is averaged
+ * over the whole batch's masked positions (gathered as a third count), and
+ * its micro-batches' values add up, in order, to the batch's.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -34,8 +39,11 @@ typedef struct node {
     float *g;  /* its sum [P] */
 } node;
 
+#define K 3 /* figures per micro-batch: CE, KD, the extra term (counts or means) */
+
 struct kd_mbstep {
     size_t P;         /* parameters */
+    size_t X;         /* the extra term's gradient floats (after the model's) */
     int B, mb, T, M;  /* batch, micro-batch, context, micro-batch count */
     int L;            /* tree depth: ceil(log2 M) */
     int lo, hi;       /* this rank's micro-batches [lo, hi) */
@@ -43,11 +51,11 @@ struct kd_mbstep {
     int nstk;
     float **pool;     /* free sum buffers [L + 3] */
     int npool;
-    float *tmp;       /* a received right sibling [P] */
+    float *tmp;       /* a received right sibling [P + X] */
     float *zlogits;   /* zeros [mb * T * 256], for the counts */
-    double *cnt_all;  /* [2 M]: n_ce, n_kd of each micro-batch (gathered) */
-    double *means;    /* [2 M]: ce, kd mean of each micro-batch */
-    double *mine;     /* [2 M] */
+    double *cnt_all;  /* [K M]: n_ce, n_kd, term positions of each micro-batch (gathered) */
+    double *means;    /* [K M]: ce, kd mean, term value of each micro-batch */
+    double *mine;     /* [K M] */
     int *cnt, *off;   /* allgather layout [size] */
     size_t sent;
 };
@@ -91,7 +99,8 @@ void kd_mbstep_tree_shape(int M, int N, int *levels, int *messages, int *comm_le
         *comm_levels = cl;
 }
 
-int kd_mbstep_create(kd_mbstep **out, size_t nparams, int B, int mb, int T, kd_err *e)
+int kd_mbstep_create(kd_mbstep **out, size_t nparams, size_t extra, int B, int mb, int T,
+                     kd_err *e)
 {
     *out = NULL;
     if (mb < 1 || B % mb != 0)
@@ -101,6 +110,8 @@ int kd_mbstep_create(kd_mbstep **out, size_t nparams, int B, int mb, int T, kd_e
         return kd_err_set(e, KD_ENOMEM, "out of memory");
     int N = kd_dist_size(), r = kd_dist_rank();
     s->P = nparams;
+    s->X = extra;
+    const size_t G = nparams + extra;
     s->B = B;
     s->mb = mb;
     s->T = T;
@@ -110,25 +121,25 @@ int kd_mbstep_create(kd_mbstep **out, size_t nparams, int B, int mb, int T, kd_e
     s->hi = first_of(r + 1, s->M, N);
     s->stk = calloc((size_t)s->L + 2, sizeof *s->stk);
     s->pool = calloc((size_t)s->L + 3, sizeof *s->pool);
-    s->tmp = malloc(nparams * sizeof(float));
+    s->tmp = malloc(G * sizeof(float));
     s->zlogits = calloc((size_t)mb * (size_t)T * KD_GPT_VOCAB, sizeof(float));
-    s->cnt_all = calloc(2 * (size_t)s->M, sizeof(double));
-    s->means = calloc(2 * (size_t)s->M, sizeof(double));
-    s->mine = calloc(2 * (size_t)s->M, sizeof(double));
+    s->cnt_all = calloc(K * (size_t)s->M, sizeof(double));
+    s->means = calloc(K * (size_t)s->M, sizeof(double));
+    s->mine = calloc(K * (size_t)s->M, sizeof(double));
     s->cnt = calloc((size_t)N, sizeof(int));
     s->off = calloc((size_t)N, sizeof(int));
     int ok = s->stk && s->pool && s->tmp && s->zlogits && s->cnt_all && s->means && s->mine &&
              s->cnt && s->off;
     for (int k = 0; ok && k < s->L + 2; k++)
-        ok = (s->pool[s->npool++] = malloc(nparams * sizeof(float))) != NULL;
+        ok = (s->pool[s->npool++] = malloc(G * sizeof(float))) != NULL;
     if (!ok) {
         kd_mbstep_free(s);
         return kd_err_set(e, KD_ENOMEM, "out of memory (micro-batch partial sums: %d x %zu "
-                                        "floats)", s->L + 3, nparams);
+                                        "floats)", s->L + 3, G);
     }
     for (int q = 0; q < N; q++) {
-        s->off[q] = 2 * first_of(q, s->M, N);
-        s->cnt[q] = 2 * (first_of(q + 1, s->M, N) - first_of(q, s->M, N));
+        s->off[q] = K * first_of(q, s->M, N);
+        s->cnt[q] = K * (first_of(q + 1, s->M, N) - first_of(q, s->M, N));
     }
     *out = s;
     return KD_OK;
@@ -207,7 +218,7 @@ static void settle_top(kd_mbstep *s)
             node *b = s->nstk > 1 ? t - 1 : NULL;
             if (!b || b->l != t->l || b->a != t->a - (1 << t->l))
                 return;
-            add(b->g, t->g, s->P);
+            add(b->g, t->g, s->P + s->X);
             s->pool[s->npool++] = t->g;
             s->nstk--;
             b->l++;
@@ -223,7 +234,7 @@ static void settle_top(kd_mbstep *s)
 static void reduce_across(kd_mbstep *s)
 {
     const int N = kd_dist_size(), M = s->M;
-    const size_t bytes = s->P * sizeof(float);
+    const size_t bytes = (s->P + s->X) * sizeof(float);
     for (int l = 0; l < s->L; l++) {
         kd_dist_msg msg[2];
         int nm = 0, recv_at = -1, sent_at = -1;
@@ -254,10 +265,10 @@ static void reduce_across(kd_mbstep *s)
             }
             if (x.l == l && !is_right(x.a, l)) {
                 if (k == recv_at)
-                    add(x.g, s->tmp, s->P);
+                    add(x.g, s->tmp, s->P + s->X);
                 else if (x.a + (1 << l) < M && k + 1 < s->nstk && s->stk[k + 1].l == l &&
                          s->stk[k + 1].a == x.a + (1 << l)) {
-                    add(x.g, s->stk[k + 1].g, s->P); /* the right sibling is this rank's */
+                    add(x.g, s->stk[k + 1].g, s->P + s->X); /* the right sibling is this rank's */
                     s->pool[s->npool++] = s->stk[k + 1].g;
                     k++;
                 }
@@ -270,10 +281,11 @@ static void reduce_across(kd_mbstep *s)
 }
 
 int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_spec *sp,
-                  kd_gpt_loss_out *out, kd_err *e)
+                  const kd_mbstep_term *term, kd_gpt_loss_out *out, double *term_value,
+                  kd_err *e)
 {
     const int N = kd_dist_size(), r = kd_dist_rank();
-    const size_t span = (size_t)s->mb * (size_t)s->T, P = s->P;
+    const size_t span = (size_t)s->mb * (size_t)s->T, P = s->P, X = term ? s->X : 0;
     const int lo = s->lo, hi = s->hi;
     s->sent = 0;
     int rc = KD_OK;
@@ -284,18 +296,23 @@ int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_s
         kd_gpt_loss_out lo_ = {0};
         if (rc == KD_OK)
             rc = kd_gpt_loss_logits(s->zlogits, NULL, span, &q, &lo_, e);
-        s->mine[2 * j] = rc == KD_OK ? (double)lo_.n_ce : -1.0;
-        s->mine[2 * j + 1] = rc == KD_OK ? (double)lo_.n_kd : -1.0;
+        int64_t nm = 0;
+        for (size_t i = 0; term && i < span; i++)
+            nm += sp->mask[(size_t)j * span + i] != 0;
+        s->mine[K * j] = rc == KD_OK ? (double)lo_.n_ce : -1.0;
+        s->mine[K * j + 1] = rc == KD_OK ? (double)lo_.n_kd : -1.0;
+        s->mine[K * j + 2] = (double)nm;
     }
     kd_dist_allgather(s->mine + s->off[r], s->cnt_all, s->cnt, s->off);
     s->sent += (size_t)(N - 1) * (size_t)s->cnt[r] * sizeof(double);
-    double tce = 0, tkd = 0;
+    double tce = 0, tkd = 0, tterm = 0;
     int bad = -1;
     for (int j = 0; j < s->M; j++) {
-        if (s->cnt_all[2 * j] < 0 && bad < 0)
+        if (s->cnt_all[K * j] < 0 && bad < 0)
             bad = owner(j, s->M, N);
-        tce += s->cnt_all[2 * j];
-        tkd += s->cnt_all[2 * j + 1];
+        tce += s->cnt_all[K * j];
+        tkd += s->cnt_all[K * j + 1];
+        tterm += s->cnt_all[K * j + 2];
     }
     if (bad >= 0)
         return rc != KD_OK ? rc
@@ -308,24 +325,33 @@ int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_s
     s->nstk = 0;
     for (int j = lo; j < hi && rc == KD_OK; j++) {
         kd_gpt_loss_spec q = slice(sp, (size_t)j * span);
-        q.ce_weight = weight(sp->ce_weight, s->cnt_all[2 * j], tce);
-        q.kd_weight = weight(sp->kd_weight, s->cnt_all[2 * j + 1], tkd);
+        q.ce_weight = weight(sp->ce_weight, s->cnt_all[K * j], tce);
+        q.kd_weight = weight(sp->kd_weight, s->cnt_all[K * j + 1], tkd);
         kd_gpt_zero_grad(m);
+        if (term)
+            memset(term->grads, 0, X * sizeof(float));
         kd_gpt_loss_out lj;
+        double tv = 0.0;
         rc = kd_gpt_forward(m, x + (size_t)j * span, s->mb, s->T, e);
         if (rc == KD_OK)
             rc = kd_gpt_loss(m, &q, &lj, e);
+        if (rc == KD_OK && term)
+            rc = term->run(term->ctx, x + (size_t)j * span, sp->mask + (size_t)j * span, s->mb,
+                           s->T, (int64_t)tterm, &tv, e);
         if (rc == KD_OK)
             rc = kd_gpt_backward(m, e);
         if (rc != KD_OK)
             break;
-        s->mine[2 * j] = lj.n_ce ? lj.ce : 0.0;
-        s->mine[2 * j + 1] = lj.n_kd ? lj.kd : 0.0;
+        s->mine[K * j] = lj.n_ce ? lj.ce : 0.0;
+        s->mine[K * j + 1] = lj.n_kd ? lj.kd : 0.0;
+        s->mine[K * j + 2] = tv;
         node *t = &s->stk[s->nstk++];
         t->a = j;
         t->l = 0;
         t->g = s->pool[--s->npool];
         memcpy(t->g, g, P * sizeof(float));
+        if (X)
+            memcpy(t->g + P, term->grads, X * sizeof(float));
         settle_top(s);
     }
     int first = 0;
@@ -336,24 +362,29 @@ int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_s
                                      "every rank stops",
                           first);
     }
+    const float *sum = s->tmp;
     if (N > 1) {
         reduce_across(s);
         if (r == 0)
-            memcpy(g, s->stk[0].g, P * sizeof(float));
-        kd_dist_bcast(g, P * sizeof(float), 0);
+            memcpy(s->tmp, s->stk[0].g, (P + s->X) * sizeof(float));
+        kd_dist_bcast(s->tmp, (P + s->X) * sizeof(float), 0);
         if (r == 0)
-            s->sent += (size_t)(N - 1) * P * sizeof(float);
+            s->sent += (size_t)(N - 1) * (P + s->X) * sizeof(float);
         kd_dist_allgather(s->mine + s->off[r], s->means, s->cnt, s->off);
         s->sent += (size_t)(N - 1) * (size_t)s->cnt[r] * sizeof(double);
     } else {
-        memcpy(g, s->stk[0].g, P * sizeof(float));
-        memcpy(s->means, s->mine, 2 * (size_t)s->M * sizeof(double));
+        sum = s->stk[0].g;
+        memcpy(s->means, s->mine, K * (size_t)s->M * sizeof(double));
     }
-    /* The batch's loss from the micro-batch means, in micro-batch order. */
-    double sce = 0, skd = 0;
+    memcpy(g, sum, P * sizeof(float));
+    if (X)
+        memcpy(term->grads, sum + P, X * sizeof(float));
+    /* The batch's loss from the micro-batch figures, in micro-batch order. */
+    double sce = 0, skd = 0, sterm = 0;
     for (int j = 0; j < s->M; j++) {
-        sce += s->means[2 * j] * s->cnt_all[2 * j];
-        skd += s->means[2 * j + 1] * s->cnt_all[2 * j + 1];
+        sce += s->means[K * j] * s->cnt_all[K * j];
+        skd += s->means[K * j + 1] * s->cnt_all[K * j + 1];
+        sterm += s->means[K * j + 2];
     }
     memset(out, 0, sizeof *out);
     out->n_ce = (int64_t)tce;
@@ -361,5 +392,7 @@ int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_s
     out->ce = tce > 0 ? sce / tce : 0.0;
     out->kd = tkd > 0 ? skd / tkd : 0.0;
     out->total = (double)sp->ce_weight * out->ce + (double)sp->kd_weight * out->kd;
+    if (term_value)
+        *term_value = sterm;
     return KD_OK;
 }

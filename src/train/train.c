@@ -112,7 +112,7 @@ typedef struct run {
     int dbg_on;                  /* KDKIT_DEBUG_SAMPLES: list the samples read */
     int64_t *dbg;
     size_t ndbg, dbg_cap;
-    kd_kdinter *inter;           /* the intermediate term, when on (never with mbs) */
+    kd_kdinter *inter;           /* the intermediate term, when on */
 } run;
 
 /* ------------------------------------------------------------------------ */
@@ -998,6 +998,15 @@ static int kd_batch(run *r, int b0, int b1, int64_t *no_targets)
     return KD_OK;
 }
 
+/* The intermediate term of one micro-batch (kd_mbstep_term). */
+static int inter_term(void *ctx, const uint8_t *x, const uint8_t *mask, int mb, int T,
+                      int64_t positions, double *value, kd_err *e)
+{
+    run *r = ctx;
+    return kd_kdinter_loss(r->inter, r->m, x, mask, mb, T, r->c->kd.intermediate_weight,
+                           positions, value, e);
+}
+
 static int one_step(run *r)
 {
     const kd_train_config *c = r->c;
@@ -1061,15 +1070,21 @@ static int one_step(run *r)
                                                                        : c->kd.jsd_beta);
     }
     kd_gpt_loss_out lo;
-    if (r->mbs) /* fixed micro-batches: the same numbers for any rank count */
-        rc = kd_mbstep_run(r->mbs, r->m, r->x, &sp, &lo, r->e);
-    else if (rc == KD_OK)
-        rc = kd_gpt_loss(r->m, &sp, &lo, r->e);
     double inter = 0.0;
-    /* the config refuses the intermediate term with micro-batches (config.c) */
+    if (r->mbs) { /* fixed micro-batches: the same numbers for any rank count */
+        kd_mbstep_term term = {.run = inter_term, .ctx = r};
+        size_t n = 0;
+        if (r->inter)
+            term.grads = kd_kdinter_grads(r->inter, &n);
+        rc = kd_mbstep_run(r->mbs, r->m, r->x, &sp, r->inter ? &term : NULL, &lo, &inter, r->e);
+        if (rc == KD_OK && r->inter)
+            lo.total += c->kd.intermediate_weight * inter;
+    } else if (rc == KD_OK) {
+        rc = kd_gpt_loss(r->m, &sp, &lo, r->e);
+    }
     if (rc == KD_OK && r->inter && !r->mbs) {
         rc = kd_kdinter_loss(r->inter, r->m, r->x, r->win.mask, B, T, c->kd.intermediate_weight,
-                             &inter, r->e);
+                             0, &inter, r->e);
         lo.total += c->kd.intermediate_weight * inter;
     }
     if (rc == KD_OK && !r->mbs)
@@ -1475,9 +1490,13 @@ int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_resu
         rc = settle(&r, r.rank == 0 ? open_writer(&r) : build_model(&r));
     if (rc == KD_OK && r.nranks > 1)
         rc = settle(&r, share_state(&r));
-    if (rc == KD_OK && (c->micro_batch > 0 || r.nranks > 1))
-        rc = settle(&r, kd_mbstep_create(&r.mbs, kd_gpt_num_params(r.m), c->batch_size,
+    if (rc == KD_OK && (c->micro_batch > 0 || r.nranks > 1)) {
+        size_t extra = 0;
+        if (r.inter)
+            kd_kdinter_grads(r.inter, &extra);
+        rc = settle(&r, kd_mbstep_create(&r.mbs, kd_gpt_num_params(r.m), extra, c->batch_size,
                                          c->micro_batch, c->model.n_ctx, r.e));
+    }
     if (rc != KD_OK)
         goto out;
     res->start_step = r.step;

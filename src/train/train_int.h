@@ -111,9 +111,14 @@ void kd_kdinter_zero_grad(kd_kdinter *x);
  * MSE between the mapped student and the teacher hidden states on the
  * masked positions, ADD weight * its gradient into the map's gradients,
  * and hand weight * d loss / d hidden to the student's next backward
- * (kd_gpt_add_layer_grad).  KD_ENOMEM, model errors.
+ * (kd_gpt_add_layer_grad).  positions: 0 = average over the masked
+ * positions of these B sequences; > 0 = over that many (a micro-batch of a
+ * larger batch, whose micro-batches' losses then add up to the batch's).
+ * KD_ENOMEM, model errors.
  */
 int kd_kdinter_loss(kd_kdinter *x, kd_gpt *student, const uint8_t *tokens, const uint8_t *mask,
-                    int B, int T, double weight, double *loss, kd_err *e);
+                    int B, int T, double weight, int64_t positions, double *loss, kd_err *e);
+/* The map's gradients, contiguous (*n floats): what kd_kdinter_loss adds to. */
+float *kd_kdinter_grads(kd_kdinter *x, size_t *n);
 
 #endif

@@ -10,6 +10,7 @@
  *   - each rank materialises only the samples of its own micro-batches,
  *     exactly the ones the one-process run puts in those rows (the
  *     KDKIT_DEBUG_SAMPLES listing of every rank);
+ *   - the same with the intermediate (hidden-state) term of distillation;
  *   - one rank SIGKILLed mid-run stops the job, mpirun names the rank, the
  *     directory keeps its last checkpoint; resuming with another N gives
  *     bitwise the numbers of a run never interrupted; kdkit verify passes;
@@ -45,7 +46,7 @@
 #include "support/kd_test.h"
 
 static char g_root[] = "/tmp/kd_mpi_XXXXXX";
-static char g_kdkit[4096], g_pre[4200], g_kd[4200], g_kill[4200], g_mix[4200];
+static char g_kdkit[4096], g_pre[4200], g_kd[4200], g_kill[4200], g_mix[4200], g_inter[4200];
 
 static void pathf(char *buf, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void pathf(char *buf, size_t cap, const char *fmt, ...)
@@ -281,6 +282,17 @@ static int setup(void **state)
                   "checkpoint: {every: 3, keep_last: 2}\neval: {every: 3, batches: 1}\n",
              g_mix, STEPS);
     write_text(g_kd, text);
+    /* the intermediate term, with the pretraining test's final checkpoint
+       as the local teacher */
+    pathf(g_inter, sizeof g_inter, "%s/inter.yaml", g_root);
+    snprintf(text, sizeof text,
+             HEAD "kd: {source: mix, mix: '%s', eval_fraction: 0.2, intermediate_weight: 0.5,\n"
+                  "     teacher_checkpoint: '%s/pre_plain/checkpoint_%d.safetensors',\n"
+                  "     intermediate_layers: proportional}\n"
+                  "train: {steps: %d, batch_size: 6, micro_batch: 1, seed: 3, threads: 1}\n"
+                  "checkpoint: {every: 3, keep_last: 2}\neval: {every: 3, batches: 1}\n",
+             g_mix, g_root, STEPS, STEPS);
+    write_text(g_inter, text);
     pathf(g_kill, sizeof g_kill, "%s/kill.yaml", g_root);
     snprintf(text, sizeof text,
              HEAD "data: {path: /usr/share/games/fortunes, val_fraction: 0.2}\n"
@@ -361,13 +373,13 @@ static void each_rank_reads_its_own(const char *ref, const char *dir, int np)
     free(all);
 }
 
-static void equal_for_any_rank_count(const char *cfg, const char *tag)
+static void equal_for_any_rank_count(const char *cfg, const char *tag, int np_from)
 {
     char ref[4400], dir[4400];
     pathf(ref, sizeof ref, "%s/%s_plain", g_root, tag);
     setenv("KDKIT_DEBUG_SAMPLES", "1", 1);
     must_train(0, cfg, ref, "");
-    for (int np = 1; np <= 4; np++) {
+    for (int np = np_from; np <= 4; np++) {
         pathf(dir, sizeof dir, "%s/%s_np%d", g_root, tag, np);
         must_train(np, cfg, dir, "");
         same_run(ref, dir, STEPS);
@@ -399,13 +411,24 @@ static void equal_for_any_rank_count(const char *cfg, const char *tag)
 static void test_pretraining_is_rank_independent(void **state)
 {
     (void)state;
-    equal_for_any_rank_count(g_pre, "pre");
+    equal_for_any_rank_count(g_pre, "pre", 1);
 }
 
 static void test_kd_from_mix_is_rank_independent(void **state)
 {
     (void)state;
-    equal_for_any_rank_count(g_kd, "kd");
+    equal_for_any_rank_count(g_kd, "kd", 1);
+}
+
+/* The intermediate (hidden-state) term per micro-batch: its map's gradient
+   rides in the tree, its mean is the whole batch's. */
+static void test_intermediate_term_is_rank_independent(void **state)
+{
+    (void)state;
+    equal_for_any_rank_count(g_inter, "inter", 2);
+    char log[4500];
+    pathf(log, sizeof log, "%s/inter_np2.log", g_root);
+    assert_true(grep_file(log, "intermediate term: "));
 }
 
 /* pid of the process whose environment has KD_MPI_TEST_TAG=tag and
@@ -661,6 +684,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pretraining_is_rank_independent),
         cmocka_unit_test(test_kd_from_mix_is_rank_independent),
+        cmocka_unit_test(test_intermediate_term_is_rank_independent),
         cmocka_unit_test(test_sigkill_of_a_rank_then_resume_with_other_n),
         cmocka_unit_test(test_sigterm_to_mpirun_is_a_clean_stop),
         cmocka_unit_test(test_sigusr1_to_mpirun_exits_0),
