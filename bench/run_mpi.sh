@@ -75,7 +75,7 @@ def tree(M, N):
 M = 16
 L2, C2, H2 = tree(M, 2)
 print(f"  bytes per step (2 ranks): {nbytes} = (C + N - 1) x {P} parameters x 4, C = {C2} tree"
-      f" message(s) in {H2} level(s), depth {L2}; plus 32 bytes per micro-batch of counts and"
+      f" message(s) in {H2} level(s), depth {L2}; plus 48 bytes per micro-batch of counts and"
       f" loss figures and a few 4-byte agreements")
 # Paper projection: N machines, each rank computes ceil(M/N) micro-batches,
 # then the tree: H levels, each one hop of the gradient (4P bytes) and a
