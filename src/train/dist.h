@@ -89,7 +89,8 @@ typedef struct kd_mbstep_term {
  * count.  x: the B*T inputs; sp: the loss of the whole batch (its arrays
  * B*T positions long, teacher arrays teacher_k per position; sp->mask
  * required with a term); only this rank's rows (kd_mbstep_rows) of x and
- * sp are read.  term: NULL, or the extra term (extra > 0 at create).
+ * sp are read.  term: the extra term exactly when extra > 0 at create
+ * (else KD_EINVAL, before any collective: a caller error).
  * Collective: a rank whose own work fails still joins the agreement, and
  * every rank then returns an error (the failing rank its own, the others
  * KD_EIO naming it).

@@ -288,6 +288,9 @@ int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_s
     const size_t span = (size_t)s->mb * (size_t)s->T, P = s->P, X = term ? s->X : 0;
     const int lo = s->lo, hi = s->hi;
     s->sent = 0;
+    if ((s->X > 0) != (term != NULL) || (term && !sp->mask))
+        return kd_err_set(e, KD_EINVAL, "kd_mbstep_run: an extra term (with a mask) must be "
+                                        "given exactly when the step was created with one");
     int rc = KD_OK;
     /* The counts of this rank's micro-batches, then everyone's (a failure
        is sent as -1, so every rank learns of it in the same gather). */
