@@ -429,6 +429,79 @@ static void test_moved_directory_finds_checkpoints(void **state)
     free(dir);
 }
 
+/* Steps in metrics.jsonl: each line's "step", in file order. */
+static size_t metric_steps(const char *dir, int64_t *steps, size_t cap)
+{
+    json_t *m = load_jsonl(path_in(dir, "metrics.jsonl"));
+    size_t n = json_array_size(m);
+    for (size_t i = 0; i < n && i < cap; i++)
+        steps[i] = json_integer_value(json_object_get(json_array_get(m, i), "step"));
+    json_decref(m);
+    return n;
+}
+
+/* A fast trainer: no update_metrics call writes the whole buffer; the held
+   lines go out at most 64 per call, from when 256 are held, every step once
+   and in order, and a pause still writes every line so far. */
+static void test_metrics_drain_is_bounded(void **state)
+{
+    (void)state;
+    char *dir = mkdtemp_dir();
+    kd_tracker_opts o;
+    kd_tracker_opts_init(&o);
+    o.metrics_flush_ms = 3600 * 1000; /* only the held count starts a drain */
+    kd_tracker *t = NULL;
+    kd_err e;
+    assert_int_equal(kd_tracker_open(&t, dir, CFG, 100000, &o, &e), KD_OK);
+    static int64_t steps[2048];
+    log_steps(t, 1, 255);
+    assert_int_equal(metric_steps(dir, steps, 2048), 0); /* held, none written */
+    size_t before = 0;
+    for (int64_t s = 256; s <= 1000; s++) {
+        log_steps(t, s, s);
+        size_t now = metric_steps(dir, steps, 2048);
+        if (now < before || now - before > 64)
+            fail_msg("step %lld: %zu lines written by one call", (long long)s, now - before);
+        before = now;
+    }
+    /* 256 held, then 64 a call: steps 1..260 were out after the call of
+       step 260; the next drains began at steps 516 and 776 and ended 4 calls
+       later, and the 220 steps since are held */
+    size_t n = metric_steps(dir, steps, 2048);
+    assert_int_equal(n, 780);
+    for (size_t i = 0; i < n; i++)
+        assert_int_equal(steps[i], (int64_t)i + 1);
+    assert_int_equal(kd_tracker_record_pause(t, 1.0), KD_OK);
+    n = metric_steps(dir, steps, 2048);
+    assert_int_equal(n, 1000);
+    for (size_t i = 0; i < n; i++)
+        assert_int_equal(steps[i], (int64_t)i + 1);
+
+    /* the disk fills during a drain: the calls say so, nothing written is
+       torn or doubled, and once there is room again every step arrives */
+    kd_fault_set(KD_FAULT_WRITE, 1, ENOSPC, 0, 1);
+    int failed = 0;
+    for (int64_t s = 1001; s <= 1300; s++) {
+        kd_metrics m;
+        kd_metrics_init(&m);
+        m.step = s;
+        m.loss = 1.0;
+        failed += kd_tracker_update_metrics(t, &m) != KD_OK;
+    }
+    kd_fault_clear();
+    assert_int_equal(failed, 1300 - 1256 + 1); /* from the call that began the drain */
+    assert_int_equal(metric_steps(dir, steps, 2048), 1000);
+    log_steps(t, 1301, 1310);
+    assert_int_equal(kd_tracker_record_pause(t, 1.0), KD_OK);
+    n = metric_steps(dir, steps, 2048);
+    assert_int_equal(n, 1310);
+    for (size_t i = 0; i < n; i++)
+        assert_int_equal(steps[i], (int64_t)i + 1);
+    kd_tracker_close(t);
+    rm_rf(dir);
+    free(dir);
+}
+
 static void test_rewind_moves_lines_aside(void **state)
 {
     (void)state;
@@ -1104,6 +1177,7 @@ int main(void)
         cmocka_unit_test(test_checkpoint_sha256_records_still_honoured),
         cmocka_unit_test(test_checkpoint_outside_directory_refused),
         cmocka_unit_test(test_moved_directory_finds_checkpoints),
+        cmocka_unit_test(test_metrics_drain_is_bounded),
         cmocka_unit_test(test_rewind_moves_lines_aside),
         cmocka_unit_test(test_api_responses_and_failures),
         cmocka_unit_test(test_api_responses_group_commit),

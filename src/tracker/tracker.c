@@ -2,9 +2,11 @@
  * src/tracker/tracker.c - the ProgressTracker's public calls (tracker.h).
  *
  * Hot path: kd_tracker_update_metrics copies the step into an in-memory
- * array and updates counters; the JSONL lines are formatted and written in
- * one go at the next flush (every metrics_flush_ms, at a checkpoint, a save,
- * a pause, a rewind, close).  A checkpoint is a sync point: when
+ * array and updates counters; the JSONL lines are formatted and written
+ * when metrics_flush_ms is up or half the array is held, at most
+ * KD_DRAIN_PER_CALL lines (one write) per update_metrics call, so no call
+ * stalls on the whole array; and all at once at a checkpoint, a save, a
+ * pause, a rewind, close.  A checkpoint is a sync point: when
  * kd_tracker_record_checkpoint returns, every metrics line up to that step is
  * on disk, so a resume from that checkpoint never leaves a gap.
  *
@@ -292,7 +294,11 @@ static int open_journals(kd_tracker *t)
     for (size_t i = 0; i < sizeof js / sizeof js[0]; i++) {
         char path[PATH_MAX];
         kd_trk_path(t, js[i].name, path, sizeof path);
-        kd_jsonl_opts o = {.sync = js[i].sync, .interval_ms = 1000, .buffer_bytes = js[i].buffer};
+        /* metrics: the tracker times its own writes (write_held), so the
+           journal need not read the clock at every line */
+        kd_jsonl_opts o = {.sync = js[i].sync,
+                           .interval_ms = js[i].slot == &t->metrics ? 0 : 1000,
+                           .buffer_bytes = js[i].buffer};
         kd_jsonl_repair rep;
         memset(&rep, 0, sizeof rep);
         int rc = kd_jsonl_open(js[i].slot, path, &o, &rep, &t->err);
@@ -648,17 +654,17 @@ static void format_metric(kd_sb *s, const pending_metric *p)
     kd_sb_putc(s, '}');
 }
 
-/* Write out the buffered steps (no fsync). */
-static int flush_metrics(kd_tracker *t)
+/* Format and append held lines from pending_head on, at most `max` of them,
+   then write the journal's buffer out (no fsync).  What reached the journal
+   leaves `pending`; on an error the rest stays held and is retried at the
+   next flush (the journal keeps whole lines only). */
+static int write_held(kd_tracker *t, size_t max)
 {
-    t->last_flush = kd_monotonic();
-    if (t->npending == 0)
-        return KD_OK;
-    size_t done = 0;
     int rc = KD_OK;
-    for (; done < t->npending; done++) {
+    size_t end = t->npending - t->pending_head > max ? t->pending_head + max : t->npending;
+    while (t->pending_head < end) {
         kd_sb_reset(&t->line);
-        format_metric(&t->line, &t->pending[done]);
+        format_metric(&t->line, &t->pending[t->pending_head]);
         if (kd_sb_error(&t->line)) {
             rc = kd_trk_fail(t, KD_ENOMEM, "metrics line: out of memory");
             break;
@@ -666,18 +672,26 @@ static int flush_metrics(kd_tracker *t)
         rc = kd_jsonl_append(t->metrics, t->line.buf, t->line.len, &t->err);
         if (rc != KD_OK)
             break;
+        t->pending_head++;
     }
     if (rc == KD_OK)
         rc = kd_jsonl_flush(t->metrics, &t->err);
-    if (rc != KD_OK) {
-        /* The journal keeps whole lines only; what did not reach it stays
-           pending and is retried at the next flush. */
-        memmove(t->pending, t->pending + done, (t->npending - done) * sizeof *t->pending);
-        t->npending -= done;
-        return rc;
+    if (t->pending_head == t->npending) {
+        t->pending_head = t->npending = 0;
+        if (rc == KD_OK)
+            t->draining = 0;
     }
-    t->npending = 0;
-    return KD_OK;
+    return rc;
+}
+
+/* Write out every held step (no fsync): the sync points' flush. */
+static int flush_metrics(kd_tracker *t)
+{
+    t->last_flush = kd_monotonic();
+    int rc = write_held(t, SIZE_MAX);
+    if (rc == KD_OK)
+        t->draining = 0;
+    return rc;
 }
 
 static int sync_metrics(kd_tracker *t)
@@ -716,6 +730,13 @@ static int update_metrics_locked(kd_tracker *t, const kd_metrics *m)
         if (rc != KD_OK)
             return rc;
     }
+    if (t->npending == KD_PENDING_MAX && t->pending_head > 0) {
+        /* a drain that fell behind (write errors): close the gap */
+        memmove(t->pending, t->pending + t->pending_head,
+                (t->npending - t->pending_head) * sizeof *t->pending);
+        t->npending -= t->pending_head;
+        t->pending_head = 0;
+    }
     if (t->npending == KD_PENDING_MAX) {
         rc = flush_metrics(t);
         if (rc != KD_OK)
@@ -745,9 +766,18 @@ static int update_metrics_locked(kd_tracker *t, const kd_metrics *m)
     t->last_tput_samples = p->m.throughput_samples_per_sec;
     t->last_tput_tokens = p->m.throughput_tokens_per_sec;
 
+    /* Held lines go out a bounded number per call (KD_DRAIN_PER_CALL, one
+       write of them) from when the flush interval is up or half the buffer
+       is held, so no call pays for the whole buffer; each call adds one line
+       and writes up to 64, so a drain ends within a few calls. */
     double mono = kd_monotonic();
-    if ((mono - t->last_flush) * 1000.0 >= t->opts.metrics_flush_ms) {
-        rc = flush_metrics(t);
+    if (!t->draining && ((mono - t->last_flush) * 1000.0 >= t->opts.metrics_flush_ms ||
+                         t->npending - t->pending_head >= KD_DRAIN_AT)) {
+        t->draining = 1;
+        t->last_flush = mono;
+    }
+    if (t->draining) {
+        rc = write_held(t, KD_DRAIN_PER_CALL);
         if (rc != KD_OK)
             return rc;
     }

@@ -21,7 +21,9 @@
 #define KD_TREND_WINDOW 100      /* losses kept for the trend */
 #define KD_RATE_WINDOW 64        /* throughput samples kept */
 #define KD_RATE_SPACING 0.5      /* seconds of active time between samples */
-#define KD_PENDING_MAX 512       /* metrics lines held before a flush (bounds its stall) */
+#define KD_PENDING_MAX 512       /* metrics lines held in memory at most */
+#define KD_DRAIN_AT (KD_PENDING_MAX / 2) /* held lines that start a drain */
+#define KD_DRAIN_PER_CALL 64     /* lines one update_metrics call writes at most */
 #define KD_STATE_FILE_MAX KD_STATE_FILE_MAX_BYTES /* kdkit/limits.h */
 #define KD_PAUSE_LOG_MAX 100     /* pauses listed in session.json */
 #define KD_SESSION_RECENT_CKPTS 10 /* checkpoints session.json lists (+ the best) */
@@ -116,8 +118,10 @@ struct kd_tracker {
     double active_base;      /* active seconds at `mark` */
     double mark;             /* kd_now() when active_base was taken */
 
-    pending_metric *pending;
+    pending_metric *pending; /* [pending_head, npending) not yet written */
     size_t npending;
+    size_t pending_head;
+    int draining;            /* update_metrics is writing the held lines out */
     double last_flush;       /* kd_monotonic() */
     double last_save;        /* kd_monotonic() */
     kd_sb line;              /* scratch for one JSONL line */
