@@ -4,7 +4,7 @@
  * Hot path: kd_tracker_update_metrics copies the step into an in-memory
  * array and updates counters; the JSONL lines are formatted and written
  * when metrics_flush_ms is up or half the array is held, at most
- * KD_DRAIN_PER_CALL lines (one write) per update_metrics call, so no call
+ * KD_DRAIN_PER_CALL lines and one 64 KiB write per update_metrics call, so no call
  * stalls on the whole array; and all at once at a checkpoint, a save, a
  * pause, a rewind, close.  A checkpoint is a sync point: when
  * kd_tracker_record_checkpoint returns, every metrics line up to that step is
@@ -284,7 +284,7 @@ static int open_journals(kd_tracker *t)
         kd_sync_policy sync;
         size_t buffer;
     } js[] = {
-        {&t->metrics, F_METRICS, KD_SYNC_EXPLICIT, 1u << 18},
+        {&t->metrics, F_METRICS, KD_SYNC_EXPLICIT, 1u << 16}, /* bounds one write */
         /* KD_SYNC_ALWAYS is carried out here, one fdatasync per call, so a
            batch of responses can share one (group commit) */
         {&t->api, F_API, t->opts.api_sync == KD_SYNC_ALWAYS ? KD_SYNC_EXPLICIT : t->opts.api_sync, 0},
@@ -654,8 +654,9 @@ static void format_metric(kd_sb *s, const pending_metric *p)
     kd_sb_putc(s, '}');
 }
 
-/* Format and append held lines from pending_head on, at most `max` of them,
-   then write the journal's buffer out (no fsync).  What reached the journal
+/* Format and append held lines from pending_head on, at most `max` of them
+   (the journal writes its buffer out whenever 64 KiB are in it), and once
+   none is held write the rest out (no fsync).  What reached the journal
    leaves `pending`; on an error the rest stays held and is retried at the
    next flush (the journal keeps whole lines only). */
 static int write_held(kd_tracker *t, size_t max)
@@ -674,7 +675,7 @@ static int write_held(kd_tracker *t, size_t max)
             break;
         t->pending_head++;
     }
-    if (rc == KD_OK)
+    if (rc == KD_OK && t->pending_head == t->npending)
         rc = kd_jsonl_flush(t->metrics, &t->err);
     if (t->pending_head == t->npending) {
         t->pending_head = t->npending = 0;
@@ -766,10 +767,11 @@ static int update_metrics_locked(kd_tracker *t, const kd_metrics *m)
     t->last_tput_samples = p->m.throughput_samples_per_sec;
     t->last_tput_tokens = p->m.throughput_tokens_per_sec;
 
-    /* Held lines go out a bounded number per call (KD_DRAIN_PER_CALL, one
-       write of them) from when the flush interval is up or half the buffer
-       is held, so no call pays for the whole buffer; each call adds one line
-       and writes up to 64, so a drain ends within a few calls. */
+    /* Held lines go out a bounded number per call (KD_DRAIN_PER_CALL, and
+       at most one 64 KiB write) from when the flush interval is up or half
+       the buffer is held, so no call pays for the whole buffer; each call
+       adds one line and formats up to 64, so a drain ends within a few
+       calls. */
     double mono = kd_monotonic();
     if (!t->draining && ((mono - t->last_flush) * 1000.0 >= t->opts.metrics_flush_ms ||
                          t->npending - t->pending_head >= KD_DRAIN_AT)) {
