@@ -174,8 +174,8 @@ void kd_metrics_init(kd_metrics *m);
 /*
  * Record one step.  Cheap (well under a microsecond): the line is buffered
  * and reaches metrics.jsonl at the next flush (from when metrics_flush_ms is
- * up or 256 lines are held, at most 64 lines formatted and 64 KiB written
- * per call; all of them at a checkpoint, save, pause or close).  A step at or below the last one logged
+ * up or 256 lines are held, at most 64 lines formatted and about 64 KiB
+ * written per call; all of them at a checkpoint, save, pause or close).  A step at or below the last one logged
  * means the trainer went back (a resume): the lines from that step on are
  * moved aside first, as kd_tracker_rewind does.
  */

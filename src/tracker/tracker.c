@@ -3,10 +3,10 @@
  *
  * Hot path: kd_tracker_update_metrics copies the step into an in-memory
  * array and updates counters; the JSONL lines are formatted and written
- * when metrics_flush_ms is up or half the array is held, at most
- * KD_DRAIN_PER_CALL lines and one 64 KiB write per update_metrics call, so no call
- * stalls on the whole array; and all at once at a checkpoint, a save, a
- * pause, a rewind, close.  A checkpoint is a sync point: when
+ * when metrics_flush_ms is up or half the array is held: each
+ * update_metrics call formats at most KD_DRAIN_PER_CALL of them and writes
+ * at most 64 KiB plus those lines, so no call stalls on the whole array; and
+ * all at once at a checkpoint, a save, a pause, a rewind, close.  A checkpoint is a sync point: when
  * kd_tracker_record_checkpoint returns, every metrics line up to that step is
  * on disk, so a resume from that checkpoint never leaves a gap.
  *
@@ -767,10 +767,11 @@ static int update_metrics_locked(kd_tracker *t, const kd_metrics *m)
     t->last_tput_samples = p->m.throughput_samples_per_sec;
     t->last_tput_tokens = p->m.throughput_tokens_per_sec;
 
-    /* Held lines go out a bounded number per call (KD_DRAIN_PER_CALL, and
-       at most one 64 KiB write) from when the flush interval is up or half
-       the buffer is held, so no call pays for the whole buffer; each call
-       adds one line and formats up to 64, so a drain ends within a few
+    /* Held lines go out a bounded number per call (KD_DRAIN_PER_CALL
+       formatted; written: the journal's full 64 KiB buffer at most, plus
+       those lines at the drain's end) from when the flush interval is up or
+       half the buffer is held, so no call pays for the whole buffer; each
+       call adds one line and formats up to 64, so a drain ends within a few
        calls. */
     double mono = kd_monotonic();
     if (!t->draining && ((mono - t->last_flush) * 1000.0 >= t->opts.metrics_flush_ms ||
