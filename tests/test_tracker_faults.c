@@ -439,11 +439,114 @@ static void test_delete_moves_under_faults(void **state)
     assert_true(cases > 5);
 }
 
+/* The manifest's record of `step` as one compact JSON line (a journal line). */
+static char *manifest_record_line(const char *dir, int64_t step)
+{
+    char *m = slurp(dir, "checkpoints.json");
+    assert_non_null(m);
+    json_t *doc = json_loads(m, 0, NULL);
+    free(m);
+    assert_non_null(doc);
+    char key[32];
+    snprintf(key, sizeof key, "%lld", (long long)step);
+    json_t *rec = json_object_get(json_object_get(doc, "checkpoints"), key);
+    assert_non_null(rec);
+    char *line = json_dumps(rec, JSON_COMPACT);
+    json_decref(doc);
+    return line;
+}
+
+/*
+ * A reopen reads only the deleted journal's tail.  After 150 deletions (the
+ * last one interrupted between its journal append and its manifest rewrite,
+ * as a crash leaves it), the journal's first lines are overwritten with the
+ * record of the live checkpoint 151: a reopen that read them would take 151
+ * for deleted.  It must still offer 151, and still recognise the interrupted
+ * delete of 150 exactly.  Then, with the manifest's offset removed (as an
+ * older manifest has none), the whole journal is read and the planted line
+ * is seen: the check above can fail.
+ */
+static void test_reopen_reads_only_the_deleted_journal_tail(void **state)
+{
+    (void)state;
+    char dir[64];
+    strcpy(dir, "/tmp/kdkit-test-djtail-XXXXXX");
+    assert_non_null(mkdtemp(dir));
+    kd_tracker *t;
+    kd_err e;
+    char p[4200];
+    assert_int_equal(kd_tracker_open(&t, dir, CFG, 1000, NULL, &e), KD_OK);
+    for (int s = 1; s <= 151; s++) {
+        log_step(t, s);
+        snprintf(p, sizeof p, "%s/checkpoint_%d.bin", dir, s);
+        assert_int_equal(kd_file_write_atomic(p, "ck", 2, &e), KD_OK);
+        kd_checkpoint_info c = {.step = s, .path = p, .size = -1};
+        assert_int_equal(kd_tracker_record_checkpoint(t, &c), KD_OK);
+        if (s > 1 && s < 151) {
+            assert_int_equal(kd_tracker_checkpoint_deleted(t, s - 1, "retention"), KD_OK);
+            snprintf(p, sizeof p, "%s/checkpoint_%d.bin", dir, s - 1);
+            assert_int_equal(unlink(p), 0);
+        }
+    }
+    /* delete 150: journaled, then every rename fails (the manifest keeps it) */
+    kd_fault_clear();
+    kd_fault_set(KD_FAULT_RENAME, 1, EIO, 0, 1);
+    assert_int_not_equal(kd_tracker_checkpoint_deleted(t, 150, "retention"), KD_OK);
+    kd_tracker_close(t);
+    kd_fault_clear();
+    assert_int_equal(journal_mentions(dir, "\"relative_path\":\"checkpoint_150.bin\""), 1);
+    char *m = slurp(dir, "checkpoints.json");
+    assert_non_null(strstr(m, "\"relative_path\":\"checkpoint_150.bin\""));
+    free(m);
+
+    /* plant 151's record over the journal's first lines, same byte count */
+    char *line = manifest_record_line(dir, 151);
+    char *j = slurp(dir, "checkpoints.deleted.jsonl");
+    assert_non_null(j);
+    size_t jlen = strlen(j), cover = 0, want = strlen(line) + 1;
+    while (cover < want) {
+        char *nl = strchr(j + cover, '\n');
+        assert_non_null(nl);
+        cover = (size_t)(nl - j) + 1;
+    }
+    assert_true(cover + 4096 < jlen); /* far from the tail the reopen reads */
+    memset(j, ' ', cover - 1);
+    memcpy(j, line, strlen(line));
+    snprintf(p, sizeof p, "%s/checkpoints.deleted.jsonl", dir);
+    FILE *f = fopen(p, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(j, 1, jlen, f), jlen);
+    fclose(f);
+    free(j);
+    free(line);
+
+    assert_int_equal(kd_tracker_open_readonly(&t, dir, &e), KD_OK);
+    assert_int_equal(ck_state(t, 151), 0);  /* still offered */
+    assert_int_equal(ck_state(t, 150), 1);  /* the interrupted delete, matched */
+    assert_null(strstr(kd_tracker_open_report(t), "from the start"));
+    kd_tracker_close(t);
+
+    /* control: without the offset the planted line is read */
+    m = slurp(dir, "checkpoints.json");
+    json_t *doc = json_loads(m, 0, NULL);
+    free(m);
+    assert_non_null(json_object_get(doc, "deleted_journal"));
+    json_object_del(doc, "deleted_journal");
+    snprintf(p, sizeof p, "%s/checkpoints.json", dir);
+    assert_int_equal(json_dump_file(doc, p, JSON_INDENT(2)), 0);
+    json_decref(doc);
+    assert_int_equal(kd_tracker_open_readonly(&t, dir, &e), KD_OK);
+    assert_int_equal(ck_state(t, 151), 1);
+    kd_tracker_close(t);
+    teardown_dir(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_faults_at_every_point),
         cmocka_unit_test(test_delete_moves_under_faults),
+        cmocka_unit_test(test_reopen_reads_only_the_deleted_journal_tail),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

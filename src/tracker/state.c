@@ -6,8 +6,9 @@
  * Reopening reads session.json, checkpoints.json, at most KD_TREND_WINDOW
  * lines from the end of metrics.jsonl, and only the api_recovery.jsonl and
  * failures.jsonl lines appended since session.json was last saved (it records
- * their byte sizes).  So the cost of a reopen does not grow with the length
- * of the run.  Formats: docs/formats.md.
+ * their byte sizes), and only the checkpoints.deleted.jsonl lines after the
+ * offset checkpoints.json records ("deleted_journal").  So the cost of a
+ * reopen does not grow with the length of the run.  Formats: docs/formats.md.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -24,6 +25,8 @@
 #include "core/sys.h"
 #include "tracker/run.h"
 #include "tracker/tracker_int.h"
+
+static int tail_print(const char *path, uint64_t offset, char hex[KD_SHA256_HEX]);
 
 void kd_trk_mutex_init(kd_tracker *t)
 {
@@ -330,13 +333,28 @@ static int move_deleted(kd_tracker *t)
         kd_jsonl_opts o = {.sync = KD_SYNC_EXPLICIT};
         kd_jsonl *j = NULL;
         rc = kd_jsonl_open(&j, path, &o, NULL, &t->err);
+        if (rc == KD_OK && !t->dj_known && kd_jsonl_size(j) == 0) {
+            t->dj_known = 1; /* a new journal */
+            t->dj_size = 0;
+            t->dj_lines = 0;
+        }
+        int64_t lines = t->dj_lines;
         for (size_t i = 0; rc == KD_OK && i < t->nck; i++)
-            if (t->ck[i].deleted && !t->ck[i].journaled)
+            if (t->ck[i].deleted && !t->ck[i].journaled) {
+                t->ck[i].jofs = kd_jsonl_size(j);
+                t->ck[i].jline = ++lines;
                 rc = kd_jsonl_append(j, t->ck[i].frag, strlen(t->ck[i].frag), &t->err);
+            }
         if (rc == KD_OK)
             rc = kd_jsonl_sync(j, &t->err);
+        if (rc == KD_OK && t->dj_known) {
+            t->dj_size = kd_jsonl_size(j);
+            t->dj_lines = lines;
+        }
         kd_err ignore;
         kd_jsonl_close(j, &ignore);
+        if (rc != KD_OK)
+            t->dj_known = 0; /* a failed append may have left part of a line */
     }
     if (rc != KD_OK)
         return rc;
@@ -356,6 +374,56 @@ static int move_deleted(kd_tracker *t)
     return KD_OK;
 }
 
+/*
+ * checkpoints.json's "deleted_journal": the byte offset (and line count) of
+ * checkpoints.deleted.jsonl up to which the reopen need not read it, with the
+ * SHA-256 of the up to 256 bytes before that offset (tail_print).  Every line
+ * before it was journaled before this manifest was written, so none of them
+ * can match one of its records, and none names a file this handle still has
+ * to remove: the offset is the journal's end, or the line of the earliest
+ * journaled record whose file is still there.  So the reopen reads only the
+ * lines a crash between the journal append and the manifest rewrite can have
+ * left (kd_trk_load_deleted_journal).  Not known (a damaged journal): null,
+ * and the reopen reads the journal from the start, as it always may.
+ */
+static int put_deleted_journal(kd_tracker *t, kd_sb *s)
+{
+    char path[PATH_MAX];
+    kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
+    if (!t->dj_known && !kd_path_exists(path)) {
+        t->dj_known = 1;
+        t->dj_size = 0;
+        t->dj_lines = 0;
+    }
+    kd_sb_puts(s, ",\n  \"deleted_journal\": ");
+    if (!t->dj_known) {
+        kd_sb_puts(s, "null");
+        return KD_OK;
+    }
+    uint64_t off = t->dj_size;
+    int64_t lines = t->dj_lines;
+    for (size_t i = 0; i < t->nck; i++)
+        if (t->ck[i].journaled && t->ck[i].jline > 0 && t->ck[i].jofs < off) {
+            off = t->ck[i].jofs;
+            lines = t->ck[i].jline - 1;
+        }
+    if (off > 0 && (off != t->dj_print_off || !t->dj_print[0])) {
+        if (tail_print(path, off, t->dj_print) != 0) {
+            t->dj_print[0] = '\0';
+            return kd_err_sys(&t->err, KD_EIO, errno, "cannot read the end of %s", path);
+        }
+        t->dj_print_off = off;
+    }
+    kd_sb_printf(s, "{\"bytes\": %llu, \"lines\": %lld, \"tail_sha256\": ",
+                 (unsigned long long)off, (long long)lines);
+    if (off > 0)
+        kd_sb_json_cstr(s, t->dj_print);
+    else
+        kd_sb_puts(s, "null");
+    kd_sb_puts(s, "}");
+    return KD_OK;
+}
+
 static int write_checkpoints(kd_tracker *t, batch *b)
 {
     int rc0 = move_deleted(t);
@@ -369,6 +437,10 @@ static int write_checkpoints(kd_tracker *t, batch *b)
     put_step_or_null(&s, latest_step(t));
     kd_sb_puts(&s, ",\n  \"best_checkpoint_step\": ");
     put_step_or_null(&s, best_step(t));
+    if (put_deleted_journal(t, &s) != KD_OK) {
+        kd_sb_free(&s);
+        return KD_EIO;
+    }
     kd_sb_puts(&s, ",\n  \"checkpoints\": ");
     put_ck_object(&s, t, "  ", 0);
     kd_sb_puts(&s, "\n}\n");
@@ -1102,6 +1174,20 @@ int kd_trk_load_checkpoints(kd_tracker *t)
                            path, doc ? 1 : je.line, doc ? "not a JSON object" : je.text);
     }
     rc = load_ck_object(t, path, json_object_get(doc, "checkpoints"));
+    /* where the reopen may start reading the deleted journal (a hint: one
+       that does not fit the journal only means reading it all) */
+    json_t *dj = json_object_get(doc, "deleted_journal");
+    json_t *db = json_object_get(dj, "bytes"), *dl = json_object_get(dj, "lines");
+    const char *dp = json_string_value(json_object_get(dj, "tail_sha256"));
+    t->dj_hint = 0;
+    if (json_is_integer(db) && json_is_integer(dl) && json_integer_value(db) >= 0 &&
+        json_integer_value(dl) >= 0 && json_integer_value(dl) <= json_integer_value(db) &&
+        (json_integer_value(db) == 0 || (dp && kd_trk_is_hex64(dp)))) {
+        t->dj_hint = 1;
+        t->dj_hint_bytes = (uint64_t)json_integer_value(db);
+        t->dj_hint_lines = json_integer_value(dl);
+        snprintf(t->dj_hint_print, sizeof t->dj_hint_print, "%s", dp ? dp : "");
+    }
     json_decref(doc);
     return rc;
 }
@@ -1133,15 +1219,46 @@ int kd_trk_load_deleted_journal(kd_tracker *t)
     kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
     kd_jsonl_reader *r = NULL;
     kd_err e;
+    t->dj_known = 0;
     int rc = kd_jsonl_reader_open(&r, path, 1 << 20, &e);
-    if (rc == KD_ENOTFOUND)
+    if (rc == KD_ENOTFOUND) {
+        t->dj_known = 1;
+        t->dj_size = 0;
+        t->dj_lines = 0;
         return KD_OK;
+    }
     if (rc != KD_OK)
         return kd_trk_fail(t, rc, "%s", e.msg);
+    /* O(1): start where the manifest says the lines it cannot match end,
+       when the journal still holds those bytes there (write_checkpoints) */
+    uint64_t from = 0;
+    int64_t from_line = 0;
+    if (t->dj_hint && t->dj_hint_bytes > 0) {
+        struct stat st;
+        char hex[KD_SHA256_HEX];
+        if (stat(path, &st) == 0 && (uint64_t)st.st_size >= t->dj_hint_bytes &&
+            tail_print(path, t->dj_hint_bytes, hex) == 0 && strcmp(hex, t->dj_hint_print) == 0) {
+            from = t->dj_hint_bytes;
+            from_line = t->dj_hint_lines;
+        } else {
+            kd_sb_printf(&t->report,
+                         "%s does not hold the %llu bytes checkpoints.json counted in it; read "
+                         "it from the start\n",
+                         F_CKPTS_DELETED, (unsigned long long)t->dj_hint_bytes);
+        }
+    }
+    if (from > 0 && (rc = kd_jsonl_reader_seek(r, from, from_line + 1, &e)) != KD_OK) {
+        kd_jsonl_reader_close(r);
+        return kd_trk_fail(t, rc, "%s", e.msg);
+    }
+    uint64_t end = from;
+    int64_t nlines = from_line;
     const char *line;
     size_t len;
     kd_err saved = t->err;
     while ((rc = kd_jsonl_next(r, &line, &len, &e)) == 1) {
+        end = kd_jsonl_reader_offset(r) + len + 1;
+        nlines = kd_jsonl_reader_lineno(r);
         json_t *o = json_loadb(line, len, JSON_REJECT_DUPLICATES, NULL);
         ckrec c;
         char key[32];
@@ -1176,6 +1293,8 @@ int kd_trk_load_deleted_journal(kd_tracker *t)
                 m->deleted_reason = why;
             }
             m->journaled = 1;
+            m->jofs = kd_jsonl_reader_offset(r);
+            m->jline = kd_jsonl_reader_lineno(r);
         }
         if (!step_known && c.resolved && kd_path_exists(c.resolved)) {
             /* deleted, but its file survived (a crash before retention's
@@ -1194,6 +1313,8 @@ int kd_trk_load_deleted_journal(kd_tracker *t)
             }
             c.deleted = 1;
             c.journaled = 1;
+            c.jofs = kd_jsonl_reader_offset(r);
+            c.jline = kd_jsonl_reader_lineno(r);
             t->ck[t->nck++] = c;
             qsort(t->ck, t->nck, sizeof *t->ck, ck_cmp);
             continue;
@@ -1204,6 +1325,11 @@ int kd_trk_load_deleted_journal(kd_tracker *t)
     if (rc < 0) /* a torn last line was never durable: its record is still live */
         kd_sb_printf(&t->report, "%s: read up to the damage only (%s); kdkit verify shows it\n",
                      F_CKPTS_DELETED, e.msg);
+    else {
+        t->dj_known = 1;
+        t->dj_size = end;
+        t->dj_lines = nlines;
+    }
     return KD_OK;
 }
 

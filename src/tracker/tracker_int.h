@@ -58,6 +58,8 @@ typedef struct ckrec {
     int64_t size;
     int deleted;
     int journaled;     /* deleted and already in checkpoints.deleted.jsonl */
+    uint64_t jofs;     /* journaled: byte offset of its line in that journal */
+    int64_t jline;     /* journaled: its 1-based line number there */
     char *deleted_reason;
     char *frag;        /* cached JSON text of this record */
 } ckrec;
@@ -135,6 +137,21 @@ struct kd_tracker {
 
     ckrec *ck;
     size_t nck, capck;
+
+    /* checkpoints.deleted.jsonl as this handle knows it: where its last
+       complete line ends and how many lines it holds (dj_known == 0: not
+       known, e.g. it is damaged; the manifest then carries no offset) */
+    int dj_known;
+    uint64_t dj_size;
+    int64_t dj_lines;
+    /* the offset the manifest gave (its "deleted_journal"), or none */
+    int dj_hint;
+    uint64_t dj_hint_bytes;
+    int64_t dj_hint_lines;
+    char dj_hint_print[KD_SHA256_HEX];
+    /* cache of the tail print written last (it only changes with the offset) */
+    uint64_t dj_print_off;
+    char dj_print[KD_SHA256_HEX];
 
     component comp[KD_COMPONENTS_MAX];
     size_t ncomp;
