@@ -691,6 +691,34 @@ static void test_pause_excluded_from_active_time(void **state)
     free(dir);
 }
 
+/* record_pause(0) ("pausing now") before a stop, then a resume: one pause,
+   the gap; a pause of some seconds before the stop is a pause of its own. */
+static void test_pause_zero_then_reopen_is_one_pause(void **state)
+{
+    (void)state;
+    char *dir = mkdtemp_dir();
+    kd_tracker *t = open_ok(dir, CFG, 100);
+    assert_int_equal(kd_tracker_record_pause(t, 0), KD_OK);
+    kd_summary s;
+    kd_tracker_summary(t, &s);
+    assert_int_equal(s.pauses, 0); /* not over yet: the reopen counts it */
+    kd_tracker_close(t);
+    t = open_ok(dir, CFG, 100);
+    kd_tracker_summary(t, &s);
+    assert_int_equal(s.pauses, 1);
+    struct timespec ts = {0, 20 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    assert_int_equal(kd_tracker_record_pause(t, 0.01), KD_OK);
+    assert_int_equal(kd_tracker_record_pause(t, 0), KD_OK);
+    kd_tracker_close(t);
+    t = open_ok(dir, CFG, 100);
+    kd_tracker_summary(t, &s);
+    assert_int_equal(s.pauses, 3);
+    kd_tracker_close(t);
+    rm_rf(dir);
+    free(dir);
+}
+
 static void test_eta_and_throughput(void **state)
 {
     (void)state;
@@ -1199,6 +1227,7 @@ int main(void)
         cmocka_unit_test(test_api_responses_and_failures),
         cmocka_unit_test(test_api_responses_group_commit),
         cmocka_unit_test(test_pause_excluded_from_active_time),
+        cmocka_unit_test(test_pause_zero_then_reopen_is_one_pause),
         cmocka_unit_test(test_eta_and_throughput),
         cmocka_unit_test(test_loss_trend_rule),
         cmocka_unit_test(test_unmeasured_loss_is_not_nonfinite),

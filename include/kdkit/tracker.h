@@ -295,7 +295,8 @@ int kd_tracker_record_connection_failure(kd_tracker *t, const kd_failure *f);
  * A pause of `duration` seconds that has just ended (waiting on a rate limit,
  * a suspended job) is excluded from active time, throughput and ETA; then
  * everything is saved.  duration 0 marks "pausing now" (before an orderly
- * stop): the gap until the session is reopened is excluded automatically.
+ * stop): it counts no pause itself; the gap until the session is reopened is
+ * the pause, which the reopen counts once and excludes from active time.
  */
 int kd_tracker_record_pause(kd_tracker *t, double duration);
 

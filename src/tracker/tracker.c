@@ -1325,17 +1325,22 @@ static int record_pause_locked(kd_tracker *t, double duration)
     if (!isfinite(duration) || duration < 0)
         return kd_trk_fail(t, KD_EINVAL, "record_pause: duration must be >= 0 seconds");
     double now = kd_now();
-    /* A pause cannot remove more than the active time there is. */
-    double active = kd_trk_active(t, now);
-    if (duration > active)
-        duration = active;
-    t->active_base -= duration;
-    t->paused_seconds += duration;
-    t->pauses++;
-    size_t slot = t->pause_log_n % KD_PAUSE_LOG_MAX;
-    t->pause_log[slot][0] = now;
-    t->pause_log[slot][1] = duration;
-    t->pause_log_n++;
+    /* duration 0 marks "pausing now": that pause is the gap until the
+       reopen, which the reopen counts (once) and excludes; counting it here
+       as well made a stop-and-resume two pauses. */
+    if (duration > 0) {
+        /* A pause cannot remove more than the active time there is. */
+        double active = kd_trk_active(t, now);
+        if (duration > active)
+            duration = active;
+        t->active_base -= duration;
+        t->paused_seconds += duration;
+        t->pauses++;
+        size_t slot = t->pause_log_n % KD_PAUSE_LOG_MAX;
+        t->pause_log[slot][0] = now;
+        t->pause_log[slot][1] = duration;
+        t->pause_log_n++;
+    }
     /* Samples older than the pause would make the recent rate look slower. */
     t->rate_n = 0;
     char d[96];
