@@ -314,6 +314,11 @@ static void test_teacher_ask_after_training(void **state)
     if (!strstr(log, "Component:    teacher (config ") || !strstr(log, "version 1)") ||
         !strstr(log, "Steps:        20/20") || !strstr(log, "API:          1 responses saved"))
         fail_msg("status does not show the run and its teacher:\n%s", log);
+    /* the teacher's identity and cap, read through the tracker's typed
+       config accessors from its component */
+    if (!strstr(log, "; teacher kdkit-toy at http://127.0.0.1:") || !strstr(log, ", version 1\n") ||
+        !strstr(log, "Budget:       spent ") || !strstr(log, " of 5.000000 "))
+        fail_msg("status does not show the teacher's identity and budget cap:\n%s", log);
     free(log);
     /* the training run is still the directory's main identity */
     rc = sh(&log, "$KDKIT train --config C.yaml --output-dir with_teacher --resume auto");

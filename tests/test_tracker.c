@@ -719,6 +719,41 @@ static void test_pause_zero_then_reopen_is_one_pause(void **state)
     free(dir);
 }
 
+/* Readers get config values typed, from a writer or a read-only view, of
+   the main config or of a component. */
+static void test_config_values_typed(void **state)
+{
+    (void)state;
+    char *dir = mkdtemp_dir();
+    kd_tracker *t = open_ok(dir, CFG, 100);
+    assert_int_equal(kd_tracker_set_component(t, "teacher",
+                                              "{\"teacher\": {\"model\": \"m1\", "
+                                              "\"budget\": {\"max_cost\": 2.5}}}",
+                                              "v7"),
+                     KD_OK);
+    kd_tracker_close(t);
+    assert_int_equal(kd_tracker_open_readonly(&t, dir, NULL), KD_OK);
+    double v;
+    char buf[16];
+    assert_int_equal(kd_tracker_config_num(t, NULL, "model.n_layer", &v), KD_OK);
+    assert_true(v == 4);
+    assert_int_equal(kd_tracker_config_num(t, NULL, "model", &v), KD_EMISMATCH);
+    assert_int_equal(kd_tracker_config_num(t, NULL, "nope.x", &v), KD_ENOTFOUND);
+    assert_true(isnan(v));
+    assert_int_equal(kd_tracker_config_str(t, "teacher", "teacher.model", buf, sizeof buf), KD_OK);
+    assert_string_equal(buf, "m1");
+    assert_int_equal(kd_tracker_config_num(t, "teacher", "teacher.budget.max_cost", &v), KD_OK);
+    assert_true(v == 2.5);
+    assert_int_equal(kd_tracker_config_str(t, "teacher", "teacher.model", buf, 2), KD_ELIMIT);
+    assert_string_equal(buf, "");
+    assert_int_equal(kd_tracker_config_str(t, "mix", "teacher.model", buf, sizeof buf),
+                     KD_ENOTFOUND);
+    assert_int_equal(kd_tracker_config_str(t, NULL, "lr", buf, sizeof buf), KD_ENOTFOUND);
+    kd_tracker_close(t);
+    rm_rf(dir);
+    free(dir);
+}
+
 static void test_eta_and_throughput(void **state)
 {
     (void)state;
@@ -1228,6 +1263,7 @@ int main(void)
         cmocka_unit_test(test_api_responses_group_commit),
         cmocka_unit_test(test_pause_excluded_from_active_time),
         cmocka_unit_test(test_pause_zero_then_reopen_is_one_pause),
+        cmocka_unit_test(test_config_values_typed),
         cmocka_unit_test(test_eta_and_throughput),
         cmocka_unit_test(test_loss_trend_rule),
         cmocka_unit_test(test_unmeasured_loss_is_not_nonfinite),

@@ -143,6 +143,22 @@ size_t kd_tracker_component_count(const kd_tracker *t);
 int kd_tracker_component_get(const kd_tracker *t, size_t i, kd_component_info *c);
 
 /*
+ * A value of the run's recorded config, typed, so readers (kdkit status)
+ * never parse session.json themselves: `component` NULL reads the main
+ * config, else that component's ("teacher"); `path` is dotted
+ * ("teacher.model", "teacher.budget.max_cost").  Works on writers and
+ * read-only handles; thread rule: any thread (it holds the handle's mutex).
+ * kd_tracker_config_str copies a string value into buf; kd_tracker_config_num
+ * gives a number (*out NaN unless KD_OK).  Errors: KD_ENOTFOUND (no such
+ * component, key, or a value of another type; for _num a section there is
+ * KD_EMISMATCH), KD_ELIMIT (the string does not fit bufsz; buf is ""),
+ * KD_EINVAL (NULL arguments).
+ */
+int kd_tracker_config_str(const kd_tracker *t, const char *component, const char *path, char *buf,
+                          size_t bufsz);
+int kd_tracker_config_num(const kd_tracker *t, const char *component, const char *path, double *out);
+
+/*
  * Note a repair another layer made in the directory (a damaged journal moved
  * aside): appended to events.jsonl as type "repair" with {file, what} and to
  * kd_tracker_open_report's text.  Errors: KD_EINVAL, KD_ESTATE (read-only),
@@ -350,6 +366,7 @@ typedef struct kd_summary {
     int64_t pauses;
     double paused_hours;
     int64_t api_refusals;     /* ledger lines marked "refusal": true */
+    int64_t recent_losses;    /* losses in the trend window (0: none logged) */
 } kd_summary;
 
 int kd_tracker_summary(kd_tracker *t, kd_summary *s);

@@ -13,8 +13,10 @@
  *                                      the checkpoint manifest
  *
  * Reads session.json, checkpoints.json and the journals' tails through the
- * library; the manifest (checkpoints.json, or session.json's copy when it is
- * missing) is read here with jansson, its format being docs/formats.md.
+ * library only (kd_tracker_open_readonly and its typed accessors: summary,
+ * checkpoint records, components, config values); it parses none of the
+ * files the library wrote (mix_progress.json goes through the mix's own
+ * parser).
  * Exit codes as in cli.h: 0 fine, 1 unhealthy (unreadable files, a
  * checkpoint that fails --verify, no best checkpoint), 2 usage error or a
  * missing / non-kdkit directory.
@@ -133,18 +135,6 @@ static int inspect_error(const char *cmd, const char *dir, int rc, const kd_err 
     return 1;
 }
 
-static double num(const json_t *o, const char *k)
-{
-    json_t *x = json_object_get(o, k);
-    return json_is_number(x) ? json_number_value(x) : NAN;
-}
-
-static long long inum(const json_t *o, const char *k, long long dflt)
-{
-    json_t *x = json_object_get(o, k);
-    return json_is_integer(x) ? (long long)json_integer_value(x) : dflt;
-}
-
 /* "42 s", "12 min", "3.4 hours", "2 days 5.0 hours" */
 static void fmt_hours(char *out, size_t n, double h)
 {
@@ -214,35 +204,6 @@ static int row_cmp(const void *a, const void *b)
 {
     const ckrow *x = a, *y = b;
     return x->step < y->step ? -1 : x->step > y->step;
-}
-
-static json_t *load_json(const char *dir, const char *name, char *err, size_t errn, int *missing)
-{
-    char p[4096];
-    snprintf(p, sizeof p, "%s/%s", dir, name);
-    char *text = NULL;
-    size_t len = 0;
-    kd_err e;
-    *missing = 0;
-    int rc = kd_file_read_all(p, STATE_MAX, &text, &len, &e);
-    if (rc == KD_ENOTFOUND) {
-        *missing = 1;
-        return NULL;
-    }
-    if (rc != KD_OK) {
-        snprintf(err, errn, "%s", e.msg);
-        return NULL;
-    }
-    json_error_t je;
-    json_t *doc = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
-    free(text);
-    if (!json_is_object(doc)) {
-        snprintf(err, errn, "%s is not valid JSON (line %d: %s)", name, doc ? 1 : je.line,
-                 doc ? "not an object" : je.text);
-        json_decref(doc);
-        return NULL;
-    }
-    return doc;
 }
 
 static void add_row(manifest *m, const char *dir, const kd_checkpoint_record *c)
@@ -503,41 +464,45 @@ static void fmt_ago(char *out, size_t n, double s)
         snprintf(out, n, "%.1f hours ago", s / 3600);
 }
 
+/* A teacher identity field: from the main config's "teacher" section, or
+   else from the teacher component's config (its own identity). */
+static int teacher_str(const kd_tracker *t, const char *src, const char *key, char *buf, size_t n)
+{
+    char path[64];
+    snprintf(path, sizeof path, "teacher.%s", key);
+    return kd_tracker_config_str(t, src, path, buf, n) == KD_OK;
+}
+
 /* One status block.  *ended = 1 when the run is over (no writer holds the
-   directory, or the target is reached). */
+   directory, or the target is reached).  Everything comes from the
+   tracker's read-only view and its typed accessors: status parses none of
+   the files the library wrote. */
 static int status_once(const char *cmd, const char *dir, double stale_after, int *ended)
 {
-    char *text = NULL;
     kd_err e;
     kd_err_clear(&e);
     *ended = 1;
-    int rc = kd_session_inspect(dir, &text, &e);
+    kd_tracker *t = NULL;
+    int rc = kd_tracker_open_readonly(&t, dir, &e);
     if (rc != KD_OK)
         return inspect_error(cmd, dir, rc, &e);
-    json_t *s = json_loads(text, 0, NULL);
-    free(text);
-    if (!s) {
-        kd_cli_error(cmd, "internal error: the summary is not JSON");
-        return 1;
-    }
-    /* the best checkpoint's loss is a bonus: a bad manifest is verify's
-       business, not status's */
-    manifest m;
-    int have_m = load_manifest(cmd, dir, &m, 1) == 0;
-    char err[1024];
-    int missing;
-    json_t *sess = load_json(dir, "session.json", err, sizeof err, &missing);
-    json_t *cfg = json_object_get(sess, "config");
-    json_t *teacher = json_object_get(cfg, "teacher");
-    if (!json_is_object(teacher)) /* the teacher as a component (its own identity) */
-        teacher = json_object_get(
-            json_object_get(json_object_get(json_object_get(sess, "components"), "teacher"), "config"),
-            "teacher");
+    kd_summary S;
+    kd_tracker_summary(t, &S);
+    kd_recovery best;
+    kd_tracker_best_checkpoint(t, &best);
+    /* the teacher: in the main config (a distillation run) or as the
+       "teacher" component (kdkit teacher ask, a mix) */
+    char model[512], url[1024], prov[128], tver[256];
+    double dummy;
+    const char *tsrc = kd_tracker_config_num(t, NULL, "teacher", &dummy) == KD_EMISMATCH
+                           ? NULL
+                           : "teacher";
+    int has_teacher = kd_tracker_config_num(t, tsrc, "teacher", &dummy) == KD_EMISMATCH;
 
     long holder = kd_look_lock_holder(dir);
     char which[64];
     double last = kd_look_last_write(dir, which, sizeof which), now = kd_now();
-    double sps = num(s, "steps_per_sec");
+    double sps = S.steps_per_sec;
     double limit = stale_after;
     if (!(limit > 0)) {
         limit = 300;
@@ -548,11 +513,11 @@ static int status_once(const char *cmd, const char *dir, double stale_after, int
 
     char a[64], b[64], c[64];
     printf("Session:      ");
-    put_safe(stdout, json_string_value(json_object_get(s, "session_id")));
+    put_safe(stdout, S.session_id);
     putchar('\n');
 
-    double pct = num(s, "progress_pct");
-    long long done = inum(s, "steps_completed", 0), target = inum(s, "total_steps_target", 0);
+    double pct = S.progress_pct;
+    long long done = S.steps_completed, target = S.total_steps_target;
     int width = 30, fill = isfinite(pct) ? (int)(pct / 100.0 * width + 0.5) : 0;
     if (fill > width)
         fill = width;
@@ -562,11 +527,11 @@ static int status_once(const char *cmd, const char *dir, double stale_after, int
     printf("]\n");
     printf("Steps:        %lld/%lld\n", done, target);
 
-    fmt_hours(a, sizeof a, num(s, "elapsed_wall_clock_hours"));
-    fmt_hours(b, sizeof b, num(s, "active_hours"));
+    fmt_hours(a, sizeof a, S.elapsed_wall_clock_hours);
+    fmt_hours(b, sizeof b, S.active_hours);
     printf("Elapsed:      %s wall clock, %s active\n", a, b);
 
-    double eta = num(s, "estimated_remaining_hours");
+    double eta = S.estimated_remaining_hours;
     if (done >= target && target > 0)
         printf("ETA:          done (target reached)\n");
     else if (stale) {
@@ -583,40 +548,39 @@ static int status_once(const char *cmd, const char *dir, double stale_after, int
     } else
         printf("ETA:          unknown (no throughput measured yet)\n");
 
-    double loss = num(s, "latest_loss");
-    const char *trend = json_string_value(json_object_get(s, "loss_trend"));
+    double loss = S.latest_loss;
+    const char *trend = S.loss_trend;
     if (isfinite(loss))
         printf("Loss:         %.4f latest, trend: %s\n", loss, trend ? trend : "?");
-    else if (done > 0 && inum(s, "recent_losses", -1) == 0)
+    else if (done > 0 && S.recent_losses == 0)
         printf("Loss:         none recorded (this run logs no loss)\n");
     else
         printf("Loss:         %s, trend: %s\n", done > 0 ? "not finite" : "none yet",
                trend ? trend : "?");
 
     fmt_rate(a, sizeof a, sps);
-    fmt_rate(b, sizeof b, num(s, "samples_per_sec"));
-    fmt_rate(c, sizeof c, num(s, "tokens_per_sec"));
+    fmt_rate(b, sizeof b, S.samples_per_sec);
+    fmt_rate(c, sizeof c, S.tokens_per_sec);
     printf("Throughput:   %s steps/s, %s samples/s, %s tokens/s\n", a, b, c);
-    printf("Processed:    %lld samples, %lld tokens\n", inum(s, "samples_processed", 0),
-           inum(s, "tokens_processed", 0));
+    printf("Processed:    %lld samples, %lld tokens\n", (long long)S.samples_processed,
+           (long long)S.tokens_processed);
 
-    long long nck = inum(s, "checkpoints", 0);
-    long long lastck = inum(s, "last_checkpoint_step", -1), best = inum(s, "best_checkpoint_step", -1);
+    long long nck = S.checkpoints;
+    long long lastck = S.last_checkpoint_step;
     if (nck == 0) {
         printf("Checkpoints:  none yet\n");
     } else {
         printf("Checkpoints:  %lld (last: step %lld", nck, lastck);
-        if (best >= 0) {
-            printf(", best: step %lld", best);
-            const ckrow *br = have_m ? best_row(&m) : NULL;
-            if (br && br->step == best)
-                printf(", loss %.4f", br->loss);
+        if (best.found) {
+            printf(", best: step %lld", (long long)best.step);
+            if (isfinite(best.loss))
+                printf(", loss %.4f", best.loss);
         }
         printf(")\n");
     }
-    double paid = num(s, "total_cost");
-    long long nref = inum(s, "api_refusals", 0);
-    printf("API:          %lld responses saved", inum(s, "api_responses_saved", 0));
+    double paid = S.total_cost;
+    long long nref = S.api_refusals;
+    printf("API:          %lld responses saved", (long long)S.api_responses_saved);
     if (nref > 0) /* refusals are answers, paid like any: shown as what they are */
         printf(" (%lld refusal%s)", nref, nref == 1 ? "" : "s");
     printf(", cost so far %.4f\n", paid);
@@ -624,7 +588,9 @@ static int status_once(const char *cmd, const char *dir, double stale_after, int
     kd_look_spend sp;
     char smsg[512] = "";
     int sprc = kd_look_spend_read(dir, &sp, smsg, sizeof smsg);
-    double cap = num(json_object_get(teacher, "budget"), "max_cost");
+    double cap = NAN;
+    if (has_teacher)
+        kd_tracker_config_num(t, tsrc, "teacher.budget.max_cost", &cap);
     if (!isfinite(cap)) {
         /* a mix keeps its cap out of its identity: its progress file has it */
         kd_mix_progress mp;
@@ -655,50 +621,45 @@ static int status_once(const char *cmd, const char *dir, double stale_after, int
                    holder > 0 ? "in flight" : "unsettled (counted as possibly billed at the next open)");
         putchar('\n');
     }
-    long long nf = inum(s, "connection_failures", 0), billed = inum(s, "possibly_billed_failures", 0);
+    long long nf = S.connection_failures, billed = S.possibly_billed_failures;
     if (billed > 0)
         printf("Failures:     %lld connection failures (%lld possibly billed: sent, answer lost)\n",
                nf, billed);
     else
         printf("Failures:     %lld connection failures\n", nf);
-    fmt_hours(a, sizeof a, num(s, "paused_hours"));
-    printf("Pauses:       %lld (%s excluded from active time)\n", inum(s, "pauses", 0), a);
+    fmt_hours(a, sizeof a, S.paused_hours);
+    printf("Pauses:       %lld (%s excluded from active time)\n", (long long)S.pauses, a);
     /* components with their own identity (the teacher): recorded, shown,
        never compared with the training config */
-    const char *cname;
-    json_t *cv;
-    json_object_foreach(json_object_get(s, "components"), cname, cv)
-    {
+    for (size_t i = 0; i < kd_tracker_component_count(t); i++) {
+        kd_component_info ci;
+        if (kd_tracker_component_get(t, i, &ci) != KD_OK)
+            continue;
         printf("Component:    ");
-        put_safe(stdout, cname);
-        printf(" (config %.16s..., version ", json_string_value(json_object_get(cv, "config_hash"))
-                                                  ? json_string_value(json_object_get(cv, "config_hash"))
-                                                  : "?");
-        const char *ver = json_string_value(json_object_get(cv, "version"));
-        put_safe(stdout, ver ? ver : "none");
+        put_safe(stdout, ci.name);
+        printf(" (config %.16s..., version ", ci.config_hash[0] ? ci.config_hash : "?");
+        put_safe(stdout, ci.version ? ci.version : "none");
         printf(")\n");
     }
-    const char *ch = json_string_value(json_object_get(sess, "config_hash"));
+    const char *ch = kd_tracker_config_hash(t);
     printf("Identity:     config ");
-    put_safe(stdout, ch ? ch : "?");
-    if (json_is_object(teacher)) {
-        json_t *tv = json_object_get(teacher, "teacher_version");
-        const char *url = json_string_value(json_object_get(teacher, "base_url"));
-        const char *prov = json_string_value(json_object_get(teacher, "provider"));
+    put_safe(stdout, ch && ch[0] ? ch : "?");
+    if (has_teacher) {
         printf("; teacher ");
-        put_safe(stdout, json_string_value(json_object_get(teacher, "model")));
-        if (url) {
+        if (teacher_str(t, tsrc, "model", model, sizeof model))
+            put_safe(stdout, model);
+        if (teacher_str(t, tsrc, "base_url", url, sizeof url)) {
             printf(" at ");
             put_safe(stdout, url);
         }
-        if (prov) {
+        if (teacher_str(t, tsrc, "provider", prov, sizeof prov)) {
             printf(" (provider ");
             put_safe(stdout, prov);
             putchar(')');
         }
-        if (json_is_string(tv)) {
+        if (teacher_str(t, tsrc, "teacher_version", tver, sizeof tver)) {
             printf(", version ");
-            put_safe(stdout, json_string_value(tv));
+            put_safe(stdout, tver);
         }
     }
     putchar('\n');
@@ -723,9 +684,7 @@ static int status_once(const char *cmd, const char *dir, double stale_after, int
         printf("Writer:       none (no process holds the directory)\n");
     }
     *ended = holder <= 0 || (target > 0 && done >= target);
-    manifest_free(&m);
-    json_decref(sess);
-    json_decref(s);
+    kd_tracker_close(t);
     return 0;
 }
 

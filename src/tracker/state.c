@@ -1899,6 +1899,12 @@ int kd_tracker_open_readonly(kd_tracker **out, const char *output_dir, kd_err *e
     if (kd_trk_is_hex64(hash))
         memcpy(t->config_hash, hash, KD_SHA256_HEX);
     t->total_steps = (int64_t)num_field(s, "total_steps_target", 0);
+    json_t *cfg = json_object_get(s, "config");
+    if (cfg && !json_is_null(cfg) &&
+        !(t->config_canon = json_dumps(cfg, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENCODE_ANY))) {
+        rc = kd_trk_fail(t, KD_ENOMEM, "out of memory");
+        goto out;
+    }
     rc = kd_trk_load(t, s);
 out:
     if (rc != KD_OK && e)

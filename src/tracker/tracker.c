@@ -255,6 +255,100 @@ int kd_tracker_component_get(const kd_tracker *t, size_t i, kd_component_info *c
     return rc_;
 }
 
+/* The config text of the main config (comp NULL) or of component `comp`. */
+static const char *config_text(const kd_tracker *t, const char *comp)
+{
+    if (!comp)
+        return t->config_canon;
+    for (size_t i = 0; i < t->ncomp; i++)
+        if (strcmp(t->comp[i].name, comp) == 0)
+            return t->comp[i].canon;
+    return NULL;
+}
+
+/* The value at dotted `path` ("teacher.model") of that config, or NULL;
+   *root gets the parsed document to decref. */
+static json_t *config_value(const kd_tracker *t, const char *comp, const char *path, json_t **root)
+{
+    *root = NULL;
+    const char *text = config_text(t, comp);
+    if (!text || !path)
+        return NULL;
+    *root = json_loads(text, JSON_DECODE_ANY, NULL);
+    json_t *v = *root;
+    const char *p = path;
+    while (v && *p) {
+        const char *dot = strchr(p, '.');
+        size_t n = dot ? (size_t)(dot - p) : strlen(p);
+        char key[128];
+        if (n == 0 || n >= sizeof key)
+            return NULL;
+        memcpy(key, p, n);
+        key[n] = '\0';
+        v = json_object_get(v, key);
+        p = dot ? dot + 1 : p + n;
+    }
+    return v;
+}
+
+static int config_str_locked(const kd_tracker *t, const char *comp, const char *path, char *buf,
+                             size_t bufsz)
+{
+    if (!t || !path || !buf || bufsz == 0)
+        return KD_EINVAL;
+    buf[0] = '\0';
+    json_t *root;
+    json_t *v = config_value(t, comp, path, &root);
+    int rc = KD_ENOTFOUND;
+    if (json_is_string(v)) {
+        const char *sv = json_string_value(v);
+        rc = strlen(sv) < bufsz ? KD_OK : KD_ELIMIT;
+        if (rc == KD_OK)
+            memcpy(buf, sv, strlen(sv) + 1);
+    }
+    json_decref(root);
+    return rc;
+}
+
+int kd_tracker_config_str(const kd_tracker *t, const char *comp, const char *path, char *buf,
+                          size_t bufsz)
+{
+    if (!t)
+        return config_str_locked(t, comp, path, buf, bufsz);
+    pthread_mutex_lock(&((kd_tracker *)t)->mu);
+    int rc_ = config_str_locked(t, comp, path, buf, bufsz);
+    pthread_mutex_unlock(&((kd_tracker *)t)->mu);
+    return rc_;
+}
+
+static int config_num_locked(const kd_tracker *t, const char *comp, const char *path, double *out)
+{
+    if (!t || !path || !out)
+        return KD_EINVAL;
+    *out = NAN;
+    json_t *root;
+    json_t *v = config_value(t, comp, path, &root);
+    int rc = KD_ENOTFOUND;
+    if (json_is_number(v)) {
+        *out = json_number_value(v);
+        rc = KD_OK;
+    } else if (json_is_object(v) || json_is_array(v)) {
+        rc = KD_EMISMATCH; /* there, but not a number: a section */
+    }
+    json_decref(root);
+    return rc;
+}
+
+int kd_tracker_config_num(const kd_tracker *t, const char *comp, const char *path, double *out)
+{
+    if (!t)
+        return config_num_locked(t, comp, path, out);
+    pthread_mutex_lock(&((kd_tracker *)t)->mu);
+    int rc_ = config_num_locked(t, comp, path, out);
+    pthread_mutex_unlock(&((kd_tracker *)t)->mu);
+    return rc_;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Opening                                                                   */
 
@@ -1502,6 +1596,7 @@ static int summary_locked(kd_tracker *t, kd_summary *s)
     }
     s->pauses = t->pauses;
     s->paused_hours = t->paused_seconds / 3600.0;
+    s->recent_losses = (int64_t)t->loss_n;
     return KD_OK;
 }
 
