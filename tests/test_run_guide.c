@@ -42,6 +42,7 @@
 
 #include "kdkit/ckpt.h"
 #include "kdkit/core.h"
+#include "kdkit/tracker.h"
 #include "support/kd_test.h"
 
 static char *g_root;
@@ -549,6 +550,56 @@ static void test_guide_best_by_loss_after_retention(void **state)
     free(log);
 }
 
+/* kdkit report checks the ledger with the registry's validator, as verify
+   does: a line whose "refusal" is not a boolean is named as not valid and
+   not counted in the paid total, never drawn as paid. */
+static void test_report_flags_a_malformed_refusal(void **state)
+{
+    (void)state;
+    char *dir = kdt_path(g_root, "report_refusal");
+    kd_tracker *t = NULL;
+    kd_err e;
+    assert_int_equal(kd_tracker_open(&t, dir, "{\"r\": 1}", 10, NULL, &e), KD_OK);
+    kd_api_response r;
+    kd_api_response_init(&r);
+    r.prompt = "p";
+    r.response = "answer";
+    r.cost = 0.25;
+    assert_int_equal(kd_tracker_record_api_response(t, &r), KD_OK);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    char *ledger = kdt_path(dir, "api_recovery.jsonl");
+    char *text = kdt_slurp(ledger, NULL);
+    assert_non_null(text);
+    /* the same line again, but its refusal a string and its cost 1000 */
+    char *bad = strdup(text);
+    char *c = strstr(bad, "\"cost\":");
+    assert_non_null(c);
+    char *line = malloc(strlen(bad) + 64);
+    snprintf(line, strlen(bad) + 64, "%.*s\"cost\":1000,\"refusal\":\"yes\",%s", (int)(c - bad),
+             bad, strchr(c, ',') + 1);
+    FILE *f = fopen(ledger, "ab");
+    assert_non_null(f);
+    fputs(line, f);
+    fclose(f);
+    int rc = sh(NULL, "$KDKIT report report_refusal -o report_refusal.html --quiet");
+    char *out = kdt_path(g_root, "report_refusal.html");
+    char *page = kdt_slurp(out, NULL);
+    free(out);
+    if (rc != 0 || !page)
+        fail_msg("kdkit report failed (exit %d)", rc);
+    if (!strstr(page, "api_recovery.jsonl: 1 line(s) not valid, not shown (first: line 2") ||
+        !strstr(page, "refusal"))
+        fail_msg("the page does not name the malformed ledger line");
+    if (strstr(page, "1000.25") || strstr(page, "1000.2"))
+        fail_msg("the malformed line's cost was counted");
+    free(page);
+    free(line);
+    free(bad);
+    free(text);
+    free(ledger);
+    free(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -561,6 +612,7 @@ int main(void)
         cmocka_unit_test(test_fifo_refused_before_open),
         cmocka_unit_test(test_sighup_stops_like_sigterm_and_sigpipe_is_ignored),
         cmocka_unit_test(test_data_path_containing_output_dir_refused),
+        cmocka_unit_test(test_report_flags_a_malformed_refusal),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -367,6 +367,7 @@ typedef struct kd_summary {
     double paused_hours;
     int64_t api_refusals;     /* ledger lines marked "refusal": true */
     int64_t recent_losses;    /* losses in the trend window (0: none logged) */
+    double start_time;        /* Unix seconds when the session began */
 } kd_summary;
 
 int kd_tracker_summary(kd_tracker *t, kd_summary *s);

@@ -4,15 +4,19 @@
  * DIR, readable offline and attachable to a ticket.
  *
  * Reads, without the lock and without changing anything (so it works beside
- * a running writer): session.json and the summary (kd_session_inspect),
- * checkpoints.json, the archived sessions' sessions/<id>/session.json, a
+ * a running writer): the summary, the checkpoint records, the components and
+ * config values through the tracker's read-only view (kd_tracker_open_readonly
+ * and its typed accessors; the manifest has one reader), session.json's
+ * config (for the sessions table's diff), the archived sessions'
+ * sessions/<id>/session.json, a
  * mix's mix_progress.json, and streams metrics.jsonl, metrics.rewound.jsonl,
  * eval.jsonl, events.jsonl, api_recovery.jsonl, failures.jsonl and
  * teacher_intents.jsonl (run_look.c) through core's JSONL reader, one line
  * at a time, so memory stays bounded by the chart resolution whatever the
  * length of the run.  Series are downsampled with min/max per bucket
- * (report_plot.c); the page says so.  Lines that are not valid are counted
- * and named, never drawn; a last line without newline is one being written
+ * (report_plot.c); the page says so.  Lines that are not valid (by the run
+ * registry's validator of the file, src/tracker/run.h, the one kdkit verify
+ * uses) are counted and named, never drawn; a last line without newline is one being written
  * and is left for the next report.  The page is described in docs/report.md.
  *
  * Writes FILE (default ./report.html) with core's atomic replace.
@@ -33,6 +37,7 @@
 #include "kdkit/core.h"
 #include "kdkit/mix.h"
 #include "kdkit/tracker.h"
+#include "tracker/run.h"
 
 #define STATE_MAX ((size_t)256 << 20)
 #define PAGE_MAX ((size_t)256 << 20)
@@ -100,7 +105,9 @@ typedef struct rep {
     uint64_t bytes_total, bytes_done;
     size_t nb;
 
-    json_t *session, *summary, *manifest;
+    json_t *session;  /* session.json: its config, for the sessions table only */
+    kd_tracker *t;    /* the read-only view: summary, checkpoints, components */
+    kd_summary S;
     char notes[32][512]; /* problems met while reading, shown in the page */
     int nnotes;
 
@@ -224,18 +231,28 @@ static long long stream(rep *r, const char *name, line_fn fn, fast_fn fast)
     size_t len;
     long long used = 0, bad = 0, first_bad = 0;
     uint64_t base = r->bytes_done;
+    /* the registry's validator of this file: the one the writer, the reopen
+       and kdkit verify use; a line it flags is counted as not valid */
+    const kd_run_file *reg = kd_run_lookup(name);
+    char why[256], first_why[256] = "not valid JSON";
     int s;
     while ((s = kd_jsonl_next(rd, &line, &len, &e)) == 1) {
         int64_t ln = kd_jsonl_reader_lineno(rd);
         int res = 0;
         json_t *o = NULL;
+        snprintf(why, sizeof why, "not valid JSON");
         if (!fast || !fast(r, line, len, &res)) {
             o = json_loadb(line, len, 0, NULL);
-            res = json_is_object(o) ? fn(r, o, ln) : -1;
+            if (!json_is_object(o) || (reg && reg->validate && reg->validate(o, why, sizeof why)))
+                res = -1;
+            else if ((res = fn(r, o, ln)) != 0)
+                snprintf(why, sizeof why, "not a record this page can show");
         }
         if (res != 0) {
-            if (!bad)
+            if (!bad) {
                 first_bad = ln;
+                snprintf(first_why, sizeof first_why, "%s", why);
+            }
             bad++;
         } else {
             used++;
@@ -251,8 +268,8 @@ static long long stream(rep *r, const char *name, line_fn fn, fast_fn fast)
     else if (s < 0 && s != KD_ECORRUPT)
         note(r, "%s: %s", name, e.msg);
     if (bad)
-        note(r, "%s: %lld line(s) not valid, not shown (first: line %lld); run 'kdkit verify %s'",
-             name, bad, first_bad, r->dir);
+        note(r, "%s: %lld line(s) not valid, not shown (first: line %lld: %s); run 'kdkit verify %s'",
+             name, bad, first_bad, first_why, r->dir);
     r->bytes_done = base + file_size(r, name);
     kd_jsonl_reader_close(rd);
     return used;
@@ -438,9 +455,9 @@ static int on_eval(rep *r, json_t *o, int64_t ln)
 static int on_api(rep *r, json_t *o, int64_t ln)
 {
     (void)ln;
+    /* valid by kd_run_check_api (stream): a hash, a finite cost >= 0, a
+       boolean refusal */
     double t = jnum(o, "timestamp"), c = jnum(o, "cost");
-    if (!json_is_string(json_object_get(o, "prompt_hash")) || !isfinite(c))
-        return -1;
     r->paid_total += c;
     r->paid_n++;
     if (json_is_true(json_object_get(o, "refusal")))
@@ -598,15 +615,12 @@ static double budget_cap(const rep *r, double cli)
 {
     if (isfinite(cli))
         return cli;
-    json_t *t = json_object_get(json_object_get(r->session, "config"), "teacher");
-    if (!json_is_object(t)) /* the teacher as a component (its own identity) */
-        t = json_object_get(json_object_get(json_object_get(json_object_get(r->session, "components"),
-                                                            "teacher"),
-                                            "config"),
-                            "teacher");
-    json_t *b = json_object_get(t, "budget");
-    double cap = jnum(b, "max_cost");
-    if (isfinite(cap))
+    /* the main config's teacher, else the teacher component's */
+    double cap = NAN, dummy;
+    const char *src =
+        kd_tracker_config_num(r->t, NULL, "teacher", &dummy) == KD_EMISMATCH ? NULL : "teacher";
+    if (kd_tracker_config_num(r->t, src, "teacher.budget.max_cost", &cap) == KD_OK &&
+        isfinite(cap))
         return cap;
     /* a mix keeps its cap out of its identity: its progress file has it */
     char path[4200];
@@ -705,13 +719,12 @@ static void write_sessions(rep *r, kd_sb *s)
         }
         closedir(d);
     }
-    if (r->session) {
-        const json_t *o = r->session;
-        v[n++] = (sess){strdup(jstr(o, "session_id") ? jstr(o, "session_id") : "?"),
-                        strdup(jstr(o, "config_hash") ? jstr(o, "config_hash") : "?"),
-                        strdup("session.json (current)"), jnum(o, "start_time"),
-                        jint(o, "steps_completed", 0), jint(o, "total_steps_target", 0),
-                        json_incref(json_object_get(o, "config"))};
+    if (r->t) { /* the current session: the tracker's view, its config for the diff */
+        const char *ch = kd_tracker_config_hash(r->t);
+        v[n++] = (sess){strdup(r->S.session_id), strdup(ch && ch[0] ? ch : "?"),
+                        strdup("session.json (current)"), r->S.start_time,
+                        (long long)r->S.steps_completed, (long long)r->S.total_steps_target,
+                        json_incref(json_object_get(r->session, "config"))};
     }
     qsort(v, n, sizeof v[0], sess_cmp);
     kd_sb_lit(s, "<h2>Sessions</h2><table data-table=\"sessions\"><tr><th>session</th>"
@@ -754,42 +767,31 @@ typedef struct ckv {
     const char *rel, *reason, *sha, *xxh;
 } ckv;
 
-static int ckv_cmp(const void *a, const void *b)
-{
-    const ckv *x = a, *y = b;
-    return x->step < y->step ? -1 : x->step > y->step;
-}
-
-/* The manifest's records in step order (*n of them); malloc'd. */
+/* The manifest's records in step order (*n of them), through the read-only
+   view's accessor (the manifest has one reader); malloc'd, the strings are
+   the tracker's. */
 static ckv *checkpoints(const rep *r, size_t *n)
 {
-    json_t *cks = json_object_get(r->manifest ? r->manifest : r->session, "checkpoints");
-    size_t cap = json_is_object(cks) ? json_object_size(cks) : json_array_size(cks);
+    size_t cap = kd_tracker_checkpoint_count(r->t);
     ckv *v = calloc(cap + 1, sizeof *v);
     *n = 0;
     if (!v)
         return NULL;
-    json_t *o;
-    size_t i;
-    void *it = json_is_object(cks) ? json_object_iter(cks) : NULL;
-    for (i = 0; i < cap; i++) {
-        o = json_is_object(cks) ? json_object_iter_value(it) : json_array_get(cks, i);
-        if (json_is_object(cks))
-            it = json_object_iter_next(cks, it);
-        if (!json_is_integer(json_object_get(o, "checkpoint_step")))
+    for (size_t i = 0; i < cap; i++) {
+        kd_checkpoint_record c;
+        if (kd_tracker_checkpoint_get(r->t, i, &c) != KD_OK)
             continue;
-        ckv *c = &v[(*n)++];
-        c->step = jint(o, "checkpoint_step", 0);
-        c->loss = jnum(json_object_get(o, "metrics"), "loss");
-        c->created = jnum(o, "created_at");
-        c->size = jint(o, "size", -1);
-        c->deleted = json_is_true(json_object_get(o, "deleted"));
-        c->rel = jstr(o, "relative_path");
-        c->reason = jstr(o, "deleted_reason");
-        c->sha = jstr(o, "sha256");
-        c->xxh = jstr(o, "xxh3_128");
+        ckv *k = &v[(*n)++];
+        k->step = (long long)c.step;
+        k->loss = c.loss;
+        k->created = c.created_at;
+        k->size = (long long)c.size;
+        k->deleted = c.deleted;
+        k->rel = c.relative_path;
+        k->reason = c.deleted_reason;
+        k->sha = c.sha256;
+        k->xxh = c.xxh3_128;
     }
-    qsort(v, *n, sizeof *v, ckv_cmp);
     return v;
 }
 
@@ -905,8 +907,8 @@ static void write_mix(rep *r, kd_sb *s)
 
 static void build_page(rep *r, kd_sb *s, double cli_budget)
 {
-    const json_t *S = r->summary;
-    const char *sid = jstr(r->session, "session_id");
+    const kd_summary *S = &r->S;
+    const char *sid = S->session_id;
     char t[64], b2[64];
     kd_sb_lit(s, "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                  "<meta name=\"viewport\" content=\"width=device-width\">"
@@ -937,22 +939,21 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
 
     /* --- summary */
     kd_sb_lit(s, "<h2>Summary</h2><table class=\"kv\" data-table=\"summary\">");
-    long long done = jint(S, "steps_completed", 0), target = jint(S, "total_steps_target", 0);
-    kvf(s, "progress", "%lld/%lld steps (%.1f%%)", done, target, jnum(S, "progress_pct"));
+    long long done = (long long)S->steps_completed, target = (long long)S->total_steps_target;
+    kvf(s, "progress", "%lld/%lld steps (%.1f%%)", done, target, S->progress_pct);
     kvf(s, "time", "%.2f h wall clock, %.2f h active, %lld pauses (%.2f h)",
-        jnum(S, "elapsed_wall_clock_hours"), jnum(S, "active_hours"), jint(S, "pauses", 0),
-        jnum(S, "paused_hours"));
-    double eta = jnum(S, "estimated_remaining_hours");
+        S->elapsed_wall_clock_hours, S->active_hours, (long long)S->pauses, S->paused_hours);
+    double eta = S->estimated_remaining_hours;
     if (done >= target && target > 0)
         kv(s, "ETA", "done (target reached)");
     else if (isfinite(eta))
         kvf(s, "ETA", "%.2f h at the recent active rate", eta);
     else
         kv(s, "ETA", "unknown");
-    const char *trend = jstr(S, "loss_trend");
-    kvf(s, "loss", "%.4f latest, trend %s", jnum(S, "latest_loss"), trend ? trend : "?");
-    kv(s, "config hash", jstr(r->session, "config_hash"));
-    fmt_utc(t, sizeof t, jnum(r->session, "start_time"));
+    const char *trend = S->loss_trend;
+    kvf(s, "loss", "%.4f latest, trend %s", S->latest_loss, trend ? trend : "?");
+    kv(s, "config hash", kd_tracker_config_hash(r->t));
+    fmt_utc(t, sizeof t, S->start_time);
     kv(s, "started", t);
     fmt_utc(b2, sizeof b2, r->last_ts);
     kv(s, "last metric", b2);
@@ -977,7 +978,9 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
         add_marker(&mk, &nmk, &capmk, (rp_marker){v->kind, (double)v->step, NAN, v->title});
     }
     size_t nvert = nmk; /* event lines; checkpoint points follow */
-    long long best = jint(r->manifest ? r->manifest : S, "best_checkpoint_step", -1);
+    kd_recovery bestck;
+    kd_tracker_best_checkpoint(r->t, &bestck);
+    long long best = bestck.found ? (long long)bestck.step : -1;
     char (*cktitle)[96] = calloc(nck + 1, sizeof *cktitle);
     for (size_t i = 0; ck && cktitle && i < nck; i++) {
         if (ck[i].deleted || !isfinite(ck[i].loss))
@@ -1131,8 +1134,7 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
 static void rep_free(rep *r)
 {
     json_decref(r->session);
-    json_decref(r->summary);
-    json_decref(r->manifest);
+    kd_tracker_close(r->t);
     for (size_t i = 0; i < r->nev; i++)
         free(r->evs[i].title);
     free(r->evs);
@@ -1220,10 +1222,9 @@ int kd_cmd_report(int argc, char **argv)
     r->nb = (size_t)nb;
     r->first_ts = r->last_ts = NAN;
     int status = 1;
-    char *sum = NULL;
     kd_err e;
     kd_err_clear(&e);
-    int rc = kd_session_inspect(dir, &sum, &e);
+    int rc = kd_tracker_open_readonly(&r->t, dir, &e);
     if (rc != KD_OK) {
         kd_cli_error(cmd, "%s", e.msg[0] ? e.msg : kd_strerror(rc));
         if (rc != KD_ENOTFOUND)
@@ -1231,11 +1232,9 @@ int kd_cmd_report(int argc, char **argv)
         status = rc == KD_ENOTFOUND ? 2 : 1;
         goto out;
     }
-    r->summary = json_loads(sum, 0, NULL);
-    free(sum);
+    kd_tracker_summary(r->t, &r->S);
     r->session = load_doc(r, "session.json", 0);
-    r->manifest = load_doc(r, "checkpoints.json", 1);
-    if (!r->session || !r->summary) {
+    if (!r->session) {
         kd_cli_error(cmd, "%s: session.json cannot be read: %s", dir, r->nnotes ? r->notes[0] : "?");
         goto out;
     }

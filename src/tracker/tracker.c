@@ -1597,6 +1597,7 @@ static int summary_locked(kd_tracker *t, kd_summary *s)
     s->pauses = t->pauses;
     s->paused_hours = t->paused_seconds / 3600.0;
     s->recent_losses = (int64_t)t->loss_n;
+    s->start_time = t->start_time;
     return KD_OK;
 }
 

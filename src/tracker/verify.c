@@ -628,31 +628,17 @@ static void check_progress(vctx *v)
  */
 static int still_live(vctx *v, int64_t step, const char *rel)
 {
-    char path[PATH_MAX];
-    char *text = NULL;
-    size_t len = 0;
-    kd_err e;
-    if (in_dir(v, F_CKPTS, path, sizeof path) != 0 ||
-        kd_file_read_all(path, KD_STATE_FILE_MAX, &text, &len, &e) != KD_OK)
+    /* the manifest's one reader: the read-only view and its accessor */
+    kd_tracker *t = NULL;
+    if (kd_tracker_open_readonly(&t, v->dir, NULL) != KD_OK)
         return 1;
-    json_t *doc = json_loadb(text, len, 0, NULL);
-    free(text);
-    json_t *cks = json_object_get(doc, "checkpoints");
-    if (!json_is_object(cks)) {
-        json_decref(doc);
-        return 1;
-    }
     int live = 0;
-    const char *k;
-    json_t *o;
-    json_object_foreach(cks, k, o)
-    {
-        const char *r = json_string_value(json_object_get(o, "relative_path"));
-        if (json_integer_value(json_object_get(o, "checkpoint_step")) == step && r &&
-            strcmp(r, rel) == 0 && !json_is_true(json_object_get(o, "deleted")))
-            live = 1;
+    for (size_t i = 0; i < kd_tracker_checkpoint_count(t) && !live; i++) {
+        kd_checkpoint_record c;
+        live = kd_tracker_checkpoint_get(t, i, &c) == KD_OK && c.step == step && !c.deleted &&
+               c.relative_path && strcmp(c.relative_path, rel) == 0;
     }
-    json_decref(doc);
+    kd_tracker_close(t);
     return live;
 }
 
