@@ -1789,12 +1789,55 @@ static void test_refusal_counted_and_shown(void **state)
     responder_stop(&rs);
 }
 
+/* Another teacher_version never gets this version's cached answers: the same
+   prompt in the same directory and cache is a miss (asked and paid again,
+   counted incompatible), and the first version still hits its own entry. */
+static void test_other_teacher_version_not_served_from_cache(void **state)
+{
+    (void)state;
+    kd_serve *s = serve_start(NULL, KD_RA_SECONDS, 1, 0, NULL);
+    run r;
+    run_new(&r, kd_serve_port(s), NULL);
+    r.cfg.teacher_version = "v1";
+    run_open(&r);
+    kd_teacher_result res;
+    assert_int_equal(ask(&r, "Same prompt", &res), KD_OK);
+    assert_int_equal(res.cache_hit, 0);
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    r.cfg.teacher_version = "v2";
+    run_open(&r);
+    assert_int_equal(ask(&r, "Same prompt", &res), KD_OK);
+    assert_int_equal(res.cache_hit, 0); /* v1's answer is not v2's */
+    assert_int_equal(res.attempts, 1);
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    assert_int_equal(generations(s), 2);
+    r.cfg.teacher_version = "v1";
+    run_open(&r);
+    assert_int_equal(ask(&r, "Same prompt", &res), KD_OK);
+    assert_int_equal(res.cache_hit, 1);
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    assert_int_equal(generations(s), 2);
+    kd_cache *c = NULL;
+    kd_err e;
+    assert_int_equal(kd_cache_open(&c, r.cache, "v3", KD_CACHE_SYNC_NORMAL, &e), KD_OK);
+    kd_cache_stats st;
+    assert_int_equal(kd_cache_stats_get(c, &st), KD_OK);
+    assert_true(st.incompatible >= 1);
+    assert_int_equal(st.entries_current, 0); /* none is v3's */
+    kd_cache_close(c);
+    kd_serve_stop(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_policy_pieces),
         cmocka_unit_test(test_parse_agrees_with_json),
         cmocka_unit_test(test_ask_then_hit),
+        cmocka_unit_test(test_other_teacher_version_not_served_from_cache),
         cmocka_unit_test(test_retries_recorded),
         cmocka_unit_test(test_possibly_billed),
         cmocka_unit_test(test_quota_and_4xx_stop),

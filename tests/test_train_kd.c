@@ -691,6 +691,29 @@ static void test_online_matches_offline_and_pays_once(void **state)
     kd_serve_get_stats(srv, &s1);
     int64_t asked = s1.generations - s0.generations;
     assert_true(asked > 0);
+    /* the online run records its teacher as a component (config hash and
+       teacher_version, which kdkit status shows) */
+    {
+        kd_tracker *rt = NULL;
+        assert_int_equal(kd_tracker_open_readonly(&rt, on, &e), KD_OK);
+        int found = 0;
+        for (size_t i = 0; i < kd_tracker_component_count(rt); i++) {
+            kd_component_info ci;
+            assert_int_equal(kd_tracker_component_get(rt, i, &ci), KD_OK);
+            if (strcmp(ci.name, "teacher") == 0) {
+                found = 1;
+                assert_non_null(ci.version);
+                assert_string_equal(ci.version, "1");
+                assert_int_equal(strlen(ci.config_hash), 64);
+            }
+        }
+        assert_true(found);
+        char model[64];
+        assert_int_equal(kd_tracker_config_str(rt, "teacher", "teacher.model", model, sizeof model),
+                         KD_OK);
+        assert_string_equal(model, "kdkit-toy");
+        kd_tracker_close(rt);
+    }
     const char *a2[] = {"train", "--config", mcfg, "--output-dir", off, NULL};
     run_ok(log, a2);
     /* one target builder: online and offline give the same losses, bit for bit */

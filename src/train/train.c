@@ -1263,6 +1263,27 @@ static int open_teacher(run *r)
         snprintf(cache, sizeof cache, "%s/teacher_cache.sqlite", kd_tracker_dir(r->t));
         tc.cache_path = cache;
     }
+    /* the teacher is a component with its own identity, shown by kdkit
+       status: the part of its config that decides the answers (the run
+       identity's "teacher" section: who is asked, model, endpoint, version,
+       defaults; not prices, budget or retries, so raising a cap and resuming
+       is no identity change) and its teacher_version (the client's default
+       "1" when the config names none) */
+    json_t *idoc = json_loads(r->identity, 0, NULL);
+    json_t *tid = json_object_get(idoc, "teacher");
+    json_t *cdoc = tid ? json_pack("{sO}", "teacher", tid) : NULL;
+    char *ctext = cdoc ? json_dumps(cdoc, JSON_COMPACT | JSON_SORT_KEYS)
+                       : tid ? NULL : strdup(r->c->teacher_json);
+    json_decref(cdoc);
+    json_decref(idoc);
+    rc = ctext ? kd_tracker_set_component(r->t, "teacher", ctext,
+                                          tc.teacher_version ? tc.teacher_version : "1")
+               : KD_ENOMEM;
+    free(ctext);
+    if (rc != KD_OK)
+        return kd_err_set(r->e, rc, "teacher: cannot record its identity in %s: %s",
+                          kd_tracker_dir(r->t), rc == KD_ENOMEM ? "out of memory"
+                                                                : kd_tracker_errmsg(r->t));
     rc = kd_teacher_open(&r->teacher, &tc, r->t, r->e);
     if (rc != KD_OK)
         return wrap_err(r->e, rc, "teacher: ", "");
