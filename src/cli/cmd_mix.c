@@ -184,6 +184,15 @@ int kd_cmd_mix(int argc, char **argv)
             o.retry_failed = 1;
             continue;
         }
+        static const char *const valued[] = {"--config", "--prompts", "--output-dir", "--set",
+                                             "--limit"};
+        int known = 0;
+        for (size_t k = 0; k < sizeof valued / sizeof valued[0]; k++)
+            known |= strcmp(a, valued[k]) == 0;
+        if (!known) {
+            kd_cli_error("mix", "unknown option '%s' (see kdkit mix --help)", a);
+            goto out;
+        }
         if (i + 1 >= argc) {
             kd_cli_error("mix", "option '%s' needs a value (see kdkit mix --help)", a);
             goto out;
