@@ -6,8 +6,8 @@
  * One table (run.c) names every file a run directory may hold: its name or
  * pattern, the layer that owns it, its format and durability, the validator
  * of its records, whether a config change archives it, and how `kdkit
- * verify` checks it.  The reopen (state.c), verify (verify.c), the archive
- * on a config change (state.c) and the file tree of docs/formats.md all
+ * verify` checks it.  The reopen (reopen.c), verify (verify.c), the archive
+ * on a config change (archive.c) and the file tree of docs/formats.md all
  * derive from it; tests/test_run_registry.c fails when a run writes a file
  * the table does not know, or when docs/formats.md misses an entry.
  *

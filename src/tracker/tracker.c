@@ -11,7 +11,7 @@
  * on disk, so a resume from that checkpoint never leaves a gap.
  *
  * Line formats are in docs/formats.md; the state files are written by
- * state.c, the files read back by state.c as well.
+ * state.c, the files read back by reopen.c and manifest.c.
  */
 #include <dirent.h>
 #include <errno.h>

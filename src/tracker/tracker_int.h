@@ -1,7 +1,9 @@
 /*
  * src/tracker/tracker_int.h - the tracker's state, shared by its source files
- * (internal).  tracker.c holds the public calls, state.c reads and writes the
- * state files, verify.c checks a directory from end to end.
+ * (internal).  tracker.c holds the public calls, state.c writes the state
+ * files, reopen.c reads them back (and the read-only view), manifest.c reads
+ * the checkpoint manifest and the deleted journal, archive.c archives a
+ * session on a config change, verify.c checks a directory from end to end.
  */
 #ifndef KD_SRC_TRACKER_INT_H
 #define KD_SRC_TRACKER_INT_H
@@ -157,7 +159,7 @@ struct kd_tracker {
     size_t ncomp;
 };
 
-/* state.c */
+/* state.c, reopen.c, manifest.c */
 void kd_trk_mutex_init(kd_tracker *t);   /* recursive mutex of a new handle */
 int kd_trk_rel_path_ok(const char *rel); /* relative, no "..", no empty part */
 int kd_trk_is_hex64(const char *s);      /* 64 lowercase hex digits */
@@ -184,6 +186,16 @@ int kd_trk_scan_metrics_tail(kd_tracker *t);
    follow it (they are the ones a rewind moves aside). */
 int kd_trk_find_cut(kd_tracker *t, const char *path, int64_t step, uint64_t *cut, int64_t *moved);
 int kd_trk_event(kd_tracker *t, const char *type, const char *detail_json);
+/* SHA-256 (hex) of the up to 256 bytes of the file at `path` that end at
+   `offset`: 0, or -1 (errno) when they cannot be read. */
+int kd_trk_tail_print(const char *path, uint64_t offset, char hex[KD_SHA256_HEX]);
+/* An integer field: 0 with *v, -1 when absent or not an integer. */
+int kd_trk_json_int(const json_t *o, const char *k, int64_t *v);
+/* A number, or null (NaN); -1 if present with another type. */
+int kd_trk_json_num_or_null(const json_t *o, const char *k, double *v);
+/* manifest.c: the records of a "checkpoints" object (or array) into t->ck. */
+int kd_trk_load_ck_object(kd_tracker *t, const char *file, json_t *cks);
+/* archive.c */
 void kd_trk_config_diff(const json_t *old_cfg, const json_t *new_cfg, kd_sb *out);
 int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session);
 int kd_trk_load_components(kd_tracker *t, const json_t *session);
