@@ -180,6 +180,42 @@ static void test_negative_total_cost_in_session_refused(void **state)
     free(s);
 }
 
+/* A clock stepped back after the run started (an RTC set a year ahead until
+   NTP corrected it) puts start_time in the future.  The tracker used to
+   write a negative elapsed_wall_clock_hours, which its own reader refuses,
+   so the run could never be reopened (found by fuzz_session_reopen). */
+static void test_clock_stepped_back_still_reopens(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    char *s = slurp(dir, "session.json");
+    char *at = strstr(s, "\"start_time\": ");
+    assert_non_null(at);
+    char *num = at + strlen("\"start_time\": ");
+    char *fixed = malloc(strlen(s) + 32);
+    size_t pre = (size_t)(num - s);
+    memcpy(fixed, s, pre);
+    sprintf(fixed + pre, "%.3f", kd_now() + 365.0 * 86400.0);
+    strcat(fixed, strchr(num, ','));
+    char *p = kdt_path(dir, "session.json");
+    assert_int_equal(kdt_spit(p, fixed, strlen(fixed)), 0);
+
+    t = open_ok(dir, CFG);
+    kd_summary sm;
+    assert_int_equal(kd_tracker_summary(t, &sm), KD_OK);
+    assert_true(sm.elapsed_wall_clock_hours >= 0);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    t = open_ok(dir, CFG); /* what the tracker wrote reopens */
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    found f;
+    verify(dir, &f);
+    assert_null(strstr(f.text, "elapsed_wall_clock_hours"));
+    free(p);
+    free(fixed);
+    free(s);
+}
+
 /* A tail whose step goes backwards would make the resume log steps twice. */
 static void test_metrics_tail_going_backwards_refused(void **state)
 {
@@ -670,6 +706,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_negative_cost_in_ledger_refused_by_reopen, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_clock_stepped_back_still_reopens, setup, teardown),
         cmocka_unit_test_setup_teardown(test_negative_total_cost_in_session_refused, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_metrics_tail_going_backwards_refused, setup,

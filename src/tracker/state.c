@@ -56,6 +56,15 @@ int kd_trk_path(const kd_tracker *t, const char *name, char *out, size_t outsz)
     return n < 0 || (size_t)n >= outsz ? KD_ELIMIT : KD_OK;
 }
 
+double kd_trk_wall_hours(const kd_tracker *t, double now)
+{
+    /* A clock stepped back (an RTC set wrong until NTP corrected it) puts
+       now before start_time.  The session must still reopen, and its
+       validator refuses a negative elapsed time, so the writer clamps. */
+    double h = (now - t->start_time) / 3600.0;
+    return h > 0 ? h : 0;
+}
+
 double kd_trk_active(const kd_tracker *t, double now)
 {
     /* A read-only view knows the active time only up to the last record. */
@@ -576,7 +585,7 @@ static int write_session_files(kd_tracker *t, batch *b)
     kv_int(&s, "api_responses_saved", t->api_responses);
     kv_int(&s, "api_refusals", t->api_refusals);
     kv_int(&s, "connection_failures", t->nfailures);
-    kv_num(&s, "elapsed_wall_clock_hours", (now - t->start_time) / 3600.0);
+    kv_num(&s, "elapsed_wall_clock_hours", kd_trk_wall_hours(t, now));
     kd_sb_puts(&s, ",\n  \"format\": \"" KD_SESSION_FORMAT "\"");
     kd_sb_puts(&s, ",\n  \"saved_at\": ");
     kd_sb_printf(&s, "%.6f", now);

@@ -930,7 +930,7 @@ static int record_checkpoint_locked(kd_tracker *t, const kd_checkpoint_info *c)
     r.dataset_position = c->dataset_position;
     r.created_at = kd_now();
     r.loss = c->step == t->steps_completed ? t->last_loss : NAN;
-    r.wall_clock_hours = (r.created_at - t->start_time) / 3600.0;
+    r.wall_clock_hours = kd_trk_wall_hours(t, r.created_at);
     r.active_hours = kd_trk_active(t, r.created_at) / 3600.0;
     int rc = KD_OK;
     int have_sha = c->sha256 && c->sha256[0], have_xxh = c->xxh3_128 && c->xxh3_128[0];
@@ -1565,7 +1565,7 @@ static int summary_locked(kd_tracker *t, kd_summary *s)
                                          : 0.0;
     if (s->progress_pct > 100.0)
         s->progress_pct = 100.0;
-    s->elapsed_wall_clock_hours = (now - t->start_time) / 3600.0;
+    s->elapsed_wall_clock_hours = kd_trk_wall_hours(t, now);
     s->active_hours = kd_trk_active(t, now) / 3600.0;
     kd_trk_rates(t, &s->steps_per_sec, &s->samples_per_sec, &s->tokens_per_sec);
     int64_t left = t->total_steps - t->steps_completed;

@@ -171,6 +171,7 @@ int kd_trk_ck_hash_check(const ckrec *c, const char *path, const char **algo, kd
 int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int kd_trk_path(const kd_tracker *t, const char *name, char *out, size_t outsz);
 double kd_trk_active(const kd_tracker *t, double now);
+double kd_trk_wall_hours(const kd_tracker *t, double now); /* now - start_time, >= 0 */
 void kd_trk_rates(const kd_tracker *t, double *steps, double *samples, double *tokens);
 void kd_trk_loss_push(kd_tracker *t, double loss);
 void kd_trk_ck_free(ckrec *c);
