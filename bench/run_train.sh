@@ -11,7 +11,8 @@
 # counted.  PyTorch: bench/model_peer.py, the same GPT and optimizer step
 # with torch.set_num_threads(THREADS).  Peak RSS from /usr/bin/time -v.
 # Also, in the same run: the sgemm rate at the model's shapes (bench_model
-# sgemm) and the fraction of it `kdkit train` reaches (target >= 65%).
+# sgemm) and the fraction of it `kdkit train` reaches (target >= 65%), and
+# how many CPUs the run got (docs/model.md, "Threads").
 #
 #   usage: bench/run_train.sh [BUILD_DIR=build] [threads=2] [steps=60] [warmup=10]
 set -eu
@@ -34,6 +35,12 @@ echo "kdkit train vs PyTorch: 4 layers, 4 heads, width 128, context 128, batch 1
   --set lr.warmup_steps="$WARMUP" --set eval.every=0 --set checkpoint.every=100000 \
   --set log.every_seconds=3600 >"$OUT/train.log" 2>&1 || { cat "$OUT/train.log"; exit 1; }
 RSS=$(awk -F': ' '/Maximum resident set size/ {printf "%.1f", $2 / 1024}' "$OUT/time.txt")
+# The CPUs the run really got (user+sys / wall, whole run): with autogroup
+# scheduling on, processes of another session, even at nice 19, keep their
+# session's share, and the fraction below then measures the scheduler.
+CPUS=$(awk -F': ' '/Percent of CPU this job got/ {sub("%", "", $2); printf "%.2f", $2 / 100}' "$OUT/time.txt")
+echo "kdkit train: got $CPUS CPUs of $THREADS threads (autogroup" \
+     "$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo '?'))"
 SGEMM=$(OPENBLAS_NUM_THREADS=$THREADS "$BUILD/bench/bench_model" sgemm "$THREADS" | awk '{print $2}')
 /usr/bin/python3 - "$OUT/run/metrics.jsonl" "$WARMUP" "$RSS" "$THREADS" "$SGEMM" "$OUT/tps" <<'EOF'
 import json, sys
