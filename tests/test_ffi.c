@@ -45,8 +45,11 @@ static void test_tracker_calls(void **state)
     assert_int_equal(kdt_spit(ck, "abc", 3), 0);
     const char *tags[] = {"every_1k_steps", "best_loss"};
     assert_int_equal(kd_ffi_tracker_checkpoint(t, 4, ck, 32, tags, 2), KD_OK);
-    assert_int_equal(kd_ffi_tracker_api_response(t, NULL, "prompt", "{\"x\":1}", 0.25, NULL, 3),
+    assert_int_equal(kd_ffi_tracker_api_response(t, NULL, "prompt", "{\"x\":1}", 0.25, NULL, 3, 0),
                      KD_OK);
+    /* a refusal through the flat API is marked and counted as the C API's is */
+    assert_int_equal(kd_ffi_tracker_api_response(t, NULL, "prompt 2", "{\"refusal\":\"no\"}", 0,
+                                                 NULL, 4, 1), KD_OK);
     assert_int_equal(kd_ffi_tracker_failure(t, 1, "reset", 503, 1), KD_OK);
     char *js = NULL;
     assert_int_equal(kd_ffi_tracker_recovery_json(t, 0, &js), KD_OK);
@@ -69,6 +72,19 @@ static void test_tracker_calls(void **state)
     assert_int_equal(s.connection_failures, 1);
     assert_int_equal(s.possibly_billed_failures, 1);
     assert_true(s.total_cost == 0.25);
+    assert_int_equal(s.api_responses_saved, 2);
+    assert_int_equal(s.api_refusals, 1);
+    char *ledger_path = kdt_path(dir, "api_recovery.jsonl");
+    size_t ledger_len = 0;
+    char *ledger = kdt_slurp(ledger_path, &ledger_len);
+    assert_non_null(ledger);
+    char *second = strchr(ledger, '\n');
+    assert_non_null(second);
+    *second = '\0'; /* the first line is the answer, the second the refusal */
+    assert_null(strstr(ledger, "\"refusal\":true"));
+    assert_non_null(strstr(second + 1, "\"refusal\":true"));
+    free(ledger);
+    free(ledger_path);
     char *pj = NULL;
     assert_int_equal(kd_ffi_session_inspect(dir, &pj, msg, sizeof msg), KD_OK);
     o = json_loads(pj, 0, NULL);

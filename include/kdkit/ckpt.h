@@ -32,6 +32,8 @@
 #ifndef KDKIT_CKPT_H
 #define KDKIT_CKPT_H
 
+#include "kdkit/api.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -89,12 +91,14 @@ typedef struct kd_ckpt_written {
  * rename happened and only the directory fsync failed; `path` then holds the
  * complete new file and the error says so).
  */
+KD_API
 int kd_ckpt_write(const char *path, const kd_tensor_view *tensors, size_t n,
                   const char *const *meta_kv, size_t nmeta, kd_ckpt_written *out,
                   kd_err *e);
 /* The same with flags: KD_CKPT_SHA256 also fills out->sha256 (one more
    hashing pass, on the second thread during the fsync).  The metadata key
    KD_CKPT_DATA_HASH_KEY is the writer's own: passing it is KD_EINVAL. */
+KD_API
 int kd_ckpt_write_ex(const char *path, const kd_tensor_view *tensors, size_t n,
                      const char *const *meta_kv, size_t nmeta, unsigned flags,
                      kd_ckpt_written *out, kd_err *e);
@@ -135,9 +139,11 @@ typedef struct kd_ckpt_meta_set {
 } kd_ckpt_meta_set;
 
 /* Fill *m with the nine kdkit keys from *s. */
+KD_API
 void kd_ckpt_meta_init(kd_ckpt_meta_set *m, const kd_ckpt_state *s);
 /* Add a caller key (borrowed).  KD_ELIMIT when full, KD_EINVAL when the key
    is NULL or one of the kdkit keys. */
+KD_API
 int kd_ckpt_meta_add(kd_ckpt_meta_set *m, const char *key, const char *value);
 
 /* ------------------------------------------------------------------------ */
@@ -167,45 +173,61 @@ typedef struct kd_ckpt_expect {
  * that costs a full read).  Nothing is allocated beyond O(header).
  * Errors: KD_ENOTFOUND, KD_EIO, KD_ECORRUPT, KD_ELIMIT, KD_EMISMATCH, KD_ENOMEM.
  */
+KD_API
 int kd_ckpt_open(kd_ckpt **out, const char *path, const kd_ckpt_expect *expect, kd_err *e);
 
 /*
  * The same rules over a buffer the caller keeps alive until kd_ckpt_close
  * (fuzzing, tests, files already in memory).  `name` is used in messages.
  */
+KD_API
 int kd_ckpt_open_mem(kd_ckpt **out, const void *data, size_t len, const char *name,
                      kd_err *e);
 
+KD_API
 void kd_ckpt_close(kd_ckpt *c);
 
 /* Number of tensors; kd_ckpt_tensor(c, i) lists them sorted by name. */
+KD_API
 size_t kd_ckpt_count(const kd_ckpt *c);
 /* Zero-copy view of tensor i (KD_EINVAL when out of range). */
+KD_API
 int kd_ckpt_tensor(const kd_ckpt *c, size_t i, kd_tensor_view *out);
 /* Zero-copy view of the named tensor (KD_ENOTFOUND). */
+KD_API
 int kd_ckpt_find(const kd_ckpt *c, const char *name, kd_tensor_view *out);
 /* 1 when every tensor's data is aligned to its element size in memory
    (always so for files kdkit wrote); 0 when some view needs memcpy access. */
+KD_API
 int kd_ckpt_aligned(const kd_ckpt *c);
 
 /* __metadata__: value of `key` or NULL; and the pairs sorted by key. */
+KD_API
 const char *kd_ckpt_meta(const kd_ckpt *c, const char *key);
+KD_API
 size_t kd_ckpt_meta_count(const kd_ckpt *c);
+KD_API
 int kd_ckpt_meta_get(const kd_ckpt *c, size_t i, const char **key, const char **value);
 
 /* Whole-file size, header length N, and the name given at open. */
+KD_API
 uint64_t kd_ckpt_size(const kd_ckpt *c);
+KD_API
 uint64_t kd_ckpt_header_len(const kd_ckpt *c);
+KD_API
 const char *kd_ckpt_name(const kd_ckpt *c);
 
 /* Start reading the whole file into the page cache in the background
    (madvise WILLNEED): call it after open when every tensor is about to be
    read, as on a resume.  A no-op for kd_ckpt_open_mem handles. */
+KD_API
 int kd_ckpt_prefetch(const kd_ckpt *c);
 
 /* SHA-256 of the whole file, hashing the mapped bytes (computed once). */
+KD_API
 int kd_ckpt_sha256(kd_ckpt *c, char hex[KD_SHA256_HEX]);
 /* XXH3-128 of the whole file, likewise (computed once). */
+KD_API
 int kd_ckpt_xxh3_128(kd_ckpt *c, char hex[KD_XXH3_HEX]);
 /*
  * Compare the data section with the file's own data_xxh3_128 metadata:
@@ -213,6 +235,7 @@ int kd_ckpt_xxh3_128(kd_ckpt *c, char hex[KD_XXH3_HEX]);
  * differs, KD_ENOTFOUND when the file has no such key (written before
  * kdkit recorded it).  *hex (may be NULL) gets the computed value.
  */
+KD_API
 int kd_ckpt_check_data(kd_ckpt *c, char hex[KD_XXH3_HEX], kd_err *e);
 
 /*
@@ -220,6 +243,7 @@ int kd_ckpt_check_data(kd_ckpt *c, char hex[KD_XXH3_HEX], kd_err *e);
  * kdkit_format is newer than KD_CKPT_FORMAT_VERSION, KD_ECORRUPT when a key
  * is missing or a number does not parse (message names the key).
  */
+KD_API
 int kd_ckpt_state_get(const kd_ckpt *c, kd_ckpt_state *s, kd_err *e);
 
 /*
@@ -230,9 +254,11 @@ int kd_ckpt_state_get(const kd_ckpt *c, kd_ckpt_state *s, kd_err *e);
  * *out (may be NULL) gets size and hashes even when they differ; its
  * data_xxh3_128 is "" for a file without the key.
  */
+KD_API
 int kd_ckpt_verify_ex(const char *path, const kd_ckpt_expect *expect, unsigned flags,
                       kd_ckpt_written *out, kd_err *e);
 /* kd_ckpt_verify_ex with flags 0. */
+KD_API
 int kd_ckpt_verify(const char *path, const kd_ckpt_expect *expect, kd_ckpt_written *out,
                    kd_err *e);
 
@@ -262,6 +288,7 @@ enum {
  * (any order) set verdict[i] to a KD_KEEP_* mask; 0 means "delete".
  * Records marked deleted get KD_KEEP_DELETED.
  */
+KD_API
 void kd_ckpt_retention_plan(const kd_checkpoint_record *recs, size_t n,
                             const kd_retention *policy, unsigned *verdict);
 
@@ -283,6 +310,7 @@ typedef struct kd_ckpt_retain_report {
  * and the best are never removed; the directory is fsync'd at the end.
  * rep may be NULL.
  */
+KD_API
 int kd_ckpt_retain(kd_tracker *t, const kd_retention *policy, int64_t newest_step,
                    kd_ckpt_retain_report *rep, kd_err *e);
 

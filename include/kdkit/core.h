@@ -19,6 +19,8 @@
 #ifndef KDKIT_CORE_H
 #define KDKIT_CORE_H
 
+#include "kdkit/api.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -32,8 +34,10 @@ extern "C" {
 /* Clock                                                                     */
 
 /* Seconds since the Unix epoch, with sub-microsecond resolution. */
+KD_API
 double kd_now(void);
 /* Monotonic seconds (for intervals; unaffected by clock changes). */
+KD_API
 double kd_monotonic(void);
 
 /* ------------------------------------------------------------------------ */
@@ -47,6 +51,7 @@ double kd_monotonic(void);
  * content and the KD_EIO message says the replacement may not survive a
  * crash.  The error message names the path and the failing step.
  */
+KD_API
 int kd_file_write_atomic(const char *path, const void *data, size_t len, kd_err *e);
 
 /*
@@ -55,6 +60,7 @@ int kd_file_write_atomic(const char *path, const void *data, size_t len, kd_err 
  * returns, a power cut may undo some of the renames, each file then being
  * its old self, whole.  Saves one fsync per file.
  */
+KD_API
 int kd_file_write_atomic_nosyncdir(const char *path, const void *data, size_t len, kd_err *e);
 
 /*
@@ -65,20 +71,27 @@ int kd_file_write_atomic_nosyncdir(const char *path, const void *data, size_t le
  * and `path` is untouched).  kd_atomic_abort discards everything.
  */
 typedef struct kd_atomic kd_atomic;
+KD_API
 int kd_atomic_begin(kd_atomic **out, const char *path, kd_err *e);
+KD_API
 int kd_atomic_write(kd_atomic *a, const void *data, size_t len, kd_err *e);
 /* Overwrite bytes already written (off + len <= bytes written so far), e.g.
    a header whose checksum is known only after the data (KD_EINVAL, KD_EIO). */
+KD_API
 int kd_atomic_pwrite(kd_atomic *a, const void *data, size_t len, uint64_t off, kd_err *e);
+KD_API
 int kd_atomic_commit(kd_atomic *a, kd_err *e);
 /* kd_atomic_commit without the directory fsync (see
    kd_file_write_atomic_nosyncdir): write several files, then commit each,
    then one kd_fsync_dir().  kd_atomic_write starts writeback as it goes, so
    the data of files written before any commit reaches the disk together. */
+KD_API
 int kd_atomic_commit_nosyncdir(kd_atomic *a, kd_err *e);
+KD_API
 void kd_atomic_abort(kd_atomic *a);
 
 /* fsync a directory so that a rename or create inside it is durable. */
+KD_API
 int kd_fsync_dir(const char *dir, kd_err *e);
 
 /*
@@ -86,12 +99,15 @@ int kd_fsync_dir(const char *dir, kd_err *e);
  * the file is larger than `max` bytes, KD_ENOTFOUND when it does not exist,
  * KD_EINVAL when it is a FIFO, device or socket (refused without blocking).
  */
+KD_API
 int kd_file_read_all(const char *path, size_t max, char **out, size_t *len, kd_err *e);
 
 /* mkdir -p; existing directories are fine. */
+KD_API
 int kd_mkdir_p(const char *path, kd_err *e);
 
 /* 1 if path exists (any type), 0 if not. */
+KD_API
 int kd_path_exists(const char *path);
 
 /* ------------------------------------------------------------------------ */
@@ -130,6 +146,7 @@ typedef struct kd_jsonl kd_jsonl;
  * "<path>.torn-<UTC time>[-n]" (durably) and truncated away; *rep (may be
  * NULL) says what happened.  opts may be NULL for the defaults.
  */
+KD_API
 int kd_jsonl_open(kd_jsonl **out, const char *path, const kd_jsonl_opts *opts,
                   kd_jsonl_repair *rep, kd_err *e);
 
@@ -145,13 +162,17 @@ int kd_jsonl_open(kd_jsonl **out, const char *path, const kd_jsonl_opts *opts,
  * The record is not parsed (hot path): pass valid JSON, since an invalid last
  * line is moved aside by the next open.  KD_ELIMIT when longer than max_line.
  */
+KD_API
 int kd_jsonl_append(kd_jsonl *j, const char *line, size_t len, kd_err *e);
 
 /* Write out buffered lines (no fsync). */
+KD_API
 int kd_jsonl_flush(kd_jsonl *j, kd_err *e);
 /* Write out buffered lines and fdatasync. */
+KD_API
 int kd_jsonl_sync(kd_jsonl *j, kd_err *e);
 /* Bytes in the journal, counting buffered lines. */
+KD_API
 uint64_t kd_jsonl_size(const kd_jsonl *j);
 
 /*
@@ -159,11 +180,13 @@ uint64_t kd_jsonl_size(const kd_jsonl *j);
  * appended to, durably), then truncate the journal to `offset`.  Used to
  * rewind a metrics log after a resume without deleting anything.
  */
+KD_API
 int kd_jsonl_move_tail(kd_jsonl *j, uint64_t offset, const char *aside_path, kd_err *e);
 
 /* Flush, sync (unless KD_SYNC_NEVER) and close.  Accepts NULL.  The handle is
  * freed whatever happens; buffered lines that cannot be written are reported
  * in the KD_EIO message as lost. */
+KD_API
 int kd_jsonl_close(kd_jsonl *j, kd_err *e);
 
 /*
@@ -174,13 +197,19 @@ int kd_jsonl_close(kd_jsonl *j, kd_err *e);
  * and kd_jsonl_reader_offset the byte offset of the line just returned.
  */
 typedef struct kd_jsonl_reader kd_jsonl_reader;
+KD_API
 int kd_jsonl_reader_open(kd_jsonl_reader **out, const char *path, size_t max_line, kd_err *e);
 /* `offset` must be the start of a line; `lineno` is the number of the line
  * that starts there (<= 0 when unknown: numbering then restarts at 1). */
+KD_API
 int kd_jsonl_reader_seek(kd_jsonl_reader *r, uint64_t offset, int64_t lineno, kd_err *e);
+KD_API
 int kd_jsonl_next(kd_jsonl_reader *r, const char **line, size_t *len, kd_err *e);
+KD_API
 int64_t kd_jsonl_reader_lineno(const kd_jsonl_reader *r);
+KD_API
 uint64_t kd_jsonl_reader_offset(const kd_jsonl_reader *r);
+KD_API
 void kd_jsonl_reader_close(kd_jsonl_reader *r);
 
 /*
@@ -189,6 +218,7 @@ void kd_jsonl_reader_close(kd_jsonl_reader *r);
  * when the file has no complete line, KD_ELIMIT when the line is over 16 MiB.
  * Cost is proportional to the line.
  */
+KD_API
 int kd_jsonl_last_line(const char *path, char **out, uint64_t *offset, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
@@ -200,7 +230,9 @@ int kd_jsonl_last_line(const char *path, char **out, uint64_t *offset, kd_err *e
  * The lock is released by kd_dir_unlock or by the process ending.
  */
 typedef struct kd_lock kd_lock;
+KD_API
 int kd_dir_lock(kd_lock **out, const char *dir, kd_err *e);
+KD_API
 void kd_dir_unlock(kd_lock *l);
 
 /* ------------------------------------------------------------------------ */
@@ -209,15 +241,21 @@ void kd_dir_unlock(kd_lock *l);
 #define KD_SHA256_HEX 65 /* 64 hex digits and the NUL */
 
 typedef struct kd_sha256 kd_sha256;
+KD_API
 int kd_sha256_new(kd_sha256 **out);
+KD_API
 void kd_sha256_update(kd_sha256 *h, const void *data, size_t len);
 /* Writes 64 lowercase hex digits and a NUL; the handle can be reused after. */
+KD_API
 void kd_sha256_final_hex(kd_sha256 *h, char hex[KD_SHA256_HEX]);
+KD_API
 void kd_sha256_free(kd_sha256 *h);
 /* One-shot forms. */
+KD_API
 int kd_sha256_hex(const void *data, size_t len, char hex[KD_SHA256_HEX]);
 /* Hash a file's content; *size (may be NULL) gets its length.  A FIFO,
    device or directory is refused (KD_EINVAL) before it is read. */
+KD_API
 int kd_sha256_file(const char *path, char hex[KD_SHA256_HEX], uint64_t *size, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
@@ -228,16 +266,22 @@ int kd_sha256_file(const char *path, char hex[KD_SHA256_HEX], uint64_t *size, kd
 
 typedef struct kd_xxh3 kd_xxh3;
 /* KD_ENOMEM, KD_EINVAL. */
+KD_API
 int kd_xxh3_new(kd_xxh3 **out);
+KD_API
 void kd_xxh3_update(kd_xxh3 *h, const void *data, size_t len);
 /* Writes 32 lowercase hex digits and a NUL; the handle can be reused after. */
+KD_API
 void kd_xxh3_final_hex(kd_xxh3 *h, char hex[KD_XXH3_HEX]);
+KD_API
 void kd_xxh3_free(kd_xxh3 *h);
 /* One-shot (KD_EINVAL for NULL data with len > 0). */
+KD_API
 int kd_xxh3_hex(const void *data, size_t len, char hex[KD_XXH3_HEX]);
 /* Hash a file's content; *size (may be NULL) gets its length.  KD_EINVAL for
    a FIFO, device or directory (refused before it is read), KD_ENOTFOUND,
    KD_EIO (sys_errno set), KD_ENOMEM. */
+KD_API
 int kd_xxh3_file(const char *path, char hex[KD_XXH3_HEX], uint64_t *size, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
@@ -256,9 +300,11 @@ int kd_xxh3_file(const char *path, char hex[KD_XXH3_HEX], uint64_t *size, kd_err
  * \u0000 (a jansson limit), are rejected.  Invalid input gives KD_ECORRUPT
  * with the line and column.
  */
+KD_API
 int kd_json_canonical(const char *json, size_t len, char **out, kd_err *e);
 
 /* SHA-256 hex of the canonical form: the config hash of a session. */
+KD_API
 int kd_json_hash(const char *json, size_t len, char hex[KD_SHA256_HEX], kd_err *e);
 
 /*
@@ -268,10 +314,12 @@ int kd_json_hash(const char *json, size_t len, char hex[KD_SHA256_HEX], kd_err *
  * Anchors/aliases, tags and duplicate keys are rejected; errors name the file,
  * line and column.
  */
+KD_API
 int kd_config_load_yaml(const char *path, char **json_out, kd_err *e);
 
 /* The same for YAML text in memory; `name` stands for the file in error
    messages (e.g. "--set model.n_layer=4"). */
+KD_API
 int kd_config_parse_yaml(const char *name, const char *text, size_t len, char **json_out,
                          kd_err *e);
 
@@ -295,10 +343,13 @@ typedef enum kd_fault_op {
  * then fails with `err`.  persistent != 0 makes every call from the nth on
  * fail.  Counters are process-wide.
  */
+KD_API
 void kd_fault_set(kd_fault_op op, long nth, int err, int short_write, int persistent);
 /* Remove every planned fault and reset the counters. */
+KD_API
 void kd_fault_clear(void);
 /* Number of calls of `op` since the last kd_fault_clear(). */
+KD_API
 long kd_fault_calls(kd_fault_op op);
 
 #ifdef __cplusplus

@@ -20,6 +20,8 @@
 #ifndef KDKIT_DISTILL_H
 #define KDKIT_DISTILL_H
 
+#include "kdkit/api.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -66,6 +68,7 @@ typedef struct kd_byte_target {
  * out must hold c->len targets.  KD_EINVAL: ntop > KD_DISTILL_MAX_TOP, a NaN
  * or +inf log-prob, NULL bytes with a non-zero length.
  */
+KD_API
 int kd_distill_project(const kd_distill_alt *c, const kd_distill_alt *top, size_t ntop,
                        kd_byte_target *out, kd_err *e);
 
@@ -89,11 +92,13 @@ typedef struct kd_distill_targets {
  * "top_logprobs" (array of {token, bytes, logprob}, or null/absent) are
  * optional.  An empty array gives len 0.
  */
+KD_API
 int kd_distill_targets_from_json(const char *json, size_t len, kd_distill_targets *out,
                                  kd_err *e);
 /* The same from a whole chat/completions response body (as the teacher
    client and its cache hold it): its choices[0].logprobs.content array goes
    through the builder above.  KD_ECORRUPT when the body has none. */
+KD_API
 int kd_distill_targets_from_body(const char *body, size_t len, kd_distill_targets *out,
                                  kd_err *e);
 /*
@@ -102,7 +107,9 @@ int kd_distill_targets_from_body(const char *body, size_t len, kd_distill_target
  * not a prefix of the targets' bytes (the logprobs do not describe the
  * text).
  */
+KD_API
 int kd_distill_targets_fit(kd_distill_targets *t, const uint8_t *text, size_t n, kd_err *e);
+KD_API
 void kd_distill_targets_free(kd_distill_targets *t);
 
 /* Tail handling when targets become loss inputs. */
@@ -114,6 +121,7 @@ void kd_distill_targets_free(kd_distill_targets *t);
  * padding), logprobs (log of the probability) and *other (the bucket; 0 for
  * renorm).  Returns the number of entries with mass.
  */
+KD_API
 int kd_distill_target_to_loss(const kd_byte_target *t, int tail, int32_t *ids, float *logprobs,
                               float *other);
 

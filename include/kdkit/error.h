@@ -17,6 +17,8 @@
 #ifndef KDKIT_ERROR_H
 #define KDKIT_ERROR_H
 
+#include "kdkit/api.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -52,9 +54,11 @@ typedef struct kd_err {
 } kd_err;
 
 /* Text for a KD_* code (negative) or an errno value (positive).  Never NULL. */
+KD_API
 const char *kd_strerror(int code);
 
 /* Reset *e to "no error".  e may be NULL. */
+KD_API
 void kd_err_clear(kd_err *e);
 
 /*
@@ -62,8 +66,10 @@ void kd_err_clear(kd_err *e);
  * write `return kd_err_set(e, KD_EINVAL, "...", ...)`.  kd_err_sys also stores
  * errnum and appends ": <strerror(errnum)>" to the message.
  */
+KD_API
 int kd_err_set(kd_err *e, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+KD_API
 int kd_err_sys(kd_err *e, int code, int errnum, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 

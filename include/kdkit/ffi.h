@@ -21,6 +21,8 @@
 #ifndef KDKIT_FFI_H
 #define KDKIT_FFI_H
 
+#include "kdkit/api.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -34,10 +36,12 @@ extern "C" {
 
 /* Release a string or buffer returned by a kd_ffi_* function (or by
    kd_tracker_summary_json / kd_session_inspect).  Accepts NULL. */
+KD_API
 void kd_ffi_free(void *p);
 
 /* kd_config_load_yaml: the YAML (or JSON) file at path as JSON text in
    *json_out (released with kd_ffi_free).  Errors as kd_config_load_yaml. */
+KD_API
 int kd_ffi_config_load_yaml(const char *path, char **json_out, char *msg, size_t cap);
 
 /* ------------------------------------------------------------------------ */
@@ -48,12 +52,14 @@ int kd_ffi_config_load_yaml(const char *path, char **json_out, char *msg, size_t
  * or start, as kd_tracker_open), new_session (1: always start anew).
  * Errors as kd_tracker_open; the message goes to msg.
  */
+KD_API
 int kd_ffi_tracker_open(kd_tracker **out, const char *output_dir, const char *config_json,
                         int64_t total_steps, const char *session_id, int new_session,
                         char *msg, size_t cap);
 
 /* kd_tracker_update_metrics with the fields as arguments; KD_UNSET for a
    double that was not measured (loss: NaN). */
+KD_API
 int kd_ffi_tracker_update(kd_tracker *t, int64_t step, double loss, double loss_kd,
                           double loss_ce, double loss_intermediate, double learning_rate,
                           int64_t samples_processed, int64_t tokens_processed,
@@ -61,18 +67,30 @@ int kd_ffi_tracker_update(kd_tracker *t, int64_t step, double loss, double loss_
 
 /* kd_tracker_record_checkpoint: size and SHA-256 are computed by the
    tracker from the file; tags may be NULL when ntags is 0. */
+KD_API
 int kd_ffi_tracker_checkpoint(kd_tracker *t, int64_t step, const char *path,
                               int64_t dataset_position, const char *const *tags, size_t ntags);
 
 /* kd_tracker_record_api_response; prompt_hash or prompt (either may be NULL,
-   not both); request_hash may be NULL; sample_index -1 for none. */
+   not both); request_hash may be NULL; sample_index -1 for none; refusal 1
+   when the answer is a refusal (kd_api_response.refusal: the line gets
+   "refusal": true and counts in api_refusals), else 0.  Errors as
+   kd_tracker_record_api_response. */
+KD_API
 int kd_ffi_tracker_api_response(kd_tracker *t, const char *prompt_hash, const char *prompt,
                                 const char *response, double cost, const char *request_hash,
-                                int64_t sample_index);
+                                int64_t sample_index, int refusal);
 
 /* kd_tracker_record_connection_failure. */
+KD_API
 int kd_ffi_tracker_failure(kd_tracker *t, int retry_count, const char *error, int http_status,
                            int possibly_billed);
+
+/* kd_tracker_close_err with the message copied into msg (cap bytes, may be
+   NULL): the handle is gone afterwards, so this is the only place the
+   message of a failed close can be read.  Errors as kd_tracker_close_err. */
+KD_API
+int kd_ffi_tracker_close(kd_tracker *t, char *msg, size_t cap);
 
 /*
  * kd_tracker_recovery_checkpoint (best = 0) or kd_tracker_best_checkpoint
@@ -80,6 +98,7 @@ int kd_ffi_tracker_failure(kd_tracker *t, int retry_count, const char *error, in
  * "path", "sha256", "size", "loss" (null when unknown), "skipped"}.
  * *json_out is released with kd_ffi_free.
  */
+KD_API
 int kd_ffi_tracker_recovery_json(kd_tracker *t, int best, char **json_out);
 
 /*
@@ -87,6 +106,7 @@ int kd_ffi_tracker_recovery_json(kd_tracker *t, int best, char **json_out);
  * read-only, without the lock (works while a run writes).  *json_out is
  * released with kd_ffi_free.  Errors as kd_session_inspect.
  */
+KD_API
 int kd_ffi_session_inspect(const char *output_dir, char **json_out, char *msg, size_t cap);
 
 /*
@@ -96,6 +116,7 @@ int kd_ffi_session_inspect(const char *output_dir, char **json_out, char *msg, s
  * healthy) or a negative code when the directory cannot be checked (message
  * in msg; *problems_json is then NULL).
  */
+KD_API
 int kd_ffi_session_verify(const char *output_dir, unsigned flags, char **problems_json,
                           char *msg, size_t cap);
 
@@ -104,12 +125,14 @@ int kd_ffi_session_verify(const char *output_dir, unsigned flags, char **problem
 
 /* kd_ckpt_open with the optional manifest check (expect_size -1 and
    expect_sha256 NULL: none). */
+KD_API
 int kd_ffi_ckpt_open(kd_ckpt **out, const char *path, int64_t expect_size,
                      const char *expect_sha256, char *msg, size_t cap);
 
 /* Tensor i (sorted by name) as plain values: name, safetensors dtype name
    ("F32", ...), ndim, shape[KD_TENSOR_MAX_DIMS], zero-copy read-only data
    and its byte count.  KD_EINVAL when i is out of range. */
+KD_API
 int kd_ffi_ckpt_tensor(const kd_ckpt *c, size_t i, const char **name, const char **dtype,
                        int *ndim, int64_t *shape, const void **data, size_t *nbytes);
 
@@ -120,6 +143,7 @@ int kd_ffi_ckpt_tensor(const kd_ckpt *c, size_t i, const char **name, const char
  * (KD_SHA256_HEX bytes) and size_out may be NULL.  Errors as kd_ckpt_write,
  * plus KD_EINVAL naming a tensor with an unknown dtype name.
  */
+KD_API
 int kd_ffi_ckpt_write(const char *path, size_t n, const char *const *names,
                       const char *const *dtypes, const int *ndims, const int64_t *shapes,
                       const void *const *datas, const size_t *nbytes,
@@ -140,12 +164,15 @@ typedef struct kd_ffi_teacher kd_ffi_teacher;
  * TeacherCache).  Errors: those of kd_teacher_config_from_json and
  * kd_teacher_open.
  */
+KD_API
 int kd_ffi_teacher_open(kd_ffi_teacher **out, const char *config_json, kd_tracker *tracker,
                         int cache_only, char *msg, size_t cap);
 /* The message of the calling thread's last failed kd_ffi_teacher_* /
    kd_ffi_cache_* call (kept per thread, since a client is shared). */
+KD_API
 const char *kd_ffi_teacher_errmsg(const kd_ffi_teacher *w);
 /* The client's cache, or NULL when the config has no cache path. */
+KD_API
 kd_cache *kd_ffi_teacher_cache(kd_ffi_teacher *w);
 
 /*
@@ -157,6 +184,7 @@ kd_cache *kd_ffi_teacher_cache(kd_ffi_teacher *w);
  * *canonical_out (may be NULL) the canonical request text.  KD_EINVAL names
  * an unknown or mistyped parameter.
  */
+KD_API
 int kd_ffi_teacher_key(kd_ffi_teacher *w, const char *prompt, const char *messages_json,
                        const char *params_json, int64_t sample_index, char *key,
                        char *prompt_hash, char **canonical_out);
@@ -170,6 +198,7 @@ int kd_ffi_teacher_key(kd_ffi_teacher *w, const char *prompt, const char *messag
  * "cost", "latency_ms", "tokens": [{"token", "logprob", "top": [{"token",
  * "logprob"}]}]}.  Returns the request's rc.
  */
+KD_API
 int kd_ffi_teacher_ask(kd_ffi_teacher *w, const char *prompt, const char *messages_json,
                        const char *params_json, int64_t sample_index, char **result_json);
 
@@ -182,6 +211,7 @@ int kd_ffi_teacher_ask(kd_ffi_teacher *w, const char *prompt, const char *messag
  * succeeded, else the first failing rc; KD_EINVAL / KD_ENOMEM before any
  * request is sent (then *results_json is NULL).
  */
+KD_API
 int kd_ffi_teacher_ask_many(kd_ffi_teacher *w, size_t n, const char *const *prompts,
                             const char *const *messages_json, const char *params_json,
                             const int64_t *sample_indices, char **results_json);
@@ -194,6 +224,7 @@ int kd_ffi_teacher_ask_many(kd_ffi_teacher *w, size_t n, const char *const *prom
  * not parse as a response); KD_ENOTFOUND on a miss (counted as kd_cache_get
  * counts it); KD_ESTATE when the client has no cache.
  */
+KD_API
 int kd_ffi_cache_get(kd_ffi_teacher *w, const char *prompt, const char *messages_json,
                      const char *params_json, int64_t sample_index, char **entry_json);
 
@@ -205,11 +236,13 @@ int kd_ffi_cache_get(kd_ffi_teacher *w, const char *prompt, const char *messages
  * entry was already there (first answer wins, as kd_cache_put).
  * KD_ECORRUPT when a body does not parse as a response.
  */
+KD_API
 int kd_ffi_cache_put(kd_ffi_teacher *w, const char *prompt, const char *messages_json,
                      const char *params_json, int64_t sample_index, const char *response,
                      int is_text, double cost, int *inserted);
 
 /* Close the client (and its cache).  Accepts NULL. */
+KD_API
 int kd_ffi_teacher_close(kd_ffi_teacher *w);
 
 #ifdef __cplusplus

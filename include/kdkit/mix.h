@@ -29,6 +29,8 @@
 #ifndef KDKIT_MIX_H
 #define KDKIT_MIX_H
 
+#include "kdkit/api.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -76,8 +78,11 @@ typedef struct kd_mix_row {
  * directory, or a mix that has not started), KD_ECORRUPT naming the file
  * and what is wrong, KD_EVERSION, KD_EIO, KD_ENOMEM.
  */
+KD_API
 int kd_mix_open_read(kd_mix **out, const char *dir, kd_err *e);
+KD_API
 int64_t kd_mix_total(const kd_mix *m);          /* samples in the prompt file */
+KD_API
 int64_t kd_mix_completed(const kd_mix *m);      /* indices that have a row */
 /*
  * Row of sample `index` in O(1) (one pread through the sidecar, one of the
@@ -85,6 +90,7 @@ int64_t kd_mix_completed(const kd_mix *m);      /* indices that have a row */
  * KD_ECORRUPT (message names file and offset) when the row fails validation
  * or is not the row of that index.
  */
+KD_API
 int kd_mix_row_get(kd_mix *m, int64_t index, kd_mix_row *row, kd_err *e);
 /*
  * Status (KD_MIX_ST_*) of the row of sample `index` as of kd_mix_open_read:
@@ -95,10 +101,14 @@ int kd_mix_row_get(kd_mix *m, int64_t index, kd_mix_row *row, kd_err *e);
  */
 int kd_mix_row_status(const kd_mix *m, int64_t index);
 /* 64-hex SHA-256 of "<config hash>:<prompt file SHA-256>". */
+KD_API
 const char *kd_mix_identity(const kd_mix *m);
 /* The mix config's canonical hash and the prompt file's SHA-256 (64 hex). */
+KD_API
 const char *kd_mix_config_hash(const kd_mix *m);
+KD_API
 const char *kd_mix_prompts_sha256(const kd_mix *m);
+KD_API
 void kd_mix_close(kd_mix *m);
 
 /*
@@ -111,9 +121,11 @@ void kd_mix_close(kd_mix *m);
  */
 enum { KD_MIX_ST_NONE = 0, KD_MIX_ST_OK, KD_MIX_ST_REFUSED, KD_MIX_ST_FAILED,
        KD_MIX_ST_SKIPPED };
+KD_API
 int kd_mix_row_validate(const char *line, size_t len, int64_t expect_index, const char *where,
                         int64_t *index, int *status, kd_err *e);
 /* "ok", "refused", "failed", "skipped" for KD_MIX_ST_*, "none" otherwise. */
+KD_API
 const char *kd_mix_status_name(int st);
 
 /* ------------------------------------------------------------------------ */
@@ -143,11 +155,13 @@ typedef struct kd_mix_row_in {
     const char *error;              /* failed rows */
 } kd_mix_row_in;
 
+KD_API
 void kd_mix_row_in_init(kd_mix_row_in *r);
 
 /* Serialise a row (without newline) into *out (malloc'd).  KD_EINVAL when a
    string is not valid UTF-8 (NUL bytes are fine: \u0000) or a field is
    missing, KD_ENOMEM. */
+KD_API
 int kd_mix_row_json(const kd_mix_row_in *r, char **out, size_t *len, kd_err *e);
 
 typedef struct kd_mix_writer kd_mix_writer;
@@ -168,6 +182,7 @@ typedef struct kd_mix_progress_extra {
     const char *state;              /* "running" | "done" | "budget" | "stopped" | "failed" */
 } kd_mix_progress_extra;
 
+KD_API
 void kd_mix_progress_extra_init(kd_mix_progress_extra *x);
 
 /* What kd_mix_writer_open found. */
@@ -190,22 +205,29 @@ typedef struct kd_mix_writer_info {
  * a torn last row is moved aside (kd_jsonl_open).  The caller holds the
  * directory lock (the tracker's).  Memory: 4 bits per sample.
  */
+KD_API
 int kd_mix_writer_open(kd_mix_writer **out, const char *dir, const char *config_hash,
                        const char *prompts_sha256, int64_t total, kd_mix_writer_info *info,
                        kd_err *e);
 /* Status of index i (KD_MIX_ST_NONE when it has no row). */
+KD_API
 int kd_mix_writer_status(const kd_mix_writer *w, int64_t i);
 /* Rows per status (index by KD_MIX_ST_*), indices with a row. */
+KD_API
 void kd_mix_writer_counts(const kd_mix_writer *w, int64_t counts[5], int64_t *completed);
 /* Append a row (buffered; not yet done).  KD_EINVAL for a bad row. */
+KD_API
 int kd_mix_writer_append(kd_mix_writer *w, const kd_mix_row_in *r, kd_err *e);
 /* fsync mix.jsonl, then point the sidecar at the new rows: the appended
    samples are done when this returns KD_OK. */
+KD_API
 int kd_mix_writer_commit(kd_mix_writer *w, kd_err *e);
 /* Sync the sidecar, then replace mix_progress.json atomically. */
+KD_API
 int kd_mix_writer_save_progress(kd_mix_writer *w, const kd_mix_progress_extra *x,
                                 int prompts_validated, kd_err *e);
 /* Commit, close.  Accepts NULL. */
+KD_API
 int kd_mix_writer_close(kd_mix_writer *w, kd_err *e);
 
 /*
@@ -233,8 +255,10 @@ typedef struct kd_mix_progress {
     char state[16];
 } kd_mix_progress;
 
+KD_API
 int kd_mix_progress_parse(const char *text, size_t len, const char *where,
                           kd_mix_progress *p, kd_err *e);
+KD_API
 void kd_mix_progress_free(kd_mix_progress *p);
 
 /*
@@ -246,6 +270,7 @@ void kd_mix_progress_free(kd_mix_progress *p);
  * do (at most 100 listed per file).  Returns the number of problems (0 also
  * when dir holds no mix), or KD_ENOMEM.
  */
+KD_API
 int kd_mix_verify(const char *dir, kd_verify_report_fn cb, void *ctx, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
@@ -270,6 +295,7 @@ typedef struct kd_mix_opts {
     void *event_ctx;
 } kd_mix_opts;
 
+KD_API
 void kd_mix_opts_init(kd_mix_opts *o);
 
 typedef struct kd_mix_report {
@@ -293,6 +319,7 @@ typedef struct kd_mix_report {
  * naming file and line; nothing was sent), KD_EMISMATCH (the directory holds
  * another mix; nothing touched), KD_ELOCKED, KD_EIO.
  */
+KD_API
 int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e);
 
 #ifdef __cplusplus

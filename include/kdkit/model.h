@@ -27,6 +27,8 @@
 #ifndef KDKIT_MODEL_H
 #define KDKIT_MODEL_H
 
+#include "kdkit/api.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -49,28 +51,37 @@ typedef struct kd_rng {
 #define KD_RNG_STRING_MAX 96
 
 /* Seed from one integer (any value, 0 included). */
+KD_API
 void kd_rng_seed(kd_rng *r, uint64_t seed);
 /*
  * Seed an independent stream derived from (seed, stream): e.g. the data order
  * of epoch `e` is kd_rng_seed_stream(&r, run_seed, e), so it can be rebuilt
  * from those two numbers alone, without replaying earlier draws.
  */
+KD_API
 void kd_rng_seed_stream(kd_rng *r, uint64_t seed, uint64_t stream);
+KD_API
 uint64_t kd_rng_u64(kd_rng *r);
 /* Uniform double in [0, 1) with 53 random bits. */
+KD_API
 double kd_rng_uniform(kd_rng *r);
 /* Uniform integer in [0, n) without modulo bias; n = 0 gives 0. */
+KD_API
 uint64_t kd_rng_below(kd_rng *r, uint64_t n);
 /* Standard normal (Box-Muller; consumes two draws, caches nothing). */
+KD_API
 double kd_rng_normal(kd_rng *r);
 /* Fisher-Yates: fill idx[0..n) with a uniformly random permutation of 0..n-1. */
+KD_API
 void kd_rng_permutation(kd_rng *r, uint32_t *idx, size_t n);
 /*
  * "xoshiro256ss:<16 hex>:<16 hex>:<16 hex>:<16 hex>".  to_string returns the
  * length written (excluding NUL) or KD_EINVAL when cap < KD_RNG_STRING_MAX;
  * from_string returns KD_EINVAL for any other text or an all-zero state.
  */
+KD_API
 int kd_rng_to_string(const kd_rng *r, char *buf, size_t cap);
+KD_API
 int kd_rng_from_string(kd_rng *r, const char *s, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
@@ -95,8 +106,10 @@ typedef struct kd_lr_schedule {
 
 /* KD_ECONFIG naming the field: lr_max/lr_min finite, 0 <= lr_min <= lr_max,
  * total_steps >= 1, 0 <= warmup_steps <= total_steps. */
+KD_API
 int kd_lr_validate(const kd_lr_schedule *s, kd_err *e);
 /* The rate for 0-based step `step` (negative steps are taken as 0). */
+KD_API
 double kd_lr_at(const kd_lr_schedule *s, int64_t step);
 /*
  * Schedule and position as text for checkpoint metadata:
@@ -104,7 +117,9 @@ double kd_lr_at(const kd_lr_schedule *s, int64_t step);
  * lr=%.17g".  kd_lr_from_string parses it back (lr= is informative and
  * ignored); *step may be NULL.  Returns length / KD_OK, or KD_EINVAL.
  */
+KD_API
 int kd_lr_to_string(const kd_lr_schedule *s, int64_t step, char *buf, size_t cap);
+KD_API
 int kd_lr_from_string(kd_lr_schedule *s, int64_t *step, const char *str, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
@@ -127,11 +142,14 @@ typedef struct kd_gpt_config {
 } kd_gpt_config;
 
 /* KD_ECONFIG with a message naming the field and the expected range. */
+KD_API
 int kd_gpt_config_validate(const kd_gpt_config *c, kd_err *e);
 /* "n_layer=4 n_head=4 d_model=128 n_ctx=128" (for checkpoint metadata);
  * returns the length, or KD_EINVAL if cap < KD_GPT_CONFIG_STRING_MAX. */
+KD_API
 int kd_gpt_config_to_string(const kd_gpt_config *c, char *buf, size_t cap);
 /* Parse that form (keys in any order, all four required) and validate it. */
+KD_API
 int kd_gpt_config_from_string(kd_gpt_config *c, const char *s, kd_err *e);
 
 typedef struct kd_gpt kd_gpt;
@@ -141,8 +159,11 @@ typedef struct kd_gpt kd_gpt;
  * and gradients (one allocation, zero).  Activations are allocated lazily by
  * kd_gpt_reserve() or the first forward.
  */
+KD_API
 int kd_gpt_create(kd_gpt **out, const kd_gpt_config *cfg, kd_err *e);
+KD_API
 void kd_gpt_free(kd_gpt *m);
+KD_API
 const kd_gpt_config *kd_gpt_get_config(const kd_gpt *m);
 
 /*
@@ -151,10 +172,12 @@ const kd_gpt_config *kd_gpt_get_config(const kd_gpt *m);
  * mlp.c_proj.weight) N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorm
  * weights 1.  Same seed => same weights.
  */
+KD_API
 void kd_gpt_init_weights(kd_gpt *m, kd_rng *rng);
 
 /* Set the thread count (process-wide) of OpenBLAS (matrix products) and of
    OpenMP (the model's other loops and AdamW); n < 1 is taken as 1. */
+KD_API
 void kd_gpt_set_threads(int n);
 
 /*
@@ -163,8 +186,10 @@ void kd_gpt_set_threads(int n);
  * it once up front so an out-of-memory shows before step 1.
  * KD_EINVAL (bad sizes), KD_ELIMIT (too large), KD_ENOMEM.
  */
+KD_API
 int kd_gpt_reserve(kd_gpt *m, int B, int T, kd_err *e);
 /* Bytes held by activations and scratch (for memory reports). */
+KD_API
 size_t kd_gpt_activation_bytes(const kd_gpt *m);
 
 /*
@@ -173,8 +198,11 @@ size_t kd_gpt_activation_bytes(const kd_gpt *m);
  * kd_gpt_hidden() the final LayerNorm output (B*T*d_model); the activations
  * needed by kd_gpt_backward() are kept.  KD_EINVAL, KD_ELIMIT, KD_ENOMEM.
  */
+KD_API
 int kd_gpt_forward(kd_gpt *m, const uint8_t *tokens, int B, int T, kd_err *e);
+KD_API
 const float *kd_gpt_logits(const kd_gpt *m);
+KD_API
 const float *kd_gpt_hidden(const kd_gpt *m);
 /*
  * The residual stream after layer `l` (0-based; after its MLP, before the
@@ -182,6 +210,7 @@ const float *kd_gpt_hidden(const kd_gpt *m);
  * floats, one row per token.  Valid until the next forward; NULL before any
  * forward or for l outside 0..n_layer-1.
  */
+KD_API
 const float *kd_gpt_layer_output(const kd_gpt *m, int l);
 /*
  * Gradient injection for a loss on kd_gpt_layer_output(m, l): `d` (B*T*
@@ -192,8 +221,10 @@ const float *kd_gpt_layer_output(const kd_gpt *m, int l);
  * first); forward and backward forget them.  KD_ESTATE before any forward,
  * KD_EINVAL for a bad layer or a NULL d.
  */
+KD_API
 int kd_gpt_add_layer_grad(kd_gpt *m, int l, const float *d, kd_err *e);
 /* Shape of the last forward (0, 0 before any). */
+KD_API
 void kd_gpt_last_shape(const kd_gpt *m, int *B, int *T);
 
 /*
@@ -265,10 +296,12 @@ typedef struct kd_gpt_loss_out {
  * an unknown tail or divergence, a divergence parameter outside (0, 1), or a
  * bucket mass outside [0, 1].
  */
+KD_API
 int kd_gpt_loss_logits(const float *logits, float *d_logits, size_t n_pos,
                        const kd_gpt_loss_spec *spec, kd_gpt_loss_out *out, kd_err *e);
 /* The same on the last forward's logits (n_pos = B*T), keeping d_logits for
  * kd_gpt_backward().  KD_ESTATE when no forward has run. */
+KD_API
 int kd_gpt_loss(kd_gpt *m, const kd_gpt_loss_spec *spec, kd_gpt_loss_out *out, kd_err *e);
 
 /*
@@ -276,7 +309,9 @@ int kd_gpt_loss(kd_gpt *m, const kd_gpt_loss_spec *spec, kd_gpt_loss_out *out, k
  * so micro-batches accumulate.  KD_ESTATE unless forward and loss ran since
  * the last backward.
  */
+KD_API
 int kd_gpt_backward(kd_gpt *m, kd_err *e);
+KD_API
 void kd_gpt_zero_grad(kd_gpt *m);
 /*
  * L2 norm of all gradients (accumulated in double, fixed order), returned
@@ -285,11 +320,15 @@ void kd_gpt_zero_grad(kd_gpt *m);
  * A non-finite norm is returned without touching the gradients: the caller
  * should skip the step.
  */
+KD_API
 double kd_gpt_clip_grad_norm(kd_gpt *m, double max_norm);
 
 /* Flat arrays in parameter order (see kd_gpt_param_views for the layout). */
+KD_API
 size_t kd_gpt_num_params(const kd_gpt *m);
+KD_API
 float *kd_gpt_params(kd_gpt *m);
+KD_API
 float *kd_gpt_grads(kd_gpt *m);
 
 /*
@@ -305,7 +344,9 @@ float *kd_gpt_grads(kd_gpt *m);
  * Linear weights are [out, in] (torch.nn.Linear); the output projection is
  * wte itself (tied).  kd_gpt_grad_views gives the gradients, same names.
  */
+KD_API
 const kd_tensor_view *kd_gpt_param_views(const kd_gpt *m, size_t *n);
+KD_API
 const kd_tensor_view *kd_gpt_grad_views(const kd_gpt *m, size_t *n);
 /*
  * Copy parameters from views (any order, e.g. a mapped checkpoint).  Names
@@ -316,6 +357,7 @@ const kd_tensor_view *kd_gpt_grad_views(const kd_gpt *m, size_t *n);
  * (KD_ENOTFOUND / KD_EMISMATCH), and any other name is KD_EMISMATCH (a
  * checkpoint of a different architecture).  On error the model is unchanged.
  */
+KD_API
 int kd_gpt_load_views(kd_gpt *m, const kd_tensor_view *v, size_t n, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
@@ -325,6 +367,7 @@ int kd_gpt_load_views(kd_gpt *m, const kd_tensor_view *v, size_t n, kd_err *e);
  * Top-k log-probabilities of softmax(logits[KD_GPT_VOCAB]) (temperature 1),
  * k in 1..KD_GPT_MAX_TOPK, most likely first, ties by lower id.
  */
+KD_API
 int kd_gpt_topk_logprobs(const float *logits, int k, int32_t *ids, float *logprobs,
                          kd_err *e);
 /*
@@ -333,9 +376,11 @@ int kd_gpt_topk_logprobs(const float *logits, int k, int32_t *ids, float *logpro
  * to the smallest most-likely set whose mass reaches top_p (top_p <= 0 or
  * >= 1: no cut), then one kd_rng_uniform draw.  Returns the byte (0..255).
  */
+KD_API
 int kd_gpt_sample(const float *logits, float temperature, float top_p, kd_rng *rng);
 /* Mean over the T positions of sequence b of the last forward's final
  * LayerNorm output: out[d_model].  KD_ESTATE before a forward, KD_EINVAL. */
+KD_API
 int kd_gpt_pooled(const kd_gpt *m, int b, float *out, kd_err *e);
 
 typedef struct kd_gpt_gen_opts {
@@ -364,6 +409,7 @@ typedef struct kd_gpt_gen_result {
  * then cut from `out` (its per-token logprobs are still written).  Same RNG
  * state and inputs => same output.
  */
+KD_API
 int kd_gpt_generate(kd_gpt *m, const uint8_t *prompt, size_t prompt_len,
                     const kd_gpt_gen_opts *opts, kd_rng *rng, uint8_t *out,
                     kd_gpt_gen_result *res, kd_err *e);
@@ -389,11 +435,15 @@ typedef struct kd_adamw kd_adamw;
 
 /* m and v in one zeroed allocation shaped like the model's parameters.  The
  * optimizer borrows the model, which must outlive it. */
+KD_API
 int kd_adamw_create(kd_adamw **out, kd_gpt *model, const kd_adamw_config *cfg, kd_err *e);
+KD_API
 void kd_adamw_free(kd_adamw *o);
 /* One update of every parameter from the current gradients (not zeroed). */
+KD_API
 int kd_adamw_step(kd_adamw *o, double lr, kd_err *e);
 /* Updates taken so far (t in the formulas); restored by kd_adamw_load_views. */
+KD_API
 int64_t kd_adamw_step_count(const kd_adamw *o);
 /*
  * Views of the optimizer state: "opt.step" (I64 [1], the count t), then
@@ -401,6 +451,7 @@ int64_t kd_adamw_step_count(const kd_adamw *o);
  * parameter shapes.  kd_adamw_load_views copies them back with the same
  * checks as kd_gpt_load_views, using only names starting with "opt.".
  */
+KD_API
 const kd_tensor_view *kd_adamw_views(const kd_adamw *o, size_t *n);
 /*
  * Train `n` more F32 tensors outside the model (the intermediate term's
@@ -410,8 +461,10 @@ const kd_tensor_view *kd_adamw_views(const kd_adamw *o, size_t *n);
  * join kd_adamw_views as "opt.m.<name>" / "opt.v.<name>" (so call it before
  * taking the views).  KD_EINVAL for a bad view, KD_ENOMEM.
  */
+KD_API
 int kd_adamw_add_tensors(kd_adamw *o, const kd_tensor_view *params, const kd_tensor_view *grads,
                          size_t n, kd_err *e);
+KD_API
 int kd_adamw_load_views(kd_adamw *o, const kd_tensor_view *v, size_t n, kd_err *e);
 
 #ifdef __cplusplus

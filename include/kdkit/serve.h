@@ -31,6 +31,8 @@
 #ifndef KDKIT_SERVE_H
 #define KDKIT_SERVE_H
 
+#include "kdkit/api.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -98,10 +100,12 @@ typedef struct kd_serve_backend {
     void (*destroy)(void *ctx);
 } kd_serve_backend;
 
+KD_API
 void kd_serve_gen_result_free(kd_serve_gen_result *r);
 
 /* The deterministic toy: printable ASCII, distributions from a hash of the
    seed, prompt and output so far; 16-dimensional embeddings. */
+KD_API
 int kd_serve_backend_toy(kd_serve_backend *out, uint64_t seed, kd_err *e);
 
 /*
@@ -112,6 +116,7 @@ int kd_serve_backend_toy(kd_serve_backend *out, uint64_t seed, kd_err *e);
  * metadata ("model" is what kdkit train writes).
  * Tensors named "opt.*" (optimizer state) are ignored.
  */
+KD_API
 int kd_serve_backend_gpt(kd_serve_backend *out, const char *ckpt_path, const char *name,
                          const char *config_string, kd_err *e);
 
@@ -156,10 +161,13 @@ typedef struct kd_serve_opts {
     kd_serve_faults faults;
 } kd_serve_opts;
 
+KD_API
 void kd_serve_opts_init(kd_serve_opts *o);
 
 /* Parse a fault script item list; KD_EINVAL naming the bad item. */
+KD_API
 int kd_serve_parse_fault(const char *name, kd_serve_fault *out);
+KD_API
 const char *kd_serve_fault_name(kd_serve_fault f);
 
 typedef struct kd_serve kd_serve;
@@ -168,8 +176,10 @@ typedef struct kd_serve kd_serve;
  * Start serving in background threads.  The server takes the backend (it is
  * destroyed by kd_serve_stop, or here on failure).
  */
+KD_API
 int kd_serve_start(kd_serve **out, const kd_serve_opts *o, const kd_serve_backend *be,
                    kd_err *e);
+KD_API
 int kd_serve_port(const kd_serve *s);
 
 typedef struct kd_serve_stats {
@@ -180,9 +190,11 @@ typedef struct kd_serve_stats {
     int64_t faults[KD_SERVE_FAULT_KINDS];
 } kd_serve_stats;
 
+KD_API
 void kd_serve_get_stats(kd_serve *s, kd_serve_stats *st);
 
 /* Stop, join, destroy the backend, free.  Accepts NULL. */
+KD_API
 void kd_serve_stop(kd_serve *s);
 
 #ifdef __cplusplus

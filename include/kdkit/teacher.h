@@ -39,6 +39,8 @@
 #ifndef KDKIT_TEACHER_H
 #define KDKIT_TEACHER_H
 
+#include "kdkit/api.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -94,6 +96,7 @@ typedef struct kd_cache_entry {
 } kd_cache_entry;
 
 /* Release the strings of *en (not en itself) and zero it. */
+KD_API
 void kd_cache_entry_free(kd_cache_entry *en);
 
 typedef struct kd_cache_stats {
@@ -111,8 +114,10 @@ typedef struct kd_cache_stats {
  * `teacher_version`.  WAL mode, a busy timeout, so several processes on one
  * machine can share it.  KD_EVERSION if the file was made by a newer kdkit.
  */
+KD_API
 int kd_cache_open(kd_cache **out, const char *path, const char *teacher_version,
                   kd_cache_sync sync, kd_err *e);
+KD_API
 const char *kd_cache_errmsg(const kd_cache *c);
 
 /*
@@ -123,10 +128,12 @@ const char *kd_cache_errmsg(const kd_cache *c);
  * Counters are kept in memory and persisted every few seconds, with each
  * insert and at close.
  */
+KD_API
 int kd_cache_get(kd_cache *c, const char *key, kd_cache_entry *en, int *incompatible);
 
 /* 1 if a usable entry exists for key, 0 if not, negative on error.  Not
    counted as a hit or miss (used by recovery and fallbacks). */
+KD_API
 int kd_cache_has_key(kd_cache *c, const char *key);
 
 /*
@@ -134,6 +141,7 @@ int kd_cache_has_key(kd_cache *c, const char *key);
  * handle when NULL / 0).  An existing entry with the same key and version is
  * kept (first paid answer wins); *inserted (may be NULL) says which.
  */
+KD_API
 int kd_cache_put(kd_cache *c, const kd_cache_entry *en, int *inserted);
 
 /*
@@ -142,10 +150,13 @@ int kd_cache_put(kd_cache *c, const kd_cache_entry *en, int *inserted);
  * per entry, as kd_cache_put's.  Errors: KD_EINVAL (an entry without key or
  * body), KD_ENOMEM, KD_EIO (SQLite; kd_cache_errmsg says what).
  */
+KD_API
 int kd_cache_put_many(kd_cache *c, const kd_cache_entry *ens, size_t n, int *inserted);
 
+KD_API
 int kd_cache_stats_get(kd_cache *c, kd_cache_stats *s);
 /* Write the in-memory counter deltas now. */
+KD_API
 int kd_cache_flush_stats(kd_cache *c);
 
 typedef struct kd_cache_verify_report {
@@ -156,6 +167,7 @@ typedef struct kd_cache_verify_report {
 } kd_cache_verify_report;
 
 /* PRAGMA integrity_check plus a check of every entry's body hash and JSON. */
+KD_API
 int kd_cache_verify(kd_cache *c, kd_cache_verify_report *r);
 
 typedef struct kd_cache_rebuild_report {
@@ -171,10 +183,12 @@ typedef struct kd_cache_rebuild_report {
  * the body is decoded to the exact bytes.  If only_key is non-NULL, only
  * lines with that request_hash are used.
  */
+KD_API
 int kd_cache_rebuild(kd_cache *c, const char *ledger_path, uint64_t offset,
                      const char *only_key, kd_cache_rebuild_report *r);
 
 /* Write every entry as one JSON line to fd (the body as a string). */
+KD_API
 int kd_cache_export(kd_cache *c, int fd, int64_t *count);
 
 typedef struct kd_cache_gc_opts {
@@ -191,9 +205,11 @@ typedef struct kd_cache_gc_report {
 } kd_cache_gc_report;
 
 /* Paid entries are never dropped except through this call. */
+KD_API
 int kd_cache_gc(kd_cache *c, const kd_cache_gc_opts *o, kd_cache_gc_report *r);
 
 /* Flush the counters and close.  Accepts NULL. */
+KD_API
 int kd_cache_close(kd_cache *c);
 
 /* ------------------------------------------------------------------------ */
@@ -204,6 +220,7 @@ typedef struct kd_price {
     double output_per_million;  /* currency per 1e6 completion tokens */
 } kd_price;
 
+KD_API
 double kd_price_cost(const kd_price *p, int64_t prompt_tokens, int64_t completion_tokens);
 
 /*
@@ -216,14 +233,20 @@ double kd_price_cost(const kd_price *p, int64_t prompt_tokens, int64_t completio
  */
 typedef struct kd_budget kd_budget;
 /* cap < 0: no cap (reservations are still tracked). */
+KD_API
 int kd_budget_new(kd_budget **out, double cap, double spent_before, kd_err *e);
+KD_API
 int kd_budget_reserve(kd_budget *b, double amount, kd_err *e);
 /* Turn a reservation into actual spend (actual may be below the reservation;
    above it only if the provider billed more than the worst case). */
+KD_API
 void kd_budget_settle(kd_budget *b, double reserved, double actual);
 /* Give a reservation back (the request was not billed). */
+KD_API
 void kd_budget_release(kd_budget *b, double reserved);
+KD_API
 void kd_budget_get(kd_budget *b, double *spent, double *reserved, double *cap);
+KD_API
 void kd_budget_free(kd_budget *b);
 
 /* ------------------------------------------------------------------------ */
@@ -249,6 +272,7 @@ typedef struct kd_teacher_params {
     const char *stop_json;      /* NULL, or a JSON string or array of strings */
 } kd_teacher_params;
 
+KD_API
 void kd_teacher_params_init(kd_teacher_params *p);
 
 /* What the library reports to an observer (kd_teacher_config.on_event). */
@@ -297,6 +321,7 @@ typedef struct kd_teacher_config {
     void *event_ctx;
 } kd_teacher_config;
 
+KD_API
 void kd_teacher_config_init(kd_teacher_config *c);
 
 /*
@@ -307,6 +332,7 @@ void kd_teacher_config_init(kd_teacher_config *c);
  * naming `field` (e.g. "teacher.base_url") otherwise; the message never
  * repeats the URL.
  */
+KD_API
 int kd_teacher_check_base_url(const char *url, const char *field, kd_err *e);
 
 /*
@@ -316,6 +342,7 @@ int kd_teacher_check_base_url(const char *url, const char *field, kd_err *e);
  * and bad values fail with KD_ECONFIG naming the key ("teacher.retry.max_attempts
  * must be an integer from 1 to 100").
  */
+KD_API
 int kd_teacher_config_from_json(const char *config_json, kd_teacher_config *c,
                                 char **storage, kd_err *e);
 
@@ -370,6 +397,7 @@ typedef struct kd_teacher_result {
     double latency_ms;
 } kd_teacher_result;
 
+KD_API
 void kd_teacher_result_free(kd_teacher_result *r);
 
 /*
@@ -380,6 +408,7 @@ void kd_teacher_result_free(kd_teacher_result *r);
  * Errors: KD_ECORRUPT when the body is not JSON ("not JSON" in the message)
  * or not a response; KD_ELIMIT over KD_TEACHER_SCAN_MAX_VALUES; KD_ENOMEM.
  */
+KD_API
 int kd_teacher_parse_response(const char *body, size_t len, kd_teacher_result *r, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
@@ -396,20 +425,26 @@ typedef struct kd_teacher kd_teacher;
  * possibly-billed failure and counted in the budget at their worst case.
  * The budget starts from the tracker's total_cost plus those amounts.
  */
+KD_API
 int kd_teacher_open(kd_teacher **out, const kd_teacher_config *cfg, kd_tracker *tracker,
                     kd_err *e);
+KD_API
 const char *kd_teacher_errmsg(const kd_teacher *t);
+KD_API
 kd_cache *kd_teacher_cache(kd_teacher *t);
+KD_API
 kd_budget *kd_teacher_budget(kd_teacher *t);
 
 /*
  * The cache key of a request and the prompt hash; *canonical_out (may be
  * NULL) gets the canonical JSON that was hashed (malloc'd).
  */
+KD_API
 int kd_teacher_key(kd_teacher *t, const kd_teacher_request *req, char key[KD_SHA256_HEX],
                    char prompt_hash[KD_SHA256_HEX], char **canonical_out, kd_err *e);
 
 /* One request through the whole path.  Returns res->rc. */
+KD_API
 int kd_teacher_ask(kd_teacher *t, const kd_teacher_request *req, kd_teacher_result *res);
 
 /*
@@ -417,16 +452,19 @@ int kd_teacher_ask(kd_teacher *t, const kd_teacher_request *req, kd_teacher_resu
  * res[i] gets its own rc.  Returns KD_OK when all succeeded, else the first
  * failing rc.
  */
+KD_API
 int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
                         kd_teacher_result *res);
 
 /* Close the intent journal and the cache; free.  Accepts NULL. */
+KD_API
 int kd_teacher_close(kd_teacher *t);
 
 /* ------------------------------------------------------------------------ */
 /* Retry policy pieces (pure functions, exposed for tests and docs)          */
 
 /* Full jitter: u * min(cap, base * 2^attempt), u in [0,1). */
+KD_API
 double kd_teacher_backoff_ms(int attempt, double base_ms, double cap_ms, double u);
 
 /*
@@ -434,6 +472,7 @@ double kd_teacher_backoff_ms(int attempt, double base_ms, double cap_ms, double 
  * Retry-After value (seconds or an HTTP-date, relative to `now`).  Either may
  * be NULL.  Returns -1 when neither gives a usable delay.
  */
+KD_API
 double kd_teacher_retry_after_ms(const char *retry_after_ms, const char *retry_after,
                                  double now);
 
@@ -449,6 +488,7 @@ typedef enum kd_teacher_outcome {
  * Classify an HTTP status and body.  status 0 = no response (connection-level
  * failure).  body_valid says whether a 200 body parsed.
  */
+KD_API
 kd_teacher_outcome kd_teacher_classify(long status, const char *body, size_t len, int body_valid);
 
 /*
@@ -461,10 +501,12 @@ kd_teacher_outcome kd_teacher_classify(long status, const char *body, size_t len
  * the library escaped can be escaped again by a caller).  Cut at a character
  * boundary when out is full.  Returns the number of input bytes copied.
  */
+KD_API
 size_t kd_teacher_escape_text(const char *s, size_t n, char *out, size_t cap);
 
 /* Replace every occurrence of `secret` (and any 12+ character piece of it) in
    buf with "[REDACTED]", in place (buf has room for cap bytes). */
+KD_API
 void kd_teacher_scrub(char *buf, size_t cap, const char *secret);
 
 #ifdef __cplusplus

@@ -6,6 +6,8 @@
 #ifndef KDKIT_TENSOR_H
 #define KDKIT_TENSOR_H
 
+#include "kdkit/api.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -36,8 +38,10 @@ typedef struct kd_tensor_view {
 } kd_tensor_view;
 
 /* Bytes per element; 0 for an unknown dtype. */
+KD_API
 size_t kd_dtype_size(kd_dtype t);
 /* safetensors name ("F32", "BF16", ...); NULL for an unknown dtype. */
+KD_API
 const char *kd_dtype_name(kd_dtype t);
 
 #ifdef __cplusplus

@@ -33,9 +33,9 @@
  *     for a call in progress, but a call after it is a use after free).
  *   - kd_tracker_session_id, _config_hash, _dir, _resumed: fixed at open;
  *     any thread, any time.
- *   - kd_tracker_errmsg: the message of the last failed call on the handle,
- *     from whichever thread made it; with several threads, trust the return
- *     code, or serialise the call and the errmsg yourself.
+ *   - kd_tracker_errmsg: the message of the calling thread's last failed
+ *     call on the handle, kept per thread, so another thread's failure
+ *     never overwrites it (tests/test_tracker_threads.c).
  *   - kd_tracker_open_report: grows with kd_tracker_record_repair and
  *     kd_tracker_set_component; read it before sharing the handle, or from
  *     the thread that makes those calls.
@@ -49,6 +49,8 @@
  */
 #ifndef KDKIT_TRACKER_H
 #define KDKIT_TRACKER_H
+
+#include "kdkit/api.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -81,6 +83,7 @@ typedef struct kd_tracker_opts {
 } kd_tracker_opts;
 
 /* Fill *o with the defaults. */
+KD_API
 void kd_tracker_opts_init(kd_tracker_opts *o);
 
 /*
@@ -96,21 +99,35 @@ void kd_tracker_opts_init(kd_tracker_opts *o);
  * then records its own identity with kd_tracker_set_component.  On KD_EMISMATCH (strict mode) and other errors,
  * *out is NULL and *e names what is wrong, e.g. which config keys changed.
  */
+KD_API
 int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config_json,
                     int64_t total_steps, const kd_tracker_opts *opts, kd_err *e);
 
-/* The last error on this handle. */
+/*
+ * The message of the calling thread's last failed call on t (each thread
+ * keeps its own, so concurrent failures on a shared tracker do not
+ * overwrite each other).  When this thread has failed a call on another
+ * tracker since, or never failed one on t, the handle's last message,
+ * whichever thread set it.  Valid until this thread's next tracker call.
+ * Never NULL ("no tracker" for NULL).  Cannot fail.
+ */
+KD_API
 const char *kd_tracker_errmsg(const kd_tracker *t);
+KD_API
 const char *kd_tracker_session_id(const kd_tracker *t);
+KD_API
 const char *kd_tracker_config_hash(const kd_tracker *t);
+KD_API
 const char *kd_tracker_dir(const kd_tracker *t);
 /* 1 if open resumed an existing session, 0 if it started a new one. */
+KD_API
 int kd_tracker_resumed(const kd_tracker *t);
 /*
  * What open did besides the obvious, as lines of text for a person ("config
  * hash mismatch, keys changed: ...; archived to ...", "repaired torn tail of
  * metrics.jsonl (37 bytes moved to ...)").  Empty string when nothing.
  */
+KD_API
 const char *kd_tracker_open_report(const kd_tracker *t);
 
 /*
@@ -126,6 +143,7 @@ const char *kd_tracker_open_report(const kd_tracker *t);
  * KD_EMISMATCH, KD_ELIMIT (more than 8 components), KD_ESTATE (read-only),
  * KD_EIO, KD_ENOMEM.
  */
+KD_API
 int kd_tracker_set_component(kd_tracker *t, const char *name, const char *config_json,
                              const char *version);
 
@@ -138,8 +156,10 @@ typedef struct kd_component_info {
     double recorded_at;        /* Unix seconds */
 } kd_component_info;
 
+KD_API
 size_t kd_tracker_component_count(const kd_tracker *t);
 /* KD_EINVAL when i is out of range. */
+KD_API
 int kd_tracker_component_get(const kd_tracker *t, size_t i, kd_component_info *c);
 
 /*
@@ -164,6 +184,7 @@ int kd_tracker_config_num(const kd_tracker *t, const char *component, const char
  * kd_tracker_open_report's text.  Errors: KD_EINVAL, KD_ESTATE (read-only),
  * KD_EIO.
  */
+KD_API
 int kd_tracker_record_repair(kd_tracker *t, const char *file, const char *what);
 
 /* Sentinel for "not measured" doubles in kd_metrics. */
@@ -185,6 +206,7 @@ typedef struct kd_metrics {
 } kd_metrics;
 
 /* Fill *m with KD_UNSET / zeros so callers set only what they have. */
+KD_API
 void kd_metrics_init(kd_metrics *m);
 
 /*
@@ -195,6 +217,7 @@ void kd_metrics_init(kd_metrics *m);
  * means the trainer went back (a resume): the lines from that step on are
  * moved aside first, as kd_tracker_rewind does.
  */
+KD_API
 int kd_tracker_update_metrics(kd_tracker *t, const kd_metrics *m);
 
 /*
@@ -203,6 +226,7 @@ int kd_tracker_update_metrics(kd_tracker *t, const kd_metrics *m);
  * and the counters go back to their values at S.  Cost is proportional to the
  * lines moved.
  */
+KD_API
 int kd_tracker_rewind(kd_tracker *t, int64_t step);
 
 typedef struct kd_checkpoint_info {
@@ -224,6 +248,7 @@ typedef struct kd_checkpoint_info {
  * step (loss, wall_clock_hours), size and XXH3-128 (and SHA-256 when given).  Flushes and syncs
  * metrics.jsonl, rewrites checkpoints.json and session.json atomically.
  */
+KD_API
 int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c);
 
 /*
@@ -236,6 +261,7 @@ int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c);
  * for a step not in the manifest, KD_ESTATE when read-only, KD_EIO when the
  * journal or the manifest cannot be written (then nothing is dropped).
  */
+KD_API
 int kd_tracker_checkpoint_deleted(kd_tracker *t, int64_t step, const char *reason);
 
 /* One checkpoint of the manifest, in step order (kd_tracker_checkpoint_get). */
@@ -256,9 +282,11 @@ typedef struct kd_checkpoint_record {
     const char *checkpoint_path; /* absolute path when recorded (informational) */
 } kd_checkpoint_record;
 
+KD_API
 size_t kd_tracker_checkpoint_count(const kd_tracker *t);
 /* i-th record, oldest first; pointers valid until the next call that records
    or deletes a checkpoint. */
+KD_API
 int kd_tracker_checkpoint_get(const kd_tracker *t, size_t i, kd_checkpoint_record *r);
 
 typedef struct kd_api_response {
@@ -278,6 +306,7 @@ typedef struct kd_api_response {
                                   the line gets "refusal": true and is counted */
 } kd_api_response;
 
+KD_API
 void kd_api_response_init(kd_api_response *r);
 
 /*
@@ -286,6 +315,7 @@ void kd_api_response_init(kd_api_response *r);
  * cut.  Adds cost to the session's spend.  An error means the line may or
  * may not be in the ledger; KD_OK means it is.
  */
+KD_API
 int kd_tracker_record_api_response(kd_tracker *t, const kd_api_response *r);
 
 /*
@@ -294,6 +324,7 @@ int kd_tracker_record_api_response(kd_tracker *t, const kd_api_response *r);
  * (a retry can record one twice, never zero times): callers that need to
  * know re-record the whole batch.
  */
+KD_API
 int kd_tracker_record_api_responses(kd_tracker *t, const kd_api_response *rs, size_t n);
 
 typedef struct kd_failure {
@@ -305,6 +336,7 @@ typedef struct kd_failure {
 } kd_failure;
 
 /* Append to failures.jsonl and count it in session.json. */
+KD_API
 int kd_tracker_record_connection_failure(kd_tracker *t, const kd_failure *f);
 
 /*
@@ -314,9 +346,11 @@ int kd_tracker_record_connection_failure(kd_tracker *t, const kd_failure *f);
  * stop): it counts no pause itself; the gap until the session is reopened is
  * the pause, which the reopen counts once and excludes from active time.
  */
+KD_API
 int kd_tracker_record_pause(kd_tracker *t, double duration);
 
 /* Write session.json and progress.json now (they are also autosaved). */
+KD_API
 int kd_tracker_save(kd_tracker *t);
 
 typedef struct kd_recovery {
@@ -338,8 +372,10 @@ typedef struct kd_recovery {
  * XXH3-128 - or SHA-256, for records from before XXH3 - (hashing each
  * candidate file), falling back to older ones.
  */
+KD_API
 int kd_tracker_recovery_checkpoint(kd_tracker *t, kd_recovery *r);
 /* The best checkpoint by loss among those not deleted (no file check). */
+KD_API
 int kd_tracker_best_checkpoint(kd_tracker *t, kd_recovery *r);
 
 typedef struct kd_summary {
@@ -370,12 +406,27 @@ typedef struct kd_summary {
     double start_time;        /* Unix seconds when the session began */
 } kd_summary;
 
+KD_API
 int kd_tracker_summary(kd_tracker *t, kd_summary *s);
 /* The progress.json document (malloc'd; caller frees). */
+KD_API
 int kd_tracker_summary_json(kd_tracker *t, char **json_out);
 
-/* Flush, save, release the lock, free.  Accepts NULL. */
+/*
+ * Flush, save, release the lock, free.  Accepts NULL.  The handle is freed
+ * whatever the outcome.  Errors: KD_EIO (a metrics line, the close event or
+ * session.json could not be written or synced; the records already returned
+ * from are on disk), KD_ENOMEM, KD_ELIMIT (a path too long).  The first error
+ * is returned, never codes OR-ed together.
+ */
+KD_API
 int kd_tracker_close(kd_tracker *t);
+
+/* kd_tracker_close, with the failing step's message (naming the file) in *e
+   (e may be NULL), since kd_tracker_errmsg cannot be asked once the handle
+   is freed.  Same errors. */
+KD_API
+int kd_tracker_close_err(kd_tracker *t, kd_err *e);
 
 /*
  * Read-only mode, for status, verify, report and the binding: a handle on
@@ -392,15 +443,18 @@ int kd_tracker_close(kd_tracker *t);
  * kdkit output directory"), KD_ECORRUPT (a file the reopen refuses, named
  * with the line and the repair), KD_EIO, KD_ENOMEM, KD_EINVAL.
  */
+KD_API
 int kd_tracker_open_readonly(kd_tracker **out, const char *output_dir, kd_err *e);
 
 /*
  * The same view as the progress.json document (*json_out, malloc'd).
  */
+KD_API
 int kd_session_inspect(const char *output_dir, char **json_out, kd_err *e);
 
 /* The loss-trend rule, exposed for tests and docs: `n` recent losses, oldest
    first.  Returns a static string. */
+KD_API
 const char *kd_loss_trend(const double *losses, size_t n);
 
 /* ------------------------------------------------------------------------ */
@@ -453,6 +507,7 @@ typedef int (*kd_verify_report_fn)(void *ctx, const kd_verify_problem *p);
  * directory (no session.json)"), KD_EINVAL for bad arguments.  cb may be
  * NULL to only count.
  */
+KD_API
 int kd_session_verify(const char *dir, unsigned flags, kd_verify_report_fn cb, void *ctx,
                       kd_err *e);
 

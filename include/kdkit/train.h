@@ -20,6 +20,8 @@
 #ifndef KDKIT_TRAIN_H
 #define KDKIT_TRAIN_H
 
+#include "kdkit/api.h"
+
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -90,6 +92,7 @@ typedef struct kd_train_config {
 } kd_train_config;
 
 /* The built-in defaults (configs/default.yaml holds the same values). */
+KD_API
 void kd_train_config_init(kd_train_config *c);
 
 /*
@@ -99,10 +102,13 @@ void kd_train_config_init(kd_train_config *c);
  * type or out of range is KD_ECONFIG naming the file and the key.  On error
  * *c is left initialised (safe to free).
  */
+KD_API
 int kd_train_config_load(kd_train_config *c, const char *path, const char *const *overrides,
                          size_t noverrides, kd_err *e);
 /* Validation alone (kd_train_config_load calls it). */
+KD_API
 int kd_train_config_validate(const kd_train_config *c, kd_err *e);
+KD_API
 void kd_train_config_free(kd_train_config *c);
 
 /*
@@ -113,6 +119,7 @@ void kd_train_config_free(kd_train_config *c);
  * resume.  This is what goes to kd_tracker_open: its hash is the run's
  * config hash.  corpus_sha256 may be NULL before the corpus is read.
  */
+KD_API
 int kd_train_config_identity_json(const kd_train_config *c, const char *corpus_sha256,
                                   int64_t corpus_bytes, char **json_out, kd_err *e);
 /*
@@ -126,6 +133,7 @@ int kd_train_config_identity_json(const kd_train_config *c, const char *corpus_s
  * bytes) and the layer mapping are part of it too.  KD_EINVAL without a kd
  * section.
  */
+KD_API
 int kd_train_config_kd_identity_json(const kd_train_config *c, const char *source_identity,
                                      int64_t mix_ok_rows, const char *teacher_ckpt_sha256,
                                      char **json_out, kd_err *e);
@@ -138,9 +146,11 @@ int kd_train_config_kd_identity_json(const kd_train_config *c, const char *sourc
  * NULL only checks (the arrays then may be NULL; student and teacher hold
  * KD_GPT_MAX_LAYER entries otherwise).  KD_ECONFIG naming the bad part.
  */
+KD_API
 int kd_train_intermediate_layers_parse(const char *spec, int student_layers, int teacher_layers,
                                        int *n_pairs, int *student, int *teacher, kd_err *e);
 /* Every key with its effective value (for display and docs), malloc'd. */
+KD_API
 int kd_train_config_effective_json(const kd_train_config *c, char **json_out, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
@@ -159,13 +169,20 @@ typedef struct kd_train_data kd_train_data;
  * Errors name data.path: KD_ENOTFOUND, KD_EIO, KD_ELIMIT (too large),
  * KD_ECONFIG (too small for one training window).
  */
+KD_API
 int kd_train_data_open(kd_train_data **out, const char *path, int n_ctx, double val_fraction,
                        uint64_t seed, kd_err *e);
+KD_API
 void kd_train_data_free(kd_train_data *d);
+KD_API
 const char *kd_train_data_sha256(const kd_train_data *d); /* of the joined corpus */
+KD_API
 int64_t kd_train_data_bytes(const kd_train_data *d);
+KD_API
 int64_t kd_train_data_files(const kd_train_data *d);
+KD_API
 int64_t kd_train_data_n_train(const kd_train_data *d);
+KD_API
 int64_t kd_train_data_n_val(const kd_train_data *d);
 
 /*
@@ -174,17 +191,21 @@ int64_t kd_train_data_n_val(const kd_train_data *d);
  * derived from (seed, e) and evaluated in O(1) (a keyed Feistel network with
  * cycle walking).  Resuming at dataset position k therefore costs nothing.
  */
+KD_API
 int64_t kd_train_data_sample(const kd_train_data *d, int64_t k);
 /* The permutation alone, for tests: perm_e(i), i in [0, n). */
+KD_API
 uint64_t kd_train_perm(uint64_t seed, uint64_t epoch, uint64_t n, uint64_t i);
 
 /*
  * Fill x[B*T] and y[B*T] (T = n_ctx) with samples pos .. pos+B-1
  * (y is x shifted by one byte).
  */
+KD_API
 void kd_train_data_batch(const kd_train_data *d, int64_t pos, int B, uint8_t *x, uint8_t *y);
 /* Validation batch j: held-out windows j*B .. j*B+B-1 (mod the set size).
    KD_ENOTFOUND when there is no held-out window. */
+KD_API
 int kd_train_data_val_batch(const kd_train_data *d, int64_t j, int B, uint8_t *x, uint8_t *y);
 
 /* ------------------------------------------------------------------------ */
@@ -262,6 +283,7 @@ typedef struct kd_train_result {
  * KD_ECONFIG refuses online distillation and an unset train.micro_batch
  * (docs/distributed.md).
  */
+KD_API
 int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_result *res,
                  kd_err *e);
 
@@ -295,6 +317,7 @@ typedef struct kd_train_kd_eval_opts {
  * `mix_dir`.  Errors: those of kd_ckpt_open and kd_mix_open_read,
  * KD_ENOTFOUND (no held-out sample with an ok row).
  */
+KD_API
 int kd_train_kd_evaluate(const char *ckpt_path, const char *mix_dir, kd_train_kd_eval_opts *o,
                          kd_train_kd_eval *out, kd_err *e);
 
@@ -306,13 +329,16 @@ int kd_train_kd_evaluate(const char *ckpt_path, const char *mix_dir, kd_train_kd
  * "step 120/600  loss 2.3412  6.1k tok/s  ETA 0:45  ckpt 100".
  * Returns the length (truncated to cap - 1).
  */
+KD_API
 int kd_train_progress_line(const kd_train_event *ev, char *buf, size_t cap);
 /* "1:02:03" / "4:05" / "--:--" for NaN or negative; returns the length. */
+KD_API
 int kd_train_format_duration(double seconds, char *buf, size_t cap);
 /*
  * The end-of-run summary, several lines ending in '\n': steps, loss and
  * trend, tokens/s, wall and active time, checkpoints, where the files are.
  */
+KD_API
 int kd_train_summary_text(const kd_train_result *r, char *buf, size_t cap);
 
 #ifdef __cplusplus

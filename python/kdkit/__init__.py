@@ -19,6 +19,9 @@ from .tracker import ProgressTracker, RecoveryCheckpoint, read_progress, verify
 
 __version__ = "0.1.0"
 library_path = _lib.path
+# The version of the libkdkit actually loaded (kd_version()); tests check it
+# equals __version__.
+library_version = _lib.dec(_lib.kd_version())
 
 __all__ = [
     "ProgressTracker", "RecoveryCheckpoint", "TeacherCache", "Teacher", "TeacherResult",
@@ -26,5 +29,6 @@ __all__ = [
     "OutOfMemoryError", "KdkitIOError", "CorruptError", "LockedError", "NotFoundError",
     "MismatchError", "LimitError", "VersionError", "StateError", "BudgetError", "QuotaError",
     "HTTPError", "DeadlineError", "SignalError", "ConfigError", "StepError", "library_path",
+    "library_version",
     "read_progress", "verify",
 ]

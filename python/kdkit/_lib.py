@@ -73,6 +73,7 @@ CP = POINTER(c_char_p)
 VP = POINTER(c_char_p)
 
 kd_strerror = _fn("kd_strerror", c_char_p, c_int)
+kd_version = _fn("kd_version", c_char_p)
 kd_ffi_free = _fn("kd_ffi_free", None, c_void_p)
 kd_ffi_config_load_yaml = _fn("kd_ffi_config_load_yaml", c_int, c_char_p, POINTER(c_void_p),
                               c_char_p, c_size_t)
@@ -85,7 +86,7 @@ kd_ffi_tracker_update = _fn("kd_ffi_tracker_update", c_int, P, c_int64, c_double
 kd_ffi_tracker_checkpoint = _fn("kd_ffi_tracker_checkpoint", c_int, P, c_int64, c_char_p,
                                 c_int64, CP, c_size_t)
 kd_ffi_tracker_api_response = _fn("kd_ffi_tracker_api_response", c_int, P, c_char_p, c_char_p,
-                                  c_char_p, c_double, c_char_p, c_int64)
+                                  c_char_p, c_double, c_char_p, c_int64, c_int)
 kd_ffi_tracker_failure = _fn("kd_ffi_tracker_failure", c_int, P, c_int, c_char_p, c_int, c_int)
 kd_ffi_tracker_recovery_json = _fn("kd_ffi_tracker_recovery_json", c_int, P, c_int,
                                    POINTER(c_void_p))
@@ -96,6 +97,7 @@ kd_ffi_session_verify = _fn("kd_ffi_session_verify", c_int, c_char_p, ctypes.c_u
 kd_tracker_record_pause = _fn("kd_tracker_record_pause", c_int, P, c_double)
 kd_tracker_save = _fn("kd_tracker_save", c_int, P)
 kd_tracker_close = _fn("kd_tracker_close", c_int, P)
+kd_ffi_tracker_close = _fn("kd_ffi_tracker_close", c_int, P, c_char_p, c_size_t)
 kd_tracker_rewind = _fn("kd_tracker_rewind", c_int, P, c_int64)
 kd_tracker_summary_json = _fn("kd_tracker_summary_json", c_int, P, POINTER(c_void_p))
 kd_tracker_errmsg = _fn("kd_tracker_errmsg", c_char_p, P)

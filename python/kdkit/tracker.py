@@ -175,11 +175,13 @@ class ProgressTracker:
             self._check(rc)
 
     def record_api_response(self, prompt_hash=None, response=None, cost=0.0, *, prompt=None,
-                            request_hash=None, sample_index=None):
+                            request_hash=None, sample_index=None, refusal=False):
         """Append a paid teacher response to api_recovery.jsonl; durable
         (fsync'd) when this returns.  response: str, bytes or any
         JSON-serialisable object (stored as its JSON text).  Give
-        prompt_hash (64 hex) or prompt (hashed with SHA-256)."""
+        prompt_hash (64 hex) or prompt (hashed with SHA-256).  refusal:
+        True when the teacher refused (its message.refusal); the line is
+        marked "refusal": true and counted in the summary's api_refusals."""
         if response is None:
             raise ValueError("record_api_response: response is required")
         if isinstance(response, bytes):
@@ -192,7 +194,7 @@ class ProgressTracker:
             rc = _lib.kd_ffi_tracker_api_response(
                 self._handle(), _lib.enc(prompt_hash), _lib.enc(prompt), _lib.enc(text),
                 float(cost), _lib.enc(request_hash),
-                -1 if sample_index is None else int(sample_index))
+                -1 if sample_index is None else int(sample_index), 1 if refusal else 0)
             self._check(rc)
 
     def record_connection_failure(self, retry_count, error, http_status=0,
@@ -266,9 +268,11 @@ class ProgressTracker:
         with self._mu:
             h, self._h = self._h, None
             if h is not None:
-                rc = _lib.kd_tracker_close(h)
+                msg = _lib.msgbuf()
+                rc = _lib.kd_ffi_tracker_close(h, msg, len(msg))
                 if rc != 0:
-                    _lib.check(rc, "closing the tracker of %s failed" % self.output_dir)
+                    _lib.check(rc, "closing the tracker of %s failed: %s"
+                               % (self.output_dir, _lib.dec(msg.value)))
 
     def __enter__(self):
         return self

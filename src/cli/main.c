@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "kdkit/api.h"
 
 static const struct {
     const char *name;
@@ -79,7 +80,7 @@ int main(int argc, char **argv)
         return 0;
     }
     if (strcmp(argv[1], "--version") == 0) {
-        printf("kdkit 0.1.0\n");
+        printf("kdkit %s\n", kd_version());
         return 0;
     }
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)

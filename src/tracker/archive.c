@@ -160,7 +160,9 @@ int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
     /* The old session's checkpoint files go with it, or the new session's
        checkpoints of the same name would overwrite them. */
     char cpath[PATH_MAX];
-    kd_trk_path(t, F_CKPTS, cpath, sizeof cpath);
+    rc = kd_trk_path(t, F_CKPTS, cpath, sizeof cpath);
+    if (rc != KD_OK)
+        return rc;
     char *text = NULL;
     size_t len;
     json_t *cks = NULL, *doc = NULL;

@@ -99,7 +99,7 @@ int kd_ffi_tracker_checkpoint(kd_tracker *t, int64_t step, const char *path,
 
 int kd_ffi_tracker_api_response(kd_tracker *t, const char *prompt_hash, const char *prompt,
                                 const char *response, double cost, const char *request_hash,
-                                int64_t sample_index)
+                                int64_t sample_index, int refusal)
 {
     kd_api_response r;
     kd_api_response_init(&r);
@@ -109,6 +109,7 @@ int kd_ffi_tracker_api_response(kd_tracker *t, const char *prompt_hash, const ch
     r.cost = cost;
     r.request_hash = request_hash;
     r.sample_index = sample_index;
+    r.refusal = refusal ? 1 : 0;
     return kd_tracker_record_api_response(t, &r);
 }
 
@@ -122,6 +123,15 @@ int kd_ffi_tracker_failure(kd_tracker *t, int retry_count, const char *error, in
     f.http_status = http_status;
     f.possibly_billed = possibly_billed ? 1 : 0;
     return kd_tracker_record_connection_failure(t, &f);
+}
+
+int kd_ffi_tracker_close(kd_tracker *t, char *msg, size_t cap)
+{
+    kd_err e;
+    int rc = kd_tracker_close_err(t, &e);
+    if (msg && cap)
+        snprintf(msg, cap, "%s", rc == KD_OK ? "" : e.msg);
+    return rc;
 }
 
 int kd_ffi_tracker_recovery_json(kd_tracker *t, int best, char **json_out)

@@ -235,7 +235,9 @@ int kd_trk_load_ck_object(kd_tracker *t, const char *file, json_t *cks)
 int kd_trk_load_checkpoints(kd_tracker *t)
 {
     char path[PATH_MAX];
-    kd_trk_path(t, F_CKPTS, path, sizeof path);
+    int prc = kd_trk_path(t, F_CKPTS, path, sizeof path);
+    if (prc != KD_OK)
+        return prc;
     char *text = NULL;
     size_t len;
     int rc = kd_file_read_all(path, KD_STATE_FILE_MAX, &text, &len, &t->err);
@@ -297,7 +299,9 @@ static int same_record(const ckrec *a, const ckrec *b)
 int kd_trk_load_deleted_journal(kd_tracker *t)
 {
     char path[PATH_MAX];
-    kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
+    int prc = kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
+    if (prc != KD_OK)
+        return prc;
     kd_jsonl_reader *r = NULL;
     kd_err e;
     t->dj_known = 0;

@@ -168,7 +168,9 @@ int kd_trk_find_cut(kd_tracker *t, const char *path, int64_t step, uint64_t *cut
 int kd_trk_scan_metrics_tail(kd_tracker *t)
 {
     char path[PATH_MAX];
-    kd_trk_path(t, F_METRICS, path, sizeof path);
+    int prc = kd_trk_path(t, F_METRICS, path, sizeof path);
+    if (prc != KD_OK)
+        return prc;
     back b;
     uint64_t size;
     t->loss_n = t->loss_head = 0;
@@ -280,7 +282,9 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
 {
     const kd_run_file *reg = kd_run_lookup(name);
     char path[PATH_MAX];
-    kd_trk_path(t, name, path, sizeof path);
+    int prc = kd_trk_path(t, name, path, sizeof path);
+    if (prc != KD_OK)
+        return prc;
     struct stat st;
     if (stat(path, &st) != 0) {
         if (*lines > 0) /* the counts are kept: the spend still counts */
@@ -376,7 +380,9 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
 int kd_trk_load(kd_tracker *t, json_t *s)
 {
     char spath[PATH_MAX];
-    kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    int prc = kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    if (prc != KD_OK)
+        return prc;
     static const char *numeric[] = {"start_time", "saved_at", "active_seconds", "paused_seconds",
                                     "total_cost", "recent_steps_per_sec"};
     for (size_t i = 0; i < sizeof numeric / sizeof numeric[0]; i++) {
@@ -515,7 +521,9 @@ void kd_trk_components_free(kd_tracker *t)
 int kd_trk_load_components(kd_tracker *t, const json_t *session)
 {
     char spath[PATH_MAX];
-    kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    int prc = kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    if (prc != KD_OK)
+        return prc;
     kd_trk_components_free(t);
     json_t *cs = json_object_get(session, "components");
     char why[256];
@@ -591,7 +599,9 @@ int kd_tracker_open_readonly(kd_tracker **out, const char *output_dir, kd_err *e
         goto out;
     }
     char spath[PATH_MAX];
-    kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    rc = kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    if (rc != KD_OK)
+        goto out;
     size_t len;
     rc = kd_file_read_all(spath, KD_STATE_FILE_MAX, &text, &len, &t->err);
     if (rc == KD_ENOTFOUND) {

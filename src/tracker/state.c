@@ -37,6 +37,36 @@ void kd_trk_mutex_init(kd_tracker *t)
     pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
     pthread_mutex_init(&t->mu, &a);
     pthread_mutexattr_destroy(&a);
+    static _Atomic uint64_t serials;
+    t->serial = ++serials;
+}
+
+/* The calling thread's last failed tracker call: which handle, and its
+   error.  kd_tracker_errmsg shows it when asked about that handle. */
+static _Thread_local struct {
+    uint64_t serial;
+    kd_err err;
+} thread_err;
+
+void kd_trk_lock(kd_tracker *t)
+{
+    pthread_mutex_lock(&t->mu);
+    if (t->lock_depth++ == 0)
+        t->err.code = KD_OK;
+}
+
+void kd_trk_unlock(kd_tracker *t)
+{
+    if (--t->lock_depth == 0 && t->err.code != KD_OK) {
+        thread_err.serial = t->serial;
+        thread_err.err = t->err;
+    }
+    pthread_mutex_unlock(&t->mu);
+}
+
+const char *kd_trk_thread_errmsg(const kd_tracker *t)
+{
+    return thread_err.serial == t->serial ? thread_err.err.msg : t->err.msg;
 }
 
 int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...)
@@ -50,10 +80,13 @@ int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...)
     return code;
 }
 
-int kd_trk_path(const kd_tracker *t, const char *name, char *out, size_t outsz)
+int kd_trk_path(kd_tracker *t, const char *name, char *out, size_t outsz)
 {
     int n = snprintf(out, outsz, "%s/%s", t->dir, name);
-    return n < 0 || (size_t)n >= outsz ? KD_ELIMIT : KD_OK;
+    if (n < 0 || (size_t)n >= outsz)
+        return kd_trk_fail(t, KD_EINVAL, "path too long (%d bytes, at most %zu): %s/%s", n,
+                           outsz ? outsz - 1 : 0, t->dir, name);
+    return KD_OK;
 }
 
 double kd_trk_wall_hours(const kd_tracker *t, double now)
@@ -279,7 +312,9 @@ static void batch_abort(batch *b)
 static int write_doc(kd_tracker *t, batch *b, const char *name, const char *buf, size_t len)
 {
     char path[PATH_MAX];
-    kd_trk_path(t, name, path, sizeof path);
+    int prc = kd_trk_path(t, name, path, sizeof path);
+    if (prc != KD_OK)
+        return prc;
     kd_atomic *a = NULL;
     int rc = kd_atomic_begin(&a, path, &t->err);
     if (rc == KD_OK)
@@ -340,7 +375,9 @@ static int move_deleted(kd_tracker *t)
     int rc = KD_OK;
     if (todo) {
         char path[PATH_MAX];
-        kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
+        rc = kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
+        if (rc != KD_OK)
+            return rc;
         kd_jsonl_opts o = {.sync = KD_SYNC_EXPLICIT};
         kd_jsonl *j = NULL;
         rc = kd_jsonl_open(&j, path, &o, NULL, &t->err);
@@ -400,7 +437,9 @@ static int move_deleted(kd_tracker *t)
 static int put_deleted_journal(kd_tracker *t, kd_sb *s)
 {
     char path[PATH_MAX];
-    kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
+    int prc = kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
+    if (prc != KD_OK)
+        return prc;
     if (!t->dj_known && !kd_path_exists(path)) {
         t->dj_known = 1;
         t->dj_size = 0;
@@ -548,7 +587,9 @@ int kd_trk_tail_print(const char *path, uint64_t offset, char hex[KD_SHA256_HEX]
 static int kv_tail_print(kd_tracker *t, kd_sb *s, const char *key, const char *name, kd_jsonl *j)
 {
     char path[PATH_MAX], hex[KD_SHA256_HEX];
-    kd_trk_path(t, name, path, sizeof path);
+    int prc = kd_trk_path(t, name, path, sizeof path);
+    if (prc != KD_OK)
+        return prc;
     kd_sb_printf(s, ",\n  \"%s\": ", key);
     if (!j) {
         kd_sb_puts(s, "null");

@@ -60,7 +60,7 @@ void kd_api_response_init(kd_api_response *r)
 
 const char *kd_tracker_errmsg(const kd_tracker *t)
 {
-    return t ? t->err.msg : "no tracker";
+    return t ? kd_trk_thread_errmsg(t) : "no tracker";
 }
 const char *kd_tracker_session_id(const kd_tracker *t)
 {
@@ -107,9 +107,9 @@ int kd_tracker_record_repair(kd_tracker *t, const char *file, const char *what)
 {
     if (!t)
         return record_repair_locked(t, file, what);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = record_repair_locked(t, file, what);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -213,9 +213,9 @@ int kd_tracker_set_component(kd_tracker *t, const char *name, const char *config
 {
     if (!t)
         return set_component_locked(t, name, config_json, version);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = set_component_locked(t, name, config_json, version);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -228,9 +228,9 @@ size_t kd_tracker_component_count(const kd_tracker *t)
 {
     if (!t)
         return component_count_locked(t);
-    pthread_mutex_lock(&((kd_tracker *)t)->mu);
+    kd_trk_lock((kd_tracker *)t);
     size_t rc_ = component_count_locked(t);
-    pthread_mutex_unlock(&((kd_tracker *)t)->mu);
+    kd_trk_unlock((kd_tracker *)t);
     return rc_;
 }
 
@@ -249,9 +249,9 @@ int kd_tracker_component_get(const kd_tracker *t, size_t i, kd_component_info *c
 {
     if (!t)
         return component_get_locked(t, i, c);
-    pthread_mutex_lock(&((kd_tracker *)t)->mu);
+    kd_trk_lock((kd_tracker *)t);
     int rc_ = component_get_locked(t, i, c);
-    pthread_mutex_unlock(&((kd_tracker *)t)->mu);
+    kd_trk_unlock((kd_tracker *)t);
     return rc_;
 }
 
@@ -387,7 +387,9 @@ static int open_journals(kd_tracker *t)
     };
     for (size_t i = 0; i < sizeof js / sizeof js[0]; i++) {
         char path[PATH_MAX];
-        kd_trk_path(t, js[i].name, path, sizeof path);
+        int prc = kd_trk_path(t, js[i].name, path, sizeof path);
+        if (prc != KD_OK)
+            return prc;
         /* metrics: the tracker times its own writes (write_held), so the
            journal need not read the clock at every line */
         kd_jsonl_opts o = {.sync = js[i].sync,
@@ -460,14 +462,13 @@ static void remove_stale_temps(kd_tracker *t)
 }
 
 /* Files that, without a session.json, mean a crash or foreign leftovers. */
-static int has_leftovers(const kd_tracker *t)
+static int has_leftovers(kd_tracker *t)
 {
     const char *names[] = {F_METRICS, F_API, F_CKPTS, F_FAILURES, F_PROGRESS};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         char p[PATH_MAX];
-        kd_trk_path(t, names[i], p, sizeof p);
-        if (kd_path_exists(p))
-            return 1;
+        if (kd_trk_path(t, names[i], p, sizeof p) != KD_OK || kd_path_exists(p))
+            return 1; /* a path too long: refuse rather than guess */
     }
     return 0;
 }
@@ -539,7 +540,9 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
     }
 
     char spath[PATH_MAX];
-    kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    rc = kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    if (rc != KD_OK)
+        goto fail;
     size_t len = 0;
     rc = kd_file_read_all(spath, KD_STATE_FILE_MAX, &text, &len, &t->err);
     if (rc == KD_ENOTFOUND) {
@@ -887,9 +890,9 @@ int kd_tracker_update_metrics(kd_tracker *t, const kd_metrics *m)
 {
     if (!t)
         return update_metrics_locked(t, m);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = update_metrics_locked(t, m);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -1035,9 +1038,9 @@ int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c)
 {
     if (!t)
         return record_checkpoint_locked(t, c);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = record_checkpoint_locked(t, c);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -1050,9 +1053,9 @@ size_t kd_tracker_checkpoint_count(const kd_tracker *t)
 {
     if (!t)
         return checkpoint_count_locked(t);
-    pthread_mutex_lock(&((kd_tracker *)t)->mu);
+    kd_trk_lock((kd_tracker *)t);
     size_t rc_ = checkpoint_count_locked(t);
-    pthread_mutex_unlock(&((kd_tracker *)t)->mu);
+    kd_trk_unlock((kd_tracker *)t);
     return rc_;
 }
 
@@ -1082,9 +1085,9 @@ int kd_tracker_checkpoint_get(const kd_tracker *t, size_t i, kd_checkpoint_recor
 {
     if (!t)
         return checkpoint_get_locked(t, i, r);
-    pthread_mutex_lock(&((kd_tracker *)t)->mu);
+    kd_trk_lock((kd_tracker *)t);
     int rc_ = checkpoint_get_locked(t, i, r);
-    pthread_mutex_unlock(&((kd_tracker *)t)->mu);
+    kd_trk_unlock((kd_tracker *)t);
     return rc_;
 }
 
@@ -1143,9 +1146,9 @@ int kd_tracker_checkpoint_deleted(kd_tracker *t, int64_t step, const char *reaso
 {
     if (!t)
         return checkpoint_deleted_locked(t, step, reason);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = checkpoint_deleted_locked(t, step, reason);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -1217,9 +1220,9 @@ int kd_tracker_recovery_checkpoint(kd_tracker *t, kd_recovery *r)
 {
     if (!t)
         return recovery_checkpoint_locked(t, r);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = recovery_checkpoint_locked(t, r);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -1239,9 +1242,9 @@ int kd_tracker_best_checkpoint(kd_tracker *t, kd_recovery *r)
 {
     if (!t)
         return best_checkpoint_locked(t, r);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = best_checkpoint_locked(t, r);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -1346,9 +1349,9 @@ int kd_tracker_record_api_responses(kd_tracker *t, const kd_api_response *rs, si
 {
     if (!t)
         return record_api_responses_locked(t, rs, n);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = record_api_responses_locked(t, rs, n);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -1363,9 +1366,9 @@ int kd_tracker_record_api_response(kd_tracker *t, const kd_api_response *r)
 {
     if (!t)
         return record_api_response_locked(t, r);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = record_api_response_locked(t, r);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -1404,9 +1407,9 @@ int kd_tracker_record_connection_failure(kd_tracker *t, const kd_failure *f)
 {
     if (!t)
         return record_connection_failure_locked(t, f);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = record_connection_failure_locked(t, f);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -1451,9 +1454,9 @@ int kd_tracker_record_pause(kd_tracker *t, double duration)
 {
     if (!t)
         return record_pause_locked(t, duration);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = record_pause_locked(t, duration);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -1475,9 +1478,9 @@ int kd_tracker_save(kd_tracker *t)
 {
     if (!t)
         return save_locked(t);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = save_locked(t);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -1495,7 +1498,9 @@ static int rewind_locked(kd_tracker *t, int64_t step)
         return rc;
     /* Find the end of the last line whose step is <= `step`. */
     char path[PATH_MAX];
-    kd_trk_path(t, F_METRICS, path, sizeof path);
+    rc = kd_trk_path(t, F_METRICS, path, sizeof path);
+    if (rc != KD_OK)
+        return rc;
     uint64_t size = kd_jsonl_size(t->metrics);
     uint64_t cut = size;
     int64_t moved = 0;
@@ -1504,7 +1509,9 @@ static int rewind_locked(kd_tracker *t, int64_t step)
         return rc;
     if (cut < size) {
         char aside[PATH_MAX];
-        kd_trk_path(t, F_REWOUND, aside, sizeof aside);
+        rc = kd_trk_path(t, F_REWOUND, aside, sizeof aside);
+        if (rc != KD_OK)
+            return rc;
         rc = kd_jsonl_move_tail(t->metrics, cut, aside, &t->err);
         if (rc != KD_OK)
             return rc;
@@ -1543,9 +1550,9 @@ int kd_tracker_rewind(kd_tracker *t, int64_t step)
 {
     if (!t)
         return rewind_locked(t, step);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = rewind_locked(t, step);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -1605,9 +1612,9 @@ int kd_tracker_summary(kd_tracker *t, kd_summary *s)
 {
     if (!t)
         return summary_locked(t, s);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = summary_locked(t, s);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
@@ -1623,18 +1630,24 @@ int kd_tracker_summary_json(kd_tracker *t, char **json_out)
 {
     if (!t)
         return summary_json_locked(t, json_out);
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc_ = summary_json_locked(t, json_out);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     return rc_;
 }
 
 int kd_tracker_close(kd_tracker *t)
 {
+    return kd_tracker_close_err(t, NULL);
+}
+
+int kd_tracker_close_err(kd_tracker *t, kd_err *e)
+{
+    kd_err_clear(e);
     if (!t)
         return KD_OK;
     /* waits for a call in progress on another thread; none may follow */
-    pthread_mutex_lock(&t->mu);
+    kd_trk_lock(t);
     int rc = KD_OK;
     if (!t->readonly && t->metrics) {
         rc = sync_metrics(t);
@@ -1645,16 +1658,25 @@ int kd_tracker_close(kd_tracker *t)
         if (rc == KD_OK)
             rc = r2;
     }
-    kd_err ignore;
+    kd_err first = {0};
     kd_jsonl *js[] = {t->metrics, t->api, t->failures, t->events};
     int r3 = KD_OK; /* the first error, never codes OR-ed together */
     for (size_t i = 0; i < sizeof js / sizeof js[0]; i++) {
-        int r = kd_jsonl_close(js[i], &ignore);
-        if (r3 == KD_OK)
+        kd_err je;
+        int r = kd_jsonl_close(js[i], &je);
+        if (r3 == KD_OK && r != KD_OK) {
             r3 = r;
+            first = je;
+        }
     }
-    if (rc == KD_OK && r3 != KD_OK && !t->readonly)
+    if (rc == KD_OK && r3 != KD_OK && !t->readonly) {
         rc = r3;
+        t->err = first;
+    }
+    if (rc != KD_OK && e) {
+        *e = t->err;
+        e->code = rc;
+    }
     kd_dir_unlock(t->lock);
     for (size_t i = 0; i < t->nck; i++)
         kd_trk_ck_free(&t->ck[i]);
@@ -1664,7 +1686,7 @@ int kd_tracker_close(kd_tracker *t)
     kd_trk_components_free(t);
     kd_sb_free(&t->report);
     kd_sb_free(&t->line);
-    pthread_mutex_unlock(&t->mu);
+    kd_trk_unlock(t);
     pthread_mutex_destroy(&t->mu);
     free(t);
     return rc;

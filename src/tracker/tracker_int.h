@@ -90,7 +90,9 @@ typedef struct rate_point {
 struct kd_tracker {
     pthread_mutex_t mu;      /* recursive; every public call holds it (tracker.h) */
     char dir[PATH_MAX];
-    kd_err err;
+    kd_err err;              /* the current call's error; see kd_trk_lock */
+    unsigned lock_depth;     /* nesting of public calls on this thread (under mu) */
+    uint64_t serial;         /* unique per handle, names it in the per-thread error */
     int readonly;
     kd_lock *lock;
     kd_jsonl *metrics, *api, *failures, *events;
@@ -168,8 +170,20 @@ int kd_trk_is_hex32(const char *s);      /* 32 lowercase hex digits (XXH3-128) *
    the record has one, else SHA-256.  0 when it matches, 1 when it differs,
    -1 when it cannot be read (message in *e); *algo names the hash used. */
 int kd_trk_ck_hash_check(const ckrec *c, const char *path, const char **algo, kd_err *e);
+/* Every public call brackets its work with these (instead of locking mu
+   directly): the outermost lock clears err.code, the outermost unlock of a
+   call that failed copies err to the calling thread's own slot, which
+   kd_tracker_errmsg reads, so two threads' errors never overwrite each
+   other. */
+void kd_trk_lock(kd_tracker *t);
+void kd_trk_unlock(kd_tracker *t);
+/* kd_tracker_errmsg: the calling thread's own message for t, else t->err.msg. */
+const char *kd_trk_thread_errmsg(const kd_tracker *t);
 int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-int kd_trk_path(const kd_tracker *t, const char *name, char *out, size_t outsz);
+/* "<dir>/<name>" into out; KD_EINVAL naming the path (message on t) when it
+   does not fit: never a silently truncated path. */
+int kd_trk_path(kd_tracker *t, const char *name, char *out, size_t outsz)
+    __attribute__((warn_unused_result));
 double kd_trk_active(const kd_tracker *t, double now);
 double kd_trk_wall_hours(const kd_tracker *t, double now); /* now - start_time, >= 0 */
 void kd_trk_rates(const kd_tracker *t, double *steps, double *samples, double *tokens);

@@ -28,6 +28,10 @@ class Tracker(unittest.TestCase):
     def setUp(self):
         self.dir = os.path.join(kdtest.workdir("tracker_" + self._testMethodName), "tp")
 
+    def test_library_version_is_the_package_version(self):
+        # the libkdkit loaded is the one this package was written for
+        self.assertEqual(kdkit.library_version, kdkit.__version__)
+
     def test_numpy_config_is_the_same_config(self):
         a = {"lr": np.float64(0.25), "n": np.int64(3), "dims": np.array([1, 2]),
              "path": Path("/data"), "nested": {"flag": np.bool_(True)}}
@@ -120,8 +124,13 @@ class Tracker(unittest.TestCase):
                 f.write(b"weights")
             t.record_checkpoint(step=2, checkpoint_path=Path(ck), dataset_position=16,
                                 recovery_tags=("keep",))
+            t.record_api_response(prompt="q", response={"refusal": "no"}, cost=0.0,
+                                  refusal=True)
             s = t.get_progress_summary()
             self.assertEqual(s["total_cost"], 0.5)
+            self.assertEqual((s["api_responses_saved"], s["api_refusals"]), (2, 1))
+            ledger = jsonl(self.dir, "api_recovery.jsonl")
+            self.assertEqual([x.get("refusal", False) for x in ledger], [False, True])
             self.assertEqual(s["possibly_billed_failures"], 1)
             r = t.get_recovery_checkpoint()
             self.assertEqual((r.step, r.dataset_position, r.size), (2, 16, 7))
@@ -139,7 +148,7 @@ class Tracker(unittest.TestCase):
         self.assertEqual(m[1]["loss"], 1.5)
         self.assertEqual(m[1]["samples_processed"], 16)
         api = jsonl(self.dir, "api_recovery.jsonl")
-        self.assertEqual(len(api), 101)
+        self.assertEqual(len(api), 102)  # 1 + the refusal + 2 threads x 50
         self.assertEqual(json.loads(api[0]["response"]), {"text": "hi", "n": 2})
         self.assertEqual(api[0]["sample_index"], 7)
         f = jsonl(self.dir, "failures.jsonl")

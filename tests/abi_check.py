@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""What an embedder of libkdkit.so sees, checked against the public headers.
+
+  abi_check.py SOURCE_DIR LIBKDKIT_SO KDKIT_BINARY PROJECT_VERSION
+
+1. Every function declared in include/kdkit/*.h is marked KD_API (a
+   declaration without it would be silently hidden by -fvisibility=hidden).
+2. The shared library's dynamic symbol table defines exactly those
+   functions: nothing internal (kd_sys_open, a helper of one layer...), nothing
+   missing (a declaration whose definition was dropped or renamed).  Names
+   starting with "_" are the toolchain's (sanitizer runtimes, _init, _fini).
+3. Every C function the Python binding (python/kdkit, ctypes) looks up is
+   exported, so `import kdkit` cannot fail with an AttributeError on a
+   library built from this tree.
+4. One version everywhere: KD_VERSION_* in kdkit/api.h, CMake's project
+   version, `kdkit --version`, the shared library's file name, and the Python
+   package's __version__ and pyproject.toml.
+
+Prints each problem with the file it is in; exits 1 if there is any.
+"""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+
+def strip_comments_and_cpp(text):
+    text = re.sub(r"/\*.*?\*/", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S)
+    text = re.sub(r"//[^\n]*", "", text)
+    out = []
+    cont = False
+    for line in text.split("\n"):
+        if cont or line.lstrip().startswith("#"):
+            cont = line.endswith("\\")
+            out.append("")
+            continue
+        out.append(line)
+    text = "\n".join(out)
+    return text.replace('extern "C" {', "")
+
+
+def header_declarations(path):
+    """[(name, has_kd_api, line)] of the top-level function declarations."""
+    text = strip_comments_and_cpp(open(path, encoding="utf-8").read())
+    decls = []
+    depth = 0
+    stmt = []
+    stmt_line = None
+    line = 1
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if ch == "{":
+            depth += 1
+            continue
+        if ch == "}":
+            depth = max(0, depth - 1)
+            continue
+        if depth > 0:
+            continue
+        if ch == ";":
+            s = " ".join("".join(stmt).split())
+            stmt, start = [], stmt_line
+            stmt_line = None
+            if "(" not in s or s.startswith(("typedef", "_Static_assert", "static_assert")):
+                continue
+            words = s.split()
+            if "static" in words:
+                decls.append((None, False, start, "static function in a public header: " + s))
+                continue
+            m = re.match(r"(.*?)\b([A-Za-z_]\w*)\s*\(", s)
+            if not m:
+                decls.append((None, False, start, "cannot parse declaration: " + s))
+                continue
+            decls.append((m.group(2), re.search(r"\bKD_API\b", m.group(1)) is not None, start, s))
+            continue
+        if stmt_line is None and not ch.isspace():
+            stmt_line = line
+        stmt.append(ch)
+    return decls
+
+
+def exported(lib):
+    out = subprocess.run(["nm", "-D", "--defined-only", lib], check=True,
+                         capture_output=True, text=True).stdout
+    syms = {}
+    for row in out.splitlines():
+        parts = row.split()
+        if len(parts) >= 3:
+            syms[parts[2].split("@")[0]] = parts[1]
+    return {n: t for n, t in syms.items() if not n.startswith("_")}
+
+
+def python_names(src):
+    names = {}
+    for py in sorted(glob.glob(os.path.join(src, "python", "kdkit", "*.py"))):
+        text = open(py, encoding="utf-8").read()
+        for m in re.finditer(r'_fn\(\s*"(\w+)"|\blib\.(kd_\w+)', text):
+            names.setdefault(m.group(1) or m.group(2), os.path.relpath(py, src))
+    return names
+
+
+def main():
+    src, lib, kdkit, project_version = sys.argv[1:5]
+    problems = []
+
+    declared = {}
+    for h in sorted(glob.glob(os.path.join(src, "include", "kdkit", "*.h"))):
+        rel = os.path.relpath(h, src)
+        for name, has_api, line, s in header_declarations(h):
+            if name is None:
+                problems.append("%s:%s: %s" % (rel, line, s))
+                continue
+            if not has_api:
+                problems.append("%s:%s: %s is declared without KD_API (hidden from libkdkit.so)"
+                                % (rel, line, name))
+            declared[name] = "%s:%s" % (rel, line)
+    if len(declared) < 100:
+        problems.append("only %d public declarations found: the header parser is broken"
+                        % len(declared))
+
+    syms = exported(lib)
+    for name in sorted(set(syms) - set(declared)):
+        problems.append("%s exports %s (nm type %s), which no public header declares KD_API"
+                        % (lib, name, syms[name]))
+    for name in sorted(set(declared) - set(syms)):
+        problems.append("%s: %s is declared KD_API but %s does not export it"
+                        % (declared[name], name, lib))
+
+    py = python_names(src)
+    if len(py) < 20:
+        problems.append("only %d ctypes names found in python/kdkit: the scan is broken" % len(py))
+    for name in sorted(py):
+        if name not in syms:
+            problems.append("%s looks up %s, which %s does not export" % (py[name], name, lib))
+
+    api = open(os.path.join(src, "include", "kdkit", "api.h"), encoding="utf-8").read()
+    parts = [re.search(r"#define KD_VERSION_%s (\d+)" % p, api) for p in ("MAJOR", "MINOR", "PATCH")]
+    header_version = ".".join(m.group(1) for m in parts) if all(parts) else None
+    if header_version != project_version:
+        problems.append("kdkit/api.h says version %s, CMake's project version is %s"
+                        % (header_version, project_version))
+    cli = subprocess.run([kdkit, "--version"], capture_output=True, text=True)
+    if cli.returncode != 0 or cli.stdout != "kdkit %s\n" % project_version:
+        problems.append("`kdkit --version` printed %r (exit %d), expected 'kdkit %s'"
+                        % (cli.stdout, cli.returncode, project_version))
+    real = os.path.basename(os.path.realpath(lib))
+    if real != "libkdkit.so.%s" % project_version:
+        problems.append("the shared library is %s, expected libkdkit.so.%s" % (real, project_version))
+    init = open(os.path.join(src, "python", "kdkit", "__init__.py"), encoding="utf-8").read()
+    m = re.search(r'__version__ = "([^"]+)"', init)
+    if not m or m.group(1) != project_version:
+        problems.append("python/kdkit/__init__.py: __version__ %s, expected %s"
+                        % (m.group(1) if m else "missing", project_version))
+    toml = open(os.path.join(src, "python", "pyproject.toml"), encoding="utf-8").read()
+    m = re.search(r'^version = "([^"]+)"', toml, re.M)
+    if not m or m.group(1) != project_version:
+        problems.append("python/pyproject.toml: version %s, expected %s"
+                        % (m.group(1) if m else "missing", project_version))
+
+    for p in problems:
+        print("FAIL: " + p)
+    print("%d public functions declared, %d exported, %d looked up by the Python binding; "
+          "version %s; %d problem(s)" % (len(declared), len(syms), len(py), project_version,
+                                          len(problems)))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
