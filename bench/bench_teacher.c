@@ -56,7 +56,10 @@ static int bench_cache(const char *dir, int nins, int nlook)
     for (int i = 0; i < nins; i++) {
         char s[32];
         snprintf(s, sizeof s, "bench-%d", i);
-        kd_sha256_hex(s, strlen(s), keys[i]);
+        if (kd_sha256_hex(s, strlen(s), keys[i]) != KD_OK) {
+            free(keys);
+            return 1;
+        }
     }
     double t0 = now();
     for (int i = 0; i < nins; i++) {

@@ -299,7 +299,8 @@ static void bench_checkpoints(const char *root)
     kd_err e;
     kd_file_write_atomic(path, "weights", 7, &e);
     char hex[KD_SHA256_HEX];
-    kd_sha256_hex("weights", 7, hex);
+    if (kd_sha256_hex("weights", 7, hex) != KD_OK)
+        return;
     const char *tags[] = {"every_1k_steps"};
     int marks[] = {1, 100, 1000};
     int mi = 0;

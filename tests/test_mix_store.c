@@ -91,7 +91,7 @@ static void test_roundtrip(void **state)
     assert_int_equal(kd_mix_completed(m), 3);
     char id[KD_SHA256_HEX], buf[200];
     snprintf(buf, sizeof buf, "%s:%s", H1, H2);
-    kd_sha256_hex(buf, strlen(buf), id);
+    assert_int_equal(kd_sha256_hex(buf, strlen(buf), id), KD_OK);
     assert_string_equal(kd_mix_identity(m), id);
     kd_mix_row row;
     assert_int_equal(kd_mix_row_get(m, 0, &row, &e), KD_OK);

@@ -231,7 +231,7 @@ static void k64(char out[65], int i)
 {
     char s[32];
     snprintf(s, sizeof s, "k%d", i);
-    kd_sha256_hex(s, strlen(s), out);
+    assert_int_equal(kd_sha256_hex(s, strlen(s), out), KD_OK);
 }
 
 static void test_put_get_versions_counters(void **state)

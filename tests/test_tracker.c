@@ -282,7 +282,7 @@ static void test_checkpoints_manifest_best_and_recovery(void **state)
     assert_int_equal(json_integer_value(json_object_get(rec, "size")), 13);
     /* the tracker hashed the file itself: XXH3-128, no SHA-256 */
     char hex[KD_XXH3_HEX];
-    kd_xxh3_hex("weights at 20", 13, hex);
+    assert_int_equal(kd_xxh3_hex("weights at 20", 13, hex), KD_OK);
     assert_string_equal(json_string_value(json_object_get(rec, "xxh3_128")), hex);
     assert_null(json_object_get(rec, "sha256"));
     assert_string_equal(json_string_value(json_object_get(rec, "relative_path")),
@@ -338,16 +338,16 @@ static void test_checkpoint_sha256_records_still_honoured(void **state)
     const char *p = path_in(dir, "checkpoint_10.safetensors");
     write_file(p, "old weights");
     char sha[KD_SHA256_HEX], xxh[KD_XXH3_HEX];
-    kd_sha256_hex("old weights", 11, sha);
-    kd_xxh3_hex("old weights", 11, xxh);
+    assert_int_equal(kd_sha256_hex("old weights", 11, sha), KD_OK);
+    assert_int_equal(kd_xxh3_hex("old weights", 11, xxh), KD_OK);
     kd_checkpoint_info c = {.step = 10, .path = p, .dataset_position = 320, .sha256 = sha, .size = 11};
     assert_int_equal(kd_tracker_record_checkpoint(t, &c), KD_OK);
     log_steps(t, 11, 20);
     const char *p2 = path_in(dir, "checkpoint_20.safetensors");
     write_file(p2, "new weights");
     char sha2[KD_SHA256_HEX], xxh2[KD_XXH3_HEX];
-    kd_sha256_hex("new weights", 11, sha2);
-    kd_xxh3_hex("new weights", 11, xxh2);
+    assert_int_equal(kd_sha256_hex("new weights", 11, sha2), KD_OK);
+    assert_int_equal(kd_xxh3_hex("new weights", 11, xxh2), KD_OK);
     kd_checkpoint_info c2 = {.step = 20, .path = p2, .dataset_position = 640, .sha256 = sha2,
                              .xxh3_128 = xxh2, .size = 11};
     assert_int_equal(kd_tracker_record_checkpoint(t, &c2), KD_OK);
@@ -599,7 +599,7 @@ static void test_api_responses_and_failures(void **state)
     assert_int_equal(json_array_size(a), 3); /* wc -l = responses */
     json_t *l = json_array_get(a, 0);
     char hex[KD_SHA256_HEX];
-    kd_sha256_hex("What is 2+2?", 12, hex);
+    assert_int_equal(kd_sha256_hex("What is 2+2?", 12, hex), KD_OK);
     assert_string_equal(json_string_value(json_object_get(l, "prompt_hash")), hex);
     assert_string_equal(json_string_value(json_object_get(l, "response")), "4, \"quoted\"\nnewline");
     assert_true(json_number_value(json_object_get(l, "cost")) == 0.25);
@@ -1020,7 +1020,8 @@ static void test_hostile_session_files(void **state)
     assert_non_null(strstr(e.msg, "checkpoints.json"));
     char *now = NULL;
     size_t nlen;
-    kd_file_read_all(path_in(dir, "checkpoints.json"), 1 << 20, &now, &nlen, NULL);
+    assert_int_equal(kd_file_read_all(path_in(dir, "checkpoints.json"), 1 << 20, &now, &nlen, NULL),
+                     KD_OK);
     assert_int_equal(nlen, hlen);
     free(now);
     free(hostile);

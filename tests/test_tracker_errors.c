@@ -6,12 +6,14 @@
  * a close failed although the handle is gone.
  */
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <cmocka.h>
 
@@ -114,11 +116,56 @@ static void test_close_reports_its_message(void **state)
     free(dir);
 }
 
+/* An output directory so deep that "<dir>/<file>" no longer fits PATH_MAX:
+   the open refuses with KD_EINVAL and says which path is too long, instead
+   of reading or writing a silently truncated name. */
+static void test_path_too_long_is_refused_by_name(void **state)
+{
+    (void)state;
+    char *root = kdt_tmpdir("trk_errors_long");
+    size_t cap = PATH_MAX + 256;
+    char *dir = malloc(cap);
+    assert_non_null(dir);
+    snprintf(dir, cap, "%s", root);
+    char part[201];
+    memset(part, 'd', 200);
+    part[200] = '\0';
+    /* deep enough that the directory itself is fine, but not its files */
+    while (strlen(dir) + 1 + strlen(part) < PATH_MAX - 24) {
+        size_t l = strlen(dir);
+        snprintf(dir + l, cap - l, "/%s", part);
+        assert_int_equal(mkdir(dir, 0755), 0);
+    }
+    size_t l = strlen(dir);
+    size_t pad = PATH_MAX - 20 - l;
+    dir[l] = '/';
+    memset(dir + l + 1, 'e', pad);
+    dir[l + 1 + pad] = '\0';
+    assert_int_equal(mkdir(dir, 0755), 0);
+    kd_tracker *t = NULL;
+    kd_err e;
+    int rc = kd_tracker_open(&t, dir, CFG, 10, NULL, &e);
+    assert_int_not_equal(rc, KD_OK);
+    assert_null(t);
+    assert_non_null(strstr(e.msg, "too long"));
+    assert_int_equal(rc, KD_EINVAL);
+    assert_non_null(strstr(e.msg, "output directory path too long"));
+    assert_non_null(strstr(e.msg, root)); /* names it (as much as a message holds) */
+    /* the read-only open (status, verify) says the same */
+    rc = kd_tracker_open_readonly(&t, dir, &e);
+    assert_int_equal(rc, KD_EINVAL);
+    assert_non_null(strstr(e.msg, "output directory path too long"));
+    kdt_rmrf(root);
+    free(dir);
+    free(root);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_each_thread_reads_its_own_error),
         cmocka_unit_test(test_close_reports_its_message),
+        cmocka_unit_test(test_path_too_long_is_refused_by_name),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

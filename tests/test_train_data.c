@@ -114,7 +114,7 @@ static void test_directory_rules(void **state)
     assert_int_equal(kd_train_data_files(d), 3);
     assert_int_equal(kd_train_data_bytes(d), 12);
     char hex[KD_SHA256_HEX];
-    kd_sha256_hex("AAAA\nBBBB\nCC", 12, hex);
+    assert_int_equal(kd_sha256_hex("AAAA\nBBBB\nCC", 12, hex), KD_OK);
     assert_string_equal(kd_train_data_sha256(d), hex);
     assert_int_equal(kd_train_data_n_train(d), 6);
     assert_int_equal(kd_train_data_n_val(d), 0);

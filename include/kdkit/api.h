@@ -23,6 +23,15 @@
 #define KD_API
 #endif
 
+/* On a function whose result must be checked (a hash or path that may not
+   have been produced): ignoring it is a compiler warning, an error with
+   -Werror. */
+#if defined(__GNUC__) || defined(__clang__)
+#define KD_NODISCARD __attribute__((warn_unused_result))
+#else
+#define KD_NODISCARD
+#endif
+
 #define KD_VERSION_MAJOR 0
 #define KD_VERSION_MINOR 1
 #define KD_VERSION_PATCH 0

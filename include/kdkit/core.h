@@ -99,7 +99,7 @@ int kd_fsync_dir(const char *dir, kd_err *e);
  * the file is larger than `max` bytes, KD_ENOTFOUND when it does not exist,
  * KD_EINVAL when it is a FIFO, device or socket (refused without blocking).
  */
-KD_API
+KD_API KD_NODISCARD
 int kd_file_read_all(const char *path, size_t max, char **out, size_t *len, kd_err *e);
 
 /* mkdir -p; existing directories are fine. */
@@ -241,7 +241,7 @@ void kd_dir_unlock(kd_lock *l);
 #define KD_SHA256_HEX 65 /* 64 hex digits and the NUL */
 
 typedef struct kd_sha256 kd_sha256;
-KD_API
+KD_API KD_NODISCARD
 int kd_sha256_new(kd_sha256 **out);
 KD_API
 void kd_sha256_update(kd_sha256 *h, const void *data, size_t len);
@@ -251,11 +251,11 @@ void kd_sha256_final_hex(kd_sha256 *h, char hex[KD_SHA256_HEX]);
 KD_API
 void kd_sha256_free(kd_sha256 *h);
 /* One-shot forms. */
-KD_API
+KD_API KD_NODISCARD
 int kd_sha256_hex(const void *data, size_t len, char hex[KD_SHA256_HEX]);
 /* Hash a file's content; *size (may be NULL) gets its length.  A FIFO,
    device or directory is refused (KD_EINVAL) before it is read. */
-KD_API
+KD_API KD_NODISCARD
 int kd_sha256_file(const char *path, char hex[KD_SHA256_HEX], uint64_t *size, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
@@ -266,7 +266,7 @@ int kd_sha256_file(const char *path, char hex[KD_SHA256_HEX], uint64_t *size, kd
 
 typedef struct kd_xxh3 kd_xxh3;
 /* KD_ENOMEM, KD_EINVAL. */
-KD_API
+KD_API KD_NODISCARD
 int kd_xxh3_new(kd_xxh3 **out);
 KD_API
 void kd_xxh3_update(kd_xxh3 *h, const void *data, size_t len);
@@ -276,12 +276,12 @@ void kd_xxh3_final_hex(kd_xxh3 *h, char hex[KD_XXH3_HEX]);
 KD_API
 void kd_xxh3_free(kd_xxh3 *h);
 /* One-shot (KD_EINVAL for NULL data with len > 0). */
-KD_API
+KD_API KD_NODISCARD
 int kd_xxh3_hex(const void *data, size_t len, char hex[KD_XXH3_HEX]);
 /* Hash a file's content; *size (may be NULL) gets its length.  KD_EINVAL for
    a FIFO, device or directory (refused before it is read), KD_ENOTFOUND,
    KD_EIO (sys_errno set), KD_ENOMEM. */
-KD_API
+KD_API KD_NODISCARD
 int kd_xxh3_file(const char *path, char hex[KD_XXH3_HEX], uint64_t *size, kd_err *e);
 
 /* ------------------------------------------------------------------------ */
@@ -300,11 +300,11 @@ int kd_xxh3_file(const char *path, char hex[KD_XXH3_HEX], uint64_t *size, kd_err
  * \u0000 (a jansson limit), are rejected.  Invalid input gives KD_ECORRUPT
  * with the line and column.
  */
-KD_API
+KD_API KD_NODISCARD
 int kd_json_canonical(const char *json, size_t len, char **out, kd_err *e);
 
 /* SHA-256 hex of the canonical form: the config hash of a session. */
-KD_API
+KD_API KD_NODISCARD
 int kd_json_hash(const char *json, size_t len, char hex[KD_SHA256_HEX], kd_err *e);
 
 /*
@@ -324,7 +324,15 @@ int kd_config_parse_yaml(const char *name, const char *text, size_t len, char **
                          kd_err *e);
 
 /* ------------------------------------------------------------------------ */
-/* Fault injection (for tests; costs one branch per system call otherwise)   */
+/* TEST-ONLY: fault injection                                                */
+/*
+ * For the library's own tests and an embedder's crash tests, never for a
+ * production program: a planned fault makes every later file operation of
+ * the whole process (all handles, all threads) fail as told, including the
+ * writes of a run that must not fail.  Not synchronised with calls in
+ * flight: plan faults while no other thread uses the library.  Unused, it
+ * costs one branch per system call.  Cannot fail.
+ */
 
 typedef enum kd_fault_op {
     KD_FAULT_OPEN = 0,

@@ -135,6 +135,10 @@ static int parse_jsonl(kd_mix_prompts *p, const char *s, size_t n, kd_mix_prompt
             why = "\"id\" must be a string or an integer";
             goto out;
         }
+        if (!q->id) {
+            rc = kd_err_set(e, KD_ENOMEM, "out of memory");
+            goto out;
+        }
     }
     if (pr) {
         if (!json_is_string(pr)) {

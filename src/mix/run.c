@@ -653,7 +653,11 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
     s.avg_msgs = 1;
     char idbuf[200], identity[KD_SHA256_HEX];
     int idn = snprintf(idbuf, sizeof idbuf, "%s:%s", c.config_hash, psha);
-    kd_sha256_hex(idbuf, (size_t)idn, identity);
+    if (idn < 0 || (size_t)idn >= sizeof idbuf ||
+        kd_sha256_hex(idbuf, (size_t)idn, identity) != KD_OK) {
+        rc = kd_err_set(e, KD_ENOMEM, "cannot compute the mix identity (out of memory)");
+        goto out;
+    }
 
     /* What the directory holds, read-only, before anything is created. */
     size_t dl = strlen(o->output_dir) + 64;
@@ -997,15 +1001,18 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
             row.params_json = c.params_json;
             row.kd_unbiased = c.unbiased;
             char ph[KD_SHA256_HEX];
+            if (kd_sha256_hex(sl->q.text, sl->q.text_len, ph) != KD_OK) {
+                rc = kd_err_set(e, KD_ENOMEM, "out of memory hashing prompt %lld",
+                                (long long)sl->q.index);
+                break;
+            }
             if (sl->u < 0) {
-                kd_sha256_hex(sl->q.text, sl->q.text_len, ph);
                 row.prompt_hash = ph;
                 row.status = KD_MIX_ST_SKIPPED;
                 rc = kd_mix_writer_append(w, &row, e);
                 continue;
             }
             kd_teacher_result *res = &ures[sl->u];
-            kd_sha256_hex(sl->q.text, sl->q.text_len, ph);
             row.prompt_hash = ph;
             row.request_key = sl->key;
             if (res->rc == KD_EBUDGET || res->rc == KD_EQUOTA || res->rc == KD_ENOMEM) {

@@ -232,7 +232,10 @@ int kd_mix_progress_parse(const char *text, size_t len, const char *where, kd_mi
     {
         char buf[200], id[KD_SHA256_HEX];
         int n = snprintf(buf, sizeof buf, "%s:%s", p->config_hash, p->prompts_sha256);
-        kd_sha256_hex(buf, (size_t)n, id);
+        if (n < 0 || (size_t)n >= sizeof buf || kd_sha256_hex(buf, (size_t)n, id) != KD_OK) {
+            bad = "\"identity\" cannot be checked (out of memory)";
+            goto out;
+        }
         if (strcmp(id, p->identity) != 0) {
             bad = "\"identity\" is not SHA-256(config_hash:prompts_sha256)";
             goto out;
@@ -553,7 +556,12 @@ int kd_mix_writer_open(kd_mix_writer **out, const char *dir, const char *config_
     memcpy(w->prompts_sha, prompts_sha256, KD_SHA256_HEX);
     char buf[200];
     int bl = snprintf(buf, sizeof buf, "%s:%s", config_hash, prompts_sha256);
-    kd_sha256_hex(buf, (size_t)bl, w->identity);
+    int hrc = bl < 0 || (size_t)bl >= sizeof buf ? KD_EINVAL
+                                                 : kd_sha256_hex(buf, (size_t)bl, w->identity);
+    if (hrc != KD_OK) {
+        free(w);
+        return kd_err_set(e, KD_ENOMEM, "kd_mix_writer_open: cannot compute the identity");
+    }
     w->dir = strdup(dir);
     w->rows_path = join(dir, KD_MIX_ROWS_FILE);
     w->idx_path = join(dir, KD_MIX_INDEX_FILE);

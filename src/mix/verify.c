@@ -59,9 +59,14 @@ int kd_mix_verify(const char *dir, kd_verify_report_fn cb, void *ctx, kd_err *e)
 {
     vstate v = {.cb = cb, .ctx = ctx};
     char ppath[4096], rpath[4096], ipath[4096], what[KD_ERRMSG_MAX + 128];
-    snprintf(ppath, sizeof ppath, "%s/%s", dir, KD_MIX_PROGRESS_FILE);
-    snprintf(rpath, sizeof rpath, "%s/%s", dir, KD_MIX_ROWS_FILE);
-    snprintf(ipath, sizeof ipath, "%s/%s", dir, KD_MIX_INDEX_FILE);
+    int lp = snprintf(ppath, sizeof ppath, "%s/%s", dir, KD_MIX_PROGRESS_FILE);
+    int lr = snprintf(rpath, sizeof rpath, "%s/%s", dir, KD_MIX_ROWS_FILE);
+    int li = snprintf(ipath, sizeof ipath, "%s/%s", dir, KD_MIX_INDEX_FILE);
+    if (lp < 0 || lr < 0 || li < 0 || (size_t)lp >= sizeof ppath || (size_t)lr >= sizeof rpath ||
+        (size_t)li >= sizeof ipath)
+        return kd_err_set(e, KD_EINVAL, "kd_mix_verify: directory path too long (at most %zu "
+                                        "bytes with the file names): %s",
+                          sizeof ppath - 40, dir);
     char *txt = NULL;
     size_t len = 0;
     kd_err pe;

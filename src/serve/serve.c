@@ -1641,6 +1641,10 @@ int kd_serve_start(kd_serve **out, const kd_serve_opts *o, const kd_serve_backen
             goto fail;
         }
         s->api_key = strdup(k);
+        if (!s->api_key) { /* never serve without the key that was asked for */
+            rc = kd_err_set(e, KD_ENOMEM, "serve: out of memory");
+            goto fail;
+        }
     }
     struct sockaddr_in a4;
     struct sockaddr_in6 a6;

@@ -596,7 +596,8 @@ int kd_cache_verify(kd_cache *c, kd_cache_verify_report *r)
         size_t blen = (size_t)sqlite3_column_bytes(st, 2);
         const char *want = (const char *)sqlite3_column_text(st, 3);
         char got[KD_SHA256_HEX], why[300] = "";
-        kd_sha256_hex(body ? body : "", blen, got);
+        if (kd_sha256_hex(body ? body : "", blen, got) != KD_OK)
+            snprintf(got, sizeof got, "(out of memory)"); /* reported as a mismatch */
         if (!key || strlen(key) != 64 || strspn(key, "0123456789abcdef") != 64)
             snprintf(why, sizeof why, "key is not 64 lowercase hex digits");
         else if (!want || strcmp(got, want) != 0)

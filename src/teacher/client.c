@@ -438,7 +438,10 @@ int kd_teacher_open(kd_teacher **out, const kd_teacher_config *cfg, kd_tracker *
         t->cfg.teacher_version = "1";
     {
         char vh[KD_SHA256_HEX];
-        kd_sha256_hex(t->cfg.teacher_version, strlen(t->cfg.teacher_version), vh);
+        if (kd_sha256_hex(t->cfg.teacher_version, strlen(t->cfg.teacher_version), vh) != KD_OK) {
+            rc = kd_err_set(e, KD_ENOMEM, "teacher: out of memory");
+            goto fail;
+        }
         memcpy(t->idem_version, vh, 16);
         t->idem_version[16] = '\0';
     }
@@ -818,12 +821,16 @@ static int key_of(kd_teacher *t, const built *b, char key[KD_SHA256_HEX],
 {
     char *fast = key_canonical_fast(t, b);
     if (fast) {
-        kd_sha256_hex(fast, strlen(fast), key);
-        if (b->prompt) {
-            kd_sha256_hex(b->prompt, strlen(b->prompt), prompt_hash);
-        } else {
+        int hrc = kd_sha256_hex(fast, strlen(fast), key);
+        if (hrc == KD_OK && b->prompt) {
+            hrc = kd_sha256_hex(b->prompt, strlen(b->prompt), prompt_hash);
+        } else if (hrc == KD_OK) {
             json_t *c = json_object_get(json_array_get(b->messages, 0), "content");
-            kd_sha256_hex(json_string_value(c), json_string_length(c), prompt_hash);
+            hrc = kd_sha256_hex(json_string_value(c), json_string_length(c), prompt_hash);
+        }
+        if (hrc != KD_OK) {
+            free(fast);
+            return kd_err_set(e, KD_ENOMEM, "teacher: out of memory hashing the request");
         }
         if (canon_out)
             *canon_out = fast;
@@ -854,22 +861,27 @@ static int key_of(kd_teacher *t, const built *b, char key[KD_SHA256_HEX],
     free(txt);
     if (rc != KD_OK)
         return rc;
-    kd_sha256_hex(canon, strlen(canon), key);
-    if (b->prompt) {
-        kd_sha256_hex(b->prompt, strlen(b->prompt), prompt_hash);
-    } else if (b->nmessages == 1 &&
+    rc = kd_sha256_hex(canon, strlen(canon), key);
+    if (rc == KD_OK && b->prompt) {
+        rc = kd_sha256_hex(b->prompt, strlen(b->prompt), prompt_hash);
+    } else if (rc == KD_OK && b->nmessages == 1 &&
                json_is_string(json_object_get(json_array_get(b->messages, 0), "content"))) {
         json_t *c = json_object_get(json_array_get(b->messages, 0), "content");
-        kd_sha256_hex(json_string_value(c), json_string_length(c), prompt_hash);
-    } else {
+        rc = kd_sha256_hex(json_string_value(c), json_string_length(c), prompt_hash);
+    } else if (rc == KD_OK) {
+        /* several messages: the prompt hash is of their canonical JSON; an
+           empty hash (out of memory) only leaves the ledger line without it */
         char *m = json_dumps(b->messages, JSON_COMPACT | JSON_SORT_KEYS);
         char *mc = NULL;
-        if (m && kd_json_canonical(m, strlen(m), &mc, NULL) == KD_OK)
-            kd_sha256_hex(mc, strlen(mc), prompt_hash);
-        else
+        if (!m || kd_json_canonical(m, strlen(m), &mc, NULL) != KD_OK ||
+            kd_sha256_hex(mc, strlen(mc), prompt_hash) != KD_OK)
             prompt_hash[0] = '\0';
         free(m);
         free(mc);
+    }
+    if (rc != KD_OK) {
+        free(canon);
+        return kd_err_set(e, KD_ENOMEM, "teacher: out of memory hashing the request");
     }
     if (canon_out)
         *canon_out = canon;

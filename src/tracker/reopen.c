@@ -598,6 +598,9 @@ int kd_tracker_open_readonly(kd_tracker **out, const char *output_dir, kd_err *e
         rc = kd_err_sys(&t->err, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "%s", output_dir);
         goto out;
     }
+    rc = kd_trk_dir_fits(t);
+    if (rc != KD_OK)
+        goto out;
     char spath[PATH_MAX];
     rc = kd_trk_path(t, F_SESSION, spath, sizeof spath);
     if (rc != KD_OK)

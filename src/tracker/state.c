@@ -64,6 +64,17 @@ void kd_trk_unlock(kd_tracker *t)
     pthread_mutex_unlock(&t->mu);
 }
 
+int kd_trk_dir_fits(kd_tracker *t)
+{
+    size_t l = strlen(t->dir);
+    if (l + 1 + KD_TRK_NAME_ROOM >= PATH_MAX)
+        return kd_trk_fail(t, KD_EINVAL,
+                           "output directory path too long (%zu bytes; at most %d, to leave room "
+                           "for the names of its files): %s",
+                           l, PATH_MAX - 2 - KD_TRK_NAME_ROOM, t->dir);
+    return KD_OK;
+}
+
 const char *kd_trk_thread_errmsg(const kd_tracker *t)
 {
     return thread_err.serial == t->serial ? thread_err.err.msg : t->err.msg;

@@ -521,6 +521,9 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
         rc = kd_err_sys(&t->err, KD_EIO, errno, "cannot resolve output directory %s", output_dir);
         goto fail;
     }
+    rc = kd_trk_dir_fits(t);
+    if (rc != KD_OK)
+        goto fail;
     rc = kd_dir_lock(&t->lock, t->dir, &t->err);
     if (rc != KD_OK)
         goto fail;
@@ -1263,7 +1266,8 @@ static int append_api(kd_tracker *t, const kd_api_response *r)
     if (!prompt_hash) {
         if (!r->prompt)
             return kd_trk_fail(t, KD_EINVAL, "record_api_response: prompt_hash or prompt is required");
-        kd_sha256_hex(r->prompt, strlen(r->prompt), ph);
+        if (kd_sha256_hex(r->prompt, strlen(r->prompt), ph) != KD_OK)
+            return kd_trk_fail(t, KD_ENOMEM, "record_api_response: out of memory hashing the prompt");
         prompt_hash = ph;
     }
     kd_sb *s = &t->line;

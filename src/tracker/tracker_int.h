@@ -180,6 +180,12 @@ void kd_trk_unlock(kd_tracker *t);
 /* kd_tracker_errmsg: the calling thread's own message for t, else t->err.msg. */
 const char *kd_trk_thread_errmsg(const kd_tracker *t);
 int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Room kept after "<dir>/" for the longest name of a run file
+   (sessions/<id>/..., <file>.damaged-<time>.<n>). */
+#define KD_TRK_NAME_ROOM 160
+/* KD_EINVAL naming t->dir when "<dir>/" plus KD_TRK_NAME_ROOM does not fit
+   PATH_MAX: checked at open, so no file of the run gets a truncated name. */
+int kd_trk_dir_fits(kd_tracker *t);
 /* "<dir>/<name>" into out; KD_EINVAL naming the path (message on t) when it
    does not fit: never a silently truncated path. */
 int kd_trk_path(kd_tracker *t, const char *name, char *out, size_t outsz)

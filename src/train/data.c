@@ -232,7 +232,11 @@ int kd_train_data_open(kd_train_data **out, const char *path, int n_ctx, double 
     int rc = read_corpus(d, path, e);
     if (rc != KD_OK)
         goto fail;
-    kd_sha256_hex(d->bytes ? (const void *)d->bytes : (const void *)"", d->len, d->sha256);
+    if (kd_sha256_hex(d->bytes ? (const void *)d->bytes : (const void *)"", d->len, d->sha256) !=
+        KD_OK) {
+        rc = kd_err_set(e, KD_ENOMEM, "%s: out of memory hashing the corpus", path);
+        goto fail;
+    }
     const size_t W = (size_t)n_ctx + 1;
     d->n_windows = (int64_t)(d->len / W);
     int64_t nv = (int64_t)llround(val_fraction * (double)d->n_windows);
