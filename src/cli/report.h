@@ -157,7 +157,7 @@ double kd_progress_every(double dflt);
 /* Facts about a run directory, read without the lock (run_look.c)           */
 
 /* What teacher_intents.jsonl says, read the way the teacher client reads it
-   when it opens (src/teacher/client.c): `base` lines and `possibly_billed`
+   when it opens (src/teacher/intents.c): `base` lines and `possibly_billed`
    outcomes are spent at their worst case; a `send` without its `done` is
    open: in flight while its writer runs, possibly billed if it died. */
 typedef struct kd_look_spend {

@@ -3,7 +3,8 @@
  * config document, its cache keys, kd_teacher_ask with the result as JSON
  * text, and cache get/put by request, for foreign-function callers
  * (python/kdkit).  The key recipe, the cache (its SQLite file and
- * versioning) and the paid path are those of client.c and cache.c; this
+ * versioning) and the paid path are those of the client (request.c,
+ * transfer.c) and cache.c; this
  * file only converts arguments and results.  It reads and writes no file of
  * its own.
  */
