@@ -8,11 +8,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/sb.h"
 #include "kdkit/tensor.h"
 
 /* Offset of the first invalid byte of s[0..len) as UTF-8 (no overlongs, no
-   surrogates, nothing above U+10FFFF), or len when all of it is valid. */
-size_t kd_ckpt_utf8_check(const uint8_t *s, size_t len);
+   surrogates, nothing above U+10FFFF), or len when all of it is valid: core's
+   one check (core/sb.h), NUL bytes allowed. */
+static inline size_t kd_ckpt_utf8_check(const uint8_t *s, size_t len)
+{
+    return kd_utf8_prefix((const char *)s, len, 1);
+}
 
 /* The dtype whose safetensors name is s[0..len), or -1. */
 int kd_ckpt_dtype_parse(const char *s, size_t len);

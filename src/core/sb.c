@@ -225,7 +225,12 @@ static size_t utf8_seq(const unsigned char *p, size_t n)
     return len;
 }
 
-int kd_utf8_valid(const char *p, size_t n)
+size_t kd_utf8_char(const char *p, size_t n)
+{
+    return n ? utf8_seq((const unsigned char *)p, n) : 0;
+}
+
+size_t kd_utf8_prefix(const char *p, size_t n, int allow_nul)
 {
     const unsigned char *u = (const unsigned char *)p;
     size_t i = 0;
@@ -234,12 +239,17 @@ int kd_utf8_valid(const char *p, size_t n)
             i++;
             continue;
         }
-        size_t l = utf8_seq(u + i, n - i);
+        size_t l = u[i] == 0 && allow_nul ? 1 : utf8_seq(u + i, n - i);
         if (!l)
-            return 0;
+            return i;
         i += l;
     }
-    return 1;
+    return n;
+}
+
+int kd_utf8_valid(const char *p, size_t n)
+{
+    return kd_utf8_prefix(p, n, 0) == n;
 }
 
 static void put_escaped(kd_sb *s, const char *p, size_t n, int replace_bad)

@@ -47,7 +47,15 @@ void kd_sb_json_canon_real(kd_sb *s, double v);
 /* NULL -> null; invalid UTF-8 -> the string with bad bytes as \ufffd. */
 void kd_sb_json_cstr(kd_sb *s, const char *p);
 
-/* 1 if p[0..n) is valid UTF-8 without NUL bytes. */
+/* The one UTF-8 check of the library (no overlong forms, no surrogates,
+   nothing above U+10FFFF):
+   kd_utf8_char: length (1..4) of the valid character at p[0..n), 0 when
+     it is invalid, truncated or a NUL byte;
+   kd_utf8_prefix: length of the longest valid prefix of p[0..n) (n when
+     all of it is valid); NUL bytes count as valid when allow_nul;
+   kd_utf8_valid: 1 if p[0..n) is valid UTF-8 without NUL bytes. */
+size_t kd_utf8_char(const char *p, size_t n);
+size_t kd_utf8_prefix(const char *p, size_t n, int allow_nul);
 int kd_utf8_valid(const char *p, size_t n);
 
 #endif

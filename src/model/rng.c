@@ -9,15 +9,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "core/splitmix.h"
 #include "kdkit/model.h"
-
-static uint64_t splitmix64(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
 
 static uint64_t rotl(uint64_t x, int k)
 {
@@ -28,7 +21,7 @@ void kd_rng_seed(kd_rng *r, uint64_t seed)
 {
     uint64_t x = seed;
     for (int i = 0; i < 4; i++)
-        r->s[i] = splitmix64(&x);
+        r->s[i] = kd_splitmix64_next(&x);
     /* splitmix64 never yields four zero words in a row, but be explicit:
      * the all-zero state is the one xoshiro cannot leave. */
     if (!(r->s[0] | r->s[1] | r->s[2] | r->s[3]))
@@ -40,7 +33,7 @@ void kd_rng_seed_stream(kd_rng *r, uint64_t seed, uint64_t stream)
     /* Mix the stream id through splitmix64 before combining, so nearby
      * (seed, stream) pairs give unrelated states. */
     uint64_t x = stream ^ 0x6a09e667f3bcc909ULL;
-    uint64_t h = splitmix64(&x);
+    uint64_t h = kd_splitmix64_next(&x);
     kd_rng_seed(r, seed ^ h);
 }
 

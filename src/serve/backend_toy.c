@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/splitmix.h"
 #include "kdkit/serve.h"
 
 #define V 95
@@ -21,14 +22,6 @@
 typedef struct toy {
     uint64_t seed;
 } toy;
-
-static uint64_t mix(uint64_t z)
-{
-    z += 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
 
 static uint64_t fnv(const void *p, size_t n, uint64_t h)
 {
@@ -79,7 +72,7 @@ static int toy_generate(void *ctx, const kd_serve_gen_params *p, kd_serve_gen_re
         return kd_err_set(e, KD_ENOMEM, "toy backend: out of memory");
     }
     uint64_t ph = fnv(p->prompt, p->prompt_len, 0xcbf29ce484222325ull ^ t->seed);
-    uint64_t rng = p->has_seed ? mix(p->seed ^ 0x5eed) : mix(ph);
+    uint64_t rng = p->has_seed ? kd_splitmix64_mix(p->seed ^ 0x5eed) : kd_splitmix64_mix(ph);
     uint64_t hist = ph;
     double lg[V], lp[V], ex[V];
     size_t n = 0;
@@ -87,7 +80,7 @@ static int toy_generate(void *ctx, const kd_serve_gen_params *p, kd_serve_gen_re
     for (size_t i = 0; i < max; i++) {
         double mx = -1e300;
         for (int v = 0; v < V; v++) {
-            double u = unit(mix(hist ^ ((uint64_t)v * 0xd1342543de82ef95ull)));
+            double u = unit(kd_splitmix64_mix(hist ^ ((uint64_t)v * 0xd1342543de82ef95ull)));
             lg[v] = 12.0 * u * u * u; /* a few likely bytes, a long tail */
             if (p->logit_bias)
                 lg[v] += p->logit_bias[32 + v];
@@ -129,7 +122,7 @@ static int toy_generate(void *ctx, const kd_serve_gen_params *p, kd_serve_gen_re
                 for (int a = 0; a < cut; a++)
                     tot += w[a];
             }
-            rng = mix(rng);
+            rng = kd_splitmix64_mix(rng);
             double u = unit(rng) * tot;
             pick = order[cut - 1];
             for (int a = 0; a < cut; a++) {
@@ -153,7 +146,7 @@ static int toy_generate(void *ctx, const kd_serve_gen_params *p, kd_serve_gen_re
         }
         tok->ntop = nt;
         r->text[n++] = (char)byte;
-        hist = mix(hist ^ byte ^ ((uint64_t)i << 8));
+        hist = kd_splitmix64_mix(hist ^ byte ^ ((uint64_t)i << 8));
         size_t cut = 0;
         for (size_t s = 0; s < p->nstop && !stopped; s++)
             if (ends_with(r->text, n, p->stop[s], &cut))
@@ -184,7 +177,7 @@ static int toy_embed(void *ctx, const char *text, size_t len, float **vec, size_
     uint64_t h = fnv(text, len, 0xcbf29ce484222325ull ^ t->seed);
     double norm = 0;
     for (int i = 0; i < DIM; i++) {
-        v[i] = (float)(2.0 * unit(mix(h + (uint64_t)i)) - 1.0);
+        v[i] = (float)(2.0 * unit(kd_splitmix64_mix(h + (uint64_t)i)) - 1.0);
         norm += (double)v[i] * v[i];
     }
     norm = sqrt(norm);

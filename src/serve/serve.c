@@ -27,6 +27,8 @@
 #include <jansson.h>
 #include <microhttpd.h>
 
+#include "core/sb.h"
+#include "core/splitmix.h"
 #include "kdkit/core.h"
 #include "kdkit/serve.h"
 
@@ -102,13 +104,6 @@ void kd_serve_gen_result_free(kd_serve_gen_result *r)
     memset(r, 0, sizeof *r);
 }
 
-static uint64_t mix64(uint64_t z)
-{
-    z += 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
 
 /* ------------------------------------------------------------------------ */
 /* Responses                                                                 */
@@ -192,7 +187,7 @@ static kd_serve_fault pick_fault(kd_serve *s, uint64_t n)
             return s->script[(n - 1) % s->nscript];
         return KD_SERVE_FAULT_NONE;
     }
-    double u = (double)(mix64(f->seed ^ mix64(n)) >> 11) * 0x1.0p-53;
+    double u = (double)(kd_splitmix64_mix(f->seed ^ kd_splitmix64_mix(n)) >> 11) * 0x1.0p-53;
     double acc = 0;
     for (int k = 1; k < KD_SERVE_FAULT_KINDS; k++) {
         acc += f->p[k];
@@ -326,27 +321,9 @@ static size_t utf8_lossy_into(const unsigned char *p, size_t n, char *out)
             i++;
             continue;
         }
-        size_t len = b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : (b >> 3) == 30 ? 4 : 0;
-        int ok = len > 0 && i + len <= n;
-        for (size_t k = 1; ok && k < len; k++)
-            if ((p[i + k] & 0xC0) != 0x80)
-                ok = 0;
-        if (ok && len == 2 && b < 0xC2)
-            ok = 0;
-        if (ok && len == 3) {
-            unsigned cp = ((b & 0x0Fu) << 12) | ((p[i + 1] & 0x3Fu) << 6) | (p[i + 2] & 0x3Fu);
-            if (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))
-                ok = 0;
-        }
-        if (ok && len == 4) {
-            unsigned cp = ((b & 0x07u) << 18) | ((p[i + 1] & 0x3Fu) << 12) |
-                          ((p[i + 2] & 0x3Fu) << 6) | (p[i + 3] & 0x3Fu);
-            if (cp < 0x10000 || cp > 0x10FFFF)
-                ok = 0;
-        }
-        if (ok && b == 0) /* keep NULs out of JSON strings */
-            ok = 0;
-        if (ok) {
+        /* core's one UTF-8 check; a NUL is invalid too (kept out of JSON strings) */
+        size_t len = kd_utf8_char((const char *)p + i, n - i);
+        if (len) {
             memcpy(out + o, p + i, len);
             o += len;
             i += len;
@@ -1630,7 +1607,7 @@ int kd_serve_start(kd_serve **out, const kd_serve_opts *o, const kd_serve_backen
            bits drawn at start, so they do not repeat after a restart. */
         uint64_t r = 0;
         if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r)
-            r = mix64((uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)s);
+            r = kd_splitmix64_mix((uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)s);
         snprintf(s->id_prefix, sizeof s->id_prefix, "%016llx", (unsigned long long)r);
     }
     if (o->api_key_env) {

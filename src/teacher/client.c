@@ -22,6 +22,7 @@
 #include "core/sb.h"
 #include "tracker/run.h"
 
+#include "core/splitmix.h"
 #include "teacher/client_int.h"
 
 static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
@@ -50,11 +51,7 @@ kd_budget *kd_teacher_budget(kd_teacher *t)
 /* splitmix64: jitter only, under t->mu. */
 double kd_tch_rng_uniform(kd_teacher *t)
 {
-    uint64_t z = (t->rng += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return (double)(z >> 11) * 0x1.0p-53;
+    return (double)(kd_splitmix64_next(&t->rng) >> 11) * 0x1.0p-53;
 }
 
 /* Scrub the key out of a message (kd_err-sized buffers). */
