@@ -65,6 +65,11 @@ static int sb_grow(kd_sb *s, size_t extra)
     return 0;
 }
 
+int kd_sb_reserve(kd_sb *s, size_t extra)
+{
+    return sb_grow(s, extra);
+}
+
 void kd_sb_put(kd_sb *s, const char *p, size_t n)
 {
     if (sb_grow(s, n) != 0)

@@ -22,6 +22,10 @@ void kd_sb_init(kd_sb *s, size_t max);
 void kd_sb_free(kd_sb *s);
 void kd_sb_reset(kd_sb *s);
 int kd_sb_error(const kd_sb *s);
+/* Make room for `extra` more bytes (and the NUL) so a caller can write them
+   at buf + len itself, then advance len and terminate: 0, or -1 when the cap
+   or memory refuses (the buffer is then in its error state). */
+int kd_sb_reserve(kd_sb *s, size_t extra);
 void kd_sb_put(kd_sb *s, const char *p, size_t n);
 void kd_sb_puts(kd_sb *s, const char *p);
 void kd_sb_putc(kd_sb *s, char c);

@@ -351,48 +351,16 @@ static size_t utf8_lossy_into(const unsigned char *p, size_t n, char *out)
  * (which jansson cannot represent) is written as -9999.0, OpenAI's "very
  * unlikely".
  */
-typedef struct jbuf {
-    char *p;
-    size_t len, cap;
-    int oom;
-} jbuf;
+/* Built with core's string builder (core/sb.h).  Responses have no cap of their own beyond the max_tokens limits (as with
+   jansson before): the builder's cap is only the address space's. */
+#define KD_SERVE_RESPONSE_MAX (SIZE_MAX / 4)
 
-static int jb_reserve(jbuf *b, size_t more)
+static void jb_str(kd_sb *b, const char *s, size_t n)
 {
-    if (b->oom)
-        return 0;
-    if (b->len + more + 1 <= b->cap)
-        return 1;
-    size_t nc = b->cap ? b->cap : 1024;
-    while (nc < b->len + more + 1)
-        nc *= 2;
-    char *q = realloc(b->p, nc);
-    if (!q) {
-        b->oom = 1;
-        return 0;
-    }
-    b->p = q;
-    b->cap = nc;
-    return 1;
-}
-
-static void jb_put(jbuf *b, const char *s, size_t n)
-{
-    if (!jb_reserve(b, n))
-        return;
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-#define jb_lit(b, s) jb_put((b), "" s, sizeof(s) - 1) /* literals only */
-
-static void jb_str(jbuf *b, const char *s, size_t n)
-{
-    if (!jb_reserve(b, n * 6 + 2))
+    if (kd_sb_reserve(b, n * 6 + 2) != 0)
         return;
     static const char hex[] = "0123456789ABCDEF";
-    char *o = b->p + b->len;
+    char *o = b->buf + b->len;
     *o++ = '"';
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
@@ -419,29 +387,15 @@ static void jb_str(jbuf *b, const char *s, size_t n)
     }
     *o++ = '"';
     *o = '\0';
-    b->len = (size_t)(o - b->p);
+    b->len = (size_t)(o - b->buf);
 }
 
-static void jb_cstr(jbuf *b, const char *s)
+static void jb_cstr(kd_sb *b, const char *s)
 {
     jb_str(b, s, strlen(s));
 }
 
-static void jb_int(jbuf *b, long long v)
-{
-    char t[24];
-    char *e = t + sizeof t, *q = e;
-    unsigned long long u = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;
-    do {
-        *--q = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    if (v < 0)
-        *--q = '-';
-    jb_put(b, q, (size_t)(e - q));
-}
-
-static void jb_real(jbuf *b, double v)
+static void jb_real(kd_sb *b, double v)
 {
     if (!isfinite(v))
         v = -9999.0;
@@ -458,21 +412,21 @@ static void jb_real(jbuf *b, double v)
             ex = t + i;
     }
     if (!ex) {
-        jb_put(b, t, (size_t)n);
+        kd_sb_put(b, t, (size_t)n);
         if (!has_dot)
-            jb_lit(b, ".0");
+            kd_sb_lit(b, ".0");
         return;
     }
     /* mantissa, 'e', '-' if negative, exponent digits without leading 0s */
-    jb_put(b, t, (size_t)(ex - t) + 1);
+    kd_sb_put(b, t, (size_t)(ex - t) + 1);
     const char *d = ex + 1;
     if (*d == '-')
-        jb_lit(b, "-");
+        kd_sb_lit(b, "-");
     if (*d == '-' || *d == '+')
         d++;
     while (*d == '0' && d[1])
         d++;
-    jb_put(b, d, strlen(d));
+    kd_sb_put(b, d, strlen(d));
 }
 
 /* A token's display string: its text when valid UTF-8, else OpenAI's
@@ -503,22 +457,22 @@ static size_t token_string_into(const unsigned char *b, size_t n, char *out)
     return o;
 }
 
-static void jb_token(jbuf *b, const unsigned char *bytes, size_t n)
+static void jb_token(kd_sb *b, const unsigned char *bytes, size_t n)
 {
     char t[TOKSTR_MAX];
     size_t tn = token_string_into(bytes, n, t);
     jb_str(b, t, tn);
 }
 
-static void jb_bytes(jbuf *b, const unsigned char *p, size_t n)
+static void jb_bytes(kd_sb *b, const unsigned char *p, size_t n)
 {
-    jb_lit(b, "[");
+    kd_sb_lit(b, "[");
     for (size_t i = 0; i < n && i < KD_SERVE_TOKEN_MAX; i++) {
         if (i)
-            jb_lit(b, ",");
-        jb_int(b, p[i]);
+            kd_sb_lit(b, ",");
+        kd_sb_json_int(b, p[i]);
     }
-    jb_lit(b, "]");
+    kd_sb_lit(b, "]");
 }
 
 /* ------------------------------------------------------------------------ */
@@ -790,60 +744,60 @@ static int backend_generate(kd_serve *s, const kd_serve_gen_params *p, kd_serve_
 }
 
 /* choices[].logprobs.content[]: token, bytes, logprob, top_logprobs[]. */
-static void jb_content_range(jbuf *b, const kd_serve_gen_result *r, int k, size_t i0, size_t i1)
+static void jb_content_range(kd_sb *b, const kd_serve_gen_result *r, int k, size_t i0, size_t i1)
 {
-    jb_lit(b, "[");
+    kd_sb_lit(b, "[");
     for (size_t i = i0; i < i1; i++) {
         const kd_serve_token *t = &r->tokens[i];
         if (i > i0)
-            jb_lit(b, ",");
-        jb_lit(b, "{\"token\":");
+            kd_sb_lit(b, ",");
+        kd_sb_lit(b, "{\"token\":");
         jb_token(b, t->bytes, t->len);
-        jb_lit(b, ",\"bytes\":");
+        kd_sb_lit(b, ",\"bytes\":");
         jb_bytes(b, t->bytes, t->len);
-        jb_lit(b, ",\"logprob\":");
+        kd_sb_lit(b, ",\"logprob\":");
         jb_real(b, t->logprob);
-        jb_lit(b, ",\"top_logprobs\":[");
+        kd_sb_lit(b, ",\"top_logprobs\":[");
         for (int a = 0; a < t->ntop && a < k; a++) {
             if (a)
-                jb_lit(b, ",");
-            jb_lit(b, "{\"token\":");
+                kd_sb_lit(b, ",");
+            kd_sb_lit(b, "{\"token\":");
             jb_token(b, t->top[a].bytes, t->top[a].len);
-            jb_lit(b, ",\"bytes\":");
+            kd_sb_lit(b, ",\"bytes\":");
             jb_bytes(b, t->top[a].bytes, t->top[a].len);
-            jb_lit(b, ",\"logprob\":");
+            kd_sb_lit(b, ",\"logprob\":");
             jb_real(b, t->top[a].logprob);
-            jb_lit(b, "}");
+            kd_sb_lit(b, "}");
         }
-        jb_lit(b, "]}");
+        kd_sb_lit(b, "]}");
     }
-    jb_lit(b, "]");
+    kd_sb_lit(b, "]");
 }
 
 /* The legacy completions form (tokens, token_logprobs, top_logprobs as
    {token: logprob}, text_offset) plus content[].  In a top_logprobs object a
    name that occurs twice keeps its first place and its last value, as a
    JSON object built key by key does. */
-static void jb_content_logprobs(jbuf *b, const kd_serve_gen_result *r, int k)
+static void jb_content_logprobs(kd_sb *b, const kd_serve_gen_result *r, int k)
 {
     jb_content_range(b, r, k, 0, r->ntokens);
 }
 
-static void jb_legacy_range(jbuf *b, const kd_serve_gen_result *r, int k, size_t i0, size_t i1)
+static void jb_legacy_range(kd_sb *b, const kd_serve_gen_result *r, int k, size_t i0, size_t i1)
 {
-    jb_lit(b, "{\"tokens\":[");
+    kd_sb_lit(b, "{\"tokens\":[");
     for (size_t i = i0; i < i1; i++) {
         if (i > i0)
-            jb_lit(b, ",");
+            kd_sb_lit(b, ",");
         jb_token(b, r->tokens[i].bytes, r->tokens[i].len);
     }
-    jb_lit(b, "],\"token_logprobs\":[");
+    kd_sb_lit(b, "],\"token_logprobs\":[");
     for (size_t i = i0; i < i1; i++) {
         if (i > i0)
-            jb_lit(b, ",");
+            kd_sb_lit(b, ",");
         jb_real(b, r->tokens[i].logprob);
     }
-    jb_lit(b, "],\"top_logprobs\":[");
+    kd_sb_lit(b, "],\"top_logprobs\":[");
     for (size_t i = i0; i < i1; i++) {
         const kd_serve_token *t = &r->tokens[i];
         char names[KD_SERVE_MAX_TOP + 1][TOKSTR_MAX];
@@ -879,49 +833,49 @@ static void jb_legacy_range(jbuf *b, const kd_serve_gen_result *r, int k, size_t
             }
         }
         if (i > i0)
-            jb_lit(b, ",");
-        jb_lit(b, "{");
+            kd_sb_lit(b, ",");
+        kd_sb_lit(b, "{");
         for (int q = 0; q < nn; q++) {
             if (q)
-                jb_lit(b, ",");
+                kd_sb_lit(b, ",");
             jb_str(b, names[q], nlen[q]);
-            jb_lit(b, ":");
+            kd_sb_lit(b, ":");
             jb_real(b, val[q]);
         }
-        jb_lit(b, "}");
+        kd_sb_lit(b, "}");
     }
-    jb_lit(b, "],\"text_offset\":[");
+    kd_sb_lit(b, "],\"text_offset\":[");
     size_t off = 0;
     for (size_t i = 0; i < i0; i++)
         off += r->tokens[i].len;
     for (size_t i = i0; i < i1; i++) {
         if (i > i0)
-            jb_lit(b, ",");
-        jb_int(b, (long long)off);
+            kd_sb_lit(b, ",");
+        kd_sb_json_int(b, (long long)off);
         off += r->tokens[i].len;
     }
-    jb_lit(b, "],\"content\":");
+    kd_sb_lit(b, "],\"content\":");
     jb_content_range(b, r, k, i0, i1);
-    jb_lit(b, "}");
+    kd_sb_lit(b, "}");
 }
 
-static void jb_legacy_logprobs(jbuf *b, const kd_serve_gen_result *r, int k)
+static void jb_legacy_logprobs(kd_sb *b, const kd_serve_gen_result *r, int k)
 {
     jb_legacy_range(b, r, k, 0, r->ntokens);
 }
 
 /* The head every completion object and chunk starts with. */
-static void jb_head(jbuf *b, kd_serve *s, const char *id, const char *object, long long created)
+static void jb_head(kd_sb *b, kd_serve *s, const char *id, const char *object, long long created)
 {
-    jb_lit(b, "{\"id\":");
+    kd_sb_lit(b, "{\"id\":");
     jb_cstr(b, id);
-    jb_lit(b, ",\"object\":");
+    kd_sb_lit(b, ",\"object\":");
     jb_cstr(b, object);
-    jb_lit(b, ",\"created\":");
-    jb_int(b, created);
-    jb_lit(b, ",\"model\":");
+    kd_sb_lit(b, ",\"created\":");
+    kd_sb_json_int(b, created);
+    kd_sb_lit(b, ",\"model\":");
     jb_cstr(b, s->be.name);
-    jb_lit(b, ",\"system_fingerprint\":\"fp_kdkit_" KD_SERVE_FINGERPRINT "\"");
+    kd_sb_lit(b, ",\"system_fingerprint\":\"fp_kdkit_" KD_SERVE_FINGERPRINT "\"");
 }
 
 /* Where text[from, to) may be cut so that no UTF-8 character is split:
@@ -940,7 +894,7 @@ static size_t utf8_cut(const unsigned char *t, size_t from, size_t to)
 }
 
 /* A text piece as a JSON string (invalid UTF-8 -> U+FFFD, as in the whole). */
-static void jb_text(jbuf *b, const char *p, size_t n)
+static void jb_text(kd_sb *b, const char *p, size_t n)
 {
     char small[512];
     char *t = n * 3 + 1 <= sizeof small ? small : malloc(n * 3 + 1);
@@ -950,15 +904,15 @@ static void jb_text(jbuf *b, const char *p, size_t n)
         free(t);
 }
 
-static void jb_usage(jbuf *b, int64_t ptok, int64_t ctok)
+static void jb_usage(kd_sb *b, int64_t ptok, int64_t ctok)
 {
-    jb_lit(b, "{\"prompt_tokens\":");
-    jb_int(b, (long long)ptok);
-    jb_lit(b, ",\"completion_tokens\":");
-    jb_int(b, (long long)ctok);
-    jb_lit(b, ",\"total_tokens\":");
-    jb_int(b, (long long)(ptok + ctok));
-    jb_lit(b, "}");
+    kd_sb_lit(b, "{\"prompt_tokens\":");
+    kd_sb_json_int(b, (long long)ptok);
+    kd_sb_lit(b, ",\"completion_tokens\":");
+    kd_sb_json_int(b, (long long)ctok);
+    kd_sb_lit(b, ",\"total_tokens\":");
+    kd_sb_json_int(b, (long long)(ptok + ctok));
+    kd_sb_lit(b, "}");
 }
 
 /*
@@ -967,7 +921,7 @@ static void jb_usage(jbuf *b, int64_t ptok, int64_t ctok)
  * then one with finish_reason; completions one chunk per token and one with
  * finish_reason.  With include_usage every chunk has "usage": null.
  */
-static void sse_choice(jbuf *b, kd_serve *s, const genreq *g, const char *id, long long created,
+static void sse_choice(kd_sb *b, kd_serve *s, const genreq *g, const char *id, long long created,
                        int index, const kd_serve_gen_result *r)
 {
     const char *obj = g->chat ? "chat.completion.chunk" : "text_completion";
@@ -987,44 +941,44 @@ static void sse_choice(jbuf *b, kd_serve *s, const genreq *g, const char *id, lo
             to = r->text_len; /* whatever is left (a held partial character) */
         }
         done = to;
-        jb_lit(b, "data: ");
+        kd_sb_lit(b, "data: ");
         jb_head(b, s, id, obj, created);
-        jb_lit(b, ",\"choices\":[{\"index\":");
-        jb_int(b, index);
+        kd_sb_lit(b, ",\"choices\":[{\"index\":");
+        kd_sb_json_int(b, index);
         if (g->chat) {
-            jb_lit(b, ",\"delta\":");
+            kd_sb_lit(b, ",\"delta\":");
             if (first)
-                jb_lit(b, "{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}");
+                kd_sb_lit(b, "{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}");
             else if (last && to == from)
-                jb_lit(b, "{}");
+                kd_sb_lit(b, "{}");
             else {
-                jb_lit(b, "{\"content\":");
+                kd_sb_lit(b, "{\"content\":");
                 jb_text(b, r->text + from, to - from);
-                jb_lit(b, "}");
+                kd_sb_lit(b, "}");
             }
         } else {
-            jb_lit(b, ",\"text\":");
+            kd_sb_lit(b, ",\"text\":");
             jb_text(b, r->text + from, to - from);
         }
-        jb_lit(b, ",\"logprobs\":");
+        kd_sb_lit(b, ",\"logprobs\":");
         if (!g->want_logprobs || first || last) {
-            jb_lit(b, "null");
+            kd_sb_lit(b, "null");
         } else if (g->chat) {
-            jb_lit(b, "{\"content\":");
+            kd_sb_lit(b, "{\"content\":");
             jb_content_range(b, r, g->p.top_logprobs, ti, ti + 1);
-            jb_lit(b, ",\"refusal\":null}");
+            kd_sb_lit(b, ",\"refusal\":null}");
         } else {
             jb_legacy_range(b, r, g->p.top_logprobs, ti, ti + 1);
         }
-        jb_lit(b, ",\"finish_reason\":");
+        kd_sb_lit(b, ",\"finish_reason\":");
         if (last)
             jb_cstr(b, r->stopped ? "stop" : "length");
         else
-            jb_lit(b, "null");
-        jb_lit(b, "}]");
+            kd_sb_lit(b, "null");
+        kd_sb_lit(b, "}]");
         if (g->include_usage)
-            jb_lit(b, ",\"usage\":null");
-        jb_lit(b, "}\n\n");
+            kd_sb_lit(b, ",\"usage\":null");
+        kd_sb_lit(b, "}\n\n");
     }
 }
 
@@ -1071,11 +1025,12 @@ static enum MHD_Result do_generate(kd_serve *s, struct MHD_Connection *c, json_t
     /* Written as it is generated; usage comes last, so nothing is built
        twice.  About 90 bytes per alternative of each token (more per chunk
        when streaming). */
-    jbuf out = {0};
+    kd_sb out;
+    kd_sb_init(&out, KD_SERVE_RESPONSE_MAX);
     size_t k = g.want_logprobs ? (size_t)g.p.top_logprobs + 2 : 0;
     size_t per_tok = (g.stream ? 260 + strlen(s->be.name) * 6 : 8) + k * (g.chat ? 90 : 150);
-    jb_reserve(&out, 512 + strlen(s->be.name) * 6 +
-                         nprompts * (size_t)g.n * (size_t)g.p.max_tokens * per_tok);
+    (void)kd_sb_reserve(&out, 512 + strlen(s->be.name) * 6 +
+                                  nprompts * (size_t)g.n * (size_t)g.p.max_tokens * per_tok);
     char id[80];
     snprintf(id, sizeof id, "%s-kdkit-%s-%llu", chat ? "chatcmpl" : "cmpl", s->id_prefix,
              (unsigned long long)seqno);
@@ -1083,7 +1038,7 @@ static enum MHD_Result do_generate(kd_serve *s, struct MHD_Connection *c, json_t
     const char *object = chat ? "chat.completion" : "text_completion";
     if (!g.stream) {
         jb_head(&out, s, id, object, created);
-        jb_lit(&out, ",\"choices\":[");
+        kd_sb_lit(&out, ",\"choices\":[");
     }
     int64_t ptok = 0, ctok = 0;
     int rc = KD_OK;
@@ -1117,56 +1072,56 @@ static enum MHD_Result do_generate(kd_serve *s, struct MHD_Connection *c, json_t
                 continue;
             }
             if (index)
-                jb_lit(&out, ",");
-            jb_lit(&out, "{\"index\":");
-            jb_int(&out, index);
+                kd_sb_lit(&out, ",");
+            kd_sb_lit(&out, "{\"index\":");
+            kd_sb_json_int(&out, index);
             if (chat) {
-                jb_lit(&out, ",\"message\":{\"role\":\"assistant\",\"content\":");
+                kd_sb_lit(&out, ",\"message\":{\"role\":\"assistant\",\"content\":");
                 jb_text(&out, r.text, r.text_len);
-                jb_lit(&out, ",\"refusal\":null},\"logprobs\":");
+                kd_sb_lit(&out, ",\"refusal\":null},\"logprobs\":");
             } else {
-                jb_lit(&out, ",\"text\":");
+                kd_sb_lit(&out, ",\"text\":");
                 jb_text(&out, r.text, r.text_len);
-                jb_lit(&out, ",\"logprobs\":");
+                kd_sb_lit(&out, ",\"logprobs\":");
             }
             if (!g.want_logprobs) {
-                jb_lit(&out, "null");
+                kd_sb_lit(&out, "null");
             } else if (chat) {
-                jb_lit(&out, "{\"content\":");
+                kd_sb_lit(&out, "{\"content\":");
                 jb_content_logprobs(&out, &r, g.p.top_logprobs);
-                jb_lit(&out, ",\"refusal\":null}");
+                kd_sb_lit(&out, ",\"refusal\":null}");
             } else {
                 jb_legacy_logprobs(&out, &r, g.p.top_logprobs);
             }
             if (r.stopped)
-                jb_lit(&out, ",\"finish_reason\":\"stop\"}");
+                kd_sb_lit(&out, ",\"finish_reason\":\"stop\"}");
             else
-                jb_lit(&out, ",\"finish_reason\":\"length\"}");
+                kd_sb_lit(&out, ",\"finish_reason\":\"length\"}");
             kd_serve_gen_result_free(&r);
         }
     }
     free(g.prompt_owned);
     if (rc != KD_OK) {
-        free(out.p);
+        kd_sb_free(&out);
         return send_error(s, c, 500, "server_error", NULL, NULL, "generation failed: %s", e.msg);
     }
     if (g.stream) {
         if (g.include_usage) {
             /* The last chunk: no choices, the usage of the whole request. */
-            jb_lit(&out, "data: ");
+            kd_sb_lit(&out, "data: ");
             jb_head(&out, s, id, chat ? "chat.completion.chunk" : "text_completion", created);
-            jb_lit(&out, ",\"choices\":[],\"usage\":");
+            kd_sb_lit(&out, ",\"choices\":[],\"usage\":");
             jb_usage(&out, ptok, ctok);
-            jb_lit(&out, "}\n\n");
+            kd_sb_lit(&out, "}\n\n");
         }
-        jb_lit(&out, "data: [DONE]\n\n");
+        kd_sb_lit(&out, "data: [DONE]\n\n");
     } else {
-        jb_lit(&out, "],\"usage\":");
+        kd_sb_lit(&out, "],\"usage\":");
         jb_usage(&out, ptok, ctok);
-        jb_lit(&out, "}");
+        kd_sb_lit(&out, "}");
     }
-    if (out.oom) {
-        free(out.p);
+    if (kd_sb_error(&out)) {
+        kd_sb_free(&out);
         return MHD_NO;
     }
     if (fault == KD_SERVE_FAULT_NONE || fault == KD_SERVE_FAULT_STALL) {
@@ -1175,7 +1130,7 @@ static enum MHD_Result do_generate(kd_serve *s, struct MHD_Connection *c, json_t
         pthread_mutex_unlock(&s->mu);
     }
     tl_content_type = g.stream ? "text/event-stream" : NULL;
-    enum MHD_Result ret = respond_faulty(s, c, fault, out.p);
+    enum MHD_Result ret = respond_faulty(s, c, fault, out.buf);
     tl_content_type = NULL;
     return ret;
 }
