@@ -38,6 +38,19 @@ void kd_mix_idx_entry_encode(unsigned char b[KD_MIX_IDX_ENTRY], uint64_t off, ui
                              uint32_t sum);
 void kd_mix_idx_entry_decode(const unsigned char b[KD_MIX_IDX_ENTRY], uint64_t *off1,
                              uint32_t *len, uint32_t *sum);
+/* Reading the sidecar, for the reader, the writer and verify alike:
+   kd_mix_idx_read_header reads and checks the header at the start of fd
+   (KD_OK, KD_ECORRUPT / KD_EVERSION naming path); when empty is not NULL an
+   empty file is KD_OK with *empty = 1 (a sidecar the writer just created).
+   kd_mix_idx_read_entry reads the entry of sample `index`: 1 with the
+   decoded fields (*off1 == 0: no row yet), 0 when the file ends before it,
+   -1 when the read fails (errno set). */
+int kd_mix_idx_read_header(int fd, const char *path, int *empty, kd_err *e);
+int kd_mix_idx_read_entry(int fd, int64_t index, uint64_t *off1, uint32_t *len, uint32_t *sum);
+/* 1 if index i is inside one of the n sorted, disjoint ranges r[2k..2k+1]. */
+int kd_mix_ranges_cover(const int64_t *r, size_t n, int64_t i);
+/* malloc'd "<dir>/<name>", NULL when out of memory. */
+char *kd_mix_path(const char *dir, const char *name);
 
 /* 4 bits per index. */
 static inline int kd_mix_nib_get(const uint8_t *m, int64_t i)

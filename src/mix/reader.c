@@ -30,28 +30,6 @@ struct kd_mix {
     uint8_t *status;   /* [total]: KD_MIX_ST_* as of open */
 };
 
-static char *join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    if (p)
-        snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
-static int in_ranges(const int64_t *r, size_t n, int64_t i)
-{
-    size_t lo = 0, hi = n;
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if (r[2 * mid + 1] < i)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo < n && r[2 * lo] <= i;
-}
-
 /* Mark every index of the inclusive [lo, hi] pairs r[0..n) with `st`. */
 static void mark_ranges(kd_mix *m, const int64_t *r, size_t n, uint8_t st)
 {
@@ -98,7 +76,7 @@ static int count_tail(kd_mix *m, const kd_mix_progress *p, kd_err *e)
             break;
         }
         m->status[idx] = (uint8_t)st;
-        if (in_ranges(p->ranges, p->nranges, idx))
+        if (kd_mix_ranges_cover(p->ranges, p->nranges, idx))
             continue;
         if (!seen && !(seen = calloc((size_t)(m->total / 8 + 1), 1))) {
             rc = kd_err_set(e, KD_ENOMEM, "out of memory");
@@ -122,9 +100,9 @@ int kd_mix_open_read(kd_mix **out, const char *dir, kd_err *e)
         return kd_err_set(e, KD_ENOMEM, "out of memory");
     m->rows_fd = m->idx_fd = -1;
     m->dir = strdup(dir);
-    m->rows_path = join(dir, KD_MIX_ROWS_FILE);
-    m->idx_path = join(dir, KD_MIX_INDEX_FILE);
-    char *ppath = join(dir, KD_MIX_PROGRESS_FILE);
+    m->rows_path = kd_mix_path(dir, KD_MIX_ROWS_FILE);
+    m->idx_path = kd_mix_path(dir, KD_MIX_INDEX_FILE);
+    char *ppath = kd_mix_path(dir, KD_MIX_PROGRESS_FILE);
     char *txt = NULL;
     size_t len = 0;
     kd_mix_progress p;
@@ -173,9 +151,7 @@ int kd_mix_open_read(kd_mix **out, const char *dir, kd_err *e)
                         (unsigned long long)p.mix_bytes);
         goto fail;
     }
-    unsigned char h[KD_MIX_IDX_HEADER];
-    ssize_t n = pread(m->idx_fd, h, sizeof h, 0);
-    rc = kd_mix_idx_check_header(h, n < 0 ? 0 : (size_t)n, m->idx_path, e);
+    rc = kd_mix_idx_read_header(m->idx_fd, m->idx_path, NULL, e);
     if (rc == KD_OK)
         rc = count_tail(m, &p, e);
     if (rc != KD_OK)
@@ -238,15 +214,11 @@ int kd_mix_row_get(kd_mix *m, int64_t index, kd_mix_row *row, kd_err *e)
     if (index < 0 || index >= m->total)
         return kd_err_set(e, KD_ENOTFOUND, "sample %lld is outside the mix (0..%lld)",
                           (long long)index, (long long)m->total - 1);
-    unsigned char b[KD_MIX_IDX_ENTRY];
     off_t at = (off_t)(KD_MIX_IDX_HEADER + (uint64_t)index * KD_MIX_IDX_ENTRY);
-    ssize_t n = pread(m->idx_fd, b, sizeof b, at);
-    if (n < 0)
-        return kd_err_sys(e, KD_EIO, errno, "%s: read", m->idx_path);
     uint64_t off1 = 0;
     uint32_t len = 0, sum = 0;
-    if (n == (ssize_t)sizeof b)
-        kd_mix_idx_entry_decode(b, &off1, &len, &sum);
+    if (kd_mix_idx_read_entry(m->idx_fd, index, &off1, &len, &sum) < 0)
+        return kd_err_sys(e, KD_EIO, errno, "%s: read", m->idx_path);
     if (off1 == 0)
         return kd_err_set(e, KD_ENOTFOUND, "sample %lld has no row yet", (long long)index);
     if (len > KD_MIX_ROW_MAX)
@@ -260,7 +232,7 @@ int kd_mix_row_get(kd_mix *m, int64_t index, kd_mix_row *row, kd_err *e)
         m->bufcap = (size_t)len + 2;
     }
     uint64_t off = off1 - 1;
-    n = pread(m->rows_fd, m->buf, (size_t)len + 1, (off_t)off);
+    ssize_t n = pread(m->rows_fd, m->buf, (size_t)len + 1, (off_t)off);
     if (n < 0)
         return kd_err_sys(e, KD_EIO, errno, "%s: read at byte %llu", m->rows_path,
                           (unsigned long long)off);

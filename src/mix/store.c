@@ -86,6 +86,40 @@ int kd_mix_idx_check_header(const unsigned char *h, size_t n, const char *path, 
     return KD_OK;
 }
 
+int kd_mix_idx_read_header(int fd, const char *path, int *empty, kd_err *e)
+{
+    unsigned char h[KD_MIX_IDX_HEADER];
+    ssize_t n = pread(fd, h, sizeof h, 0);
+    if (empty) {
+        *empty = n == 0;
+        if (n == 0)
+            return KD_OK;
+    }
+    return kd_mix_idx_check_header(h, n < 0 ? 0 : (size_t)n, path, e);
+}
+
+int kd_mix_idx_read_entry(int fd, int64_t index, uint64_t *off1, uint32_t *len, uint32_t *sum)
+{
+    unsigned char b[KD_MIX_IDX_ENTRY];
+    off_t at = (off_t)(KD_MIX_IDX_HEADER + (uint64_t)index * KD_MIX_IDX_ENTRY);
+    ssize_t n = pread(fd, b, sizeof b, at);
+    if (n < 0)
+        return -1;
+    if (n != (ssize_t)sizeof b)
+        return 0;
+    kd_mix_idx_entry_decode(b, off1, len, sum);
+    return 1;
+}
+
+char *kd_mix_path(const char *dir, const char *name)
+{
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    if (p)
+        snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
 void kd_mix_idx_entry_encode(unsigned char b[KD_MIX_IDX_ENTRY], uint64_t off, uint32_t len,
                              uint32_t sum)
 {
@@ -187,7 +221,7 @@ static const char *parse_ranges(json_t *a, int64_t total, int64_t **out, size_t 
     return NULL;
 }
 
-static int covered(const int64_t *r, size_t n, int64_t i)
+int kd_mix_ranges_cover(const int64_t *r, size_t n, int64_t i)
 {
     size_t lo = 0, hi = n;
     while (lo < hi) {
@@ -278,8 +312,8 @@ int kd_mix_progress_parse(const char *text, size_t len, const char *where, kd_mi
         size_t ns[] = {p->nfailed, p->nrefused, p->nskipped};
         for (int k = 0; k < 3; k++)
             for (size_t i = 0; i < ns[k]; i++)
-                if (!covered(p->ranges, p->nranges, rs[k][2 * i]) ||
-                    !covered(p->ranges, p->nranges, rs[k][2 * i + 1])) {
+                if (!kd_mix_ranges_cover(p->ranges, p->nranges, rs[k][2 * i]) ||
+                    !kd_mix_ranges_cover(p->ranges, p->nranges, rs[k][2 * i + 1])) {
                     bad = "status ranges name indices without a row";
                     goto out;
                 }
@@ -359,15 +393,6 @@ struct kd_mix_writer {
     pending *pend;
     size_t npend, cap;
 };
-
-static char *join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    if (p)
-        snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
 
 static void apply(kd_mix_writer *w, int64_t index, int status)
 {
@@ -524,15 +549,16 @@ static int open_idx(kd_mix_writer *w, kd_err *e)
     w->idx_fd = open(w->idx_path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (w->idx_fd < 0)
         return kd_err_sys(e, KD_EIO, errno, "%s: cannot open", w->idx_path);
-    unsigned char h[KD_MIX_IDX_HEADER];
-    ssize_t n = pread(w->idx_fd, h, sizeof h, 0);
-    if (n == 0) {
+    int empty = 0;
+    int rc = kd_mix_idx_read_header(w->idx_fd, w->idx_path, &empty, e);
+    if (rc == KD_OK && empty) {
+        unsigned char h[KD_MIX_IDX_HEADER];
         kd_mix_idx_header(h);
         if (pwrite(w->idx_fd, h, sizeof h, 0) != (ssize_t)sizeof h || fdatasync(w->idx_fd))
             return kd_err_sys(e, KD_EIO, errno, "%s: cannot write the header", w->idx_path);
         return kd_fsync_dir(w->dir, e);
     }
-    return kd_mix_idx_check_header(h, n < 0 ? 0 : (size_t)n, w->idx_path, e);
+    return rc;
 }
 
 int kd_mix_writer_open(kd_mix_writer **out, const char *dir, const char *config_hash,
@@ -563,9 +589,9 @@ int kd_mix_writer_open(kd_mix_writer **out, const char *dir, const char *config_
         return kd_err_set(e, KD_ENOMEM, "kd_mix_writer_open: cannot compute the identity");
     }
     w->dir = strdup(dir);
-    w->rows_path = join(dir, KD_MIX_ROWS_FILE);
-    w->idx_path = join(dir, KD_MIX_INDEX_FILE);
-    w->prog_path = join(dir, KD_MIX_PROGRESS_FILE);
+    w->rows_path = kd_mix_path(dir, KD_MIX_ROWS_FILE);
+    w->idx_path = kd_mix_path(dir, KD_MIX_INDEX_FILE);
+    w->prog_path = kd_mix_path(dir, KD_MIX_PROGRESS_FILE);
     w->st = calloc((size_t)(total / 2 + 1), 1);
     int rc = KD_OK;
     kd_mix_progress p;

@@ -155,10 +155,8 @@ int kd_mix_verify(const char *dir, kd_verify_report_fn cb, void *ctx, kd_err *e)
     /* The sidecar. */
     int ifd = open(ipath, O_RDONLY | O_CLOEXEC);
     int rfd = open(rpath, O_RDONLY | O_CLOEXEC);
-    unsigned char h[KD_MIX_IDX_HEADER];
-    ssize_t hn = ifd >= 0 ? pread(ifd, h, sizeof h, 0) : -1;
     kd_err he;
-    if (ifd < 0 || kd_mix_idx_check_header(h, hn < 0 ? 0 : (size_t)hn, ipath, &he) != KD_OK) {
+    if (ifd < 0 || kd_mix_idx_read_header(ifd, ipath, NULL, &he) != KD_OK) {
         snprintf(what, sizeof what, "%s", ifd < 0 ? "mix.idx is missing" : he.msg);
         report(&v, KD_MIX_INDEX_FILE, 0, KD_ECORRUPT, what,
                "move mix.idx aside; the reader needs it, and kdkit mix rebuilds it only for "
@@ -167,14 +165,10 @@ int kd_mix_verify(const char *dir, kd_verify_report_fn cb, void *ctx, kd_err *e)
         char *row = NULL;
         size_t cap = 0;
         for (int64_t i = 0; i < p.total && !v.stop; i++) {
-            unsigned char b[KD_MIX_IDX_ENTRY];
-            ssize_t n = pread(ifd, b, sizeof b,
-                              (off_t)(KD_MIX_IDX_HEADER + (uint64_t)i * KD_MIX_IDX_ENTRY));
-            if (n != (ssize_t)sizeof b)
-                break; /* the rest has no entries */
             uint64_t off1;
             uint32_t l, sum;
-            kd_mix_idx_entry_decode(b, &off1, &l, &sum);
+            if (kd_mix_idx_read_entry(ifd, i, &off1, &l, &sum) != 1)
+                break; /* the rest has no entries */
             if (off1 == 0)
                 continue;
             const char *bad = NULL;
