@@ -117,6 +117,10 @@ typedef struct kd_cache_stats {
 KD_API
 int kd_cache_open(kd_cache **out, const char *path, const char *teacher_version,
                   kd_cache_sync sync, kd_err *e);
+/* The message of the calling thread's last failed call on c (kept per
+   thread, so a failure on another thread never overwrites it; "" when this
+   thread has failed no call on c since it last used another cache).  Valid
+   until this thread's next cache call.  Cannot fail. */
 KD_API
 const char *kd_cache_errmsg(const kd_cache *c);
 
@@ -428,6 +432,10 @@ typedef struct kd_teacher kd_teacher;
 KD_API
 int kd_teacher_open(kd_teacher **out, const kd_teacher_config *cfg, kd_tracker *tracker,
                     kd_err *e);
+/* The handle's own last message (the intent journal could not be written or
+   reopened).  Each request's error is in its kd_teacher_result (rc,
+   errmsg), per call, so concurrent callers never see each other's.  Cannot
+   fail. */
 KD_API
 const char *kd_teacher_errmsg(const kd_teacher *t);
 KD_API

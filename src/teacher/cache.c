@@ -53,8 +53,25 @@ struct kd_cache {
     sqlite3_stmt *st_stats;    /* add deltas */
     int64_t d_hits, d_misses, d_incompat, d_inserts;
     double last_flush;
-    kd_err err;
+    uint64_t serial;        /* names the handle in the per-thread error slot */
 };
+
+/* Errors are kept per thread (a cache is shared by threads): the calling
+   thread's last failure on a handle, which kd_cache_errmsg returns, is never
+   overwritten by another thread's. */
+static _Thread_local struct {
+    uint64_t serial;
+    kd_err err;
+} cache_err;
+
+static kd_err *cerr(const kd_cache *c)
+{
+    if (cache_err.serial != c->serial) {
+        cache_err.serial = c->serial;
+        kd_err_clear(&cache_err.err);
+    }
+    return &cache_err.err;
+}
 
 static const char *SCHEMA_SQL =
     "CREATE TABLE IF NOT EXISTS entries(id INTEGER PRIMARY KEY,"
@@ -108,7 +125,7 @@ static int sql_fail(kd_err *e, sqlite3 *db, const char *path, const char *what)
 
 static int db_fail(kd_cache *c, const char *what)
 {
-    return sql_fail(&c->err, c->db, c->path, what);
+    return sql_fail(cerr(c), c->db, c->path, what);
 }
 
 void kd_cache_entry_free(kd_cache_entry *en)
@@ -127,7 +144,9 @@ void kd_cache_entry_free(kd_cache_entry *en)
 
 const char *kd_cache_errmsg(const kd_cache *c)
 {
-    return c ? c->err.msg : "no cache";
+    if (!c)
+        return "no cache";
+    return cache_err.serial == c->serial ? cache_err.err.msg : "";
 }
 
 static int prep(kd_cache *c, sqlite3_stmt **st, const char *sql)
@@ -147,18 +166,20 @@ int kd_cache_open(kd_cache **out, const char *path, const char *teacher_version,
     if (!c)
         return kd_err_set(e, KD_ENOMEM, "teacher cache: out of memory");
     pthread_mutex_init(&c->mu, NULL);
+    static _Atomic uint64_t serials;
+    c->serial = ++serials;
     c->path = strdup(path);
     c->teacher_version = strdup(teacher_version);
     int rc = KD_OK;
     if (!c->path || !c->teacher_version) {
-        rc = kd_err_set(&c->err, KD_ENOMEM, "teacher cache: out of memory");
+        rc = kd_err_set(cerr(c), KD_ENOMEM, "teacher cache: out of memory");
         goto done;
     }
     if (sqlite3_open_v2(path, &c->db,
                         SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
                         NULL) != SQLITE_OK) {
         rc = c->db ? db_fail(c, "open")
-                   : kd_err_set(&c->err, KD_ENOMEM, "teacher cache %s: cannot open", path);
+                   : kd_err_set(cerr(c), KD_ENOMEM, "teacher cache %s: cannot open", path);
         goto done;
     }
     sqlite3_extended_result_codes(c->db, 1);
@@ -175,7 +196,7 @@ int kd_cache_open(kd_cache **out, const char *path, const char *teacher_version,
     }
     sqlite3_finalize(uv);
     if (version > DB_LAYOUT_VERSION) {
-        rc = kd_err_set(&c->err, KD_EVERSION,
+        rc = kd_err_set(cerr(c), KD_EVERSION,
                         "teacher cache %s: layout version %d was written by a newer kdkit "
                         "(this one reads %d)", path, version, DB_LAYOUT_VERSION);
         goto done;
@@ -232,7 +253,7 @@ int kd_cache_open(kd_cache **out, const char *path, const char *teacher_version,
 done:
     if (rc != KD_OK) {
         if (e) {
-            *e = c->err;
+            *e = *cerr(c);
         }
         kd_cache_close(c);
         return rc;
@@ -323,7 +344,7 @@ int kd_cache_get(kd_cache *c, const char *key, kd_cache_entry *en, int *incompat
                 en->teacher_version = strdup(c->teacher_version);
                 if (!en->body || !en->teacher_version) {
                     kd_cache_entry_free(en);
-                    rc = kd_err_set(&c->err, KD_ENOMEM, "teacher cache: out of memory");
+                    rc = kd_err_set(cerr(c), KD_ENOMEM, "teacher cache: out of memory");
                 }
             }
         }
@@ -419,20 +440,20 @@ int kd_cache_put_many(kd_cache *c, const kd_cache_entry *ens, size_t n, int *ins
     if (n == 0)
         return KD_OK;
     if (!ens)
-        return kd_err_set(&c->err, KD_EINVAL, "teacher cache put: no entries");
+        return kd_err_set(cerr(c), KD_EINVAL, "teacher cache put: no entries");
     for (size_t i = 0; i < n; i++)
         if (!ens[i].body || strlen(ens[i].key) != 64)
-            return kd_err_set(&c->err, KD_EINVAL,
+            return kd_err_set(cerr(c), KD_EINVAL,
                               "teacher cache put: key and body are required (entry %zu)", i);
     /* Hash outside the lock: bodies can be large. */
     char small[8][KD_SHA256_HEX];
     char (*bh)[KD_SHA256_HEX] = n <= 8 ? small : malloc(n * KD_SHA256_HEX);
     if (!bh)
-        return kd_err_set(&c->err, KD_ENOMEM, "teacher cache put: out of memory");
+        return kd_err_set(cerr(c), KD_ENOMEM, "teacher cache put: out of memory");
     int rc = KD_OK;
     for (size_t i = 0; i < n && rc == KD_OK; i++)
         if (kd_sha256_hex(ens[i].body, ens[i].body_len, bh[i]) != KD_OK)
-            rc = kd_err_set(&c->err, KD_ENOMEM, "teacher cache put: hashing failed");
+            rc = kd_err_set(cerr(c), KD_ENOMEM, "teacher cache put: hashing failed");
     if (rc != KD_OK)
         goto free_hashes;
     pthread_mutex_lock(&c->mu);
@@ -480,7 +501,7 @@ int kd_cache_put(kd_cache *c, const kd_cache_entry *en, int *inserted)
     if (!en) {
         if (inserted)
             *inserted = 0;
-        return kd_err_set(&c->err, KD_EINVAL, "teacher cache put: key and body are required");
+        return kd_err_set(cerr(c), KD_EINVAL, "teacher cache put: key and body are required");
     }
     return kd_cache_put_many(c, en, 1, inserted);
 }
@@ -682,17 +703,17 @@ int kd_cache_rebuild(kd_cache *c, const char *ledger_path, uint64_t offset,
 {
     memset(r, 0, sizeof *r);
     kd_jsonl_reader *rd = NULL;
-    int rc = kd_jsonl_reader_open(&rd, ledger_path, 0, &c->err);
+    int rc = kd_jsonl_reader_open(&rd, ledger_path, 0, cerr(c));
     if (rc != KD_OK)
         return rc;
-    if (offset > 0 && (rc = kd_jsonl_reader_seek(rd, offset, 0, &c->err)) != KD_OK) {
+    if (offset > 0 && (rc = kd_jsonl_reader_seek(rd, offset, 0, cerr(c))) != KD_OK) {
         kd_jsonl_reader_close(rd);
         return rc;
     }
     const char *line;
     size_t len;
     int s;
-    while ((s = kd_jsonl_next(rd, &line, &len, &c->err)) == 1) {
+    while ((s = kd_jsonl_next(rd, &line, &len, cerr(c))) == 1) {
         r->lines++;
         json_t *j = json_loadb(line, len, 0, NULL);
         const char *key = j ? jstr(j, "request_hash") : NULL;
@@ -717,7 +738,7 @@ int kd_cache_rebuild(kd_cache *c, const char *ledger_path, uint64_t offset,
             raw = malloc(bl / 4 * 3 + 1);
             if (!raw) {
                 json_decref(j);
-                rc = kd_err_set(&c->err, KD_ENOMEM, "teacher cache rebuild: out of memory");
+                rc = kd_err_set(cerr(c), KD_ENOMEM, "teacher cache rebuild: out of memory");
                 break;
             }
             int64_t n = b64_decode(b64, bl, raw);
@@ -821,13 +842,13 @@ int kd_cache_export(kd_cache *c, int fd, int64_t *count)
         char *txt = json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII);
         json_decref(o);
         if (!txt) {
-            rc = kd_err_set(&c->err, KD_ENOMEM, "teacher cache export: out of memory");
+            rc = kd_err_set(cerr(c), KD_ENOMEM, "teacher cache export: out of memory");
             break;
         }
         int w = write_all(fd, txt, strlen(txt)) || write_all(fd, "\n", 1);
         free(txt);
         if (w) {
-            rc = kd_err_sys(&c->err, KD_EIO, errno, "teacher cache export: write");
+            rc = kd_err_sys(cerr(c), KD_EIO, errno, "teacher cache export: write");
             break;
         }
         if (count)
@@ -845,7 +866,7 @@ int kd_cache_gc(kd_cache *c, const kd_cache_gc_opts *o, kd_cache_gc_report *r)
 {
     memset(r, 0, sizeof *r);
     if (!o->incompatible && !(o->older_than_days > 0) && !o->teacher_version)
-        return kd_err_set(&c->err, KD_EINVAL,
+        return kd_err_set(cerr(c), KD_EINVAL,
                           "teacher cache gc: say what to drop (incompatible entries, "
                           "entries older than N days, or one teacher version)");
     /* One WHERE clause for both the count and the delete. */
