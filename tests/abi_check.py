@@ -12,7 +12,9 @@
 3. Every C function the Python binding (python/kdkit, ctypes) looks up is
    exported, so `import kdkit` cannot fail with an AttributeError on a
    library built from this tree.
-4. One version everywhere: KD_VERSION_* in kdkit/api.h, CMake's project
+4. Every public function returning a result code says in its comment which
+   errors it can return (a KD_E* code, "Errors", or "Cannot fail").
+5. One version everywhere: KD_VERSION_* in kdkit/api.h, CMake's project
    version, `kdkit --version`, the shared library's file name, and the Python
    package's __version__ and pyproject.toml.
 
@@ -82,6 +84,35 @@ def header_declarations(path):
     return decls
 
 
+def undocumented_errors(path):
+    """Names of KD_API functions returning int whose comment (the block above
+    the declaration, or above the group of declarations it belongs to) names
+    no error."""
+    L = open(path, encoding="utf-8").read().split("\n")
+    out = []
+    for i, s in enumerate(L):
+        if not s.startswith("KD_API") or i + 1 >= len(L):
+            continue
+        d = L[i + 1]
+        m = re.match(r"(int|int64_t|ssize_t) +(kd_\w+)\(", d)
+        if not m:
+            continue
+        j = i - 1
+        block = []
+        # skip up over the other declarations of a group, then take the comment
+        while j >= 0 and (L[j].startswith("KD_API") or re.match(r"^[a-z].*[;,)]$", L[j]) or
+                          L[j].startswith("    ")):
+            j -= 1
+        while j >= 0 and (L[j].strip().startswith(("/*", "*")) or L[j].strip().endswith("*/") or
+                          L[j].startswith("   ")):
+            block.append(L[j])
+            j -= 1
+        text = "\n".join(block)
+        if not re.search(r"KD_E[A-Z]+|[Ee]rrors?\b|[Cc]annot fail|never fails", text):
+            out.append((m.group(2), i + 2))
+    return out
+
+
 def exported(lib):
     out = subprocess.run(["nm", "-D", "--defined-only", lib], check=True,
                          capture_output=True, text=True).stdout
@@ -120,6 +151,12 @@ def main():
     if len(declared) < 100:
         problems.append("only %d public declarations found: the header parser is broken"
                         % len(declared))
+
+    for h in sorted(glob.glob(os.path.join(src, "include", "kdkit", "*.h"))):
+        for name, line in undocumented_errors(h):
+            problems.append("%s:%d: %s: its comment lists no error it can return (KD_E*, "
+                            "\"Errors: ...\" or \"Cannot fail\")" % (os.path.relpath(h, src), line,
+                                                                      name))
 
     syms = exported(lib)
     for name in sorted(set(syms) - set(declared)):

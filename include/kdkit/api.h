@@ -5,9 +5,10 @@
  * libkdkit.so is built with -fvisibility=hidden: the only symbols it exports
  * are the functions declared with KD_API in the public headers
  * (include/kdkit/).  Everything else, internal functions shared between the
- * library's files included, stays inside the library, so an embedder cannot come to depend on it and a name
- * of ours cannot clash with one of theirs.  tests/abi_check.py checks that
- * the exported set is exactly the KD_API set.  The static libkdkit.a carries
+ * library's files included, stays inside the library, so an embedder cannot
+ * come to depend on it and a name of ours cannot clash with one of theirs.
+ * tests/abi_check.py checks that the exported set is exactly the KD_API set.
+ * The static libkdkit.a carries
  * the same objects; hidden visibility does not restrict static linking.
  *
  * The version below is the one source of it: CMake's project version (and so
@@ -58,6 +59,7 @@ KD_API
 const char *kd_version(void);
 
 /* The same as one number (KD_VERSION_NUMBER of the loaded library). */
+/* Cannot fail. */
 KD_API
 int kd_version_number(void);
 

@@ -180,6 +180,8 @@ int kd_ckpt_open(kd_ckpt **out, const char *path, const kd_ckpt_expect *expect, 
  * The same rules over a buffer the caller keeps alive until kd_ckpt_close
  * (fuzzing, tests, files already in memory).  `name` is used in messages.
  */
+/* Errors: those of kd_ckpt_open except KD_EIO (the file rules, KD_ECORRUPT / KD_EVERSION
+   naming the field), KD_EINVAL (NULL data), KD_ENOMEM. */
 KD_API
 int kd_ckpt_open_mem(kd_ckpt **out, const void *data, size_t len, const char *name,
                      kd_err *e);
@@ -198,6 +200,7 @@ KD_API
 int kd_ckpt_find(const kd_ckpt *c, const char *name, kd_tensor_view *out);
 /* 1 when every tensor's data is aligned to its element size in memory
    (always so for files kdkit wrote); 0 when some view needs memcpy access. */
+/* Returns 1 or 0; cannot fail. */
 KD_API
 int kd_ckpt_aligned(const kd_ckpt *c);
 
@@ -206,6 +209,7 @@ KD_API
 const char *kd_ckpt_meta(const kd_ckpt *c, const char *key);
 KD_API
 size_t kd_ckpt_meta_count(const kd_ckpt *c);
+/* Errors: KD_EINVAL (i >= kd_ckpt_meta_count). */
 KD_API
 int kd_ckpt_meta_get(const kd_ckpt *c, size_t i, const char **key, const char **value);
 
@@ -220,13 +224,16 @@ const char *kd_ckpt_name(const kd_ckpt *c);
 /* Start reading the whole file into the page cache in the background
    (madvise WILLNEED): call it after open when every tensor is about to be
    read, as on a resume.  A no-op for kd_ckpt_open_mem handles. */
+/* Errors: KD_EINVAL (NULL handle); a refused madvise is ignored (only a hint). */
 KD_API
 int kd_ckpt_prefetch(const kd_ckpt *c);
 
 /* SHA-256 of the whole file, hashing the mapped bytes (computed once). */
+/* Errors: KD_EINVAL (NULL handle or hex), KD_ENOMEM. */
 KD_API
 int kd_ckpt_sha256(kd_ckpt *c, char hex[KD_SHA256_HEX]);
 /* XXH3-128 of the whole file, likewise (computed once). */
+/* Errors: KD_EINVAL (NULL handle or hex), KD_ENOMEM. */
 KD_API
 int kd_ckpt_xxh3_128(kd_ckpt *c, char hex[KD_XXH3_HEX]);
 /*
@@ -254,10 +261,14 @@ int kd_ckpt_state_get(const kd_ckpt *c, kd_ckpt_state *s, kd_err *e);
  * *out (may be NULL) gets size and hashes even when they differ; its
  * data_xxh3_128 is "" for a file without the key.
  */
+/* Errors: those of kd_ckpt_open (KD_ENOTFOUND, KD_EIO, KD_ECORRUPT, KD_EVERSION, KD_ENOMEM),
+   KD_ECORRUPT (data differs from data_xxh3_128), KD_EMISMATCH (size or a hash differs from
+   expect; message names which). */
 KD_API
 int kd_ckpt_verify_ex(const char *path, const kd_ckpt_expect *expect, unsigned flags,
                       kd_ckpt_written *out, kd_err *e);
 /* kd_ckpt_verify_ex with flags 0. */
+/* Errors: as kd_ckpt_verify_ex. */
 KD_API
 int kd_ckpt_verify(const char *path, const kd_ckpt_expect *expect, kd_ckpt_written *out,
                    kd_err *e);

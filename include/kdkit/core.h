@@ -60,6 +60,7 @@ int kd_file_write_atomic(const char *path, const void *data, size_t len, kd_err 
  * returns, a power cut may undo some of the renames, each file then being
  * its old self, whole.  Saves one fsync per file.
  */
+/* Errors: as kd_file_write_atomic (KD_EINVAL, KD_ENOMEM, KD_EIO naming the path and the step). */
 KD_API
 int kd_file_write_atomic_nosyncdir(const char *path, const void *data, size_t len, kd_err *e);
 
@@ -71,8 +72,12 @@ int kd_file_write_atomic_nosyncdir(const char *path, const void *data, size_t le
  * and `path` is untouched).  kd_atomic_abort discards everything.
  */
 typedef struct kd_atomic kd_atomic;
+/* Errors: KD_EINVAL (no path, or it names a directory), KD_ENOTFOUND (the directory does not
+   exist), KD_EIO (cannot create the temp file), KD_ENOMEM. */
 KD_API
 int kd_atomic_begin(kd_atomic **out, const char *path, kd_err *e);
+/* Errors: KD_EINVAL (NULL handle), KD_ESTATE (an earlier write failed: commit will refuse),
+   KD_EIO (write failed; the target is untouched). */
 KD_API
 int kd_atomic_write(kd_atomic *a, const void *data, size_t len, kd_err *e);
 /* Overwrite bytes already written (off + len <= bytes written so far), e.g.
@@ -85,12 +90,15 @@ int kd_atomic_commit(kd_atomic *a, kd_err *e);
    kd_file_write_atomic_nosyncdir): write several files, then commit each,
    then one kd_fsync_dir().  kd_atomic_write starts writeback as it goes, so
    the data of files written before any commit reaches the disk together. */
+/* Errors: as kd_atomic_commit (KD_EINVAL, KD_ESTATE after a failed write, KD_EIO naming the
+   step); the handle is freed either way. */
 KD_API
 int kd_atomic_commit_nosyncdir(kd_atomic *a, kd_err *e);
 KD_API
 void kd_atomic_abort(kd_atomic *a);
 
 /* fsync a directory so that a rename or create inside it is durable. */
+/* Errors: KD_ENOTFOUND (no such directory), KD_EIO (open or fsync failed). */
 KD_API
 int kd_fsync_dir(const char *dir, kd_err *e);
 
@@ -103,10 +111,13 @@ KD_API KD_NODISCARD
 int kd_file_read_all(const char *path, size_t max, char **out, size_t *len, kd_err *e);
 
 /* mkdir -p; existing directories are fine. */
+/* Errors: KD_EINVAL (empty path), KD_EIO (mkdir
+   or the parent fsync failed), KD_ENOMEM. */
 KD_API
 int kd_mkdir_p(const char *path, kd_err *e);
 
 /* 1 if path exists (any type), 0 if not. */
+/* Returns 1 or 0; cannot fail (an unreadable path counts as absent). */
 KD_API
 int kd_path_exists(const char *path);
 
@@ -146,6 +157,8 @@ typedef struct kd_jsonl kd_jsonl;
  * "<path>.torn-<UTC time>[-n]" (durably) and truncated away; *rep (may be
  * NULL) says what happened.  opts may be NULL for the defaults.
  */
+/* Errors: KD_EINVAL (bad options or path), KD_ENOMEM, KD_EIO (open, read, the move-aside of a
+   torn tail or its truncation failed; message names the file), KD_ELIMIT (a line over max_line). */
 KD_API
 int kd_jsonl_open(kd_jsonl **out, const char *path, const kd_jsonl_opts *opts,
                   kd_jsonl_repair *rep, kd_err *e);
@@ -166,9 +179,11 @@ KD_API
 int kd_jsonl_append(kd_jsonl *j, const char *line, size_t len, kd_err *e);
 
 /* Write out buffered lines (no fsync). */
+/* Errors: KD_EINVAL (NULL handle), KD_EIO (write failed; the unwritten bytes stay buffered). */
 KD_API
 int kd_jsonl_flush(kd_jsonl *j, kd_err *e);
 /* Write out buffered lines and fdatasync. */
+/* Errors: KD_EINVAL, KD_EIO (write or fdatasync failed). */
 KD_API
 int kd_jsonl_sync(kd_jsonl *j, kd_err *e);
 /* Bytes in the journal, counting buffered lines. */
@@ -180,6 +195,8 @@ uint64_t kd_jsonl_size(const kd_jsonl *j);
  * appended to, durably), then truncate the journal to `offset`.  Used to
  * rewind a metrics log after a resume without deleting anything.
  */
+/* Errors: KD_EINVAL (offset beyond the end or not at a line start), KD_EIO (writing the aside
+   file, syncing or truncating failed; the journal is unchanged when the aside copy failed). */
 KD_API
 int kd_jsonl_move_tail(kd_jsonl *j, uint64_t offset, const char *aside_path, kd_err *e);
 
@@ -201,10 +218,14 @@ KD_API
 int kd_jsonl_reader_open(kd_jsonl_reader **out, const char *path, size_t max_line, kd_err *e);
 /* `offset` must be the start of a line; `lineno` is the number of the line
  * that starts there (<= 0 when unknown: numbering then restarts at 1). */
+/* Errors: KD_EINVAL (offset past the end of the file), KD_EIO. */
 KD_API
 int kd_jsonl_reader_seek(kd_jsonl_reader *r, uint64_t offset, int64_t lineno, kd_err *e);
+/* Errors (negative): KD_EINVAL, KD_EIO (read failed), KD_ELIMIT (a line longer than max_line),
+   KD_ECORRUPT (a last line without its newline), KD_ENOMEM. */
 KD_API
 int kd_jsonl_next(kd_jsonl_reader *r, const char **line, size_t *len, kd_err *e);
+/* Cannot fail. */
 KD_API
 int64_t kd_jsonl_reader_lineno(const kd_jsonl_reader *r);
 KD_API
@@ -241,6 +262,7 @@ void kd_dir_unlock(kd_lock *l);
 #define KD_SHA256_HEX 65 /* 64 hex digits and the NUL */
 
 typedef struct kd_sha256 kd_sha256;
+/* Errors: KD_EINVAL (NULL out), KD_ENOMEM. */
 KD_API KD_NODISCARD
 int kd_sha256_new(kd_sha256 **out);
 KD_API
@@ -251,6 +273,7 @@ void kd_sha256_final_hex(kd_sha256 *h, char hex[KD_SHA256_HEX]);
 KD_API
 void kd_sha256_free(kd_sha256 *h);
 /* One-shot forms. */
+/* Errors: KD_EINVAL (NULL data with len > 0), KD_ENOMEM (libcrypto could not allocate). */
 KD_API KD_NODISCARD
 int kd_sha256_hex(const void *data, size_t len, char hex[KD_SHA256_HEX]);
 /* Hash a file's content; *size (may be NULL) gets its length.  A FIFO,
@@ -304,6 +327,8 @@ KD_API KD_NODISCARD
 int kd_json_canonical(const char *json, size_t len, char **out, kd_err *e);
 
 /* SHA-256 hex of the canonical form: the config hash of a session. */
+/* Errors: as kd_json_canonical (KD_EINVAL naming the JSON error, KD_ENOMEM, KD_ELIMIT) and
+   kd_sha256_hex (KD_ENOMEM). */
 KD_API KD_NODISCARD
 int kd_json_hash(const char *json, size_t len, char hex[KD_SHA256_HEX], kd_err *e);
 

@@ -92,6 +92,8 @@ typedef struct kd_distill_targets {
  * "top_logprobs" (array of {token, bytes, logprob}, or null/absent) are
  * optional.  An empty array gives len 0.
  */
+/* Errors: KD_EINVAL (NULL arguments), KD_ECORRUPT (not JSON or not the expected shape; message
+   names where), KD_ENOMEM. */
 KD_API
 int kd_distill_targets_from_json(const char *json, size_t len, kd_distill_targets *out,
                                  kd_err *e);
@@ -121,6 +123,7 @@ void kd_distill_targets_free(kd_distill_targets *t);
  * padding), logprobs (log of the probability) and *other (the bucket; 0 for
  * renorm).  Returns the number of entries with mass.
  */
+/* Cannot fail: a target the student cannot use gives no loss entries. */
 KD_API
 int kd_distill_target_to_loss(const kd_byte_target *t, int tail, int32_t *ids, float *logprobs,
                               float *other);

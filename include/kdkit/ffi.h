@@ -59,6 +59,7 @@ int kd_ffi_tracker_open(kd_tracker **out, const char *output_dir, const char *co
 
 /* kd_tracker_update_metrics with the fields as arguments; KD_UNSET for a
    double that was not measured (loss: NaN). */
+/* Errors: as kd_tracker_update_metrics. */
 KD_API
 int kd_ffi_tracker_update(kd_tracker *t, int64_t step, double loss, double loss_kd,
                           double loss_ce, double loss_intermediate, double learning_rate,
@@ -67,6 +68,8 @@ int kd_ffi_tracker_update(kd_tracker *t, int64_t step, double loss, double loss_
 
 /* kd_tracker_record_checkpoint: size and SHA-256 are computed by the
    tracker from the file; tags may be NULL when ntags is 0. */
+/* Errors: as kd_tracker_record_checkpoint, and those of hashing the file (KD_ENOTFOUND,
+   KD_EIO). */
 KD_API
 int kd_ffi_tracker_checkpoint(kd_tracker *t, int64_t step, const char *path,
                               int64_t dataset_position, const char *const *tags, size_t ntags);
@@ -82,6 +85,7 @@ int kd_ffi_tracker_api_response(kd_tracker *t, const char *prompt_hash, const ch
                                 int64_t sample_index, int refusal);
 
 /* kd_tracker_record_connection_failure. */
+/* Errors: as kd_tracker_record_connection_failure. */
 KD_API
 int kd_ffi_tracker_failure(kd_tracker *t, int retry_count, const char *error, int http_status,
                            int possibly_billed);
@@ -98,6 +102,7 @@ int kd_ffi_tracker_close(kd_tracker *t, char *msg, size_t cap);
  * "path", "sha256", "size", "loss" (null when unknown), "skipped"}.
  * *json_out is released with kd_ffi_free.
  */
+/* Errors: KD_EINVAL (NULL arguments), KD_ENOMEM. */
 KD_API
 int kd_ffi_tracker_recovery_json(kd_tracker *t, int best, char **json_out);
 
@@ -116,6 +121,7 @@ int kd_ffi_session_inspect(const char *output_dir, char **json_out, char *msg, s
  * healthy) or a negative code when the directory cannot be checked (message
  * in msg; *problems_json is then NULL).
  */
+/* Errors (negative): as kd_session_verify, KD_EINVAL, KD_ENOMEM. */
 KD_API
 int kd_ffi_session_verify(const char *output_dir, unsigned flags, char **problems_json,
                           char *msg, size_t cap);
@@ -125,6 +131,7 @@ int kd_ffi_session_verify(const char *output_dir, unsigned flags, char **problem
 
 /* kd_ckpt_open with the optional manifest check (expect_size -1 and
    expect_sha256 NULL: none). */
+/* Errors: as kd_ckpt_open; KD_EINVAL (a hash argument that is not hex of the right length). */
 KD_API
 int kd_ffi_ckpt_open(kd_ckpt **out, const char *path, int64_t expect_size,
                      const char *expect_sha256, char *msg, size_t cap);
@@ -242,6 +249,7 @@ int kd_ffi_cache_put(kd_ffi_teacher *w, const char *prompt, const char *messages
                      int is_text, double cost, int *inserted);
 
 /* Close the client (and its cache).  Accepts NULL. */
+/* Errors: as kd_teacher_close. */
 KD_API
 int kd_ffi_teacher_close(kd_ffi_teacher *w);
 

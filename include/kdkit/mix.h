@@ -82,6 +82,7 @@ KD_API
 int kd_mix_open_read(kd_mix **out, const char *dir, kd_err *e);
 KD_API
 int64_t kd_mix_total(const kd_mix *m);          /* samples in the prompt file */
+/* Cannot fail. */
 KD_API
 int64_t kd_mix_completed(const kd_mix *m);      /* indices that have a row */
 /*
@@ -210,6 +211,7 @@ int kd_mix_writer_open(kd_mix_writer **out, const char *dir, const char *config_
                        const char *prompts_sha256, int64_t total, kd_mix_writer_info *info,
                        kd_err *e);
 /* Status of index i (KD_MIX_ST_NONE when it has no row). */
+/* Cannot fail. */
 KD_API
 int kd_mix_writer_status(const kd_mix_writer *w, int64_t i);
 /* Rows per status (index by KD_MIX_ST_*), indices with a row. */
@@ -220,13 +222,18 @@ KD_API
 int kd_mix_writer_append(kd_mix_writer *w, const kd_mix_row_in *r, kd_err *e);
 /* fsync mix.jsonl, then point the sidecar at the new rows: the appended
    samples are done when this returns KD_OK. */
+/* Errors: KD_EIO (fdatasync of mix.jsonl or writing the sidecar; message names the file),
+   KD_ENOMEM. */
 KD_API
 int kd_mix_writer_commit(kd_mix_writer *w, kd_err *e);
 /* Sync the sidecar, then replace mix_progress.json atomically. */
+/* Errors: as kd_mix_writer_commit (KD_EIO naming the file, KD_ENOMEM). */
 KD_API
 int kd_mix_writer_save_progress(kd_mix_writer *w, const kd_mix_progress_extra *x,
                                 int prompts_validated, kd_err *e);
 /* Commit, close.  Accepts NULL. */
+/* Errors: KD_EIO (the last commit, the sidecar sync or the journal close failed; the first
+   error is returned), KD_ENOMEM. */
 KD_API
 int kd_mix_writer_close(kd_mix_writer *w, kd_err *e);
 
@@ -255,6 +262,8 @@ typedef struct kd_mix_progress {
     char state[16];
 } kd_mix_progress;
 
+/* Errors: KD_ECORRUPT (not valid JSON, a field missing, of the wrong type or inconsistent;
+   message names `where` and the field), KD_EVERSION (another format), KD_ENOMEM. */
 KD_API
 int kd_mix_progress_parse(const char *text, size_t len, const char *where,
                           kd_mix_progress *p, kd_err *e);

@@ -149,6 +149,8 @@ int kd_gpt_config_validate(const kd_gpt_config *c, kd_err *e);
 KD_API
 int kd_gpt_config_to_string(const kd_gpt_config *c, char *buf, size_t cap);
 /* Parse that form (keys in any order, all four required) and validate it. */
+/* Errors: KD_EINVAL (NULL, not key=value, a key unknown, missing or not an integer; message
+   names it), and those of kd_gpt_config_validate. */
 KD_API
 int kd_gpt_config_from_string(kd_gpt_config *c, const char *s, kd_err *e);
 
@@ -159,6 +161,7 @@ typedef struct kd_gpt kd_gpt;
  * and gradients (one allocation, zero).  Activations are allocated lazily by
  * kd_gpt_reserve() or the first forward.
  */
+/* Errors: KD_ECONFIG / KD_EINVAL (the config, as kd_gpt_config_validate), KD_ENOMEM. */
 KD_API
 int kd_gpt_create(kd_gpt **out, const kd_gpt_config *cfg, kd_err *e);
 KD_API
@@ -367,6 +370,7 @@ int kd_gpt_load_views(kd_gpt *m, const kd_tensor_view *v, size_t n, kd_err *e);
  * Top-k log-probabilities of softmax(logits[KD_GPT_VOCAB]) (temperature 1),
  * k in 1..KD_GPT_MAX_TOPK, most likely first, ties by lower id.
  */
+/* Errors: KD_EINVAL (NULL arrays, k outside 1..KD_GPT_MAX_TOPK). */
 KD_API
 int kd_gpt_topk_logprobs(const float *logits, int k, int32_t *ids, float *logprobs,
                          kd_err *e);
@@ -376,6 +380,7 @@ int kd_gpt_topk_logprobs(const float *logits, int k, int32_t *ids, float *logpro
  * to the smallest most-likely set whose mass reaches top_p (top_p <= 0 or
  * >= 1: no cut), then one kd_rng_uniform draw.  Returns the byte (0..255).
  */
+/* Returns a token id; cannot fail. */
 KD_API
 int kd_gpt_sample(const float *logits, float temperature, float top_p, kd_rng *rng);
 /* Mean over the T positions of sequence b of the last forward's final
@@ -409,6 +414,8 @@ typedef struct kd_gpt_gen_result {
  * then cut from `out` (its per-token logprobs are still written).  Same RNG
  * state and inputs => same output.
  */
+/* Errors: KD_EINVAL (NULL arguments, top_k out of range, stop missing), errors of the forward
+   pass, KD_ENOMEM. */
 KD_API
 int kd_gpt_generate(kd_gpt *m, const uint8_t *prompt, size_t prompt_len,
                     const kd_gpt_gen_opts *opts, kd_rng *rng, uint8_t *out,
@@ -435,14 +442,18 @@ typedef struct kd_adamw kd_adamw;
 
 /* m and v in one zeroed allocation shaped like the model's parameters.  The
  * optimizer borrows the model, which must outlive it. */
+/* Errors: KD_EINVAL (NULL arguments), KD_ECONFIG (a hyper-parameter out of range, named),
+   KD_ENOMEM. */
 KD_API
 int kd_adamw_create(kd_adamw **out, kd_gpt *model, const kd_adamw_config *cfg, kd_err *e);
 KD_API
 void kd_adamw_free(kd_adamw *o);
 /* One update of every parameter from the current gradients (not zeroed). */
+/* Errors: KD_EINVAL (lr not finite or negative). */
 KD_API
 int kd_adamw_step(kd_adamw *o, double lr, kd_err *e);
 /* Updates taken so far (t in the formulas); restored by kd_adamw_load_views. */
+/* Cannot fail. */
 KD_API
 int64_t kd_adamw_step_count(const kd_adamw *o);
 /*

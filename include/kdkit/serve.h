@@ -105,6 +105,7 @@ void kd_serve_gen_result_free(kd_serve_gen_result *r);
 
 /* The deterministic toy: printable ASCII, distributions from a hash of the
    seed, prompt and output so far; 16-dimensional embeddings. */
+/* Errors: KD_ENOMEM. */
 KD_API
 int kd_serve_backend_toy(kd_serve_backend *out, uint64_t seed, kd_err *e);
 
@@ -116,6 +117,8 @@ int kd_serve_backend_toy(kd_serve_backend *out, uint64_t seed, kd_err *e);
  * metadata ("model" is what kdkit train writes).
  * Tensors named "opt.*" (optimizer state) are ignored.
  */
+/* Errors: those of kd_ckpt_open (the checkpoint), KD_ECONFIG (its metadata has no usable model
+   config, or a tensor is missing or of the wrong shape), KD_ENOMEM. */
 KD_API
 int kd_serve_backend_gpt(kd_serve_backend *out, const char *ckpt_path, const char *name,
                          const char *config_string, kd_err *e);
@@ -176,9 +179,13 @@ typedef struct kd_serve kd_serve;
  * Start serving in background threads.  The server takes the backend (it is
  * destroyed by kd_serve_stop, or here on failure).
  */
+/* Errors: KD_EINVAL (bad options: a non-loopback bind, fault probabilities, the script),
+   KD_ECONFIG (the API key variable named but not set), KD_EIO (cannot bind or start the
+   daemon; message says why), KD_ENOMEM. */
 KD_API
 int kd_serve_start(kd_serve **out, const kd_serve_opts *o, const kd_serve_backend *be,
                    kd_err *e);
+/* Cannot fail. */
 KD_API
 int kd_serve_port(const kd_serve *s);
 

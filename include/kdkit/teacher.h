@@ -145,6 +145,7 @@ int kd_cache_has_key(kd_cache *c, const char *key);
  * handle when NULL / 0).  An existing entry with the same key and version is
  * kept (first paid answer wins); *inserted (may be NULL) says which.
  */
+/* Errors: as kd_cache_put_many. */
 KD_API
 int kd_cache_put(kd_cache *c, const kd_cache_entry *en, int *inserted);
 
@@ -157,9 +158,11 @@ int kd_cache_put(kd_cache *c, const kd_cache_entry *en, int *inserted);
 KD_API
 int kd_cache_put_many(kd_cache *c, const kd_cache_entry *ens, size_t n, int *inserted);
 
+/* Cannot fail. */
 KD_API
 int kd_cache_stats_get(kd_cache *c, kd_cache_stats *s);
 /* Write the in-memory counter deltas now. */
+/* Errors: KD_EIO (SQLite; kd_cache_errmsg says what). */
 KD_API
 int kd_cache_flush_stats(kd_cache *c);
 
@@ -171,6 +174,7 @@ typedef struct kd_cache_verify_report {
 } kd_cache_verify_report;
 
 /* PRAGMA integrity_check plus a check of every entry's body hash and JSON. */
+/* Errors (negative): KD_EIO (SQLite), KD_ENOMEM. */
 KD_API
 int kd_cache_verify(kd_cache *c, kd_cache_verify_report *r);
 
@@ -187,11 +191,14 @@ typedef struct kd_cache_rebuild_report {
  * the body is decoded to the exact bytes.  If only_key is non-NULL, only
  * lines with that request_hash are used.
  */
+/* Errors: KD_ENOTFOUND (no ledger), KD_EIO / KD_ELIMIT (reading the ledger; SQLite), KD_ENOMEM; an
+   invalid ledger line is skipped and counted, not an error. */
 KD_API
 int kd_cache_rebuild(kd_cache *c, const char *ledger_path, uint64_t offset,
                      const char *only_key, kd_cache_rebuild_report *r);
 
 /* Write every entry as one JSON line to fd (the body as a string). */
+/* Errors: KD_EIO (SQLite or writing out), KD_ENOMEM. */
 KD_API
 int kd_cache_export(kd_cache *c, int fd, int64_t *count);
 
@@ -209,10 +216,13 @@ typedef struct kd_cache_gc_report {
 } kd_cache_gc_report;
 
 /* Paid entries are never dropped except through this call. */
+/* Errors: KD_EINVAL (bad arguments), KD_EIO (SQLite). */
 KD_API
 int kd_cache_gc(kd_cache *c, const kd_cache_gc_opts *o, kd_cache_gc_report *r);
 
 /* Flush the counters and close.  Accepts NULL. */
+/* Errors: KD_EIO (the last stats flush or closing the database failed); the handle is freed
+   anyway. */
 KD_API
 int kd_cache_close(kd_cache *c);
 
@@ -237,8 +247,10 @@ double kd_price_cost(const kd_price *p, int64_t prompt_tokens, int64_t completio
  */
 typedef struct kd_budget kd_budget;
 /* cap < 0: no cap (reservations are still tracked). */
+/* Errors: KD_ENOMEM. */
 KD_API
 int kd_budget_new(kd_budget **out, double cap, double spent_before, kd_err *e);
+/* Errors: KD_EBUDGET (the reservation would exceed the cap; nothing reserved). */
 KD_API
 int kd_budget_reserve(kd_budget *b, double amount, kd_err *e);
 /* Turn a reservation into actual spend (actual may be below the reservation;
@@ -429,6 +441,9 @@ typedef struct kd_teacher kd_teacher;
  * possibly-billed failure and counted in the budget at their worst case.
  * The budget starts from the tracker's total_cost plus those amounts.
  */
+/* Errors: KD_EINVAL / KD_ECONFIG (the config: base URL, model, key variable named but unset;
+   message names the key), KD_EIO (the cache, the intent journal or the tracker's files),
+   KD_ECORRUPT / KD_EVERSION (the cache or the journal), KD_ENOMEM. */
 KD_API
 int kd_teacher_open(kd_teacher **out, const kd_teacher_config *cfg, kd_tracker *tracker,
                     kd_err *e);
@@ -447,11 +462,14 @@ kd_budget *kd_teacher_budget(kd_teacher *t);
  * The cache key of a request and the prompt hash; *canonical_out (may be
  * NULL) gets the canonical JSON that was hashed (malloc'd).
  */
+/* Errors: KD_EINVAL (a request that is not valid: no prompt or messages, bad parameters, not
+   UTF-8), KD_ENOMEM. */
 KD_API
 int kd_teacher_key(kd_teacher *t, const kd_teacher_request *req, char key[KD_SHA256_HEX],
                    char prompt_hash[KD_SHA256_HEX], char **canonical_out, kd_err *e);
 
 /* One request through the whole path.  Returns res->rc. */
+/* Errors: as kd_teacher_ask_many for its one request. */
 KD_API
 int kd_teacher_ask(kd_teacher *t, const kd_teacher_request *req, kd_teacher_result *res);
 
@@ -460,11 +478,16 @@ int kd_teacher_ask(kd_teacher *t, const kd_teacher_request *req, kd_teacher_resu
  * res[i] gets its own rc.  Returns KD_OK when all succeeded, else the first
  * failing rc.
  */
+/* Errors (of the call; each request has its own rc and errmsg in its result): KD_EINVAL (NULL
+   arguments), KD_ENOMEM, KD_EIO (the intent journal or the ledger could not be written:
+   nothing more is sent). */
 KD_API
 int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
                         kd_teacher_result *res);
 
 /* Close the intent journal and the cache; free.  Accepts NULL. */
+/* Errors: KD_EIO (the intent journal or the cache could not be closed cleanly); the handle is
+   freed anyway. */
 KD_API
 int kd_teacher_close(kd_teacher *t);
 

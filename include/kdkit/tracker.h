@@ -120,6 +120,7 @@ const char *kd_tracker_config_hash(const kd_tracker *t);
 KD_API
 const char *kd_tracker_dir(const kd_tracker *t);
 /* 1 if open resumed an existing session, 0 if it started a new one. */
+/* Cannot fail. */
 KD_API
 int kd_tracker_resumed(const kd_tracker *t);
 /*
@@ -217,6 +218,8 @@ void kd_metrics_init(kd_metrics *m);
  * means the trainer went back (a resume): the lines from that step on are
  * moved aside first, as kd_tracker_rewind does.
  */
+/* Errors: KD_EINVAL (NULL or a negative step), KD_ESTATE (a read-only handle), KD_EIO /
+   KD_ELIMIT (flushing or rewinding metrics.jsonl), KD_ENOMEM. */
 KD_API
 int kd_tracker_update_metrics(kd_tracker *t, const kd_metrics *m);
 
@@ -226,6 +229,8 @@ int kd_tracker_update_metrics(kd_tracker *t, const kd_metrics *m);
  * and the counters go back to their values at S.  Cost is proportional to the
  * lines moved.
  */
+/* Errors: KD_EINVAL (a negative step), KD_ESTATE (read-only), KD_ECORRUPT (metrics.jsonl
+   cannot be read back), KD_EIO (moving the lines aside), KD_ENOMEM. */
 KD_API
 int kd_tracker_rewind(kd_tracker *t, int64_t step);
 
@@ -248,6 +253,9 @@ typedef struct kd_checkpoint_info {
  * step (loss, wall_clock_hours), size and XXH3-128 (and SHA-256 when given).  Flushes and syncs
  * metrics.jsonl, rewrites checkpoints.json and session.json atomically.
  */
+/* Errors: KD_EINVAL (no path, outside the output directory, bad step, tags or hash text),
+   KD_ENOTFOUND (the file does not exist), KD_ESTATE (read-only), KD_EIO (hashing the file, or
+   writing the manifest or session.json), KD_ELIMIT (too many records), KD_ENOMEM. */
 KD_API
 int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c);
 
@@ -286,6 +294,7 @@ KD_API
 size_t kd_tracker_checkpoint_count(const kd_tracker *t);
 /* i-th record, oldest first; pointers valid until the next call that records
    or deletes a checkpoint. */
+/* Errors: KD_EINVAL (i >= kd_tracker_checkpoint_count). */
 KD_API
 int kd_tracker_checkpoint_get(const kd_tracker *t, size_t i, kd_checkpoint_record *r);
 
@@ -336,6 +345,8 @@ typedef struct kd_failure {
 } kd_failure;
 
 /* Append to failures.jsonl and count it in session.json. */
+/* Errors: KD_EINVAL (NULL or a negative count), KD_ESTATE (read-only), KD_EIO (writing
+   failures.jsonl), KD_ELIMIT, KD_ENOMEM. */
 KD_API
 int kd_tracker_record_connection_failure(kd_tracker *t, const kd_failure *f);
 
@@ -346,10 +357,14 @@ int kd_tracker_record_connection_failure(kd_tracker *t, const kd_failure *f);
  * stop): it counts no pause itself; the gap until the session is reopened is
  * the pause, which the reopen counts once and excludes from active time.
  */
+/* Errors: KD_EINVAL (a negative or non-finite duration), KD_ESTATE (read-only), KD_EIO
+   (saving), KD_ENOMEM. */
 KD_API
 int kd_tracker_record_pause(kd_tracker *t, double duration);
 
 /* Write session.json and progress.json now (they are also autosaved). */
+/* Errors: KD_EINVAL, KD_ESTATE (read-only), KD_EIO (writing session.json or progress.json; the
+   previous files stay whole), KD_ENOMEM. */
 KD_API
 int kd_tracker_save(kd_tracker *t);
 
@@ -372,9 +387,11 @@ typedef struct kd_recovery {
  * XXH3-128 - or SHA-256, for records from before XXH3 - (hashing each
  * candidate file), falling back to older ones.
  */
+/* Errors: KD_EINVAL (NULL arguments); none found is KD_OK with r->found = 0. */
 KD_API
 int kd_tracker_recovery_checkpoint(kd_tracker *t, kd_recovery *r);
 /* The best checkpoint by loss among those not deleted (no file check). */
+/* Errors: KD_EINVAL (NULL arguments); none found is KD_OK with r->found = 0. */
 KD_API
 int kd_tracker_best_checkpoint(kd_tracker *t, kd_recovery *r);
 
@@ -406,9 +423,11 @@ typedef struct kd_summary {
     double start_time;        /* Unix seconds when the session began */
 } kd_summary;
 
+/* Errors: KD_EINVAL (NULL arguments). */
 KD_API
 int kd_tracker_summary(kd_tracker *t, kd_summary *s);
 /* The progress.json document (malloc'd; caller frees). */
+/* Errors: KD_EINVAL (NULL arguments), KD_ENOMEM. */
 KD_API
 int kd_tracker_summary_json(kd_tracker *t, char **json_out);
 
@@ -449,6 +468,8 @@ int kd_tracker_open_readonly(kd_tracker **out, const char *output_dir, kd_err *e
 /*
  * The same view as the progress.json document (*json_out, malloc'd).
  */
+/* Errors: as kd_tracker_open_readonly (KD_ENOTFOUND: not a kdkit output directory; KD_ECORRUPT
+   naming the file; KD_EIO), KD_EINVAL, KD_ENOMEM. */
 KD_API
 int kd_session_inspect(const char *output_dir, char **json_out, kd_err *e);
 

@@ -106,6 +106,7 @@ KD_API
 int kd_train_config_load(kd_train_config *c, const char *path, const char *const *overrides,
                          size_t noverrides, kd_err *e);
 /* Validation alone (kd_train_config_load calls it). */
+/* Errors: KD_ECONFIG (the first invalid key, named with the value and what is expected). */
 KD_API
 int kd_train_config_validate(const kd_train_config *c, kd_err *e);
 KD_API
@@ -119,6 +120,7 @@ void kd_train_config_free(kd_train_config *c);
  * resume.  This is what goes to kd_tracker_open: its hash is the run's
  * config hash.  corpus_sha256 may be NULL before the corpus is read.
  */
+/* Errors: KD_ENOMEM. */
 KD_API
 int kd_train_config_identity_json(const kd_train_config *c, const char *corpus_sha256,
                                   int64_t corpus_bytes, char **json_out, kd_err *e);
@@ -150,6 +152,7 @@ KD_API
 int kd_train_intermediate_layers_parse(const char *spec, int student_layers, int teacher_layers,
                                        int *n_pairs, int *student, int *teacher, kd_err *e);
 /* Every key with its effective value (for display and docs), malloc'd. */
+/* Errors: KD_ENOMEM. */
 KD_API
 int kd_train_config_effective_json(const kd_train_config *c, char **json_out, kd_err *e);
 
@@ -176,12 +179,16 @@ KD_API
 void kd_train_data_free(kd_train_data *d);
 KD_API
 const char *kd_train_data_sha256(const kd_train_data *d); /* of the joined corpus */
+/* Cannot fail. */
 KD_API
 int64_t kd_train_data_bytes(const kd_train_data *d);
+/* Returns the count; cannot fail. */
 KD_API
 int64_t kd_train_data_files(const kd_train_data *d);
+/* Cannot fail. */
 KD_API
 int64_t kd_train_data_n_train(const kd_train_data *d);
+/* Cannot fail. */
 KD_API
 int64_t kd_train_data_n_val(const kd_train_data *d);
 
@@ -191,6 +198,7 @@ int64_t kd_train_data_n_val(const kd_train_data *d);
  * derived from (seed, e) and evaluated in O(1) (a keyed Feistel network with
  * cycle walking).  Resuming at dataset position k therefore costs nothing.
  */
+/* Returns the window start; cannot fail. */
 KD_API
 int64_t kd_train_data_sample(const kd_train_data *d, int64_t k);
 /* The permutation alone, for tests: perm_e(i), i in [0, n). */
@@ -329,15 +337,18 @@ int kd_train_kd_evaluate(const char *ckpt_path, const char *mix_dir, kd_train_kd
  * "step 120/600  loss 2.3412  6.1k tok/s  ETA 0:45  ckpt 100".
  * Returns the length (truncated to cap - 1).
  */
+/* Returns the length written (truncated to cap, always terminated); cannot fail. */
 KD_API
 int kd_train_progress_line(const kd_train_event *ev, char *buf, size_t cap);
 /* "1:02:03" / "4:05" / "--:--" for NaN or negative; returns the length. */
+/* Returns the length written; cannot fail. */
 KD_API
 int kd_train_format_duration(double seconds, char *buf, size_t cap);
 /*
  * The end-of-run summary, several lines ending in '\n': steps, loss and
  * trend, tokens/s, wall and active time, checkpoints, where the files are.
  */
+/* Returns the length written (truncated to cap); cannot fail. */
 KD_API
 int kd_train_summary_text(const kd_train_result *r, char *buf, size_t cap);
 
