@@ -100,6 +100,8 @@ int kd_mix_row_get(kd_mix *m, int64_t index, kd_mix_row *row, kd_err *e);
  * KD_MIX_ST_NONE when the index has no row or is out of range.  Lets a
  * reader choose samples without reading the rows of the ones it skips.
  */
+/* Cannot fail. */
+KD_API
 int kd_mix_row_status(const kd_mix *m, int64_t index);
 /* 64-hex SHA-256 of "<config hash>:<prompt file SHA-256>". */
 KD_API
