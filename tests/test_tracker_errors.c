@@ -3,7 +3,8 @@
  * kd_tracker_errmsg on a tracker shared by two threads gives each thread the
  * message of its own failed call (another thread's later failure does not
  * overwrite it), and kd_tracker_close_err / kd_ffi_tracker_close report why
- * a close failed although the handle is gone.
+ * a close failed although the handle is gone.  The same per-thread rule
+ * for a teacher cache shared by threads (kd_cache_errmsg).
  */
 #include <errno.h>
 #include <limits.h>
@@ -18,6 +19,7 @@
 #include <cmocka.h>
 
 #include "kdkit/ffi.h"
+#include "kdkit/teacher.h"
 #include "kdkit/tracker.h"
 #include "support/kd_test.h"
 
@@ -160,12 +162,70 @@ static void test_path_too_long_is_refused_by_name(void **state)
     free(root);
 }
 
+typedef struct {
+    kd_cache *c;
+    size_t bad;         /* index of the entry without a body */
+    pthread_barrier_t *bar;
+    int first;
+    int rc;
+    char msg[KD_ERRMSG_MAX];
+} cache_worker;
+
+static void *cache_fail_in_turn(void *arg)
+{
+    cache_worker *w = arg;
+    kd_cache_entry ens[8];
+    memset(ens, 0, sizeof ens);
+    for (size_t i = 0; i <= w->bad; i++) {
+        memset(ens[i].key, 'a' + (int)i, 64);
+        ens[i].body = i == w->bad ? NULL : "{}";
+        ens[i].body_len = 2;
+    }
+    if (!w->first)
+        pthread_barrier_wait(w->bar);
+    w->rc = kd_cache_put_many(w->c, ens, w->bad + 1, NULL);
+    if (w->first)
+        pthread_barrier_wait(w->bar);
+    pthread_barrier_wait(w->bar);
+    snprintf(w->msg, sizeof w->msg, "%s", kd_cache_errmsg(w->c));
+    return NULL;
+}
+
+static void test_cache_errors_per_thread(void **state)
+{
+    (void)state;
+    char *dir = kdt_tmpdir("trk_errors_cache");
+    char *path = kdt_path(dir, "cache.sqlite");
+    kd_cache *c = NULL;
+    kd_err e;
+    assert_int_equal(kd_cache_open(&c, path, "1", KD_CACHE_SYNC_NORMAL, &e), KD_OK);
+    pthread_barrier_t bar;
+    pthread_barrier_init(&bar, NULL, 2);
+    cache_worker a = {.c = c, .bad = 1, .bar = &bar, .first = 1};
+    cache_worker b = {.c = c, .bad = 5, .bar = &bar};
+    pthread_t ta, tb;
+    assert_int_equal(pthread_create(&ta, NULL, cache_fail_in_turn, &a), 0);
+    assert_int_equal(pthread_create(&tb, NULL, cache_fail_in_turn, &b), 0);
+    pthread_join(ta, NULL);
+    pthread_join(tb, NULL);
+    pthread_barrier_destroy(&bar);
+    assert_int_equal(a.rc, KD_EINVAL);
+    assert_int_equal(b.rc, KD_EINVAL);
+    assert_non_null(strstr(a.msg, "(entry 1)"));   /* not B's later "(entry 5)" */
+    assert_non_null(strstr(b.msg, "(entry 5)"));
+    assert_int_equal(kd_cache_close(c), KD_OK);
+    kdt_rmrf(dir);
+    free(path);
+    free(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_each_thread_reads_its_own_error),
         cmocka_unit_test(test_close_reports_its_message),
         cmocka_unit_test(test_path_too_long_is_refused_by_name),
+        cmocka_unit_test(test_cache_errors_per_thread),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
