@@ -175,8 +175,10 @@ int kd_tracker_component_get(const kd_tracker *t, size_t i, kd_component_info *c
  * KD_EMISMATCH), KD_ELIMIT (the string does not fit bufsz; buf is ""),
  * KD_EINVAL (NULL arguments).
  */
+KD_API
 int kd_tracker_config_str(const kd_tracker *t, const char *component, const char *path, char *buf,
                           size_t bufsz);
+KD_API
 int kd_tracker_config_num(const kd_tracker *t, const char *component, const char *path, double *out);
 
 /*

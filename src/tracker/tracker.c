@@ -315,9 +315,9 @@ int kd_tracker_config_str(const kd_tracker *t, const char *comp, const char *pat
 {
     if (!t)
         return config_str_locked(t, comp, path, buf, bufsz);
-    pthread_mutex_lock(&((kd_tracker *)t)->mu);
+    kd_trk_lock((kd_tracker *)t);
     int rc_ = config_str_locked(t, comp, path, buf, bufsz);
-    pthread_mutex_unlock(&((kd_tracker *)t)->mu);
+    kd_trk_unlock((kd_tracker *)t);
     return rc_;
 }
 
@@ -343,9 +343,9 @@ int kd_tracker_config_num(const kd_tracker *t, const char *comp, const char *pat
 {
     if (!t)
         return config_num_locked(t, comp, path, out);
-    pthread_mutex_lock(&((kd_tracker *)t)->mu);
+    kd_trk_lock((kd_tracker *)t);
     int rc_ = config_num_locked(t, comp, path, out);
-    pthread_mutex_unlock(&((kd_tracker *)t)->mu);
+    kd_trk_unlock((kd_tracker *)t);
     return rc_;
 }
 
