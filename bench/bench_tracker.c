@@ -138,7 +138,7 @@ static void bench_update_metrics(const char *root)
 }
 
 /* The formatting alone: one metrics line's doubles (the mix fill() makes)
-   through kd_sb_json_double, beside the printf way the tracker used before
+   through kdi_sb_json_double, beside the printf way the tracker used before
    ("%.15g", strtod back, "%.17g" when that did not read back), interleaved
    in rounds so both see the same machine. */
 static void bench_format(void)
@@ -146,19 +146,19 @@ static void bench_format(void)
     const int rounds = 9, per = 20000;
     double ours[9], peer[9];
     kd_sb s;
-    kd_sb_init(&s, 1 << 20);
+    kdi_sb_init(&s, 1 << 20);
     volatile size_t sink = 0;
     for (int r = 0; r < rounds; r++) {
         double a = now_ns();
         for (int i = 1; i <= per; i++) {
             kd_metrics m;
             fill(&m, i);
-            kd_sb_reset(&s);
+            kdi_sb_reset(&s);
             double v[] = {m.loss, m.loss_kd, m.loss_ce, m.loss_intermediate, m.learning_rate,
                           m.throughput_samples_per_sec, m.throughput_tokens_per_sec};
             for (size_t k = 0; k < sizeof v / sizeof v[0]; k++)
-                kd_sb_json_double(&s, v[k]);
-            kd_sb_fixed(&s, 1764400000.0 + i * 1e-3, 6);
+                kdi_sb_json_double(&s, v[k]);
+            kdi_sb_fixed(&s, 1764400000.0 + i * 1e-3, 6);
             sink += s.len;
         }
         ours[r] = (now_ns() - a) / per;
@@ -166,7 +166,7 @@ static void bench_format(void)
         for (int i = 1; i <= per; i++) {
             kd_metrics m;
             fill(&m, i);
-            kd_sb_reset(&s);
+            kdi_sb_reset(&s);
             double v[] = {m.loss, m.loss_kd, m.loss_ce, m.loss_intermediate, m.learning_rate,
                           m.throughput_samples_per_sec, m.throughput_tokens_per_sec};
             for (size_t k = 0; k < sizeof v / sizeof v[0]; k++) {
@@ -178,14 +178,14 @@ static void bench_format(void)
                     if (strtod(b, NULL) != v[k])
                         snprintf(b, sizeof b, "%.17g", v[k]);
                 }
-                kd_sb_puts(&s, b);
+                kdi_sb_puts(&s, b);
             }
-            kd_sb_printf(&s, "%.6f", 1764400000.0 + i * 1e-3);
+            kdi_sb_printf(&s, "%.6f", 1764400000.0 + i * 1e-3);
             sink += s.len;
         }
         peer[r] = (now_ns() - a) / per;
     }
-    kd_sb_free(&s);
+    kdi_sb_free(&s);
     qsort(ours, (size_t)rounds, sizeof *ours, cmp_double);
     qsort(peer, (size_t)rounds, sizeof *peer, cmp_double);
     printf("metrics line numbers (7 doubles + timestamp), median of %d rounds: dtoa %.0f ns | "

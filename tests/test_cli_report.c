@@ -80,9 +80,9 @@ static void test_short_series_is_drawn_whole(void **state)
 static char *html(const char *in, size_t n)
 {
     kd_sb s;
-    kd_sb_init(&s, 1 << 20);
+    kdi_sb_init(&s, 1 << 20);
     rp_html_n(&s, in, n);
-    return kd_sb_take(&s);
+    return kdi_sb_take(&s);
 }
 
 static void test_escaping_leaves_no_markup_or_escape(void **state)
@@ -113,9 +113,9 @@ static void test_chart_counts_what_it_draws(void **state)
     rp_hline hl[] = {{"budget", "budget", 1.5}};
     rp_series *ss[] = {&a};
     kd_sb s;
-    kd_sb_init(&s, 1 << 20);
+    kdi_sb_init(&s, 1 << 20);
     rp_chart_write(&s, &(rp_chart){"loss", "Loss", "step", 0, ss, 1, mk, 2, hl, 1, NULL});
-    char *o = kd_sb_take(&s);
+    char *o = kdi_sb_take(&s);
     assert_non_null(strstr(o, "data-series=\"loss\" data-points=\"50\" data-raw=\"50\" data-ymin=\"0.02\" data-ymax=\"1\""));
     assert_non_null(strstr(o, "data-kind=\"resume\" data-step=\"20\""));
     assert_non_null(strstr(o, "data-kind=\"best\" data-step=\"50\""));
@@ -127,9 +127,9 @@ static void test_chart_counts_what_it_draws(void **state)
     rp_series e;
     assert_int_equal(rp_series_init(&e, "none", NULL, NULL, 10), 0);
     rp_series *es[] = {&e};
-    kd_sb_init(&s, 1 << 20);
+    kdi_sb_init(&s, 1 << 20);
     rp_chart_write(&s, &(rp_chart){"empty", "Empty", "step", 0, es, 1, NULL, 0, NULL, 0, NULL});
-    o = kd_sb_take(&s);
+    o = kdi_sb_take(&s);
     assert_non_null(strstr(o, "no data in this directory"));
     assert_null(strstr(o, "<svg"));
     free(o);

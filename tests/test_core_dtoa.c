@@ -56,7 +56,7 @@ static void reference(double v, char *out, size_t cap)
 static void check_shortest(double v)
 {
     char got[KD_DTOA_MAX], want[64];
-    size_t n = kd_dtoa_shortest(v, got);
+    size_t n = kdi_dtoa_shortest(v, got);
     assert_int_equal(n, strlen(got));
     assert_true(n < KD_DTOA_MAX);
     double back = strtod(got, NULL);
@@ -70,7 +70,7 @@ static void check_shortest(double v)
 static void check_json(double v)
 {
     char got[KD_DTOA_MAX];
-    kd_dtoa_json(v, got);
+    kdi_dtoa_json(v, got);
     double back = strtod(got, NULL);
     if (memcmp(&back, &v, sizeof v) != 0)
         fail_msg("%a: json \"%s\" reads back as %a", v, got, back);
@@ -107,15 +107,15 @@ static void test_metric_like_values(void **state)
     }
     /* the values people look at: short inputs stay short */
     char b[KD_DTOA_MAX];
-    kd_dtoa_json(0.1, b);
+    kdi_dtoa_json(0.1, b);
     assert_string_equal(b, "0.1");
-    kd_dtoa_json(3e-4, b);
+    kdi_dtoa_json(3e-4, b);
     assert_string_equal(b, "0.0003");
-    kd_dtoa_json(1e-5, b);
+    kdi_dtoa_json(1e-5, b);
     assert_string_equal(b, "1e-05");
-    kd_dtoa_json(2.5, b);
+    kdi_dtoa_json(2.5, b);
     assert_string_equal(b, "2.5");
-    kd_dtoa_json(0.1 + 0.2, b);
+    kdi_dtoa_json(0.1 + 0.2, b);
     assert_string_equal(b, "0.30000000000000004");
 }
 
@@ -138,16 +138,16 @@ static void test_subnormals_and_edges(void **state)
         check_json(-edges[k]);
     }
     char b[KD_DTOA_MAX];
-    kd_dtoa_shortest(-0.0, b);
+    kdi_dtoa_shortest(-0.0, b);
     assert_string_equal(b, "-0");
-    kd_dtoa_json(-0.0, b);
+    kdi_dtoa_json(-0.0, b);
     assert_string_equal(b, "-0");
     assert_true(signbit(strtod(b, NULL)));
-    kd_dtoa_json(0.0, b);
+    kdi_dtoa_json(0.0, b);
     assert_string_equal(b, "0");
-    kd_dtoa_json(NAN, b);
+    kdi_dtoa_json(NAN, b);
     assert_string_equal(b, "null");
-    kd_dtoa_json(-INFINITY, b);
+    kdi_dtoa_json(-INFINITY, b);
     assert_string_equal(b, "null");
 }
 
@@ -187,7 +187,7 @@ static void test_fixed(void **state)
                          from_bits(next_u64())};
         for (size_t k = 0; k < sizeof vals / sizeof vals[0]; k++) {
             int dec = (int)(next_u64() % 10);
-            size_t n = kd_dtoa_fixed(vals[k], dec, got);
+            size_t n = kdi_dtoa_fixed(vals[k], dec, got);
             if (!isfinite(vals[k]) || !(fabs(vals[k]) < 9223372036854775808.0)) {
                 assert_int_equal(n, 0);
                 continue;
@@ -201,15 +201,15 @@ static void test_fixed(void **state)
     const double ties[] = {0.5, 1.5, 2.5, 0.125, 0.375, -2.5, 1e-300, -0.0};
     for (size_t k = 0; k < sizeof ties / sizeof ties[0]; k++)
         for (int dec = 0; dec <= 9; dec++) {
-            kd_dtoa_fixed(ties[k], dec, got);
+            kdi_dtoa_fixed(ties[k], dec, got);
             snprintf(want, sizeof want, "%.*f", dec, ties[k]);
             assert_string_equal(got, want);
         }
-    assert_int_equal(kd_dtoa_fixed(1.0, 10, got), 0);
-    assert_int_equal(kd_dtoa_fixed(1e19, 3, got), 0);
+    assert_int_equal(kdi_dtoa_fixed(1.0, 10, got), 0);
+    assert_int_equal(kdi_dtoa_fixed(1e19, 3, got), 0);
 }
 
-/* What the tracker writes: kd_sb_json_double values in an object, read by
+/* What the tracker writes: kdi_sb_json_double values in an object, read by
    jansson (what kdkit status/verify use) - the same doubles. */
 static void test_json_line_reads_back(void **state)
 {
@@ -217,8 +217,8 @@ static void test_json_line_reads_back(void **state)
     for (int i = 0; i < 2000; i++) {
         double v[6];
         kd_sb s;
-        kd_sb_init(&s, 1 << 16);
-        kd_sb_puts(&s, "{\"a\":[");
+        kdi_sb_init(&s, 1 << 16);
+        kdi_sb_puts(&s, "{\"a\":[");
         for (int k = 0; k < 6; k++) {
             do
                 v[k] = from_bits(next_u64());
@@ -226,13 +226,13 @@ static void test_json_line_reads_back(void **state)
             if (k == 5)
                 v[k] = (double)(int64_t)(next_u64() >> 12);
             if (k)
-                kd_sb_putc(&s, ',');
-            kd_sb_json_double(&s, v[k]);
+                kdi_sb_putc(&s, ',');
+            kdi_sb_json_double(&s, v[k]);
         }
-        kd_sb_puts(&s, "],\"t\":");
-        kd_sb_fixed(&s, 1764400000.25, 6);
-        kd_sb_putc(&s, '}');
-        assert_false(kd_sb_error(&s));
+        kdi_sb_puts(&s, "],\"t\":");
+        kdi_sb_fixed(&s, 1764400000.25, 6);
+        kdi_sb_putc(&s, '}');
+        assert_false(kdi_sb_error(&s));
         json_error_t je;
         json_t *o = json_loads(s.buf, 0, &je);
         if (!o)
@@ -242,7 +242,7 @@ static void test_json_line_reads_back(void **state)
             assert_true(json_number_value(json_array_get(a, (size_t)k)) == v[k]);
         assert_true(strstr(s.buf, "\"t\":1764400000.250000}") != NULL);
         json_decref(o);
-        kd_sb_free(&s);
+        kdi_sb_free(&s);
     }
 }
 

@@ -472,12 +472,12 @@ static void test_formats_md_lists_every_registry_entry(void **state)
     (void)state;
     char *doc = kdt_slurp(KD_SOURCE_DIR "/docs/formats.md", NULL);
     assert_non_null(doc);
-    for (size_t i = 0; i < kd_run_nfiles; i++) {
+    for (size_t i = 0; i < kdi_run_nfiles; i++) {
         char want[128];
-        snprintf(want, sizeof want, "── %s", kd_run_files[i].name);
+        snprintf(want, sizeof want, "── %s", kdi_run_files[i].name);
         if (!strstr(doc, want))
             fail_msg("docs/formats.md's tree has no line for registry entry %s",
-                     kd_run_files[i].name);
+                     kdi_run_files[i].name);
     }
     free(doc);
 }
@@ -498,10 +498,10 @@ static void test_registry_knows_tracker_files(void **state)
     assert_int_equal(kd_tracker_update_metrics(t, &m), KD_OK);
     assert_int_equal(kd_tracker_rewind(t, 0), KD_OK);
     assert_int_equal(kd_tracker_close(t), KD_OK);
-    assert_non_null(kd_run_lookup("metrics.rewound.jsonl"));
-    assert_null(kd_run_lookup("stray.txt"));
-    assert_non_null(kd_run_lookup("checkpoint_10.safetensors"));
-    assert_non_null(kd_run_lookup("api_recovery.jsonl.torn-20261201T000000Z"));
+    assert_non_null(kdi_run_lookup("metrics.rewound.jsonl"));
+    assert_null(kdi_run_lookup("stray.txt"));
+    assert_non_null(kdi_run_lookup("checkpoint_10.safetensors"));
+    assert_non_null(kdi_run_lookup("api_recovery.jsonl.torn-20261201T000000Z"));
     char *names = NULL;
     size_t n = 0;
     FILE *ls = open_memstream(&names, &n);

@@ -16,14 +16,14 @@
    one check (core/sb.h), NUL bytes allowed. */
 static inline size_t kd_ckpt_utf8_check(const uint8_t *s, size_t len)
 {
-    return kd_utf8_prefix((const char *)s, len, 1);
+    return kdi_utf8_prefix((const char *)s, len, 1);
 }
 
 /* The dtype whose safetensors name is s[0..len), or -1. */
-int kd_ckpt_dtype_parse(const char *s, size_t len);
+int kdi_ckpt_dtype_parse(const char *s, size_t len);
 
 /* Copy `s` into buf (size cap >= 8) for an error message: at most ~60 bytes,
    non-printable bytes as \xNN, "..." when cut. */
-const char *kd_ckpt_quote(char *buf, size_t cap, const char *s, size_t len);
+const char *kdi_ckpt_quote(char *buf, size_t cap, const char *s, size_t len);
 
 #endif

@@ -342,7 +342,7 @@ static int parse_tensor(parser *ps, lt *t)
         else {
             char q[96];
             return fail(ps->c, ps->e, KD_ECORRUPT, "%sunknown field '%s'", ps->ctx,
-                        kd_ckpt_quote(q, sizeof q, key, klen));
+                        kdi_ckpt_quote(q, sizeof q, key, klen));
         }
         if (seen & bit)
             return fail(ps->c, ps->e, KD_ECORRUPT, "duplicate key: %sfield '%s' given twice",
@@ -358,12 +358,12 @@ static int parse_tensor(parser *ps, lt *t)
             if ((rc = parse_string(ps, &dt, &dlen)) != KD_OK)
                 return rc;
             ps->c->arena_used -= dlen + 1;
-            int d = kd_ckpt_dtype_parse(dt, dlen);
+            int d = kdi_ckpt_dtype_parse(dt, dlen);
             if (d < 0) {
                 char q[96];
                 return fail(ps->c, ps->e, KD_ECORRUPT,
                             "%sunknown dtype '%s' (known: F32 F16 BF16 F64 I64 I32 U8)",
-                            ps->ctx, kd_ckpt_quote(q, sizeof q, dt, dlen));
+                            ps->ctx, kdi_ckpt_quote(q, sizeof q, dt, dlen));
             }
             t->dtype = (kd_dtype)d;
         } else {
@@ -461,7 +461,7 @@ static int parse_metadata(parser *ps)
             char q[96];
             return fail(c, ps->e, KD_ECORRUPT,
                         "metadata values must be strings: '__metadata__' value of '%s' is not",
-                        kd_ckpt_quote(q, sizeof q, k, kl));
+                        kdi_ckpt_quote(q, sizeof q, k, kl));
         }
         if ((rc = parse_string(ps, &v, &vl)) != KD_OK)
             return rc;
@@ -519,7 +519,7 @@ static void fmt_shape(char *buf, size_t cap, const lt *t)
 
 static const char *qname(char *q, size_t cap, const lt *t)
 {
-    return kd_ckpt_quote(q, cap, t->name, t->name_len);
+    return kdi_ckpt_quote(q, cap, t->name, t->name_len);
 }
 
 /* All rules over c->base[0..size). */
@@ -595,7 +595,7 @@ static int validate(kd_ckpt *c, kd_err *e)
                 t->name = key;
                 t->name_len = klen;
                 snprintf(ps.ctx, sizeof ps.ctx, "tensor '%s': ",
-                         kd_ckpt_quote(q, sizeof q, key, klen));
+                         kdi_ckpt_quote(q, sizeof q, key, klen));
                 if ((rc = parse_tensor(&ps, t)) != KD_OK)
                     return rc;
             }
@@ -628,7 +628,7 @@ static int validate(kd_ckpt *c, kd_err *e)
     for (size_t i = 1; i < c->nm; i++)
         if (strcmp(c->m[i - 1].key, c->m[i].key) == 0)
             return fail(c, e, KD_ECORRUPT, "duplicate key: '__metadata__' key '%s' appears twice",
-                        kd_ckpt_quote(q, sizeof q, c->m[i].key, strlen(c->m[i].key)));
+                        kdi_ckpt_quote(q, sizeof q, c->m[i].key, strlen(c->m[i].key)));
 
     /* Each span matches its shape. */
     for (size_t i = 0; i < c->n; i++) {
@@ -820,7 +820,7 @@ static int open_file(kd_ckpt **out, const char *path, int populate, kd_err *e)
         return kd_err_set(e, KD_ENOMEM, "out of memory");
     /* O_NONBLOCK: a FIFO given as a checkpoint must be refused below, not
        wait forever for a writer (and ignore SIGTERM meanwhile) */
-    fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
+    fd = kdi_sys_open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
     if (fd < 0) {
         rc = kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "%s: cannot open",
                         path);

@@ -7,7 +7,7 @@
 
 #include "ckpt/ckpt_int.h"
 
-int kd_ckpt_dtype_parse(const char *s, size_t len)
+int kdi_ckpt_dtype_parse(const char *s, size_t len)
 {
     for (int t = 0; t < KD_DTYPE_COUNT; t++) {
         const char *name = kd_dtype_name((kd_dtype)t);
@@ -17,7 +17,7 @@ int kd_ckpt_dtype_parse(const char *s, size_t len)
     return -1;
 }
 
-const char *kd_ckpt_quote(char *buf, size_t cap, const char *s, size_t len)
+const char *kdi_ckpt_quote(char *buf, size_t cap, const char *s, size_t len)
 {
     size_t o = 0;
     size_t limit = cap < 72 ? cap : 72;

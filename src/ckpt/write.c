@@ -136,7 +136,7 @@ static int check_tensor(const kd_tensor_view *v, size_t i, kd_err *e)
     if (!v->name || !v->name[0])
         return kd_err_set(e, KD_EINVAL, "tensor #%zu has no name", i);
     size_t nl = strlen(v->name);
-    const char *qn = kd_ckpt_quote(q, sizeof q, v->name, nl);
+    const char *qn = kdi_ckpt_quote(q, sizeof q, v->name, nl);
     if (kd_ckpt_utf8_check((const uint8_t *)v->name, nl) != nl)
         return kd_err_set(e, KD_EINVAL, "tensor '%s': name is not valid UTF-8", qn);
     if (strcmp(v->name, "__metadata__") == 0)
@@ -360,7 +360,7 @@ int kd_ckpt_write_ex(const char *path, const kd_tensor_view *tensors, size_t n,
         if (strcmp(names[i - 1]->v->name, names[i]->v->name) == 0) {
             char q[96];
             rc = kd_err_set(e, KD_EINVAL, "tensor '%s': name given twice",
-                            kd_ckpt_quote(q, sizeof q, names[i]->v->name,
+                            kdi_ckpt_quote(q, sizeof q, names[i]->v->name,
                                           strlen(names[i]->v->name)));
             goto done;
         }
@@ -375,7 +375,7 @@ int kd_ckpt_write_ex(const char *path, const kd_tensor_view *tensors, size_t n,
             kd_ckpt_utf8_check((const uint8_t *)v, strlen(v)) != strlen(v)) {
             char q[96];
             rc = kd_err_set(e, KD_EINVAL, "metadata '%s': key or value is not valid UTF-8",
-                            kd_ckpt_quote(q, sizeof q, k, strlen(k)));
+                            kdi_ckpt_quote(q, sizeof q, k, strlen(k)));
             goto done;
         }
         if (strcmp(k, KD_CKPT_DATA_HASH_KEY) == 0) {
@@ -394,7 +394,7 @@ int kd_ckpt_write_ex(const char *path, const kd_tensor_view *tensors, size_t n,
         if (strcmp(meta[2 * i - 2], meta[2 * i]) == 0) {
             char q[96];
             rc = kd_err_set(e, KD_EINVAL, "metadata '%s': key given twice",
-                            kd_ckpt_quote(q, sizeof q, meta[2 * i], strlen(meta[2 * i])));
+                            kdi_ckpt_quote(q, sizeof q, meta[2 * i], strlen(meta[2 * i])));
             goto done;
         }
     }

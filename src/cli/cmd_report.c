@@ -233,7 +233,7 @@ static long long stream(rep *r, const char *name, line_fn fn, fast_fn fast)
     uint64_t base = r->bytes_done;
     /* the registry's validator of this file: the one the writer, the reopen
        and kdkit verify use; a line it flags is counted as not valid */
-    const kd_run_file *reg = kd_run_lookup(name);
+    const kd_run_file *reg = kdi_run_lookup(name);
     char why[256], first_why[256] = "not valid JSON";
     int s;
     while ((s = kd_jsonl_next(rd, &line, &len, &e)) == 1) {
@@ -455,7 +455,7 @@ static int on_eval(rep *r, json_t *o, int64_t ln)
 static int on_api(rep *r, json_t *o, int64_t ln)
 {
     (void)ln;
-    /* valid by kd_run_check_api (stream): a hash, a finite cost >= 0, a
+    /* valid by kdi_run_check_api (stream): a hash, a finite cost >= 0, a
        boolean refusal */
     double t = jnum(o, "timestamp"), c = jnum(o, "cost");
     r->paid_total += c;
@@ -592,11 +592,11 @@ static void fmt_utc(char *out, size_t n, double t)
 
 static void kv(kd_sb *s, const char *k, const char *v)
 {
-    kd_sb_lit(s, "<tr><td>");
+    kdi_sb_lit(s, "<tr><td>");
     rp_html(s, k);
-    kd_sb_lit(s, "</td><td>");
+    kdi_sb_lit(s, "</td><td>");
     rp_html(s, v);
-    kd_sb_lit(s, "</td></tr>");
+    kdi_sb_lit(s, "</td></tr>");
 }
 
 static void kvf(kd_sb *s, const char *k, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -727,7 +727,7 @@ static void write_sessions(rep *r, kd_sb *s)
                         json_incref(json_object_get(r->session, "config"))};
     }
     qsort(v, n, sizeof v[0], sess_cmp);
-    kd_sb_lit(s, "<h2>Sessions</h2><table data-table=\"sessions\"><tr><th>session</th>"
+    kdi_sb_lit(s, "<h2>Sessions</h2><table data-table=\"sessions\"><tr><th>session</th>"
                  "<th>started</th><th>steps</th><th>config hash</th><th>changed from the "
                  "previous session</th><th>file</th></tr>");
     for (size_t i = 0; i < n; i++) {
@@ -735,28 +735,28 @@ static void write_sessions(rep *r, kd_sb *s)
         fmt_utc(t, sizeof t, v[i].start);
         if (i > 0)
             config_diff(v[i - 1].config, v[i].config, "", diff, sizeof diff);
-        kd_sb_lit(s, "<tr data-session=\"");
+        kdi_sb_lit(s, "<tr data-session=\"");
         rp_html(s, v[i].id);
-        kd_sb_lit(s, "\"><td class=\"mono\">");
+        kdi_sb_lit(s, "\"><td class=\"mono\">");
         rp_html(s, v[i].id);
-        kd_sb_lit(s, "</td><td>");
+        kdi_sb_lit(s, "</td><td>");
         rp_html(s, t);
-        kd_sb_printf(s, "</td><td class=\"n\">%lld/%lld</td><td class=\"mono\">", v[i].steps,
+        kdi_sb_printf(s, "</td><td class=\"n\">%lld/%lld</td><td class=\"mono\">", v[i].steps,
                      v[i].target);
         rp_html(s, v[i].hash);
-        kd_sb_lit(s, "</td><td>");
+        kdi_sb_lit(s, "</td><td>");
         rp_html(s, i == 0 ? "-" : diff[0] ? diff : "nothing (same config)");
-        kd_sb_lit(s, "</td><td class=\"mono\">");
+        kdi_sb_lit(s, "</td><td class=\"mono\">");
         rp_html(s, v[i].where);
-        kd_sb_lit(s, "</td></tr>");
+        kdi_sb_lit(s, "</td></tr>");
         free(v[i].id);
         free(v[i].hash);
         free(v[i].where);
         json_decref(v[i].config);
     }
-    kd_sb_lit(s, "</table>");
+    kdi_sb_lit(s, "</table>");
     if (more)
-        kd_sb_printf(s, "<p class=\"note\">%lld more archived sessions not listed.</p>", more);
+        kdi_sb_printf(s, "<p class=\"note\">%lld more archived sessions not listed.</p>", more);
 }
 
 typedef struct ckv {
@@ -811,11 +811,11 @@ static void add_marker(rp_marker **m, size_t *n, size_t *cap, rp_marker x)
 static void table_failures(rep *r, kd_sb *s)
 {
     if (r->fail_n == 0) {
-        kd_sb_lit(s, "<h3>Failures</h3><p class=\"empty\" data-table=\"failures\">none "
+        kdi_sb_lit(s, "<h3>Failures</h3><p class=\"empty\" data-table=\"failures\">none "
                      "recorded (failures.jsonl is empty or absent)</p>\n");
         return;
     }
-    kd_sb_lit(s, "<h3>Failures by kind</h3><table data-table=\"failure-kinds\"><tr><th>kind</th>"
+    kdi_sb_lit(s, "<h3>Failures by kind</h3><table data-table=\"failure-kinds\"><tr><th>kind</th>"
                  "<th>count</th><th>possibly billed</th><th></th></tr>");
     long long mx = 1;
     for (size_t i = 0; i <= MAX_FAIL_KINDS; i++)
@@ -824,36 +824,36 @@ static void table_failures(rep *r, kd_sb *s)
     for (size_t i = 0; i <= MAX_FAIL_KINDS; i++) {
         if (r->kinds[i].n == 0)
             continue;
-        kd_sb_lit(s, "<tr data-kind=\"");
+        kdi_sb_lit(s, "<tr data-kind=\"");
         rp_html(s, r->kinds[i].name);
-        kd_sb_printf(s, "\" data-count=\"%lld\"><td>", r->kinds[i].n);
+        kdi_sb_printf(s, "\" data-count=\"%lld\"><td>", r->kinds[i].n);
         rp_html(s, r->kinds[i].name);
-        kd_sb_printf(s,
+        kdi_sb_printf(s,
                      "</td><td class=\"n\">%lld</td><td class=\"n\">%lld</td><td><span "
                      "class=\"bar\" style=\"width:%.0fpx\"></span></td></tr>",
                      r->kinds[i].n, r->kinds[i].billed, 200.0 * (double)r->kinds[i].n / (double)mx);
     }
-    kd_sb_lit(s, "</table>");
+    kdi_sb_lit(s, "</table>");
     size_t shown = r->ftab_n < FAIL_TABLE ? r->ftab_n : FAIL_TABLE;
-    kd_sb_printf(s, "<h3>Failures (the last %zu of %lld)</h3>", shown, r->fail_n);
-    kd_sb_lit(s, "<table data-table=\"failures\"><tr><th>time</th><th>attempt</th><th>HTTP</th>"
+    kdi_sb_printf(s, "<h3>Failures (the last %zu of %lld)</h3>", shown, r->fail_n);
+    kdi_sb_lit(s, "<table data-table=\"failures\"><tr><th>time</th><th>attempt</th><th>HTTP</th>"
                  "<th>possibly billed</th><th>error</th><th>request</th></tr>");
     for (size_t k = 0; k < shown; k++) {
         const failrow *f = &r->ftab[(r->ftab_n - shown + k) % FAIL_TABLE];
         char t[64];
         fmt_utc(t, sizeof t, f->time);
-        kd_sb_printf(s, "<tr><td>%s</td><td class=\"n\">%lld</td><td class=\"n\">", t,
+        kdi_sb_printf(s, "<tr><td>%s</td><td class=\"n\">%lld</td><td class=\"n\">", t,
                      f->retry + 1);
         if (f->http > 0)
-            kd_sb_printf(s, "%lld", f->http);
-        kd_sb_printf(s, "</td><td>%s</td><td class=\"mono\">", f->billed ? "yes" : "no");
+            kdi_sb_printf(s, "%lld", f->http);
+        kdi_sb_printf(s, "</td><td>%s</td><td class=\"mono\">", f->billed ? "yes" : "no");
         rp_html(s, f->error);
-        kd_sb_lit(s, "</td><td class=\"mono\">");
+        kdi_sb_lit(s, "</td><td class=\"mono\">");
         if (f->hash)
             rp_html_n(s, f->hash, strlen(f->hash) > 16 ? 16 : strlen(f->hash));
-        kd_sb_lit(s, "</td></tr>");
+        kdi_sb_lit(s, "</td></tr>");
     }
-    kd_sb_lit(s, "</table>");
+    kdi_sb_lit(s, "</table>");
 }
 
 /* A mix directory's progress file (docs/mix.md), checked by the mix's own
@@ -874,15 +874,15 @@ static void write_mix(rep *r, kd_sb *s)
     if (rc == KD_OK)
         rc = kd_mix_progress_parse(text, len, KD_MIX_PROGRESS_FILE, &p, &e);
     free(text);
-    kd_sb_lit(s, "<h3>Mix (mix_progress.json)</h3>");
+    kdi_sb_lit(s, "<h3>Mix (mix_progress.json)</h3>");
     if (rc != KD_OK) {
-        kd_sb_lit(s, "<p class=\"warn\" data-table=\"mix\">");
+        kdi_sb_lit(s, "<p class=\"warn\" data-table=\"mix\">");
         rp_html(s, e.msg);
-        kd_sb_lit(s, "</p>");
+        kdi_sb_lit(s, "</p>");
         return;
     }
     const kd_mix_progress_extra *x = &p.x;
-    kd_sb_lit(s, "<table class=\"kv\" data-table=\"mix\">");
+    kdi_sb_lit(s, "<table class=\"kv\" data-table=\"mix\">");
     kvf(s, "samples", "%lld/%lld (%.1f%%): %lld ok, %lld refused, %lld failed, %lld skipped",
         (long long)p.completed, (long long)p.total,
         p.total > 0 ? 100.0 * (double)p.completed / (double)p.total : 0.0,
@@ -901,7 +901,7 @@ static void write_mix(rep *r, kd_sb *s)
             x->rest_expected, x->rest_worst, x->spent + x->rest_expected);
     if (x->rate >= 0 || x->eta_s >= 0)
         kvf(s, "rate, ETA", "%.3g samples/s, %.0f s left", x->rate, x->eta_s);
-    kd_sb_lit(s, "</table>");
+    kdi_sb_lit(s, "</table>");
     kd_mix_progress_free(&p);
 }
 
@@ -910,35 +910,35 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
     const kd_summary *S = &r->S;
     const char *sid = S->session_id;
     char t[64], b2[64];
-    kd_sb_lit(s, "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    kdi_sb_lit(s, "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                  "<meta name=\"viewport\" content=\"width=device-width\">"
                  "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
                  "style-src 'unsafe-inline'; img-src data:\"><title>kdkit report: ");
     rp_html(s, sid ? sid : r->dir);
-    kd_sb_lit(s, "</title><style>");
-    kd_sb_put(s, CSS, sizeof CSS - 1);
-    kd_sb_lit(s, "</style></head><body>\n<h1>kdkit report: <span class=\"mono\" id=\"session\">");
+    kdi_sb_lit(s, "</title><style>");
+    kdi_sb_put(s, CSS, sizeof CSS - 1);
+    kdi_sb_lit(s, "</style></head><body>\n<h1>kdkit report: <span class=\"mono\" id=\"session\">");
     rp_html(s, sid ? sid : "?");
-    kd_sb_lit(s, "</span></h1>\n");
+    kdi_sb_lit(s, "</span></h1>\n");
     fmt_utc(t, sizeof t, kd_now());
-    kd_sb_lit(s, "<p class=\"note\">Directory <code>");
+    kdi_sb_lit(s, "<p class=\"note\">Directory <code>");
     rp_html(s, r->dir);
-    kd_sb_printf(s, "</code>, read at %s. Long series are drawn as the first, last, lowest and "
+    kdi_sb_printf(s, "</code>, read at %s. Long series are drawn as the first, last, lowest and "
                     "highest point of each of at most %zu buckets (min/max per bucket), so one-step "
                     "spikes stay visible; a legend says when a series was thinned.</p>\n",
                  t, r->nb);
     if (r->nnotes) {
-        kd_sb_lit(s, "<div class=\"warn\" id=\"problems\"><strong>Read with problems:</strong><ul>");
+        kdi_sb_lit(s, "<div class=\"warn\" id=\"problems\"><strong>Read with problems:</strong><ul>");
         for (int i = 0; i < r->nnotes; i++) {
-            kd_sb_lit(s, "<li>");
+            kdi_sb_lit(s, "<li>");
             rp_html(s, r->notes[i]);
-            kd_sb_lit(s, "</li>");
+            kdi_sb_lit(s, "</li>");
         }
-        kd_sb_lit(s, "</ul></div>\n");
+        kdi_sb_lit(s, "</ul></div>\n");
     }
 
     /* --- summary */
-    kd_sb_lit(s, "<h2>Summary</h2><table class=\"kv\" data-table=\"summary\">");
+    kdi_sb_lit(s, "<h2>Summary</h2><table class=\"kv\" data-table=\"summary\">");
     long long done = (long long)S->steps_completed, target = (long long)S->total_steps_target;
     kvf(s, "progress", "%lld/%lld steps (%.1f%%)", done, target, S->progress_pct);
     kvf(s, "time", "%.2f h wall clock, %.2f h active, %lld pauses (%.2f h)",
@@ -957,7 +957,7 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
     kv(s, "started", t);
     fmt_utc(b2, sizeof b2, r->last_ts);
     kv(s, "last metric", b2);
-    kd_sb_lit(s, "</table>\n");
+    kdi_sb_lit(s, "</table>\n");
 
     /* --- markers on step charts */
     size_t nck = 0;
@@ -994,7 +994,7 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
     }
 
     /* --- training */
-    kd_sb_lit(s, "<h2>Training</h2>\n");
+    kdi_sb_lit(s, "<h2>Training</h2>\n");
     rp_series *ls[] = {&r->rewound, &r->loss, &r->val};
     char lnote[512];
     snprintf(lnote, sizeof lnote,
@@ -1017,9 +1017,9 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
                                   1, NULL, 0, NULL, 0, NULL});
 
     /* --- KD quality */
-    kd_sb_lit(s, "<h2>KD quality (eval.jsonl)</h2>\n");
+    kdi_sb_lit(s, "<h2>KD quality (eval.jsonl)</h2>\n");
     if (r->neval == 0) {
-        kd_sb_printf(s, "<p class=\"empty\" data-plot=\"kd-none\">%s</p>\n",
+        kdi_sb_printf(s, "<p class=\"empty\" data-plot=\"kd-none\">%s</p>\n",
                      r->eval_lines ? "eval.jsonl has only the validation loss (shown with the "
                                      "training loss); no KD figures yet."
                                    : "no eval.jsonl in this directory.");
@@ -1049,11 +1049,11 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
     }
 
     /* --- teacher */
-    kd_sb_lit(s, "<h2>Teacher</h2>\n");
+    kdi_sb_lit(s, "<h2>Teacher</h2>\n");
     double cap = budget_cap(r, cli_budget);
     double billed = r->intents_billed + r->intents_open;
     double spent = r->paid_total + billed;
-    kd_sb_lit(s, "<table class=\"kv\" data-table=\"teacher\">");
+    kdi_sb_lit(s, "<table class=\"kv\" data-table=\"teacher\">");
     kvf(s, "paid responses", "%lld (api_recovery.jsonl)", r->paid_n);
     kvf(s, "refusals", "%lld (answers in the refusal shape, paid and cached like any)",
         r->refused_n);
@@ -1073,7 +1073,7 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
         kv(s, "budget", "no cap in the session's config (teacher.budget.max_cost)");
     kv(s, "cache hits", "not recorded in the run directory (hits cost nothing and leave no "
                         "ledger line); see 'kdkit cache stats'");
-    kd_sb_lit(s, "</table>\n");
+    kdi_sb_lit(s, "</table>\n");
     rp_hline hl[2];
     size_t nhl = 0;
     if (isfinite(cap))
@@ -1094,37 +1094,37 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
     write_mix(r, s);
 
     /* --- tables */
-    kd_sb_lit(s, "<h2>Checkpoints</h2>");
-    kd_sb_lit(s, "<table data-table=\"checkpoints\"><tr><th>step</th><th>loss</th><th>size</th>"
+    kdi_sb_lit(s, "<h2>Checkpoints</h2>");
+    kdi_sb_lit(s, "<table data-table=\"checkpoints\"><tr><th>step</th><th>loss</th><th>size</th>"
                  "<th>created</th><th>file</th><th>state</th><th>checksum</th></tr>");
     for (size_t i = 0; ck && i < nck; i++) {
         fmt_utc(t, sizeof t, ck[i].created);
-        kd_sb_printf(s, "<tr data-step=\"%lld\"%s><td class=\"n\">%lld</td><td class=\"n\">",
+        kdi_sb_printf(s, "<tr data-step=\"%lld\"%s><td class=\"n\">%lld</td><td class=\"n\">",
                      ck[i].step, ck[i].step == best ? " data-best=\"1\"" : "", ck[i].step);
         if (isfinite(ck[i].loss))
-            kd_sb_printf(s, "%.4f", ck[i].loss);
-        kd_sb_printf(s, "</td><td class=\"n\">%lld</td><td>%s</td><td class=\"mono\">",
+            kdi_sb_printf(s, "%.4f", ck[i].loss);
+        kdi_sb_printf(s, "</td><td class=\"n\">%lld</td><td>%s</td><td class=\"mono\">",
                      ck[i].size, t);
         rp_html(s, ck[i].rel);
-        kd_sb_lit(s, "</td><td>");
+        kdi_sb_lit(s, "</td><td>");
         if (ck[i].deleted) {
-            kd_sb_lit(s, "deleted: ");
+            kdi_sb_lit(s, "deleted: ");
             rp_html(s, ck[i].reason ? ck[i].reason : "no reason given");
         } else {
-            kd_sb_puts(s, ck[i].step == best ? "<strong>best</strong>" : "live");
+            kdi_sb_puts(s, ck[i].step == best ? "<strong>best</strong>" : "live");
         }
-        kd_sb_lit(s, "</td><td class=\"mono\">");
+        kdi_sb_lit(s, "</td><td class=\"mono\">");
         /* the manifest's integrity hash: XXH3-128, or SHA-256 (older or on demand) */
         const char *h = ck[i].xxh ? ck[i].xxh : ck[i].sha;
         if (h) {
-            kd_sb_puts(s, ck[i].xxh ? "xxh3 " : "sha256 ");
+            kdi_sb_puts(s, ck[i].xxh ? "xxh3 " : "sha256 ");
             rp_html_n(s, h, strlen(h) > 16 ? 16 : strlen(h));
         }
-        kd_sb_lit(s, "</td></tr>");
+        kdi_sb_lit(s, "</td></tr>");
     }
-    kd_sb_lit(s, "</table>");
+    kdi_sb_lit(s, "</table>");
     write_sessions(r, s);
-    kd_sb_lit(s, "<p class=\"note\">Made by kdkit report; no script, no network.</p>\n"
+    kdi_sb_lit(s, "<p class=\"note\">Made by kdkit report; no script, no network.</p>\n"
                  "</body></html>\n");
     free(cktitle);
     free(ck);
@@ -1292,17 +1292,17 @@ int kd_cmd_report(int argc, char **argv)
         kd_progress_end(&r->prog);
 
     kd_sb page;
-    kd_sb_init(&page, PAGE_MAX);
+    kdi_sb_init(&page, PAGE_MAX);
     build_page(r, &page, cli_budget);
-    if (kd_sb_error(&page)) {
+    if (kdi_sb_error(&page)) {
         kd_cli_error(cmd, "the page grew past %zu MiB or memory ran out", PAGE_MAX >> 20);
-        kd_sb_free(&page);
+        kdi_sb_free(&page);
         goto out;
     }
     if (strcmp(out, "-") == 0) {
         if (fwrite(page.buf, 1, page.len, stdout) != page.len || fflush(stdout) != 0) {
             kd_cli_error(cmd, "writing to standard output: %s", strerror(errno));
-            kd_sb_free(&page);
+            kdi_sb_free(&page);
             goto out;
         }
     } else {
@@ -1310,14 +1310,14 @@ int kd_cmd_report(int argc, char **argv)
         kd_err_clear(&we);
         if (kd_file_write_atomic(out, page.buf, page.len, &we) != KD_OK) {
             kd_cli_error(cmd, "%s", we.msg);
-            kd_sb_free(&page);
+            kdi_sb_free(&page);
             goto out;
         }
         if (!quiet)
             fprintf(stderr, "kdkit %s: wrote %s (%.1f KiB)%s\n", cmd, out, (double)page.len / 1024,
                     r->nnotes ? "; some files had problems, see the top of the page" : "");
     }
-    kd_sb_free(&page);
+    kdi_sb_free(&page);
     status = 0;
 out:
     rep_free(r);

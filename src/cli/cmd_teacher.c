@@ -157,7 +157,7 @@ static int int_opt(const char *cmd, const char *name, const char *v, long long l
 
 static int utf8_opt(const char *cmd, const char *name, const char *v)
 {
-    if (!kd_utf8_valid(v, strlen(v))) {
+    if (!kdi_utf8_valid(v, strlen(v))) {
         kd_cli_error(cmd, "%s is not valid UTF-8 (the teacher would get other text)", name);
         return 0;
     }

@@ -173,31 +173,31 @@ void rp_html_n(kd_sb *s, const char *text, size_t n)
     while (i < n) {
         unsigned char c = p[i];
         switch (c) {
-        case '&': kd_sb_lit(s, "&amp;"); i++; continue;
-        case '<': kd_sb_lit(s, "&lt;"); i++; continue;
-        case '>': kd_sb_lit(s, "&gt;"); i++; continue;
-        case '"': kd_sb_lit(s, "&quot;"); i++; continue;
-        case '\'': kd_sb_lit(s, "&#39;"); i++; continue;
+        case '&': kdi_sb_lit(s, "&amp;"); i++; continue;
+        case '<': kdi_sb_lit(s, "&lt;"); i++; continue;
+        case '>': kdi_sb_lit(s, "&gt;"); i++; continue;
+        case '"': kdi_sb_lit(s, "&quot;"); i++; continue;
+        case '\'': kdi_sb_lit(s, "&#39;"); i++; continue;
         default: break;
         }
         if (c < 0x20 || c == 0x7f) {
-            kd_sb_printf(s, "\\x%02x", c);
+            kdi_sb_printf(s, "\\x%02x", c);
             i++;
             continue;
         }
         size_t k = utf8_len(p + i, n - i);
         if (k == 0) {
-            kd_sb_lit(s, "\xef\xbf\xbd");
+            kdi_sb_lit(s, "\xef\xbf\xbd");
             i++;
             continue;
         }
         /* C1 controls (U+0080..U+009F) can drive terminals too */
         if (k == 2 && c == 0xc2 && p[i + 1] < 0xa0) {
-            kd_sb_printf(s, "\\u%04x", p[i + 1]);
+            kdi_sb_printf(s, "\\u%04x", p[i + 1]);
             i += 2;
             continue;
         }
-        kd_sb_put(s, text + i, k);
+        kdi_sb_put(s, text + i, k);
         i += k;
     }
 }
@@ -265,22 +265,22 @@ static void put_num_attr(kd_sb *s, double v)
 {
     /* data- attributes carry full precision for tests and scripts */
     if (v == floor(v) && fabs(v) < 9e15)
-        kd_sb_printf(s, "%.0f", v);
+        kdi_sb_printf(s, "%.0f", v);
     else
-        kd_sb_printf(s, "%.9g", v);
+        kdi_sb_printf(s, "%.9g", v);
 }
 
 static void axes(kd_sb *s, const rp_chart *c, const scale *k)
 {
-    kd_sb_printf(s, "<g class=\"axis\"><line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\"/>",
+    kdi_sb_printf(s, "<g class=\"axis\"><line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\"/>",
                  ML, CH - MB, CW - MR, CH - MB);
-    kd_sb_printf(s, "<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\"/>", ML, MT, ML,
+    kdi_sb_printf(s, "<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\"/>", ML, MT, ML,
                  CH - MB);
     double ys = nice_step(k->y1 - k->y0, 5);
     for (double y = ceil(k->y0 / ys) * ys; y <= k->y1 + ys * 1e-9; y += ys) {
         char t[32];
         fmt_num(t, sizeof t, fabs(y) < ys * 1e-9 ? 0.0 : y);
-        kd_sb_printf(s,
+        kdi_sb_printf(s,
                      "<line class=\"grid\" x1=\"%.0f\" y1=\"%.1f\" x2=\"%.0f\" y2=\"%.1f\"/>"
                      "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">%s</text>",
                      ML, sy(k, y), CW - MR, sy(k, y), ML - 4, sy(k, y) + 4, t);
@@ -295,15 +295,15 @@ static void axes(kd_sb *s, const rp_chart *c, const scale *k)
             fmt_time(t, sizeof t, x, with_date);
         else
             fmt_num(t, sizeof t, x);
-        kd_sb_printf(s,
+        kdi_sb_printf(s,
                      "<line x1=\"%.1f\" y1=\"%.0f\" x2=\"%.1f\" y2=\"%.0f\"/>"
                      "<text x=\"%.1f\" y=\"%.0f\" text-anchor=\"middle\">%s</text>",
                      sx(k, x), CH - MB, sx(k, x), CH - MB + 4, sx(k, x), CH - MB + 16, t);
     }
-    kd_sb_printf(s, "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"middle\">", (ML + CW - MR) / 2,
+    kdi_sb_printf(s, "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"middle\">", (ML + CW - MR) / 2,
                  CH - 4);
     rp_html(s, c->xlabel);
-    kd_sb_lit(s, "</text></g>");
+    kdi_sb_lit(s, "</text></g>");
 }
 
 void rp_chart_write(kd_sb *s, const rp_chart *c)
@@ -320,13 +320,13 @@ void rp_chart_write(kd_sb *s, const rp_chart *c)
         k.y0 = fmin(k.y0, r->ymin);
         k.y1 = fmax(k.y1, r->ymax);
     }
-    kd_sb_lit(s, "<figure class=\"chart\" data-plot=\"");
+    kdi_sb_lit(s, "<figure class=\"chart\" data-plot=\"");
     rp_html(s, c->id);
-    kd_sb_lit(s, "\"><figcaption>");
+    kdi_sb_lit(s, "\"><figcaption>");
     rp_html(s, c->title);
-    kd_sb_lit(s, "</figcaption>");
+    kdi_sb_lit(s, "</figcaption>");
     if (total == 0) {
-        kd_sb_lit(s, "<p class=\"empty\">no data in this directory</p></figure>\n");
+        kdi_sb_lit(s, "<p class=\"empty\">no data in this directory</p></figure>\n");
         return;
     }
     for (size_t i = 0; i < c->nmarkers; i++) {
@@ -354,24 +354,24 @@ void rp_chart_write(kd_sb *s, const rp_chart *c)
         k.y0 -= d;
         k.y1 += d;
     }
-    kd_sb_printf(s,
+    kdi_sb_printf(s,
                  "<svg viewBox=\"0 0 %.0f %.0f\" role=\"img\" xmlns=\"http://www.w3.org/2000/svg\" "
                  "data-x0=\"",
                  CW, CH);
     put_num_attr(s, k.x0);
-    kd_sb_lit(s, "\" data-x1=\"");
+    kdi_sb_lit(s, "\" data-x1=\"");
     put_num_attr(s, k.x1);
-    kd_sb_lit(s, "\">");
+    kdi_sb_lit(s, "\">");
     axes(s, c, &k);
     for (size_t i = 0; i < c->nhlines; i++) {
         const rp_hline *h = &c->hlines[i];
-        kd_sb_printf(s, "<line class=\"hl hl-%s\" data-kind=\"%s\" data-value=\"", h->kind,
+        kdi_sb_printf(s, "<line class=\"hl hl-%s\" data-kind=\"%s\" data-value=\"", h->kind,
                      h->kind);
         put_num_attr(s, h->y);
-        kd_sb_printf(s, "\" x1=\"%.0f\" y1=\"%.1f\" x2=\"%.0f\" y2=\"%.1f\"><title>", ML,
+        kdi_sb_printf(s, "\" x1=\"%.0f\" y1=\"%.1f\" x2=\"%.0f\" y2=\"%.1f\"><title>", ML,
                      sy(&k, h->y), CW - MR, sy(&k, h->y));
         rp_html(s, h->label);
-        kd_sb_lit(s, "</title></line>");
+        kdi_sb_lit(s, "</title></line>");
     }
     for (size_t i = 0; i < c->nseries; i++) {
         const rp_series *r = c->series[i];
@@ -381,67 +381,67 @@ void rp_chart_write(kd_sb *s, const rp_chart *c)
         size_t n = rp_series_points(r, &p);
         if (n == (size_t)-1)
             continue;
-        kd_sb_lit(s, "<path class=\"series");
+        kdi_sb_lit(s, "<path class=\"series");
         if (r->faint)
-            kd_sb_lit(s, " faint");
-        kd_sb_lit(s, "\" data-series=\"");
+            kdi_sb_lit(s, " faint");
+        kdi_sb_lit(s, "\" data-series=\"");
         rp_html(s, r->key);
         double lo = INFINITY, hi = -INFINITY;
         for (size_t j = 0; j < n; j++) {
             lo = fmin(lo, p[j].y);
             hi = fmax(hi, p[j].y);
         }
-        kd_sb_printf(s, "\" data-points=\"%zu\" data-raw=\"%llu\" data-ymin=\"", n,
+        kdi_sb_printf(s, "\" data-points=\"%zu\" data-raw=\"%llu\" data-ymin=\"", n,
                      (unsigned long long)r->n);
         put_num_attr(s, lo);
-        kd_sb_lit(s, "\" data-ymax=\"");
+        kdi_sb_lit(s, "\" data-ymax=\"");
         put_num_attr(s, hi);
-        kd_sb_printf(s, "\" stroke=\"%s\" d=\"", r->color);
+        kdi_sb_printf(s, "\" stroke=\"%s\" d=\"", r->color);
         for (size_t j = 0; j < n; j++) {
             /* a step going back starts a new stretch (another rewound attempt) */
             int move = j == 0 || p[j].x < p[j - 1].x;
-            kd_sb_printf(s, "%c%.1f %.1f", move ? 'M' : 'L', sx(&k, p[j].x), sy(&k, p[j].y));
+            kdi_sb_printf(s, "%c%.1f %.1f", move ? 'M' : 'L', sx(&k, p[j].x), sy(&k, p[j].y));
             if (move && (j + 1 == n || p[j + 1].x < p[j].x))
-                kd_sb_lit(s, "h0.1"); /* a lone point stays visible */
+                kdi_sb_lit(s, "h0.1"); /* a lone point stays visible */
         }
-        kd_sb_lit(s, "\"><title>");
+        kdi_sb_lit(s, "\"><title>");
         rp_html(s, r->label);
-        kd_sb_lit(s, "</title></path>");
+        kdi_sb_lit(s, "</title></path>");
         free(p);
     }
     for (size_t i = 0; i < c->nmarkers; i++) {
         const rp_marker *m = &c->markers[i];
         if (isfinite(m->y))
-            kd_sb_printf(s, "<circle class=\"mk mk-%s\" data-kind=\"%s\" data-step=\"", m->kind,
+            kdi_sb_printf(s, "<circle class=\"mk mk-%s\" data-kind=\"%s\" data-step=\"", m->kind,
                          m->kind);
         else
-            kd_sb_printf(s, "<line class=\"mk mk-%s\" data-kind=\"%s\" data-step=\"", m->kind,
+            kdi_sb_printf(s, "<line class=\"mk mk-%s\" data-kind=\"%s\" data-step=\"", m->kind,
                          m->kind);
         put_num_attr(s, m->x);
         if (isfinite(m->y))
-            kd_sb_printf(s, "\" cx=\"%.1f\" cy=\"%.1f\" r=\"%s\">", sx(&k, m->x), sy(&k, m->y),
+            kdi_sb_printf(s, "\" cx=\"%.1f\" cy=\"%.1f\" r=\"%s\">", sx(&k, m->x), sy(&k, m->y),
                          strcmp(m->kind, "best") == 0 ? "6" : "3.5");
         else
-            kd_sb_printf(s, "\" x1=\"%.1f\" y1=\"%.0f\" x2=\"%.1f\" y2=\"%.0f\">", sx(&k, m->x),
+            kdi_sb_printf(s, "\" x1=\"%.1f\" y1=\"%.0f\" x2=\"%.1f\" y2=\"%.0f\">", sx(&k, m->x),
                          MT, sx(&k, m->x), CH - MB);
-        kd_sb_lit(s, "<title>");
+        kdi_sb_lit(s, "<title>");
         rp_html(s, m->title ? m->title : m->kind);
-        kd_sb_printf(s, "</title></%s>", isfinite(m->y) ? "circle" : "line");
+        kdi_sb_printf(s, "</title></%s>", isfinite(m->y) ? "circle" : "line");
     }
-    kd_sb_lit(s, "</svg><div class=\"legend\">");
+    kdi_sb_lit(s, "</svg><div class=\"legend\">");
     for (size_t i = 0; i < c->nseries; i++) {
         const rp_series *r = c->series[i];
         if (r->n == 0)
             continue;
-        kd_sb_printf(s, "<span><i style=\"background:%s\"%s></i>", r->color,
+        kdi_sb_printf(s, "<span><i style=\"background:%s\"%s></i>", r->color,
                      r->faint ? " class=\"faint\"" : "");
         rp_html(s, r->label);
         if (r->width > 1)
-            kd_sb_printf(s, " (%llu points, drawn as min/max of %llu per bucket)",
+            kdi_sb_printf(s, " (%llu points, drawn as min/max of %llu per bucket)",
                          (unsigned long long)r->n, (unsigned long long)r->width);
         if (r->skipped)
-            kd_sb_printf(s, " (%llu non-finite not drawn)", (unsigned long long)r->skipped);
-        kd_sb_lit(s, "</span>");
+            kdi_sb_printf(s, " (%llu non-finite not drawn)", (unsigned long long)r->skipped);
+        kdi_sb_lit(s, "</span>");
     }
     int kinds_seen[8] = {0};
     static const char *const kinds[] = {"resume", "rewind", "pause", "checkpoint", "best",
@@ -452,19 +452,19 @@ void rp_chart_write(kd_sb *s, const rp_chart *c)
                 kinds_seen[j] = 1;
     for (int j = 0; j < 8; j++)
         if (kinds_seen[j])
-            kd_sb_printf(s, "<span><i class=\"mk-key mk-%s\"></i>%s</span>", kinds[j], kinds[j]);
+            kdi_sb_printf(s, "<span><i class=\"mk-key mk-%s\"></i>%s</span>", kinds[j], kinds[j]);
     for (size_t i = 0; i < c->nhlines; i++) {
-        kd_sb_printf(s, "<span><i class=\"hl-key hl-%s\"></i>", c->hlines[i].kind);
+        kdi_sb_printf(s, "<span><i class=\"hl-key hl-%s\"></i>", c->hlines[i].kind);
         rp_html(s, c->hlines[i].label);
-        kd_sb_lit(s, "</span>");
+        kdi_sb_lit(s, "</span>");
     }
-    kd_sb_lit(s, "</div>");
+    kdi_sb_lit(s, "</div>");
     if (c->note) {
-        kd_sb_lit(s, "<p class=\"note\">");
+        kdi_sb_lit(s, "<p class=\"note\">");
         rp_html(s, c->note);
-        kd_sb_lit(s, "</p>");
+        kdi_sb_lit(s, "</p>");
     }
-    kd_sb_lit(s, "</figure>\n");
+    kdi_sb_lit(s, "</figure>\n");
 }
 
 /* ------------------------------------------------------------------------ */

@@ -299,7 +299,7 @@ static size_t layout_g(int neg, const char *dig, int nd, int x10, int prec, char
 /* ------------------------------------------------------------------------ */
 /* Shortest                                                                  */
 
-size_t kd_dtoa_shortest(double v, char out[KD_DTOA_MAX])
+size_t kdi_dtoa_shortest(double v, char out[KD_DTOA_MAX])
 {
     if (!isfinite(v)) {
         memcpy(out, "null", 5);
@@ -478,7 +478,7 @@ size_t kd_dtoa_shortest(double v, char out[KD_DTOA_MAX])
     return shortest_printf(v, out);
 }
 
-size_t kd_dtoa_json(double v, char out[KD_DTOA_MAX])
+size_t kdi_dtoa_json(double v, char out[KD_DTOA_MAX])
 {
     if (isfinite(v) && v == floor(v) && fabs(v) < 9007199254740992.0) {
         char *p = out;
@@ -488,13 +488,13 @@ size_t kd_dtoa_json(double v, char out[KD_DTOA_MAX])
         *p = '\0';
         return (size_t)(p - out);
     }
-    return kd_dtoa_shortest(v, out);
+    return kdi_dtoa_shortest(v, out);
 }
 
 /* ------------------------------------------------------------------------ */
 /* Fixed                                                                     */
 
-size_t kd_dtoa_fixed(double v, int decimals, char out[KD_DTOA_MAX])
+size_t kdi_dtoa_fixed(double v, int decimals, char out[KD_DTOA_MAX])
 {
     out[0] = '\0';
     if (!isfinite(v) || decimals < 0 || decimals > 9 || !(fabs(v) < 9223372036854775808.0))

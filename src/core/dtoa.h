@@ -7,20 +7,20 @@
  * functions produce the same text as the printf reference, computed with
  * exact integer arithmetic (no floating-point rounding, no locale):
  *
- *   kd_dtoa_shortest  the text of "%.Ng" for the smallest N in 1..17 whose
+ *   kdi_dtoa_shortest  the text of "%.Ng" for the smallest N in 1..17 whose
  *                     result strtod reads back to exactly v.  That is the
- *                     reference kd_sb_json_canon_real implements with a
+ *                     reference kdi_sb_json_canon_real implements with a
  *                     printf/strtod loop; this gives byte-identical text.
- *   kd_dtoa_json      a JSON number: integral values with |v| < 2^53 as a
+ *   kdi_dtoa_json      a JSON number: integral values with |v| < 2^53 as a
  *                     plain integer ("-0" for negative zero), any other
- *                     finite value as kd_dtoa_shortest.
- *   kd_dtoa_fixed     the text of "%.*f" (C locale) for |v| < 2^63 and
+ *                     finite value as kdi_dtoa_shortest.
+ *   kdi_dtoa_fixed     the text of "%.*f" (C locale) for |v| < 2^63 and
  *                     0..9 decimals, ties to even like glibc.
  *
  * All write a NUL-terminated string into `out` (at least KD_DTOA_MAX bytes)
- * and return its length.  kd_dtoa_shortest/json require a finite v (they
+ * and return its length.  kdi_dtoa_shortest/json require a finite v (they
  * write "null" otherwise, the JSON stand-in kdkit uses for NaN/Inf);
- * kd_dtoa_fixed returns 0 and writes "" when v or decimals is outside its
+ * kdi_dtoa_fixed returns 0 and writes "" when v or decimals is outside its
  * range, so the caller can fall back to printf.
  */
 #ifndef KD_CORE_DTOA_H
@@ -30,8 +30,8 @@
 
 #define KD_DTOA_MAX 40
 
-size_t kd_dtoa_shortest(double v, char out[KD_DTOA_MAX]);
-size_t kd_dtoa_json(double v, char out[KD_DTOA_MAX]);
-size_t kd_dtoa_fixed(double v, int decimals, char out[KD_DTOA_MAX]);
+size_t kdi_dtoa_shortest(double v, char out[KD_DTOA_MAX]);
+size_t kdi_dtoa_json(double v, char out[KD_DTOA_MAX]);
+size_t kdi_dtoa_fixed(double v, int decimals, char out[KD_DTOA_MAX]);
 
 #endif

@@ -53,12 +53,12 @@ static char *split_dir(const char *path, const char **name)
 
 int kd_fsync_dir(const char *dir, kd_err *e)
 {
-    int fd = kd_sys_open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+    int fd = kdi_sys_open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
     if (fd < 0)
         return kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno,
                           "open of directory %s for fsync failed", dir);
     int rc = KD_OK;
-    if (kd_sys_fsync(fd) != 0 && errno != EINVAL) /* EINVAL: fs cannot sync dirs */
+    if (kdi_sys_fsync(fd) != 0 && errno != EINVAL) /* EINVAL: fs cannot sync dirs */
         rc = kd_err_sys(e, KD_EIO, errno, "fsync of directory %s failed", dir);
     close(fd);
     return rc;
@@ -97,7 +97,7 @@ int kd_atomic_begin(kd_atomic **out, const char *path, kd_err *e)
         rc = kd_err_set(e, KD_ENOMEM, "out of memory for %s", path);
         goto done;
     }
-    a->fd = kd_sys_open(a->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    a->fd = kdi_sys_open(a->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (a->fd < 0) {
         rc = kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno,
                         "create of temp file %s failed", a->tmp);
@@ -121,7 +121,7 @@ int kd_atomic_write(kd_atomic *a, const void *data, size_t len, kd_err *e)
         return kd_err_set(e, KD_EINVAL, "kd_atomic_write: bad arguments");
     if (a->failed)
         return kd_err_set(e, KD_ESTATE, "an earlier write to %s failed; abort and start again", a->tmp);
-    if (kd_sys_write_all(a->fd, data, len) != 0) {
+    if (kdi_sys_write_all(a->fd, data, len) != 0) {
         a->failed = 1;
         return kd_err_sys(e, KD_EIO, errno, "write of %s failed", a->tmp);
     }
@@ -140,7 +140,7 @@ int kd_atomic_pwrite(kd_atomic *a, const void *data, size_t len, uint64_t off, k
         return kd_err_set(e, KD_EINVAL, "kd_atomic_pwrite: bad arguments");
     if (a->failed)
         return kd_err_set(e, KD_ESTATE, "an earlier write to %s failed; abort and start again", a->tmp);
-    if (kd_sys_pwrite_all(a->fd, data, len, (off_t)off) != 0) {
+    if (kdi_sys_pwrite_all(a->fd, data, len, (off_t)off) != 0) {
         a->failed = 1;
         return kd_err_sys(e, KD_EIO, errno, "write of %s failed", a->tmp);
     }
@@ -171,7 +171,7 @@ static int commit(kd_atomic *a, int sync_dir, kd_err *e)
                         a->tmp, a->path);
         goto fail;
     }
-    if (kd_sys_fsync(a->fd) != 0) {
+    if (kdi_sys_fsync(a->fd) != 0) {
         rc = kd_err_sys(e, KD_EIO, errno, "fsync of %s failed", a->tmp);
         goto fail;
     }
@@ -181,7 +181,7 @@ static int commit(kd_atomic *a, int sync_dir, kd_err *e)
         rc = kd_err_sys(e, KD_EIO, errno, "close of %s failed", a->tmp);
         goto fail;
     }
-    if (kd_sys_rename(a->tmp, a->path) != 0) {
+    if (kdi_sys_rename(a->tmp, a->path) != 0) {
         rc = kd_err_sys(e, KD_EIO, errno, "rename of %s to %s failed", a->tmp, a->path);
         goto fail;
     }
@@ -244,7 +244,7 @@ int kd_file_read_all(const char *path, size_t max, char **out, size_t *len, kd_e
     if (len)
         *len = 0;
     /* O_NONBLOCK: a FIFO is refused below instead of blocking the open */
-    fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
+    fd = kdi_sys_open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
     if (fd < 0) {
         rc = kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "open of %s failed", path);
         goto done;
@@ -286,7 +286,7 @@ int kd_file_read_all(const char *path, size_t max, char **out, size_t *len, kd_e
                 goto done;
             }
         }
-        ssize_t r = kd_sys_read(fd, buf + n, cap - 1 - n);
+        ssize_t r = kdi_sys_read(fd, buf + n, cap - 1 - n);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -390,14 +390,14 @@ done:
 
 #define STREAM_BLOCK ((size_t)1 << 20)
 
-int kd_core_stream_file(const char *path, void (*update)(void *h, const void *p, size_t n),
+int kdi_core_stream_file(const char *path, void (*update)(void *h, const void *p, size_t n),
                         void *h, uint64_t *total, kd_err *e)
 {
     int rc = KD_OK;
     char *buf = NULL;
     *total = 0;
     /* O_NONBLOCK: opening a FIFO with no writer must not hang before the check */
-    int fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
+    int fd = kdi_sys_open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
     if (fd < 0)
         return kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "open of %s failed",
                           path);
@@ -412,7 +412,7 @@ int kd_core_stream_file(const char *path, void (*update)(void *h, const void *p,
         goto done;
     }
     for (;;) {
-        ssize_t n = kd_sys_read(fd, buf, STREAM_BLOCK);
+        ssize_t n = kdi_sys_read(fd, buf, STREAM_BLOCK);
         if (n < 0) {
             if (errno == EINTR)
                 continue;

@@ -36,10 +36,10 @@
 #include "kdkit/core.h"
 
 /* Strings in jansson's tree are valid UTF-8 (NUL allowed, escaped as
-   \u0000); kd_sb_json_str escapes by the canonical rule. */
+   \u0000); kdi_sb_json_str escapes by the canonical rule. */
 static void put_string(kd_sb *b, const char *s, size_t n)
 {
-    if (kd_sb_json_str(b, s, n) != 0 && !b->err)
+    if (kdi_sb_json_str(b, s, n) != 0 && !b->err)
         b->err = KD_ECORRUPT;
 }
 
@@ -77,27 +77,27 @@ static void put_value(kd_sb *b, json_t *v)
         }
         if (i > 1)
             qsort(keys, i, sizeof *keys, key_cmp);
-        kd_sb_putc(b, '{');
+        kdi_sb_putc(b, '{');
         for (size_t k = 0; k < i; k++) {
             if (k)
-                kd_sb_putc(b, ',');
+                kdi_sb_putc(b, ',');
             put_string(b, keys[k].key, keys[k].len);
-            kd_sb_putc(b, ':');
+            kdi_sb_putc(b, ':');
             put_value(b, keys[k].value);
         }
-        kd_sb_putc(b, '}');
+        kdi_sb_putc(b, '}');
         free(keys);
         break;
     }
     case JSON_ARRAY: {
         size_t n = json_array_size(v);
-        kd_sb_putc(b, '[');
+        kdi_sb_putc(b, '[');
         for (size_t k = 0; k < n; k++) {
             if (k)
-                kd_sb_putc(b, ',');
+                kdi_sb_putc(b, ',');
             put_value(b, json_array_get(v, k));
         }
-        kd_sb_putc(b, ']');
+        kdi_sb_putc(b, ']');
         break;
     }
     case JSON_STRING:
@@ -105,20 +105,20 @@ static void put_value(kd_sb *b, json_t *v)
         break;
     case JSON_INTEGER: {
         int n = snprintf(tmp, sizeof tmp, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
-        kd_sb_put(b, tmp, (size_t)n);
+        kdi_sb_put(b, tmp, (size_t)n);
         break;
     }
     case JSON_REAL:
-        kd_sb_json_canon_real(b, json_real_value(v));
+        kdi_sb_json_canon_real(b, json_real_value(v));
         break;
     case JSON_TRUE:
-        kd_sb_put(b, "true", 4);
+        kdi_sb_put(b, "true", 4);
         break;
     case JSON_FALSE:
-        kd_sb_put(b, "false", 5);
+        kdi_sb_put(b, "false", 5);
         break;
     case JSON_NULL:
-        kd_sb_put(b, "null", 4);
+        kdi_sb_put(b, "null", 4);
         break;
     }
 }
@@ -128,7 +128,7 @@ int kd_json_canonical(const char *json, size_t len, char **out, kd_err *e)
     int rc = KD_OK;
     json_t *root = NULL;
     kd_sb b;
-    kd_sb_init(&b, (size_t)1 << 30);
+    kdi_sb_init(&b, (size_t)1 << 30);
     if (!out || (!json && len))
         return kd_err_set(e, KD_EINVAL, "kd_json_canonical: bad arguments");
     *out = NULL;
@@ -141,14 +141,14 @@ int kd_json_canonical(const char *json, size_t len, char **out, kd_err *e)
         goto done;
     }
     put_value(&b, root);
-    if (kd_sb_error(&b)) {
-        rc = kd_err_set(e, kd_sb_error(&b), "cannot build canonical JSON: %s",
-                        kd_strerror(kd_sb_error(&b)));
+    if (kdi_sb_error(&b)) {
+        rc = kd_err_set(e, kdi_sb_error(&b), "cannot build canonical JSON: %s",
+                        kd_strerror(kdi_sb_error(&b)));
         goto done;
     }
-    *out = kd_sb_take(&b);
+    *out = kdi_sb_take(&b);
 done:
-    kd_sb_free(&b);
+    kdi_sb_free(&b);
     json_decref(root);
     return rc;
 }

@@ -75,7 +75,7 @@ static int pread_full(int fd, void *buf, size_t n, uint64_t off)
 {
     char *p = buf;
     while (n > 0) {
-        ssize_t r = kd_sys_pread(fd, p, n, (off_t)off);
+        ssize_t r = kdi_sys_pread(fd, p, n, (off_t)off);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -127,7 +127,7 @@ static int copy_range(int fd_in, uint64_t from, uint64_t to, int fd_out)
     }
     while (from < to) {
         size_t n = to - from < COPY_BLOCK ? (size_t)(to - from) : COPY_BLOCK;
-        if (pread_full(fd_in, block, n, from) != 0 || kd_sys_write_all(fd_out, block, n) != 0) {
+        if (pread_full(fd_in, block, n, from) != 0 || kdi_sys_write_all(fd_out, block, n) != 0) {
             rc = -1;
             break;
         }
@@ -163,7 +163,7 @@ static int open_create(const char *path, int flags, int *fd_out, int *created, k
 {
     *created = 0;
     *fd_out = -1;
-    int fd = kd_sys_open(path, flags | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    int fd = kdi_sys_open(path, flags | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd >= 0) {
         *created = 1;
         int rc = fsync_parent(path, e);
@@ -176,7 +176,7 @@ static int open_create(const char *path, int flags, int *fd_out, int *created, k
         return KD_OK;
     }
     if (errno == EEXIST)
-        fd = kd_sys_open(path, flags | O_CLOEXEC, 0);
+        fd = kdi_sys_open(path, flags | O_CLOEXEC, 0);
     if (fd < 0)
         return kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "open of %s failed",
                           path);
@@ -265,7 +265,7 @@ static int create_aside(const char *path, char *name, size_t nlen, int *fd_out, 
                        : snprintf(name, nlen, "%s.torn-%s-%d", path, stamp, n);
         if (w < 0 || (size_t)w >= nlen)
             return kd_err_set(e, KD_ELIMIT, "path %s is too long", path);
-        *fd_out = kd_sys_open(name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        *fd_out = kdi_sys_open(name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
         if (*fd_out >= 0)
             return KD_OK;
         if (errno != EEXIST)
@@ -296,7 +296,7 @@ static int repair_tail(kd_jsonl *j, kd_jsonl_repair *rep, kd_err *e)
         rc = kd_err_sys(e, KD_EIO, errno, "copy of the torn tail of %s to %s failed", j->path, aside);
         goto fail_aside;
     }
-    if (kd_sys_fsync(afd) != 0) {
+    if (kdi_sys_fsync(afd) != 0) {
         rc = kd_err_sys(e, KD_EIO, errno, "fsync of %s failed", aside);
         goto fail_aside;
     }
@@ -304,13 +304,13 @@ static int repair_tail(kd_jsonl *j, kd_jsonl_repair *rep, kd_err *e)
         goto fail_aside;
     close(afd);
     afd = -1;
-    if (kd_sys_ftruncate(j->fd, (off_t)torn) != 0) {
+    if (kdi_sys_ftruncate(j->fd, (off_t)torn) != 0) {
         rc = kd_err_sys(e, KD_EIO, errno,
                         "truncate of %s to %llu bytes failed (its torn tail is copied in %s)",
                         j->path, (unsigned long long)torn, aside);
         goto done;
     }
-    if (kd_sys_fdatasync(j->fd) != 0) {
+    if (kdi_sys_fdatasync(j->fd) != 0) {
         rc = kd_err_sys(e, KD_EIO, errno, "fdatasync of %s after moving its torn tail to %s failed",
                         j->path, aside);
         goto done;
@@ -385,9 +385,9 @@ static int write_out(kd_jsonl *j, kd_err *e)
 {
     if (j->blen == 0)
         return KD_OK;
-    if (kd_sys_write_all(j->fd, j->buf, j->blen) != 0) {
+    if (kdi_sys_write_all(j->fd, j->buf, j->blen) != 0) {
         int err = errno;
-        if (kd_sys_ftruncate(j->fd, (off_t)j->disk) != 0) {
+        if (kdi_sys_ftruncate(j->fd, (off_t)j->disk) != 0) {
             j->broken = 1;
             return kd_err_sys(e, KD_EIO, err,
                               "write to %s failed, and so did truncating the partial line "
@@ -464,11 +464,11 @@ int kd_jsonl_append(kd_jsonl *j, const char *line, size_t len, kd_err *e)
         return rc;
     }
     if (do_sync) {
-        if (kd_sys_fdatasync(j->fd) != 0) {
+        if (kdi_sys_fdatasync(j->fd) != 0) {
             int err = errno;
             /* Take the lines back out so that an error means "not written";
              * the earlier buffered lines go back into the buffer. */
-            if (kd_sys_ftruncate(j->fd, (off_t)before) != 0)
+            if (kdi_sys_ftruncate(j->fd, (off_t)before) != 0)
                 j->broken = 1;
             j->disk = before;
             j->blen = mark;
@@ -504,7 +504,7 @@ int kd_jsonl_sync(kd_jsonl *j, kd_err *e)
     int rc = kd_jsonl_flush(j, e);
     if (rc != KD_OK)
         return rc;
-    if (kd_sys_fdatasync(j->fd) != 0)
+    if (kdi_sys_fdatasync(j->fd) != 0)
         return kd_err_sys(e, KD_EIO, errno,
                           "fdatasync of %s failed; records written since the last successful "
                           "sync may not be durable", j->path);
@@ -553,17 +553,17 @@ int kd_jsonl_move_tail(kd_jsonl *j, uint64_t offset, const char *aside_path, kd_
                         (unsigned long long)offset, aside_path);
         goto undo_aside;
     }
-    if (kd_sys_fsync(afd) != 0) {
+    if (kdi_sys_fsync(afd) != 0) {
         rc = kd_err_sys(e, KD_EIO, errno, "fsync of %s failed", aside_path);
         goto undo_aside;
     }
-    if (kd_sys_ftruncate(j->fd, (off_t)offset) != 0) {
+    if (kdi_sys_ftruncate(j->fd, (off_t)offset) != 0) {
         rc = kd_err_sys(e, KD_EIO, errno, "truncate of %s to %llu bytes failed", j->path,
                         (unsigned long long)offset);
         goto undo_aside;
     }
     j->disk = offset;
-    if (kd_sys_fdatasync(j->fd) != 0) {
+    if (kdi_sys_fdatasync(j->fd) != 0) {
         rc = kd_err_sys(e, KD_EIO, errno,
                         "fdatasync of %s after moving its tail to %s failed", j->path, aside_path);
         goto done;
@@ -571,7 +571,7 @@ int kd_jsonl_move_tail(kd_jsonl *j, uint64_t offset, const char *aside_path, kd_
     goto done;
 undo_aside:
     /* leave the aside file as it was; the journal is unchanged */
-    if (kd_sys_ftruncate(afd, (off_t)asize) == 0 && created) {
+    if (kdi_sys_ftruncate(afd, (off_t)asize) == 0 && created) {
         close(afd);
         afd = -1;
         unlink(aside_path);
@@ -598,7 +598,7 @@ int kd_jsonl_close(kd_jsonl *j, kd_err *e)
                             "%zu buffered records (%zu bytes) could not be written to %s at "
                             "close and are lost", lines, bytes, j->path);
     }
-    if (rc == KD_OK && j->o.sync != KD_SYNC_NEVER && kd_sys_fdatasync(j->fd) != 0)
+    if (rc == KD_OK && j->o.sync != KD_SYNC_NEVER && kdi_sys_fdatasync(j->fd) != 0)
         rc = kd_err_sys(e, KD_EIO, errno, "fdatasync of %s at close failed", j->path);
     close(j->fd);
     free(j->buf);
@@ -625,7 +625,7 @@ int kd_jsonl_reader_open(kd_jsonl_reader **out, const char *path, size_t max_lin
         goto done;
     }
     r->max_line = max_line ? max_line : DEFAULT_MAX_LINE;
-    r->fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
+    r->fd = kdi_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
     if (r->fd < 0) {
         rc = kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "open of %s failed", path);
         goto done;
@@ -715,7 +715,7 @@ int kd_jsonl_next(kd_jsonl_reader *r, const char **line, size_t *len, kd_err *e)
             r->buf = nb;
             r->cap = ncap;
         }
-        ssize_t n = kd_sys_pread(r->fd, r->buf + r->end, r->cap - r->end,
+        ssize_t n = kdi_sys_pread(r->fd, r->buf + r->end, r->cap - r->end,
                                  (off_t)(r->buf_off + r->end));
         if (n < 0) {
             if (errno == EINTR)
@@ -765,7 +765,7 @@ int kd_jsonl_last_line(const char *path, char **out, uint64_t *offset, kd_err *e
     if (!path || !out)
         return kd_err_set(e, KD_EINVAL, "kd_jsonl_last_line: bad arguments");
     *out = NULL;
-    fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
+    fd = kdi_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
     if (fd < 0)
         return kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "open of %s failed",
                           path);

@@ -44,7 +44,7 @@ int kd_dir_lock(kd_lock **out, const char *dir, kd_err *e)
         rc = kd_err_set(e, KD_ENOMEM, "out of memory locking %s", dir);
         goto done;
     }
-    int dfd = kd_sys_open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+    int dfd = kdi_sys_open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
     if (dfd < 0) {
         rc = kd_err_sys(e, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno,
                         "open of directory %s failed", dir);
@@ -81,7 +81,7 @@ int kd_dir_lock(kd_lock **out, const char *dir, kd_err *e)
             continue;
         if (errno == EWOULDBLOCK) {
             char buf[32] = "";
-            ssize_t n = kd_sys_pread(fd, buf, sizeof buf - 1, 0);
+            ssize_t n = kdi_sys_pread(fd, buf, sizeof buf - 1, 0);
             long pid = n > 0 ? strtol(buf, NULL, 10) : 0;
             if (pid > 0)
                 rc = kd_err_set(e, KD_ELOCKED,
@@ -98,7 +98,7 @@ int kd_dir_lock(kd_lock **out, const char *dir, kd_err *e)
     }
     char pid[32];
     int len = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
-    if (kd_sys_ftruncate(fd, 0) != 0 || kd_sys_pwrite_all(fd, pid, (size_t)len, 0) != 0) {
+    if (kdi_sys_ftruncate(fd, 0) != 0 || kdi_sys_pwrite_all(fd, pid, (size_t)len, 0) != 0) {
         rc = kd_err_sys(e, KD_EIO, errno, "writing our pid to lock file %s failed", path);
         goto done;
     }
@@ -124,7 +124,7 @@ void kd_dir_unlock(kd_lock *l)
     if (!l)
         return;
     /* clear the pid while we still hold the lock; failure is harmless */
-    if (kd_sys_ftruncate(l->fd, 0) != 0) {
+    if (kdi_sys_ftruncate(l->fd, 0) != 0) {
         /* the pid stays; the next holder overwrites it */
     }
     close(l->fd);

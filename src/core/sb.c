@@ -14,19 +14,19 @@
 
 #include "kdkit/error.h"
 
-void kd_sb_init(kd_sb *s, size_t max)
+void kdi_sb_init(kd_sb *s, size_t max)
 {
     memset(s, 0, sizeof *s);
     s->max = max;
 }
 
-void kd_sb_free(kd_sb *s)
+void kdi_sb_free(kd_sb *s)
 {
     free(s->buf);
     memset(s, 0, sizeof *s);
 }
 
-void kd_sb_reset(kd_sb *s)
+void kdi_sb_reset(kd_sb *s)
 {
     s->len = 0;
     s->err = 0;
@@ -34,7 +34,7 @@ void kd_sb_reset(kd_sb *s)
         s->buf[0] = '\0';
 }
 
-int kd_sb_error(const kd_sb *s)
+int kdi_sb_error(const kd_sb *s)
 {
     return s->err;
 }
@@ -65,12 +65,12 @@ static int sb_grow(kd_sb *s, size_t extra)
     return 0;
 }
 
-int kd_sb_reserve(kd_sb *s, size_t extra)
+int kdi_sb_reserve(kd_sb *s, size_t extra)
 {
     return sb_grow(s, extra);
 }
 
-void kd_sb_put(kd_sb *s, const char *p, size_t n)
+void kdi_sb_put(kd_sb *s, const char *p, size_t n)
 {
     if (sb_grow(s, n) != 0)
         return;
@@ -79,22 +79,22 @@ void kd_sb_put(kd_sb *s, const char *p, size_t n)
     s->buf[s->len] = '\0';
 }
 
-void kd_sb_puts(kd_sb *s, const char *p)
+void kdi_sb_puts(kd_sb *s, const char *p)
 {
-    kd_sb_put(s, p, strlen(p));
+    kdi_sb_put(s, p, strlen(p));
 }
 
-void kd_sb_putc(kd_sb *s, char c)
+void kdi_sb_putc(kd_sb *s, char c)
 {
     if (s->len + 1 < s->cap && !s->err) {
         s->buf[s->len++] = c;
         s->buf[s->len] = '\0';
         return;
     }
-    kd_sb_put(s, &c, 1);
+    kdi_sb_put(s, &c, 1);
 }
 
-void kd_sb_printf(kd_sb *s, const char *fmt, ...)
+void kdi_sb_printf(kd_sb *s, const char *fmt, ...)
 {
     char small[256];
     va_list ap;
@@ -104,7 +104,7 @@ void kd_sb_printf(kd_sb *s, const char *fmt, ...)
     if (n < 0)
         return;
     if ((size_t)n < sizeof small) {
-        kd_sb_put(s, small, (size_t)n);
+        kdi_sb_put(s, small, (size_t)n);
         return;
     }
     if (sb_grow(s, (size_t)n) != 0)
@@ -115,10 +115,10 @@ void kd_sb_printf(kd_sb *s, const char *fmt, ...)
     s->len += (size_t)n;
 }
 
-char *kd_sb_take(kd_sb *s)
+char *kdi_sb_take(kd_sb *s)
 {
     if (!s->buf)
-        kd_sb_put(s, "", 0);
+        kdi_sb_put(s, "", 0);
     char *b = s->buf;
     if (!b) {
         /* allocation failed: hand back an owned empty string if we can */
@@ -129,23 +129,23 @@ char *kd_sb_take(kd_sb *s)
     return b;
 }
 
-void kd_sb_json_double(kd_sb *s, double v)
+void kdi_sb_json_double(kd_sb *s, double v)
 {
     /* Integral values as integers; others as the shortest "%.Ng" text that
        reads back to the same double (core/dtoa.c: no printf, no locale). */
     char b[KD_DTOA_MAX];
-    size_t n = kd_dtoa_json(v, b);
-    kd_sb_put(s, b, n);
+    size_t n = kdi_dtoa_json(v, b);
+    kdi_sb_put(s, b, n);
 }
 
-void kd_sb_fixed(kd_sb *s, double v, int decimals)
+void kdi_sb_fixed(kd_sb *s, double v, int decimals)
 {
     char b[KD_DTOA_MAX];
-    size_t n = kd_dtoa_fixed(v, decimals, b);
+    size_t n = kdi_dtoa_fixed(v, decimals, b);
     if (n)
-        kd_sb_put(s, b, n);
+        kdi_sb_put(s, b, n);
     else
-        kd_sb_printf(s, "%.*f", decimals, v);
+        kdi_sb_printf(s, "%.*f", decimals, v);
 }
 
 static pthread_once_t g_cloc_once = PTHREAD_ONCE_INIT;
@@ -156,7 +156,7 @@ static void cloc_init(void)
     g_cloc = newlocale(LC_ALL_MASK, "C", (locale_t)0);
 }
 
-void kd_sb_json_canon_real(kd_sb *s, double v)
+void kdi_sb_json_canon_real(kd_sb *s, double v)
 {
     char tmp[40];
     int n;
@@ -179,10 +179,10 @@ void kd_sb_json_canon_real(kd_sb *s, double v)
         uselocale(old);
     }
     if (n > 0)
-        kd_sb_put(s, tmp, (size_t)n);
+        kdi_sb_put(s, tmp, (size_t)n);
 }
 
-void kd_sb_json_int(kd_sb *s, int64_t v)
+void kdi_sb_json_int(kd_sb *s, int64_t v)
 {
     char b[24], *p = b + sizeof b;
     uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
@@ -192,7 +192,7 @@ void kd_sb_json_int(kd_sb *s, int64_t v)
     } while (u);
     if (v < 0)
         *--p = '-';
-    kd_sb_put(s, p, (size_t)(b + sizeof b - p));
+    kdi_sb_put(s, p, (size_t)(b + sizeof b - p));
 }
 
 /* Length of the valid UTF-8 sequence at p (1..4), or 0 if invalid. */
@@ -230,12 +230,12 @@ static size_t utf8_seq(const unsigned char *p, size_t n)
     return len;
 }
 
-size_t kd_utf8_char(const char *p, size_t n)
+size_t kdi_utf8_char(const char *p, size_t n)
 {
     return n ? utf8_seq((const unsigned char *)p, n) : 0;
 }
 
-size_t kd_utf8_prefix(const char *p, size_t n, int allow_nul)
+size_t kdi_utf8_prefix(const char *p, size_t n, int allow_nul)
 {
     const unsigned char *u = (const unsigned char *)p;
     size_t i = 0;
@@ -252,16 +252,16 @@ size_t kd_utf8_prefix(const char *p, size_t n, int allow_nul)
     return n;
 }
 
-int kd_utf8_valid(const char *p, size_t n)
+int kdi_utf8_valid(const char *p, size_t n)
 {
-    return kd_utf8_prefix(p, n, 0) == n;
+    return kdi_utf8_prefix(p, n, 0) == n;
 }
 
 static void put_escaped(kd_sb *s, const char *p, size_t n, int replace_bad)
 {
     static const char hex[] = "0123456789abcdef";
     const unsigned char *u = (const unsigned char *)p;
-    kd_sb_putc(s, '"');
+    kdi_sb_putc(s, '"');
     size_t run = 0; /* start of the current run of plain bytes */
     size_t i = 0;
     while (i < n) {
@@ -275,35 +275,35 @@ static void put_escaped(kd_sb *s, const char *p, size_t n, int replace_bad)
             i += l;
             continue;
         }
-        kd_sb_put(s, p + run, i - run);
+        kdi_sb_put(s, p + run, i - run);
         if (c >= 0x80) { /* invalid byte */
             if (replace_bad)
-                kd_sb_put(s, "\\ufffd", 6);
+                kdi_sb_put(s, "\\ufffd", 6);
             i++;
             run = i;
             continue;
         }
         switch (c) {
-        case '"': kd_sb_put(s, "\\\"", 2); break;
-        case '\\': kd_sb_put(s, "\\\\", 2); break;
-        case '\n': kd_sb_put(s, "\\n", 2); break;
-        case '\r': kd_sb_put(s, "\\r", 2); break;
-        case '\t': kd_sb_put(s, "\\t", 2); break;
-        case '\b': kd_sb_put(s, "\\b", 2); break;
-        case '\f': kd_sb_put(s, "\\f", 2); break;
+        case '"': kdi_sb_put(s, "\\\"", 2); break;
+        case '\\': kdi_sb_put(s, "\\\\", 2); break;
+        case '\n': kdi_sb_put(s, "\\n", 2); break;
+        case '\r': kdi_sb_put(s, "\\r", 2); break;
+        case '\t': kdi_sb_put(s, "\\t", 2); break;
+        case '\b': kdi_sb_put(s, "\\b", 2); break;
+        case '\f': kdi_sb_put(s, "\\f", 2); break;
         default: {
             char e[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
-            kd_sb_put(s, e, 6);
+            kdi_sb_put(s, e, 6);
         }
         }
         i++;
         run = i;
     }
-    kd_sb_put(s, p + run, n - run);
-    kd_sb_putc(s, '"');
+    kdi_sb_put(s, p + run, n - run);
+    kdi_sb_putc(s, '"');
 }
 
-int kd_sb_json_str(kd_sb *s, const char *p, size_t n)
+int kdi_sb_json_str(kd_sb *s, const char *p, size_t n)
 {
     const unsigned char *u = (const unsigned char *)p;
     for (size_t i = 0; i < n;) {
@@ -320,10 +320,10 @@ int kd_sb_json_str(kd_sb *s, const char *p, size_t n)
     return 0;
 }
 
-void kd_sb_json_cstr(kd_sb *s, const char *p)
+void kdi_sb_json_cstr(kd_sb *s, const char *p)
 {
     if (!p) {
-        kd_sb_put(s, "null", 4);
+        kdi_sb_put(s, "null", 4);
         return;
     }
     put_escaped(s, p, strlen(p), 1);

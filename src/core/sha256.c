@@ -98,7 +98,7 @@ int kd_sha256_file(const char *path, char hex[KD_SHA256_HEX], uint64_t *size, kd
     if (kd_sha256_new(&h) != KD_OK)
         return kd_err_set(e, KD_ENOMEM, "out of memory hashing %s", path);
     uint64_t total = 0;
-    int rc = kd_core_stream_file(path, sha256_block, h, &total, e);
+    int rc = kdi_core_stream_file(path, sha256_block, h, &total, e);
     if (rc == KD_OK) {
         kd_sha256_final_hex(h, hex);
         if (size)

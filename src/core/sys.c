@@ -87,7 +87,7 @@ long kd_fault_calls(kd_fault_op op)
     return atomic_load(&g_calls[op]);
 }
 
-int kd_sys_open(const char *path, int flags, mode_t mode)
+int kdi_sys_open(const char *path, int flags, mode_t mode)
 {
     int err = 0;
     if (fault_check(KD_FAULT_OPEN, &err) != HIT_NONE) {
@@ -97,7 +97,7 @@ int kd_sys_open(const char *path, int flags, mode_t mode)
     return open(path, flags, mode);
 }
 
-ssize_t kd_sys_write(int fd, const void *buf, size_t len)
+ssize_t kdi_sys_write(int fd, const void *buf, size_t len)
 {
     int err = 0;
     switch (fault_check(KD_FAULT_WRITE, &err)) {
@@ -115,7 +115,7 @@ ssize_t kd_sys_write(int fd, const void *buf, size_t len)
     }
 }
 
-ssize_t kd_sys_pwrite(int fd, const void *buf, size_t len, off_t off)
+ssize_t kdi_sys_pwrite(int fd, const void *buf, size_t len, off_t off)
 {
     int err = 0;
     switch (fault_check(KD_FAULT_WRITE, &err)) {
@@ -133,7 +133,7 @@ ssize_t kd_sys_pwrite(int fd, const void *buf, size_t len, off_t off)
     }
 }
 
-ssize_t kd_sys_read(int fd, void *buf, size_t len)
+ssize_t kdi_sys_read(int fd, void *buf, size_t len)
 {
     int err = 0;
     if (fault_check(KD_FAULT_READ, &err) != HIT_NONE) {
@@ -143,7 +143,7 @@ ssize_t kd_sys_read(int fd, void *buf, size_t len)
     return read(fd, buf, len);
 }
 
-ssize_t kd_sys_pread(int fd, void *buf, size_t len, off_t off)
+ssize_t kdi_sys_pread(int fd, void *buf, size_t len, off_t off)
 {
     int err = 0;
     if (fault_check(KD_FAULT_READ, &err) != HIT_NONE) {
@@ -153,7 +153,7 @@ ssize_t kd_sys_pread(int fd, void *buf, size_t len, off_t off)
     return pread(fd, buf, len, off);
 }
 
-int kd_sys_fsync(int fd)
+int kdi_sys_fsync(int fd)
 {
     int err = 0;
     if (fault_check(KD_FAULT_FSYNC, &err) != HIT_NONE) {
@@ -163,7 +163,7 @@ int kd_sys_fsync(int fd)
     return fsync(fd);
 }
 
-int kd_sys_fdatasync(int fd)
+int kdi_sys_fdatasync(int fd)
 {
     int err = 0;
     if (fault_check(KD_FAULT_FSYNC, &err) != HIT_NONE) {
@@ -173,7 +173,7 @@ int kd_sys_fdatasync(int fd)
     return fdatasync(fd);
 }
 
-int kd_sys_rename(const char *from, const char *to)
+int kdi_sys_rename(const char *from, const char *to)
 {
     int err = 0;
     if (fault_check(KD_FAULT_RENAME, &err) != HIT_NONE) {
@@ -183,7 +183,7 @@ int kd_sys_rename(const char *from, const char *to)
     return rename(from, to);
 }
 
-int kd_sys_ftruncate(int fd, off_t len)
+int kdi_sys_ftruncate(int fd, off_t len)
 {
     int err = 0;
     if (fault_check(KD_FAULT_TRUNCATE, &err) != HIT_NONE) {
@@ -193,11 +193,11 @@ int kd_sys_ftruncate(int fd, off_t len)
     return ftruncate(fd, len);
 }
 
-int kd_sys_write_all(int fd, const void *buf, size_t len)
+int kdi_sys_write_all(int fd, const void *buf, size_t len)
 {
     const char *p = buf;
     while (len > 0) {
-        ssize_t n = kd_sys_write(fd, p, len);
+        ssize_t n = kdi_sys_write(fd, p, len);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -213,11 +213,11 @@ int kd_sys_write_all(int fd, const void *buf, size_t len)
     return 0;
 }
 
-int kd_sys_pwrite_all(int fd, const void *buf, size_t len, off_t off)
+int kdi_sys_pwrite_all(int fd, const void *buf, size_t len, off_t off)
 {
     const char *p = buf;
     while (len > 0) {
-        ssize_t n = kd_sys_pwrite(fd, p, len, off);
+        ssize_t n = kdi_sys_pwrite(fd, p, len, off);
         if (n < 0) {
             if (errno == EINTR)
                 continue;

@@ -14,26 +14,26 @@
 
 #include "kdkit/error.h"
 
-int kd_sys_open(const char *path, int flags, mode_t mode);
-ssize_t kd_sys_write(int fd, const void *buf, size_t len);
-ssize_t kd_sys_pwrite(int fd, const void *buf, size_t len, off_t off);
-ssize_t kd_sys_read(int fd, void *buf, size_t len);
-ssize_t kd_sys_pread(int fd, void *buf, size_t len, off_t off);
-int kd_sys_fsync(int fd);
-int kd_sys_fdatasync(int fd);
-int kd_sys_rename(const char *from, const char *to);
-int kd_sys_ftruncate(int fd, off_t len);
+int kdi_sys_open(const char *path, int flags, mode_t mode);
+ssize_t kdi_sys_write(int fd, const void *buf, size_t len);
+ssize_t kdi_sys_pwrite(int fd, const void *buf, size_t len, off_t off);
+ssize_t kdi_sys_read(int fd, void *buf, size_t len);
+ssize_t kdi_sys_pread(int fd, void *buf, size_t len, off_t off);
+int kdi_sys_fsync(int fd);
+int kdi_sys_fdatasync(int fd);
+int kdi_sys_rename(const char *from, const char *to);
+int kdi_sys_ftruncate(int fd, off_t len);
 
 /* Write all of buf, retrying on EINTR and short writes; -1 with errno set. */
-int kd_sys_write_all(int fd, const void *buf, size_t len);
+int kdi_sys_write_all(int fd, const void *buf, size_t len);
 /* Same for pwrite at an offset. */
-int kd_sys_pwrite_all(int fd, const void *buf, size_t len, off_t off);
+int kdi_sys_pwrite_all(int fd, const void *buf, size_t len, off_t off);
 
 /* Stream a regular file through update(h, block, n) in 1 MiB blocks: the one
    reader behind kd_sha256_file and kd_xxh3_file (file.c).  A FIFO, device or
    directory is refused (KD_EINVAL) before anything is read, so hashing never
    blocks on one.  *total gets the bytes read.  KD_ENOTFOUND, KD_EIO, KD_ENOMEM. */
-int kd_core_stream_file(const char *path, void (*update)(void *h, const void *p, size_t n),
+int kdi_core_stream_file(const char *path, void (*update)(void *h, const void *p, size_t n),
                         void *h, uint64_t *total, kd_err *e);
 
 #endif

@@ -95,7 +95,7 @@ int kd_xxh3_file(const char *path, char hex[KD_XXH3_HEX], uint64_t *size, kd_err
     if (kd_xxh3_new(&h) != KD_OK)
         return kd_err_set(e, KD_ENOMEM, "out of memory hashing %s", path);
     uint64_t total = 0;
-    int rc = kd_core_stream_file(path, xxh3_block, h, &total, e);
+    int rc = kdi_core_stream_file(path, xxh3_block, h, &total, e);
     if (rc == KD_OK) {
         kd_xxh3_final_hex(h, hex);
         if (size)

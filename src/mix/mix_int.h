@@ -30,27 +30,27 @@
 #define KD_MIX_PROGRESS_MAX (256u << 20) /* a progress file larger than this is refused */
 #define KD_MIX_ROW_MAX (64u << 20)       /* longest row accepted */
 
-uint32_t kd_mix_fnv1a(const void *p, size_t n);
-void kd_mix_idx_header(unsigned char h[KD_MIX_IDX_HEADER]);
+uint32_t kdi_mix_fnv1a(const void *p, size_t n);
+void kdi_mix_idx_header(unsigned char h[KD_MIX_IDX_HEADER]);
 /* KD_OK when h is a header this version reads; KD_ECORRUPT / KD_EVERSION. */
-int kd_mix_idx_check_header(const unsigned char *h, size_t n, const char *path, kd_err *e);
-void kd_mix_idx_entry_encode(unsigned char b[KD_MIX_IDX_ENTRY], uint64_t off, uint32_t len,
+int kdi_mix_idx_check_header(const unsigned char *h, size_t n, const char *path, kd_err *e);
+void kdi_mix_idx_entry_encode(unsigned char b[KD_MIX_IDX_ENTRY], uint64_t off, uint32_t len,
                              uint32_t sum);
-void kd_mix_idx_entry_decode(const unsigned char b[KD_MIX_IDX_ENTRY], uint64_t *off1,
+void kdi_mix_idx_entry_decode(const unsigned char b[KD_MIX_IDX_ENTRY], uint64_t *off1,
                              uint32_t *len, uint32_t *sum);
 /* Reading the sidecar, for the reader, the writer and verify alike:
-   kd_mix_idx_read_header reads and checks the header at the start of fd
+   kdi_mix_idx_read_header reads and checks the header at the start of fd
    (KD_OK, KD_ECORRUPT / KD_EVERSION naming path); when empty is not NULL an
    empty file is KD_OK with *empty = 1 (a sidecar the writer just created).
-   kd_mix_idx_read_entry reads the entry of sample `index`: 1 with the
+   kdi_mix_idx_read_entry reads the entry of sample `index`: 1 with the
    decoded fields (*off1 == 0: no row yet), 0 when the file ends before it,
    -1 when the read fails (errno set). */
-int kd_mix_idx_read_header(int fd, const char *path, int *empty, kd_err *e);
-int kd_mix_idx_read_entry(int fd, int64_t index, uint64_t *off1, uint32_t *len, uint32_t *sum);
+int kdi_mix_idx_read_header(int fd, const char *path, int *empty, kd_err *e);
+int kdi_mix_idx_read_entry(int fd, int64_t index, uint64_t *off1, uint32_t *len, uint32_t *sum);
 /* 1 if index i is inside one of the n sorted, disjoint ranges r[2k..2k+1]. */
-int kd_mix_ranges_cover(const int64_t *r, size_t n, int64_t i);
+int kdi_mix_ranges_cover(const int64_t *r, size_t n, int64_t i);
 /* malloc'd "<dir>/<name>", NULL when out of memory. */
-char *kd_mix_path(const char *dir, const char *name);
+char *kdi_mix_path(const char *dir, const char *name);
 
 /* 4 bits per index. */
 static inline int kd_mix_nib_get(const uint8_t *m, int64_t i)
@@ -65,10 +65,10 @@ static inline void kd_mix_nib_set(uint8_t *m, int64_t i, int v)
 
 /* kd_mix_row_validate keeping the parsed tree (*tree, may be NULL; the
    caller json_decref's it). */
-int kd_mix_row_parse(const char *line, size_t len, int64_t expect_index, const char *where,
+int kdi_mix_row_parse(const char *line, size_t len, int64_t expect_index, const char *where,
                      json_t **tree, int64_t *index, int *status, kd_err *e);
 
 /* Status code for a status name; KD_MIX_ST_NONE if unknown. */
-int kd_mix_status_code(const char *name);
+int kdi_mix_status_code(const char *name);
 
 #endif

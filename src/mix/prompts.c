@@ -34,7 +34,7 @@ struct kd_mix_prompts {
     size_t cap;
 };
 
-int kd_mix_prompts_format(const char *name, const char *path, int *jsonl, kd_err *e)
+int kdi_mix_prompts_format(const char *name, const char *path, int *jsonl, kd_err *e)
 {
     if (!name || strcmp(name, "auto") == 0) {
         size_t n = strlen(path);
@@ -59,7 +59,7 @@ int kd_mix_prompts_format(const char *name, const char *path, int *jsonl, kd_err
                       name);
 }
 
-int kd_mix_prompts_open(kd_mix_prompts **out, const char *path, int jsonl, kd_err *e)
+int kdi_mix_prompts_open(kd_mix_prompts **out, const char *path, int jsonl, kd_err *e)
 {
     *out = NULL;
     kd_mix_prompts *p = calloc(1, sizeof *p);
@@ -80,7 +80,7 @@ int kd_mix_prompts_open(kd_mix_prompts **out, const char *path, int jsonl, kd_er
     return KD_OK;
 }
 
-int kd_mix_prompts_seek(kd_mix_prompts *p, uint64_t offset, int64_t index, kd_err *e)
+int kdi_mix_prompts_seek(kd_mix_prompts *p, uint64_t offset, int64_t index, kd_err *e)
 {
     if (fseeko(p->f, (off_t)offset, SEEK_SET) != 0)
         return kd_err_sys(e, KD_EIO, errno, "%s: seek to byte %llu", p->path,
@@ -90,7 +90,7 @@ int kd_mix_prompts_seek(kd_mix_prompts *p, uint64_t offset, int64_t index, kd_er
     return KD_OK;
 }
 
-void kd_mix_prompt_clear(kd_mix_prompt *q)
+void kdi_mix_prompt_clear(kd_mix_prompt *q)
 {
     free(q->text);
     free(q->messages_json);
@@ -156,22 +156,22 @@ static int parse_jsonl(kd_mix_prompts *p, const char *s, size_t n, kd_mix_prompt
             goto out;
         }
         kd_sb b;
-        kd_sb_init(&b, LINE_MAX_BYTES);
+        kdi_sb_init(&b, LINE_MAX_BYTES);
         size_t i;
         json_t *m;
         json_array_foreach(ms, i, m) {
             json_t *role = json_object_get(m, "role"), *c = json_object_get(m, "content");
             if (!json_is_object(m) || !json_is_string(role) || !json_is_string(c)) {
-                kd_sb_free(&b);
+                kdi_sb_free(&b);
                 why = "each message must be an object with string \"role\" and \"content\"";
                 goto out;
             }
             if (i)
-                kd_sb_putc(&b, '\n');
-            kd_sb_put(&b, json_string_value(c), json_string_length(c));
+                kdi_sb_putc(&b, '\n');
+            kdi_sb_put(&b, json_string_value(c), json_string_length(c));
         }
         q->text_len = b.len;
-        q->text = kd_sb_take(&b);
+        q->text = kdi_sb_take(&b);
         q->nmsg = (int64_t)json_array_size(ms);
         q->messages_json = json_dumps(ms, JSON_COMPACT | JSON_PRESERVE_ORDER);
         if (!q->messages_json)
@@ -186,7 +186,7 @@ out:
     return rc;
 }
 
-int kd_mix_prompts_next(kd_mix_prompts *p, kd_mix_prompt *q, kd_err *e)
+int kdi_mix_prompts_next(kd_mix_prompts *p, kd_mix_prompt *q, kd_err *e)
 {
     memset(q, 0, sizeof *q);
     ssize_t n = getline(&p->line, &p->cap, p->f);
@@ -208,7 +208,7 @@ int kd_mix_prompts_next(kd_mix_prompts *p, kd_mix_prompt *q, kd_err *e)
         rc = bad(p, e, "longer than 16 MiB");
     else if (memchr(p->line, '\0', len))
         rc = bad(p, e, "contains a NUL byte");
-    else if (!kd_utf8_valid(p->line, len))
+    else if (!kdi_utf8_valid(p->line, len))
         rc = bad(p, e, "is not valid UTF-8");
     else if (len == 0)
         q->blank = 1;
@@ -234,19 +234,19 @@ int kd_mix_prompts_next(kd_mix_prompts *p, kd_mix_prompt *q, kd_err *e)
     }
     p->index++;
     if (rc != KD_OK) {
-        kd_mix_prompt_clear(q);
+        kdi_mix_prompt_clear(q);
         return rc;
     }
     return 1;
 }
 
-uint64_t kd_mix_prompts_tell(const kd_mix_prompts *p, int64_t *index)
+uint64_t kdi_mix_prompts_tell(const kd_mix_prompts *p, int64_t *index)
 {
     *index = p->index;
     return p->off;
 }
 
-void kd_mix_prompts_close(kd_mix_prompts *p)
+void kdi_mix_prompts_close(kd_mix_prompts *p)
 {
     if (!p)
         return;
@@ -257,7 +257,7 @@ void kd_mix_prompts_close(kd_mix_prompts *p)
     free(p);
 }
 
-int kd_mix_prompts_hash(const char *path, char sha[KD_SHA256_HEX], int64_t *lines,
+int kdi_mix_prompts_hash(const char *path, char sha[KD_SHA256_HEX], int64_t *lines,
                         uint64_t *size, kd_err *e)
 {
     FILE *f = fopen(path, "rb");

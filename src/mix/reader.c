@@ -2,7 +2,7 @@
  * src/mix/reader.c - read-only access to a mix directory (the reader API of
  * kdkit/mix.h, the contract with offline distillation).  Reads
  * mix_progress.json (validated by kd_mix_progress_parse), mix.idx (layout in
- * mix_int.h) and mix.jsonl (rows validated by kd_mix_row_parse).  Takes no
+ * mix_int.h) and mix.jsonl (rows validated by kdi_mix_row_parse).  Takes no
  * lock and repairs nothing, so it works beside a running mix: rows written
  * after the progress file are found by scanning the tail from its mix_bytes.
  * Keeps one status byte per sample (the progress file's ranges, then the
@@ -76,7 +76,7 @@ static int count_tail(kd_mix *m, const kd_mix_progress *p, kd_err *e)
             break;
         }
         m->status[idx] = (uint8_t)st;
-        if (kd_mix_ranges_cover(p->ranges, p->nranges, idx))
+        if (kdi_mix_ranges_cover(p->ranges, p->nranges, idx))
             continue;
         if (!seen && !(seen = calloc((size_t)(m->total / 8 + 1), 1))) {
             rc = kd_err_set(e, KD_ENOMEM, "out of memory");
@@ -100,9 +100,9 @@ int kd_mix_open_read(kd_mix **out, const char *dir, kd_err *e)
         return kd_err_set(e, KD_ENOMEM, "out of memory");
     m->rows_fd = m->idx_fd = -1;
     m->dir = strdup(dir);
-    m->rows_path = kd_mix_path(dir, KD_MIX_ROWS_FILE);
-    m->idx_path = kd_mix_path(dir, KD_MIX_INDEX_FILE);
-    char *ppath = kd_mix_path(dir, KD_MIX_PROGRESS_FILE);
+    m->rows_path = kdi_mix_path(dir, KD_MIX_ROWS_FILE);
+    m->idx_path = kdi_mix_path(dir, KD_MIX_INDEX_FILE);
+    char *ppath = kdi_mix_path(dir, KD_MIX_PROGRESS_FILE);
     char *txt = NULL;
     size_t len = 0;
     kd_mix_progress p;
@@ -151,7 +151,7 @@ int kd_mix_open_read(kd_mix **out, const char *dir, kd_err *e)
                         (unsigned long long)p.mix_bytes);
         goto fail;
     }
-    rc = kd_mix_idx_read_header(m->idx_fd, m->idx_path, NULL, e);
+    rc = kdi_mix_idx_read_header(m->idx_fd, m->idx_path, NULL, e);
     if (rc == KD_OK)
         rc = count_tail(m, &p, e);
     if (rc != KD_OK)
@@ -217,7 +217,7 @@ int kd_mix_row_get(kd_mix *m, int64_t index, kd_mix_row *row, kd_err *e)
     off_t at = (off_t)(KD_MIX_IDX_HEADER + (uint64_t)index * KD_MIX_IDX_ENTRY);
     uint64_t off1 = 0;
     uint32_t len = 0, sum = 0;
-    if (kd_mix_idx_read_entry(m->idx_fd, index, &off1, &len, &sum) < 0)
+    if (kdi_mix_idx_read_entry(m->idx_fd, index, &off1, &len, &sum) < 0)
         return kd_err_sys(e, KD_EIO, errno, "%s: read", m->idx_path);
     if (off1 == 0)
         return kd_err_set(e, KD_ENOTFOUND, "sample %lld has no row yet", (long long)index);
@@ -237,14 +237,14 @@ int kd_mix_row_get(kd_mix *m, int64_t index, kd_mix_row *row, kd_err *e)
         return kd_err_sys(e, KD_EIO, errno, "%s: read at byte %llu", m->rows_path,
                           (unsigned long long)off);
     if ((size_t)n != (size_t)len + 1 || m->buf[len] != '\n' ||
-        kd_mix_fnv1a(m->buf, len) != sum)
+        kdi_mix_fnv1a(m->buf, len) != sum)
         return kd_err_set(e, KD_ECORRUPT, "%s: the row of sample %lld at byte %llu (%u bytes, "
                           "from %s) is not there or has changed", m->rows_path,
                           (long long)index, (unsigned long long)off, len, m->idx_path);
     m->buf[len] = '\0';
     char where[4200];
     snprintf(where, sizeof where, "%s at byte %llu", m->rows_path, (unsigned long long)off);
-    int rc = kd_mix_row_parse(m->buf, len, index, where, &m->tree, NULL, NULL, e);
+    int rc = kdi_mix_row_parse(m->buf, len, index, where, &m->tree, NULL, NULL, e);
     if (rc != KD_OK)
         return rc;
     json_t *o = m->tree;

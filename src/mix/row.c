@@ -33,7 +33,7 @@ const char *kd_mix_status_name(int st)
     return st > 0 && st <= KD_MIX_ST_SKIPPED ? st_names[st] : "none";
 }
 
-int kd_mix_status_code(const char *name)
+int kdi_mix_status_code(const char *name)
 {
     if (!name)
         return KD_MIX_ST_NONE;
@@ -43,7 +43,7 @@ int kd_mix_status_code(const char *name)
     return KD_MIX_ST_NONE;
 }
 
-uint32_t kd_mix_fnv1a(const void *p, size_t n)
+uint32_t kdi_mix_fnv1a(const void *p, size_t n)
 {
     const unsigned char *u = p;
     uint32_t h = 2166136261u;
@@ -75,10 +75,10 @@ static int is_hex64(const char *s)
 static int put_str_or_null(kd_sb *b, const char *s, size_t n)
 {
     if (!s) {
-        kd_sb_lit(b, "null");
+        kdi_sb_lit(b, "null");
         return 0;
     }
-    return kd_sb_json_str(b, s, n);
+    return kdi_sb_json_str(b, s, n);
 }
 
 int kd_mix_row_json(const kd_mix_row_in *r, char **out, size_t *len, kd_err *e)
@@ -99,80 +99,80 @@ int kd_mix_row_json(const kd_mix_row_in *r, char **out, size_t *len, kd_err *e)
         return kd_err_set(e, KD_EINVAL, "mix row %lld: prompt text missing or bad cost",
                           (long long)r->index);
     kd_sb b;
-    kd_sb_init(&b, KD_MIX_ROW_MAX);
+    kdi_sb_init(&b, KD_MIX_ROW_MAX);
     int bad = 0;
-    kd_sb_lit(&b, "{\"index\":");
-    kd_sb_json_int(&b, r->index);
-    kd_sb_lit(&b, ",\"id\":");
+    kdi_sb_lit(&b, "{\"index\":");
+    kdi_sb_json_int(&b, r->index);
+    kdi_sb_lit(&b, ",\"id\":");
     bad |= put_str_or_null(&b, r->id, r->id ? strlen(r->id) : 0);
-    kd_sb_lit(&b, ",\"status\":\"");
-    kd_sb_puts(&b, kd_mix_status_name(r->status));
-    kd_sb_lit(&b, "\",\"prompt_hash\":\"");
-    kd_sb_puts(&b, r->prompt_hash);
-    kd_sb_lit(&b, "\",\"request_key\":");
+    kdi_sb_lit(&b, ",\"status\":\"");
+    kdi_sb_puts(&b, kd_mix_status_name(r->status));
+    kdi_sb_lit(&b, "\",\"prompt_hash\":\"");
+    kdi_sb_puts(&b, r->prompt_hash);
+    kdi_sb_lit(&b, "\",\"request_key\":");
     if (r->request_key) {
-        kd_sb_putc(&b, '"');
-        kd_sb_puts(&b, r->request_key);
-        kd_sb_putc(&b, '"');
+        kdi_sb_putc(&b, '"');
+        kdi_sb_puts(&b, r->request_key);
+        kdi_sb_putc(&b, '"');
     } else {
-        kd_sb_lit(&b, "null");
+        kdi_sb_lit(&b, "null");
     }
-    kd_sb_lit(&b, ",\"prompt_text\":");
-    bad |= kd_sb_json_str(&b, r->prompt_text, r->prompt_len);
-    kd_sb_lit(&b, ",\"messages\":");
-    kd_sb_puts(&b, r->messages_json ? r->messages_json : "null");
-    kd_sb_lit(&b, ",\"completion\":");
+    kdi_sb_lit(&b, ",\"prompt_text\":");
+    bad |= kdi_sb_json_str(&b, r->prompt_text, r->prompt_len);
+    kdi_sb_lit(&b, ",\"messages\":");
+    kdi_sb_puts(&b, r->messages_json ? r->messages_json : "null");
+    kdi_sb_lit(&b, ",\"completion\":");
     bad |= put_str_or_null(&b, has_text ? r->completion : NULL, r->completion_len);
-    kd_sb_lit(&b, ",\"refusal\":");
+    kdi_sb_lit(&b, ",\"refusal\":");
     bad |= put_str_or_null(&b, r->refusal, r->refusal ? strlen(r->refusal) : 0);
-    kd_sb_lit(&b, ",\"finish_reason\":");
-    kd_sb_json_cstr(&b, r->finish_reason);
-    kd_sb_lit(&b, ",\"model\":");
-    kd_sb_json_cstr(&b, r->model);
-    kd_sb_lit(&b, ",\"system_fingerprint\":");
-    kd_sb_json_cstr(&b, r->system_fingerprint);
-    kd_sb_lit(&b, ",\"params\":");
-    kd_sb_puts(&b, r->params_json ? r->params_json : "{}");
-    kd_sb_lit(&b, ",\"kd_unbiased\":");
-    kd_sb_puts(&b, r->kd_unbiased ? "true" : "false");
-    kd_sb_lit(&b, ",\"logprobs\":");
-    kd_sb_puts(&b, r->logprobs_json ? r->logprobs_json : "null");
-    kd_sb_lit(&b, ",\"usage\":");
+    kdi_sb_lit(&b, ",\"finish_reason\":");
+    kdi_sb_json_cstr(&b, r->finish_reason);
+    kdi_sb_lit(&b, ",\"model\":");
+    kdi_sb_json_cstr(&b, r->model);
+    kdi_sb_lit(&b, ",\"system_fingerprint\":");
+    kdi_sb_json_cstr(&b, r->system_fingerprint);
+    kdi_sb_lit(&b, ",\"params\":");
+    kdi_sb_puts(&b, r->params_json ? r->params_json : "{}");
+    kdi_sb_lit(&b, ",\"kd_unbiased\":");
+    kdi_sb_puts(&b, r->kd_unbiased ? "true" : "false");
+    kdi_sb_lit(&b, ",\"logprobs\":");
+    kdi_sb_puts(&b, r->logprobs_json ? r->logprobs_json : "null");
+    kdi_sb_lit(&b, ",\"usage\":");
     if (r->prompt_tokens >= 0 || r->completion_tokens >= 0) {
-        kd_sb_lit(&b, "{\"prompt_tokens\":");
-        kd_sb_json_int(&b, r->prompt_tokens < 0 ? 0 : r->prompt_tokens);
-        kd_sb_lit(&b, ",\"completion_tokens\":");
-        kd_sb_json_int(&b, r->completion_tokens < 0 ? 0 : r->completion_tokens);
-        kd_sb_putc(&b, '}');
+        kdi_sb_lit(&b, "{\"prompt_tokens\":");
+        kdi_sb_json_int(&b, r->prompt_tokens < 0 ? 0 : r->prompt_tokens);
+        kdi_sb_lit(&b, ",\"completion_tokens\":");
+        kdi_sb_json_int(&b, r->completion_tokens < 0 ? 0 : r->completion_tokens);
+        kdi_sb_putc(&b, '}');
     } else {
-        kd_sb_lit(&b, "null");
+        kdi_sb_lit(&b, "null");
     }
-    kd_sb_lit(&b, ",\"cost\":");
-    kd_sb_json_canon_real(&b, r->cost);
-    kd_sb_lit(&b, ",\"cache_hit\":");
-    kd_sb_puts(&b, r->cache_hit ? "true" : "false");
-    kd_sb_lit(&b, ",\"ledger_line\":");
+    kdi_sb_lit(&b, ",\"cost\":");
+    kdi_sb_json_canon_real(&b, r->cost);
+    kdi_sb_lit(&b, ",\"cache_hit\":");
+    kdi_sb_puts(&b, r->cache_hit ? "true" : "false");
+    kdi_sb_lit(&b, ",\"ledger_line\":");
     if (r->ledger_line > 0)
-        kd_sb_json_int(&b, r->ledger_line);
+        kdi_sb_json_int(&b, r->ledger_line);
     else
-        kd_sb_lit(&b, "null");
-    kd_sb_lit(&b, ",\"error\":");
-    kd_sb_json_cstr(&b, r->status == KD_MIX_ST_FAILED ? (r->error ? r->error : "unknown")
+        kdi_sb_lit(&b, "null");
+    kdi_sb_lit(&b, ",\"error\":");
+    kdi_sb_json_cstr(&b, r->status == KD_MIX_ST_FAILED ? (r->error ? r->error : "unknown")
                                                       : NULL);
-    kd_sb_putc(&b, '}');
+    kdi_sb_putc(&b, '}');
     if (bad) {
-        kd_sb_free(&b);
+        kdi_sb_free(&b);
         return kd_err_set(e, KD_EINVAL, "mix row %lld: a text field is not valid UTF-8",
                           (long long)r->index);
     }
-    if (kd_sb_error(&b)) {
-        int code = kd_sb_error(&b);
-        kd_sb_free(&b);
+    if (kdi_sb_error(&b)) {
+        int code = kdi_sb_error(&b);
+        kdi_sb_free(&b);
         return kd_err_set(e, code, "mix row %lld: longer than %u bytes or out of memory",
                           (long long)r->index, KD_MIX_ROW_MAX);
     }
     *len = b.len;
-    *out = kd_sb_take(&b);
+    *out = kdi_sb_take(&b);
     return KD_OK;
 }
 
@@ -232,7 +232,7 @@ static const char *check_row(json_t *o, int64_t *index, int *status)
         return "\"index\" is not an integer >= 0";
     *index = json_integer_value(v);
     v = json_object_get(o, "status");
-    int st = json_is_string(v) ? kd_mix_status_code(json_string_value(v)) : KD_MIX_ST_NONE;
+    int st = json_is_string(v) ? kdi_mix_status_code(json_string_value(v)) : KD_MIX_ST_NONE;
     if (st == KD_MIX_ST_NONE)
         return "\"status\" is not ok, refused, failed or skipped";
     *status = st;
@@ -296,7 +296,7 @@ static const char *check_row(json_t *o, int64_t *index, int *status)
     return NULL;
 }
 
-int kd_mix_row_parse(const char *line, size_t len, int64_t expect_index, const char *where,
+int kdi_mix_row_parse(const char *line, size_t len, int64_t expect_index, const char *where,
                      json_t **tree, int64_t *index, int *status, kd_err *e)
 {
     json_error_t je;
@@ -330,5 +330,5 @@ int kd_mix_row_parse(const char *line, size_t len, int64_t expect_index, const c
 int kd_mix_row_validate(const char *line, size_t len, int64_t expect_index, const char *where,
                         int64_t *index, int *status, kd_err *e)
 {
-    return kd_mix_row_parse(line, len, expect_index, where, NULL, index, status, e);
+    return kdi_mix_row_parse(line, len, expect_index, where, NULL, index, status, e);
 }

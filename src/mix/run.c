@@ -57,7 +57,7 @@ typedef struct kmap {
 
 static uint64_t khash(const char *k)
 {
-    return kd_mix_fnv1a(k, 16) * 0x9e3779b97f4a7c15ull;
+    return kdi_mix_fnv1a(k, 16) * 0x9e3779b97f4a7c15ull;
 }
 
 static int kmap_put(kmap *m, const char *key, int64_t line, double cost)
@@ -346,7 +346,7 @@ static int load_config(const kd_mix_opts *o, mixcfg *c, kd_err *e)
             c->progress_every_s = json_number_value(v);
         }
     }
-    rc = kd_mix_prompts_format(c->prompt_format, o->prompts_path, &c->jsonl, e);
+    rc = kdi_mix_prompts_format(c->prompt_format, o->prompts_path, &c->jsonl, e);
     if (rc != KD_OK)
         goto out;
     if (c->kd_rows && (!c->params.logprobs || c->params.top_logprobs < 1)) {
@@ -425,23 +425,23 @@ static void put_lp_real(kd_sb *b, double v)
 {
     if (!isfinite(v))
         v = KD_TEACHER_LOGPROB_FLOOR;
-    kd_sb_json_canon_real(b, v);
+    kdi_sb_json_canon_real(b, v);
 }
 
 static void put_tok(kd_sb *b, const char *tok, const unsigned char *bytes, size_t nb, double lp)
 {
-    kd_sb_lit(b, "{\"token\":");
-    kd_sb_json_cstr(b, tok ? tok : "");
-    kd_sb_lit(b, ",\"bytes\":");
+    kdi_sb_lit(b, "{\"token\":");
+    kdi_sb_json_cstr(b, tok ? tok : "");
+    kdi_sb_lit(b, ",\"bytes\":");
     if (bytes) {
-        kd_sb_putc(b, '[');
+        kdi_sb_putc(b, '[');
         for (size_t i = 0; i < nb; i++)
-            kd_sb_printf(b, i ? ",%u" : "%u", bytes[i]);
-        kd_sb_putc(b, ']');
+            kdi_sb_printf(b, i ? ",%u" : "%u", bytes[i]);
+        kdi_sb_putc(b, ']');
     } else {
-        kd_sb_lit(b, "null");
+        kdi_sb_lit(b, "null");
     }
-    kd_sb_lit(b, ",\"logprob\":");
+    kdi_sb_lit(b, ",\"logprob\":");
     put_lp_real(b, lp);
 }
 
@@ -451,28 +451,28 @@ static char *logprobs_json(const kd_teacher_result *r)
     if (!r->tokens)
         return NULL;
     kd_sb b;
-    kd_sb_init(&b, KD_MIX_ROW_MAX);
-    kd_sb_putc(&b, '[');
+    kdi_sb_init(&b, KD_MIX_ROW_MAX);
+    kdi_sb_putc(&b, '[');
     for (size_t i = 0; i < r->ntokens; i++) {
         const kd_teacher_token *t = &r->tokens[i];
         if (i)
-            kd_sb_putc(&b, ',');
+            kdi_sb_putc(&b, ',');
         put_tok(&b, t->token, t->bytes, t->nbytes, t->logprob);
-        kd_sb_lit(&b, ",\"top_logprobs\":[");
+        kdi_sb_lit(&b, ",\"top_logprobs\":[");
         for (size_t k = 0; k < t->ntop; k++) {
             if (k)
-                kd_sb_putc(&b, ',');
+                kdi_sb_putc(&b, ',');
             put_tok(&b, t->top[k].token, t->top[k].bytes, t->top[k].nbytes, t->top[k].logprob);
-            kd_sb_putc(&b, '}');
+            kdi_sb_putc(&b, '}');
         }
-        kd_sb_lit(&b, "]}");
+        kdi_sb_lit(&b, "]}");
     }
-    kd_sb_putc(&b, ']');
-    if (kd_sb_error(&b)) {
-        kd_sb_free(&b);
+    kdi_sb_putc(&b, ']');
+    if (kdi_sb_error(&b)) {
+        kdi_sb_free(&b);
         return NULL;
     }
-    return kd_sb_take(&b);
+    return kdi_sb_take(&b);
 }
 
 /* What the row takes from the body: exact text (NUL bytes kept), refusal,
@@ -645,7 +645,7 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
     memset(&prev, 0, sizeof prev);
     int have_prev = 0;
     runstate s = {.o = o, .c = &c, .r = r};
-    rc = kd_mix_prompts_hash(o->prompts_path, psha, &total, &psize, e);
+    rc = kdi_mix_prompts_hash(o->prompts_path, psha, &total, &psize, e);
     if (rc != KD_OK)
         goto out;
     r->total = total;
@@ -694,12 +694,12 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
 
     /* Every prompt line is checked before anything is paid. */
     if (!have_prev || !prev.prompts_validated) {
-        rc = kd_mix_prompts_open(&pf, o->prompts_path, c.jsonl, e);
+        rc = kdi_mix_prompts_open(&pf, o->prompts_path, c.jsonl, e);
         double bytes = 0, msgs = 0;
         int64_t n = 0;
         while (rc == KD_OK) {
             kd_mix_prompt q;
-            int k = kd_mix_prompts_next(pf, &q, e);
+            int k = kdi_mix_prompts_next(pf, &q, e);
             if (k <= 0) {
                 rc = k;
                 break;
@@ -711,9 +711,9 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
             bytes += (double)q.text_len;
             msgs += (double)q.nmsg;
             n++;
-            kd_mix_prompt_clear(&q);
+            kdi_mix_prompt_clear(&q);
         }
-        kd_mix_prompts_close(pf);
+        kdi_mix_prompts_close(pf);
         pf = NULL;
         if (rc != KD_OK)
             goto out;
@@ -745,11 +745,11 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
                 s.paid_cost = prev.x.paid_cost;
             }
         }
-        rc = kd_mix_prompts_open(&pf, o->prompts_path, c.jsonl, e);
+        rc = kdi_mix_prompts_open(&pf, o->prompts_path, c.jsonl, e);
         double ein = 0, eout = 0, exp = 0, worst = 0;
         while (rc == KD_OK) {
             kd_mix_prompt q;
-            int k = kd_mix_prompts_next(pf, &q, e);
+            int k = kdi_mix_prompts_next(pf, &q, e);
             if (k <= 0) {
                 rc = k;
                 break;
@@ -767,7 +767,7 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
                     worst += w1;
                 }
             }
-            kd_mix_prompt_clear(&q);
+            kdi_mix_prompt_clear(&q);
         }
         free(dry_st);
         if (rc != KD_OK)
@@ -851,9 +851,9 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
     uint64_t resume_off = wi.resumed ? wi.prev.prompts_offset : 0;
     if (resume_off > psize)
         resume_index = 0, resume_off = 0;
-    rc = kd_mix_prompts_open(&pf, o->prompts_path, c.jsonl, e);
+    rc = kdi_mix_prompts_open(&pf, o->prompts_path, c.jsonl, e);
     if (rc == KD_OK && !o->retry_failed && resume_off > 0)
-        rc = kd_mix_prompts_seek(pf, resume_off, resume_index, e);
+        rc = kdi_mix_prompts_seek(pf, resume_off, resume_index, e);
     if (rc != KD_OK)
         goto out;
 
@@ -929,19 +929,19 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
             want = o->limit - s.written;
         while (ns < (size_t)want) {
             kd_mix_prompt q;
-            int k = kd_mix_prompts_next(pf, &q, e);
+            int k = kdi_mix_prompts_next(pf, &q, e);
             if (k < 0) {
                 rc = k;
                 goto out;
             }
             if (k == 0 || q.index >= total) {
-                kd_mix_prompt_clear(&q);
+                kdi_mix_prompt_clear(&q);
                 eof = 1;
                 break;
             }
             int st = kd_mix_writer_status(w, q.index);
             if (!(st == KD_MIX_ST_NONE || (st == KD_MIX_ST_FAILED && o->retry_failed))) {
-                kd_mix_prompt_clear(&q);
+                kdi_mix_prompt_clear(&q);
                 continue;
             }
             slot *sl = &slots[ns++];
@@ -1090,7 +1090,7 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
         for (size_t i = 0; i < ns; i++) {
             if (slots[i].u < 0 && rc == KD_OK)
                 s.written++;
-            kd_mix_prompt_clear(&slots[i].q);
+            kdi_mix_prompt_clear(&slots[i].q);
         }
         if (rc != KD_OK)
             goto out;
@@ -1107,7 +1107,7 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
             resume_index = batch_missing;
             resume_off = missing_off;
         } else {
-            resume_off = kd_mix_prompts_tell(pf, &resume_index);
+            resume_off = kdi_mix_prompts_tell(pf, &resume_index);
         }
         /* A reservation can fail only because others were in flight: while
            a batch still paid for answers, go on from its first refused
@@ -1118,7 +1118,7 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
             !(o->stop && *o->stop)) {
             budget_hit = 0;
             stopmsg[0] = '\0';
-            rc = kd_mix_prompts_seek(pf, missing_off, batch_missing, e);
+            rc = kdi_mix_prompts_seek(pf, missing_off, batch_missing, e);
             if (rc != KD_OK)
                 goto out;
             eof = 0;
@@ -1210,14 +1210,14 @@ int kd_mix_run(const kd_mix_opts *o, kd_mix_report *r, kd_err *e)
 out:
     if (slots)
         for (size_t i = 0; i < c.batch; i++)
-            kd_mix_prompt_clear(&slots[i].q);
+            kdi_mix_prompt_clear(&slots[i].q);
     free(slots);
     free(ureq);
     free(ures);
     free(uslot);
     free(batch_map.e);
     free(rec_map.e);
-    kd_mix_prompts_close(pf);
+    kdi_mix_prompts_close(pf);
     if (w) {
         kd_err we;
         int wrc = kd_mix_writer_close(w, &we);

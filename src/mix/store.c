@@ -67,7 +67,7 @@ static uint64_t get_u64(const unsigned char *b)
     return v;
 }
 
-void kd_mix_idx_header(unsigned char h[KD_MIX_IDX_HEADER])
+void kdi_mix_idx_header(unsigned char h[KD_MIX_IDX_HEADER])
 {
     memset(h, 0, KD_MIX_IDX_HEADER);
     memcpy(h, KD_MIX_IDX_MAGIC, 8);
@@ -75,7 +75,7 @@ void kd_mix_idx_header(unsigned char h[KD_MIX_IDX_HEADER])
     put_u32(h + 12, KD_MIX_IDX_ENTRY);
 }
 
-int kd_mix_idx_check_header(const unsigned char *h, size_t n, const char *path, kd_err *e)
+int kdi_mix_idx_check_header(const unsigned char *h, size_t n, const char *path, kd_err *e)
 {
     if (n < KD_MIX_IDX_HEADER || memcmp(h, KD_MIX_IDX_MAGIC, 8) != 0)
         return kd_err_set(e, KD_ECORRUPT, "%s: not a kdkit mix index (bad header)", path);
@@ -86,7 +86,7 @@ int kd_mix_idx_check_header(const unsigned char *h, size_t n, const char *path, 
     return KD_OK;
 }
 
-int kd_mix_idx_read_header(int fd, const char *path, int *empty, kd_err *e)
+int kdi_mix_idx_read_header(int fd, const char *path, int *empty, kd_err *e)
 {
     unsigned char h[KD_MIX_IDX_HEADER];
     ssize_t n = pread(fd, h, sizeof h, 0);
@@ -95,10 +95,10 @@ int kd_mix_idx_read_header(int fd, const char *path, int *empty, kd_err *e)
         if (n == 0)
             return KD_OK;
     }
-    return kd_mix_idx_check_header(h, n < 0 ? 0 : (size_t)n, path, e);
+    return kdi_mix_idx_check_header(h, n < 0 ? 0 : (size_t)n, path, e);
 }
 
-int kd_mix_idx_read_entry(int fd, int64_t index, uint64_t *off1, uint32_t *len, uint32_t *sum)
+int kdi_mix_idx_read_entry(int fd, int64_t index, uint64_t *off1, uint32_t *len, uint32_t *sum)
 {
     unsigned char b[KD_MIX_IDX_ENTRY];
     off_t at = (off_t)(KD_MIX_IDX_HEADER + (uint64_t)index * KD_MIX_IDX_ENTRY);
@@ -107,11 +107,11 @@ int kd_mix_idx_read_entry(int fd, int64_t index, uint64_t *off1, uint32_t *len, 
         return -1;
     if (n != (ssize_t)sizeof b)
         return 0;
-    kd_mix_idx_entry_decode(b, off1, len, sum);
+    kdi_mix_idx_entry_decode(b, off1, len, sum);
     return 1;
 }
 
-char *kd_mix_path(const char *dir, const char *name)
+char *kdi_mix_path(const char *dir, const char *name)
 {
     size_t n = strlen(dir) + strlen(name) + 2;
     char *p = malloc(n);
@@ -120,7 +120,7 @@ char *kd_mix_path(const char *dir, const char *name)
     return p;
 }
 
-void kd_mix_idx_entry_encode(unsigned char b[KD_MIX_IDX_ENTRY], uint64_t off, uint32_t len,
+void kdi_mix_idx_entry_encode(unsigned char b[KD_MIX_IDX_ENTRY], uint64_t off, uint32_t len,
                              uint32_t sum)
 {
     put_u64(b, off + 1);
@@ -128,7 +128,7 @@ void kd_mix_idx_entry_encode(unsigned char b[KD_MIX_IDX_ENTRY], uint64_t off, ui
     put_u32(b + 12, sum);
 }
 
-void kd_mix_idx_entry_decode(const unsigned char b[KD_MIX_IDX_ENTRY], uint64_t *off1,
+void kdi_mix_idx_entry_decode(const unsigned char b[KD_MIX_IDX_ENTRY], uint64_t *off1,
                              uint32_t *len, uint32_t *sum)
 {
     *off1 = get_u64(b);
@@ -221,7 +221,7 @@ static const char *parse_ranges(json_t *a, int64_t total, int64_t **out, size_t 
     return NULL;
 }
 
-int kd_mix_ranges_cover(const int64_t *r, size_t n, int64_t i)
+int kdi_mix_ranges_cover(const int64_t *r, size_t n, int64_t i)
 {
     size_t lo = 0, hi = n;
     while (lo < hi) {
@@ -312,8 +312,8 @@ int kd_mix_progress_parse(const char *text, size_t len, const char *where, kd_mi
         size_t ns[] = {p->nfailed, p->nrefused, p->nskipped};
         for (int k = 0; k < 3; k++)
             for (size_t i = 0; i < ns[k]; i++)
-                if (!kd_mix_ranges_cover(p->ranges, p->nranges, rs[k][2 * i]) ||
-                    !kd_mix_ranges_cover(p->ranges, p->nranges, rs[k][2 * i + 1])) {
+                if (!kdi_mix_ranges_cover(p->ranges, p->nranges, rs[k][2 * i]) ||
+                    !kdi_mix_ranges_cover(p->ranges, p->nranges, rs[k][2 * i + 1])) {
                     bad = "status ranges name indices without a row";
                     goto out;
                 }
@@ -409,7 +409,7 @@ static int idx_put(kd_mix_writer *w, int64_t index, uint64_t off, uint32_t len, 
                    kd_err *e)
 {
     unsigned char b[KD_MIX_IDX_ENTRY];
-    kd_mix_idx_entry_encode(b, off, len, sum);
+    kdi_mix_idx_entry_encode(b, off, len, sum);
     off_t at = (off_t)(KD_MIX_IDX_HEADER + (uint64_t)index * KD_MIX_IDX_ENTRY);
     ssize_t n = pwrite(w->idx_fd, b, sizeof b, at);
     if (n != (ssize_t)sizeof b)
@@ -422,8 +422,8 @@ static int progress_json(kd_mix_writer *w, const kd_mix_progress_extra *x, int v
                          char **out, size_t *len)
 {
     kd_sb b;
-    kd_sb_init(&b, KD_MIX_PROGRESS_MAX);
-    kd_sb_printf(&b, "{\"format\":\"kdkit-mix-progress\",\"version\":1,\"identity\":\"%s\","
+    kdi_sb_init(&b, KD_MIX_PROGRESS_MAX);
+    kdi_sb_printf(&b, "{\"format\":\"kdkit-mix-progress\",\"version\":1,\"identity\":\"%s\","
                      "\"config_hash\":\"%s\",\"prompts_sha256\":\"%s\","
                      "\"prompts_validated\":%s,\"total\":%lld,\"completed\":%lld,",
                  w->identity, w->config_hash, w->prompts_sha, validated ? "true" : "false",
@@ -432,7 +432,7 @@ static int progress_json(kd_mix_writer *w, const kd_mix_progress_extra *x, int v
                                         "],\"refused_ranges\":[", "],\"skipped_ranges\":["};
     static const int which[] = {0, KD_MIX_ST_FAILED, KD_MIX_ST_REFUSED, KD_MIX_ST_SKIPPED};
     for (int pass = 0; pass < 4; pass++) {
-        kd_sb_puts(&b, names[pass]);
+        kdi_sb_puts(&b, names[pass]);
         int64_t lo = -1;
         int first = 1;
         for (int64_t i = 0; i <= w->total; i++) {
@@ -441,49 +441,49 @@ static int progress_json(kd_mix_writer *w, const kd_mix_progress_extra *x, int v
             if (in && lo < 0)
                 lo = i;
             if (!in && lo >= 0) {
-                kd_sb_printf(&b, "%s[%lld,%lld]", first ? "" : ",", (long long)lo,
+                kdi_sb_printf(&b, "%s[%lld,%lld]", first ? "" : ",", (long long)lo,
                              (long long)(i - 1));
                 first = 0;
                 lo = -1;
             }
         }
     }
-    kd_sb_printf(&b, "],\"counts\":{\"ok\":%lld,\"refused\":%lld,\"failed\":%lld,"
+    kdi_sb_printf(&b, "],\"counts\":{\"ok\":%lld,\"refused\":%lld,\"failed\":%lld,"
                      "\"skipped\":%lld},\"mix_bytes\":%llu,\"mix_rows\":%lld,"
                      "\"cache_hits\":%lld,\"paid_rows\":%lld,\"paid_cost\":",
                  (long long)w->counts[1], (long long)w->counts[2], (long long)w->counts[3],
                  (long long)w->counts[4], (unsigned long long)kd_jsonl_size(w->j),
                  (long long)w->rows, (long long)x->cache_hits, (long long)x->paid_rows);
-    kd_sb_json_double(&b, x->paid_cost);
-    kd_sb_lit(&b, ",\"spent\":");
-    kd_sb_json_double(&b, x->spent);
-    kd_sb_lit(&b, ",\"reserved\":");
-    kd_sb_json_double(&b, x->reserved);
-    kd_sb_lit(&b, ",\"budget\":");
-    kd_sb_json_double(&b, x->budget < 0 ? NAN : x->budget);
-    kd_sb_lit(&b, ",\"projected_rest\":{\"expected\":");
-    kd_sb_json_double(&b, x->rest_expected < 0 ? NAN : x->rest_expected);
-    kd_sb_lit(&b, ",\"worst\":");
-    kd_sb_json_double(&b, x->rest_worst < 0 ? NAN : x->rest_worst);
-    kd_sb_lit(&b, "},\"rate\":");
-    kd_sb_json_double(&b, x->rate < 0 ? NAN : x->rate);
-    kd_sb_lit(&b, ",\"eta_s\":");
-    kd_sb_json_double(&b, x->eta_s < 0 ? NAN : x->eta_s);
-    kd_sb_printf(&b, ",\"ledger_bytes\":%llu,\"ledger_lines\":%lld,\"resume_index\":%lld,"
+    kdi_sb_json_double(&b, x->paid_cost);
+    kdi_sb_lit(&b, ",\"spent\":");
+    kdi_sb_json_double(&b, x->spent);
+    kdi_sb_lit(&b, ",\"reserved\":");
+    kdi_sb_json_double(&b, x->reserved);
+    kdi_sb_lit(&b, ",\"budget\":");
+    kdi_sb_json_double(&b, x->budget < 0 ? NAN : x->budget);
+    kdi_sb_lit(&b, ",\"projected_rest\":{\"expected\":");
+    kdi_sb_json_double(&b, x->rest_expected < 0 ? NAN : x->rest_expected);
+    kdi_sb_lit(&b, ",\"worst\":");
+    kdi_sb_json_double(&b, x->rest_worst < 0 ? NAN : x->rest_worst);
+    kdi_sb_lit(&b, "},\"rate\":");
+    kdi_sb_json_double(&b, x->rate < 0 ? NAN : x->rate);
+    kdi_sb_lit(&b, ",\"eta_s\":");
+    kdi_sb_json_double(&b, x->eta_s < 0 ? NAN : x->eta_s);
+    kdi_sb_printf(&b, ",\"ledger_bytes\":%llu,\"ledger_lines\":%lld,\"resume_index\":%lld,"
                      "\"prompts_offset\":%llu,\"state\":",
                  (unsigned long long)x->ledger_bytes, (long long)x->ledger_lines,
                  (long long)x->resume_index, (unsigned long long)x->prompts_offset);
-    kd_sb_json_cstr(&b, x->state ? x->state : "running");
-    kd_sb_lit(&b, ",\"updated_at\":");
-    kd_sb_json_double(&b, kd_now());
-    kd_sb_lit(&b, "}\n");
-    if (kd_sb_error(&b)) {
-        int code = kd_sb_error(&b);
-        kd_sb_free(&b);
+    kdi_sb_json_cstr(&b, x->state ? x->state : "running");
+    kdi_sb_lit(&b, ",\"updated_at\":");
+    kdi_sb_json_double(&b, kd_now());
+    kdi_sb_lit(&b, "}\n");
+    if (kdi_sb_error(&b)) {
+        int code = kdi_sb_error(&b);
+        kdi_sb_free(&b);
         return code;
     }
     *len = b.len;
-    *out = kd_sb_take(&b);
+    *out = kdi_sb_take(&b);
     return KD_OK;
 }
 
@@ -533,7 +533,7 @@ static int rescan(kd_mix_writer *w, uint64_t from, int64_t rows, int64_t *nscann
                             (long long)index, (long long)w->total);
             break;
         }
-        rc = idx_put(w, index, off, (uint32_t)len, kd_mix_fnv1a(line, len), e);
+        rc = idx_put(w, index, off, (uint32_t)len, kdi_mix_fnv1a(line, len), e);
         if (rc != KD_OK)
             break;
         apply(w, index, st);
@@ -550,10 +550,10 @@ static int open_idx(kd_mix_writer *w, kd_err *e)
     if (w->idx_fd < 0)
         return kd_err_sys(e, KD_EIO, errno, "%s: cannot open", w->idx_path);
     int empty = 0;
-    int rc = kd_mix_idx_read_header(w->idx_fd, w->idx_path, &empty, e);
+    int rc = kdi_mix_idx_read_header(w->idx_fd, w->idx_path, &empty, e);
     if (rc == KD_OK && empty) {
         unsigned char h[KD_MIX_IDX_HEADER];
-        kd_mix_idx_header(h);
+        kdi_mix_idx_header(h);
         if (pwrite(w->idx_fd, h, sizeof h, 0) != (ssize_t)sizeof h || fdatasync(w->idx_fd))
             return kd_err_sys(e, KD_EIO, errno, "%s: cannot write the header", w->idx_path);
         return kd_fsync_dir(w->dir, e);
@@ -589,9 +589,9 @@ int kd_mix_writer_open(kd_mix_writer **out, const char *dir, const char *config_
         return kd_err_set(e, KD_ENOMEM, "kd_mix_writer_open: cannot compute the identity");
     }
     w->dir = strdup(dir);
-    w->rows_path = kd_mix_path(dir, KD_MIX_ROWS_FILE);
-    w->idx_path = kd_mix_path(dir, KD_MIX_INDEX_FILE);
-    w->prog_path = kd_mix_path(dir, KD_MIX_PROGRESS_FILE);
+    w->rows_path = kdi_mix_path(dir, KD_MIX_ROWS_FILE);
+    w->idx_path = kdi_mix_path(dir, KD_MIX_INDEX_FILE);
+    w->prog_path = kdi_mix_path(dir, KD_MIX_PROGRESS_FILE);
     w->st = calloc((size_t)(total / 2 + 1), 1);
     int rc = KD_OK;
     kd_mix_progress p;
@@ -744,7 +744,7 @@ int kd_mix_writer_append(kd_mix_writer *w, const kd_mix_row_in *r, kd_err *e)
     rc = kd_jsonl_append(w->j, line, len, e);
     if (rc == KD_OK)
         w->pend[w->npend++] = (pending){.index = r->index, .off = off, .len = (uint32_t)len,
-                                        .sum = kd_mix_fnv1a(line, len), .status = r->status};
+                                        .sum = kdi_mix_fnv1a(line, len), .status = r->status};
     free(line);
     return rc;
 }

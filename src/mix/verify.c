@@ -156,7 +156,7 @@ int kd_mix_verify(const char *dir, kd_verify_report_fn cb, void *ctx, kd_err *e)
     int ifd = open(ipath, O_RDONLY | O_CLOEXEC);
     int rfd = open(rpath, O_RDONLY | O_CLOEXEC);
     kd_err he;
-    if (ifd < 0 || kd_mix_idx_read_header(ifd, ipath, NULL, &he) != KD_OK) {
+    if (ifd < 0 || kdi_mix_idx_read_header(ifd, ipath, NULL, &he) != KD_OK) {
         snprintf(what, sizeof what, "%s", ifd < 0 ? "mix.idx is missing" : he.msg);
         report(&v, KD_MIX_INDEX_FILE, 0, KD_ECORRUPT, what,
                "move mix.idx aside; the reader needs it, and kdkit mix rebuilds it only for "
@@ -167,7 +167,7 @@ int kd_mix_verify(const char *dir, kd_verify_report_fn cb, void *ctx, kd_err *e)
         for (int64_t i = 0; i < p.total && !v.stop; i++) {
             uint64_t off1;
             uint32_t l, sum;
-            if (kd_mix_idx_read_entry(ifd, i, &off1, &l, &sum) != 1)
+            if (kdi_mix_idx_read_entry(ifd, i, &off1, &l, &sum) != 1)
                 break; /* the rest has no entries */
             if (off1 == 0)
                 continue;
@@ -185,7 +185,7 @@ int kd_mix_verify(const char *dir, kd_verify_report_fn cb, void *ctx, kd_err *e)
                 ssize_t got = pread(rfd, row, (size_t)l + 1, (off_t)(off1 - 1));
                 int64_t idx = -1;
                 kd_err re;
-                if (got != (ssize_t)l + 1 || row[l] != '\n' || kd_mix_fnv1a(row, l) != sum)
+                if (got != (ssize_t)l + 1 || row[l] != '\n' || kdi_mix_fnv1a(row, l) != sum)
                     bad = "no whole row with that checksum at its offset";
                 else if (kd_mix_row_validate(row, l, i, "row", &idx, NULL, &re) != KD_OK)
                     bad = "a row that is invalid or of another index";

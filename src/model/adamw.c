@@ -16,7 +16,7 @@
 
 #include "kdkit/model.h"
 
-__attribute__((visibility("hidden"))) int kd_gpt__load_matching(
+__attribute__((visibility("hidden"))) int kdi_gpt__load_matching(
     const kd_tensor_view *want, size_t n_want, const kd_tensor_view *v, size_t n,
     const char *prefix, int own_prefix, kd_err *e);
 
@@ -264,7 +264,7 @@ int kd_adamw_load_views(kd_adamw *o, const kd_tensor_view *v, size_t n, kd_err *
     for (size_t i = 0; i < n; i++)
         if ((int)i != si)
             rest[nr++] = v[i];
-    int rc = kd_gpt__load_matching(o->views + 1, o->n_views - 1, rest, nr, "opt.", 1, e);
+    int rc = kdi_gpt__load_matching(o->views + 1, o->n_views - 1, rest, nr, "opt.", 1, e);
     free(rest);
     if (rc == KD_OK)
         o->t = t;

@@ -1024,10 +1024,10 @@ static int check_view(const kd_tensor_view *want, const kd_tensor_view *got, kd_
  * every `want` must be present and match; names in `v` whose "starts with
  * prefix" equals own_prefix must all be wanted, others are someone else's.
  * Copies only after every check passed, so a failed load changes nothing. */
-__attribute__((visibility("hidden"))) int kd_gpt__load_matching(
+__attribute__((visibility("hidden"))) int kdi_gpt__load_matching(
     const kd_tensor_view *want, size_t n_want, const kd_tensor_view *v, size_t n,
     const char *prefix, int own_prefix, kd_err *e);
-int kd_gpt__load_matching(const kd_tensor_view *want, size_t n_want, const kd_tensor_view *v,
+int kdi_gpt__load_matching(const kd_tensor_view *want, size_t n_want, const kd_tensor_view *v,
                           size_t n, const char *prefix, int own_prefix, kd_err *e)
 {
     size_t plen = strlen(prefix);
@@ -1067,7 +1067,7 @@ int kd_gpt_load_views(kd_gpt *m, const kd_tensor_view *v, size_t n, kd_err *e)
     for (size_t i = 0; i < n; i++)
         if (!v[i].name || strncmp(v[i].name, "distill.", 8) != 0)
             own[no++] = v[i];
-    int rc = kd_gpt__load_matching(m->pviews, m->n_tensors, own, no, "opt.", 0, e);
+    int rc = kdi_gpt__load_matching(m->pviews, m->n_tensors, own, no, "opt.", 0, e);
     free(own);
     return rc;
 }

@@ -288,7 +288,7 @@ static int backend_generate(kd_serve *s, const kd_serve_gen_params *p, kd_serve_
     return rc;
 }
 
-enum MHD_Result kd_srv_do_generate(kd_serve *s, struct MHD_Connection *c, json_t *j, int chat,
+enum MHD_Result kdi_srv_do_generate(kd_serve *s, struct MHD_Connection *c, json_t *j, int chat,
                                    kd_serve_fault fault, uint64_t seqno)
 {
     char msg[512];
@@ -332,10 +332,10 @@ enum MHD_Result kd_srv_do_generate(kd_serve *s, struct MHD_Connection *c, json_t
        twice.  About 90 bytes per alternative of each token (more per chunk
        when streaming). */
     kd_sb out;
-    kd_sb_init(&out, KD_SERVE_RESPONSE_MAX);
+    kdi_sb_init(&out, KD_SERVE_RESPONSE_MAX);
     size_t k = g.want_logprobs ? (size_t)g.p.top_logprobs + 2 : 0;
     size_t per_tok = (g.stream ? 260 + strlen(s->be.name) * 6 : 8) + k * (g.chat ? 90 : 150);
-    (void)kd_sb_reserve(&out, 512 + strlen(s->be.name) * 6 +
+    (void)kdi_sb_reserve(&out, 512 + strlen(s->be.name) * 6 +
                                   nprompts * (size_t)g.n * (size_t)g.p.max_tokens * per_tok);
     char id[80];
     snprintf(id, sizeof id, "%s-kdkit-%s-%llu", chat ? "chatcmpl" : "cmpl", s->id_prefix,
@@ -343,8 +343,8 @@ enum MHD_Result kd_srv_do_generate(kd_serve *s, struct MHD_Connection *c, json_t
     long long created = (long long)time(NULL);
     const char *object = chat ? "chat.completion" : "text_completion";
     if (!g.stream) {
-        kd_srv_jb_head(&out, s, id, object, created);
-        kd_sb_lit(&out, ",\"choices\":[");
+        kdi_srv_jb_head(&out, s, id, object, created);
+        kdi_sb_lit(&out, ",\"choices\":[");
     }
     int64_t ptok = 0, ctok = 0;
     int rc = KD_OK;
@@ -373,62 +373,62 @@ enum MHD_Result kd_srv_do_generate(kd_serve *s, struct MHD_Connection *c, json_t
                 ptok += r.prompt_tokens;
             ctok += r.completion_tokens;
             if (g.stream) {
-                kd_srv_sse_choice(&out, s, &g, id, created, index, &r);
+                kdi_srv_sse_choice(&out, s, &g, id, created, index, &r);
                 kd_serve_gen_result_free(&r);
                 continue;
             }
             if (index)
-                kd_sb_lit(&out, ",");
-            kd_sb_lit(&out, "{\"index\":");
-            kd_sb_json_int(&out, index);
+                kdi_sb_lit(&out, ",");
+            kdi_sb_lit(&out, "{\"index\":");
+            kdi_sb_json_int(&out, index);
             if (chat) {
-                kd_sb_lit(&out, ",\"message\":{\"role\":\"assistant\",\"content\":");
-                kd_srv_jb_text(&out, r.text, r.text_len);
-                kd_sb_lit(&out, ",\"refusal\":null},\"logprobs\":");
+                kdi_sb_lit(&out, ",\"message\":{\"role\":\"assistant\",\"content\":");
+                kdi_srv_jb_text(&out, r.text, r.text_len);
+                kdi_sb_lit(&out, ",\"refusal\":null},\"logprobs\":");
             } else {
-                kd_sb_lit(&out, ",\"text\":");
-                kd_srv_jb_text(&out, r.text, r.text_len);
-                kd_sb_lit(&out, ",\"logprobs\":");
+                kdi_sb_lit(&out, ",\"text\":");
+                kdi_srv_jb_text(&out, r.text, r.text_len);
+                kdi_sb_lit(&out, ",\"logprobs\":");
             }
             if (!g.want_logprobs) {
-                kd_sb_lit(&out, "null");
+                kdi_sb_lit(&out, "null");
             } else if (chat) {
-                kd_sb_lit(&out, "{\"content\":");
-                kd_srv_jb_content_logprobs(&out, &r, g.p.top_logprobs);
-                kd_sb_lit(&out, ",\"refusal\":null}");
+                kdi_sb_lit(&out, "{\"content\":");
+                kdi_srv_jb_content_logprobs(&out, &r, g.p.top_logprobs);
+                kdi_sb_lit(&out, ",\"refusal\":null}");
             } else {
-                kd_srv_jb_legacy_logprobs(&out, &r, g.p.top_logprobs);
+                kdi_srv_jb_legacy_logprobs(&out, &r, g.p.top_logprobs);
             }
             if (r.stopped)
-                kd_sb_lit(&out, ",\"finish_reason\":\"stop\"}");
+                kdi_sb_lit(&out, ",\"finish_reason\":\"stop\"}");
             else
-                kd_sb_lit(&out, ",\"finish_reason\":\"length\"}");
+                kdi_sb_lit(&out, ",\"finish_reason\":\"length\"}");
             kd_serve_gen_result_free(&r);
         }
     }
     free(g.prompt_owned);
     if (rc != KD_OK) {
-        kd_sb_free(&out);
+        kdi_sb_free(&out);
         return send_error(s, c, 500, "server_error", NULL, NULL, "generation failed: %s", e.msg);
     }
     if (g.stream) {
         if (g.include_usage) {
             /* The last chunk: no choices, the usage of the whole request. */
-            kd_sb_lit(&out, "data: ");
-            kd_srv_jb_head(&out, s, id, chat ? "chat.completion.chunk" : "text_completion",
+            kdi_sb_lit(&out, "data: ");
+            kdi_srv_jb_head(&out, s, id, chat ? "chat.completion.chunk" : "text_completion",
                            created);
-            kd_sb_lit(&out, ",\"choices\":[],\"usage\":");
-            kd_srv_jb_usage(&out, ptok, ctok);
-            kd_sb_lit(&out, "}\n\n");
+            kdi_sb_lit(&out, ",\"choices\":[],\"usage\":");
+            kdi_srv_jb_usage(&out, ptok, ctok);
+            kdi_sb_lit(&out, "}\n\n");
         }
-        kd_sb_lit(&out, "data: [DONE]\n\n");
+        kdi_sb_lit(&out, "data: [DONE]\n\n");
     } else {
-        kd_sb_lit(&out, "],\"usage\":");
-        kd_srv_jb_usage(&out, ptok, ctok);
-        kd_sb_lit(&out, "}");
+        kdi_sb_lit(&out, "],\"usage\":");
+        kdi_srv_jb_usage(&out, ptok, ctok);
+        kdi_sb_lit(&out, "}");
     }
-    if (kd_sb_error(&out)) {
-        kd_sb_free(&out);
+    if (kdi_sb_error(&out)) {
+        kdi_sb_free(&out);
         return MHD_NO;
     }
     if (fault == KD_SERVE_FAULT_NONE || fault == KD_SERVE_FAULT_STALL) {
@@ -436,9 +436,9 @@ enum MHD_Result kd_srv_do_generate(kd_serve *s, struct MHD_Connection *c, json_t
         s->st.generations++;
         pthread_mutex_unlock(&s->mu);
     }
-    kd_srv_content_type = g.stream ? "text/event-stream" : NULL;
-    enum MHD_Result ret = kd_srv_respond_faulty(s, c, fault, out.buf);
-    kd_srv_content_type = NULL;
+    kdi_srv_content_type = g.stream ? "text/event-stream" : NULL;
+    enum MHD_Result ret = kdi_srv_respond_faulty(s, c, fault, out.buf);
+    kdi_srv_content_type = NULL;
     return ret;
 }
 
@@ -461,7 +461,7 @@ static void b64_encode(const unsigned char *p, size_t n, char *out)
     out[o] = '\0';
 }
 
-enum MHD_Result kd_srv_do_embed(kd_serve *s, struct MHD_Connection *c, json_t *j,
+enum MHD_Result kdi_srv_do_embed(kd_serve *s, struct MHD_Connection *c, json_t *j,
                                 kd_serve_fault fault)
 {
     char msg[512];
@@ -554,5 +554,5 @@ enum MHD_Result kd_srv_do_embed(kd_serve *s, struct MHD_Connection *c, json_t *j
     pthread_mutex_lock(&s->mu);
     s->st.embeddings++;
     pthread_mutex_unlock(&s->mu);
-    return kd_srv_respond_faulty(s, c, fault, txt);
+    return kdi_srv_respond_faulty(s, c, fault, txt);
 }

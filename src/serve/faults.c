@@ -52,7 +52,7 @@ int kd_serve_parse_fault(const char *name, kd_serve_fault *out)
 /* ------------------------------------------------------------------------ */
 /* Faults                                                                    */
 
-kd_serve_fault kd_srv_pick_fault(kd_serve *s, uint64_t n)
+kd_serve_fault kdi_srv_pick_fault(kd_serve *s, uint64_t n)
 {
     const kd_serve_faults *f = &s->o.faults;
     if (s->nscript) {
@@ -107,7 +107,7 @@ static void sleep_ms_interruptible(kd_serve *s, int ms)
 }
 
 /* Apply fault f to the successful response `txt`; returns the MHD result. */
-enum MHD_Result kd_srv_respond_faulty(kd_serve *s, struct MHD_Connection *c, kd_serve_fault f,
+enum MHD_Result kdi_srv_respond_faulty(kd_serve *s, struct MHD_Connection *c, kd_serve_fault f,
                                       char *txt)
 {
     const kd_serve_faults *fo = &s->o.faults;
@@ -129,7 +129,7 @@ enum MHD_Result kd_srv_respond_faulty(kd_serve *s, struct MHD_Connection *c, kd_
             gmtime_r(&when, &tm);
             strftime(val, sizeof val, "%a, %d %b %Y %H:%M:%S GMT", &tm);
         }
-        return kd_srv_send_error_h(s, c, 429, "rate_limit_error", NULL, "rate_limit_exceeded", hn,
+        return kdi_srv_send_error_h(s, c, 429, "rate_limit_error", NULL, "rate_limit_exceeded", hn,
                                    val, "Rate limit reached (injected fault). Please retry "
                                         "after a while.");
     }
@@ -162,9 +162,9 @@ enum MHD_Result kd_srv_respond_faulty(kd_serve *s, struct MHD_Connection *c, kd_
             return MHD_NO;
         }
         MHD_add_response_header(r, "Content-Type",
-                                kd_srv_content_type ? kd_srv_content_type : "application/json");
-        if (kd_srv_request_id[0])
-            MHD_add_response_header(r, "x-request-id", kd_srv_request_id);
+                                kdi_srv_content_type ? kdi_srv_content_type : "application/json");
+        if (kdi_srv_request_id[0])
+            MHD_add_response_header(r, "x-request-id", kdi_srv_request_id);
         enum MHD_Result ret = MHD_queue_response(c, 200, r);
         MHD_destroy_response(r);
         return ret;
@@ -172,17 +172,17 @@ enum MHD_Result kd_srv_respond_faulty(kd_serve *s, struct MHD_Connection *c, kd_
     case KD_SERVE_FAULT_MALFORMED: {
         size_t n = strlen(txt);
         txt[n / 2] = '\0'; /* valid prefix, cut inside the object */
-        return kd_srv_send_body(c, 200, txt, n / 2, NULL, NULL);
+        return kdi_srv_send_body(c, 200, txt, n / 2, NULL, NULL);
     }
     case KD_SERVE_FAULT_STALL:
         sleep_ms_interruptible(s, fo->stall_ms);
-        return kd_srv_send_body(c, 200, txt, strlen(txt), NULL, NULL);
+        return kdi_srv_send_body(c, 200, txt, strlen(txt), NULL, NULL);
     default:
-        return kd_srv_send_body(c, 200, txt, strlen(txt), NULL, NULL);
+        return kdi_srv_send_body(c, 200, txt, strlen(txt), NULL, NULL);
     }
 }
 
-int kd_srv_parse_script(kd_serve *s, const char *script, kd_err *e)
+int kdi_srv_parse_script(kd_serve *s, const char *script, kd_err *e)
 {
     char *copy = strdup(script);
     if (!copy)

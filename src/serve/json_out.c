@@ -45,7 +45,7 @@ static size_t utf8_lossy_into(const unsigned char *p, size_t n, char *out)
             continue;
         }
         /* core's one UTF-8 check; a NUL is invalid too (kept out of JSON strings) */
-        size_t len = kd_utf8_char((const char *)p + i, n - i);
+        size_t len = kdi_utf8_char((const char *)p + i, n - i);
         if (len) {
             memcpy(out + o, p + i, len);
             o += len;
@@ -77,7 +77,7 @@ static size_t utf8_lossy_into(const unsigned char *p, size_t n, char *out)
 
 static void jb_str(kd_sb *b, const char *s, size_t n)
 {
-    if (kd_sb_reserve(b, n * 6 + 2) != 0)
+    if (kdi_sb_reserve(b, n * 6 + 2) != 0)
         return;
     static const char hex[] = "0123456789ABCDEF";
     char *o = b->buf + b->len;
@@ -132,21 +132,21 @@ static void jb_real(kd_sb *b, double v)
             ex = t + i;
     }
     if (!ex) {
-        kd_sb_put(b, t, (size_t)n);
+        kdi_sb_put(b, t, (size_t)n);
         if (!has_dot)
-            kd_sb_lit(b, ".0");
+            kdi_sb_lit(b, ".0");
         return;
     }
     /* mantissa, 'e', '-' if negative, exponent digits without leading 0s */
-    kd_sb_put(b, t, (size_t)(ex - t) + 1);
+    kdi_sb_put(b, t, (size_t)(ex - t) + 1);
     const char *d = ex + 1;
     if (*d == '-')
-        kd_sb_lit(b, "-");
+        kdi_sb_lit(b, "-");
     if (*d == '-' || *d == '+')
         d++;
     while (*d == '0' && d[1])
         d++;
-    kd_sb_put(b, d, strlen(d));
+    kdi_sb_put(b, d, strlen(d));
 }
 
 /* A token's display string: its text when valid UTF-8, else OpenAI's
@@ -186,70 +186,70 @@ static void jb_token(kd_sb *b, const unsigned char *bytes, size_t n)
 
 static void jb_bytes(kd_sb *b, const unsigned char *p, size_t n)
 {
-    kd_sb_lit(b, "[");
+    kdi_sb_lit(b, "[");
     for (size_t i = 0; i < n && i < KD_SERVE_TOKEN_MAX; i++) {
         if (i)
-            kd_sb_lit(b, ",");
-        kd_sb_json_int(b, p[i]);
+            kdi_sb_lit(b, ",");
+        kdi_sb_json_int(b, p[i]);
     }
-    kd_sb_lit(b, "]");
+    kdi_sb_lit(b, "]");
 }
 
 /* choices[].logprobs.content[]: token, bytes, logprob, top_logprobs[]. */
 static void jb_content_range(kd_sb *b, const kd_serve_gen_result *r, int k, size_t i0, size_t i1)
 {
-    kd_sb_lit(b, "[");
+    kdi_sb_lit(b, "[");
     for (size_t i = i0; i < i1; i++) {
         const kd_serve_token *t = &r->tokens[i];
         if (i > i0)
-            kd_sb_lit(b, ",");
-        kd_sb_lit(b, "{\"token\":");
+            kdi_sb_lit(b, ",");
+        kdi_sb_lit(b, "{\"token\":");
         jb_token(b, t->bytes, t->len);
-        kd_sb_lit(b, ",\"bytes\":");
+        kdi_sb_lit(b, ",\"bytes\":");
         jb_bytes(b, t->bytes, t->len);
-        kd_sb_lit(b, ",\"logprob\":");
+        kdi_sb_lit(b, ",\"logprob\":");
         jb_real(b, t->logprob);
-        kd_sb_lit(b, ",\"top_logprobs\":[");
+        kdi_sb_lit(b, ",\"top_logprobs\":[");
         for (int a = 0; a < t->ntop && a < k; a++) {
             if (a)
-                kd_sb_lit(b, ",");
-            kd_sb_lit(b, "{\"token\":");
+                kdi_sb_lit(b, ",");
+            kdi_sb_lit(b, "{\"token\":");
             jb_token(b, t->top[a].bytes, t->top[a].len);
-            kd_sb_lit(b, ",\"bytes\":");
+            kdi_sb_lit(b, ",\"bytes\":");
             jb_bytes(b, t->top[a].bytes, t->top[a].len);
-            kd_sb_lit(b, ",\"logprob\":");
+            kdi_sb_lit(b, ",\"logprob\":");
             jb_real(b, t->top[a].logprob);
-            kd_sb_lit(b, "}");
+            kdi_sb_lit(b, "}");
         }
-        kd_sb_lit(b, "]}");
+        kdi_sb_lit(b, "]}");
     }
-    kd_sb_lit(b, "]");
+    kdi_sb_lit(b, "]");
 }
 
 /* The legacy completions form (tokens, token_logprobs, top_logprobs as
    {token: logprob}, text_offset) plus content[].  In a top_logprobs object a
    name that occurs twice keeps its first place and its last value, as a
    JSON object built key by key does. */
-void kd_srv_jb_content_logprobs(kd_sb *b, const kd_serve_gen_result *r, int k)
+void kdi_srv_jb_content_logprobs(kd_sb *b, const kd_serve_gen_result *r, int k)
 {
     jb_content_range(b, r, k, 0, r->ntokens);
 }
 
 static void jb_legacy_range(kd_sb *b, const kd_serve_gen_result *r, int k, size_t i0, size_t i1)
 {
-    kd_sb_lit(b, "{\"tokens\":[");
+    kdi_sb_lit(b, "{\"tokens\":[");
     for (size_t i = i0; i < i1; i++) {
         if (i > i0)
-            kd_sb_lit(b, ",");
+            kdi_sb_lit(b, ",");
         jb_token(b, r->tokens[i].bytes, r->tokens[i].len);
     }
-    kd_sb_lit(b, "],\"token_logprobs\":[");
+    kdi_sb_lit(b, "],\"token_logprobs\":[");
     for (size_t i = i0; i < i1; i++) {
         if (i > i0)
-            kd_sb_lit(b, ",");
+            kdi_sb_lit(b, ",");
         jb_real(b, r->tokens[i].logprob);
     }
-    kd_sb_lit(b, "],\"top_logprobs\":[");
+    kdi_sb_lit(b, "],\"top_logprobs\":[");
     for (size_t i = i0; i < i1; i++) {
         const kd_serve_token *t = &r->tokens[i];
         char names[KD_SERVE_MAX_TOP + 1][TOKSTR_MAX];
@@ -285,49 +285,49 @@ static void jb_legacy_range(kd_sb *b, const kd_serve_gen_result *r, int k, size_
             }
         }
         if (i > i0)
-            kd_sb_lit(b, ",");
-        kd_sb_lit(b, "{");
+            kdi_sb_lit(b, ",");
+        kdi_sb_lit(b, "{");
         for (int q = 0; q < nn; q++) {
             if (q)
-                kd_sb_lit(b, ",");
+                kdi_sb_lit(b, ",");
             jb_str(b, names[q], nlen[q]);
-            kd_sb_lit(b, ":");
+            kdi_sb_lit(b, ":");
             jb_real(b, val[q]);
         }
-        kd_sb_lit(b, "}");
+        kdi_sb_lit(b, "}");
     }
-    kd_sb_lit(b, "],\"text_offset\":[");
+    kdi_sb_lit(b, "],\"text_offset\":[");
     size_t off = 0;
     for (size_t i = 0; i < i0; i++)
         off += r->tokens[i].len;
     for (size_t i = i0; i < i1; i++) {
         if (i > i0)
-            kd_sb_lit(b, ",");
-        kd_sb_json_int(b, (long long)off);
+            kdi_sb_lit(b, ",");
+        kdi_sb_json_int(b, (long long)off);
         off += r->tokens[i].len;
     }
-    kd_sb_lit(b, "],\"content\":");
+    kdi_sb_lit(b, "],\"content\":");
     jb_content_range(b, r, k, i0, i1);
-    kd_sb_lit(b, "}");
+    kdi_sb_lit(b, "}");
 }
 
-void kd_srv_jb_legacy_logprobs(kd_sb *b, const kd_serve_gen_result *r, int k)
+void kdi_srv_jb_legacy_logprobs(kd_sb *b, const kd_serve_gen_result *r, int k)
 {
     jb_legacy_range(b, r, k, 0, r->ntokens);
 }
 
 /* The head every completion object and chunk starts with. */
-void kd_srv_jb_head(kd_sb *b, kd_serve *s, const char *id, const char *object, long long created)
+void kdi_srv_jb_head(kd_sb *b, kd_serve *s, const char *id, const char *object, long long created)
 {
-    kd_sb_lit(b, "{\"id\":");
+    kdi_sb_lit(b, "{\"id\":");
     jb_cstr(b, id);
-    kd_sb_lit(b, ",\"object\":");
+    kdi_sb_lit(b, ",\"object\":");
     jb_cstr(b, object);
-    kd_sb_lit(b, ",\"created\":");
-    kd_sb_json_int(b, created);
-    kd_sb_lit(b, ",\"model\":");
+    kdi_sb_lit(b, ",\"created\":");
+    kdi_sb_json_int(b, created);
+    kdi_sb_lit(b, ",\"model\":");
     jb_cstr(b, s->be.name);
-    kd_sb_lit(b, ",\"system_fingerprint\":\"fp_kdkit_" KD_SERVE_FINGERPRINT "\"");
+    kdi_sb_lit(b, ",\"system_fingerprint\":\"fp_kdkit_" KD_SERVE_FINGERPRINT "\"");
 }
 
 /* Where text[from, to) may be cut so that no UTF-8 character is split:
@@ -346,7 +346,7 @@ static size_t utf8_cut(const unsigned char *t, size_t from, size_t to)
 }
 
 /* A text piece as a JSON string (invalid UTF-8 -> U+FFFD, as in the whole). */
-void kd_srv_jb_text(kd_sb *b, const char *p, size_t n)
+void kdi_srv_jb_text(kd_sb *b, const char *p, size_t n)
 {
     char small[512];
     char *t = n * 3 + 1 <= sizeof small ? small : malloc(n * 3 + 1);
@@ -356,15 +356,15 @@ void kd_srv_jb_text(kd_sb *b, const char *p, size_t n)
         free(t);
 }
 
-void kd_srv_jb_usage(kd_sb *b, int64_t ptok, int64_t ctok)
+void kdi_srv_jb_usage(kd_sb *b, int64_t ptok, int64_t ctok)
 {
-    kd_sb_lit(b, "{\"prompt_tokens\":");
-    kd_sb_json_int(b, (long long)ptok);
-    kd_sb_lit(b, ",\"completion_tokens\":");
-    kd_sb_json_int(b, (long long)ctok);
-    kd_sb_lit(b, ",\"total_tokens\":");
-    kd_sb_json_int(b, (long long)(ptok + ctok));
-    kd_sb_lit(b, "}");
+    kdi_sb_lit(b, "{\"prompt_tokens\":");
+    kdi_sb_json_int(b, (long long)ptok);
+    kdi_sb_lit(b, ",\"completion_tokens\":");
+    kdi_sb_json_int(b, (long long)ctok);
+    kdi_sb_lit(b, ",\"total_tokens\":");
+    kdi_sb_json_int(b, (long long)(ptok + ctok));
+    kdi_sb_lit(b, "}");
 }
 
 /*
@@ -373,7 +373,7 @@ void kd_srv_jb_usage(kd_sb *b, int64_t ptok, int64_t ctok)
  * then one with finish_reason; completions one chunk per token and one with
  * finish_reason.  With include_usage every chunk has "usage": null.
  */
-void kd_srv_sse_choice(kd_sb *b, kd_serve *s, const genreq *g, const char *id, long long created,
+void kdi_srv_sse_choice(kd_sb *b, kd_serve *s, const genreq *g, const char *id, long long created,
                        int index, const kd_serve_gen_result *r)
 {
     const char *obj = g->chat ? "chat.completion.chunk" : "text_completion";
@@ -393,43 +393,43 @@ void kd_srv_sse_choice(kd_sb *b, kd_serve *s, const genreq *g, const char *id, l
             to = r->text_len; /* whatever is left (a held partial character) */
         }
         done = to;
-        kd_sb_lit(b, "data: ");
-        kd_srv_jb_head(b, s, id, obj, created);
-        kd_sb_lit(b, ",\"choices\":[{\"index\":");
-        kd_sb_json_int(b, index);
+        kdi_sb_lit(b, "data: ");
+        kdi_srv_jb_head(b, s, id, obj, created);
+        kdi_sb_lit(b, ",\"choices\":[{\"index\":");
+        kdi_sb_json_int(b, index);
         if (g->chat) {
-            kd_sb_lit(b, ",\"delta\":");
+            kdi_sb_lit(b, ",\"delta\":");
             if (first)
-                kd_sb_lit(b, "{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}");
+                kdi_sb_lit(b, "{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}");
             else if (last && to == from)
-                kd_sb_lit(b, "{}");
+                kdi_sb_lit(b, "{}");
             else {
-                kd_sb_lit(b, "{\"content\":");
-                kd_srv_jb_text(b, r->text + from, to - from);
-                kd_sb_lit(b, "}");
+                kdi_sb_lit(b, "{\"content\":");
+                kdi_srv_jb_text(b, r->text + from, to - from);
+                kdi_sb_lit(b, "}");
             }
         } else {
-            kd_sb_lit(b, ",\"text\":");
-            kd_srv_jb_text(b, r->text + from, to - from);
+            kdi_sb_lit(b, ",\"text\":");
+            kdi_srv_jb_text(b, r->text + from, to - from);
         }
-        kd_sb_lit(b, ",\"logprobs\":");
+        kdi_sb_lit(b, ",\"logprobs\":");
         if (!g->want_logprobs || first || last) {
-            kd_sb_lit(b, "null");
+            kdi_sb_lit(b, "null");
         } else if (g->chat) {
-            kd_sb_lit(b, "{\"content\":");
+            kdi_sb_lit(b, "{\"content\":");
             jb_content_range(b, r, g->p.top_logprobs, ti, ti + 1);
-            kd_sb_lit(b, ",\"refusal\":null}");
+            kdi_sb_lit(b, ",\"refusal\":null}");
         } else {
             jb_legacy_range(b, r, g->p.top_logprobs, ti, ti + 1);
         }
-        kd_sb_lit(b, ",\"finish_reason\":");
+        kdi_sb_lit(b, ",\"finish_reason\":");
         if (last)
             jb_cstr(b, r->stopped ? "stop" : "length");
         else
-            kd_sb_lit(b, "null");
-        kd_sb_lit(b, "}]");
+            kdi_sb_lit(b, "null");
+        kdi_sb_lit(b, "}]");
         if (g->include_usage)
-            kd_sb_lit(b, ",\"usage\":null");
-        kd_sb_lit(b, "}\n\n");
+            kdi_sb_lit(b, ",\"usage\":null");
+        kdi_sb_lit(b, "}\n\n");
     }
 }

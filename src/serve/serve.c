@@ -37,8 +37,8 @@
 #include "serve/serve_int.h"
 
 /* (serve_int.h) */
-_Thread_local char kd_srv_request_id[48];
-_Thread_local const char *kd_srv_content_type;
+_Thread_local char kdi_srv_request_id[48];
+_Thread_local const char *kdi_srv_content_type;
 
 typedef struct reqctx {
     char *body;
@@ -70,7 +70,7 @@ void kd_serve_gen_result_free(kd_serve_gen_result *r)
 /* ------------------------------------------------------------------------ */
 /* Responses                                                                 */
 
-enum MHD_Result kd_srv_send_body(struct MHD_Connection *c, unsigned status, char *body,
+enum MHD_Result kdi_srv_send_body(struct MHD_Connection *c, unsigned status, char *body,
                                  size_t len, const char *extra_name, const char *extra_val)
 {
     struct MHD_Response *r = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
@@ -79,12 +79,12 @@ enum MHD_Result kd_srv_send_body(struct MHD_Connection *c, unsigned status, char
         return MHD_NO;
     }
     MHD_add_response_header(r, "Content-Type",
-                            status == 200 && kd_srv_content_type ? kd_srv_content_type
+                            status == 200 && kdi_srv_content_type ? kdi_srv_content_type
                                                              : "application/json");
-    if (status == 200 && kd_srv_content_type)
+    if (status == 200 && kdi_srv_content_type)
         MHD_add_response_header(r, "Cache-Control", "no-cache");
-    if (kd_srv_request_id[0])
-        MHD_add_response_header(r, "x-request-id", kd_srv_request_id);
+    if (kdi_srv_request_id[0])
+        MHD_add_response_header(r, "x-request-id", kdi_srv_request_id);
     if (extra_name)
         MHD_add_response_header(r, extra_name, extra_val);
     enum MHD_Result ret = MHD_queue_response(c, status, r);
@@ -92,16 +92,16 @@ enum MHD_Result kd_srv_send_body(struct MHD_Connection *c, unsigned status, char
     return ret;
 }
 
-enum MHD_Result kd_srv_send_json(struct MHD_Connection *c, unsigned status, json_t *j)
+enum MHD_Result kdi_srv_send_json(struct MHD_Connection *c, unsigned status, json_t *j)
 {
     char *txt = json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(9));
     json_decref(j);
     if (!txt)
         return MHD_NO;
-    return kd_srv_send_body(c, status, txt, strlen(txt), NULL, NULL);
+    return kdi_srv_send_body(c, status, txt, strlen(txt), NULL, NULL);
 }
 
-enum MHD_Result kd_srv_send_error_h(kd_serve *s, struct MHD_Connection *c, unsigned status,
+enum MHD_Result kdi_srv_send_error_h(kd_serve *s, struct MHD_Connection *c, unsigned status,
                                     const char *type, const char *param, const char *code,
                                     const char *hname, const char *hval, const char *fmt, ...)
 {
@@ -123,7 +123,7 @@ enum MHD_Result kd_srv_send_error_h(kd_serve *s, struct MHD_Connection *c, unsig
     json_decref(j);
     if (!txt)
         return MHD_NO;
-    return kd_srv_send_body(c, status, txt, strlen(txt), hname, hval);
+    return kdi_srv_send_body(c, status, txt, strlen(txt), hname, hval);
 }
 
 
@@ -237,7 +237,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
             unsigned long long n = strtoull(cl, &end, 10);
             if (end != cl && !*end && (errno == ERANGE || n > s->o.max_body_bytes)) {
                 rq->too_big = 1;
-                kd_srv_request_id[0] = '\0';
+                kdi_srv_request_id[0] = '\0';
                 return send_error(s, c, 413, "invalid_request_error", NULL, "request_too_large",
                                   "Request body is larger than this server's limit of %zu bytes",
                                   s->o.max_body_bytes);
@@ -275,15 +275,15 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     pthread_mutex_lock(&s->mu);
     uint64_t rid = ++s->rid;
     pthread_mutex_unlock(&s->mu);
-    snprintf(kd_srv_request_id, sizeof kd_srv_request_id, "req_%s%llu", s->id_prefix,
+    snprintf(kdi_srv_request_id, sizeof kdi_srv_request_id, "req_%s%llu", s->id_prefix,
              (unsigned long long)rid);
     int models = strcmp(url, "/v1/models") == 0;
     int model_one = strncmp(url, "/v1/models/", 11) == 0 && url[11];
     if ((models || model_one) && !is_get)
-        return kd_srv_send_error_h(s, c, 405, "invalid_request_error", NULL, NULL, "Allow", "GET",
+        return kdi_srv_send_error_h(s, c, 405, "invalid_request_error", NULL, NULL, "Allow", "GET",
                             "%.200s accepts GET only", url);
     if (models)
-        return kd_srv_send_json(c, 200,
+        return kdi_srv_send_json(c, 200,
                                 json_pack("{s:s, s:[{s:s, s:s, s:i, s:s}]}", "object", "list",
                                           "data", "id", s->be.name, "object", "model",
                                           "created", 0, "owned_by", "kdkit"));
@@ -292,7 +292,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
             return send_error(s, c, 404, "invalid_request_error", "model", "model_not_found",
                               "The model '%.100s' does not exist; this server has '%s'",
                               url + 11, s->be.name);
-        return kd_srv_send_json(c, 200,
+        return kdi_srv_send_json(c, 200,
                                 json_pack("{s:s, s:s, s:i, s:s}", "id", s->be.name, "object",
                                           "model", "created", 0, "owned_by", "kdkit"));
     }
@@ -303,7 +303,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         return send_error(s, c, 404, "invalid_request_error", NULL, "unknown_url",
                           "Unknown request URL: %s %.200s", method, url);
     if (!is_post)
-        return kd_srv_send_error_h(s, c, 405, "invalid_request_error", NULL, NULL, "Allow", "POST",
+        return kdi_srv_send_error_h(s, c, 405, "invalid_request_error", NULL, NULL, "Allow", "POST",
                             "%.200s accepts POST only", url);
     if (rq->too_big)
         return send_error(s, c, 413, "invalid_request_error", NULL, "request_too_large",
@@ -330,13 +330,13 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     pthread_mutex_lock(&s->mu);
     uint64_t n = ++s->seq;
     pthread_mutex_unlock(&s->mu);
-    kd_serve_fault f = kd_srv_pick_fault(s, n);
+    kd_serve_fault f = kdi_srv_pick_fault(s, n);
     if (f != KD_SERVE_FAULT_NONE) {
         pthread_mutex_lock(&s->mu);
         s->st.faults[f]++;
         pthread_mutex_unlock(&s->mu);
     }
-    enum MHD_Result r = emb ? kd_srv_do_embed(s, c, j, f) : kd_srv_do_generate(s, c, j, chat, f, n);
+    enum MHD_Result r = emb ? kdi_srv_do_embed(s, c, j, f) : kdi_srv_do_generate(s, c, j, chat, f, n);
     json_decref(j);
     return r;
 }
@@ -387,7 +387,7 @@ int kd_serve_start(kd_serve **out, const kd_serve_opts *o, const kd_serve_backen
         rc = kd_err_set(e, KD_EINVAL, "serve: fault probabilities add up to %g, more than 1", psum);
         goto fail;
     }
-    if (o->faults.script && (rc = kd_srv_parse_script(s, o->faults.script, e)) != KD_OK)
+    if (o->faults.script && (rc = kdi_srv_parse_script(s, o->faults.script, e)) != KD_OK)
         goto fail;
     if (!s->o.host)
         s->o.host = "127.0.0.1";

@@ -50,9 +50,9 @@ struct kd_serve {
 
 /* The x-request-id of the request this thread is answering (libmicrohttpd
    calls the handler and queues its response on one thread). */
-extern _Thread_local char kd_srv_request_id[48];
+extern _Thread_local char kdi_srv_request_id[48];
 /* Content-Type of the 200 being sent (streams: text/event-stream). */
-extern _Thread_local const char *kd_srv_content_type;
+extern _Thread_local const char *kdi_srv_content_type;
 
 /* A generation request as parsed (endpoints.c), written by json_out.c. */
 typedef struct genreq {
@@ -68,40 +68,40 @@ typedef struct genreq {
 
 /* Queue a response (serve.c); body is malloc'd and handed over; one extra
    header when extra_name is not NULL. */
-enum MHD_Result kd_srv_send_body(struct MHD_Connection *c, unsigned status, char *body,
+enum MHD_Result kdi_srv_send_body(struct MHD_Connection *c, unsigned status, char *body,
                                  size_t len, const char *extra_name, const char *extra_val);
 
 /* j (taken) as compact JSON. */
-enum MHD_Result kd_srv_send_json(struct MHD_Connection *c, unsigned status, json_t *j);
+enum MHD_Result kdi_srv_send_json(struct MHD_Connection *c, unsigned status, json_t *j);
 
 /* An OpenAI error object {"error": {message, type, param, code}}, with one
    extra header when hname is not NULL; use send_error / BAD below. */
-enum MHD_Result kd_srv_send_error_h(kd_serve *s, struct MHD_Connection *c, unsigned status,
+enum MHD_Result kdi_srv_send_error_h(kd_serve *s, struct MHD_Connection *c, unsigned status,
                                     const char *type, const char *param, const char *code,
                                     const char *hname, const char *hval, const char *fmt, ...)
     __attribute__((format(printf, 9, 10)));
 
 /* The fault of request number n: the script's entry while it lasts, then
    the seeded probabilities (faults.c). */
-kd_serve_fault kd_srv_pick_fault(kd_serve *s, uint64_t n);
+kd_serve_fault kdi_srv_pick_fault(kd_serve *s, uint64_t n);
 
 /* Apply fault f to the successful response `txt`; returns the MHD result. */
-enum MHD_Result kd_srv_respond_faulty(kd_serve *s, struct MHD_Connection *c, kd_serve_fault f,
+enum MHD_Result kdi_srv_respond_faulty(kd_serve *s, struct MHD_Connection *c, kd_serve_fault f,
                                       char *txt);
 
 /* Writers of the generation responses (json_out.c): the chat form of the
    logprobs (content[]), the legacy completions form (tokens,
    token_logprobs, top_logprobs, text_offset, plus content[]), the head of
    every object and chunk, a text piece, and usage. */
-void kd_srv_jb_content_logprobs(kd_sb *b, const kd_serve_gen_result *r, int k);
-void kd_srv_jb_legacy_logprobs(kd_sb *b, const kd_serve_gen_result *r, int k);
+void kdi_srv_jb_content_logprobs(kd_sb *b, const kd_serve_gen_result *r, int k);
+void kdi_srv_jb_legacy_logprobs(kd_sb *b, const kd_serve_gen_result *r, int k);
 
-void kd_srv_jb_head(kd_sb *b, kd_serve *s, const char *id, const char *object, long long created);
+void kdi_srv_jb_head(kd_sb *b, kd_serve *s, const char *id, const char *object, long long created);
 
 /* A text piece as a JSON string (invalid UTF-8 -> U+FFFD, as in the whole). */
-void kd_srv_jb_text(kd_sb *b, const char *p, size_t n);
+void kdi_srv_jb_text(kd_sb *b, const char *p, size_t n);
 
-void kd_srv_jb_usage(kd_sb *b, int64_t ptok, int64_t ctok);
+void kdi_srv_jb_usage(kd_sb *b, int64_t ptok, int64_t ctok);
 
 /*
  * One choice as server-sent events: chat sends a first chunk with the role,
@@ -109,22 +109,22 @@ void kd_srv_jb_usage(kd_sb *b, int64_t ptok, int64_t ctok);
  * then one with finish_reason; completions one chunk per token and one with
  * finish_reason.  With include_usage every chunk has "usage": null.
  */
-void kd_srv_sse_choice(kd_sb *b, kd_serve *s, const genreq *g, const char *id, long long created,
+void kdi_srv_sse_choice(kd_sb *b, kd_serve *s, const genreq *g, const char *id, long long created,
                        int index, const kd_serve_gen_result *r);
 
 /* The endpoints (endpoints.c): /v1/chat/completions (chat = 1) and
    /v1/completions, and /v1/embeddings; j is the parsed request body. */
-enum MHD_Result kd_srv_do_generate(kd_serve *s, struct MHD_Connection *c, json_t *j, int chat,
+enum MHD_Result kdi_srv_do_generate(kd_serve *s, struct MHD_Connection *c, json_t *j, int chat,
                                    kd_serve_fault fault, uint64_t seqno);
-enum MHD_Result kd_srv_do_embed(kd_serve *s, struct MHD_Connection *c, json_t *j,
+enum MHD_Result kdi_srv_do_embed(kd_serve *s, struct MHD_Connection *c, json_t *j,
                                 kd_serve_fault fault);
 
 /* Parse a fault script ("500,ok,drop,..."), KD_EINVAL naming the bad
    entry (faults.c). */
-int kd_srv_parse_script(kd_serve *s, const char *script, kd_err *e);
+int kdi_srv_parse_script(kd_serve *s, const char *script, kd_err *e);
 
 #define send_error(s, c, status, type, param, code, ...) \
-    kd_srv_send_error_h(s, c, status, type, param, code, NULL, NULL, __VA_ARGS__)
+    kdi_srv_send_error_h(s, c, status, type, param, code, NULL, NULL, __VA_ARGS__)
 
 #define BAD(param, ...) send_error(s, c, 400, "invalid_request_error", param, NULL, __VA_ARGS__)
 

@@ -49,13 +49,13 @@ kd_budget *kd_teacher_budget(kd_teacher *t)
 }
 
 /* splitmix64: jitter only, under t->mu. */
-double kd_tch_rng_uniform(kd_teacher *t)
+double kdi_tch_rng_uniform(kd_teacher *t)
 {
     return (double)(kd_splitmix64_next(&t->rng) >> 11) * 0x1.0p-53;
 }
 
 /* Scrub the key out of a message (kd_err-sized buffers). */
-void kd_tch_scrub(kd_teacher *t, char *buf, size_t cap)
+void kdi_tch_scrub(kd_teacher *t, char *buf, size_t cap)
 {
     if (t->api_key)
         kd_teacher_scrub(buf, cap, t->api_key);
@@ -211,7 +211,7 @@ int kd_teacher_open(kd_teacher **out, const kd_teacher_config *cfg, kd_tracker *
             goto fail;
     }
     if (tracker) {
-        rc = kd_tch_open_intents(t, e);
+        rc = kdi_tch_open_intents(t, e);
         if (rc != KD_OK)
             goto fail;
     }
@@ -241,7 +241,7 @@ int kd_teacher_open(kd_teacher **out, const kd_teacher_config *cfg, kd_tracker *
     return KD_OK;
 fail:
     if (e)
-        kd_tch_scrub(t, e->msg, sizeof e->msg);
+        kdi_tch_scrub(t, e->msg, sizeof e->msg);
     kd_teacher_close(t);
     return rc;
 }

@@ -65,40 +65,40 @@ typedef struct built {
 } built;
 
 /* splitmix64: jitter only, under t->mu. */
-double kd_tch_rng_uniform(kd_teacher *t);
+double kdi_tch_rng_uniform(kd_teacher *t);
 
 /* Scrub the key out of a message (kd_err-sized buffers). */
-void kd_tch_scrub(kd_teacher *t, char *buf, size_t cap);
+void kdi_tch_scrub(kd_teacher *t, char *buf, size_t cap);
 
 /* Bytes in api_recovery.jsonl now (0 when it cannot be stat'ed). */
-uint64_t kd_tch_ledger_size(kd_teacher *t);
+uint64_t kdi_tch_ledger_size(kd_teacher *t);
 
 /* Open teacher_intents.jsonl, recovering what a previous process left
    in flight (intents.c). */
-int kd_tch_open_intents(kd_teacher *t, kd_err *e);
+int kdi_tch_open_intents(kd_teacher *t, kd_err *e);
 
 /* Append one line (n bytes) to the intent journal.  Caller holds t->mu. */
-int kd_tch_intent_line(kd_teacher *t, const char *line, int n);
+int kdi_tch_intent_line(kd_teacher *t, const char *line, int n);
 
-/* Build a request from req and the config's defaults; kd_tch_built_free
+/* Build a request from req and the config's defaults; kdi_tch_built_free
    releases it. */
-int kd_tch_build(kd_teacher *t, const kd_teacher_request *req, built *b, kd_err *e);
-void kd_tch_built_free(built *b);
+int kdi_tch_build(kd_teacher *t, const kd_teacher_request *req, built *b, kd_err *e);
+void kdi_tch_built_free(built *b);
 
 /* The cache key and prompt hash of b; *canon_out (may be NULL) gets the
    canonical key text. */
-int kd_tch_key_of(kd_teacher *t, const built *b, char key[KD_SHA256_HEX],
+int kdi_tch_key_of(kd_teacher *t, const built *b, char key[KD_SHA256_HEX],
                   char prompt_hash[KD_SHA256_HEX], char **canon_out, kd_err *e);
 
 /* The HTTP request body, written directly (parameters with defaults
    filled in; messages as given, or the one user message of a prompt). */
-char *kd_tch_request_body(kd_teacher *t, const built *b);
+char *kdi_tch_request_body(kd_teacher *t, const built *b);
 
 /* Worst case of one attempt: every prompt byte a token, plus per-message
    overhead; every choice uses max_tokens. */
-void kd_tch_worst_tokens(kd_teacher *t, const built *b, int64_t *in, int64_t *out);
+void kdi_tch_worst_tokens(kd_teacher *t, const built *b, int64_t *in, int64_t *out);
 
-/* The price of kd_tch_worst_tokens: what the budget reserves. */
-double kd_tch_worst_cost(kd_teacher *t, const built *b);
+/* The price of kdi_tch_worst_tokens: what the budget reserves. */
+double kdi_tch_worst_cost(kd_teacher *t, const built *b);
 
 #endif

@@ -52,7 +52,7 @@ typedef struct pending {
     int done;
 } pending;
 
-uint64_t kd_tch_ledger_size(kd_teacher *t)
+uint64_t kdi_tch_ledger_size(kd_teacher *t)
 {
     struct stat sb;
     return stat(t->ledger_path, &sb) == 0 ? (uint64_t)sb.st_size : 0;
@@ -111,7 +111,7 @@ static int recover_intents(kd_teacher *t, const char *path, kd_err *e)
     while ((s = kd_jsonl_next(rd, &line, &len, e)) == 1) {
         json_t *j = json_loadb(line, len, 0, NULL);
         char why[256] = "not valid JSON";
-        if (!j || kd_run_check_intent(j, why, sizeof why)) {
+        if (!j || kdi_run_check_intent(j, why, sizeof why)) {
             if (nbad++ == 0) {
                 first_bad = kd_jsonl_reader_lineno(rd);
                 snprintf(bad_why, sizeof bad_why, "%s", why);
@@ -167,7 +167,7 @@ static int recover_intents(kd_teacher *t, const char *path, kd_err *e)
     if (rc == KD_OK && (nbad > 0 || s == KD_ECORRUPT)) {
         char aside[4300] = "", what[1024];
         const char *dir = kd_tracker_dir(t->tracker);
-        if (kd_run_move_aside(dir, "teacher_intents.jsonl", aside, sizeof aside) != 0) {
+        if (kdi_run_move_aside(dir, "teacher_intents.jsonl", aside, sizeof aside) != 0) {
             free(p);
             return kd_err_sys(e, KD_EIO, errno, "teacher: cannot move the damaged %s aside",
                               path);
@@ -225,7 +225,7 @@ static int recover_intents(kd_teacher *t, const char *path, kd_err *e)
     return write_base(t, path, e);
 }
 
-int kd_tch_open_intents(kd_teacher *t, kd_err *e)
+int kdi_tch_open_intents(kd_teacher *t, kd_err *e)
 {
     const char *dir = kd_tracker_dir(t->tracker);
     char path[4200];
@@ -272,7 +272,7 @@ static void maybe_compact_intents(kd_teacher *t)
 }
 
 /* Caller holds t->mu. */
-int kd_tch_intent_line(kd_teacher *t, const char *line, int n)
+int kdi_tch_intent_line(kd_teacher *t, const char *line, int n)
 {
     if (t->intents_broken)
         return KD_EIO;

@@ -28,7 +28,7 @@
 /* Keys and request bodies                                                   */
 
 
-void kd_tch_built_free(built *b)
+void kdi_tch_built_free(built *b)
 {
     json_decref(b->messages);
     json_decref(b->stop);
@@ -36,7 +36,7 @@ void kd_tch_built_free(built *b)
 }
 
 
-int kd_tch_build(kd_teacher *t, const kd_teacher_request *req, built *b, kd_err *e)
+int kdi_tch_build(kd_teacher *t, const kd_teacher_request *req, built *b, kd_err *e)
 {
     memset(b, 0, sizeof *b);
     b->p = req->params ? *req->params : t->cfg.defaults;
@@ -66,7 +66,7 @@ int kd_tch_build(kd_teacher *t, const kd_teacher_request *req, built *b, kd_err 
             json_error_t je;
             b->messages = json_loads(req->messages_json, 0, &je);
             if (!json_is_array(b->messages) || json_array_size(b->messages) == 0) {
-                kd_tch_built_free(b);
+                kdi_tch_built_free(b);
                 return kd_err_set(e, KD_EINVAL,
                                   "teacher request: messages must be a non-empty JSON array");
             }
@@ -76,7 +76,7 @@ int kd_tch_build(kd_teacher *t, const kd_teacher_request *req, built *b, kd_err 
                 json_t *c = json_object_get(m, "content");
                 if (!json_is_string(json_object_get(m, "role")) ||
                     !(json_is_string(c) || json_is_array(c))) {
-                    kd_tch_built_free(b);
+                    kdi_tch_built_free(b);
                     return kd_err_set(e, KD_EINVAL,
                                       "teacher request: messages[%zu] needs role and content", i);
                 }
@@ -95,14 +95,14 @@ int kd_tch_build(kd_teacher *t, const kd_teacher_request *req, built *b, kd_err 
             return kd_err_set(e, KD_EINVAL, "teacher request: prompt or messages is required");
         }
         if (!b->messages) {
-            kd_tch_built_free(b);
+            kdi_tch_built_free(b);
             return kd_err_set(e, KD_EINVAL, "teacher request: prompt is not valid UTF-8");
         }
         b->nmessages = json_array_size(b->messages);
     } else {
         if (!req->prompt)
             return kd_err_set(e, KD_EINVAL, "teacher request: completions need a prompt");
-        if (!kd_utf8_valid(req->prompt, strlen(req->prompt)))
+        if (!kdi_utf8_valid(req->prompt, strlen(req->prompt)))
             return kd_err_set(e, KD_EINVAL, "teacher request: prompt is not valid UTF-8");
         b->prompt = req->prompt;
         b->prompt_bytes = strlen(req->prompt);
@@ -148,7 +148,7 @@ static json_t *params_json(kd_teacher *t, const built *b)
    text unusable (the caller then takes the tree path, which refuses it). */
 static void put_jstr(kd_sb *b, const char *str, size_t n)
 {
-    if (kd_sb_json_str(b, str, n) != 0 && !b->err)
+    if (kdi_sb_json_str(b, str, n) != 0 && !b->err)
         b->err = KD_EINVAL;
 }
 
@@ -176,85 +176,85 @@ static char *key_canonical_fast(kd_teacher *t, const built *b)
             return NULL;
     const kd_teacher_params *p = &b->p;
     kd_sb o;
-    kd_sb_init(&o, KD_REQUEST_TEXT_MAX);
-    kd_sb_lit(&o, "{\"endpoint\":");
+    kdi_sb_init(&o, KD_REQUEST_TEXT_MAX);
+    kdi_sb_lit(&o, "{\"endpoint\":");
     if (t->cfg.endpoint == KD_TEACHER_CHAT)
-        kd_sb_lit(&o, "\"chat\"");
+        kdi_sb_lit(&o, "\"chat\"");
     else
-        kd_sb_lit(&o, "\"completions\"");
-    kd_sb_lit(&o, ",\"kdkit_cache_key\":");
-    kd_sb_json_int(&o, KD_TEACHER_KEY_VERSION);
+        kdi_sb_lit(&o, "\"completions\"");
+    kdi_sb_lit(&o, ",\"kdkit_cache_key\":");
+    kdi_sb_json_int(&o, KD_TEACHER_KEY_VERSION);
     if (b->messages) {
-        kd_sb_lit(&o, ",\"messages\":[{\"content\":");
+        kdi_sb_lit(&o, ",\"messages\":[{\"content\":");
         put_jstr(&o, prompt, plen);
-        kd_sb_lit(&o, ",\"role\":\"user\"}]");
+        kdi_sb_lit(&o, ",\"role\":\"user\"}]");
     }
-    kd_sb_lit(&o, ",\"model\":");
+    kdi_sb_lit(&o, ",\"model\":");
     put_jstr(&o, t->cfg.model, strlen(t->cfg.model));
-    kd_sb_lit(&o, ",\"params\":{");
+    kdi_sb_lit(&o, ",\"params\":{");
     if (isfinite(p->frequency_penalty)) {
-        kd_sb_lit(&o, "\"frequency_penalty\":");
-        kd_sb_json_canon_real(&o, p->frequency_penalty);
-        kd_sb_lit(&o, ",");
+        kdi_sb_lit(&o, "\"frequency_penalty\":");
+        kdi_sb_json_canon_real(&o, p->frequency_penalty);
+        kdi_sb_lit(&o, ",");
     }
-    kd_sb_lit(&o, "\"logprobs\":");
+    kdi_sb_lit(&o, "\"logprobs\":");
     if (p->logprobs)
-        kd_sb_lit(&o, "true");
+        kdi_sb_lit(&o, "true");
     else
-        kd_sb_lit(&o, "false");
-    kd_sb_lit(&o, ",\"max_tokens\":");
-    kd_sb_json_int(&o, (int64_t)p->max_tokens);
-    kd_sb_lit(&o, ",\"n\":");
-    kd_sb_json_int(&o, p->n);
+        kdi_sb_lit(&o, "false");
+    kdi_sb_lit(&o, ",\"max_tokens\":");
+    kdi_sb_json_int(&o, (int64_t)p->max_tokens);
+    kdi_sb_lit(&o, ",\"n\":");
+    kdi_sb_json_int(&o, p->n);
     if (isfinite(p->presence_penalty)) {
-        kd_sb_lit(&o, ",\"presence_penalty\":");
-        kd_sb_json_canon_real(&o, p->presence_penalty);
+        kdi_sb_lit(&o, ",\"presence_penalty\":");
+        kdi_sb_json_canon_real(&o, p->presence_penalty);
     }
-    kd_sb_lit(&o, ",\"seed\":");
+    kdi_sb_lit(&o, ",\"seed\":");
     if (p->has_seed)
-        kd_sb_json_int(&o, (int64_t)p->seed);
+        kdi_sb_json_int(&o, (int64_t)p->seed);
     else
-        kd_sb_lit(&o, "null");
-    kd_sb_lit(&o, ",\"stop\":");
+        kdi_sb_lit(&o, "null");
+    kdi_sb_lit(&o, ",\"stop\":");
     if (b->stop) {
-        kd_sb_lit(&o, "[");
+        kdi_sb_lit(&o, "[");
         for (size_t i = 0; i < json_array_size(b->stop); i++) {
             json_t *x = json_array_get(b->stop, i);
             if (i)
-                kd_sb_lit(&o, ",");
+                kdi_sb_lit(&o, ",");
             put_jstr(&o, json_string_value(x), json_string_length(x));
         }
-        kd_sb_lit(&o, "]");
+        kdi_sb_lit(&o, "]");
     } else {
-        kd_sb_lit(&o, "null");
+        kdi_sb_lit(&o, "null");
     }
-    kd_sb_lit(&o, ",\"temperature\":");
-    kd_sb_json_canon_real(&o, p->temperature);
-    kd_sb_lit(&o, ",\"top_logprobs\":");
-    kd_sb_json_int(&o, p->logprobs ? p->top_logprobs : 0);
-    kd_sb_lit(&o, ",\"top_p\":");
-    kd_sb_json_canon_real(&o, p->top_p);
-    kd_sb_lit(&o, "}");
+    kdi_sb_lit(&o, ",\"temperature\":");
+    kdi_sb_json_canon_real(&o, p->temperature);
+    kdi_sb_lit(&o, ",\"top_logprobs\":");
+    kdi_sb_json_int(&o, p->logprobs ? p->top_logprobs : 0);
+    kdi_sb_lit(&o, ",\"top_p\":");
+    kdi_sb_json_canon_real(&o, p->top_p);
+    kdi_sb_lit(&o, "}");
     if (!b->messages) {
-        kd_sb_lit(&o, ",\"prompt\":");
+        kdi_sb_lit(&o, ",\"prompt\":");
         put_jstr(&o, prompt, plen);
     }
-    kd_sb_lit(&o, ",\"provider\":");
+    kdi_sb_lit(&o, ",\"provider\":");
     put_jstr(&o, t->provider, strlen(t->provider));
-    kd_sb_lit(&o, ",\"sample_index\":");
+    kdi_sb_lit(&o, ",\"sample_index\":");
     if (t->cfg.key_includes_sample_index && b->sample_index >= 0)
-        kd_sb_json_int(&o, (int64_t)b->sample_index);
+        kdi_sb_json_int(&o, (int64_t)b->sample_index);
     else
-        kd_sb_lit(&o, "null");
-    kd_sb_lit(&o, "}");
-    if (kd_sb_error(&o)) {
-        kd_sb_free(&o);
+        kdi_sb_lit(&o, "null");
+    kdi_sb_lit(&o, "}");
+    if (kdi_sb_error(&o)) {
+        kdi_sb_free(&o);
         return NULL;
     }
-    return kd_sb_take(&o);
+    return kdi_sb_take(&o);
 }
 
-int kd_tch_key_of(kd_teacher *t, const built *b, char key[KD_SHA256_HEX],
+int kdi_tch_key_of(kd_teacher *t, const built *b, char key[KD_SHA256_HEX],
                   char prompt_hash[KD_SHA256_HEX], char **canon_out, kd_err *e)
 {
     char *fast = key_canonical_fast(t, b);
@@ -332,11 +332,11 @@ int kd_teacher_key(kd_teacher *t, const kd_teacher_request *req, char key[KD_SHA
                    char prompt_hash[KD_SHA256_HEX], char **canonical_out, kd_err *e)
 {
     built b;
-    int rc = kd_tch_build(t, req, &b, e);
+    int rc = kdi_tch_build(t, req, &b, e);
     if (rc != KD_OK)
         return rc;
-    rc = kd_tch_key_of(t, &b, key, prompt_hash, canonical_out, e);
-    kd_tch_built_free(&b);
+    rc = kdi_tch_key_of(t, &b, key, prompt_hash, canonical_out, e);
+    kdi_tch_built_free(&b);
     return rc;
 }
 
@@ -346,85 +346,85 @@ static void put_real17(kd_sb *b, double v)
 {
     char t[40];
     int n = snprintf(t, sizeof t, "%.17g", v);
-    kd_sb_put(b, t, (size_t)n);
+    kdi_sb_put(b, t, (size_t)n);
     if (!strpbrk(t, ".e"))
-        kd_sb_lit(b, ".0");
+        kdi_sb_lit(b, ".0");
 }
 
 /* The HTTP request body, written directly (parameters with defaults
    filled in; messages as given, or the one user message of a prompt). */
-char *kd_tch_request_body(kd_teacher *t, const built *b)
+char *kdi_tch_request_body(kd_teacher *t, const built *b)
 {
     const kd_teacher_params *p = &b->p;
     kd_sb o;
-    kd_sb_init(&o, KD_REQUEST_TEXT_MAX);
-    kd_sb_lit(&o, "{\"model\":");
+    kdi_sb_init(&o, KD_REQUEST_TEXT_MAX);
+    kdi_sb_lit(&o, "{\"model\":");
     put_jstr(&o, t->cfg.model, strlen(t->cfg.model));
     if (b->messages) {
-        kd_sb_lit(&o, ",\"messages\":");
+        kdi_sb_lit(&o, ",\"messages\":");
         char *m = json_dumps(b->messages, JSON_COMPACT | JSON_REAL_PRECISION(17));
         if (!m)
             o.err = KD_ENOMEM;
         else
-            kd_sb_put(&o, m, strlen(m));
+            kdi_sb_put(&o, m, strlen(m));
         free(m);
     } else {
-        kd_sb_lit(&o, ",\"prompt\":");
+        kdi_sb_lit(&o, ",\"prompt\":");
         put_jstr(&o, b->prompt, strlen(b->prompt));
     }
-    kd_sb_lit(&o, ",\"max_tokens\":");
-    kd_sb_json_int(&o, (int64_t)p->max_tokens);
-    kd_sb_lit(&o, ",\"temperature\":");
+    kdi_sb_lit(&o, ",\"max_tokens\":");
+    kdi_sb_json_int(&o, (int64_t)p->max_tokens);
+    kdi_sb_lit(&o, ",\"temperature\":");
     put_real17(&o, p->temperature);
-    kd_sb_lit(&o, ",\"top_p\":");
+    kdi_sb_lit(&o, ",\"top_p\":");
     put_real17(&o, p->top_p);
-    kd_sb_lit(&o, ",\"n\":");
-    kd_sb_json_int(&o, p->n);
+    kdi_sb_lit(&o, ",\"n\":");
+    kdi_sb_json_int(&o, p->n);
     if (p->has_seed) {
-        kd_sb_lit(&o, ",\"seed\":");
-        kd_sb_json_int(&o, (int64_t)p->seed);
+        kdi_sb_lit(&o, ",\"seed\":");
+        kdi_sb_json_int(&o, (int64_t)p->seed);
     }
     if (b->stop) {
-        kd_sb_lit(&o, ",\"stop\":");
+        kdi_sb_lit(&o, ",\"stop\":");
         char *st = json_dumps(b->stop, JSON_COMPACT | JSON_ENCODE_ANY);
         if (!st)
             o.err = KD_ENOMEM;
         else
-            kd_sb_put(&o, st, strlen(st));
+            kdi_sb_put(&o, st, strlen(st));
         free(st);
     }
     if (p->presence_penalty != 0 && isfinite(p->presence_penalty)) {
-        kd_sb_lit(&o, ",\"presence_penalty\":");
+        kdi_sb_lit(&o, ",\"presence_penalty\":");
         put_real17(&o, p->presence_penalty);
     }
     if (p->frequency_penalty != 0 && isfinite(p->frequency_penalty)) {
-        kd_sb_lit(&o, ",\"frequency_penalty\":");
+        kdi_sb_lit(&o, ",\"frequency_penalty\":");
         put_real17(&o, p->frequency_penalty);
     }
     if (t->cfg.endpoint == KD_TEACHER_CHAT) {
         if (p->logprobs)
-            kd_sb_lit(&o, ",\"logprobs\":true");
+            kdi_sb_lit(&o, ",\"logprobs\":true");
         else
-            kd_sb_lit(&o, ",\"logprobs\":false");
+            kdi_sb_lit(&o, ",\"logprobs\":false");
         if (p->logprobs) {
-            kd_sb_lit(&o, ",\"top_logprobs\":");
-            kd_sb_json_int(&o, p->top_logprobs);
+            kdi_sb_lit(&o, ",\"top_logprobs\":");
+            kdi_sb_json_int(&o, p->top_logprobs);
         }
     } else if (p->logprobs) {
-        kd_sb_lit(&o, ",\"logprobs\":");
-        kd_sb_json_int(&o, p->top_logprobs);
+        kdi_sb_lit(&o, ",\"logprobs\":");
+        kdi_sb_json_int(&o, p->top_logprobs);
     }
-    kd_sb_lit(&o, "}");
-    if (kd_sb_error(&o)) {
-        kd_sb_free(&o);
+    kdi_sb_lit(&o, "}");
+    if (kdi_sb_error(&o)) {
+        kdi_sb_free(&o);
         return NULL;
     }
-    return kd_sb_take(&o);
+    return kdi_sb_take(&o);
 }
 
 /* Worst case of one attempt: every prompt byte a token, plus per-message
    overhead; every choice uses max_tokens. */
-void kd_tch_worst_tokens(kd_teacher *t, const built *b, int64_t *in, int64_t *out)
+void kdi_tch_worst_tokens(kd_teacher *t, const built *b, int64_t *in, int64_t *out)
 {
     *in = (int64_t)b->prompt_bytes +
           t->cfg.per_message_token_overhead * (int64_t)(b->nmessages + 1);
@@ -432,9 +432,9 @@ void kd_tch_worst_tokens(kd_teacher *t, const built *b, int64_t *in, int64_t *ou
     *out = b->p.max_tokens > INT64_MAX / b->p.n ? INT64_MAX : b->p.max_tokens * (int64_t)b->p.n;
 }
 
-double kd_tch_worst_cost(kd_teacher *t, const built *b)
+double kdi_tch_worst_cost(kd_teacher *t, const built *b)
 {
     int64_t in, out;
-    kd_tch_worst_tokens(t, b, &in, &out);
+    kdi_tch_worst_tokens(t, b, &in, &out);
     return kd_price_cost(&t->cfg.price, in, out);
 }

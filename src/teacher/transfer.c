@@ -256,7 +256,7 @@ static void settle_paid_batch(kd_teacher *t, job **paid, size_t n, kd_api_respon
         /* A count the answer does not give is taken at its worst case (the
            one reserved): the ledger's spend never undercounts. */
         int64_t win, wout;
-        kd_tch_worst_tokens(t, &j->b, &win, &wout);
+        kdi_tch_worst_tokens(t, &j->b, &win, &wout);
         r->cost = kd_price_cost(&t->cfg.price, r->prompt_tokens >= 0 ? r->prompt_tokens : win,
                                 r->completion_tokens >= 0 ? r->completion_tokens : wout);
         event(t, KD_TEACHER_EV_RECEIVED, j);
@@ -345,12 +345,12 @@ static void settle_paid_batch(kd_teacher *t, job **paid, size_t n, kd_api_respon
             int len = snprintf(line, sizeof line,
                                "{\"op\":\"done\",\"id\":%lld,\"outcome\":\"paid\",\"amount\":%.9f}",
                                (long long)paid[k]->intent_id, paid[k]->res->cost);
-            kd_tch_intent_line(t, line, len);
+            kdi_tch_intent_line(t, line, len);
         }
         pthread_mutex_unlock(&t->mu);
     }
-    kd_tch_scrub(t, lmsg, sizeof lmsg);
-    kd_tch_scrub(t, cmsg, sizeof cmsg);
+    kdi_tch_scrub(t, lmsg, sizeof lmsg);
+    kdi_tch_scrub(t, cmsg, sizeof cmsg);
     for (size_t k = 0; k < n; k++) {
         if (lrc != KD_OK)
             job_finish(paid[k], lrc, "%s", lmsg);
@@ -368,9 +368,9 @@ static void attempt_failed(kd_teacher *t, job *j, kd_teacher_outcome out, long s
     kd_teacher_result *r = j->res;
     char msg[800];
     snprintf(msg, sizeof msg, "attempt %d of %d: %s", r->attempts, t->cfg.max_attempts, what);
-    kd_tch_scrub(t, msg, sizeof msg);
+    kdi_tch_scrub(t, msg, sizeof msg);
     snprintf(j->last_err, sizeof j->last_err, "%s", what);
-    kd_tch_scrub(t, j->last_err, sizeof j->last_err);
+    kdi_tch_scrub(t, j->last_err, sizeof j->last_err);
     if (possibly_billed)
         r->possibly_billed++;
     pthread_mutex_lock(&t->mu);
@@ -384,7 +384,7 @@ static void attempt_failed(kd_teacher *t, job *j, kd_teacher_outcome out, long s
                      "{\"op\":\"done\",\"id\":%lld,\"outcome\":\"%s\",\"amount\":%.9f}",
                      (long long)j->intent_id, possibly_billed ? "possibly_billed" : "not_billed",
                      possibly_billed ? j->reserve : 0.0);
-    kd_tch_intent_line(t, line, n);
+    kdi_tch_intent_line(t, line, n);
     if (possibly_billed)
         t->possibly_billed_cost += j->reserve;
     if (out == KD_OUT_QUOTA && !t->quota_exhausted) {
@@ -412,7 +412,7 @@ static void give_up(kd_teacher *t, job *j, int rc, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    kd_tch_scrub(t, msg, sizeof msg);
+    kdi_tch_scrub(t, msg, sizeof msg);
     job_finish(j, rc, "%s", msg);
 }
 
@@ -508,7 +508,7 @@ static int handle_done(kd_teacher *t, job *j, xfers *x, CURLcode cres)
         delay = asked;
     } else {
         pthread_mutex_lock(&t->mu);
-        double u = kd_tch_rng_uniform(t);
+        double u = kdi_tch_rng_uniform(t);
         pthread_mutex_unlock(&t->mu);
         delay = kd_teacher_backoff_ms(r->attempts - 1, t->cfg.base_delay_ms,
                                       t->cfg.max_delay_ms, u);
@@ -563,8 +563,8 @@ static int admit(kd_teacher *t, job *j)
                          "{\"op\":\"send\",\"id\":%lld,\"key\":\"%s\",\"reserved\":%.9f,"
                          "\"ledger_offset\":%llu,\"time\":%.6f}",
                          (long long)j->intent_id, j->res->key, j->reserve,
-                         (unsigned long long)kd_tch_ledger_size(t), kd_now());
-        rc = kd_tch_intent_line(t, line, n);
+                         (unsigned long long)kdi_tch_ledger_size(t), kd_now());
+        rc = kdi_tch_intent_line(t, line, n);
     }
     char em[KD_ERRMSG_MAX];
     snprintf(em, sizeof em, "%s", t->err.msg);
@@ -629,23 +629,23 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
         j->deadline = now + t->cfg.deadline_s;
         kd_err e;
         kd_err_clear(&e);
-        int rc = kd_tch_build(t, &reqs[i], &j->b, &e);
+        int rc = kdi_tch_build(t, &reqs[i], &j->b, &e);
         if (rc == KD_OK)
-            rc = kd_tch_key_of(t, &j->b, res[i].key, res[i].prompt_hash, &j->canon, &e);
+            rc = kdi_tch_key_of(t, &j->b, res[i].key, res[i].prompt_hash, &j->canon, &e);
         if (rc != KD_OK) {
-            kd_tch_scrub(t, e.msg, sizeof e.msg);
+            kdi_tch_scrub(t, e.msg, sizeof e.msg);
             job_finish(j, rc, "%s", e.msg);
             continue;
         }
         if (try_cache(t, j, 0))
             continue;
-        j->body = kd_tch_request_body(t, &j->b);
+        j->body = kdi_tch_request_body(t, &j->b);
         if (!j->body) {
             job_finish(j, KD_ENOMEM, "teacher: cannot build the request body (out of memory, "
                                      "or the model name is not UTF-8)");
             continue;
         }
-        j->reserve = kd_tch_worst_cost(t, &j->b);
+        j->reserve = kdi_tch_worst_cost(t, &j->b);
         j->state = J_WAIT;
         j->next_at = now;
         remaining++;
@@ -779,7 +779,7 @@ int kd_teacher_ask_many(kd_teacher *t, const kd_teacher_request *reqs, size_t n,
         end_transfer(j, &x);
         if (j->reserved)
             kd_budget_release(t->budget, j->reserve);
-        kd_tch_built_free(&j->b);
+        kdi_tch_built_free(&j->b);
         free(j->body);
         free(j->canon);
         free(j->resp);

@@ -27,15 +27,15 @@ static void dump_value(kd_sb *out, const json_t *v)
 {
     char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_SORT_KEYS);
     if (!s) {
-        kd_sb_puts(out, "?");
+        kdi_sb_puts(out, "?");
         return;
     }
     size_t n = strlen(s);
     if (n > 100) { /* long enough for a quoted SHA-256 */
-        kd_sb_put(out, s, 97);
-        kd_sb_puts(out, "...");
+        kdi_sb_put(out, s, 97);
+        kdi_sb_puts(out, "...");
     } else {
-        kd_sb_put(out, s, n);
+        kdi_sb_put(out, s, n);
     }
     free(s);
 }
@@ -78,37 +78,37 @@ static int diff_rec(const json_t *a, const json_t *b, char *path, size_t plen, k
         return 0;
     (*lines)++;
     if (*lines == 40) {
-        kd_sb_puts(out, "  ... (more)\n");
+        kdi_sb_puts(out, "  ... (more)\n");
         return 0;
     }
     if (!a) {
-        kd_sb_printf(out, "  + %s = ", path);
+        kdi_sb_printf(out, "  + %s = ", path);
         dump_value(out, b);
     } else if (!b) {
-        kd_sb_printf(out, "  - %s (was ", path);
+        kdi_sb_printf(out, "  - %s (was ", path);
         dump_value(out, a);
-        kd_sb_putc(out, ')');
+        kdi_sb_putc(out, ')');
     } else {
-        kd_sb_printf(out, "  %s: ", path);
+        kdi_sb_printf(out, "  %s: ", path);
         dump_value(out, a);
-        kd_sb_puts(out, " -> ");
+        kdi_sb_puts(out, " -> ");
         dump_value(out, b);
     }
-    kd_sb_putc(out, '\n');
+    kdi_sb_putc(out, '\n');
     return 0;
 }
 
-void kd_trk_config_diff(const json_t *old_cfg, const json_t *new_cfg, kd_sb *out)
+void kdi_trk_config_diff(const json_t *old_cfg, const json_t *new_cfg, kd_sb *out)
 {
     if (!old_cfg) {
-        kd_sb_puts(out, "  (the old session did not record its config)\n");
+        kdi_sb_puts(out, "  (the old session did not record its config)\n");
         return;
     }
     char path[1024] = "";
     int lines = 0;
     diff_rec(old_cfg, new_cfg, path, sizeof path, out, &lines);
     if (lines == 0)
-        kd_sb_puts(out, "  (no key differs; only the hash recipe did)\n");
+        kdi_sb_puts(out, "  (no key differs; only the hash recipe did)\n");
 }
 
 static int move_into(kd_tracker *t, const char *dest, const char *rel, int *moved)
@@ -116,7 +116,7 @@ static int move_into(kd_tracker *t, const char *dest, const char *rel, int *move
     char from[PATH_MAX], to[PATH_MAX];
     if (snprintf(from, sizeof from, "%s/%s", t->dir, rel) >= (int)sizeof from ||
         snprintf(to, sizeof to, "%s/%s", dest, rel) >= (int)sizeof to)
-        return kd_trk_fail(t, KD_ELIMIT, "path too long: %s/%s", t->dir, rel);
+        return kdi_trk_fail(t, KD_ELIMIT, "path too long: %s/%s", t->dir, rel);
     if (!kd_path_exists(from))
         return KD_OK;
     char parent[PATH_MAX];
@@ -129,16 +129,16 @@ static int move_into(kd_tracker *t, const char *dest, const char *rel, int *move
             return rc;
     }
     if (kd_path_exists(to))
-        return kd_trk_fail(t, KD_EIO,
+        return kdi_trk_fail(t, KD_EIO,
                            "cannot archive %s: %s already exists; move one of them by hand",
                            from, to);
-    if (kd_sys_rename(from, to) != 0)
+    if (kdi_sys_rename(from, to) != 0)
         return kd_err_sys(&t->err, KD_EIO, errno, "cannot move %s to %s", from, to);
     (*moved)++;
     return KD_OK;
 }
 
-int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
+int kdi_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
 {
     char dest[PATH_MAX];
     char name[96];
@@ -151,7 +151,7 @@ int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
         strftime(name, sizeof name, "orphaned_%Y%m%d_%H%M%S", &tm);
     }
     if (snprintf(dest, sizeof dest, "%s/sessions/%s", t->dir, name) >= (int)sizeof dest)
-        return kd_trk_fail(t, KD_ELIMIT, "archive path too long under %s", t->dir);
+        return kdi_trk_fail(t, KD_ELIMIT, "archive path too long under %s", t->dir);
     int rc = kd_mkdir_p(dest, &t->err);
     if (rc != KD_OK)
         return rc;
@@ -160,7 +160,7 @@ int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
     /* The old session's checkpoint files go with it, or the new session's
        checkpoints of the same name would overwrite them. */
     char cpath[PATH_MAX];
-    rc = kd_trk_path(t, F_CKPTS, cpath, sizeof cpath);
+    rc = kdi_trk_path(t, F_CKPTS, cpath, sizeof cpath);
     if (rc != KD_OK)
         return rc;
     char *text = NULL;
@@ -186,14 +186,14 @@ int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
         json_object_foreach(cks, k, v)
         {
             const char *rel = json_string_value(json_object_get(v, "relative_path"));
-            if (kd_trk_rel_path_ok(rel) && (rc = move_into(t, dest, rel, &moved)) != KD_OK)
+            if (kdi_trk_rel_path_ok(rel) && (rc = move_into(t, dest, rel, &moved)) != KD_OK)
                 break;
         }
     } else if (json_is_array(cks)) {
         json_array_foreach(cks, ai, v)
         {
             const char *rel = json_string_value(json_object_get(v, "relative_path"));
-            if (kd_trk_rel_path_ok(rel) && (rc = move_into(t, dest, rel, &moved)) != KD_OK)
+            if (kdi_trk_rel_path_ok(rel) && (rc = move_into(t, dest, rel, &moved)) != KD_OK)
                 break;
         }
     }
@@ -203,8 +203,8 @@ int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
 
     /* Every file the registry marks as the session's (tracker/run.h): a
        file a layer adds there is archived with no change here. */
-    for (size_t i = 0; i < kd_run_nfiles; i++) {
-        const kd_run_file *f = &kd_run_files[i];
+    for (size_t i = 0; i < kdi_run_nfiles; i++) {
+        const kd_run_file *f = &kdi_run_files[i];
         if (!(f->flags & KD_RUN_ARCHIVE) || (f->flags & KD_RUN_PATTERN) ||
             strcmp(f->name, F_SESSION) == 0)
             continue;
@@ -215,7 +215,7 @@ int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
     if (d) {
         struct dirent *de;
         while ((de = readdir(d)) != NULL) {
-            const kd_run_file *f = kd_run_lookup(de->d_name);
+            const kd_run_file *f = kdi_run_lookup(de->d_name);
             if (f && (f->flags & KD_RUN_PATTERN) && (f->flags & KD_RUN_ARCHIVE) &&
                 (rc = move_into(t, dest, de->d_name, &moved)) != KD_OK)
                 break;
@@ -233,7 +233,7 @@ int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session)
         rc = kd_fsync_dir(t->dir, &t->err);
     if (rc != KD_OK)
         return rc;
-    kd_sb_printf(&t->report, "archived %s to %s (%d files; nothing deleted)\n",
+    kdi_sb_printf(&t->report, "archived %s to %s (%d files; nothing deleted)\n",
                  old_id ? old_id : "files left without a session.json", dest, moved);
     return KD_OK;
 }

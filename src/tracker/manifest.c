@@ -28,7 +28,7 @@
 
 /* Is `rel` a relative path that stays inside the directory?  The one rule
    for every manifest path, shared with verify.c. */
-int kd_trk_rel_path_ok(const char *rel)
+int kdi_trk_rel_path_ok(const char *rel)
 {
     if (!rel || !*rel || rel[0] == '/')
         return 0;
@@ -53,12 +53,12 @@ static int is_hex_n(const char *s, size_t n)
     return 1;
 }
 
-int kd_trk_is_hex32(const char *s)
+int kdi_trk_is_hex32(const char *s)
 {
     return is_hex_n(s, 32);
 }
 
-int kd_trk_ck_hash_check(const ckrec *c, const char *path, const char **algo, kd_err *e)
+int kdi_trk_ck_hash_check(const ckrec *c, const char *path, const char **algo, kd_err *e)
 {
     if (c->xxh3[0]) {
         char hex[KD_XXH3_HEX];
@@ -74,7 +74,7 @@ int kd_trk_ck_hash_check(const ckrec *c, const char *path, const char **algo, kd
     return strcmp(hex, c->sha256) != 0;
 }
 
-int kd_trk_is_hex64(const char *s)
+int kdi_trk_is_hex64(const char *s)
 {
     if (!s || strlen(s) != 64)
         return 0;
@@ -92,13 +92,13 @@ static int parse_ck(kd_tracker *t, const char *file, const char *key, json_t *o,
     do {                                                                                           \
         char why_[256];                                                                            \
         snprintf(why_, sizeof why_, __VA_ARGS__);                                                  \
-        kd_trk_ck_free(c);                                                                         \
-        return kd_trk_fail(t, KD_ECORRUPT, "%s: checkpoints[\"%s\"]: %s; nothing was changed",     \
+        kdi_trk_ck_free(c);                                                                         \
+        return kdi_trk_fail(t, KD_ECORRUPT, "%s: checkpoints[\"%s\"]: %s; nothing was changed",     \
                            file, key, why_);                                                       \
     } while (0)
     if (!json_is_object(o))
         BAD("not an object");
-    if (kd_trk_json_int(o, "checkpoint_step", &c->step) != 0 || c->step < 0)
+    if (kdi_trk_json_int(o, "checkpoint_step", &c->step) != 0 || c->step < 0)
         BAD("'checkpoint_step' must be an integer >= 0");
     const char *rel = json_string_value(json_object_get(o, "relative_path"));
     const char *abs = json_string_value(json_object_get(o, "checkpoint_path"));
@@ -108,7 +108,7 @@ static int parse_ck(kd_tracker *t, const char *file, const char *key, json_t *o,
         if (strncmp(abs, t->dir, dl) == 0 && abs[dl] == '/')
             rel = abs + dl + 1;
     }
-    if (!kd_trk_rel_path_ok(rel))
+    if (!kdi_trk_rel_path_ok(rel))
         BAD("'relative_path' %s%s%s points outside the output directory", rel ? "\"" : "",
             rel ? rel : "(missing)", rel ? "\"" : "");
     c->rel = strdup(rel);
@@ -118,18 +118,18 @@ static int parse_ck(kd_tracker *t, const char *file, const char *key, json_t *o,
     if (!c->rel || !c->resolved || (abs && !c->abs))
         BAD("out of memory");
     snprintf(c->resolved, rl, "%s/%s", t->dir, rel);
-    if (kd_trk_json_int(o, "dataset_position", &c->dataset_position) != 0)
+    if (kdi_trk_json_int(o, "dataset_position", &c->dataset_position) != 0)
         BAD("'dataset_position' must be an integer");
     double ca;
-    if (kd_trk_json_num_or_null(o, "created_at", &ca) != 0)
+    if (kdi_trk_json_num_or_null(o, "created_at", &ca) != 0)
         BAD("'created_at' must be a number");
     c->created_at = isfinite(ca) ? ca : 0;
     /* at least one of the two; "sha256" alone is a record from before XXH3 */
     json_t *shax = json_object_get(o, "sha256"), *xxhx = json_object_get(o, "xxh3_128");
     const char *sha = json_string_value(shax), *xxh = json_string_value(xxhx);
-    if (shax && !kd_trk_is_hex64(sha))
+    if (shax && !kdi_trk_is_hex64(sha))
         BAD("'sha256' must be 64 lowercase hex digits");
-    if (xxhx && !kd_trk_is_hex32(xxh))
+    if (xxhx && !kdi_trk_is_hex32(xxh))
         BAD("'xxh3_128' must be 32 lowercase hex digits");
     if (!shax && !xxhx)
         BAD("'xxh3_128' (or, from older versions, 'sha256') is missing");
@@ -137,7 +137,7 @@ static int parse_ck(kd_tracker *t, const char *file, const char *key, json_t *o,
         memcpy(c->sha256, sha, KD_SHA256_HEX);
     if (xxh)
         memcpy(c->xxh3, xxh, KD_XXH3_HEX);
-    if (kd_trk_json_int(o, "size", &c->size) != 0 || c->size < 0)
+    if (kdi_trk_json_int(o, "size", &c->size) != 0 || c->size < 0)
         BAD("'size' must be an integer >= 0");
     json_t *tags = json_object_get(o, "recovery_tags");
     if (tags && !json_is_array(tags))
@@ -162,9 +162,9 @@ static int parse_ck(kd_tracker *t, const char *file, const char *key, json_t *o,
     json_t *m = json_object_get(o, "metrics");
     if (m && !json_is_object(m))
         BAD("'metrics' must be an object");
-    if (kd_trk_json_num_or_null(m, "loss", &c->loss) != 0 ||
-        kd_trk_json_num_or_null(m, "wall_clock_hours", &c->wall_clock_hours) != 0 ||
-        kd_trk_json_num_or_null(m, "active_hours", &c->active_hours) != 0)
+    if (kdi_trk_json_num_or_null(m, "loss", &c->loss) != 0 ||
+        kdi_trk_json_num_or_null(m, "wall_clock_hours", &c->wall_clock_hours) != 0 ||
+        kdi_trk_json_num_or_null(m, "active_hours", &c->active_hours) != 0)
         BAD("'metrics' values must be numbers or null");
     json_t *del = json_object_get(o, "deleted");
     if (del && !json_is_boolean(del))
@@ -174,9 +174,9 @@ static int parse_ck(kd_tracker *t, const char *file, const char *key, json_t *o,
     if (why && !(c->deleted_reason = strdup(why)))
         BAD("out of memory");
 #undef BAD
-    if (kd_trk_ck_frag(c) != KD_OK) {
-        kd_trk_ck_free(c);
-        return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+    if (kdi_trk_ck_frag(c) != KD_OK) {
+        kdi_trk_ck_free(c);
+        return kdi_trk_fail(t, KD_ENOMEM, "out of memory");
     }
     return KD_OK;
 }
@@ -187,19 +187,19 @@ static int ck_cmp(const void *a, const void *b)
     return x->step < y->step ? -1 : x->step > y->step;
 }
 
-int kd_trk_load_ck_object(kd_tracker *t, const char *file, json_t *cks)
+int kdi_trk_load_ck_object(kd_tracker *t, const char *file, json_t *cks)
 {
     if (!cks || json_is_null(cks))
         return KD_OK;
     size_t n = json_is_object(cks) ? json_object_size(cks) : json_is_array(cks) ? json_array_size(cks) : (size_t)-1;
     if (n == (size_t)-1)
-        return kd_trk_fail(t, KD_ECORRUPT, "%s: 'checkpoints' must be an object; nothing was changed",
+        return kdi_trk_fail(t, KD_ECORRUPT, "%s: 'checkpoints' must be an object; nothing was changed",
                            file);
     if (n > 10000000)
-        return kd_trk_fail(t, KD_ELIMIT, "%s: too many checkpoints", file);
+        return kdi_trk_fail(t, KD_ELIMIT, "%s: too many checkpoints", file);
     t->ck = n ? calloc(n, sizeof *t->ck) : NULL;
     if (n && !t->ck)
-        return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+        return kdi_trk_fail(t, KD_ENOMEM, "out of memory");
     t->capck = n;
     const char *key;
     json_t *v;
@@ -227,15 +227,15 @@ int kd_trk_load_ck_object(kd_tracker *t, const char *file, json_t *cks)
         qsort(t->ck, t->nck, sizeof *t->ck, ck_cmp);
     for (size_t i = 1; i < t->nck; i++)
         if (t->ck[i].step == t->ck[i - 1].step)
-            return kd_trk_fail(t, KD_ECORRUPT, "%s: two checkpoints at step %lld; nothing was changed",
+            return kdi_trk_fail(t, KD_ECORRUPT, "%s: two checkpoints at step %lld; nothing was changed",
                                file, (long long)t->ck[i].step);
     return KD_OK;
 }
 
-int kd_trk_load_checkpoints(kd_tracker *t)
+int kdi_trk_load_checkpoints(kd_tracker *t)
 {
     char path[PATH_MAX];
-    int prc = kd_trk_path(t, F_CKPTS, path, sizeof path);
+    int prc = kdi_trk_path(t, F_CKPTS, path, sizeof path);
     if (prc != KD_OK)
         return prc;
     char *text = NULL;
@@ -250,13 +250,13 @@ int kd_trk_load_checkpoints(kd_tracker *t)
     free(text);
     if (!json_is_object(doc)) {
         json_decref(doc);
-        return kd_trk_fail(t, KD_ECORRUPT,
+        return kdi_trk_fail(t, KD_ECORRUPT,
                            "%s is not valid (line %d: %s); nothing was changed. The same records "
                            "are in session.json's \"checkpoints\": restore checkpoints.json from "
                            "it, or move it aside to use them",
                            path, doc ? 1 : je.line, doc ? "not a JSON object" : je.text);
     }
-    rc = kd_trk_load_ck_object(t, path, json_object_get(doc, "checkpoints"));
+    rc = kdi_trk_load_ck_object(t, path, json_object_get(doc, "checkpoints"));
     /* where the reopen may start reading the deleted journal (a hint: one
        that does not fit the journal only means reading it all) */
     json_t *dj = json_object_get(doc, "deleted_journal");
@@ -265,7 +265,7 @@ int kd_trk_load_checkpoints(kd_tracker *t)
     t->dj_hint = 0;
     if (json_is_integer(db) && json_is_integer(dl) && json_integer_value(db) >= 0 &&
         json_integer_value(dl) >= 0 && json_integer_value(dl) <= json_integer_value(db) &&
-        (json_integer_value(db) == 0 || (dp && kd_trk_is_hex64(dp)))) {
+        (json_integer_value(db) == 0 || (dp && kdi_trk_is_hex64(dp)))) {
         t->dj_hint = 1;
         t->dj_hint_bytes = (uint64_t)json_integer_value(db);
         t->dj_hint_lines = json_integer_value(dl);
@@ -296,10 +296,10 @@ static int same_record(const ckrec *a, const ckrec *b)
     return strcmp(a->sha256, b->sha256) == 0;
 }
 
-int kd_trk_load_deleted_journal(kd_tracker *t)
+int kdi_trk_load_deleted_journal(kd_tracker *t)
 {
     char path[PATH_MAX];
-    int prc = kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
+    int prc = kdi_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
     if (prc != KD_OK)
         return prc;
     kd_jsonl_reader *r = NULL;
@@ -313,7 +313,7 @@ int kd_trk_load_deleted_journal(kd_tracker *t)
         return KD_OK;
     }
     if (rc != KD_OK)
-        return kd_trk_fail(t, rc, "%s", e.msg);
+        return kdi_trk_fail(t, rc, "%s", e.msg);
     /* O(1): start where the manifest says the lines it cannot match end,
        when the journal still holds those bytes there (write_checkpoints) */
     uint64_t from = 0;
@@ -322,11 +322,11 @@ int kd_trk_load_deleted_journal(kd_tracker *t)
         struct stat st;
         char hex[KD_SHA256_HEX];
         if (stat(path, &st) == 0 && (uint64_t)st.st_size >= t->dj_hint_bytes &&
-            kd_trk_tail_print(path, t->dj_hint_bytes, hex) == 0 && strcmp(hex, t->dj_hint_print) == 0) {
+            kdi_trk_tail_print(path, t->dj_hint_bytes, hex) == 0 && strcmp(hex, t->dj_hint_print) == 0) {
             from = t->dj_hint_bytes;
             from_line = t->dj_hint_lines;
         } else {
-            kd_sb_printf(&t->report,
+            kdi_sb_printf(&t->report,
                          "%s does not hold the %llu bytes checkpoints.json counted in it; read "
                          "it from the start\n",
                          F_CKPTS_DELETED, (unsigned long long)t->dj_hint_bytes);
@@ -334,7 +334,7 @@ int kd_trk_load_deleted_journal(kd_tracker *t)
     }
     if (from > 0 && (rc = kd_jsonl_reader_seek(r, from, from_line + 1, &e)) != KD_OK) {
         kd_jsonl_reader_close(r);
-        return kd_trk_fail(t, rc, "%s", e.msg);
+        return kdi_trk_fail(t, rc, "%s", e.msg);
     }
     uint64_t end = from;
     int64_t nlines = from_line;
@@ -361,7 +361,7 @@ int kd_trk_load_deleted_journal(kd_tracker *t)
             if (m->journaled || !same_record(m, &c))
                 continue;
             if (!m->deleted) {
-                kd_sb_printf(&t->report,
+                kdi_sb_printf(&t->report,
                              "checkpoint at step %lld (%s) is in %s line %lld: it was deleted "
                              "and a crash came before the manifest was rewritten; it is no "
                              "longer offered (a writer's reopen drops it from the manifest)\n",
@@ -369,9 +369,9 @@ int kd_trk_load_deleted_journal(kd_tracker *t)
                              (long long)kd_jsonl_reader_lineno(r));
                 char *why = c.deleted_reason ? strdup(c.deleted_reason) : strdup("retention");
                 if (!why) {
-                    kd_trk_ck_free(&c);
+                    kdi_trk_ck_free(&c);
                     kd_jsonl_reader_close(r);
-                    return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+                    return kdi_trk_fail(t, KD_ENOMEM, "out of memory");
                 }
                 m->deleted = 1;
                 free(m->deleted_reason);
@@ -389,9 +389,9 @@ int kd_trk_load_deleted_journal(kd_tracker *t)
                 size_t nc = t->capck ? t->capck * 2 : 16;
                 ckrec *n = realloc(t->ck, nc * sizeof *n);
                 if (!n) {
-                    kd_trk_ck_free(&c);
+                    kdi_trk_ck_free(&c);
                     kd_jsonl_reader_close(r);
-                    return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+                    return kdi_trk_fail(t, KD_ENOMEM, "out of memory");
                 }
                 t->ck = n;
                 t->capck = nc;
@@ -404,11 +404,11 @@ int kd_trk_load_deleted_journal(kd_tracker *t)
             qsort(t->ck, t->nck, sizeof *t->ck, ck_cmp);
             continue;
         }
-        kd_trk_ck_free(&c);
+        kdi_trk_ck_free(&c);
     }
     kd_jsonl_reader_close(r);
     if (rc < 0) /* a torn last line was never durable: its record is still live */
-        kd_sb_printf(&t->report, "%s: read up to the damage only (%s); kdkit verify shows it\n",
+        kdi_sb_printf(&t->report, "%s: read up to the damage only (%s); kdkit verify shows it\n",
                      F_CKPTS_DELETED, e.msg);
     else {
         t->dj_known = 1;

@@ -39,7 +39,7 @@ static int back_open(back *b, const char *path, uint64_t *size_out)
 {
     memset(b, 0, sizeof *b);
     b->max_line = 64u << 20;
-    b->fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
+    b->fd = kdi_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
     if (b->fd < 0)
         return errno == ENOENT ? KD_ENOTFOUND : KD_EIO;
     struct stat st;
@@ -97,7 +97,7 @@ static int back_prev(back *b, const char **line, size_t *len, uint64_t *off)
             return KD_ENOMEM;
         if (have)
             memcpy(nb + grow, b->buf, have);
-        ssize_t got = kd_sys_pread(b->fd, nb, grow, (off_t)(b->bstart - grow));
+        ssize_t got = kdi_sys_pread(b->fd, nb, grow, (off_t)(b->bstart - grow));
         if (got != (ssize_t)grow) {
             free(nb);
             return KD_EIO;
@@ -114,7 +114,7 @@ static int back_prev(back *b, const char **line, size_t *len, uint64_t *off)
 static double metric_loss(const json_t *o)
 {
     double l;
-    if (kd_trk_json_num_or_null(o, "loss", &l) != 0)
+    if (kdi_trk_json_num_or_null(o, "loss", &l) != 0)
         return NAN;
     const char *nf = json_string_value(json_object_get(o, "loss_nonfinite"));
     if (nf)
@@ -122,7 +122,7 @@ static double metric_loss(const json_t *o)
     return isnan(l) ? KD_UNSET : l;
 }
 
-int kd_trk_find_cut(kd_tracker *t, const char *path, int64_t step, uint64_t *cut, int64_t *moved)
+int kdi_trk_find_cut(kd_tracker *t, const char *path, int64_t step, uint64_t *cut, int64_t *moved)
 {
     back b;
     uint64_t size;
@@ -141,9 +141,9 @@ int kd_trk_find_cut(kd_tracker *t, const char *path, int64_t step, uint64_t *cut
     while ((rc = back_prev(&b, &line, &len, &off)) == 1) {
         json_t *o = json_loadb(line, len, 0, NULL);
         int64_t s;
-        if (!o || kd_trk_json_int(o, "step", &s) != 0) {
+        if (!o || kdi_trk_json_int(o, "step", &s) != 0) {
             json_decref(o);
-            rc = kd_trk_fail(t, KD_ECORRUPT,
+            rc = kdi_trk_fail(t, KD_ECORRUPT,
                              "%s: the line at byte offset %llu has no integer 'step'; run "
                              "'kdkit verify %s' for the line number and how to repair it",
                              path, (unsigned long long)off, t->dir);
@@ -161,14 +161,14 @@ int kd_trk_find_cut(kd_tracker *t, const char *path, int64_t step, uint64_t *cut
         rc = KD_OK;
     back_close(&b);
     if (rc < 0 && t->err.code != rc)
-        kd_trk_fail(t, rc, "%s: cannot read backwards (%s)", path, kd_strerror(rc));
+        kdi_trk_fail(t, rc, "%s: cannot read backwards (%s)", path, kd_strerror(rc));
     return rc;
 }
 
-int kd_trk_scan_metrics_tail(kd_tracker *t)
+int kdi_trk_scan_metrics_tail(kd_tracker *t)
 {
     char path[PATH_MAX];
-    int prc = kd_trk_path(t, F_METRICS, path, sizeof path);
+    int prc = kdi_trk_path(t, F_METRICS, path, sizeof path);
     if (prc != KD_OK)
         return prc;
     back b;
@@ -191,20 +191,20 @@ int kd_trk_scan_metrics_tail(kd_tracker *t)
         if (first && size > 0 && off + len == size) {
             /* no final newline: a torn line (read-only views see it) */
             first = 0;
-            kd_sb_printf(&t->report, "metrics.jsonl ends in a torn line (%zu bytes), ignored\n", len);
+            kdi_sb_printf(&t->report, "metrics.jsonl ends in a torn line (%zu bytes), ignored\n", len);
             continue;
         }
         json_t *o = json_loadb(line, len, 0, NULL);
         if (!o && first && t->readonly) {
             first = 0;
-            kd_sb_printf(&t->report, "metrics.jsonl's last line is not valid JSON, ignored\n");
+            kdi_sb_printf(&t->report, "metrics.jsonl's last line is not valid JSON, ignored\n");
             continue;
         }
         first = 0;
         int64_t step;
-        if (!o || kd_trk_json_int(o, "step", &step) != 0) {
+        if (!o || kdi_trk_json_int(o, "step", &step) != 0) {
             json_decref(o);
-            rc = kd_trk_fail(t, KD_ECORRUPT,
+            rc = kdi_trk_fail(t, KD_ECORRUPT,
                              "%s: the line at byte offset %llu is not a metrics record; run "
                              "'kdkit verify %s' for the line number and how to repair it",
                              path, (unsigned long long)off, t->dir);
@@ -216,7 +216,7 @@ int kd_trk_scan_metrics_tail(kd_tracker *t)
                ones in between twice. */
             json_decref(o);
             if (t->readonly) {
-                kd_sb_printf(&t->report,
+                kdi_sb_printf(&t->report,
                              "metrics.jsonl: step %lld at byte offset %llu is not below the "
                              "step %lld after it (kdkit verify %s)\n",
                              (long long)step, (unsigned long long)off, (long long)newer_step,
@@ -225,7 +225,7 @@ int kd_trk_scan_metrics_tail(kd_tracker *t)
                 break;
             }
             back_close(&b);
-            return kd_trk_fail(t, KD_ECORRUPT,
+            return kdi_trk_fail(t, KD_ECORRUPT,
                                "%s: the line at byte offset %llu has step %lld, not below step "
                                "%lld on the line after it (steps must strictly increase); "
                                "nothing was changed. Run 'kdkit verify %s' for the line numbers "
@@ -238,16 +238,16 @@ int kd_trk_scan_metrics_tail(kd_tracker *t)
             found = 1;
             int64_t v;
             t->steps_completed = step;
-            if (kd_trk_json_int(o, "samples_processed", &v) == 0)
+            if (kdi_trk_json_int(o, "samples_processed", &v) == 0)
                 t->samples_processed = v;
-            if (kd_trk_json_int(o, "tokens_processed", &v) == 0)
+            if (kdi_trk_json_int(o, "tokens_processed", &v) == 0)
                 t->tokens_processed = v;
             t->last_loss = metric_loss(o);
             if (t->last_loss == KD_UNSET)
                 t->last_loss = NAN;
-            kd_trk_json_num_or_null(o, "learning_rate", &t->last_lr);
+            kdi_trk_json_num_or_null(o, "learning_rate", &t->last_lr);
             double ts;
-            if (kd_trk_json_num_or_null(o, "timestamp", &ts) == 0 && isfinite(ts))
+            if (kdi_trk_json_num_or_null(o, "timestamp", &ts) == 0 && isfinite(ts))
                 t->last_metric_time = ts;
         }
         double l = metric_loss(o);
@@ -257,7 +257,7 @@ int kd_trk_scan_metrics_tail(kd_tracker *t)
     }
     back_close(&b);
     if (rc < 0)
-        return kd_trk_fail(t, rc, "%s: cannot read its tail (%s)", path, kd_strerror(rc));
+        return kdi_trk_fail(t, rc, "%s: cannot read its tail (%s)", path, kd_strerror(rc));
     if (!found) {
         t->steps_completed = 0;
         t->samples_processed = t->tokens_processed = 0;
@@ -265,7 +265,7 @@ int kd_trk_scan_metrics_tail(kd_tracker *t)
         t->last_metric_time = 0;
     }
     for (size_t i = n; i-- > 0;)
-        kd_trk_loss_push(t, newest_first[i]);
+        kdi_trk_loss_push(t, newest_first[i]);
     return KD_OK;
 }
 static double num_field(const json_t *o, const char *k, double dflt)
@@ -280,15 +280,15 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
                        int64_t *lines, double *cost_sum, int64_t *billed, const char *flag_key,
                        double *last_time, const char *time_key)
 {
-    const kd_run_file *reg = kd_run_lookup(name);
+    const kd_run_file *reg = kdi_run_lookup(name);
     char path[PATH_MAX];
-    int prc = kd_trk_path(t, name, path, sizeof path);
+    int prc = kdi_trk_path(t, name, path, sizeof path);
     if (prc != KD_OK)
         return prc;
     struct stat st;
     if (stat(path, &st) != 0) {
         if (*lines > 0) /* the counts are kept: the spend still counts */
-            kd_sb_printf(&t->report,
+            kdi_sb_printf(&t->report,
                          "%s is missing, but session.json counts %lld lines in it; the counts "
                          "are kept (restore the file from a backup)\n",
                          name, (long long)*lines);
@@ -302,13 +302,13 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
     if ((uint64_t)st.st_size < offset)
         why = "is shorter than when session.json was saved";
     else if (offset > 0 && print) {
-        if (kd_trk_tail_print(path, offset, hex) != 0)
+        if (kdi_trk_tail_print(path, offset, hex) != 0)
             return kd_err_sys(&t->err, KD_EIO, errno, "cannot read %s", path);
         if (strcmp(hex, print) != 0)
             why = "was edited before the point session.json last counted";
     }
     if (why) {
-        kd_sb_printf(&t->report, "%s %s; counted it again from the start\n", name, why);
+        kdi_sb_printf(&t->report, "%s %s; counted it again from the start\n", name, why);
         offset = 0;
         *lines = 0;
         if (cost_sum)
@@ -332,13 +332,13 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
         if (!json_is_object(o) || (reg && reg->validate && reg->validate(o, bad, sizeof bad))) {
             json_decref(o);
             if (t->readonly) { /* a live writer's torn tail, or damage: not counted */
-                kd_sb_printf(&t->report, "%s line %lld: %s; not counted (kdkit verify %s)\n",
+                kdi_sb_printf(&t->report, "%s line %lld: %s; not counted (kdkit verify %s)\n",
                              name, (long long)kd_jsonl_reader_lineno(r), bad, t->dir);
                 continue;
             }
             /* The same rule as kdkit verify's: a record it would flag is
                never counted (a negative cost would lift the budget cap). */
-            rc = kd_trk_fail(t, KD_ECORRUPT,
+            rc = kdi_trk_fail(t, KD_ECORRUPT,
                              "%s line %lld (byte offset %llu): %s; nothing was changed. Move that "
                              "line out of the file (kdkit verify %s prints the command; keep a "
                              "copy: it may be a paid record), then reopen",
@@ -361,14 +361,14 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
     kd_jsonl_reader_close(r);
     if (why && rc >= 0 && *lines < old_lines) {
         /* lines were lost, not appended: say how many, never recount in silence */
-        kd_sb_printf(&t->report,
+        kdi_sb_printf(&t->report,
                      "%s lost %lld of the %lld lines session.json counted (%llu bytes then, "
                      "%lld now)%s",
                      name, (long long)(old_lines - *lines), (long long)old_lines,
                      (unsigned long long)old_bytes, (long long)st.st_size,
                      cost_sum ? "" : "\n");
         if (cost_sum)
-            kd_sb_printf(&t->report,
+            kdi_sb_printf(&t->report,
                          "; the spend counted drops from %.6f to %.6f. Restore the file from a "
                          "backup if you have one; the teacher cache still holds the responses "
                          "it cached (kdkit cache rebuild refiles what the ledger still has)\n",
@@ -377,10 +377,10 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
     return rc < 0 ? rc : KD_OK;
 }
 
-int kd_trk_load(kd_tracker *t, json_t *s)
+int kdi_trk_load(kd_tracker *t, json_t *s)
 {
     char spath[PATH_MAX];
-    int prc = kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    int prc = kdi_trk_path(t, F_SESSION, spath, sizeof spath);
     if (prc != KD_OK)
         return prc;
     static const char *numeric[] = {"start_time", "saved_at", "active_seconds", "paused_seconds",
@@ -388,12 +388,12 @@ int kd_trk_load(kd_tracker *t, json_t *s)
     for (size_t i = 0; i < sizeof numeric / sizeof numeric[0]; i++) {
         json_t *x = json_object_get(s, numeric[i]);
         if (x && !json_is_number(x) && !json_is_null(x))
-            return kd_trk_fail(t, KD_ECORRUPT, "%s: field '%s' must be a number; nothing was changed",
+            return kdi_trk_fail(t, KD_ECORRUPT, "%s: field '%s' must be a number; nothing was changed",
                                spath, numeric[i]);
     }
     char why[256];
-    if (kd_run_check_session(s, why, sizeof why))
-        return kd_trk_fail(t, KD_ECORRUPT,
+    if (kdi_run_check_session(s, why, sizeof why))
+        return kdi_trk_fail(t, KD_ECORRUPT,
                            "%s: %s; nothing was changed. Correct it by hand (total_cost is the "
                            "sum of 'cost' over api_recovery.jsonl, the counters count its "
                            "lines) or restore session.json from a backup, then reopen",
@@ -425,18 +425,18 @@ int kd_trk_load(kd_tracker *t, json_t *s)
         t->pause_log_n++;
     }
 
-    int rc = kd_trk_load_components(t, s);
+    int rc = kdi_trk_load_components(t, s);
     if (rc != KD_OK)
         return rc;
-    rc = kd_trk_load_checkpoints(t);
+    rc = kdi_trk_load_checkpoints(t);
     if (rc != KD_OK)
         return rc;
     if (t->nck == 0) {
-        rc = kd_trk_load_ck_object(t, spath, json_object_get(s, "checkpoints"));
+        rc = kdi_trk_load_ck_object(t, spath, json_object_get(s, "checkpoints"));
         if (rc != KD_OK)
             return rc;
     }
-    rc = kd_trk_load_deleted_journal(t);
+    rc = kdi_trk_load_deleted_journal(t);
     if (rc != KD_OK)
         return rc;
 
@@ -465,7 +465,7 @@ int kd_trk_load(kd_tracker *t, json_t *s)
                      NULL, &t->possibly_billed, "possibly_billed", &last_activity, "time");
     if (rc != KD_OK)
         return rc;
-    rc = kd_trk_scan_metrics_tail(t);
+    rc = kdi_trk_scan_metrics_tail(t);
     if (rc != KD_OK)
         return rc;
     if (t->last_metric_time > last_activity)
@@ -473,7 +473,7 @@ int kd_trk_load(kd_tracker *t, json_t *s)
     if (t->steps_completed == 0) {
         double sc = num_field(s, "steps_completed", 0);
         if (sc > 0)
-            kd_sb_printf(&t->report,
+            kdi_sb_printf(&t->report,
                          "metrics.jsonl has no steps but session.json says %.0f were completed\n",
                          sc);
     }
@@ -502,12 +502,12 @@ int kd_trk_load(kd_tracker *t, json_t *s)
     snprintf(d, sizeof d,
              "{\"interruption_seconds\":%.3f,\"steps_completed\":%lld,\"api_responses_saved\":%lld}",
              gap, (long long)t->steps_completed, (long long)t->api_responses);
-    return kd_trk_event(t, "resume", d);
+    return kdi_trk_event(t, "resume", d);
 }
 /* ------------------------------------------------------------------------ */
 /* Components                                                                */
 
-void kd_trk_components_free(kd_tracker *t)
+void kdi_trk_components_free(kd_tracker *t)
 {
     for (size_t i = 0; i < t->ncomp; i++) {
         free(t->comp[i].version);
@@ -518,17 +518,17 @@ void kd_trk_components_free(kd_tracker *t)
 
 /* session.json's "components": {"<name>": {"config_hash", "version",
    "recorded_at", "config"}}.  Validated as strictly as the main identity. */
-int kd_trk_load_components(kd_tracker *t, const json_t *session)
+int kdi_trk_load_components(kd_tracker *t, const json_t *session)
 {
     char spath[PATH_MAX];
-    int prc = kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    int prc = kdi_trk_path(t, F_SESSION, spath, sizeof spath);
     if (prc != KD_OK)
         return prc;
-    kd_trk_components_free(t);
+    kdi_trk_components_free(t);
     json_t *cs = json_object_get(session, "components");
     char why[256];
-    if (kd_run_check_session(session, why, sizeof why)) /* the one rule, as verify's */
-        return kd_trk_fail(t, KD_ECORRUPT, "%s: %s; nothing was changed", spath, why);
+    if (kdi_run_check_session(session, why, sizeof why)) /* the one rule, as verify's */
+        return kdi_trk_fail(t, KD_ECORRUPT, "%s: %s; nothing was changed", spath, why);
     if (!cs || json_is_null(cs))
         return KD_OK;
     const char *name;
@@ -547,33 +547,33 @@ int kd_trk_load_components(kd_tracker *t, const json_t *session)
         k->version = json_is_string(ver) ? strdup(json_string_value(ver)) : NULL;
         t->ncomp++;
         if ((cfg && !k->canon) || (json_is_string(ver) && !k->version))
-            return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+            return kdi_trk_fail(t, KD_ENOMEM, "out of memory");
     }
     return KD_OK;
 }
 
-void kd_trk_put_components(kd_sb *s, const kd_tracker *t, int with_config)
+void kdi_trk_put_components(kd_sb *s, const kd_tracker *t, int with_config)
 {
-    kd_sb_puts(s, "{");
+    kdi_sb_puts(s, "{");
     for (size_t i = 0; i < t->ncomp; i++) {
         const component *k = &t->comp[i];
-        kd_sb_puts(s, i ? ", " : "");
-        kd_sb_json_cstr(s, k->name);
-        kd_sb_puts(s, ": {\"config_hash\": ");
-        kd_sb_json_cstr(s, k->config_hash);
-        kd_sb_puts(s, ", \"version\": ");
+        kdi_sb_puts(s, i ? ", " : "");
+        kdi_sb_json_cstr(s, k->name);
+        kdi_sb_puts(s, ": {\"config_hash\": ");
+        kdi_sb_json_cstr(s, k->config_hash);
+        kdi_sb_puts(s, ", \"version\": ");
         if (k->version)
-            kd_sb_json_cstr(s, k->version);
+            kdi_sb_json_cstr(s, k->version);
         else
-            kd_sb_puts(s, "null");
-        kd_sb_printf(s, ", \"recorded_at\": %.3f", k->recorded_at);
+            kdi_sb_puts(s, "null");
+        kdi_sb_printf(s, ", \"recorded_at\": %.3f", k->recorded_at);
         if (with_config) {
-            kd_sb_puts(s, ", \"config\": ");
-            kd_sb_puts(s, k->canon ? k->canon : "null");
+            kdi_sb_puts(s, ", \"config\": ");
+            kdi_sb_puts(s, k->canon ? k->canon : "null");
         }
-        kd_sb_puts(s, "}");
+        kdi_sb_puts(s, "}");
     }
-    kd_sb_puts(s, "}");
+    kdi_sb_puts(s, "}");
 }
 /* ------------------------------------------------------------------------ */
 /* Read-only view                                                            */
@@ -586,11 +586,11 @@ int kd_tracker_open_readonly(kd_tracker **out, const char *output_dir, kd_err *e
     kd_tracker *t = calloc(1, sizeof *t);
     if (!t)
         return kd_err_set(e, KD_ENOMEM, "out of memory");
-    kd_trk_mutex_init(t);
+    kdi_trk_mutex_init(t);
     t->readonly = 1;
     t->last_loss = t->last_lr = NAN;
-    kd_sb_init(&t->report, 1 << 16);
-    kd_sb_init(&t->line, 1 << 20);
+    kdi_sb_init(&t->report, 1 << 16);
+    kdi_sb_init(&t->line, 1 << 20);
     int rc;
     char *text = NULL;
     json_t *s = NULL;
@@ -598,17 +598,17 @@ int kd_tracker_open_readonly(kd_tracker **out, const char *output_dir, kd_err *e
         rc = kd_err_sys(&t->err, errno == ENOENT ? KD_ENOTFOUND : KD_EIO, errno, "%s", output_dir);
         goto out;
     }
-    rc = kd_trk_dir_fits(t);
+    rc = kdi_trk_dir_fits(t);
     if (rc != KD_OK)
         goto out;
     char spath[PATH_MAX];
-    rc = kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    rc = kdi_trk_path(t, F_SESSION, spath, sizeof spath);
     if (rc != KD_OK)
         goto out;
     size_t len;
     rc = kd_file_read_all(spath, KD_STATE_FILE_MAX, &text, &len, &t->err);
     if (rc == KD_ENOTFOUND) {
-        rc = kd_trk_fail(t, KD_ENOTFOUND,
+        rc = kdi_trk_fail(t, KD_ENOTFOUND,
                          "%s is not a kdkit output directory (no session.json)", output_dir);
         goto out;
     }
@@ -619,21 +619,21 @@ int kd_tracker_open_readonly(kd_tracker **out, const char *output_dir, kd_err *e
     const char *id = json_string_value(json_object_get(s, "session_id"));
     const char *hash = json_string_value(json_object_get(s, "config_hash"));
     if (!json_is_object(s) || !id || strlen(id) >= sizeof t->session_id) {
-        rc = kd_trk_fail(t, KD_ECORRUPT, "%s is not a valid session file%s%s", spath,
+        rc = kdi_trk_fail(t, KD_ECORRUPT, "%s is not a valid session file%s%s", spath,
                          s ? "" : ": ", s ? "" : je.text);
         goto out;
     }
     snprintf(t->session_id, sizeof t->session_id, "%s", id);
-    if (kd_trk_is_hex64(hash))
+    if (kdi_trk_is_hex64(hash))
         memcpy(t->config_hash, hash, KD_SHA256_HEX);
     t->total_steps = (int64_t)num_field(s, "total_steps_target", 0);
     json_t *cfg = json_object_get(s, "config");
     if (cfg && !json_is_null(cfg) &&
         !(t->config_canon = json_dumps(cfg, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENCODE_ANY))) {
-        rc = kd_trk_fail(t, KD_ENOMEM, "out of memory");
+        rc = kdi_trk_fail(t, KD_ENOMEM, "out of memory");
         goto out;
     }
-    rc = kd_trk_load(t, s);
+    rc = kdi_trk_load(t, s);
 out:
     if (rc != KD_OK && e)
         *e = t->err;
@@ -658,7 +658,7 @@ int kd_session_inspect(const char *output_dir, char **json_out, kd_err *e)
     int rc = kd_tracker_open_readonly(&t, output_dir, e);
     if (rc != KD_OK)
         return rc;
-    *json_out = kd_trk_progress_doc(t);
+    *json_out = kdi_trk_progress_doc(t);
     if (!*json_out)
         rc = kd_err_set(e, KD_ENOMEM, "out of memory");
     kd_tracker_close(t);

@@ -1,7 +1,7 @@
 /*
  * src/tracker/run.c - the registry of a run directory's files and the one
  * validator of each record format (run.h).  Nothing here reads or writes a
- * file except kd_run_move_aside, which renames a damaged file to
+ * file except kdi_run_move_aside, which renames a damaged file to
  * "<name>.damaged-<UTC time>" so its bytes are kept.
  *
  * The record rules (docs/formats.md has them for people):
@@ -47,33 +47,33 @@
 #define M KD_RUN_BY_MANIFEST
 #define P KD_RUN_PATTERN
 
-const kd_run_file kd_run_files[] = {
+const kd_run_file kdi_run_files[] = {
     /* name, layer, kind, durability, validator, flags, what */
-    {"session.json", "tracker", KD_RUN_STATE, "atomic replace", kd_run_check_session, A | V,
+    {"session.json", "tracker", KD_RUN_STATE, "atomic replace", kdi_run_check_session, A | V,
      "complete session state"},
     {"progress.json", "tracker", KD_RUN_STATE, "atomic replace", NULL, A | V, "current summary"},
     {"metrics.jsonl", "tracker", KD_RUN_JOURNAL, "buffered; fdatasync at each checkpoint",
-     kd_run_check_metric, A | V | UP, "one line per step, steps strictly increasing"},
+     kdi_run_check_metric, A | V | UP, "one line per step, steps strictly increasing"},
     {"metrics.rewound.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync per move",
-     kd_run_check_metric, A | V, "metrics lines moved aside by a rewind"},
-    {"api_recovery.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync before use", kd_run_check_api,
+     kdi_run_check_metric, A | V, "metrics lines moved aside by a rewind"},
+    {"api_recovery.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync before use", kdi_run_check_api,
      A | V, "one line per paid teacher response"},
-    {"failures.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync per line", kd_run_check_failure,
+    {"failures.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync per line", kdi_run_check_failure,
      A | V, "one line per connection failure"},
-    {"events.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync per line", kd_run_check_event, A | V,
+    {"events.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync per line", kdi_run_check_event, A | V,
      "session events: created, resume, rewind, pause, close"},
     {"checkpoints.json", "tracker", KD_RUN_STATE, "atomic replace", NULL, A | V,
      "checkpoint manifest (live checkpoints)"},
     {"checkpoints.deleted.jsonl", "tracker", KD_RUN_JOURNAL, "fdatasync before the manifest drops them",
-     kd_run_check_ckrec, A | V, "records of deleted checkpoints"},
-    {"eval.jsonl", "train", KD_RUN_JOURNAL, "fdatasync before each checkpoint", kd_run_check_eval,
+     kdi_run_check_ckrec, A | V, "records of deleted checkpoints"},
+    {"eval.jsonl", "train", KD_RUN_JOURNAL, "fdatasync before each checkpoint", kdi_run_check_eval,
      A | V | UP, "one line per validation"},
-    {"eval.rewound.jsonl", "train", KD_RUN_JOURNAL, "fdatasync per move", kd_run_check_eval, A | V,
+    {"eval.rewound.jsonl", "train", KD_RUN_JOURNAL, "fdatasync per move", kdi_run_check_eval, A | V,
      "eval lines moved aside by a rewind"},
     {"teacher_intents.jsonl", "teacher", KD_RUN_JOURNAL, "fdatasync before a request leaves",
-     kd_run_check_intent, A | V, "teacher requests in flight (possibly-billed spend)"},
+     kdi_run_check_intent, A | V, "teacher requests in flight (possibly-billed spend)"},
     /* kdkit mix (src/mix/): its files are checked by kd_mix_verify with the
-       mix's own parsers (kd_mix_row_parse, kd_mix_progress_parse), the ones
+       mix's own parsers (kdi_mix_row_parse, kd_mix_progress_parse), the ones
        its reader and writer use; the registry archives them with the session */
     {"mix.jsonl", "mix", KD_RUN_JOURNAL, "rows appended, synced before the progress file",
      NULL, A, "a kdkit mix: one row per sample and outcome (docs/mix.md)"},
@@ -96,7 +96,7 @@ const kd_run_file kd_run_files[] = {
     {"*.sqlite*", "teacher", KD_RUN_FOREIGN, "SQLite (synchronous=full)", NULL, P,
      "a teacher cache whose cache.path points here"},
 };
-const size_t kd_run_nfiles = sizeof kd_run_files / sizeof kd_run_files[0];
+const size_t kdi_run_nfiles = sizeof kdi_run_files / sizeof kdi_run_files[0];
 
 #undef A
 #undef V
@@ -104,12 +104,12 @@ const size_t kd_run_nfiles = sizeof kd_run_files / sizeof kd_run_files[0];
 #undef M
 #undef P
 
-const kd_run_file *kd_run_lookup(const char *name)
+const kd_run_file *kdi_run_lookup(const char *name)
 {
     if (!name)
         return NULL;
-    for (size_t i = 0; i < kd_run_nfiles; i++) {
-        const kd_run_file *f = &kd_run_files[i];
+    for (size_t i = 0; i < kdi_run_nfiles; i++) {
+        const kd_run_file *f = &kdi_run_files[i];
         if ((f->flags & KD_RUN_PATTERN) ? fnmatch(f->name, name, 0) == 0
                                         : strcmp(f->name, name) == 0)
             return f;
@@ -174,8 +174,8 @@ static int need_str(const json_t *o, const char *k, char *why, size_t n)
 static int need_hex(const json_t *o, const char *k, char *why, size_t n)
 {
     /* on disk always lower-case: writers normalise their input
-       (kd_run_hexn_lower), so an upper-case digest here is damage */
-    if (!kd_trk_is_hex64(json_string_value(json_object_get(o, k))))
+       (kdi_run_hexn_lower), so an upper-case digest here is damage */
+    if (!kdi_trk_is_hex64(json_string_value(json_object_get(o, k))))
         WHY("field '%s' must be 64 lowercase hex digits", k);
     return 0;
 }
@@ -187,7 +187,7 @@ static int need_object(const json_t *o, char *why, size_t n)
     return 0;
 }
 
-int kd_run_check_metric(const json_t *o, char *why, size_t n)
+int kdi_run_check_metric(const json_t *o, char *why, size_t n)
 {
     if (need_object(o, why, n) || need_int(o, "step", 0, why, n) ||
         opt_int(o, "samples_processed", 0, why, n) || opt_int(o, "tokens_processed", 0, why, n))
@@ -198,7 +198,7 @@ int kd_run_check_metric(const json_t *o, char *why, size_t n)
     return 0;
 }
 
-int kd_run_check_api(const json_t *o, char *why, size_t n)
+int kdi_run_check_api(const json_t *o, char *why, size_t n)
 {
     if (need_object(o, why, n) || need_str(o, "prompt_hash", why, n) ||
         need_num(o, "cost", 0, 0, why, n) || need_num(o, "timestamp", -INFINITY, 0, why, n))
@@ -212,7 +212,7 @@ int kd_run_check_api(const json_t *o, char *why, size_t n)
     return 0;
 }
 
-int kd_run_check_failure(const json_t *o, char *why, size_t n)
+int kdi_run_check_failure(const json_t *o, char *why, size_t n)
 {
     if (need_object(o, why, n) || need_int(o, "retry_count", 0, why, n) ||
         need_str(o, "error", why, n) || need_num(o, "time", -INFINITY, 0, why, n))
@@ -223,37 +223,37 @@ int kd_run_check_failure(const json_t *o, char *why, size_t n)
     return 0;
 }
 
-int kd_run_check_event(const json_t *o, char *why, size_t n)
+int kdi_run_check_event(const json_t *o, char *why, size_t n)
 {
     return need_object(o, why, n) || need_num(o, "time", -INFINITY, 0, why, n) ||
            need_str(o, "type", why, n);
 }
 
-int kd_run_check_eval(const json_t *o, char *why, size_t n)
+int kdi_run_check_eval(const json_t *o, char *why, size_t n)
 {
     return need_object(o, why, n) || need_int(o, "step", 0, why, n) ||
            need_num(o, "val_loss", -INFINITY, 1, why, n);
 }
 
-int kd_run_check_ckrec(const json_t *o, char *why, size_t n)
+int kdi_run_check_ckrec(const json_t *o, char *why, size_t n)
 {
     if (need_object(o, why, n) || need_int(o, "checkpoint_step", 0, why, n) ||
         need_int(o, "size", 0, why, n))
         return 1;
     /* the integrity check is XXH3-128; older records carry a SHA-256 */
     json_t *x = json_object_get(o, "xxh3_128"), *sh = json_object_get(o, "sha256");
-    if (x && !json_is_null(x) && !kd_trk_is_hex32(json_string_value(x)))
+    if (x && !json_is_null(x) && !kdi_trk_is_hex32(json_string_value(x)))
         WHY("field 'xxh3_128' must be 32 lowercase hex digits");
     if (sh && !json_is_null(sh) && need_hex(o, "sha256", why, n))
         return 1;
     if ((!x || json_is_null(x)) && (!sh || json_is_null(sh)))
         WHY("field 'xxh3_128' (or, from older versions, 'sha256') is missing");
-    if (!kd_trk_rel_path_ok(json_string_value(json_object_get(o, "relative_path"))))
+    if (!kdi_trk_rel_path_ok(json_string_value(json_object_get(o, "relative_path"))))
         WHY("field 'relative_path' is missing or points outside the output directory");
     return 0;
 }
 
-int kd_run_check_intent(const json_t *o, char *why, size_t n)
+int kdi_run_check_intent(const json_t *o, char *why, size_t n)
 {
     if (need_object(o, why, n) || need_str(o, "op", why, n))
         return 1;
@@ -276,7 +276,7 @@ int kd_run_check_intent(const json_t *o, char *why, size_t n)
     WHY("field 'op' is \"%s\", not base, send or done", op);
 }
 
-int kd_run_check_session(const json_t *o, char *why, size_t n)
+int kdi_run_check_session(const json_t *o, char *why, size_t n)
 {
     if (need_object(o, why, n))
         return 1;
@@ -308,7 +308,7 @@ int kd_run_check_session(const json_t *o, char *why, size_t n)
         {
             json_t *ver = json_object_get(c, "version");
             if (!json_is_object(c) || strlen(name) == 0 || strlen(name) >= KD_COMPONENT_NAME_MAX ||
-                !kd_trk_is_hex64(json_string_value(json_object_get(c, "config_hash"))) ||
+                !kdi_trk_is_hex64(json_string_value(json_object_get(c, "config_hash"))) ||
                 (ver && !json_is_null(ver) && !json_is_string(ver)))
                 WHY("components[\"%.40s\"] needs a 'config_hash' of 64 lowercase hex digits "
                     "and a 'version' string or null",
@@ -320,19 +320,19 @@ int kd_run_check_session(const json_t *o, char *why, size_t n)
 
 #undef WHY
 
-int kd_run_path_inside(const char *dir, const char *path)
+int kdi_run_path_inside(const char *dir, const char *path)
 {
     char real[PATH_MAX];
     size_t dl = strlen(dir);
     return realpath(path, real) && strncmp(real, dir, dl) == 0 && real[dl] == '/';
 }
 
-int kd_run_hex64_lower(const char *s, char out[65])
+int kdi_run_hex64_lower(const char *s, char out[65])
 {
-    return kd_run_hexn_lower(s, 64, out);
+    return kdi_run_hexn_lower(s, 64, out);
 }
 
-int kd_run_hexn_lower(const char *s, size_t n, char *out)
+int kdi_run_hexn_lower(const char *s, size_t n, char *out)
 {
     if (!s || strlen(s) != n)
         return 0;
@@ -348,7 +348,7 @@ int kd_run_hexn_lower(const char *s, size_t n, char *out)
     return 1;
 }
 
-int kd_run_move_aside(const char *dir, const char *name, char *aside, size_t asidesz)
+int kdi_run_move_aside(const char *dir, const char *name, char *aside, size_t asidesz)
 {
     char from[PATH_MAX], to[PATH_MAX], stamp[32];
     time_t now = time(NULL);
@@ -369,7 +369,7 @@ int kd_run_move_aside(const char *dir, const char *name, char *aside, size_t asi
         struct stat st;
         if (lstat(to, &st) == 0)
             continue; /* never over an earlier one */
-        if (kd_sys_rename(from, to) != 0)
+        if (kdi_sys_rename(from, to) != 0)
             return -1;
         if (aside)
             snprintf(aside, asidesz, "%s", to);

@@ -11,7 +11,7 @@
  * derive from it; tests/test_run_registry.c fails when a run writes a file
  * the table does not know, or when docs/formats.md misses an entry.
  *
- * Adding a file = adding one entry to kd_run_files[] in run.c (and its line
+ * Adding a file = adding one entry to kdi_run_files[] in run.c (and its line
  * in docs/formats.md's tree).
  *
  * Validators take one parsed JSON record and return 0 when it is valid, or 1
@@ -60,36 +60,36 @@ typedef struct kd_run_file {
     const char *what;            /* one line for a person (docs, verify messages) */
 } kd_run_file;
 
-extern const kd_run_file kd_run_files[];
-extern const size_t kd_run_nfiles;
+extern const kd_run_file kdi_run_files[];
+extern const size_t kdi_run_nfiles;
 
 /* The entry that names `name` (a file name inside the directory, no '/'),
    or NULL when the registry does not know it. */
-const kd_run_file *kd_run_lookup(const char *name);
+const kd_run_file *kdi_run_lookup(const char *name);
 
 /* Validators, one per format (docs/formats.md).  Each returns 0 or 1. */
-int kd_run_check_metric(const json_t *o, char *why, size_t n);   /* metrics, *.rewound */
-int kd_run_check_api(const json_t *o, char *why, size_t n);      /* api_recovery.jsonl */
-int kd_run_check_failure(const json_t *o, char *why, size_t n);  /* failures.jsonl */
-int kd_run_check_event(const json_t *o, char *why, size_t n);    /* events.jsonl */
-int kd_run_check_eval(const json_t *o, char *why, size_t n);     /* eval.jsonl */
-int kd_run_check_ckrec(const json_t *o, char *why, size_t n);    /* a manifest record */
-int kd_run_check_intent(const json_t *o, char *why, size_t n);   /* teacher_intents.jsonl */
+int kdi_run_check_metric(const json_t *o, char *why, size_t n);   /* metrics, *.rewound */
+int kdi_run_check_api(const json_t *o, char *why, size_t n);      /* api_recovery.jsonl */
+int kdi_run_check_failure(const json_t *o, char *why, size_t n);  /* failures.jsonl */
+int kdi_run_check_event(const json_t *o, char *why, size_t n);    /* events.jsonl */
+int kdi_run_check_eval(const json_t *o, char *why, size_t n);     /* eval.jsonl */
+int kdi_run_check_ckrec(const json_t *o, char *why, size_t n);    /* a manifest record */
+int kdi_run_check_intent(const json_t *o, char *why, size_t n);   /* teacher_intents.jsonl */
 /* The numeric fields of session.json the reopen trusts: types and signs. */
-int kd_run_check_session(const json_t *o, char *why, size_t n);
+int kdi_run_check_session(const json_t *o, char *why, size_t n);
 
 /* 1 if `path` resolves (symlinks followed) to a file inside directory `dir`
    (itself resolved): the one symlink rule of verify and of the resume. */
-int kd_run_path_inside(const char *dir, const char *path);
+int kdi_run_path_inside(const char *dir, const char *path);
 
 /* 64 hex digits of either case, copied lower-case into out[65]; 0 if not. */
-int kd_run_hex64_lower(const char *s, char out[65]);
+int kdi_run_hex64_lower(const char *s, char out[65]);
 /* The same for `n` hex digits into out[n + 1] (32 for an XXH3-128). */
-int kd_run_hexn_lower(const char *s, size_t n, char *out);
+int kdi_run_hexn_lower(const char *s, size_t n, char *out);
 
 /* Move `name` (inside the directory fd-relative `dir`) to
    "<name>.damaged-<UTC time>" so its bytes are kept; the new name goes to
    `aside` (may be NULL).  0 or -1 with errno. */
-int kd_run_move_aside(const char *dir, const char *name, char *aside, size_t asidesz);
+int kdi_run_move_aside(const char *dir, const char *name, char *aside, size_t asidesz);
 
 #endif

@@ -30,7 +30,7 @@
 #include "tracker/run.h"
 #include "tracker/tracker_int.h"
 
-void kd_trk_mutex_init(kd_tracker *t)
+void kdi_trk_mutex_init(kd_tracker *t)
 {
     pthread_mutexattr_t a;
     pthread_mutexattr_init(&a);
@@ -48,14 +48,14 @@ static _Thread_local struct {
     kd_err err;
 } thread_err;
 
-void kd_trk_lock(kd_tracker *t)
+void kdi_trk_lock(kd_tracker *t)
 {
     pthread_mutex_lock(&t->mu);
     if (t->lock_depth++ == 0)
         t->err.code = KD_OK;
 }
 
-void kd_trk_unlock(kd_tracker *t)
+void kdi_trk_unlock(kd_tracker *t)
 {
     if (--t->lock_depth == 0 && t->err.code != KD_OK) {
         thread_err.serial = t->serial;
@@ -64,23 +64,23 @@ void kd_trk_unlock(kd_tracker *t)
     pthread_mutex_unlock(&t->mu);
 }
 
-int kd_trk_dir_fits(kd_tracker *t)
+int kdi_trk_dir_fits(kd_tracker *t)
 {
     size_t l = strlen(t->dir);
     if (l + 1 + KD_TRK_NAME_ROOM >= PATH_MAX)
-        return kd_trk_fail(t, KD_EINVAL,
+        return kdi_trk_fail(t, KD_EINVAL,
                            "output directory path too long (%zu bytes; at most %d, to leave room "
                            "for the names of its files): %s",
                            l, PATH_MAX - 2 - KD_TRK_NAME_ROOM, t->dir);
     return KD_OK;
 }
 
-const char *kd_trk_thread_errmsg(const kd_tracker *t)
+const char *kdi_trk_thread_errmsg(const kd_tracker *t)
 {
     return thread_err.serial == t->serial ? thread_err.err.msg : t->err.msg;
 }
 
-int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...)
+int kdi_trk_fail(kd_tracker *t, int code, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -91,16 +91,16 @@ int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...)
     return code;
 }
 
-int kd_trk_path(kd_tracker *t, const char *name, char *out, size_t outsz)
+int kdi_trk_path(kd_tracker *t, const char *name, char *out, size_t outsz)
 {
     int n = snprintf(out, outsz, "%s/%s", t->dir, name);
     if (n < 0 || (size_t)n >= outsz)
-        return kd_trk_fail(t, KD_EINVAL, "path too long (%d bytes, at most %zu): %s/%s", n,
+        return kdi_trk_fail(t, KD_EINVAL, "path too long (%d bytes, at most %zu): %s/%s", n,
                            outsz ? outsz - 1 : 0, t->dir, name);
     return KD_OK;
 }
 
-double kd_trk_wall_hours(const kd_tracker *t, double now)
+double kdi_trk_wall_hours(const kd_tracker *t, double now)
 {
     /* A clock stepped back (an RTC set wrong until NTP corrected it) puts
        now before start_time.  The session must still reopen, and its
@@ -109,14 +109,14 @@ double kd_trk_wall_hours(const kd_tracker *t, double now)
     return h > 0 ? h : 0;
 }
 
-double kd_trk_active(const kd_tracker *t, double now)
+double kdi_trk_active(const kd_tracker *t, double now)
 {
     /* A read-only view knows the active time only up to the last record. */
     double a = t->readonly ? t->active_base : t->active_base + (now - t->mark);
     return a > 0 ? a : 0;
 }
 
-void kd_trk_rates(const kd_tracker *t, double *steps, double *samples, double *tokens)
+void kdi_trk_rates(const kd_tracker *t, double *steps, double *samples, double *tokens)
 {
     *steps = *samples = *tokens = NAN;
     if (t->rate_n >= 2) {
@@ -138,7 +138,7 @@ void kd_trk_rates(const kd_tracker *t, double *steps, double *samples, double *t
     }
 }
 
-void kd_trk_loss_push(kd_tracker *t, double loss)
+void kdi_trk_loss_push(kd_tracker *t, double loss)
 {
     t->losses[t->loss_head] = loss;
     t->loss_head = (t->loss_head + 1) % KD_TREND_WINDOW;
@@ -180,7 +180,7 @@ const char *kd_loss_trend(const double *losses, size_t n)
 /* ------------------------------------------------------------------------ */
 /* Checkpoint records                                                        */
 
-void kd_trk_ck_free(ckrec *c)
+void kdi_trk_ck_free(ckrec *c)
 {
     if (!c)
         return;
@@ -195,54 +195,54 @@ void kd_trk_ck_free(ckrec *c)
     memset(c, 0, sizeof *c);
 }
 
-int kd_trk_ck_frag(ckrec *c)
+int kdi_trk_ck_frag(ckrec *c)
 {
     kd_sb s;
-    kd_sb_init(&s, 1 << 20);
-    kd_sb_puts(&s, "{\"checkpoint_step\":");
-    kd_sb_json_int(&s, c->step);
-    kd_sb_puts(&s, ",\"checkpoint_path\":");
-    kd_sb_json_cstr(&s, c->abs ? c->abs : c->resolved);
-    kd_sb_puts(&s, ",\"relative_path\":");
-    kd_sb_json_cstr(&s, c->rel);
-    kd_sb_puts(&s, ",\"created_at\":");
-    kd_sb_printf(&s, "%.6f", c->created_at);
-    kd_sb_puts(&s, ",\"dataset_position\":");
-    kd_sb_json_int(&s, c->dataset_position);
-    kd_sb_puts(&s, ",\"recovery_tags\":[");
+    kdi_sb_init(&s, 1 << 20);
+    kdi_sb_puts(&s, "{\"checkpoint_step\":");
+    kdi_sb_json_int(&s, c->step);
+    kdi_sb_puts(&s, ",\"checkpoint_path\":");
+    kdi_sb_json_cstr(&s, c->abs ? c->abs : c->resolved);
+    kdi_sb_puts(&s, ",\"relative_path\":");
+    kdi_sb_json_cstr(&s, c->rel);
+    kdi_sb_puts(&s, ",\"created_at\":");
+    kdi_sb_printf(&s, "%.6f", c->created_at);
+    kdi_sb_puts(&s, ",\"dataset_position\":");
+    kdi_sb_json_int(&s, c->dataset_position);
+    kdi_sb_puts(&s, ",\"recovery_tags\":[");
     for (size_t i = 0; i < c->ntags; i++) {
         if (i)
-            kd_sb_putc(&s, ',');
-        kd_sb_json_cstr(&s, c->tags[i]);
+            kdi_sb_putc(&s, ',');
+        kdi_sb_json_cstr(&s, c->tags[i]);
     }
-    kd_sb_puts(&s, "],\"metrics\":{\"loss\":");
-    kd_sb_json_double(&s, c->loss);
-    kd_sb_puts(&s, ",\"wall_clock_hours\":");
-    kd_sb_json_double(&s, c->wall_clock_hours);
-    kd_sb_puts(&s, ",\"active_hours\":");
-    kd_sb_json_double(&s, c->active_hours);
-    kd_sb_puts(&s, "},\"size\":");
-    kd_sb_json_int(&s, c->size);
+    kdi_sb_puts(&s, "],\"metrics\":{\"loss\":");
+    kdi_sb_json_double(&s, c->loss);
+    kdi_sb_puts(&s, ",\"wall_clock_hours\":");
+    kdi_sb_json_double(&s, c->wall_clock_hours);
+    kdi_sb_puts(&s, ",\"active_hours\":");
+    kdi_sb_json_double(&s, c->active_hours);
+    kdi_sb_puts(&s, "},\"size\":");
+    kdi_sb_json_int(&s, c->size);
     if (c->sha256[0]) { /* records from before XXH3, or checkpoint.hash: sha256 */
-        kd_sb_puts(&s, ",\"sha256\":");
-        kd_sb_json_cstr(&s, c->sha256);
+        kdi_sb_puts(&s, ",\"sha256\":");
+        kdi_sb_json_cstr(&s, c->sha256);
     }
     if (c->xxh3[0]) {
-        kd_sb_puts(&s, ",\"xxh3_128\":");
-        kd_sb_json_cstr(&s, c->xxh3);
+        kdi_sb_puts(&s, ",\"xxh3_128\":");
+        kdi_sb_json_cstr(&s, c->xxh3);
     }
-    kd_sb_puts(&s, c->deleted ? ",\"deleted\":true" : ",\"deleted\":false");
+    kdi_sb_puts(&s, c->deleted ? ",\"deleted\":true" : ",\"deleted\":false");
     if (c->deleted) {
-        kd_sb_puts(&s, ",\"deleted_reason\":");
-        kd_sb_json_cstr(&s, c->deleted_reason);
+        kdi_sb_puts(&s, ",\"deleted_reason\":");
+        kdi_sb_json_cstr(&s, c->deleted_reason);
     }
-    kd_sb_putc(&s, '}');
-    if (kd_sb_error(&s)) {
-        kd_sb_free(&s);
+    kdi_sb_putc(&s, '}');
+    if (kdi_sb_error(&s)) {
+        kdi_sb_free(&s);
         return KD_ENOMEM;
     }
     free(c->frag);
-    c->frag = kd_sb_take(&s);
+    c->frag = kdi_sb_take(&s);
     return KD_OK;
 }
 
@@ -269,9 +269,9 @@ static int64_t latest_step(const kd_tracker *t)
 static void put_step_or_null(kd_sb *s, int64_t v)
 {
     if (v < 0)
-        kd_sb_puts(s, "null");
+        kdi_sb_puts(s, "null");
     else
-        kd_sb_json_int(s, v);
+        kdi_sb_json_int(s, v);
 }
 
 /*
@@ -286,21 +286,21 @@ static void put_ck_object(kd_sb *s, const kd_tracker *t, const char *indent, siz
     int64_t best = recent ? best_step(t) : -1;
     size_t first = recent && t->nck > recent ? t->nck - recent : 0;
     int any = 0;
-    kd_sb_putc(s, '{');
+    kdi_sb_putc(s, '{');
     for (size_t i = 0; i < t->nck; i++) {
         if (t->ck[i].deleted || (i < first && t->ck[i].step != best))
             continue;
-        kd_sb_puts(s, any ? ",\n" : "\n");
-        kd_sb_puts(s, indent);
-        kd_sb_printf(s, "  \"%lld\": ", (long long)t->ck[i].step);
-        kd_sb_puts(s, t->ck[i].frag);
+        kdi_sb_puts(s, any ? ",\n" : "\n");
+        kdi_sb_puts(s, indent);
+        kdi_sb_printf(s, "  \"%lld\": ", (long long)t->ck[i].step);
+        kdi_sb_puts(s, t->ck[i].frag);
         any = 1;
     }
     if (any) {
-        kd_sb_putc(s, '\n');
-        kd_sb_puts(s, indent);
+        kdi_sb_putc(s, '\n');
+        kdi_sb_puts(s, indent);
     }
-    kd_sb_putc(s, '}');
+    kdi_sb_putc(s, '}');
 }
 
 /*
@@ -323,7 +323,7 @@ static void batch_abort(batch *b)
 static int write_doc(kd_tracker *t, batch *b, const char *name, const char *buf, size_t len)
 {
     char path[PATH_MAX];
-    int prc = kd_trk_path(t, name, path, sizeof path);
+    int prc = kdi_trk_path(t, name, path, sizeof path);
     if (prc != KD_OK)
         return prc;
     kd_atomic *a = NULL;
@@ -340,8 +340,8 @@ static int write_doc(kd_tracker *t, batch *b, const char *name, const char *buf,
 
 static int write_sb(kd_tracker *t, batch *b, const char *name, kd_sb *s)
 {
-    if (kd_sb_error(s))
-        return kd_trk_fail(t, kd_sb_error(s), "%s: document too large or out of memory", name);
+    if (kdi_sb_error(s))
+        return kdi_trk_fail(t, kdi_sb_error(s), "%s: document too large or out of memory", name);
     return write_doc(t, b, name, s->buf, s->len);
 }
 
@@ -371,7 +371,7 @@ static int batch_commit(kd_tracker *t, batch *b)
  * fdatasync'd, unless the reopen found it there already, and only then
  * dropped from memory, so the manifest rewrite that follows no longer holds
  * it.  A crash between the two leaves the record in both files: the reopen
- * (kd_trk_load_deleted_journal) recognises it and completes the move without
+ * (kdi_trk_load_deleted_journal) recognises it and completes the move without
  * appending it again.
  */
 static int move_deleted(kd_tracker *t)
@@ -386,7 +386,7 @@ static int move_deleted(kd_tracker *t)
     int rc = KD_OK;
     if (todo) {
         char path[PATH_MAX];
-        rc = kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
+        rc = kdi_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
         if (rc != KD_OK)
             return rc;
         kd_jsonl_opts o = {.sync = KD_SYNC_EXPLICIT};
@@ -425,7 +425,7 @@ static int move_deleted(kd_tracker *t)
     for (size_t i = 0; i < t->nck; i++) {
         t->ck[i].journaled |= t->ck[i].deleted;
         if (t->ck[i].deleted && !kd_path_exists(t->ck[i].resolved))
-            kd_trk_ck_free(&t->ck[i]);
+            kdi_trk_ck_free(&t->ck[i]);
         else
             t->ck[w++] = t->ck[i];
     }
@@ -442,13 +442,13 @@ static int move_deleted(kd_tracker *t)
  * to remove: the offset is the journal's end, or the line of the earliest
  * journaled record whose file is still there.  So the reopen reads only the
  * lines a crash between the journal append and the manifest rewrite can have
- * left (kd_trk_load_deleted_journal).  Not known (a damaged journal): null,
+ * left (kdi_trk_load_deleted_journal).  Not known (a damaged journal): null,
  * and the reopen reads the journal from the start, as it always may.
  */
 static int put_deleted_journal(kd_tracker *t, kd_sb *s)
 {
     char path[PATH_MAX];
-    int prc = kd_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
+    int prc = kdi_trk_path(t, F_CKPTS_DELETED, path, sizeof path);
     if (prc != KD_OK)
         return prc;
     if (!t->dj_known && !kd_path_exists(path)) {
@@ -456,9 +456,9 @@ static int put_deleted_journal(kd_tracker *t, kd_sb *s)
         t->dj_size = 0;
         t->dj_lines = 0;
     }
-    kd_sb_puts(s, ",\n  \"deleted_journal\": ");
+    kdi_sb_puts(s, ",\n  \"deleted_journal\": ");
     if (!t->dj_known) {
-        kd_sb_puts(s, "null");
+        kdi_sb_puts(s, "null");
         return KD_OK;
     }
     uint64_t off = t->dj_size;
@@ -469,19 +469,19 @@ static int put_deleted_journal(kd_tracker *t, kd_sb *s)
             lines = t->ck[i].jline - 1;
         }
     if (off > 0 && (off != t->dj_print_off || !t->dj_print[0])) {
-        if (kd_trk_tail_print(path, off, t->dj_print) != 0) {
+        if (kdi_trk_tail_print(path, off, t->dj_print) != 0) {
             t->dj_print[0] = '\0';
             return kd_err_sys(&t->err, KD_EIO, errno, "cannot read the end of %s", path);
         }
         t->dj_print_off = off;
     }
-    kd_sb_printf(s, "{\"bytes\": %llu, \"lines\": %lld, \"tail_sha256\": ",
+    kdi_sb_printf(s, "{\"bytes\": %llu, \"lines\": %lld, \"tail_sha256\": ",
                  (unsigned long long)off, (long long)lines);
     if (off > 0)
-        kd_sb_json_cstr(s, t->dj_print);
+        kdi_sb_json_cstr(s, t->dj_print);
     else
-        kd_sb_puts(s, "null");
-    kd_sb_puts(s, "}");
+        kdi_sb_puts(s, "null");
+    kdi_sb_puts(s, "}");
     return KD_OK;
 }
 
@@ -491,53 +491,53 @@ static int write_checkpoints(kd_tracker *t, batch *b)
     if (rc0 != KD_OK)
         return rc0;
     kd_sb s;
-    kd_sb_init(&s, KD_STATE_FILE_MAX);
-    kd_sb_puts(&s, "{\n  \"format\": \"kdkit.checkpoints.v1\",\n  \"session_id\": ");
-    kd_sb_json_cstr(&s, t->session_id);
-    kd_sb_puts(&s, ",\n  \"latest_checkpoint_step\": ");
+    kdi_sb_init(&s, KD_STATE_FILE_MAX);
+    kdi_sb_puts(&s, "{\n  \"format\": \"kdkit.checkpoints.v1\",\n  \"session_id\": ");
+    kdi_sb_json_cstr(&s, t->session_id);
+    kdi_sb_puts(&s, ",\n  \"latest_checkpoint_step\": ");
     put_step_or_null(&s, latest_step(t));
-    kd_sb_puts(&s, ",\n  \"best_checkpoint_step\": ");
+    kdi_sb_puts(&s, ",\n  \"best_checkpoint_step\": ");
     put_step_or_null(&s, best_step(t));
     if (put_deleted_journal(t, &s) != KD_OK) {
-        kd_sb_free(&s);
+        kdi_sb_free(&s);
         return KD_EIO;
     }
-    kd_sb_puts(&s, ",\n  \"checkpoints\": ");
+    kdi_sb_puts(&s, ",\n  \"checkpoints\": ");
     put_ck_object(&s, t, "  ", 0);
-    kd_sb_puts(&s, "\n}\n");
+    kdi_sb_puts(&s, "\n}\n");
     int rc = write_sb(t, b, F_CKPTS, &s);
-    kd_sb_free(&s);
+    kdi_sb_free(&s);
     return rc;
 }
 
 static void kv_num(kd_sb *s, const char *k, double v)
 {
-    kd_sb_printf(s, ",\n  \"%s\": ", k);
-    kd_sb_json_double(s, v);
+    kdi_sb_printf(s, ",\n  \"%s\": ", k);
+    kdi_sb_json_double(s, v);
 }
 
 static void kv_int(kd_sb *s, const char *k, int64_t v)
 {
-    kd_sb_printf(s, ",\n  \"%s\": ", k);
-    kd_sb_json_int(s, v);
+    kdi_sb_printf(s, ",\n  \"%s\": ", k);
+    kdi_sb_json_int(s, v);
 }
 
-char *kd_trk_progress_doc(kd_tracker *t)
+char *kdi_trk_progress_doc(kd_tracker *t)
 {
     kd_summary m;
     kd_tracker_summary(t, &m);
     kd_sb s;
-    kd_sb_init(&s, 1 << 20);
-    kd_sb_puts(&s, "{\n  \"session_id\": ");
-    kd_sb_json_cstr(&s, t->session_id);
+    kdi_sb_init(&s, 1 << 20);
+    kdi_sb_puts(&s, "{\n  \"session_id\": ");
+    kdi_sb_json_cstr(&s, t->session_id);
     kv_num(&s, "progress_pct", m.progress_pct);
     kv_int(&s, "steps_completed", m.steps_completed);
     kv_int(&s, "total_steps_target", m.total_steps_target);
     kv_num(&s, "elapsed_wall_clock_hours", m.elapsed_wall_clock_hours);
     kv_num(&s, "active_hours", m.active_hours);
     kv_num(&s, "estimated_remaining_hours", m.estimated_remaining_hours);
-    kd_sb_puts(&s, ",\n  \"loss_trend\": ");
-    kd_sb_json_cstr(&s, m.loss_trend);
+    kdi_sb_puts(&s, ",\n  \"loss_trend\": ");
+    kdi_sb_json_cstr(&s, m.loss_trend);
     kv_num(&s, "latest_loss", m.latest_loss);
     /* losses in the trend window: 0 with steps done means the run logs no loss
        (kdkit mix), which readers must not call "not finite" */
@@ -554,24 +554,24 @@ char *kd_trk_progress_doc(kd_tracker *t)
     kv_int(&s, "possibly_billed_failures", m.possibly_billed_failures);
     kv_num(&s, "total_cost", m.total_cost);
     kv_int(&s, "checkpoints", m.checkpoints);
-    kd_sb_puts(&s, ",\n  \"last_checkpoint_step\": ");
+    kdi_sb_puts(&s, ",\n  \"last_checkpoint_step\": ");
     put_step_or_null(&s, m.last_checkpoint_step);
-    kd_sb_puts(&s, ",\n  \"best_checkpoint_step\": ");
+    kdi_sb_puts(&s, ",\n  \"best_checkpoint_step\": ");
     put_step_or_null(&s, best_step(t));
     kv_int(&s, "pauses", m.pauses);
     kv_num(&s, "paused_hours", m.paused_hours);
-    kd_sb_puts(&s, ",\n  \"config_hash\": ");
-    kd_sb_json_cstr(&s, t->config_hash);
-    kd_sb_puts(&s, ",\n  \"components\": ");
-    kd_trk_put_components(&s, t, 0);
-    kd_sb_puts(&s, ",\n  \"updated_at\": ");
-    kd_sb_printf(&s, "%.6f", kd_now());
-    kd_sb_puts(&s, "\n}\n");
-    if (kd_sb_error(&s)) {
-        kd_sb_free(&s);
+    kdi_sb_puts(&s, ",\n  \"config_hash\": ");
+    kdi_sb_json_cstr(&s, t->config_hash);
+    kdi_sb_puts(&s, ",\n  \"components\": ");
+    kdi_trk_put_components(&s, t, 0);
+    kdi_sb_puts(&s, ",\n  \"updated_at\": ");
+    kdi_sb_printf(&s, "%.6f", kd_now());
+    kdi_sb_puts(&s, "\n}\n");
+    if (kdi_sb_error(&s)) {
+        kdi_sb_free(&s);
         return NULL;
     }
-    return kd_sb_take(&s);
+    return kdi_sb_take(&s);
 }
 
 /*
@@ -581,14 +581,14 @@ char *kd_trk_progress_doc(kd_tracker *t)
  * or added by hand before it changes these bytes, and the reopen then counts
  * the journal from the start instead of trusting the saved totals.
  */
-int kd_trk_tail_print(const char *path, uint64_t offset, char hex[KD_SHA256_HEX])
+int kdi_trk_tail_print(const char *path, uint64_t offset, char hex[KD_SHA256_HEX])
 {
     unsigned char buf[256];
     size_t n = offset < sizeof buf ? (size_t)offset : sizeof buf;
-    int fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
+    int fd = kdi_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
     if (fd < 0)
         return -1;
-    ssize_t got = n ? kd_sys_pread(fd, buf, n, (off_t)(offset - n)) : 0;
+    ssize_t got = n ? kdi_sys_pread(fd, buf, n, (off_t)(offset - n)) : 0;
     close(fd);
     if (got != (ssize_t)n)
         return -1;
@@ -598,17 +598,17 @@ int kd_trk_tail_print(const char *path, uint64_t offset, char hex[KD_SHA256_HEX]
 static int kv_tail_print(kd_tracker *t, kd_sb *s, const char *key, const char *name, kd_jsonl *j)
 {
     char path[PATH_MAX], hex[KD_SHA256_HEX];
-    int prc = kd_trk_path(t, name, path, sizeof path);
+    int prc = kdi_trk_path(t, name, path, sizeof path);
     if (prc != KD_OK)
         return prc;
-    kd_sb_printf(s, ",\n  \"%s\": ", key);
+    kdi_sb_printf(s, ",\n  \"%s\": ", key);
     if (!j) {
-        kd_sb_puts(s, "null");
+        kdi_sb_puts(s, "null");
         return KD_OK;
     }
-    if (kd_trk_tail_print(path, kd_jsonl_size(j), hex) != 0)
+    if (kdi_trk_tail_print(path, kd_jsonl_size(j), hex) != 0)
         return kd_err_sys(&t->err, KD_EIO, errno, "cannot read the end of %s", path);
-    kd_sb_json_cstr(s, hex);
+    kdi_sb_json_cstr(s, hex);
     return KD_OK;
 }
 
@@ -618,30 +618,30 @@ static int write_session_files(kd_tracker *t, batch *b)
         return KD_OK;
     double now = kd_now();
     double st, sa, to;
-    kd_trk_rates(t, &st, &sa, &to);
+    kdi_trk_rates(t, &st, &sa, &to);
     kd_sb s;
-    kd_sb_init(&s, KD_STATE_FILE_MAX);
-    kd_sb_puts(&s, "{\n  \"session_id\": ");
-    kd_sb_json_cstr(&s, t->session_id);
-    kd_sb_puts(&s, ",\n  \"start_time\": ");
-    kd_sb_printf(&s, "%.3f", t->start_time);
-    kd_sb_puts(&s, ",\n  \"config_hash\": ");
-    kd_sb_json_cstr(&s, t->config_hash);
+    kdi_sb_init(&s, KD_STATE_FILE_MAX);
+    kdi_sb_puts(&s, "{\n  \"session_id\": ");
+    kdi_sb_json_cstr(&s, t->session_id);
+    kdi_sb_puts(&s, ",\n  \"start_time\": ");
+    kdi_sb_printf(&s, "%.3f", t->start_time);
+    kdi_sb_puts(&s, ",\n  \"config_hash\": ");
+    kdi_sb_json_cstr(&s, t->config_hash);
     kv_int(&s, "steps_completed", t->steps_completed);
     kv_int(&s, "total_steps_target", t->total_steps);
     kv_int(&s, "samples_processed", t->samples_processed);
     kv_int(&s, "tokens_processed", t->tokens_processed);
-    kd_sb_puts(&s, ",\n  \"checkpoints\": ");
+    kdi_sb_puts(&s, ",\n  \"checkpoints\": ");
     put_ck_object(&s, t, "  ", KD_SESSION_RECENT_CKPTS);
     kv_int(&s, "checkpoints_in_manifest", (int64_t)t->nck);
     kv_int(&s, "api_responses_saved", t->api_responses);
     kv_int(&s, "api_refusals", t->api_refusals);
     kv_int(&s, "connection_failures", t->nfailures);
-    kv_num(&s, "elapsed_wall_clock_hours", kd_trk_wall_hours(t, now));
-    kd_sb_puts(&s, ",\n  \"format\": \"" KD_SESSION_FORMAT "\"");
-    kd_sb_puts(&s, ",\n  \"saved_at\": ");
-    kd_sb_printf(&s, "%.6f", now);
-    kv_num(&s, "active_seconds", kd_trk_active(t, now));
+    kv_num(&s, "elapsed_wall_clock_hours", kdi_trk_wall_hours(t, now));
+    kdi_sb_puts(&s, ",\n  \"format\": \"" KD_SESSION_FORMAT "\"");
+    kdi_sb_puts(&s, ",\n  \"saved_at\": ");
+    kdi_sb_printf(&s, "%.6f", now);
+    kv_num(&s, "active_seconds", kdi_trk_active(t, now));
     kv_num(&s, "paused_seconds", t->paused_seconds);
     kv_int(&s, "pauses", t->pauses);
     kv_num(&s, "total_cost", t->total_cost);
@@ -655,34 +655,34 @@ static int write_session_files(kd_tracker *t, batch *b)
     kv_int(&s, "failures_bytes", t->failures ? (int64_t)kd_jsonl_size(t->failures) : 0);
     if (kv_tail_print(t, &s, "api_recovery_tail_sha256", F_API, t->api) != KD_OK ||
         kv_tail_print(t, &s, "failures_tail_sha256", F_FAILURES, t->failures) != KD_OK) {
-        kd_sb_free(&s);
+        kdi_sb_free(&s);
         return KD_EIO;
     }
-    kd_sb_puts(&s, ",\n  \"pause_log\": [");
+    kdi_sb_puts(&s, ",\n  \"pause_log\": [");
     size_t n = t->pause_log_n < KD_PAUSE_LOG_MAX ? t->pause_log_n : KD_PAUSE_LOG_MAX;
     for (size_t i = 0; i < n; i++) {
         size_t k = (t->pause_log_n - n + i) % KD_PAUSE_LOG_MAX;
-        kd_sb_printf(&s, "%s{\"time\": %.3f, \"duration\": %.3f}", i ? ", " : "",
+        kdi_sb_printf(&s, "%s{\"time\": %.3f, \"duration\": %.3f}", i ? ", " : "",
                      t->pause_log[k][0], t->pause_log[k][1]);
     }
-    kd_sb_puts(&s, "],\n  \"components\": ");
-    kd_trk_put_components(&s, t, 1);
-    kd_sb_puts(&s, ",\n  \"config\": ");
-    kd_sb_puts(&s, t->config_canon ? t->config_canon : "null");
-    kd_sb_puts(&s, "\n}\n");
+    kdi_sb_puts(&s, "],\n  \"components\": ");
+    kdi_trk_put_components(&s, t, 1);
+    kdi_sb_puts(&s, ",\n  \"config\": ");
+    kdi_sb_puts(&s, t->config_canon ? t->config_canon : "null");
+    kdi_sb_puts(&s, "\n}\n");
     int rc = write_sb(t, b, F_SESSION, &s);
-    kd_sb_free(&s);
+    kdi_sb_free(&s);
     if (rc != KD_OK)
         return rc;
-    char *p = kd_trk_progress_doc(t);
+    char *p = kdi_trk_progress_doc(t);
     if (!p)
-        return kd_trk_fail(t, KD_ENOMEM, "progress.json: out of memory");
+        return kdi_trk_fail(t, KD_ENOMEM, "progress.json: out of memory");
     rc = write_doc(t, b, F_PROGRESS, p, strlen(p));
     free(p);
     return rc;
 }
 
-int kd_trk_write_session(kd_tracker *t)
+int kdi_trk_write_session(kd_tracker *t)
 {
     if (t->readonly)
         return KD_OK;
@@ -701,7 +701,7 @@ int kd_trk_write_session(kd_tracker *t)
  * whole; every mix is safe: a reopen trusts checkpoints.json, and an older
  * one only means resuming from the checkpoint before.
  */
-int kd_trk_write_state(kd_tracker *t)
+int kdi_trk_write_state(kd_tracker *t)
 {
     if (t->readonly)
         return KD_OK;
@@ -716,31 +716,31 @@ int kd_trk_write_state(kd_tracker *t)
     return batch_commit(t, &b);
 }
 
-int kd_trk_event(kd_tracker *t, const char *type, const char *detail_json)
+int kdi_trk_event(kd_tracker *t, const char *type, const char *detail_json)
 {
     if (!t->events || t->readonly)
         return KD_OK;
     kd_sb s;
-    kd_sb_init(&s, 1 << 20);
-    kd_sb_puts(&s, "{\"time\":");
-    kd_sb_printf(&s, "%.6f", kd_now());
-    kd_sb_puts(&s, ",\"type\":");
-    kd_sb_json_cstr(&s, type);
-    kd_sb_puts(&s, ",\"session_id\":");
-    kd_sb_json_cstr(&s, t->session_id);
-    kd_sb_puts(&s, ",\"detail\":");
-    kd_sb_puts(&s, detail_json ? detail_json : "{}");
-    kd_sb_putc(&s, '}');
-    int rc = kd_sb_error(&s) ? kd_trk_fail(t, KD_ENOMEM, "events.jsonl: out of memory")
+    kdi_sb_init(&s, 1 << 20);
+    kdi_sb_puts(&s, "{\"time\":");
+    kdi_sb_printf(&s, "%.6f", kd_now());
+    kdi_sb_puts(&s, ",\"type\":");
+    kdi_sb_json_cstr(&s, type);
+    kdi_sb_puts(&s, ",\"session_id\":");
+    kdi_sb_json_cstr(&s, t->session_id);
+    kdi_sb_puts(&s, ",\"detail\":");
+    kdi_sb_puts(&s, detail_json ? detail_json : "{}");
+    kdi_sb_putc(&s, '}');
+    int rc = kdi_sb_error(&s) ? kdi_trk_fail(t, KD_ENOMEM, "events.jsonl: out of memory")
                              : kd_jsonl_append(t->events, s.buf, s.len, &t->err);
-    kd_sb_free(&s);
+    kdi_sb_free(&s);
     return rc;
 }
 
 /* ------------------------------------------------------------------------ */
 /* JSON field helpers (reopen.c, manifest.c)                                 */
 
-int kd_trk_json_int(const json_t *o, const char *k, int64_t *v)
+int kdi_trk_json_int(const json_t *o, const char *k, int64_t *v)
 {
     json_t *x = json_object_get(o, k);
     if (!json_is_integer(x))
@@ -750,7 +750,7 @@ int kd_trk_json_int(const json_t *o, const char *k, int64_t *v)
 }
 
 /* A number, or null (NaN); -1 if present with another type. */
-int kd_trk_json_num_or_null(const json_t *o, const char *k, double *v)
+int kdi_trk_json_num_or_null(const json_t *o, const char *k, double *v)
 {
     json_t *x = json_object_get(o, k);
     if (!x || json_is_null(x)) {

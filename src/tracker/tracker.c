@@ -60,7 +60,7 @@ void kd_api_response_init(kd_api_response *r)
 
 const char *kd_tracker_errmsg(const kd_tracker *t)
 {
-    return t ? kd_trk_thread_errmsg(t) : "no tracker";
+    return t ? kdi_trk_thread_errmsg(t) : "no tracker";
 }
 const char *kd_tracker_session_id(const kd_tracker *t)
 {
@@ -88,18 +88,18 @@ static int record_repair_locked(kd_tracker *t, const char *file, const char *wha
     if (!t || !file || !what)
         return KD_EINVAL;
     if (t->readonly)
-        return kd_trk_fail(t, KD_ESTATE, "record_repair: the tracker is read-only");
-    kd_sb_printf(&t->report, "%s\n", what);
+        return kdi_trk_fail(t, KD_ESTATE, "record_repair: the tracker is read-only");
+    kdi_sb_printf(&t->report, "%s\n", what);
     kd_sb d;
-    kd_sb_init(&d, 1 << 16);
-    kd_sb_puts(&d, "{\"file\":");
-    kd_sb_json_cstr(&d, file);
-    kd_sb_puts(&d, ",\"what\":");
-    kd_sb_json_cstr(&d, what);
-    kd_sb_puts(&d, "}");
-    int rc = kd_sb_error(&d) ? kd_trk_fail(t, KD_ENOMEM, "record_repair: out of memory")
-                             : kd_trk_event(t, "repair", d.buf);
-    kd_sb_free(&d);
+    kdi_sb_init(&d, 1 << 16);
+    kdi_sb_puts(&d, "{\"file\":");
+    kdi_sb_json_cstr(&d, file);
+    kdi_sb_puts(&d, ",\"what\":");
+    kdi_sb_json_cstr(&d, what);
+    kdi_sb_puts(&d, "}");
+    int rc = kdi_sb_error(&d) ? kdi_trk_fail(t, KD_ENOMEM, "record_repair: out of memory")
+                             : kdi_trk_event(t, "repair", d.buf);
+    kdi_sb_free(&d);
     return rc;
 }
 
@@ -107,9 +107,9 @@ int kd_tracker_record_repair(kd_tracker *t, const char *file, const char *what)
 {
     if (!t)
         return record_repair_locked(t, file, what);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = record_repair_locked(t, file, what);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -119,14 +119,14 @@ static int set_component_locked(kd_tracker *t, const char *name, const char *con
     if (!t || !name || !*name || strlen(name) >= KD_COMPONENT_NAME_MAX || !config_json)
         return KD_EINVAL;
     if (t->readonly)
-        return kd_trk_fail(t, KD_ESTATE, "set_component: the tracker is read-only");
-    if (version && !kd_utf8_valid(version, strlen(version)))
-        return kd_trk_fail(t, KD_EINVAL, "set_component: version is not valid UTF-8");
+        return kdi_trk_fail(t, KD_ESTATE, "set_component: the tracker is read-only");
+    if (version && !kdi_utf8_valid(version, strlen(version)))
+        return kdi_trk_fail(t, KD_EINVAL, "set_component: version is not valid UTF-8");
     char *canon = NULL;
     char hash[KD_SHA256_HEX];
     int rc = kd_json_canonical(config_json, strlen(config_json), &canon, &t->err);
     if (rc != KD_OK)
-        return kd_trk_fail(t, KD_EINVAL, "set_component %s: config is not valid JSON: %s", name,
+        return kdi_trk_fail(t, KD_EINVAL, "set_component %s: config is not valid JSON: %s", name,
                            t->err.msg);
     rc = kd_json_hash(canon, strlen(canon), hash, &t->err);
     if (rc != KD_OK) {
@@ -146,33 +146,33 @@ static int set_component_locked(kd_tracker *t, const char *name, const char *con
         /* A changed component is handled like a changed main config: the
            keys that changed are named; strict mode refuses. */
         kd_sb diff;
-        kd_sb_init(&diff, 1 << 15);
+        kdi_sb_init(&diff, 1 << 15);
         json_t *a = k->canon ? json_loads(k->canon, 0, NULL) : NULL;
         json_t *b = json_loads(canon, 0, NULL);
-        kd_trk_config_diff(a, b, &diff);
+        kdi_trk_config_diff(a, b, &diff);
         json_decref(a);
         json_decref(b);
         if (strcmp(k->version ? k->version : "", version ? version : "") != 0)
-            kd_sb_printf(&diff, "  version: \"%s\" -> \"%s\"\n", k->version ? k->version : "",
+            kdi_sb_printf(&diff, "  version: \"%s\" -> \"%s\"\n", k->version ? k->version : "",
                          version ? version : "");
         if (t->opts.on_mismatch == KD_MISMATCH_REFUSE) {
-            rc = kd_trk_fail(t, KD_EMISMATCH,
+            rc = kdi_trk_fail(t, KD_EMISMATCH,
                              "%s's identity changed in %s (session %s). Changed keys:\n%sNothing "
                              "was changed. Use the %s config this run was made with, or another "
                              "output directory",
                              name, t->dir, t->session_id, diff.buf ? diff.buf : "  (unknown)\n",
                              name);
-            kd_sb_free(&diff);
+            kdi_sb_free(&diff);
             free(canon);
             return rc;
         }
-        kd_sb_printf(&t->report, "%s's identity changed; now %s. Changed keys:\n%s", name, hash,
+        kdi_sb_printf(&t->report, "%s's identity changed; now %s. Changed keys:\n%s", name, hash,
                      diff.buf ? diff.buf : "  (unknown)\n");
-        kd_sb_free(&diff);
+        kdi_sb_free(&diff);
     } else {
         if (t->ncomp == KD_COMPONENTS_MAX) {
             free(canon);
-            return kd_trk_fail(t, KD_ELIMIT, "set_component: at most %d components",
+            return kdi_trk_fail(t, KD_ELIMIT, "set_component: at most %d components",
                                KD_COMPONENTS_MAX);
         }
         k = &t->comp[t->ncomp++];
@@ -182,7 +182,7 @@ static int set_component_locked(kd_tracker *t, const char *name, const char *con
     char *v = version ? strdup(version) : NULL;
     if (version && !v) {
         free(canon);
-        return kd_trk_fail(t, KD_ENOMEM, "set_component: out of memory");
+        return kdi_trk_fail(t, KD_ENOMEM, "set_component: out of memory");
     }
     free(k->canon);
     free(k->version);
@@ -191,21 +191,21 @@ static int set_component_locked(kd_tracker *t, const char *name, const char *con
     memcpy(k->config_hash, hash, KD_SHA256_HEX);
     k->recorded_at = kd_now();
     kd_sb d;
-    kd_sb_init(&d, 1 << 16);
-    kd_sb_puts(&d, "{\"component\":");
-    kd_sb_json_cstr(&d, name);
-    kd_sb_puts(&d, ",\"config_hash\":");
-    kd_sb_json_cstr(&d, hash);
-    kd_sb_puts(&d, ",\"version\":");
+    kdi_sb_init(&d, 1 << 16);
+    kdi_sb_puts(&d, "{\"component\":");
+    kdi_sb_json_cstr(&d, name);
+    kdi_sb_puts(&d, ",\"config_hash\":");
+    kdi_sb_json_cstr(&d, hash);
+    kdi_sb_puts(&d, ",\"version\":");
     if (version)
-        kd_sb_json_cstr(&d, version);
+        kdi_sb_json_cstr(&d, version);
     else
-        kd_sb_puts(&d, "null");
-    kd_sb_puts(&d, "}");
-    rc = kd_sb_error(&d) ? KD_ENOMEM : kd_trk_event(t, "component", d.buf);
-    kd_sb_free(&d);
+        kdi_sb_puts(&d, "null");
+    kdi_sb_puts(&d, "}");
+    rc = kdi_sb_error(&d) ? KD_ENOMEM : kdi_trk_event(t, "component", d.buf);
+    kdi_sb_free(&d);
     if (rc == KD_OK)
-        rc = kd_trk_write_session(t);
+        rc = kdi_trk_write_session(t);
     return rc;
 }
 
@@ -213,9 +213,9 @@ int kd_tracker_set_component(kd_tracker *t, const char *name, const char *config
 {
     if (!t)
         return set_component_locked(t, name, config_json, version);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = set_component_locked(t, name, config_json, version);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -228,9 +228,9 @@ size_t kd_tracker_component_count(const kd_tracker *t)
 {
     if (!t)
         return component_count_locked(t);
-    kd_trk_lock((kd_tracker *)t);
+    kdi_trk_lock((kd_tracker *)t);
     size_t rc_ = component_count_locked(t);
-    kd_trk_unlock((kd_tracker *)t);
+    kdi_trk_unlock((kd_tracker *)t);
     return rc_;
 }
 
@@ -249,9 +249,9 @@ int kd_tracker_component_get(const kd_tracker *t, size_t i, kd_component_info *c
 {
     if (!t)
         return component_get_locked(t, i, c);
-    kd_trk_lock((kd_tracker *)t);
+    kdi_trk_lock((kd_tracker *)t);
     int rc_ = component_get_locked(t, i, c);
-    kd_trk_unlock((kd_tracker *)t);
+    kdi_trk_unlock((kd_tracker *)t);
     return rc_;
 }
 
@@ -315,9 +315,9 @@ int kd_tracker_config_str(const kd_tracker *t, const char *comp, const char *pat
 {
     if (!t)
         return config_str_locked(t, comp, path, buf, bufsz);
-    kd_trk_lock((kd_tracker *)t);
+    kdi_trk_lock((kd_tracker *)t);
     int rc_ = config_str_locked(t, comp, path, buf, bufsz);
-    kd_trk_unlock((kd_tracker *)t);
+    kdi_trk_unlock((kd_tracker *)t);
     return rc_;
 }
 
@@ -343,9 +343,9 @@ int kd_tracker_config_num(const kd_tracker *t, const char *comp, const char *pat
 {
     if (!t)
         return config_num_locked(t, comp, path, out);
-    kd_trk_lock((kd_tracker *)t);
+    kdi_trk_lock((kd_tracker *)t);
     int rc_ = config_num_locked(t, comp, path, out);
-    kd_trk_unlock((kd_tracker *)t);
+    kdi_trk_unlock((kd_tracker *)t);
     return rc_;
 }
 
@@ -387,7 +387,7 @@ static int open_journals(kd_tracker *t)
     };
     for (size_t i = 0; i < sizeof js / sizeof js[0]; i++) {
         char path[PATH_MAX];
-        int prc = kd_trk_path(t, js[i].name, path, sizeof path);
+        int prc = kdi_trk_path(t, js[i].name, path, sizeof path);
         if (prc != KD_OK)
             return prc;
         /* metrics: the tracker times its own writes (write_held), so the
@@ -401,7 +401,7 @@ static int open_journals(kd_tracker *t)
         if (rc != KD_OK)
             return rc;
         if (rep.repaired)
-            kd_sb_printf(&t->report,
+            kdi_sb_printf(&t->report,
                          "repaired %s: %s; %llu bytes moved to %s (nothing deleted)\n",
                          js[i].name, rep.reason, (unsigned long long)rep.bytes_moved,
                          rep.aside_path);
@@ -417,19 +417,19 @@ static int create_session(kd_tracker *t)
     t->active_base = 0;
     t->resumed = 0;
     /* session.json first: its presence is what marks a kdkit directory */
-    int rc = kd_trk_write_state(t);
+    int rc = kdi_trk_write_state(t);
     if (rc != KD_OK)
         return rc;
     rc = open_journals(t);
     if (rc != KD_OK)
         return rc;
     kd_sb d;
-    kd_sb_init(&d, 1 << 16);
-    kd_sb_puts(&d, "{\"config_hash\":\"");
-    kd_sb_puts(&d, t->config_hash);
-    kd_sb_printf(&d, "\",\"total_steps_target\":%lld}", (long long)t->total_steps);
-    rc = kd_trk_event(t, "session_created", d.buf);
-    kd_sb_free(&d);
+    kdi_sb_init(&d, 1 << 16);
+    kdi_sb_puts(&d, "{\"config_hash\":\"");
+    kdi_sb_puts(&d, t->config_hash);
+    kdi_sb_printf(&d, "\",\"total_steps_target\":%lld}", (long long)t->total_steps);
+    rc = kdi_trk_event(t, "session_created", d.buf);
+    kdi_sb_free(&d);
     return rc;
 }
 
@@ -457,7 +457,7 @@ static void remove_stale_temps(kd_tracker *t)
     }
     closedir(d);
     if (removed)
-        kd_sb_printf(&t->report, "removed %d temp file%s left by an interrupted save\n", removed,
+        kdi_sb_printf(&t->report, "removed %d temp file%s left by an interrupted save\n", removed,
                      removed == 1 ? "" : "s");
 }
 
@@ -467,7 +467,7 @@ static int has_leftovers(kd_tracker *t)
     const char *names[] = {F_METRICS, F_API, F_CKPTS, F_FAILURES, F_PROGRESS};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         char p[PATH_MAX];
-        if (kd_trk_path(t, names[i], p, sizeof p) != KD_OK || kd_path_exists(p))
+        if (kdi_trk_path(t, names[i], p, sizeof p) != KD_OK || kd_path_exists(p))
             return 1; /* a path too long: refuse rather than guess */
     }
     return 0;
@@ -492,9 +492,9 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
     t = calloc(1, sizeof *t);
     if (!t)
         return kd_err_set(e, KD_ENOMEM, "kd_tracker_open: out of memory");
-    kd_trk_mutex_init(t);
-    kd_sb_init(&t->report, 1 << 16);
-    kd_sb_init(&t->line, 64u << 20);
+    kdi_trk_mutex_init(t);
+    kdi_sb_init(&t->report, 1 << 16);
+    kdi_sb_init(&t->line, 64u << 20);
     if (opts)
         t->opts = *opts;
     else
@@ -521,7 +521,7 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
         rc = kd_err_sys(&t->err, KD_EIO, errno, "cannot resolve output directory %s", output_dir);
         goto fail;
     }
-    rc = kd_trk_dir_fits(t);
+    rc = kdi_trk_dir_fits(t);
     if (rc != KD_OK)
         goto fail;
     rc = kd_dir_lock(&t->lock, t->dir, &t->err);
@@ -531,33 +531,33 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
 
     rc = kd_json_canonical(config_json, strlen(config_json), &t->config_canon, &t->err);
     if (rc != KD_OK) {
-        rc = kd_trk_fail(t, KD_EINVAL, "config is not valid JSON: %s", t->err.msg);
+        rc = kdi_trk_fail(t, KD_EINVAL, "config is not valid JSON: %s", t->err.msg);
         goto fail;
     }
     rc = kd_json_hash(t->config_canon, strlen(t->config_canon), t->config_hash, &t->err);
     if (rc != KD_OK)
         goto fail;
     if (t->config_canon[0] != '{') { /* canonical text: no leading space */
-        rc = kd_trk_fail(t, KD_EINVAL, "config must be a JSON object");
+        rc = kdi_trk_fail(t, KD_EINVAL, "config must be a JSON object");
         goto fail;
     }
 
     char spath[PATH_MAX];
-    rc = kd_trk_path(t, F_SESSION, spath, sizeof spath);
+    rc = kdi_trk_path(t, F_SESSION, spath, sizeof spath);
     if (rc != KD_OK)
         goto fail;
     size_t len = 0;
     rc = kd_file_read_all(spath, KD_STATE_FILE_MAX, &text, &len, &t->err);
     if (rc == KD_ENOTFOUND) {
         if (t->opts.session_id) {
-            rc = kd_trk_fail(t, KD_ENOTFOUND,
+            rc = kdi_trk_fail(t, KD_ENOTFOUND,
                              "session %s not found: %s has no session.json; "
                              "omit the session id to start a new session",
                              t->opts.session_id, t->dir);
             goto fail;
         }
         if (has_leftovers(t)) {
-            rc = kd_trk_archive(t, NULL, NULL);
+            rc = kdi_trk_archive(t, NULL, NULL);
             if (rc != KD_OK)
                 goto fail;
         }
@@ -573,7 +573,7 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
     json_error_t jerr;
     session = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!session || !json_is_object(session)) {
-        rc = kd_trk_fail(t, KD_ECORRUPT,
+        rc = kdi_trk_fail(t, KD_ECORRUPT,
                          "%s is not a valid session file (line %d, column %d: %s); nothing "
                          "was changed. Restore it from a backup, or move the directory aside "
                          "and start a new run",
@@ -585,7 +585,7 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
     const char *old_hash = json_string_value(json_object_get(session, "config_hash"));
     if (!old_id || !old_hash || strlen(old_id) >= sizeof t->session_id || strlen(old_hash) != 64 ||
         strchr(old_id, '/') || old_id[0] == '.') {
-        rc = kd_trk_fail(t, KD_ECORRUPT,
+        rc = kdi_trk_fail(t, KD_ECORRUPT,
                          "%s: field 'session_id' or 'config_hash' is missing or malformed; nothing "
                          "was changed",
                          spath);
@@ -593,7 +593,7 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
     }
 
     if (t->opts.session_id && strcmp(t->opts.session_id, old_id) != 0) {
-        rc = kd_trk_fail(t, KD_ENOTFOUND,
+        rc = kdi_trk_fail(t, KD_ENOTFOUND,
                          "session %s not found in %s (it holds session %s); pass that id, or "
                          "another --output-dir",
                          t->opts.session_id, t->dir, old_id);
@@ -611,8 +611,8 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
             t->config_canon = canon;
         }
         free(oc_text);
-        if (!kd_trk_is_hex64(old_hash)) {
-            rc = kd_trk_fail(t, KD_ECORRUPT, "%s: field 'config_hash' is malformed; nothing was "
+        if (!kdi_trk_is_hex64(old_hash)) {
+            rc = kdi_trk_fail(t, KD_ECORRUPT, "%s: field 'config_hash' is malformed; nothing was "
                                              "changed", spath);
             goto fail;
         }
@@ -627,7 +627,7 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
         char empty[KD_SHA256_HEX];
         if (kd_json_hash("{}", 2, empty, &t->err) == KD_OK && strcmp(old_hash, empty) == 0) {
             mismatch = 0;
-            kd_sb_printf(&t->report,
+            kdi_sb_printf(&t->report,
                          "session %s had no main config (a component started it); it is now "
                          "this run's\n",
                          old_id);
@@ -635,28 +635,28 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
     }
     if (mismatch || t->opts.new_session) {
         kd_sb diff;
-        kd_sb_init(&diff, 1 << 15);
+        kdi_sb_init(&diff, 1 << 15);
         if (mismatch) {
             json_t *newcfg = json_loads(t->config_canon, 0, NULL);
-            kd_trk_config_diff(json_object_get(session, "config"), newcfg, &diff);
+            kdi_trk_config_diff(json_object_get(session, "config"), newcfg, &diff);
             json_decref(newcfg);
         }
         if (mismatch && t->opts.on_mismatch == KD_MISMATCH_REFUSE && !t->opts.new_session) {
-            rc = kd_trk_fail(t, KD_EMISMATCH,
+            rc = kdi_trk_fail(t, KD_EMISMATCH,
                              "Config hash mismatch: %s holds session %s, made with another "
                              "config. Changed keys:\n%sNothing was changed. Use the old config "
                              "to resume, or start a new session (another --output-dir, or "
                              "without strict mode to archive the old one).",
                              t->dir, old_id, diff.buf ? diff.buf : "  (unknown)\n");
-            kd_sb_free(&diff);
+            kdi_sb_free(&diff);
             goto fail;
         }
         if (mismatch)
-            kd_sb_printf(&t->report,
+            kdi_sb_printf(&t->report,
                          "Config hash mismatch. Creating new session. Changed keys:\n%s",
                          diff.buf ? diff.buf : "  (unknown)\n");
-        kd_sb_free(&diff);
-        rc = kd_trk_archive(t, old_id, session);
+        kdi_sb_free(&diff);
+        rc = kdi_trk_archive(t, old_id, session);
         if (rc != KD_OK)
             goto fail;
         rc = create_session(t);
@@ -674,7 +674,7 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
     rc = open_journals(t);
     if (rc != KD_OK)
         goto fail;
-    rc = kd_trk_load(t, session);
+    rc = kdi_trk_load(t, session);
     if (rc != KD_OK)
         goto fail;
     json_decref(session);
@@ -684,12 +684,12 @@ int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config
     /* The resume is recorded at once, so a crash right after it loses no
        part of the interruption accounting.  A deleted record still in
        memory (an older manifest's, or a move a crash interrupted, see
-       kd_trk_load_deleted_journal) makes it a full write, which moves it
+       kdi_trk_load_deleted_journal) makes it a full write, which moves it
        out of checkpoints.json now. */
     int any_deleted = 0;
     for (size_t i = 0; i < t->nck; i++)
         any_deleted |= t->ck[i].deleted;
-    rc = any_deleted ? kd_trk_write_state(t) : kd_trk_write_session(t);
+    rc = any_deleted ? kdi_trk_write_state(t) : kdi_trk_write_session(t);
     if (rc != KD_OK)
         goto fail;
     *out = t;
@@ -714,44 +714,44 @@ fail:
 static void put_opt_double(kd_sb *s, double v)
 {
     if (v == KD_UNSET)
-        kd_sb_put(s, "null", 4);
+        kdi_sb_put(s, "null", 4);
     else
-        kd_sb_json_double(s, v);
+        kdi_sb_json_double(s, v);
 }
 
 static void format_metric(kd_sb *s, const pending_metric *p)
 {
     const kd_metrics *m = &p->m;
-    kd_sb_lit(s, "{\"step\":");
-    kd_sb_json_int(s, m->step);
-    kd_sb_lit(s, ",\"timestamp\":");
-    kd_sb_fixed(s, p->timestamp, 6);
-    kd_sb_lit(s, ",\"loss\":");
+    kdi_sb_lit(s, "{\"step\":");
+    kdi_sb_json_int(s, m->step);
+    kdi_sb_lit(s, ",\"timestamp\":");
+    kdi_sb_fixed(s, p->timestamp, 6);
+    kdi_sb_lit(s, ",\"loss\":");
     if (m->loss == KD_UNSET)
-        kd_sb_put(s, "null", 4); /* no loss measured: null without a marker */
+        kdi_sb_put(s, "null", 4); /* no loss measured: null without a marker */
     else
-        kd_sb_json_double(s, m->loss);
+        kdi_sb_json_double(s, m->loss);
     if (m->loss != KD_UNSET && !isfinite(m->loss))
-        kd_sb_puts(s, isnan(m->loss) ? ",\"loss_nonfinite\":\"nan\""
+        kdi_sb_puts(s, isnan(m->loss) ? ",\"loss_nonfinite\":\"nan\""
                                      : (m->loss > 0 ? ",\"loss_nonfinite\":\"inf\""
                                                     : ",\"loss_nonfinite\":\"-inf\""));
-    kd_sb_lit(s, ",\"loss_components\":{\"kd\":");
+    kdi_sb_lit(s, ",\"loss_components\":{\"kd\":");
     put_opt_double(s, m->loss_kd);
-    kd_sb_lit(s, ",\"ce\":");
+    kdi_sb_lit(s, ",\"ce\":");
     put_opt_double(s, m->loss_ce);
-    kd_sb_lit(s, ",\"intermediate\":");
+    kdi_sb_lit(s, ",\"intermediate\":");
     put_opt_double(s, m->loss_intermediate);
-    kd_sb_lit(s, "},\"learning_rate\":");
+    kdi_sb_lit(s, "},\"learning_rate\":");
     put_opt_double(s, m->learning_rate);
-    kd_sb_lit(s, ",\"samples_processed\":");
-    kd_sb_json_int(s, m->samples_processed);
-    kd_sb_lit(s, ",\"tokens_processed\":");
-    kd_sb_json_int(s, m->tokens_processed);
-    kd_sb_lit(s, ",\"throughput_samples_per_sec\":");
+    kdi_sb_lit(s, ",\"samples_processed\":");
+    kdi_sb_json_int(s, m->samples_processed);
+    kdi_sb_lit(s, ",\"tokens_processed\":");
+    kdi_sb_json_int(s, m->tokens_processed);
+    kdi_sb_lit(s, ",\"throughput_samples_per_sec\":");
     put_opt_double(s, m->throughput_samples_per_sec);
-    kd_sb_lit(s, ",\"throughput_tokens_per_sec\":");
+    kdi_sb_lit(s, ",\"throughput_tokens_per_sec\":");
     put_opt_double(s, m->throughput_tokens_per_sec);
-    kd_sb_putc(s, '}');
+    kdi_sb_putc(s, '}');
 }
 
 /* Format and append held lines from pending_head on, at most `max` of them
@@ -764,10 +764,10 @@ static int write_held(kd_tracker *t, size_t max)
     int rc = KD_OK;
     size_t end = t->npending - t->pending_head > max ? t->pending_head + max : t->npending;
     while (t->pending_head < end) {
-        kd_sb_reset(&t->line);
+        kdi_sb_reset(&t->line);
         format_metric(&t->line, &t->pending[t->pending_head]);
-        if (kd_sb_error(&t->line)) {
-            rc = kd_trk_fail(t, KD_ENOMEM, "metrics line: out of memory");
+        if (kdi_sb_error(&t->line)) {
+            rc = kdi_trk_fail(t, KD_ENOMEM, "metrics line: out of memory");
             break;
         }
         rc = kd_jsonl_append(t->metrics, t->line.buf, t->line.len, &t->err);
@@ -824,7 +824,7 @@ static int update_metrics_locked(kd_tracker *t, const kd_metrics *m)
     if (!t || !m)
         return KD_EINVAL;
     if (t->readonly)
-        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+        return kdi_trk_fail(t, KD_ESTATE, "tracker is read-only");
     int rc;
     if (m->step <= t->steps_completed && (t->last_metric_time > 0 || t->npending)) {
         rc = kd_tracker_rewind(t, m->step - 1);
@@ -854,11 +854,11 @@ static int update_metrics_locked(kd_tracker *t, const kd_metrics *m)
     t->last_lr = m->learning_rate == KD_UNSET ? NAN : m->learning_rate;
     t->last_metric_time = now;
     if (m->loss != KD_UNSET)
-        kd_trk_loss_push(t, m->loss);
-    rate_push(t, kd_trk_active(t, now));
+        kdi_trk_loss_push(t, m->loss);
+    rate_push(t, kdi_trk_active(t, now));
     if (m->throughput_samples_per_sec == KD_UNSET || m->throughput_tokens_per_sec == KD_UNSET) {
         double st, sa, to;
-        kd_trk_rates(t, &st, &sa, &to);
+        kdi_trk_rates(t, &st, &sa, &to);
         if (m->throughput_samples_per_sec == KD_UNSET)
             p->m.throughput_samples_per_sec = isfinite(sa) ? sa : KD_UNSET;
         if (m->throughput_tokens_per_sec == KD_UNSET)
@@ -893,9 +893,9 @@ int kd_tracker_update_metrics(kd_tracker *t, const kd_metrics *m)
 {
     if (!t)
         return update_metrics_locked(t, m);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = update_metrics_locked(t, m);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -915,20 +915,20 @@ static int record_checkpoint_locked(kd_tracker *t, const kd_checkpoint_info *c)
     if (!t || !c || !c->path || c->step < 0)
         return KD_EINVAL;
     if (t->readonly)
-        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+        return kdi_trk_fail(t, KD_ESTATE, "tracker is read-only");
     char real[PATH_MAX];
     if (!realpath(c->path, real))
         return kd_err_sys(&t->err, KD_ENOTFOUND, errno,
                           "record_checkpoint: checkpoint file %s", c->path);
     size_t dl = strlen(t->dir);
     if (strncmp(real, t->dir, dl) != 0 || real[dl] != '/')
-        return kd_trk_fail(t, KD_EINVAL,
+        return kdi_trk_fail(t, KD_EINVAL,
                            "record_checkpoint: %s is outside the output directory %s; write "
                            "checkpoints inside it so the directory stays self-contained",
                            c->path, t->dir);
     for (size_t i = 0; i < c->ntags; i++)
-        if (!c->tags[i] || !kd_utf8_valid(c->tags[i], strlen(c->tags[i])))
-            return kd_trk_fail(t, KD_EINVAL, "record_checkpoint: tag %zu is not valid UTF-8", i);
+        if (!c->tags[i] || !kdi_utf8_valid(c->tags[i], strlen(c->tags[i])))
+            return kdi_trk_fail(t, KD_EINVAL, "record_checkpoint: tag %zu is not valid UTF-8", i);
 
     ckrec r;
     memset(&r, 0, sizeof r);
@@ -936,18 +936,18 @@ static int record_checkpoint_locked(kd_tracker *t, const kd_checkpoint_info *c)
     r.dataset_position = c->dataset_position;
     r.created_at = kd_now();
     r.loss = c->step == t->steps_completed ? t->last_loss : NAN;
-    r.wall_clock_hours = kd_trk_wall_hours(t, r.created_at);
-    r.active_hours = kd_trk_active(t, r.created_at) / 3600.0;
+    r.wall_clock_hours = kdi_trk_wall_hours(t, r.created_at);
+    r.active_hours = kdi_trk_active(t, r.created_at) / 3600.0;
     int rc = KD_OK;
     int have_sha = c->sha256 && c->sha256[0], have_xxh = c->xxh3_128 && c->xxh3_128[0];
     /* Stored lower-case: the manifest's reader (and verify) accept only
        that, so an upper-case digest must not reach the file as is. */
-    if (have_sha && !kd_run_hexn_lower(c->sha256, 64, r.sha256))
-        return kd_trk_fail(t, KD_EINVAL,
+    if (have_sha && !kdi_run_hexn_lower(c->sha256, 64, r.sha256))
+        return kdi_trk_fail(t, KD_EINVAL,
                            "record_checkpoint: sha256 must be 64 hex digits (got \"%.80s\")",
                            c->sha256);
-    if (have_xxh && !kd_run_hexn_lower(c->xxh3_128, 32, r.xxh3))
-        return kd_trk_fail(t, KD_EINVAL,
+    if (have_xxh && !kdi_run_hexn_lower(c->xxh3_128, 32, r.xxh3))
+        return kdi_trk_fail(t, KD_EINVAL,
                            "record_checkpoint: xxh3_128 must be 32 hex digits (got \"%.80s\")",
                            c->xxh3_128);
     if ((have_sha || have_xxh) && c->size >= 0) {
@@ -967,28 +967,28 @@ static int record_checkpoint_locked(kd_tracker *t, const kd_checkpoint_info *c)
     r.resolved = strdup(real);
     r.tags = c->ntags ? calloc(c->ntags, sizeof *r.tags) : NULL;
     if (!r.rel || !r.abs || !r.resolved || (c->ntags && !r.tags)) {
-        kd_trk_ck_free(&r);
-        return kd_trk_fail(t, KD_ENOMEM, "record_checkpoint: out of memory");
+        kdi_trk_ck_free(&r);
+        return kdi_trk_fail(t, KD_ENOMEM, "record_checkpoint: out of memory");
     }
     for (size_t i = 0; i < c->ntags; i++) {
         r.tags[i] = strdup(c->tags[i]);
         if (!r.tags[i]) {
             r.ntags = i;
-            kd_trk_ck_free(&r);
-            return kd_trk_fail(t, KD_ENOMEM, "record_checkpoint: out of memory");
+            kdi_trk_ck_free(&r);
+            return kdi_trk_fail(t, KD_ENOMEM, "record_checkpoint: out of memory");
         }
     }
     r.ntags = c->ntags;
-    if (kd_trk_ck_frag(&r) != KD_OK) {
-        kd_trk_ck_free(&r);
-        return kd_trk_fail(t, KD_ENOMEM, "record_checkpoint: out of memory");
+    if (kdi_trk_ck_frag(&r) != KD_OK) {
+        kdi_trk_ck_free(&r);
+        return kdi_trk_fail(t, KD_ENOMEM, "record_checkpoint: out of memory");
     }
 
     /* Metrics up to this step become durable before the manifest names the
        checkpoint: a resume from it finds every earlier step. */
     rc = sync_metrics(t);
     if (rc != KD_OK) {
-        kd_trk_ck_free(&r);
+        kdi_trk_ck_free(&r);
         return rc;
     }
 
@@ -1002,8 +1002,8 @@ static int record_checkpoint_locked(kd_tracker *t, const kd_checkpoint_info *c)
             size_t nc = t->capck ? t->capck * 2 : 16;
             ckrec *n = realloc(t->ck, nc * sizeof *n);
             if (!n) {
-                kd_trk_ck_free(&r);
-                return kd_trk_fail(t, KD_ENOMEM, "record_checkpoint: out of memory");
+                kdi_trk_ck_free(&r);
+                return kdi_trk_fail(t, KD_ENOMEM, "record_checkpoint: out of memory");
             }
             t->ck = n;
             t->capck = nc;
@@ -1017,11 +1017,11 @@ static int record_checkpoint_locked(kd_tracker *t, const kd_checkpoint_info *c)
         t->ck[i] = r;
         t->nck++;
     }
-    rc = kd_trk_write_state(t);
+    rc = kdi_trk_write_state(t);
     if (rc != KD_OK) {
         /* Roll back so memory matches what is on disk. */
         ckrec *cur = find_ck(t, c->step);
-        kd_trk_ck_free(cur);
+        kdi_trk_ck_free(cur);
         if (old) {
             *cur = saved;
         } else {
@@ -1032,7 +1032,7 @@ static int record_checkpoint_locked(kd_tracker *t, const kd_checkpoint_info *c)
         return rc;
     }
     if (old)
-        kd_trk_ck_free(&saved);
+        kdi_trk_ck_free(&saved);
     t->last_save = kd_monotonic();
     return KD_OK;
 }
@@ -1041,9 +1041,9 @@ int kd_tracker_record_checkpoint(kd_tracker *t, const kd_checkpoint_info *c)
 {
     if (!t)
         return record_checkpoint_locked(t, c);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = record_checkpoint_locked(t, c);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -1056,9 +1056,9 @@ size_t kd_tracker_checkpoint_count(const kd_tracker *t)
 {
     if (!t)
         return checkpoint_count_locked(t);
-    kd_trk_lock((kd_tracker *)t);
+    kdi_trk_lock((kd_tracker *)t);
     size_t rc_ = checkpoint_count_locked(t);
-    kd_trk_unlock((kd_tracker *)t);
+    kdi_trk_unlock((kd_tracker *)t);
     return rc_;
 }
 
@@ -1088,9 +1088,9 @@ int kd_tracker_checkpoint_get(const kd_tracker *t, size_t i, kd_checkpoint_recor
 {
     if (!t)
         return checkpoint_get_locked(t, i, r);
-    kd_trk_lock((kd_tracker *)t);
+    kdi_trk_lock((kd_tracker *)t);
     int rc_ = checkpoint_get_locked(t, i, r);
-    kd_trk_unlock((kd_tracker *)t);
+    kdi_trk_unlock((kd_tracker *)t);
     return rc_;
 }
 
@@ -1122,36 +1122,36 @@ static int checkpoint_deleted_locked(kd_tracker *t, int64_t step, const char *re
     if (!t)
         return KD_EINVAL;
     if (t->readonly)
-        return kd_trk_fail(t, KD_ESTATE, "checkpoint_deleted: the tracker is read-only");
+        return kdi_trk_fail(t, KD_ESTATE, "checkpoint_deleted: the tracker is read-only");
     ckrec *c = find_ck(t, step);
     if (!c)
-        return kd_trk_fail(t, KD_ENOTFOUND, "checkpoint at step %lld is not in the manifest",
+        return kdi_trk_fail(t, KD_ENOTFOUND, "checkpoint at step %lld is not in the manifest",
                            (long long)step);
     if (c->deleted)
         return KD_OK;
     long idx = (long)(c - t->ck);
     if (idx == newest_index(t) || idx == best_index(t))
-        return kd_trk_fail(t, KD_EINVAL,
+        return kdi_trk_fail(t, KD_EINVAL,
                            "checkpoint at step %lld is the %s one and must be kept",
                            (long long)step, idx == best_index(t) ? "best" : "newest (recovery)");
     char *why = strdup(reason ? reason : "retention");
     if (!why)
-        return kd_trk_fail(t, KD_ENOMEM, "out of memory");
+        return kdi_trk_fail(t, KD_ENOMEM, "out of memory");
     c->deleted = 1;
     free(c->deleted_reason);
     c->deleted_reason = why;
-    if (kd_trk_ck_frag(c) != KD_OK)
-        return kd_trk_fail(t, KD_ENOMEM, "out of memory");
-    return kd_trk_write_state(t);
+    if (kdi_trk_ck_frag(c) != KD_OK)
+        return kdi_trk_fail(t, KD_ENOMEM, "out of memory");
+    return kdi_trk_write_state(t);
 }
 
 int kd_tracker_checkpoint_deleted(kd_tracker *t, int64_t step, const char *reason)
 {
     if (!t)
         return checkpoint_deleted_locked(t, step, reason);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = checkpoint_deleted_locked(t, step, reason);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -1175,37 +1175,37 @@ static int recovery_checkpoint_locked(kd_tracker *t, kd_recovery *r)
     memset(r, 0, sizeof *r);
     r->loss = NAN;
     kd_sb why;
-    kd_sb_init(&why, sizeof r->skipped);
+    kdi_sb_init(&why, sizeof r->skipped);
     for (size_t i = t->nck; i-- > 0;) {
         const ckrec *c = &t->ck[i];
         if (c->deleted)
             continue;
         struct stat st;
         if (stat(c->resolved, &st) != 0) {
-            kd_sb_printf(&why, "step %lld: %s is missing\n", (long long)c->step, c->rel);
+            kdi_sb_printf(&why, "step %lld: %s is missing\n", (long long)c->step, c->rel);
             continue;
         }
-        if (!kd_run_path_inside(t->dir, c->resolved)) {
+        if (!kdi_run_path_inside(t->dir, c->resolved)) {
             /* the same rule as kdkit verify's: a checkpoint is the file in
                the directory, not whatever a symlink there points at */
-            kd_sb_printf(&why, "step %lld: %s resolves to a file outside the output directory\n",
+            kdi_sb_printf(&why, "step %lld: %s resolves to a file outside the output directory\n",
                          (long long)c->step, c->rel);
             continue;
         }
         if ((int64_t)st.st_size != c->size) {
-            kd_sb_printf(&why, "step %lld: %s has %lld bytes, the manifest says %lld\n",
+            kdi_sb_printf(&why, "step %lld: %s has %lld bytes, the manifest says %lld\n",
                          (long long)c->step, c->rel, (long long)st.st_size, (long long)c->size);
             continue;
         }
         kd_err herr;
         const char *algo;
-        int d = kd_trk_ck_hash_check(c, c->resolved, &algo, &herr);
+        int d = kdi_trk_ck_hash_check(c, c->resolved, &algo, &herr);
         if (d < 0) {
-            kd_sb_printf(&why, "step %lld: %s\n", (long long)c->step, herr.msg);
+            kdi_sb_printf(&why, "step %lld: %s\n", (long long)c->step, herr.msg);
             continue;
         }
         if (d) {
-            kd_sb_printf(&why, "step %lld: %s: %s differs from the manifest (corrupted or "
+            kdi_sb_printf(&why, "step %lld: %s: %s differs from the manifest (corrupted or "
                                "overwritten)\n",
                          (long long)c->step, c->rel, algo);
             continue;
@@ -1215,7 +1215,7 @@ static int recovery_checkpoint_locked(kd_tracker *t, kd_recovery *r)
     }
     if (why.buf)
         snprintf(r->skipped, sizeof r->skipped, "%s", why.buf);
-    kd_sb_free(&why);
+    kdi_sb_free(&why);
     return KD_OK;
 }
 
@@ -1223,9 +1223,9 @@ int kd_tracker_recovery_checkpoint(kd_tracker *t, kd_recovery *r)
 {
     if (!t)
         return recovery_checkpoint_locked(t, r);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = recovery_checkpoint_locked(t, r);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -1245,9 +1245,9 @@ int kd_tracker_best_checkpoint(kd_tracker *t, kd_recovery *r)
 {
     if (!t)
         return best_checkpoint_locked(t, r);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = best_checkpoint_locked(t, r);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -1258,71 +1258,71 @@ int kd_tracker_best_checkpoint(kd_tracker *t, kd_recovery *r)
 static int append_api(kd_tracker *t, const kd_api_response *r)
 {
     if (!r || !r->response)
-        return kd_trk_fail(t, KD_EINVAL, "record_api_response: a response is required");
+        return kdi_trk_fail(t, KD_EINVAL, "record_api_response: a response is required");
     if (!isfinite(r->cost) || r->cost < 0)
-        return kd_trk_fail(t, KD_EINVAL, "record_api_response: cost must be a finite number >= 0");
+        return kdi_trk_fail(t, KD_EINVAL, "record_api_response: cost must be a finite number >= 0");
     char ph[KD_SHA256_HEX];
     const char *prompt_hash = r->prompt_hash;
     if (!prompt_hash) {
         if (!r->prompt)
-            return kd_trk_fail(t, KD_EINVAL, "record_api_response: prompt_hash or prompt is required");
+            return kdi_trk_fail(t, KD_EINVAL, "record_api_response: prompt_hash or prompt is required");
         if (kd_sha256_hex(r->prompt, strlen(r->prompt), ph) != KD_OK)
-            return kd_trk_fail(t, KD_ENOMEM, "record_api_response: out of memory hashing the prompt");
+            return kdi_trk_fail(t, KD_ENOMEM, "record_api_response: out of memory hashing the prompt");
         prompt_hash = ph;
     }
     kd_sb *s = &t->line;
-    kd_sb_reset(s);
-    kd_sb_puts(s, "{\"prompt_hash\":");
-    kd_sb_json_cstr(s, prompt_hash);
+    kdi_sb_reset(s);
+    kdi_sb_puts(s, "{\"prompt_hash\":");
+    kdi_sb_json_cstr(s, prompt_hash);
     size_t rlen = strlen(r->response);
-    if (kd_utf8_valid(r->response, rlen)) {
-        kd_sb_puts(s, ",\"response\":");
-        kd_sb_json_str(s, r->response, rlen);
+    if (kdi_utf8_valid(r->response, rlen)) {
+        kdi_sb_puts(s, ",\"response\":");
+        kdi_sb_json_str(s, r->response, rlen);
     } else {
         /* Paid bytes are kept exactly: not valid text, so base64. */
         unsigned char *b64 = malloc(4 * ((rlen + 2) / 3) + 1);
         if (!b64)
-            return kd_trk_fail(t, KD_ENOMEM, "record_api_response: out of memory");
+            return kdi_trk_fail(t, KD_ENOMEM, "record_api_response: out of memory");
         int n = EVP_EncodeBlock(b64, (const unsigned char *)r->response, (int)rlen);
-        kd_sb_puts(s, ",\"response\":null,\"response_base64\":\"");
-        kd_sb_put(s, (const char *)b64, (size_t)n);
-        kd_sb_putc(s, '"');
+        kdi_sb_puts(s, ",\"response\":null,\"response_base64\":\"");
+        kdi_sb_put(s, (const char *)b64, (size_t)n);
+        kdi_sb_putc(s, '"');
         free(b64);
     }
-    kd_sb_puts(s, ",\"cost\":");
-    kd_sb_json_double(s, r->cost);
-    kd_sb_puts(s, ",\"timestamp\":");
-    kd_sb_printf(s, "%.6f", kd_now());
-    kd_sb_puts(s, ",\"request_hash\":");
-    kd_sb_json_cstr(s, r->request_hash);
-    kd_sb_puts(s, ",\"sample_index\":");
+    kdi_sb_puts(s, ",\"cost\":");
+    kdi_sb_json_double(s, r->cost);
+    kdi_sb_puts(s, ",\"timestamp\":");
+    kdi_sb_printf(s, "%.6f", kd_now());
+    kdi_sb_puts(s, ",\"request_hash\":");
+    kdi_sb_json_cstr(s, r->request_hash);
+    kdi_sb_puts(s, ",\"sample_index\":");
     if (r->sample_index >= 0)
-        kd_sb_json_int(s, r->sample_index);
+        kdi_sb_json_int(s, r->sample_index);
     else
-        kd_sb_puts(s, "null");
-    kd_sb_puts(s, ",\"prompt_tokens\":");
+        kdi_sb_puts(s, "null");
+    kdi_sb_puts(s, ",\"prompt_tokens\":");
     if (r->prompt_tokens >= 0)
-        kd_sb_json_int(s, r->prompt_tokens);
+        kdi_sb_json_int(s, r->prompt_tokens);
     else
-        kd_sb_puts(s, "null");
-    kd_sb_puts(s, ",\"completion_tokens\":");
+        kdi_sb_puts(s, "null");
+    kdi_sb_puts(s, ",\"completion_tokens\":");
     if (r->completion_tokens >= 0)
-        kd_sb_json_int(s, r->completion_tokens);
+        kdi_sb_json_int(s, r->completion_tokens);
     else
-        kd_sb_puts(s, "null");
-    kd_sb_puts(s, ",\"latency_ms\":");
+        kdi_sb_puts(s, "null");
+    kdi_sb_puts(s, ",\"latency_ms\":");
     put_opt_double(s, r->latency_ms);
-    kd_sb_puts(s, ",\"model\":");
-    kd_sb_json_cstr(s, r->model);
-    kd_sb_puts(s, ",\"request_id\":");
-    kd_sb_json_cstr(s, r->request_id);
-    kd_sb_puts(s, ",\"teacher_version\":");
-    kd_sb_json_cstr(s, r->teacher_version);
+    kdi_sb_puts(s, ",\"model\":");
+    kdi_sb_json_cstr(s, r->model);
+    kdi_sb_puts(s, ",\"request_id\":");
+    kdi_sb_json_cstr(s, r->request_id);
+    kdi_sb_puts(s, ",\"teacher_version\":");
+    kdi_sb_json_cstr(s, r->teacher_version);
     if (r->refusal) /* absent otherwise: older ledgers stay valid */
-        kd_sb_puts(s, ",\"refusal\":true");
-    kd_sb_putc(s, '}');
-    if (kd_sb_error(s))
-        return kd_trk_fail(t, kd_sb_error(s), "record_api_response: response too large to record");
+        kdi_sb_puts(s, ",\"refusal\":true");
+    kdi_sb_putc(s, '}');
+    if (kdi_sb_error(s))
+        return kdi_trk_fail(t, kdi_sb_error(s), "record_api_response: response too large to record");
     int rc = kd_jsonl_append(t->api, s->buf, s->len, &t->err);
     if (rc != KD_OK)
         return rc;
@@ -1338,7 +1338,7 @@ static int record_api_responses_locked(kd_tracker *t, const kd_api_response *rs,
     if (!t || (!rs && n))
         return KD_EINVAL;
     if (t->readonly)
-        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+        return kdi_trk_fail(t, KD_ESTATE, "tracker is read-only");
     for (size_t i = 0; i < n; i++) {
         int rc = append_api(t, &rs[i]);
         if (rc != KD_OK)
@@ -1353,9 +1353,9 @@ int kd_tracker_record_api_responses(kd_tracker *t, const kd_api_response *rs, si
 {
     if (!t)
         return record_api_responses_locked(t, rs, n);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = record_api_responses_locked(t, rs, n);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -1370,9 +1370,9 @@ int kd_tracker_record_api_response(kd_tracker *t, const kd_api_response *r)
 {
     if (!t)
         return record_api_response_locked(t, r);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = record_api_response_locked(t, r);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -1381,23 +1381,23 @@ static int record_connection_failure_locked(kd_tracker *t, const kd_failure *f)
     if (!t || !f)
         return KD_EINVAL;
     if (t->readonly)
-        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+        return kdi_trk_fail(t, KD_ESTATE, "tracker is read-only");
     kd_sb *s = &t->line;
-    kd_sb_reset(s);
-    kd_sb_puts(s, "{\"retry_count\":");
-    kd_sb_json_int(s, f->retry_count);
-    kd_sb_puts(s, ",\"error\":");
-    kd_sb_json_cstr(s, f->error ? f->error : "");
-    kd_sb_puts(s, ",\"time\":");
-    kd_sb_printf(s, "%.6f", kd_now());
-    kd_sb_puts(s, ",\"http_status\":");
-    kd_sb_json_int(s, f->http_status);
-    kd_sb_puts(s, f->possibly_billed ? ",\"possibly_billed\":true" : ",\"possibly_billed\":false");
-    kd_sb_puts(s, ",\"request_hash\":");
-    kd_sb_json_cstr(s, f->request_hash);
-    kd_sb_putc(s, '}');
-    if (kd_sb_error(s))
-        return kd_trk_fail(t, kd_sb_error(s), "record_connection_failure: message too large");
+    kdi_sb_reset(s);
+    kdi_sb_puts(s, "{\"retry_count\":");
+    kdi_sb_json_int(s, f->retry_count);
+    kdi_sb_puts(s, ",\"error\":");
+    kdi_sb_json_cstr(s, f->error ? f->error : "");
+    kdi_sb_puts(s, ",\"time\":");
+    kdi_sb_printf(s, "%.6f", kd_now());
+    kdi_sb_puts(s, ",\"http_status\":");
+    kdi_sb_json_int(s, f->http_status);
+    kdi_sb_puts(s, f->possibly_billed ? ",\"possibly_billed\":true" : ",\"possibly_billed\":false");
+    kdi_sb_puts(s, ",\"request_hash\":");
+    kdi_sb_json_cstr(s, f->request_hash);
+    kdi_sb_putc(s, '}');
+    if (kdi_sb_error(s))
+        return kdi_trk_fail(t, kdi_sb_error(s), "record_connection_failure: message too large");
     int rc = kd_jsonl_append(t->failures, s->buf, s->len, &t->err);
     if (rc != KD_OK)
         return rc;
@@ -1411,9 +1411,9 @@ int kd_tracker_record_connection_failure(kd_tracker *t, const kd_failure *f)
 {
     if (!t)
         return record_connection_failure_locked(t, f);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = record_connection_failure_locked(t, f);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -1422,16 +1422,16 @@ static int record_pause_locked(kd_tracker *t, double duration)
     if (!t)
         return KD_EINVAL;
     if (t->readonly)
-        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+        return kdi_trk_fail(t, KD_ESTATE, "tracker is read-only");
     if (!isfinite(duration) || duration < 0)
-        return kd_trk_fail(t, KD_EINVAL, "record_pause: duration must be >= 0 seconds");
+        return kdi_trk_fail(t, KD_EINVAL, "record_pause: duration must be >= 0 seconds");
     double now = kd_now();
     /* duration 0 marks "pausing now": that pause is the gap until the
        reopen, which the reopen counts (once) and excludes; counting it here
        as well made a stop-and-resume two pauses. */
     if (duration > 0) {
         /* A pause cannot remove more than the active time there is. */
-        double active = kd_trk_active(t, now);
+        double active = kdi_trk_active(t, now);
         if (duration > active)
             duration = active;
         t->active_base -= duration;
@@ -1446,7 +1446,7 @@ static int record_pause_locked(kd_tracker *t, double duration)
     t->rate_n = 0;
     char d[96];
     snprintf(d, sizeof d, "{\"duration\":%.6f}", duration);
-    int rc = kd_trk_event(t, "pause", d);
+    int rc = kdi_trk_event(t, "pause", d);
     if (rc == KD_OK)
         rc = sync_metrics(t);
     if (rc == KD_OK)
@@ -1458,9 +1458,9 @@ int kd_tracker_record_pause(kd_tracker *t, double duration)
 {
     if (!t)
         return record_pause_locked(t, duration);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = record_pause_locked(t, duration);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -1469,10 +1469,10 @@ static int save_locked(kd_tracker *t)
     if (!t)
         return KD_EINVAL;
     if (t->readonly)
-        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+        return kdi_trk_fail(t, KD_ESTATE, "tracker is read-only");
     int rc = sync_metrics(t);
     if (rc == KD_OK)
-        rc = kd_trk_write_session(t);
+        rc = kdi_trk_write_session(t);
     if (rc == KD_OK)
         t->last_save = kd_monotonic();
     return rc;
@@ -1482,9 +1482,9 @@ int kd_tracker_save(kd_tracker *t)
 {
     if (!t)
         return save_locked(t);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = save_locked(t);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -1496,24 +1496,24 @@ static int rewind_locked(kd_tracker *t, int64_t step)
     if (!t)
         return KD_EINVAL;
     if (t->readonly)
-        return kd_trk_fail(t, KD_ESTATE, "tracker is read-only");
+        return kdi_trk_fail(t, KD_ESTATE, "tracker is read-only");
     int rc = flush_metrics(t);
     if (rc != KD_OK)
         return rc;
     /* Find the end of the last line whose step is <= `step`. */
     char path[PATH_MAX];
-    rc = kd_trk_path(t, F_METRICS, path, sizeof path);
+    rc = kdi_trk_path(t, F_METRICS, path, sizeof path);
     if (rc != KD_OK)
         return rc;
     uint64_t size = kd_jsonl_size(t->metrics);
     uint64_t cut = size;
     int64_t moved = 0;
-    rc = kd_trk_find_cut(t, path, step, &cut, &moved);
+    rc = kdi_trk_find_cut(t, path, step, &cut, &moved);
     if (rc != KD_OK)
         return rc;
     if (cut < size) {
         char aside[PATH_MAX];
-        rc = kd_trk_path(t, F_REWOUND, aside, sizeof aside);
+        rc = kdi_trk_path(t, F_REWOUND, aside, sizeof aside);
         if (rc != KD_OK)
             return rc;
         rc = kd_jsonl_move_tail(t->metrics, cut, aside, &t->err);
@@ -1521,7 +1521,7 @@ static int rewind_locked(kd_tracker *t, int64_t step)
             return rc;
     }
     int64_t from = t->steps_completed;
-    rc = kd_trk_scan_metrics_tail(t);
+    rc = kdi_trk_scan_metrics_tail(t);
     if (rc != KD_OK)
         return rc;
     t->rate_n = 0;
@@ -1532,21 +1532,21 @@ static int rewind_locked(kd_tracker *t, int64_t step)
         if (t->ck[i].step > step && !t->ck[i].deleted) {
             char *why = strdup("rewound: newer than the resume point");
             if (!why)
-                return kd_trk_fail(t, KD_ENOMEM, "rewind: out of memory");
+                return kdi_trk_fail(t, KD_ENOMEM, "rewind: out of memory");
             t->ck[i].deleted = 1;
             free(t->ck[i].deleted_reason);
             t->ck[i].deleted_reason = why;
             stale = 1;
-            if (kd_trk_ck_frag(&t->ck[i]) != KD_OK)
-                return kd_trk_fail(t, KD_ENOMEM, "rewind: out of memory");
+            if (kdi_trk_ck_frag(&t->ck[i]) != KD_OK)
+                return kdi_trk_fail(t, KD_ENOMEM, "rewind: out of memory");
         }
     }
     char d[160];
     snprintf(d, sizeof d, "{\"from_step\":%lld,\"to_step\":%lld,\"lines_moved\":%lld}",
              (long long)from, (long long)step, (long long)moved);
-    rc = kd_trk_event(t, "rewind", d);
+    rc = kdi_trk_event(t, "rewind", d);
     if (rc == KD_OK)
-        rc = stale ? kd_trk_write_state(t) : kd_trk_write_session(t);
+        rc = stale ? kdi_trk_write_state(t) : kdi_trk_write_session(t);
     return rc;
 }
 
@@ -1554,9 +1554,9 @@ int kd_tracker_rewind(kd_tracker *t, int64_t step)
 {
     if (!t)
         return rewind_locked(t, step);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = rewind_locked(t, step);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -1576,9 +1576,9 @@ static int summary_locked(kd_tracker *t, kd_summary *s)
                                          : 0.0;
     if (s->progress_pct > 100.0)
         s->progress_pct = 100.0;
-    s->elapsed_wall_clock_hours = kd_trk_wall_hours(t, now);
-    s->active_hours = kd_trk_active(t, now) / 3600.0;
-    kd_trk_rates(t, &s->steps_per_sec, &s->samples_per_sec, &s->tokens_per_sec);
+    s->elapsed_wall_clock_hours = kdi_trk_wall_hours(t, now);
+    s->active_hours = kdi_trk_active(t, now) / 3600.0;
+    kdi_trk_rates(t, &s->steps_per_sec, &s->samples_per_sec, &s->tokens_per_sec);
     int64_t left = t->total_steps - t->steps_completed;
     if (left <= 0)
         s->estimated_remaining_hours = 0.0;
@@ -1616,9 +1616,9 @@ int kd_tracker_summary(kd_tracker *t, kd_summary *s)
 {
     if (!t)
         return summary_locked(t, s);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = summary_locked(t, s);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -1626,17 +1626,17 @@ static int summary_json_locked(kd_tracker *t, char **json_out)
 {
     if (!t || !json_out)
         return KD_EINVAL;
-    *json_out = kd_trk_progress_doc(t);
-    return *json_out ? KD_OK : kd_trk_fail(t, KD_ENOMEM, "summary: out of memory");
+    *json_out = kdi_trk_progress_doc(t);
+    return *json_out ? KD_OK : kdi_trk_fail(t, KD_ENOMEM, "summary: out of memory");
 }
 
 int kd_tracker_summary_json(kd_tracker *t, char **json_out)
 {
     if (!t)
         return summary_json_locked(t, json_out);
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc_ = summary_json_locked(t, json_out);
-    kd_trk_unlock(t);
+    kdi_trk_unlock(t);
     return rc_;
 }
 
@@ -1651,14 +1651,14 @@ int kd_tracker_close_err(kd_tracker *t, kd_err *e)
     if (!t)
         return KD_OK;
     /* waits for a call in progress on another thread; none may follow */
-    kd_trk_lock(t);
+    kdi_trk_lock(t);
     int rc = KD_OK;
     if (!t->readonly && t->metrics) {
         rc = sync_metrics(t);
-        int r2 = kd_trk_event(t, "close", "{}");
+        int r2 = kdi_trk_event(t, "close", "{}");
         if (rc == KD_OK)
             rc = r2;
-        r2 = kd_trk_write_session(t);
+        r2 = kdi_trk_write_session(t);
         if (rc == KD_OK)
             rc = r2;
     }
@@ -1683,14 +1683,14 @@ int kd_tracker_close_err(kd_tracker *t, kd_err *e)
     }
     kd_dir_unlock(t->lock);
     for (size_t i = 0; i < t->nck; i++)
-        kd_trk_ck_free(&t->ck[i]);
+        kdi_trk_ck_free(&t->ck[i]);
     free(t->ck);
     free(t->pending);
     free(t->config_canon);
-    kd_trk_components_free(t);
-    kd_sb_free(&t->report);
-    kd_sb_free(&t->line);
-    kd_trk_unlock(t);
+    kdi_trk_components_free(t);
+    kdi_sb_free(&t->report);
+    kdi_sb_free(&t->line);
+    kdi_trk_unlock(t);
     pthread_mutex_destroy(&t->mu);
     free(t);
     return rc;

@@ -90,7 +90,7 @@ typedef struct rate_point {
 struct kd_tracker {
     pthread_mutex_t mu;      /* recursive; every public call holds it (tracker.h) */
     char dir[PATH_MAX];
-    kd_err err;              /* the current call's error; see kd_trk_lock */
+    kd_err err;              /* the current call's error; see kdi_trk_lock */
     unsigned lock_depth;     /* nesting of public calls on this thread (under mu) */
     uint64_t serial;         /* unique per handle, names it in the per-thread error */
     int readonly;
@@ -162,65 +162,65 @@ struct kd_tracker {
 };
 
 /* state.c, reopen.c, manifest.c */
-void kd_trk_mutex_init(kd_tracker *t);   /* recursive mutex of a new handle */
-int kd_trk_rel_path_ok(const char *rel); /* relative, no "..", no empty part */
-int kd_trk_is_hex64(const char *s);      /* 64 lowercase hex digits */
-int kd_trk_is_hex32(const char *s);      /* 32 lowercase hex digits (XXH3-128) */
+void kdi_trk_mutex_init(kd_tracker *t);   /* recursive mutex of a new handle */
+int kdi_trk_rel_path_ok(const char *rel); /* relative, no "..", no empty part */
+int kdi_trk_is_hex64(const char *s);      /* 64 lowercase hex digits */
+int kdi_trk_is_hex32(const char *s);      /* 32 lowercase hex digits (XXH3-128) */
 /* Hash the checkpoint file at `path` the way record `c` was: XXH3-128 when
    the record has one, else SHA-256.  0 when it matches, 1 when it differs,
    -1 when it cannot be read (message in *e); *algo names the hash used. */
-int kd_trk_ck_hash_check(const ckrec *c, const char *path, const char **algo, kd_err *e);
+int kdi_trk_ck_hash_check(const ckrec *c, const char *path, const char **algo, kd_err *e);
 /* Every public call brackets its work with these (instead of locking mu
    directly): the outermost lock clears err.code, the outermost unlock of a
    call that failed copies err to the calling thread's own slot, which
    kd_tracker_errmsg reads, so two threads' errors never overwrite each
    other. */
-void kd_trk_lock(kd_tracker *t);
-void kd_trk_unlock(kd_tracker *t);
+void kdi_trk_lock(kd_tracker *t);
+void kdi_trk_unlock(kd_tracker *t);
 /* kd_tracker_errmsg: the calling thread's own message for t, else t->err.msg. */
-const char *kd_trk_thread_errmsg(const kd_tracker *t);
-int kd_trk_fail(kd_tracker *t, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+const char *kdi_trk_thread_errmsg(const kd_tracker *t);
+int kdi_trk_fail(kd_tracker *t, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* Room kept after "<dir>/" for the longest name of a run file
    (sessions/<id>/..., <file>.damaged-<time>.<n>). */
 #define KD_TRK_NAME_ROOM 160
 /* KD_EINVAL naming t->dir when "<dir>/" plus KD_TRK_NAME_ROOM does not fit
    PATH_MAX: checked at open, so no file of the run gets a truncated name. */
-int kd_trk_dir_fits(kd_tracker *t);
+int kdi_trk_dir_fits(kd_tracker *t);
 /* "<dir>/<name>" into out; KD_EINVAL naming the path (message on t) when it
    does not fit: never a silently truncated path. */
-int kd_trk_path(kd_tracker *t, const char *name, char *out, size_t outsz)
+int kdi_trk_path(kd_tracker *t, const char *name, char *out, size_t outsz)
     __attribute__((warn_unused_result));
-double kd_trk_active(const kd_tracker *t, double now);
-double kd_trk_wall_hours(const kd_tracker *t, double now); /* now - start_time, >= 0 */
-void kd_trk_rates(const kd_tracker *t, double *steps, double *samples, double *tokens);
-void kd_trk_loss_push(kd_tracker *t, double loss);
-void kd_trk_ck_free(ckrec *c);
-int kd_trk_ck_frag(ckrec *c);
-int kd_trk_write_state(kd_tracker *t);         /* checkpoints.json + session.json + progress.json */
-int kd_trk_write_session(kd_tracker *t);       /* session.json + progress.json */
-char *kd_trk_progress_doc(kd_tracker *t);
-int kd_trk_load(kd_tracker *t, json_t *session); /* state from session.json + tails */
-int kd_trk_load_checkpoints(kd_tracker *t);
-int kd_trk_load_deleted_journal(kd_tracker *t); /* completes a move a crash interrupted */
-int kd_trk_scan_metrics_tail(kd_tracker *t);
+double kdi_trk_active(const kd_tracker *t, double now);
+double kdi_trk_wall_hours(const kd_tracker *t, double now); /* now - start_time, >= 0 */
+void kdi_trk_rates(const kd_tracker *t, double *steps, double *samples, double *tokens);
+void kdi_trk_loss_push(kd_tracker *t, double loss);
+void kdi_trk_ck_free(ckrec *c);
+int kdi_trk_ck_frag(ckrec *c);
+int kdi_trk_write_state(kd_tracker *t);         /* checkpoints.json + session.json + progress.json */
+int kdi_trk_write_session(kd_tracker *t);       /* session.json + progress.json */
+char *kdi_trk_progress_doc(kd_tracker *t);
+int kdi_trk_load(kd_tracker *t, json_t *session); /* state from session.json + tails */
+int kdi_trk_load_checkpoints(kd_tracker *t);
+int kdi_trk_load_deleted_journal(kd_tracker *t); /* completes a move a crash interrupted */
+int kdi_trk_scan_metrics_tail(kd_tracker *t);
 /* End offset of the last metrics line with step <= `step`, and how many lines
    follow it (they are the ones a rewind moves aside). */
-int kd_trk_find_cut(kd_tracker *t, const char *path, int64_t step, uint64_t *cut, int64_t *moved);
-int kd_trk_event(kd_tracker *t, const char *type, const char *detail_json);
+int kdi_trk_find_cut(kd_tracker *t, const char *path, int64_t step, uint64_t *cut, int64_t *moved);
+int kdi_trk_event(kd_tracker *t, const char *type, const char *detail_json);
 /* SHA-256 (hex) of the up to 256 bytes of the file at `path` that end at
    `offset`: 0, or -1 (errno) when they cannot be read. */
-int kd_trk_tail_print(const char *path, uint64_t offset, char hex[KD_SHA256_HEX]);
+int kdi_trk_tail_print(const char *path, uint64_t offset, char hex[KD_SHA256_HEX]);
 /* An integer field: 0 with *v, -1 when absent or not an integer. */
-int kd_trk_json_int(const json_t *o, const char *k, int64_t *v);
+int kdi_trk_json_int(const json_t *o, const char *k, int64_t *v);
 /* A number, or null (NaN); -1 if present with another type. */
-int kd_trk_json_num_or_null(const json_t *o, const char *k, double *v);
+int kdi_trk_json_num_or_null(const json_t *o, const char *k, double *v);
 /* manifest.c: the records of a "checkpoints" object (or array) into t->ck. */
-int kd_trk_load_ck_object(kd_tracker *t, const char *file, json_t *cks);
+int kdi_trk_load_ck_object(kd_tracker *t, const char *file, json_t *cks);
 /* archive.c */
-void kd_trk_config_diff(const json_t *old_cfg, const json_t *new_cfg, kd_sb *out);
-int kd_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session);
-int kd_trk_load_components(kd_tracker *t, const json_t *session);
-void kd_trk_put_components(kd_sb *s, const kd_tracker *t, int with_config);
-void kd_trk_components_free(kd_tracker *t);
+void kdi_trk_config_diff(const json_t *old_cfg, const json_t *new_cfg, kd_sb *out);
+int kdi_trk_archive(kd_tracker *t, const char *old_id, json_t *old_session);
+int kdi_trk_load_components(kd_tracker *t, const json_t *session);
+void kdi_trk_put_components(kd_sb *s, const kd_tracker *t, int with_config);
+void kdi_trk_components_free(kd_tracker *t);
 
 #endif

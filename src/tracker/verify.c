@@ -216,7 +216,7 @@ static int type_ok(const json_t *x, enum ftype t)
     case T_NUM_OR_NULL: return json_is_number(x) || json_is_null(x);
     case T_STR: return json_is_string(x);
     case T_OBJ: return json_is_object(x);
-    case T_HEX64: return kd_trk_is_hex64(json_string_value(x));
+    case T_HEX64: return kdi_trk_is_hex64(json_string_value(x));
     }
     return 0;
 }
@@ -289,14 +289,14 @@ static int check_record(vctx *v, const char *file, jstate *js, const json_t *o, 
 /* Offset just past the next '\n' at or after `from`, or -1 if none. */
 static int64_t skip_past_newline(const char *path, uint64_t from)
 {
-    int fd = kd_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
+    int fd = kdi_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
     if (fd < 0)
         return -1;
     char buf[V_SCAN_BLOCK];
     int64_t found = -1;
     uint64_t off = from;
     for (;;) {
-        ssize_t n = kd_sys_pread(fd, buf, V_SCAN_BLOCK, (off_t)off);
+        ssize_t n = kdi_sys_pread(fd, buf, V_SCAN_BLOCK, (off_t)off);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
@@ -349,7 +349,7 @@ static void check_journal(vctx *v, const char *file, jstate *js, int required, i
 {
     char path[PATH_MAX];
     memset(js, 0, sizeof *js);
-    js->kind = kd_run_lookup(file);
+    js->kind = kdi_run_lookup(file);
     js->boundary = boundary;
     js->at_boundary = boundary == 0;
     js->size = -1;
@@ -572,7 +572,7 @@ static void check_session(vctx *v)
         report(v, F_SESSION, 0, -1, KD_ECORRUPT, fix_restore,
                "session.json: 'session_id' is not a usable session id");
     char why[256];
-    if (kd_run_check_session(s, why, sizeof why))
+    if (kdi_run_check_session(s, why, sizeof why))
         report(v, F_SESSION, 0, -1, KD_ECORRUPT,
                "correct that field by hand, or restore session.json from a backup; kdkit "
                "refuses to reopen the session until then (its budget would be wrong)",
@@ -672,7 +672,7 @@ static void check_ck_file(vctx *v, int64_t step, const char *rel, int64_t size, 
                    strerror(errno));
         return;
     }
-    if (!kd_run_path_inside(v->dir, path)) {
+    if (!kdi_run_path_inside(v->dir, path)) {
         report(v, rel, 0, step, KD_ECORRUPT,
                "replace the symbolic link by the file itself: kdkit only uses checkpoints "
                "inside the output directory",
@@ -693,7 +693,7 @@ static void check_ck_file(vctx *v, int64_t step, const char *rel, int64_t size, 
     }
     if (v->flags & KD_VERIFY_NO_HASH)
         return;
-    /* the same check the tracker's resume makes (kd_trk_ck_hash_check) */
+    /* the same check the tracker's resume makes (kdi_trk_ck_hash_check) */
     ckrec c;
     memset(&c, 0, sizeof c);
     if (sha)
@@ -702,7 +702,7 @@ static void check_ck_file(vctx *v, int64_t step, const char *rel, int64_t size, 
         snprintf(c.xxh3, sizeof c.xxh3, "%s", xxh);
     kd_err e;
     const char *algo;
-    int d = kd_trk_ck_hash_check(&c, path, &algo, &e);
+    int d = kdi_trk_ck_hash_check(&c, path, &algo, &e);
     if (d < 0) {
         report(v, rel, 0, step, KD_EIO, "check the file's permissions and the disk",
                "checkpoint at step %lld: %s", (long long)step, e.msg);
@@ -743,7 +743,7 @@ static void check_ck_record(vctx *v, const char *src, const char *key, const jso
         if (strncmp(abs, v->dir, dl) == 0 && abs[dl] == '/')
             rel = abs + dl + 1;
     }
-    if (!kd_trk_rel_path_ok(rel)) {
+    if (!kdi_trk_rel_path_ok(rel)) {
         report(v, src, 0, step, KD_ECORRUPT,
                "correct that record's path (relative, inside the output directory) or remove "
                "the record; kdkit refuses to use it as it is",
@@ -756,9 +756,9 @@ static void check_ck_record(vctx *v, const char *src, const char *key, const jso
     json_t *szx = json_object_get(o, "size");
     json_t *del = json_object_get(o, "deleted");
     char why[128] = "";
-    if (shax && !kd_trk_is_hex64(sha))
+    if (shax && !kdi_trk_is_hex64(sha))
         snprintf(why, sizeof why, "'sha256' must be 64 lowercase hex digits");
-    else if (xxhx && !kd_trk_is_hex32(xxh))
+    else if (xxhx && !kdi_trk_is_hex32(xxh))
         snprintf(why, sizeof why, "'xxh3_128' must be 32 lowercase hex digits");
     else if (!shax && !xxhx)
         snprintf(why, sizeof why, "'xxh3_128' (or, from older versions, 'sha256') is missing");
@@ -960,8 +960,8 @@ int kd_session_verify(const char *dir, unsigned flags, kd_verify_report_fn cb, v
         /* Every other journal the registry knows: events, the rewound
            lines, eval.jsonl, the deleted-checkpoint journal, the teacher's
            intent journal, and whatever a layer adds later. */
-        for (size_t i = 0; i < kd_run_nfiles && !v->stopped; i++) {
-            const kd_run_file *f = &kd_run_files[i];
+        for (size_t i = 0; i < kdi_run_nfiles && !v->stopped; i++) {
+            const kd_run_file *f = &kdi_run_files[i];
             if (f->kind != KD_RUN_JOURNAL || !(f->flags & KD_RUN_VERIFY) ||
                 strcmp(f->name, F_METRICS) == 0 || strcmp(f->name, F_API) == 0 ||
                 strcmp(f->name, F_FAILURES) == 0)

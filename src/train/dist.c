@@ -24,7 +24,7 @@ static void finalize(void)
         MPI_Finalize();
 }
 
-int kd_dist_init(kd_err *e)
+int kdi_dist_init(kd_err *e)
 {
     if (g_on)
         return KD_OK;
@@ -46,11 +46,11 @@ int kd_dist_init(kd_err *e)
     return KD_OK;
 }
 
-int kd_dist_rank(void) { return g_rank; }
-int kd_dist_size(void) { return g_size; }
-int kd_dist_built(void) { return 1; }
+int kdi_dist_rank(void) { return g_rank; }
+int kdi_dist_size(void) { return g_size; }
+int kdi_dist_built(void) { return 1; }
 
-int kd_dist_any(int flag, int *first)
+int kdi_dist_any(int flag, int *first)
 {
     int mine = flag ? g_rank : g_size, low = mine;
     if (g_size > 1)
@@ -60,7 +60,7 @@ int kd_dist_any(int flag, int *first)
     return low < g_size;
 }
 
-void kd_dist_bcast(void *buf, size_t n, int root)
+void kdi_dist_bcast(void *buf, size_t n, int root)
 {
     if (g_size < 2)
         return;
@@ -70,7 +70,7 @@ void kd_dist_bcast(void *buf, size_t n, int root)
     }
 }
 
-void kd_dist_send(const void *buf, size_t n, int peer)
+void kdi_dist_send(const void *buf, size_t n, int peer)
 {
     for (size_t o = 0; o < n; o += PIECE) {
         size_t k = n - o < PIECE ? n - o : PIECE;
@@ -78,7 +78,7 @@ void kd_dist_send(const void *buf, size_t n, int peer)
     }
 }
 
-void kd_dist_recv(void *buf, size_t n, int peer)
+void kdi_dist_recv(void *buf, size_t n, int peer)
 {
     for (size_t o = 0; o < n; o += PIECE) {
         size_t k = n - o < PIECE ? n - o : PIECE;
@@ -86,7 +86,7 @@ void kd_dist_recv(void *buf, size_t n, int peer)
     }
 }
 
-void kd_dist_exchange(kd_dist_msg *msgs, int n)
+void kdi_dist_exchange(kd_dist_msg *msgs, int n)
 {
     if (n > 8)
         n = 8; /* dist.h: at most 8 */
@@ -110,7 +110,7 @@ void kd_dist_exchange(kd_dist_msg *msgs, int n)
     }
 }
 
-void kd_dist_allgather(const double *mine, double *all, const int *n, const int *off)
+void kdi_dist_allgather(const double *mine, double *all, const int *n, const int *off)
 {
     if (g_size < 2) {
         memmove(all + off[0], mine, (size_t)n[0] * sizeof *all);
@@ -121,44 +121,44 @@ void kd_dist_allgather(const double *mine, double *all, const int *n, const int 
 
 #else /* one rank */
 
-int kd_dist_init(kd_err *e)
+int kdi_dist_init(kd_err *e)
 {
     (void)e;
     return KD_OK;
 }
-int kd_dist_rank(void) { return 0; }
-int kd_dist_size(void) { return 1; }
-int kd_dist_built(void) { return 0; }
-int kd_dist_any(int flag, int *first)
+int kdi_dist_rank(void) { return 0; }
+int kdi_dist_size(void) { return 1; }
+int kdi_dist_built(void) { return 0; }
+int kdi_dist_any(int flag, int *first)
 {
     if (first)
         *first = flag ? 0 : 1;
     return flag != 0;
 }
-void kd_dist_bcast(void *buf, size_t n, int root)
+void kdi_dist_bcast(void *buf, size_t n, int root)
 {
     (void)buf;
     (void)n;
     (void)root;
 }
-void kd_dist_send(const void *buf, size_t n, int peer)
+void kdi_dist_send(const void *buf, size_t n, int peer)
 {
     (void)buf;
     (void)n;
     (void)peer;
 }
-void kd_dist_recv(void *buf, size_t n, int peer)
+void kdi_dist_recv(void *buf, size_t n, int peer)
 {
     (void)buf;
     (void)n;
     (void)peer;
 }
-void kd_dist_exchange(kd_dist_msg *msgs, int n)
+void kdi_dist_exchange(kd_dist_msg *msgs, int n)
 {
     (void)msgs;
     (void)n;
 }
-void kd_dist_allgather(const double *mine, double *all, const int *n, const int *off)
+void kdi_dist_allgather(const double *mine, double *all, const int *n, const int *off)
 {
     memmove(all + off[0], mine, (size_t)n[0] * sizeof *all);
 }

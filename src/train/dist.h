@@ -23,21 +23,21 @@
 
 /* Join the job (MPI_Init once per process, MPI_Finalize at exit); without
    mpirun or MPI a no-op that leaves one rank.  Not collective when alone. */
-int kd_dist_init(kd_err *e);
-int kd_dist_rank(void);
-int kd_dist_size(void);
+int kdi_dist_init(kd_err *e);
+int kdi_dist_rank(void);
+int kdi_dist_size(void);
 /* 1 when this binary was built with MPI (whether or not under mpirun). */
-int kd_dist_built(void);
+int kdi_dist_built(void);
 
 /* Agreement: every rank passes `flag`; returns 1 on every rank when any
    rank passed nonzero, and *first (may be NULL) = the lowest such rank
    (size when none). */
-int kd_dist_any(int flag, int *first);
+int kdi_dist_any(int flag, int *first);
 /* Copy n bytes from `root`'s buf into every other rank's buf. */
-void kd_dist_bcast(void *buf, size_t n, int root);
+void kdi_dist_bcast(void *buf, size_t n, int root);
 /* Point to point (not collective): n bytes to / from rank `peer`. */
-void kd_dist_send(const void *buf, size_t n, int peer);
-void kd_dist_recv(void *buf, size_t n, int peer);
+void kdi_dist_send(const void *buf, size_t n, int peer);
+void kdi_dist_recv(void *buf, size_t n, int peer);
 /* Point to point, several at once (not collective): post every send
    (recv 0) and receive (recv 1) of msgs[0..n), n <= 8, then wait for all.
    Each message's peer posts the matching one, of the same size. */
@@ -46,10 +46,10 @@ typedef struct kd_dist_msg {
     size_t n;
     int peer, recv;
 } kd_dist_msg;
-void kd_dist_exchange(kd_dist_msg *msgs, int n);
+void kdi_dist_exchange(kd_dist_msg *msgs, int n);
 /* Every rank's n_r doubles (rank r's at offset off[r], counts n[r], both
    known to all) into all[] on every rank. */
-void kd_dist_allgather(const double *mine, double *all, const int *n, const int *off);
+void kdi_dist_allgather(const double *mine, double *all, const int *n, const int *off);
 
 /*
  * The rank-independent step (mbstep.c).  The batch of B sequences is cut
@@ -67,9 +67,9 @@ typedef struct kd_mbstep kd_mbstep;
 /* For a model of `nparams` parameters and an extra term of `extra`
    gradient floats (0: none), batches of B sequences of T tokens in
    micro-batches of mb (mb divides B).  KD_ENOMEM. */
-int kd_mbstep_create(kd_mbstep **out, size_t nparams, size_t extra, int B, int mb, int T,
+int kdi_mbstep_create(kd_mbstep **out, size_t nparams, size_t extra, int B, int mb, int T,
                      kd_err *e);
-void kd_mbstep_free(kd_mbstep *s);
+void kdi_mbstep_free(kd_mbstep *s);
 /* An extra loss term computed per micro-batch (the intermediate term). */
 typedef struct kd_mbstep_term {
     float *grads; /* its parameters' gradient, `extra` floats: zeroed per micro-batch */
@@ -88,26 +88,26 @@ typedef struct kd_mbstep_term {
  * term's value in *term_value (may be NULL), bitwise the same for any rank
  * count.  x: the B*T inputs; sp: the loss of the whole batch (its arrays
  * B*T positions long, teacher arrays teacher_k per position; sp->mask
- * required with a term); only this rank's rows (kd_mbstep_rows) of x and
+ * required with a term); only this rank's rows (kdi_mbstep_rows) of x and
  * sp are read.  term: the extra term exactly when extra > 0 at create
  * (else KD_EINVAL, before any collective: a caller error).
  * Collective: a rank whose own work fails still joins the agreement, and
  * every rank then returns an error (the failing rank its own, the others
  * KD_EIO naming it).
  */
-int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_spec *sp,
+int kdi_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_spec *sp,
                   const kd_mbstep_term *term, kd_gpt_loss_out *out, double *term_value,
                   kd_err *e);
-/* Bytes this rank sent in the last kd_mbstep_run (gradient tree, the
+/* Bytes this rank sent in the last kdi_mbstep_run (gradient tree, the
    broadcast it rooted, its loss counts and figures). */
-size_t kd_mbstep_bytes_sent(const kd_mbstep *s);
+size_t kdi_mbstep_bytes_sent(const kd_mbstep *s);
 /* The batch rows [*b0, *b1) whose samples this rank computes (its
    micro-batches): the only rows of x and of the loss arrays that
-   kd_mbstep_run reads on this rank. */
-void kd_mbstep_rows(const kd_mbstep *s, int *b0, int *b1);
+   kdi_mbstep_run reads on this rank. */
+void kdi_mbstep_rows(const kd_mbstep *s, int *b0, int *b1);
 /* The tree for M micro-batches over N ranks: its depth ceil(log2 M), the
    gradient messages (4P bytes each) a step sends between ranks, and the
    levels that send any (the hops one after another).  Not collective. */
-void kd_mbstep_tree_shape(int M, int N, int *levels, int *messages, int *comm_levels);
+void kdi_mbstep_tree_shape(int M, int N, int *levels, int *messages, int *comm_levels);
 
 #endif

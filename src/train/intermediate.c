@@ -85,7 +85,7 @@ out:
     return rc;
 }
 
-int kd_kdinter_open(kd_kdinter **out, const kd_train_config *c, kd_err *e)
+int kdi_kdinter_open(kd_kdinter **out, const kd_train_config *c, kd_err *e)
 {
     *out = NULL;
     kd_kdinter *x = calloc(1, sizeof *x);
@@ -94,12 +94,12 @@ int kd_kdinter_open(kd_kdinter **out, const kd_train_config *c, kd_err *e)
     kd_err le;
     int rc = load_teacher(x, c->kd.teacher_checkpoint, &le);
     if (rc != KD_OK) {
-        kd_kdinter_free(x);
+        kdi_kdinter_free(x);
         return kd_err_set(e, rc, "kd.teacher_checkpoint: %s", le.msg);
     }
     const kd_gpt_config *tc = kd_gpt_get_config(x->teacher);
     if (tc->n_ctx < c->model.n_ctx) {
-        kd_kdinter_free(x);
+        kdi_kdinter_free(x);
         return kd_err_set(e, KD_ECONFIG, "kd.teacher_checkpoint: %s has n_ctx %d, shorter than "
                           "the student's windows (model.n_ctx %d)", c->kd.teacher_checkpoint,
                           tc->n_ctx, c->model.n_ctx);
@@ -107,7 +107,7 @@ int kd_kdinter_open(kd_kdinter **out, const kd_train_config *c, kd_err *e)
     rc = kd_train_intermediate_layers_parse(c->kd.intermediate_layers, c->model.n_layer,
                                             tc->n_layer, &x->npairs, x->s_layer, x->t_layer, &le);
     if (rc != KD_OK) {
-        kd_kdinter_free(x);
+        kdi_kdinter_free(x);
         return kd_err_set(e, KD_ECONFIG, "kd.intermediate_layers: %s (teacher %s)", le.msg,
                           c->kd.teacher_checkpoint);
     }
@@ -120,7 +120,7 @@ int kd_kdinter_open(kd_kdinter **out, const kd_train_config *c, kd_err *e)
     x->gviews = calloc(2 * (size_t)x->npairs, sizeof *x->gviews);
     x->names = calloc(2 * (size_t)x->npairs, NAME_CAP);
     if (!x->params || !x->grads || !x->pviews || !x->gviews || !x->names) {
-        kd_kdinter_free(x);
+        kdi_kdinter_free(x);
         return kd_err_set(e, KD_ENOMEM, "out of memory for the intermediate map");
     }
     for (int p = 0; p < x->npairs; p++) {
@@ -145,7 +145,7 @@ int kd_kdinter_open(kd_kdinter **out, const kd_train_config *c, kd_err *e)
     return KD_OK;
 }
 
-void kd_kdinter_free(kd_kdinter *x)
+void kdi_kdinter_free(kd_kdinter *x)
 {
     if (!x)
         return;
@@ -160,12 +160,12 @@ void kd_kdinter_free(kd_kdinter *x)
     free(x);
 }
 
-const char *kd_kdinter_teacher_sha256(const kd_kdinter *x)
+const char *kdi_kdinter_teacher_sha256(const kd_kdinter *x)
 {
     return x->sha;
 }
 
-void kd_kdinter_describe(const kd_kdinter *x, char *buf, size_t cap)
+void kdi_kdinter_describe(const kd_kdinter *x, char *buf, size_t cap)
 {
     const kd_gpt_config *tc = kd_gpt_get_config(x->teacher);
     size_t at = (size_t)snprintf(buf, cap, "teacher n_layer=%d d_model=%d; layers", tc->n_layer,
@@ -175,7 +175,7 @@ void kd_kdinter_describe(const kd_kdinter *x, char *buf, size_t cap)
                                x->t_layer[p]);
 }
 
-void kd_kdinter_init(kd_kdinter *x, kd_rng *rng)
+void kdi_kdinter_init(kd_kdinter *x, kd_rng *rng)
 {
     /* W ~ N(0, 1/d_student): the map starts near norm-preserving; b = 0 */
     double sd = 1.0 / sqrt((double)x->cs);
@@ -186,13 +186,13 @@ void kd_kdinter_init(kd_kdinter *x, kd_rng *rng)
     }
 }
 
-const kd_tensor_view *kd_kdinter_views(const kd_kdinter *x, int grads, size_t *n)
+const kd_tensor_view *kdi_kdinter_views(const kd_kdinter *x, int grads, size_t *n)
 {
     *n = 2 * (size_t)x->npairs;
     return grads ? x->gviews : x->pviews;
 }
 
-int kd_kdinter_load_views(kd_kdinter *x, const kd_tensor_view *v, size_t n, kd_err *e)
+int kdi_kdinter_load_views(kd_kdinter *x, const kd_tensor_view *v, size_t n, kd_err *e)
 {
     /* check all, then copy: a failed load changes nothing */
     int at[2 * KD_GPT_MAX_LAYER];
@@ -226,18 +226,18 @@ int kd_kdinter_load_views(kd_kdinter *x, const kd_tensor_view *v, size_t n, kd_e
     return KD_OK;
 }
 
-void kd_kdinter_zero_grad(kd_kdinter *x)
+void kdi_kdinter_zero_grad(kd_kdinter *x)
 {
     memset(x->grads, 0, (size_t)x->npairs * per_pair(x) * sizeof(float));
 }
 
-float *kd_kdinter_grads(kd_kdinter *x, size_t *n)
+float *kdi_kdinter_grads(kd_kdinter *x, size_t *n)
 {
     *n = (size_t)x->npairs * per_pair(x);
     return x->grads;
 }
 
-int kd_kdinter_loss(kd_kdinter *x, kd_gpt *student, const uint8_t *tokens, const uint8_t *mask,
+int kdi_kdinter_loss(kd_kdinter *x, kd_gpt *student, const uint8_t *tokens, const uint8_t *mask,
                     int B, int T, double weight, int64_t positions, double *loss, kd_err *e)
 {
     *loss = 0.0;

@@ -12,7 +12,7 @@
  *   kl_bucket     mean forward KL(teacher || student) per byte over the top-k
  *                 bytes plus the other bucket, at temperature 1
  *
- * Held-out samples are those kd_kd_heldout picks (a fixed hash of the sample
+ * Held-out samples are those kdi_kd_heldout picks (a fixed hash of the sample
  * index), taken in index order; training never uses them.  Reads only.
  */
 #include <math.h>
@@ -46,7 +46,7 @@ static int argmax_teacher(const int32_t *ids, const float *lp)
     return best < 0 ? -1 : ids[best];
 }
 
-int kd_kd_evaluate(kd_gpt *m, kd_kdsrc *s, double eval_fraction, int64_t max_samples, int B,
+int kdi_kd_evaluate(kd_gpt *m, kd_kdsrc *s, double eval_fraction, int64_t max_samples, int B,
                    int T, kd_train_kd_eval *out, kd_err *e)
 {
     memset(out, 0, sizeof *out);
@@ -61,16 +61,16 @@ int kd_kd_evaluate(kd_gpt *m, kd_kdsrc *s, double eval_fraction, int64_t max_sam
         rc = kd_err_set(e, KD_ENOMEM, "out of memory");
     double ce_sum = 0.0, kl_sum = 0.0, t_lp = 0.0;
     int64_t n_ce = 0, n_kl = 0, t_bytes = 0, agree = 0, starts = 0;
-    int64_t total = kd_kdsrc_total(s);
+    int64_t total = kdi_kdsrc_total(s);
     int64_t idx = 0;
     while (rc == KD_OK && out->samples < max_samples && idx < total) {
         int nb = 0;
         while (nb < B && idx < total && out->samples + nb < max_samples) {
             int64_t i = idx++;
-            if (!kd_kd_heldout(i, eval_fraction))
+            if (!kdi_kd_heldout(i, eval_fraction))
                 continue;
             kd_kdwin_info info;
-            int frc = kd_kdsrc_fill(s, i, T, KD_DISTILL_TAIL_BUCKET, 1, &w, (size_t)nb, &info, e);
+            int frc = kdi_kdsrc_fill(s, i, T, KD_DISTILL_TAIL_BUCKET, 1, &w, (size_t)nb, &info, e);
             if (frc == KD_ENOTFOUND)
                 continue;
             if (frc != KD_OK) {
@@ -179,7 +179,7 @@ int kd_train_kd_evaluate(const char *ckpt_path, const char *mix_dir, kd_train_kd
         threads = 1;
     if (B < 1 || B > KD_GPT_MAX_BATCH)
         B = 16;
-    rc = kd_kdsrc_open_mix(&src, mix_dir, e);
+    rc = kdi_kdsrc_open_mix(&src, mix_dir, e);
     if (rc != KD_OK)
         goto out;
     const char *ks = kd_ckpt_meta(ck, "kd_source");
@@ -188,11 +188,11 @@ int kd_train_kd_evaluate(const char *ckpt_path, const char *mix_dir, kd_train_kd
                  "%s was not distilled from a mix (no kd_source metadata): every sample of the "
                  "held-out split is new to it, but the split is not one its run kept out",
                  ckpt_path);
-    else if (strcmp(ks, kd_kdsrc_identity(src)) != 0)
+    else if (strcmp(ks, kdi_kdsrc_identity(src)) != 0)
         snprintf(o->warning, sizeof o->warning,
                  "%s was distilled from another mix (identity %.16s..., this one %.16s...): its "
                  "held-out split is by sample index, so these samples may have been trained on",
-                 ckpt_path, ks, kd_kdsrc_identity(src));
+                 ckpt_path, ks, kdi_kdsrc_identity(src));
     rc = kd_gpt_create(&m, &gc, e);
     if (rc != KD_OK)
         goto out;
@@ -209,13 +209,13 @@ int kd_train_kd_evaluate(const char *ckpt_path, const char *mix_dir, kd_train_kd
     if (rc != KD_OK)
         goto out;
     kd_gpt_set_threads(threads);
-    rc = kd_kd_evaluate(m, src, frac, o->max_samples > 0 ? o->max_samples : INT64_MAX, B,
+    rc = kdi_kd_evaluate(m, src, frac, o->max_samples > 0 ? o->max_samples : INT64_MAX, B,
                         gc.n_ctx, out, e);
 out:
     free(v);
     json_decref(cfg);
     kd_gpt_free(m);
-    kd_kdsrc_close(src);
+    kdi_kdsrc_close(src);
     kd_ckpt_close(ck);
     return rc;
 }

@@ -47,7 +47,7 @@ struct kd_kdsrc {
     size_t cache_bytes;
 };
 
-int kd_kd_heldout(int64_t index, double fraction)
+int kdi_kd_heldout(int64_t index, double fraction)
 {
     if (fraction <= 0.0)
         return 0;
@@ -59,7 +59,7 @@ int kd_kd_heldout(int64_t index, double fraction)
     return (double)(z >> 11) * 0x1.0p-53 < fraction;
 }
 
-int kd_kdsrc_open_mix(kd_kdsrc **out, const char *dir, kd_err *e)
+int kdi_kdsrc_open_mix(kd_kdsrc **out, const char *dir, kd_err *e)
 {
     *out = NULL;
     kd_kdsrc *s = calloc(1, sizeof *s);
@@ -87,7 +87,7 @@ int kd_kdsrc_open_mix(kd_kdsrc **out, const char *dir, kd_err *e)
         rc = kd_mix_progress_parse(text, len, pp, &mp, e);
     free(text);
     if (rc != KD_OK) {
-        kd_kdsrc_close(s);
+        kdi_kdsrc_close(s);
         return rc;
     }
     s->ok_rows = mp.counts[KD_MIX_ST_OK];
@@ -96,7 +96,7 @@ int kd_kdsrc_open_mix(kd_kdsrc **out, const char *dir, kd_err *e)
     return KD_OK;
 }
 
-int kd_kdsrc_open_online(kd_kdsrc **out, const char *prompts_path, kd_teacher *teacher,
+int kdi_kdsrc_open_online(kd_kdsrc **out, const char *prompts_path, kd_teacher *teacher,
                          kd_err *e)
 {
     *out = NULL;
@@ -108,20 +108,20 @@ int kd_kdsrc_open_online(kd_kdsrc **out, const char *prompts_path, kd_teacher *t
     int jsonl = 0;
     uint64_t size = 0;
     int64_t n = 0;
-    int rc = kd_mix_prompts_format(NULL, prompts_path, &jsonl, e);
+    int rc = kdi_mix_prompts_format(NULL, prompts_path, &jsonl, e);
     if (rc == KD_OK)
-        rc = kd_mix_prompts_hash(prompts_path, s->identity, &n, &size, e);
+        rc = kdi_mix_prompts_hash(prompts_path, s->identity, &n, &size, e);
     if (rc == KD_OK && n == 0)
         rc = kd_err_set(e, KD_ECONFIG, "%s holds no prompt", prompts_path);
     if (rc == KD_OK && !(s->line_off = malloc((size_t)n * sizeof *s->line_off)))
         rc = kd_err_set(e, KD_ENOMEM, "out of memory");
     if (rc == KD_OK)
-        rc = kd_mix_prompts_open(&s->prompts, prompts_path, jsonl, e);
+        rc = kdi_mix_prompts_open(&s->prompts, prompts_path, jsonl, e);
     /* one pass up front: every line's offset, and a malformed line refused
        now (naming its line) rather than at the step that reaches it */
     while (rc == KD_OK) {
         kd_mix_prompt q;
-        int got = kd_mix_prompts_next(s->prompts, &q, e);
+        int got = kdi_mix_prompts_next(s->prompts, &q, e);
         if (got <= 0) {
             rc = got;
             break;
@@ -129,7 +129,7 @@ int kd_kdsrc_open_online(kd_kdsrc **out, const char *prompts_path, kd_teacher *t
         if (s->nlines < n)
             s->line_off[s->nlines] = q.offset;
         s->nlines++;
-        kd_mix_prompt_clear(&q);
+        kdi_mix_prompt_clear(&q);
     }
     if (rc == KD_OK && s->nlines != n)
         rc = kd_err_set(e, KD_ECONFIG, "%s changed while it was read", prompts_path);
@@ -139,7 +139,7 @@ int kd_kdsrc_open_online(kd_kdsrc **out, const char *prompts_path, kd_teacher *t
         if (rc == KD_ENOTFOUND || rc == KD_ECORRUPT)
             rc = KD_ECONFIG; /* a bad input of this run's config: exit 2 */
         kd_err_set(e, rc, "kd.prompts: %s", m);
-        kd_kdsrc_close(s);
+        kdi_kdsrc_close(s);
         return rc;
     }
     *out = s;
@@ -148,12 +148,12 @@ int kd_kdsrc_open_online(kd_kdsrc **out, const char *prompts_path, kd_teacher *t
 
 static void sample_free(struct sample *sm);
 
-void kd_kdsrc_close(kd_kdsrc *s)
+void kdi_kdsrc_close(kd_kdsrc *s)
 {
     if (!s)
         return;
     if (s->cache) {
-        for (int64_t i = 0; i < kd_kdsrc_total(s); i++)
+        for (int64_t i = 0; i < kdi_kdsrc_total(s); i++)
             if (s->cache[i]) {
                 sample_free(s->cache[i]);
                 free(s->cache[i]);
@@ -161,44 +161,44 @@ void kd_kdsrc_close(kd_kdsrc *s)
         free(s->cache);
     }
     kd_mix_close(s->mix);
-    kd_mix_prompts_close(s->prompts);
+    kdi_mix_prompts_close(s->prompts);
     free(s->line_off);
     free(s);
 }
 
-void kd_kdsrc_set_teacher(kd_kdsrc *s, kd_teacher *teacher)
+void kdi_kdsrc_set_teacher(kd_kdsrc *s, kd_teacher *teacher)
 {
     s->teacher = teacher;
 }
 
-int64_t kd_kdsrc_ok_rows(const kd_kdsrc *s)
+int64_t kdi_kdsrc_ok_rows(const kd_kdsrc *s)
 {
     return s->mix ? s->ok_rows : -1;
 }
 
-int kd_kdsrc_usable(const kd_kdsrc *s, int64_t index)
+int kdi_kdsrc_usable(const kd_kdsrc *s, int64_t index)
 {
     if (!s->mix)
         return -1;
     return kd_mix_row_status(s->mix, index) == KD_MIX_ST_OK;
 }
 
-const char *kd_kdsrc_identity(const kd_kdsrc *s)
+const char *kdi_kdsrc_identity(const kd_kdsrc *s)
 {
     return s->identity;
 }
 
-int64_t kd_kdsrc_total(const kd_kdsrc *s)
+int64_t kdi_kdsrc_total(const kd_kdsrc *s)
 {
     return s->mix ? kd_mix_total(s->mix) : s->nlines;
 }
 
-int64_t kd_kdsrc_completed(const kd_kdsrc *s)
+int64_t kdi_kdsrc_completed(const kd_kdsrc *s)
 {
     return s->mix ? kd_mix_completed(s->mix) : s->nlines;
 }
 
-void kd_kdsrc_counts(const kd_kdsrc *s, int64_t *hits, int64_t *paid, double *cost)
+void kdi_kdsrc_counts(const kd_kdsrc *s, int64_t *hits, int64_t *paid, double *cost)
 {
     *hits = s->hits;
     *paid = s->paid;
@@ -275,9 +275,9 @@ static int load_online(kd_kdsrc *s, int64_t index, sample *sm, kd_err *e)
     if (index < 0 || index >= s->nlines)
         return KD_ENOTFOUND;
     kd_mix_prompt q;
-    int rc = kd_mix_prompts_seek(s->prompts, s->line_off[index], index, e);
+    int rc = kdi_mix_prompts_seek(s->prompts, s->line_off[index], index, e);
     if (rc == KD_OK) {
-        rc = kd_mix_prompts_next(s->prompts, &q, e);
+        rc = kdi_mix_prompts_next(s->prompts, &q, e);
         if (rc == 0)
             rc = kd_err_set(e, KD_ECORRUPT, "kd.prompts: %s: line %lld is gone (the file "
                             "changed under the run)", s->path, (long long)index + 1);
@@ -292,7 +292,7 @@ static int load_online(kd_kdsrc *s, int64_t index, sample *sm, kd_err *e)
     if (rc != KD_OK)
         return rc;
     if (q.blank) {
-        kd_mix_prompt_clear(&q);
+        kdi_mix_prompt_clear(&q);
         return KD_ENOTFOUND; /* an empty line: no sample, as a skipped mix row */
     }
     sm->plen = q.text_len;
@@ -319,18 +319,18 @@ static int load_online(kd_kdsrc *s, int64_t index, sample *sm, kd_err *e)
                          res.text ? strlen(res.text) : 0, e);
     }
     kd_teacher_result_free(&res);
-    kd_mix_prompt_clear(&q);
+    kdi_mix_prompt_clear(&q);
     return rc;
 }
 
-int kd_kdsrc_fill(kd_kdsrc *s, int64_t index, int T, int tail, int mask_prompt, kd_kdwin *w,
+int kdi_kdsrc_fill(kd_kdsrc *s, int64_t index, int T, int tail, int mask_prompt, kd_kdwin *w,
                   size_t b, kd_kdwin_info *info, kd_err *e)
 {
     memset(info, 0, sizeof *info);
-    if (index < 0 || index >= kd_kdsrc_total(s))
+    if (index < 0 || index >= kdi_kdsrc_total(s))
         return KD_ENOTFOUND;
     if (!s->cache)
-        s->cache = calloc((size_t)kd_kdsrc_total(s), sizeof *s->cache);
+        s->cache = calloc((size_t)kdi_kdsrc_total(s), sizeof *s->cache);
     sample local, *sp = s->cache ? s->cache[index] : NULL;
     int cached = sp != NULL;
     if (!sp) {

@@ -81,7 +81,7 @@ static int depth(int M)
     return L;
 }
 
-void kd_mbstep_tree_shape(int M, int N, int *levels, int *messages, int *comm_levels)
+void kdi_mbstep_tree_shape(int M, int N, int *levels, int *messages, int *comm_levels)
 {
     int L = depth(M), msgs = 0, cl = 0;
     for (int l = 0; l < L; l++) {
@@ -99,7 +99,7 @@ void kd_mbstep_tree_shape(int M, int N, int *levels, int *messages, int *comm_le
         *comm_levels = cl;
 }
 
-int kd_mbstep_create(kd_mbstep **out, size_t nparams, size_t extra, int B, int mb, int T,
+int kdi_mbstep_create(kd_mbstep **out, size_t nparams, size_t extra, int B, int mb, int T,
                      kd_err *e)
 {
     *out = NULL;
@@ -108,7 +108,7 @@ int kd_mbstep_create(kd_mbstep **out, size_t nparams, size_t extra, int B, int m
     kd_mbstep *s = calloc(1, sizeof *s);
     if (!s)
         return kd_err_set(e, KD_ENOMEM, "out of memory");
-    int N = kd_dist_size(), r = kd_dist_rank();
+    int N = kdi_dist_size(), r = kdi_dist_rank();
     s->P = nparams;
     s->X = extra;
     const size_t G = nparams + extra;
@@ -133,7 +133,7 @@ int kd_mbstep_create(kd_mbstep **out, size_t nparams, size_t extra, int B, int m
     for (int k = 0; ok && k < s->L + 2; k++)
         ok = (s->pool[s->npool++] = malloc(G * sizeof(float))) != NULL;
     if (!ok) {
-        kd_mbstep_free(s);
+        kdi_mbstep_free(s);
         return kd_err_set(e, KD_ENOMEM, "out of memory (micro-batch partial sums: %d x %zu "
                                         "floats)", s->L + 3, G);
     }
@@ -145,7 +145,7 @@ int kd_mbstep_create(kd_mbstep **out, size_t nparams, size_t extra, int B, int m
     return KD_OK;
 }
 
-void kd_mbstep_free(kd_mbstep *s)
+void kdi_mbstep_free(kd_mbstep *s)
 {
     if (!s)
         return;
@@ -165,9 +165,9 @@ void kd_mbstep_free(kd_mbstep *s)
     free(s);
 }
 
-size_t kd_mbstep_bytes_sent(const kd_mbstep *s) { return s ? s->sent : 0; }
+size_t kdi_mbstep_bytes_sent(const kd_mbstep *s) { return s ? s->sent : 0; }
 
-void kd_mbstep_rows(const kd_mbstep *s, int *b0, int *b1)
+void kdi_mbstep_rows(const kd_mbstep *s, int *b0, int *b1)
 {
     *b0 = s->lo * s->mb;
     *b1 = s->hi * s->mb;
@@ -233,7 +233,7 @@ static void settle_top(kd_mbstep *s)
 /* Levels 0..L-1 across ranks; rank 0 ends holding the root. */
 static void reduce_across(kd_mbstep *s)
 {
-    const int N = kd_dist_size(), M = s->M;
+    const int N = kdi_dist_size(), M = s->M;
     const size_t bytes = (s->P + s->X) * sizeof(float);
     for (int l = 0; l < s->L; l++) {
         kd_dist_msg msg[2];
@@ -252,7 +252,7 @@ static void reduce_across(kd_mbstep *s)
         }
         if (nm == 0 && s->nstk == 0)
             continue;
-        kd_dist_exchange(msg, nm);
+        kdi_dist_exchange(msg, nm);
         if (sent_at >= 0)
             s->sent += bytes;
         /* rebuild the stack one level up */
@@ -280,16 +280,16 @@ static void reduce_across(kd_mbstep *s)
     }
 }
 
-int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_spec *sp,
+int kdi_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_spec *sp,
                   const kd_mbstep_term *term, kd_gpt_loss_out *out, double *term_value,
                   kd_err *e)
 {
-    const int N = kd_dist_size(), r = kd_dist_rank();
+    const int N = kdi_dist_size(), r = kdi_dist_rank();
     const size_t span = (size_t)s->mb * (size_t)s->T, P = s->P, X = term ? s->X : 0;
     const int lo = s->lo, hi = s->hi;
     s->sent = 0;
     if ((s->X > 0) != (term != NULL) || (term && !sp->mask))
-        return kd_err_set(e, KD_EINVAL, "kd_mbstep_run: an extra term (with a mask) must be "
+        return kd_err_set(e, KD_EINVAL, "kdi_mbstep_run: an extra term (with a mask) must be "
                                         "given exactly when the step was created with one");
     int rc = KD_OK;
     /* The counts of this rank's micro-batches, then everyone's (a failure
@@ -306,7 +306,7 @@ int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_s
         s->mine[K * j + 1] = rc == KD_OK ? (double)lo_.n_kd : -1.0;
         s->mine[K * j + 2] = (double)nm;
     }
-    kd_dist_allgather(s->mine + s->off[r], s->cnt_all, s->cnt, s->off);
+    kdi_dist_allgather(s->mine + s->off[r], s->cnt_all, s->cnt, s->off);
     s->sent += (size_t)(N - 1) * (size_t)s->cnt[r] * sizeof(double);
     double tce = 0, tkd = 0, tterm = 0;
     int bad = -1;
@@ -358,7 +358,7 @@ int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_s
         settle_top(s);
     }
     int first = 0;
-    if (kd_dist_any(rc != KD_OK, &first)) {
+    if (kdi_dist_any(rc != KD_OK, &first)) {
         if (rc != KD_OK)
             return rc;
         return kd_err_set(e, KD_EIO, "rank %d failed in this step (its message is above); "
@@ -370,10 +370,10 @@ int kd_mbstep_run(kd_mbstep *s, kd_gpt *m, const uint8_t *x, const kd_gpt_loss_s
         reduce_across(s);
         if (r == 0)
             memcpy(s->tmp, s->stk[0].g, (P + s->X) * sizeof(float));
-        kd_dist_bcast(s->tmp, (P + s->X) * sizeof(float), 0);
+        kdi_dist_bcast(s->tmp, (P + s->X) * sizeof(float), 0);
         if (r == 0)
             s->sent += (size_t)(N - 1) * (P + s->X) * sizeof(float);
-        kd_dist_allgather(s->mine + s->off[r], s->means, s->cnt, s->off);
+        kdi_dist_allgather(s->mine + s->off[r], s->means, s->cnt, s->off);
         s->sent += (size_t)(N - 1) * (size_t)s->cnt[r] * sizeof(double);
     } else {
         sum = s->stk[0].g;

@@ -32,7 +32,7 @@
  * Distillation (a kd: section): samples come from kd_source.c (a mix's rows
  * or a prompt file asked online); sample k of the stream is mix/prompt
  * index perm_e(k mod N) (the same keyed permutation as pretraining, over
- * all N indices); held-out indices (kd_kd_heldout) and rows without a usable
+ * all N indices); held-out indices (kdi_kd_heldout) and rows without a usable
  * answer are passed over, so a step consumes B usable samples and the
  * dataset position counts every index visited.  The loss is ce_weight * CE
  * on the completion bytes + kd_weight * the KD term on the teacher's
@@ -206,7 +206,7 @@ static int check_corpus(run *r)
         const char *was = json_string_value(json_object_get(k, online ? "prompts_sha256"
                                                                       : "mix_identity"));
         json_int_t was_ok = json_integer_value(json_object_get(k, "mix_ok_rows"));
-        const char *now = kd_kdsrc_identity(r->src);
+        const char *now = kdi_kdsrc_identity(r->src);
         int rc = KD_OK;
         if (was && strcmp(was, now) != 0)
             rc = kd_err_set(r->e, KD_EMISMATCH,
@@ -218,14 +218,14 @@ static int check_corpus(run *r)
                             online ? "kd.prompts" : "kd.mix",
                             online ? r->c->kd.prompts : r->c->kd.mix,
                             online ? "SHA-256" : "identity", now, online ? "file" : "mix");
-        else if (was && !online && was_ok != kd_kdsrc_ok_rows(r->src))
+        else if (was && !online && was_ok != kdi_kdsrc_ok_rows(r->src))
             rc = kd_err_set(r->e, KD_EMISMATCH,
                             "the mix changed: the run in %s was distilled from %lld usable rows "
                             "of %s, which now has %lld (rows retried or added since). Resume "
                             "with the mix as it was, or start a new run with another "
                             "--output-dir",
                             r->o->output_dir, (long long)was_ok, r->c->kd.mix,
-                            (long long)kd_kdsrc_ok_rows(r->src));
+                            (long long)kdi_kdsrc_ok_rows(r->src));
         json_decref(s);
         return rc;
     }
@@ -347,9 +347,9 @@ static int build_model(run *r)
     if (rc == KD_OK)
         rc = kd_gpt_reserve(r->m, c->batch_size, c->model.n_ctx, r->e);
     size_t np = 0, no = 0, ni = 0, nig = 0;
-    const kd_tensor_view *iv = r->inter ? kd_kdinter_views(r->inter, 0, &ni) : NULL;
+    const kd_tensor_view *iv = r->inter ? kdi_kdinter_views(r->inter, 0, &ni) : NULL;
     if (rc == KD_OK && r->inter) /* the map is trained by the same AdamW */
-        rc = kd_adamw_add_tensors(r->opt, iv, kd_kdinter_views(r->inter, 1, &nig), ni, r->e);
+        rc = kd_adamw_add_tensors(r->opt, iv, kdi_kdinter_views(r->inter, 1, &nig), ni, r->e);
     if (rc != KD_OK)
         return rc;
     const kd_tensor_view *pv = kd_gpt_param_views(r->m, &np);
@@ -381,7 +381,7 @@ static int build_model(run *r)
     kd_gpt_init_weights(r->m, &init);
     if (r->inter) {
         kd_rng_seed_stream(&init, c->seed, STREAM_MAP);
-        kd_kdinter_init(r->inter, &init);
+        kdi_kdinter_init(r->inter, &init);
     }
     kd_rng_seed_stream(&r->rng, c->seed, STREAM_TRAIN);
     r->sched = c->lr;
@@ -424,7 +424,7 @@ static int load_checkpoint(run *r, const char *path, const kd_ckpt_expect *ex)
     const char *have = r->kd ? NULL : kd_train_data_sha256(r->data);
     if (r->kd) {
         const char *ks = kd_ckpt_meta(ck, "kd_source");
-        if (!ks || strcmp(ks, kd_kdsrc_identity(r->src)) != 0) {
+        if (!ks || strcmp(ks, kdi_kdsrc_identity(r->src)) != 0) {
             rc = kd_err_set(r->e, KD_EMISMATCH,
                             "cannot resume: %s was distilled from %s %s, but this run's %s has "
                             "%s. Use the original one, or start a new run with another "
@@ -432,7 +432,7 @@ static int load_checkpoint(run *r, const char *path, const kd_ckpt_expect *ex)
                             path, r->c->kd.source == KD_TRAIN_KD_ONLINE ? "prompts" : "mix",
                             ks ? ks : "(none: not a distillation checkpoint)",
                             r->c->kd.source == KD_TRAIN_KD_ONLINE ? "kd.prompts" : "kd.mix",
-                            kd_kdsrc_identity(r->src));
+                            kdi_kdsrc_identity(r->src));
             goto out;
         }
     } else if (!corpus || strcmp(corpus, have) != 0) {
@@ -486,7 +486,7 @@ static int load_checkpoint(run *r, const char *path, const kd_ckpt_expect *ex)
     if (rc == KD_OK)
         rc = kd_adamw_load_views(r->opt, v, n, r->e);
     if (rc == KD_OK && r->inter)
-        rc = kd_kdinter_load_views(r->inter, v, n, r->e);
+        rc = kdi_kdinter_load_views(r->inter, v, n, r->e);
     if (rc != KD_OK) {
         wrap_err(r->e, rc, "cannot resume: ", "");
         goto out;
@@ -578,7 +578,7 @@ static int no_checkpoint_verifies(run *r, const kd_recovery *rec)
         char aside[PATH_MAX];
         if (lstat(cr.path, &st) != 0)
             continue; /* missing: nothing to keep */
-        if (kd_run_move_aside(dir, cr.relative_path, aside, sizeof aside) != 0)
+        if (kdi_run_move_aside(dir, cr.relative_path, aside, sizeof aside) != 0)
             return kd_err_sys(r->e, KD_EIO, errno,
                               "--start-over: cannot move %s aside; nothing else was changed",
                               cr.path);
@@ -731,7 +731,7 @@ static int checkpoint(run *r, const char *reason_tag)
     if (rc == KD_OK)
         rc = kd_ckpt_meta_add(&ms, "model", model);
     if (rc == KD_OK && r->kd)
-        rc = kd_ckpt_meta_add(&ms, "kd_source", kd_kdsrc_identity(r->src));
+        rc = kd_ckpt_meta_add(&ms, "kd_source", kdi_kdsrc_identity(r->src));
     if (rc == KD_OK && !r->kd)
         rc = kd_ckpt_meta_add(&ms, "corpus_sha256", kd_train_data_sha256(r->data));
     if (rc == KD_OK && !r->kd)
@@ -795,7 +795,7 @@ static int validate_kd(run *r)
 {
     const kd_train_config *c = r->c;
     kd_train_kd_eval ev;
-    int rc = kd_kd_evaluate(r->m, r->src, c->kd.eval_fraction, c->eval_batches * c->batch_size,
+    int rc = kdi_kd_evaluate(r->m, r->src, c->kd.eval_fraction, c->eval_batches * c->batch_size,
                             c->batch_size, c->model.n_ctx, &ev, r->e);
     if (rc == KD_ENOTFOUND) {
         say(r, KD_TRAIN_EV_WARN, "validation skipped: %s", r->e->msg);
@@ -886,7 +886,7 @@ static int validate(run *r)
 static int settle(run *r, int rc)
 {
     int first = 0;
-    if (r->nranks < 2 || !kd_dist_any(rc != KD_OK, &first))
+    if (r->nranks < 2 || !kdi_dist_any(rc != KD_OK, &first))
         return rc;
     if (rc != KD_OK)
         return rc;
@@ -942,7 +942,7 @@ static int kd_fill_row(run *r, int64_t i, int b, int64_t *no_targets)
 {
     const kd_train_config *c = r->c;
     kd_kdwin_info info;
-    int rc = kd_kdsrc_fill(r->src, i, c->model.n_ctx, c->kd.tail, c->kd.mask_prompt, &r->win,
+    int rc = kdi_kdsrc_fill(r->src, i, c->model.n_ctx, c->kd.tail, c->kd.mask_prompt, &r->win,
                            (size_t)b, &info, r->e);
     if (rc != KD_OK)
         return rc;
@@ -955,7 +955,7 @@ static int kd_fill_row(run *r, int64_t i, int b, int64_t *no_targets)
 /* The step's B training samples from the stream at r->pos (which advances
    past every index visited).  Offline, which indices they are follows from
    the seed, the position and the mix's row statuses alone
-   (kd_kdsrc_usable: no row is read to skip one), so every rank picks the
+   (kdi_kdsrc_usable: no row is read to skip one), so every rank picks the
    same; then a rank fills only the rows [b0, b1) of its own micro-batches.
    Online (one rank) each index is asked as it comes, and one that has no
    sample is skipped.  *no_targets: an index trained without teacher
@@ -963,7 +963,7 @@ static int kd_fill_row(run *r, int64_t i, int b, int64_t *no_targets)
 static int kd_batch(run *r, int b0, int b1, int64_t *no_targets)
 {
     const kd_train_config *c = r->c;
-    const int64_t N = kd_kdsrc_total(r->src);
+    const int64_t N = kdi_kdsrc_total(r->src);
     int64_t passed = 0;
     for (int b = 0; b < c->batch_size;) {
         if (passed > N)
@@ -974,7 +974,7 @@ static int kd_batch(run *r, int b0, int b1, int64_t *no_targets)
         int64_t k = r->pos++;
         int64_t i = (int64_t)kd_train_perm(c->seed, (uint64_t)(k / N), (uint64_t)N,
                                            (uint64_t)(k % N));
-        int use = kd_kd_heldout(i, c->kd.eval_fraction) ? 0 : kd_kdsrc_usable(r->src, i);
+        int use = kdi_kd_heldout(i, c->kd.eval_fraction) ? 0 : kdi_kdsrc_usable(r->src, i);
         if (use == 0) {
             passed++;
             continue;
@@ -1003,7 +1003,7 @@ static int inter_term(void *ctx, const uint8_t *x, const uint8_t *mask, int mb, 
                       int64_t positions, double *value, kd_err *e)
 {
     run *r = ctx;
-    return kd_kdinter_loss(r->inter, r->m, x, mask, mb, T, r->c->kd.intermediate_weight,
+    return kdi_kdinter_loss(r->inter, r->m, x, mask, mb, T, r->c->kd.intermediate_weight,
                            positions, value, e);
 }
 
@@ -1015,7 +1015,7 @@ static int one_step(run *r)
     int rc = KD_OK, b0 = 0, b1 = B;
     int64_t no_targets = -1;
     if (r->mbs) /* only this rank's micro-batches are read */
-        kd_mbstep_rows(r->mbs, &b0, &b1);
+        kdi_mbstep_rows(r->mbs, &b0, &b1);
     if (r->kd) {
         rc = kd_batch(r, b0, b1, &no_targets);
     } else {
@@ -1032,7 +1032,7 @@ static int one_step(run *r)
         return rc;
     if (r->kd && !r->warned_no_targets) {
         /* any rank's sample: the warning is rank 0's to print */
-        int first = 0, any = r->nranks > 1 ? kd_dist_any(no_targets >= 0, &first)
+        int first = 0, any = r->nranks > 1 ? kdi_dist_any(no_targets >= 0, &first)
                                            : no_targets >= 0;
         if (any) {
             r->warned_no_targets = 1;
@@ -1051,7 +1051,7 @@ static int one_step(run *r)
     if (!r->mbs) {
         kd_gpt_zero_grad(r->m);
         if (r->inter)
-            kd_kdinter_zero_grad(r->inter);
+            kdi_kdinter_zero_grad(r->inter);
         rc = kd_gpt_forward(r->m, r->x, B, T, r->e);
     }
     kd_gpt_loss_spec sp = {.targets = r->y, .ce_weight = 1.0f, .kd_weight = 0.0f};
@@ -1075,15 +1075,15 @@ static int one_step(run *r)
         kd_mbstep_term term = {.run = inter_term, .ctx = r};
         size_t n = 0;
         if (r->inter)
-            term.grads = kd_kdinter_grads(r->inter, &n);
-        rc = kd_mbstep_run(r->mbs, r->m, r->x, &sp, r->inter ? &term : NULL, &lo, &inter, r->e);
+            term.grads = kdi_kdinter_grads(r->inter, &n);
+        rc = kdi_mbstep_run(r->mbs, r->m, r->x, &sp, r->inter ? &term : NULL, &lo, &inter, r->e);
         if (rc == KD_OK && r->inter)
             lo.total += c->kd.intermediate_weight * inter;
     } else if (rc == KD_OK) {
         rc = kd_gpt_loss(r->m, &sp, &lo, r->e);
     }
     if (rc == KD_OK && r->inter && !r->mbs) {
-        rc = kd_kdinter_loss(r->inter, r->m, r->x, r->win.mask, B, T, c->kd.intermediate_weight,
+        rc = kdi_kdinter_loss(r->inter, r->m, r->x, r->win.mask, B, T, c->kd.intermediate_weight,
                              0, &inter, r->e);
         lo.total += c->kd.intermediate_weight * inter;
     }
@@ -1153,7 +1153,7 @@ static int stop_requested(const run *r)
     int mine = r->o->stop && *r->o->stop;
     /* every rank stops after the same step: the first to see a signal
        (mpirun forwards it to all, not at one instant) stops them all */
-    return r->nranks > 1 ? kd_dist_any(mine, NULL) : mine;
+    return r->nranks > 1 ? kdi_dist_any(mine, NULL) : mine;
 }
 
 static int loop(run *r)
@@ -1210,11 +1210,11 @@ static int open_kd_source(run *r)
 {
     const kd_train_config *c = r->c;
     int rc = c->kd.source == KD_TRAIN_KD_MIX
-                 ? kd_kdsrc_open_mix(&r->src, c->kd.mix, r->e)
-                 : kd_kdsrc_open_online(&r->src, c->kd.prompts, NULL, r->e);
+                 ? kdi_kdsrc_open_mix(&r->src, c->kd.mix, r->e)
+                 : kdi_kdsrc_open_online(&r->src, c->kd.prompts, NULL, r->e);
     if (rc != KD_OK)
         return rc;
-    int64_t total = kd_kdsrc_total(r->src), done = kd_kdsrc_completed(r->src);
+    int64_t total = kdi_kdsrc_total(r->src), done = kdi_kdsrc_completed(r->src);
     if (total < 1)
         return kd_err_set(r->e, KD_ECONFIG, "%s: %s holds no sample",
                           c->kd.source == KD_TRAIN_KD_MIX ? "kd.mix" : "kd.prompts",
@@ -1229,24 +1229,24 @@ static int open_kd_source(run *r)
         say(r, KD_TRAIN_EV_INFO,
             "mix %s: %lld samples, %lld with an ok row, identity %.16s...; %.0f%% held out "
             "for evaluation",
-            c->kd.mix, (long long)total, (long long)kd_kdsrc_ok_rows(r->src),
-            kd_kdsrc_identity(r->src), 100.0 * c->kd.eval_fraction);
+            c->kd.mix, (long long)total, (long long)kdi_kdsrc_ok_rows(r->src),
+            kdi_kdsrc_identity(r->src), 100.0 * c->kd.eval_fraction);
     } else {
         say(r, KD_TRAIN_EV_INFO, "prompts %s: %lld samples, sha256 %.16s...; asked online",
-            c->kd.prompts, (long long)total, kd_kdsrc_identity(r->src));
+            c->kd.prompts, (long long)total, kdi_kdsrc_identity(r->src));
     }
     if (c->kd.intermediate_weight != 0.0) {
-        rc = kd_kdinter_open(&r->inter, c, r->e);
+        rc = kdi_kdinter_open(&r->inter, c, r->e);
         if (rc != KD_OK)
             return rc;
         char d[512];
-        kd_kdinter_describe(r->inter, d, sizeof d);
+        kdi_kdinter_describe(r->inter, d, sizeof d);
         say(r, KD_TRAIN_EV_INFO, "intermediate term: %s (%s, sha256 %.16s...)", d,
-            c->kd.teacher_checkpoint, kd_kdinter_teacher_sha256(r->inter));
+            c->kd.teacher_checkpoint, kdi_kdinter_teacher_sha256(r->inter));
     }
-    return kd_train_config_kd_identity_json(c, kd_kdsrc_identity(r->src),
-                                            kd_kdsrc_ok_rows(r->src),
-                                            r->inter ? kd_kdinter_teacher_sha256(r->inter) : NULL,
+    return kd_train_config_kd_identity_json(c, kdi_kdsrc_identity(r->src),
+                                            kdi_kdsrc_ok_rows(r->src),
+                                            r->inter ? kdi_kdinter_teacher_sha256(r->inter) : NULL,
                                             &r->identity, r->e);
 }
 
@@ -1287,7 +1287,7 @@ static int open_teacher(run *r)
     rc = kd_teacher_open(&r->teacher, &tc, r->t, r->e);
     if (rc != KD_OK)
         return wrap_err(r->e, rc, "teacher: ", "");
-    kd_kdsrc_set_teacher(r->src, r->teacher);
+    kdi_kdsrc_set_teacher(r->src, r->teacher);
     return KD_OK;
 }
 
@@ -1388,11 +1388,11 @@ static int open_writer(run *r)
 static int dist_start(run *r)
 {
     const kd_train_config *c = r->c;
-    int rc = kd_dist_init(r->e);
+    int rc = kdi_dist_init(r->e);
     if (rc != KD_OK)
         return rc;
-    r->rank = kd_dist_rank();
-    r->nranks = kd_dist_size();
+    r->rank = kdi_dist_rank();
+    r->nranks = kdi_dist_size();
     r->res->rank = r->rank;
     r->res->ranks = r->nranks;
     if (r->nranks < 2)
@@ -1427,18 +1427,18 @@ static int share_state(run *r)
 {
     /* the same run on every rank: config and data (by hash) as rank 0's */
     uint64_t len = r->identity ? strlen(r->identity) : 0;
-    kd_dist_bcast(&len, sizeof len, 0);
+    kdi_dist_bcast(&len, sizeof len, 0);
     char *id0 = calloc(1, (size_t)len + 1);
     if (!id0)
         return kd_err_set(r->e, KD_ENOMEM, "out of memory");
     if (r->rank == 0 && len)
         memcpy(id0, r->identity, (size_t)len);
-    kd_dist_bcast(id0, (size_t)len, 0);
+    kdi_dist_bcast(id0, (size_t)len, 0);
     int same = r->identity && strcmp(id0, r->identity) == 0;
     free(id0);
     /* agreed before the state broadcasts, whose sizes depend on the config */
     int first = 0;
-    if (kd_dist_any(!same, &first)) {
+    if (kdi_dist_any(!same, &first)) {
         if (same)
             return kd_err_set(r->e, KD_EMISMATCH, "rank %d sees another run than rank 0 (its "
                                                   "message is above); every rank stops",
@@ -1449,13 +1449,13 @@ static int share_state(run *r)
                           r->rank, r->kd ? "mix" : "corpus", r->identity ? r->identity : "?");
     }
     for (size_t i = 0; i < r->nviews; i++)
-        kd_dist_bcast(r->views[i].data, r->views[i].nbytes, 0);
+        kdi_dist_bcast(r->views[i].data, r->views[i].nbytes, 0);
     struct {
         int64_t step, pos, last_ckpt_step;
         double last_loss;
         kd_rng rng;
     } st = {r->step, r->pos, r->last_ckpt_step, r->last_loss, r->rng};
-    kd_dist_bcast(&st, sizeof st, 0);
+    kdi_dist_bcast(&st, sizeof st, 0);
     r->step = st.step;
     r->pos = st.pos;
     r->last_ckpt_step = st.last_ckpt_step;
@@ -1464,7 +1464,7 @@ static int share_state(run *r)
     if (r->rank == 0) {
         size_t P = kd_gpt_num_params(r->m);
         int M = r->c->batch_size / r->c->micro_batch, levels = 0, msgs = 0, hops = 0;
-        kd_mbstep_tree_shape(M, r->nranks, &levels, &msgs, &hops);
+        kdi_mbstep_tree_shape(M, r->nranks, &levels, &msgs, &hops);
         say(r, KD_TRAIN_EV_INFO,
             "data-parallel: %d ranks, %d micro-batches of %d sequence%s per step, summed in a "
             "tree of depth %d; per step the gradient tree (%d message%s in %d level%s) and the "
@@ -1514,8 +1514,8 @@ int kd_train_run(const kd_train_config *c, const kd_train_opts *o, kd_train_resu
     if (rc == KD_OK && (c->micro_batch > 0 || r.nranks > 1)) {
         size_t extra = 0;
         if (r.inter)
-            kd_kdinter_grads(r.inter, &extra);
-        rc = settle(&r, kd_mbstep_create(&r.mbs, kd_gpt_num_params(r.m), extra, c->batch_size,
+            kdi_kdinter_grads(r.inter, &extra);
+        rc = settle(&r, kdi_mbstep_create(&r.mbs, kd_gpt_num_params(r.m), extra, c->batch_size,
                                          c->micro_batch, c->model.n_ctx, r.e));
     }
     if (rc != KD_OK)
@@ -1549,24 +1549,24 @@ out:
     if (r.teacher) {
         int64_t hits, paid;
         double cost;
-        kd_kdsrc_counts(r.src, &hits, &paid, &cost);
+        kdi_kdsrc_counts(r.src, &hits, &paid, &cost);
         say(&r, KD_TRAIN_EV_INFO,
             "teacher: %lld answer%s from the cache (free), %lld paid this time (%.6f)",
             (long long)hits, hits == 1 ? "" : "s", (long long)paid, cost);
         kd_teacher_close(r.teacher);
     }
     free(r.teacher_storage);
-    kd_kdsrc_close(r.src);
+    kdi_kdsrc_close(r.src);
     free(r.win.mask);
     free(r.win.ids);
     free(r.win.lp);
     free(r.win.other);
     free(r.win.tok_start);
-    kd_mbstep_free(r.mbs);
+    kdi_mbstep_free(r.mbs);
     print_samples(&r);
     free(r.dbg);
     kd_adamw_free(r.opt);
-    kd_kdinter_free(r.inter);
+    kdi_kdinter_free(r.inter);
     kd_gpt_free(r.m);
     kd_train_data_free(r.data);
     free(r.views);

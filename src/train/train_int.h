@@ -22,27 +22,27 @@
 typedef struct kd_kdsrc kd_kdsrc;
 
 /* Offline: open the mix directory read-only. */
-int kd_kdsrc_open_mix(kd_kdsrc **out, const char *dir, kd_err *e);
+int kdi_kdsrc_open_mix(kd_kdsrc **out, const char *dir, kd_err *e);
 /* Online: read the prompt file; `teacher` (borrowed) answers each prompt. */
-int kd_kdsrc_open_online(kd_kdsrc **out, const char *prompts_path, kd_teacher *teacher,
+int kdi_kdsrc_open_online(kd_kdsrc **out, const char *prompts_path, kd_teacher *teacher,
                          kd_err *e);
-void kd_kdsrc_close(kd_kdsrc *s);
+void kdi_kdsrc_close(kd_kdsrc *s);
 /* Online: the teacher that answers (opened after the run's tracker). */
-void kd_kdsrc_set_teacher(kd_kdsrc *s, kd_teacher *teacher);
+void kdi_kdsrc_set_teacher(kd_kdsrc *s, kd_teacher *teacher);
 /* Offline: rows whose status is ok (from mix_progress.json), -1 online. */
-int64_t kd_kdsrc_ok_rows(const kd_kdsrc *s);
+int64_t kdi_kdsrc_ok_rows(const kd_kdsrc *s);
 /* Mix identity (kd_mix_identity) or the prompt file's SHA-256. */
-const char *kd_kdsrc_identity(const kd_kdsrc *s);
+const char *kdi_kdsrc_identity(const kd_kdsrc *s);
 /* Samples (prompt-file lines); rows present (offline); source label. */
-int64_t kd_kdsrc_total(const kd_kdsrc *s);
-int64_t kd_kdsrc_completed(const kd_kdsrc *s);
+int64_t kdi_kdsrc_total(const kd_kdsrc *s);
+int64_t kdi_kdsrc_completed(const kd_kdsrc *s);
 /* Online: requests answered from the cache / paid so far by this source. */
-void kd_kdsrc_counts(const kd_kdsrc *s, int64_t *hits, int64_t *paid, double *cost);
+void kdi_kdsrc_counts(const kd_kdsrc *s, int64_t *hits, int64_t *paid, double *cost);
 
 /* Offline: 1 when sample `index` trains (its row is ok, as of opening the
    mix), 0 when it is skipped, without reading the row (kd_mix_row_status);
    -1 online (only asking tells). */
-int kd_kdsrc_usable(const kd_kdsrc *s, int64_t index);
+int kdi_kdsrc_usable(const kd_kdsrc *s, int64_t index);
 
 /* One sample laid out as a window of T predictions. */
 typedef struct kd_kdwin {
@@ -70,17 +70,17 @@ typedef struct kd_kdwin_info {
  * ok, or no row yet): the caller skips it.  Online, errors of the teacher
  * come back as their code with its message.
  */
-int kd_kdsrc_fill(kd_kdsrc *s, int64_t index, int T, int tail, int mask_prompt, kd_kdwin *w,
+int kdi_kdsrc_fill(kd_kdsrc *s, int64_t index, int T, int tail, int mask_prompt, kd_kdwin *w,
                   size_t b, kd_kdwin_info *info, kd_err *e);
 
 /* The held-out split: 1 when sample `index` is held out (never trained). */
-int kd_kd_heldout(int64_t index, double fraction);
+int kdi_kd_heldout(int64_t index, double fraction);
 
 /*
  * Score the model on the first `max_samples` held-out samples (in index
  * order), B at a time with windows of T.  Unusable samples are skipped.
  */
-int kd_kd_evaluate(kd_gpt *m, kd_kdsrc *s, double eval_fraction, int64_t max_samples, int B,
+int kdi_kd_evaluate(kd_gpt *m, kd_kdsrc *s, double eval_fraction, int64_t max_samples, int B,
                    int T, kd_train_kd_eval *out, kd_err *e);
 
 /* The intermediate term (intermediate.c): a local teacher checkpoint and
@@ -91,20 +91,20 @@ typedef struct kd_kdinter kd_kdinter;
    kd.intermediate_layers against both models, allocate the map (zero).
    KD_ECONFIG naming the key for a missing/unusable checkpoint or a bad
    mapping; loader errors (KD_ECORRUPT, ...) otherwise. */
-int kd_kdinter_open(kd_kdinter **out, const kd_train_config *c, kd_err *e);
-void kd_kdinter_free(kd_kdinter *x);
+int kdi_kdinter_open(kd_kdinter **out, const kd_train_config *c, kd_err *e);
+void kdi_kdinter_free(kd_kdinter *x);
 /* SHA-256 of the teacher checkpoint's bytes (part of the run identity). */
-const char *kd_kdinter_teacher_sha256(const kd_kdinter *x);
+const char *kdi_kdinter_teacher_sha256(const kd_kdinter *x);
 /* "teacher n_layer=.. d_model=..; layers s->t, ..." for the start-up line. */
-void kd_kdinter_describe(const kd_kdinter *x, char *buf, size_t cap);
+void kdi_kdinter_describe(const kd_kdinter *x, char *buf, size_t cap);
 /* Initialise the map's weights from `rng` (biases stay 0). */
-void kd_kdinter_init(kd_kdinter *x, kd_rng *rng);
+void kdi_kdinter_init(kd_kdinter *x, kd_rng *rng);
 /* The map's parameter (grads 0) or gradient (grads 1) views, "distill.map.*". */
-const kd_tensor_view *kd_kdinter_views(const kd_kdinter *x, int grads, size_t *n);
+const kd_tensor_view *kdi_kdinter_views(const kd_kdinter *x, int grads, size_t *n);
 /* Restore the map from checkpoint views; every map tensor must be there
    with its shape, and no other "distill." tensor.  Unchanged on error. */
-int kd_kdinter_load_views(kd_kdinter *x, const kd_tensor_view *v, size_t n, kd_err *e);
-void kd_kdinter_zero_grad(kd_kdinter *x);
+int kdi_kdinter_load_views(kd_kdinter *x, const kd_tensor_view *v, size_t n, kd_err *e);
+void kdi_kdinter_zero_grad(kd_kdinter *x);
 /*
  * After the student's forward (and loss) on tokens[B*T]: run the teacher
  * forward on the same bytes, set *loss to the mean over layer pairs of the
@@ -116,9 +116,9 @@ void kd_kdinter_zero_grad(kd_kdinter *x);
  * larger batch, whose micro-batches' losses then add up to the batch's).
  * KD_ENOMEM, model errors.
  */
-int kd_kdinter_loss(kd_kdinter *x, kd_gpt *student, const uint8_t *tokens, const uint8_t *mask,
+int kdi_kdinter_loss(kd_kdinter *x, kd_gpt *student, const uint8_t *tokens, const uint8_t *mask,
                     int B, int T, double weight, int64_t positions, double *loss, kd_err *e);
-/* The map's gradients, contiguous (*n floats): what kd_kdinter_loss adds to. */
-float *kd_kdinter_grads(kd_kdinter *x, size_t *n);
+/* The map's gradients, contiguous (*n floats): what kdi_kdinter_loss adds to. */
+float *kdi_kdinter_grads(kd_kdinter *x, size_t *n);
 
 #endif

@@ -202,7 +202,7 @@ int kdt_list_unknown(const char *dir, FILE *out)
     while ((de = readdir(d)) != NULL) {
         if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
             continue;
-        if (!kd_run_lookup(de->d_name)) {
+        if (!kdi_run_lookup(de->d_name)) {
             fprintf(out, "%s\n", de->d_name);
             n++;
         }
