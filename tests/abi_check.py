@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """What an embedder of libkdkit.so sees, checked against the public headers.
 
-  abi_check.py SOURCE_DIR LIBKDKIT_SO KDKIT_BINARY PROJECT_VERSION
+  abi_check.py SOURCE_DIR LIBKDKIT_SO KDKIT_BINARY PROJECT_VERSION LIBKDKIT_A
 
 1. Every function declared in include/kdkit/*.h is marked KD_API (a
    declaration without it would be silently hidden by -fvisibility=hidden).
 2. The shared library's dynamic symbol table defines exactly those
-   functions: nothing internal (kd_sys_open, a helper of one layer...), nothing
+   functions: nothing internal (kdi_sys_open, a helper of one layer...), nothing
    missing (a declaration whose definition was dropped or renamed).  Names
    starting with "_" are the toolchain's (sanitizer runtimes, _init, _fini).
+   Internal functions and data shared between the library's files (global,
+   so in libkdkit.a, but not exported) all carry the internal prefix kdi_,
+   and every exported name the public prefix kd_.
 3. Every C function the Python binding (python/kdkit, ctypes) looks up is
    exported, so `import kdkit` cannot fail with an AttributeError on a
    library built from this tree.
@@ -134,7 +137,7 @@ def python_names(src):
 
 
 def main():
-    src, lib, kdkit, project_version = sys.argv[1:5]
+    src, lib, kdkit, project_version, static = sys.argv[1:6]
     problems = []
 
     declared = {}
@@ -165,6 +168,19 @@ def main():
     for name in sorted(set(declared) - set(syms)):
         problems.append("%s: %s is declared KD_API but %s does not export it"
                         % (declared[name], name, lib))
+
+    out = subprocess.run(["nm", "--defined-only", "-g", static], check=True,
+                         capture_output=True, text=True).stdout
+    internal = set()
+    for row in out.splitlines():
+        parts = row.split()
+        if len(parts) == 3 and not parts[2].startswith("_") and parts[2] not in syms:
+            internal.add(parts[2])
+    for name in sorted(n for n in internal if not n.startswith("kdi_")):
+        problems.append("%s: internal symbol %s lacks the internal prefix kdi_ (docs/design.md)"
+                        % (os.path.basename(static), name))
+    for name in sorted(n for n in syms if not n.startswith("kd_")):
+        problems.append("%s exports %s, which lacks the public prefix kd_" % (lib, name))
 
     py = python_names(src)
     if len(py) < 20:
