@@ -403,6 +403,45 @@ static void test_damaged_intent_journal_kept_and_counted(void **state)
     free(aside);
 }
 
+/* A large (valid: finite, >= 0) possibly-billed spend in the journal's base
+   line was printed with "%.9f" into a 200-byte buffer and the whole printed
+   length written: stack bytes went into teacher_intents.jsonl (found by
+   fuzz_intents under ASan).  The rewritten base line must read back exactly. */
+static void test_large_possibly_billed_spend_rewritten_exactly(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    append(dir, "teacher_intents.jsonl",
+           "{\"op\":\"base\",\"possibly_billed_cost\":6.25e129,\"time\":1}\n");
+    t = open_ok(dir, CFG);
+    kd_teacher_config cfg;
+    kd_teacher_config_init(&cfg);
+    cfg.base_url = "http://127.0.0.1:9/v1";
+    cfg.model = "m";
+    cfg.budget_max_cost = 10;
+    kd_teacher *th = NULL;
+    kd_err e;
+    if (kd_teacher_open(&th, &cfg, t, &e) != KD_OK)
+        fail_msg("teacher open: %s", e.msg);
+    double spent, reserved, cap;
+    kd_budget_get(kd_teacher_budget(th), &spent, &reserved, &cap);
+    /* the budget counts in fixed units and saturates, far above any cap */
+    if (!(spent > 1e9 && spent > cap))
+        fail_msg("spent %.17g, cap %g", spent, cap);
+    assert_int_equal(kd_teacher_close(th), KD_OK);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    char *j = slurp(dir, "teacher_intents.jsonl");
+    assert_non_null(j);
+    assert_non_null(strstr(j, "\"possibly_billed_cost\":6.25e+129,"));
+    assert_int_equal(strchr(j, '\n') - j + 1, (long)strlen(j)); /* one line, nothing after */
+    found f;
+    verify(dir, &f);
+    if (f.n)
+        fail_msg("verify: %s", f.text);
+    free(j);
+}
+
 /* The teacher has its own identity: recorded beside the training config,
    never compared with it; a changed teacher config is refused in strict
    mode with the keys named. */
@@ -717,6 +756,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_config_change_archives_eval_and_intents, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_lock_symlink_refused_target_untouched, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_large_possibly_billed_spend_rewritten_exactly, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_damaged_intent_journal_kept_and_counted, setup,
                                         teardown),

@@ -81,11 +81,24 @@ static int ledger_has_key(kd_teacher *t, uint64_t offset, const char *key)
    needs from the settled past: the possibly-billed spend). */
 static int write_base(kd_teacher *t, const char *path, kd_err *e)
 {
-    char base[200];
-    int n = snprintf(base, sizeof base,
-                     "{\"op\":\"base\",\"possibly_billed_cost\":%.9f,\"time\":%.6f}\n",
-                     t->possibly_billed_cost, kd_now());
-    return kd_file_write_atomic(path, base, (size_t)n, e);
+    /* Built, not printed into a fixed buffer: the spend comes from a journal
+       the validator accepts (any finite value >= 0), and "%.9f" of a large
+       one once overran a 200-byte line and wrote stack bytes into the file
+       (found by fuzz_intents).  The shortest round-trip form keeps it exact. */
+    kd_sb b;
+    kdi_sb_init(&b, 4096);
+    kdi_sb_lit(&b, "{\"op\":\"base\",\"possibly_billed_cost\":");
+    kdi_sb_json_double(&b, t->possibly_billed_cost);
+    kdi_sb_lit(&b, ",\"time\":");
+    kdi_sb_fixed(&b, kd_now(), 6);
+    kdi_sb_lit(&b, "}\n");
+    int rc = kdi_sb_error(&b);
+    if (rc != 0)
+        rc = kd_err_set(e, rc, "%s: building the journal's base line failed", path);
+    else
+        rc = kd_file_write_atomic(path, b.buf, b.len, e);
+    kdi_sb_free(&b);
+    return rc;
 }
 
 static int recover_intents(kd_teacher *t, const char *path, kd_err *e)
