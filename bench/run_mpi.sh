@@ -98,6 +98,6 @@ for label, scale in (("default model", 1), ("10x wider (d_model 1280: ~100x para
           f" (= ceil(M/N) x t_mb, t_mb = {1e3 * tm:.2f} ms) + communication {1e3 * comm:.1f} ms"
           f" (= H (4P/bw + lat + P/adds) + 4P/bw + log2(N) lat, H = {H8}; {C8 + N - 1} x 4P bytes)"
           f" = {1e3 * (comp + comm):.1f} ms/step vs {1e3 * one:.1f} ms on one machine x 1 thread:"
-          f" {one / (comp + comm):.2f}x (a chain of N - 1 hops: {1e3 * chain:.1f} ms,"
+          f" {one / (comp + comm):.2f}x (a chain of N - 1 hops instead: communication {1e3 * chain:.1f} ms,"
           f" {one / (comp + chain):.2f}x)")
 PY
