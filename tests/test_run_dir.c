@@ -100,6 +100,22 @@ static void verify(const char *dir, found *f)
     assert_true(rc >= 0);
 }
 
+/* A teacher client on run `t` (nothing is sent: no server listens on port 9),
+   with a budget cap of 10. */
+static kd_teacher *open_teacher(kd_tracker *t)
+{
+    kd_teacher_config cfg;
+    kd_teacher_config_init(&cfg);
+    cfg.base_url = "http://127.0.0.1:9/v1";
+    cfg.model = "m";
+    cfg.budget_max_cost = 10;
+    kd_teacher *th = NULL;
+    kd_err e;
+    if (kd_teacher_open(&th, &cfg, t, &e) != KD_OK)
+        fail_msg("teacher open: %s", e.msg);
+    return th;
+}
+
 /* One paid response, so the ledger has a valid first line. */
 static void one_response(kd_tracker *t, double cost)
 {
@@ -369,15 +385,7 @@ static void test_damaged_intent_journal_kept_and_counted(void **state)
                           "\",\"reserved\":0.25,\"ledger_offset\":0,\"time\":2}\n";
     append(dir, "teacher_intents.jsonl", journal);
     t = open_ok(dir, CFG);
-    kd_teacher_config cfg;
-    kd_teacher_config_init(&cfg);
-    cfg.base_url = "http://127.0.0.1:9/v1";
-    cfg.model = "m";
-    cfg.budget_max_cost = 10;
-    kd_teacher *th = NULL;
-    kd_err e;
-    if (kd_teacher_open(&th, &cfg, t, &e) != KD_OK)
-        fail_msg("teacher open: %s", e.msg);
+    kd_teacher *th = open_teacher(t);
     double spent, reserved, cap;
     kd_budget_get(kd_teacher_budget(th), &spent, &reserved, &cap);
     assert_true(fabs(spent - 1.75) < 1e-9); /* base 1.5 + the unsettled send 0.25 */
@@ -415,15 +423,7 @@ static void test_large_possibly_billed_spend_rewritten_exactly(void **state)
     append(dir, "teacher_intents.jsonl",
            "{\"op\":\"base\",\"possibly_billed_cost\":6.25e129,\"time\":1}\n");
     t = open_ok(dir, CFG);
-    kd_teacher_config cfg;
-    kd_teacher_config_init(&cfg);
-    cfg.base_url = "http://127.0.0.1:9/v1";
-    cfg.model = "m";
-    cfg.budget_max_cost = 10;
-    kd_teacher *th = NULL;
-    kd_err e;
-    if (kd_teacher_open(&th, &cfg, t, &e) != KD_OK)
-        fail_msg("teacher open: %s", e.msg);
+    kd_teacher *th = open_teacher(t);
     double spent, reserved, cap;
     kd_budget_get(kd_teacher_budget(th), &spent, &reserved, &cap);
     /* the budget counts in fixed units and saturates, far above any cap */

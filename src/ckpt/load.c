@@ -696,10 +696,7 @@ static int validate(kd_ckpt *c, kd_err *e)
     }
     const char *dh = kd_ckpt_meta(c, KD_CKPT_DATA_HASH_KEY);
     if (dh) {
-        size_t k = 0;
-        while (k < 32 && ((dh[k] >= '0' && dh[k] <= '9') || (dh[k] >= 'a' && dh[k] <= 'f')))
-            k++;
-        if (k != 32 || dh[32]) {
+        if (!kdi_is_lower_hex(dh, 32)) {
             rc = fail(c, e, KD_ECORRUPT, "metadata '%s' must be 32 lowercase hex digits",
                       KD_CKPT_DATA_HASH_KEY);
             goto done;

@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <openssl/evp.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "kdkit/core.h"
@@ -17,6 +18,16 @@
 struct kd_sha256 {
     EVP_MD_CTX *ctx;
 };
+
+int kdi_is_lower_hex(const char *s, size_t n)
+{
+    if (!s || strlen(s) != n)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return 0;
+    return 1;
+}
 
 static void to_hex(const unsigned char *d, unsigned n, char hex[KD_SHA256_HEX])
 {

@@ -36,4 +36,8 @@ int kdi_sys_pwrite_all(int fd, const void *buf, size_t len, off_t off);
 int kdi_core_stream_file(const char *path, void (*update)(void *h, const void *p, size_t n),
                         void *h, uint64_t *total, kd_err *e);
 
+/* 1 when s is exactly n lower-case hex digits (the form every digest kdkit
+   writes takes: SHA-256 64, XXH3-128 32), else 0; NULL gives 0 (sha256.c). */
+int kdi_is_lower_hex(const char *s, size_t n);
+
 #endif

@@ -24,6 +24,7 @@
 #include <jansson.h>
 
 #include "core/sb.h"
+#include "core/sys.h"
 #include "mix/mix_int.h"
 
 static const char *const st_names[] = {"none", "ok", "refused", "failed", "skipped"};
@@ -64,12 +65,7 @@ void kd_mix_row_in_init(kd_mix_row_in *r)
 
 static int is_hex64(const char *s)
 {
-    if (!s || strlen(s) != 64)
-        return 0;
-    for (int i = 0; i < 64; i++)
-        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
-            return 0;
-    return 1;
+    return kdi_is_lower_hex(s, 64);
 }
 
 static int put_str_or_null(kd_sb *b, const char *s, size_t n)

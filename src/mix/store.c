@@ -37,6 +37,7 @@
 #include <jansson.h>
 
 #include "core/sb.h"
+#include "core/sys.h"
 #include "mix/mix_int.h"
 
 /* ------------------------------------------------------------------------ */
@@ -163,11 +164,8 @@ void kd_mix_progress_free(kd_mix_progress *p)
 static int hex64(json_t *v, char out[KD_SHA256_HEX])
 {
     const char *s = json_string_value(v);
-    if (!s || strlen(s) != 64)
+    if (!kdi_is_lower_hex(s, 64))
         return 0;
-    for (int i = 0; i < 64; i++)
-        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
-            return 0;
     memcpy(out, s, KD_SHA256_HEX);
     return 1;
 }

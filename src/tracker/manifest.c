@@ -43,19 +43,9 @@ int kdi_trk_rel_path_ok(const char *rel)
     }
 }
 
-static int is_hex_n(const char *s, size_t n)
-{
-    if (!s || strlen(s) != n)
-        return 0;
-    for (size_t i = 0; i < n; i++)
-        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
-            return 0;
-    return 1;
-}
-
 int kdi_trk_is_hex32(const char *s)
 {
-    return is_hex_n(s, 32);
+    return kdi_is_lower_hex(s, 32);
 }
 
 int kdi_trk_ck_hash_check(const ckrec *c, const char *path, const char **algo, kd_err *e)
@@ -76,12 +66,7 @@ int kdi_trk_ck_hash_check(const ckrec *c, const char *path, const char **algo, k
 
 int kdi_trk_is_hex64(const char *s)
 {
-    if (!s || strlen(s) != 64)
-        return 0;
-    for (int i = 0; i < 64; i++)
-        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
-            return 0;
-    return 1;
+    return kdi_is_lower_hex(s, 64);
 }
 
 static int parse_ck(kd_tracker *t, const char *file, const char *key, json_t *o, ckrec *c)
