@@ -17,6 +17,7 @@
 #include <cmocka.h>
 
 #include "kdkit/core.h"
+#include "core/sys.h"
 #include "support/kd_test.h"
 
 static const char OLD[] = "{\"version\":1}\n";
@@ -279,6 +280,20 @@ static void test_streaming_atomic(void **state)
 /* Both file hashes share one reader: a FIFO (here with no writer, which a
    blocking open or read would wait on forever) or a directory is refused at
    once with the file named; a regular file hashes to the one-shot digest. */
+/* A path that does not fit is refused by name, never cut short: a cut path
+   names another file (eval.jsonl cut to eval.js is a file kdkit never wrote). */
+static void test_path_join_never_truncates(void **state)
+{
+    (void)state;
+    char out[16];
+    kd_err e;
+    assert_int_equal(kdi_path_join(out, sizeof out, "/run", "eval.jsonl", &e), KD_OK);
+    assert_string_equal(out, "/run/eval.jsonl");
+    assert_int_equal(kdi_path_join(out, sizeof out, "/run/x", "eval.jsonl", &e), KD_EINVAL);
+    assert_string_equal(out, "");
+    assert_non_null(strstr(e.msg, "path too long (15 bytes at most): /run/x/eval.jsonl"));
+}
+
 static void test_file_hashes_refuse_special_files(void **state)
 {
     fx *f = *state;
@@ -385,6 +400,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_fault_message_names_step_and_path, setup, teardown),
         cmocka_unit_test_setup_teardown(test_streaming_atomic, setup, teardown),
         cmocka_unit_test_setup_teardown(test_read_all, setup, teardown),
+        cmocka_unit_test(test_path_join_never_truncates),
         cmocka_unit_test_setup_teardown(test_file_hashes_refuse_special_files, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mkdir_p_and_exists, setup, teardown),
     };

@@ -141,7 +141,19 @@ typedef struct rep {
     double intents_billed, intents_open;
     long long intents_open_n;
     int have_intents;
+    int nomem; /* a copy failed: the page would miss text, so the report fails */
 } rep;
+
+/* strdup that remembers a failure: the report then fails with "out of
+   memory" instead of writing a page with a silently missing field. */
+static char *rdup(rep *r, const char *text)
+{
+    char *d = strdup(text);
+    if (!d)
+        r->nomem = 1;
+    return d;
+}
+
 
 static void note(rep *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void note(rep *r, const char *fmt, ...)
@@ -321,7 +333,7 @@ static int on_event(rep *r, json_t *o, int64_t ln)
     snprintf(v->kind, sizeof v->kind, "%s", type);
     v->time = t;
     v->step = step;
-    v->title = strdup(title);
+    v->title = rdup(r, title);
     return 0;
 }
 
@@ -526,8 +538,8 @@ static int on_failure(rep *r, json_t *o, int64_t ln)
     f->retry = jint(o, "retry_count", 0);
     f->http = jint(o, "http_status", 0);
     f->billed = billed;
-    f->error = jstr(o, "error") ? strdup(jstr(o, "error")) : NULL;
-    f->hash = jstr(o, "request_hash") ? strdup(jstr(o, "request_hash")) : NULL;
+    f->error = jstr(o, "error") ? rdup(r, jstr(o, "error")) : NULL;
+    f->hash = jstr(o, "request_hash") ? rdup(r, jstr(o, "request_hash")) : NULL;
     r->ftab_n++;
     if (billed && r->nbilled_mk < MAX_MARKERS) {
         rp_marker *n = realloc(r->billed_mk, (r->nbilled_mk + 1) * sizeof *n);
@@ -709,9 +721,9 @@ static void write_sessions(rep *r, kd_sb *s)
             json_t *o = load_doc(r, name, 0);
             if (!o)
                 continue;
-            v[n] = (sess){strdup(jstr(o, "session_id") ? jstr(o, "session_id") : de->d_name),
-                          strdup(jstr(o, "config_hash") ? jstr(o, "config_hash") : "?"),
-                          strdup(name), jnum(o, "start_time"), jint(o, "steps_completed", 0),
+            v[n] = (sess){rdup(r, jstr(o, "session_id") ? jstr(o, "session_id") : de->d_name),
+                          rdup(r, jstr(o, "config_hash") ? jstr(o, "config_hash") : "?"),
+                          rdup(r, name), jnum(o, "start_time"), jint(o, "steps_completed", 0),
                           jint(o, "total_steps_target", 0),
                           json_incref(json_object_get(o, "config"))};
             json_decref(o);
@@ -721,8 +733,8 @@ static void write_sessions(rep *r, kd_sb *s)
     }
     if (r->t) { /* the current session: the tracker's view, its config for the diff */
         const char *ch = kd_tracker_config_hash(r->t);
-        v[n++] = (sess){strdup(r->S.session_id), strdup(ch && ch[0] ? ch : "?"),
-                        strdup("session.json (current)"), r->S.start_time,
+        v[n++] = (sess){rdup(r, r->S.session_id), rdup(r, ch && ch[0] ? ch : "?"),
+                        rdup(r, "session.json (current)"), r->S.start_time,
                         (long long)r->S.steps_completed, (long long)r->S.total_steps_target,
                         json_incref(json_object_get(r->session, "config"))};
     }
@@ -1294,6 +1306,11 @@ int kd_cmd_report(int argc, char **argv)
     kd_sb page;
     kdi_sb_init(&page, PAGE_MAX);
     build_page(r, &page, cli_budget);
+    if (r->nomem) {
+        kd_cli_error(cmd, "out of memory while reading %s", dir);
+        kdi_sb_free(&page);
+        goto out;
+    }
     if (kdi_sb_error(&page)) {
         kd_cli_error(cmd, "the page grew past %zu MiB or memory ran out", PAGE_MAX >> 20);
         kdi_sb_free(&page);

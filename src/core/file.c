@@ -429,3 +429,15 @@ done:
     close(fd);
     return rc;
 }
+
+int kdi_path_join(char *out, size_t n, const char *dir, const char *name, kd_err *e)
+{
+    int w = snprintf(out, n, "%s/%s", dir, name);
+    if (w < 0 || (size_t)w >= n) {
+        if (n)
+            out[0] = '\0';
+        return kd_err_set(e, KD_EINVAL, "path too long (%zu bytes at most): %s/%s", n - 1, dir,
+                          name);
+    }
+    return KD_OK;
+}

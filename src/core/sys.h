@@ -40,4 +40,8 @@ int kdi_core_stream_file(const char *path, void (*update)(void *h, const void *p
    writes takes: SHA-256 64, XXH3-128 32), else 0; NULL gives 0 (sha256.c). */
 int kdi_is_lower_hex(const char *s, size_t n);
 
+/* out = dir + "/" + name, or KD_EINVAL naming both when it does not fit in
+   n bytes (a path is never cut short silently); file.c. */
+int kdi_path_join(char *out, size_t n, const char *dir, const char *name, kd_err *e);
+
 #endif

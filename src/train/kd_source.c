@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "kdkit/core.h"
+#include "core/sys.h"
 #include "kdkit/mix.h"
 #include "mix/mix_prompts.h"
 #include "train_int.h"
@@ -73,14 +74,20 @@ int kdi_kdsrc_open_mix(kd_kdsrc **out, const char *dir, kd_err *e)
         free(s);
         return rc;
     }
+    if (strlen(dir) >= sizeof s->path) {
+        kdi_kdsrc_close(s);
+        return kd_err_set(e, KD_EINVAL, "kd.mix: path too long (%zu bytes at most): %s",
+                          sizeof s->path - 1, dir);
+    }
     snprintf(s->path, sizeof s->path, "%s", dir);
     snprintf(s->identity, sizeof s->identity, "%s", kd_mix_identity(s->mix));
     /* the rows' statuses decide which samples train: their counts, read
        through the mix's own validator, are part of the run's identity */
     char pp[4200], *text = NULL;
     size_t len = 0;
-    snprintf(pp, sizeof pp, "%s/" KD_MIX_PROGRESS_FILE, dir);
-    rc = kd_file_read_all(pp, 1u << 30, &text, &len, e);
+    rc = kdi_path_join(pp, sizeof pp, dir, KD_MIX_PROGRESS_FILE, e);
+    if (rc == KD_OK)
+        rc = kd_file_read_all(pp, 1u << 30, &text, &len, e);
     kd_mix_progress mp;
     memset(&mp, 0, sizeof mp);
     if (rc == KD_OK)
@@ -104,6 +111,11 @@ int kdi_kdsrc_open_online(kd_kdsrc **out, const char *prompts_path, kd_teacher *
     if (!s)
         return kd_err_set(e, KD_ENOMEM, "out of memory");
     s->teacher = teacher;
+    if (strlen(prompts_path) >= sizeof s->path) {
+        free(s);
+        return kd_err_set(e, KD_EINVAL, "kd.prompts: path too long (%zu bytes at most): %s",
+                          sizeof s->path - 1, prompts_path);
+    }
     snprintf(s->path, sizeof s->path, "%s", prompts_path);
     int jsonl = 0;
     uint64_t size = 0;

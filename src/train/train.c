@@ -64,6 +64,7 @@
 #include "kdkit/model.h"
 #include "kdkit/tracker.h"
 #include "kdkit/train.h"
+#include "core/sys.h"
 #include "dist.h"
 #include "train_int.h"
 #include "tracker/run.h"
@@ -195,8 +196,8 @@ static int check_corpus(run *r)
 {
     char path[PATH_MAX], *text = NULL;
     size_t len;
-    snprintf(path, sizeof path, "%s/session.json", r->o->output_dir);
-    if (kd_file_read_all(path, 256u << 20, &text, &len, NULL) != KD_OK)
+    if (kdi_path_join(path, sizeof path, r->o->output_dir, "session.json", NULL) != KD_OK ||
+        kd_file_read_all(path, 256u << 20, &text, &len, NULL) != KD_OK)
         return KD_OK;
     json_t *s = json_loadb(text, len, 0, NULL);
     free(text);
@@ -661,11 +662,14 @@ static int resume(run *r)
 static int open_eval_journal(run *r)
 {
     char path[PATH_MAX], aside[PATH_MAX];
-    snprintf(path, sizeof path, "%s/eval.jsonl", kd_tracker_dir(r->t));
-    snprintf(aside, sizeof aside, "%s/eval.rewound.jsonl", kd_tracker_dir(r->t));
+    int rc = kdi_path_join(path, sizeof path, kd_tracker_dir(r->t), "eval.jsonl", r->e);
+    if (rc == KD_OK)
+        rc = kdi_path_join(aside, sizeof aside, kd_tracker_dir(r->t), "eval.rewound.jsonl", r->e);
+    if (rc != KD_OK)
+        return rc;
     kd_jsonl_opts jo = {.sync = KD_SYNC_EXPLICIT};
     kd_jsonl_repair rep;
-    int rc = kd_jsonl_open(&r->evalj, path, &jo, &rep, r->e);
+    rc = kd_jsonl_open(&r->evalj, path, &jo, &rep, r->e);
     if (rc != KD_OK)
         return rc;
     if (rep.repaired)
@@ -1260,7 +1264,9 @@ static int open_teacher(run *r)
         return rc;
     char cache[PATH_MAX];
     if (!tc.cache_path) {
-        snprintf(cache, sizeof cache, "%s/teacher_cache.sqlite", kd_tracker_dir(r->t));
+        rc = kdi_path_join(cache, sizeof cache, kd_tracker_dir(r->t), "teacher_cache.sqlite", r->e);
+        if (rc != KD_OK)
+            return rc;
         tc.cache_path = cache;
     }
     /* the teacher is a component with its own identity, shown by kdkit
