@@ -193,13 +193,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[4300];
-    if (!getenv("KD_KEEP_TEST_DIR")) {
-        snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_root);
-        if (system(cmd) != 0)
-            return -1;
-    }
-    return 0;
+    return kdt_remove_test_dir(g_root);
 }
 
 /* The uninterrupted run, made once and shared. */

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -53,6 +54,15 @@ void kdt_rmrf(const char *path)
 {
     if (path)
         nftw(path, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+int kdt_remove_test_dir(const char *path)
+{
+    if (!path || getenv("KD_KEEP_TEST_DIR"))
+        return 0;
+    kdt_rmrf(path);
+    struct stat st;
+    return lstat(path, &st) == 0 ? -1 : 0;
 }
 
 char *kdt_path(const char *dir, const char *name)

@@ -21,6 +21,9 @@
 char *kdt_tmpdir(const char *tag);
 /* Remove a directory tree (best effort) and free nothing. */
 void kdt_rmrf(const char *path);
+/* A test's teardown: remove the tree at `path` unless KD_KEEP_TEST_DIR is
+ * set (kept for a look after a failure).  0, or -1 when it is still there. */
+int kdt_remove_test_dir(const char *path);
 /* malloc'd "<dir>/<name>". */
 char *kdt_path(const char *dir, const char *name);
 /* Whole file as a malloc'd NUL-terminated buffer (*len may be NULL); NULL if
