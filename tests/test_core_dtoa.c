@@ -6,8 +6,9 @@
  * random bit patterns over every exponent, random values in the ranges
  * metrics live in, subnormals, powers of ten and of two (where the gap
  * below a double halves), integers on both sides of 2^53, negative zero, the
- * largest double; and "%.*f" for timestamps.  The metrics line itself must
- * still parse (jansson) to the same doubles.
+ * largest double; integers of every length (steps, counts); and "%.*f" for
+ * timestamps.  The metrics line itself must still parse (jansson) to the
+ * same doubles.
  */
 #include <float.h>
 #include <jansson.h>
@@ -209,6 +210,56 @@ static void test_fixed(void **state)
     assert_int_equal(kdi_dtoa_fixed(1e19, 3, got), 0);
 }
 
+/* Integers (steps, sample and token counts): kdi_u64_dec and
+   kdi_sb_json_int against printf at every digit count's edges, the int64
+   extremes and random values of every length. */
+static void check_u64(uint64_t v)
+{
+    char got[24], want[24];
+    size_t n = kdi_u64_dec(v, got);
+    got[n] = '\0';
+    snprintf(want, sizeof want, "%llu", (unsigned long long)v);
+    if (strcmp(got, want) != 0)
+        fail_msg("%llu: got \"%s\"", (unsigned long long)v, got);
+}
+
+static void check_int(int64_t v)
+{
+    char want[24];
+    kd_sb s;
+    kdi_sb_init(&s, 64);
+    kdi_sb_json_int(&s, v);
+    assert_false(kdi_sb_error(&s));
+    snprintf(want, sizeof want, "%lld", (long long)v);
+    if (s.len != strlen(want) || memcmp(s.buf, want, s.len) != 0)
+        fail_msg("%lld: got \"%.*s\"", (long long)v, (int)s.len, s.buf);
+    kdi_sb_free(&s);
+}
+
+static void test_integers(void **state)
+{
+    (void)state;
+    uint64_t p = 1;
+    for (int k = 0; k < 20; k++, p *= 10) {
+        const uint64_t around[] = {p - 1, p, p + 1, p * 2 - 1, p + p / 2};
+        for (size_t i = 0; i < sizeof around / sizeof around[0]; i++) {
+            check_u64(around[i]);
+            check_int((int64_t)(around[i] >> 1));
+            check_int(-(int64_t)(around[i] >> 1));
+        }
+    }
+    check_u64(0);
+    check_u64(UINT64_MAX);
+    check_int(0);
+    check_int(INT64_MAX);
+    check_int(INT64_MIN);
+    for (int i = 0; i < 100000; i++) {
+        uint64_t v = next_u64() >> (next_u64() % 64);
+        check_u64(v);
+        check_int((int64_t)v);
+    }
+}
+
 /* What the tracker writes: kdi_sb_json_double values in an object, read by
    jansson (what kdkit status/verify use) - the same doubles. */
 static void test_json_line_reads_back(void **state)
@@ -251,7 +302,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_random_bit_patterns), cmocka_unit_test(test_metric_like_values),
         cmocka_unit_test(test_subnormals_and_edges), cmocka_unit_test(test_powers),
-        cmocka_unit_test(test_fixed), cmocka_unit_test(test_json_line_reads_back),
+        cmocka_unit_test(test_fixed), cmocka_unit_test(test_integers),
+        cmocka_unit_test(test_json_line_reads_back),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

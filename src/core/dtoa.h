@@ -27,11 +27,16 @@
 #define KD_CORE_DTOA_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #define KD_DTOA_MAX 40
 
 size_t kdi_dtoa_shortest(double v, char out[KD_DTOA_MAX]);
 size_t kdi_dtoa_json(double v, char out[KD_DTOA_MAX]);
 size_t kdi_dtoa_fixed(double v, int decimals, char out[KD_DTOA_MAX]);
+
+/* The decimal digits of v, most significant first, into out (at least 20
+   bytes; no NUL written); returns their count (1..20). */
+size_t kdi_u64_dec(uint64_t v, char *out);
 
 #endif

@@ -184,15 +184,14 @@ void kdi_sb_json_canon_real(kd_sb *s, double v)
 
 void kdi_sb_json_int(kd_sb *s, int64_t v)
 {
-    char b[24], *p = b + sizeof b;
+    char b[24];
     uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
-    do {
-        *--p = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
+    b[0] = '-';
+    size_t n = kdi_u64_dec(u, b + 1);
     if (v < 0)
-        *--p = '-';
-    kdi_sb_put(s, p, (size_t)(b + sizeof b - p));
+        kdi_sb_put(s, b, n + 1);
+    else
+        kdi_sb_put(s, b + 1, n);
 }
 
 /* Length of the valid UTF-8 sequence at p (1..4), or 0 if invalid. */
