@@ -4,6 +4,7 @@
  */
 #include <time.h>
 
+#include "core/sys.h"
 #include "kdkit/core.h"
 
 double kd_now(void)
@@ -17,5 +18,13 @@ double kd_monotonic(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+double kdi_monotonic_coarse(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC_COARSE, &ts) != 0)
+        clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }

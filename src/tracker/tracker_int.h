@@ -18,6 +18,7 @@
 #include "kdkit/limits.h"
 #include "kdkit/tracker.h"
 #include "core/sb.h"
+#include "core/sys.h"
 
 #define KD_SESSION_FORMAT "kdkit.session.v1"
 #define KD_TREND_WINDOW 100      /* losses kept for the trend */
