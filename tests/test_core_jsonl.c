@@ -249,6 +249,60 @@ static void test_buffered_write_fault_keeps_lines_buffered(void **state)
     free(want);
 }
 
+/* prealloc_bytes reserves blocks past the end, but what readers see - the
+   size, the lines, a reopen after a crash without close, a failed write's
+   rollback - is exactly as without it. */
+static void test_prealloc_keeps_size_and_crash_semantics(void **state)
+{
+    fx *f = *state;
+    kd_err e;
+    kd_jsonl_opts o = {.sync = KD_SYNC_EXPLICIT, .buffer_bytes = 4096, .prealloc_bytes = 1 << 20};
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) { /* the writer dies without closing after 200 lines */
+        kd_jsonl *j = NULL;
+        if (kd_jsonl_open(&j, f->path, &o, NULL, &e) != KD_OK)
+            _exit(1);
+        for (int i = 1; i <= 200; i++)
+            if (append_rec(j, i, &e) != KD_OK)
+                _exit(2);
+        if (kd_jsonl_sync(j, &e) != KD_OK)
+            _exit(3);
+        _exit(0);
+    }
+    int st = 0;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    char *want = records_text(1, 200);
+    struct stat sb;
+    assert_int_equal(stat(f->path, &sb), 0);
+    assert_int_equal((size_t)sb.st_size, strlen(want)); /* nothing of the reservation shows */
+    assert_file_is(f->path, want);
+
+    kd_jsonl *j = NULL;
+    kd_jsonl_repair rep;
+    assert_int_equal(kd_jsonl_open(&j, f->path, &o, &rep, &e), KD_OK);
+    assert_int_equal(rep.repaired, 0);
+    assert_int_equal(rep.size, strlen(want));
+    /* a failed write is still rolled back to the last whole line */
+    for (int i = 201; i <= 210; i++)
+        assert_int_equal(append_rec(j, i, &e), KD_OK);
+    kd_fault_set(KD_FAULT_WRITE, 1, ENOSPC, 1, 0);
+    assert_int_equal(kd_jsonl_flush(j, &e), KD_EIO);
+    kd_fault_clear();
+    assert_file_is(f->path, want);
+    assert_int_equal(kd_jsonl_sync(j, &e), KD_OK);
+    assert_int_equal(kd_jsonl_close(j, &e), KD_OK);
+    free(want);
+    want = records_text(1, 210);
+    assert_file_is(f->path, want);
+    /* close gives the unused reservation back: the file takes about its size */
+    assert_int_equal(stat(f->path, &sb), 0);
+    assert_int_equal((size_t)sb.st_size, strlen(want));
+    assert_true((long long)sb.st_blocks * 512 < (long long)sb.st_size + (512 << 10));
+    free(want);
+}
+
 static void test_buffer_flushes_when_full(void **state)
 {
     fx *f = *state;
@@ -766,6 +820,7 @@ int main(void)
         T(test_append_fsync_faults),
         T(test_buffered_write_fault_keeps_lines_buffered),
         T(test_buffer_flushes_when_full),
+        T(test_prealloc_keeps_size_and_crash_semantics),
         T(test_buffer_flushes_after_interval),
         T(test_sync_policies_count_fsyncs),
         T(test_failed_rollback_refuses_writes),

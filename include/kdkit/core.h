@@ -138,6 +138,10 @@ typedef struct kd_jsonl_opts {
                              memory and go out in one write() when the buffer is
                              full, at a sync point, or when the interval passes */
     size_t max_line;      /* longest accepted line in bytes; 0 = 16 MiB */
+    size_t prealloc_bytes; /* 0: off; >0: the writer reserves disk blocks this far
+                             past the end (fallocate KEEP_SIZE, best effort), so
+                             buffered appends skip the filesystem's per-page block
+                             allocation; the file's size stays its lines' */
 } kd_jsonl_opts;
 
 /* What kd_jsonl_open found and did at the tail of an existing journal. */

@@ -602,7 +602,7 @@ int kd_mix_writer_open(kd_mix_writer **out, const char *dir, const char *config_
     size_t len = 0;
     rc = kd_file_read_all(w->prog_path, KD_MIX_PROGRESS_MAX, &txt, &len, e);
     kd_jsonl_opts jo = {.sync = KD_SYNC_EXPLICIT, .buffer_bytes = 1u << 20,
-                        .max_line = KD_MIX_ROW_MAX};
+                        .max_line = KD_MIX_ROW_MAX, .prealloc_bytes = 16u << 20};
     kd_jsonl_repair rep;
     if (rc == KD_ENOTFOUND) {
         if (kd_path_exists(w->rows_path) || kd_path_exists(w->idx_path)) {
