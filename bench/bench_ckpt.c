@@ -7,8 +7,9 @@
  * XXH3) for comparison, hot (file in the page cache) and cold
  * (dropped from it with POSIX_FADV_DONTNEED first); and load+copy, what a
  * resume does: every loader rule, then each tensor copied into the model's
- * own buffers, without the hash.  Prints figures; not a
- * test.  bench/run_ckpt.sh runs it beside dd and torch.save/torch.load.
+ * own buffers, without the hash; and a plain cold read() of the file, the
+ * disk's own figure.  Prints figures; not a test.  bench/run_ckpt.sh runs
+ * it beside dd and torch.save/torch.load.
  *
  *   bench_ckpt DIR [MB] [REPS]
  *
@@ -215,6 +216,25 @@ int main(int argc, char **argv)
         if (dt < best_open)
             best_open = dt;
     }
+    /* what one stream of read()s of the same file gets after the same cache
+       drop, 4 MiB at a time and nothing else done: the disk's figure that
+       torch.load and our load compare with */
+    double best_raw_cold = 1e30;
+    char *rb = malloc(4u << 20);
+    for (int r = 0; rb && r < reps; r++) {
+        drop_cache(path);
+        double t0 = kd_monotonic();
+        int fd = open(path, O_RDONLY);
+        ssize_t got;
+        while (fd >= 0 && (got = read(fd, rb, 4u << 20)) > 0)
+            ;
+        if (fd >= 0)
+            close(fd);
+        double dt = kd_monotonic() - t0;
+        if (dt < best_raw_cold)
+            best_raw_cold = dt;
+    }
+    free(rb);
     double size_mb = (double)w.size / 1e6;
     printf("tensors %zu\n", n);
     printf("file_MB %.1f\n", size_mb);
@@ -226,6 +246,7 @@ int main(int argc, char **argv)
     printf("kdkit_load_copy_hot_MBps %.0f\n", size_mb / best_copy_hot);
     printf("kdkit_load_copy_cold_MBps %.0f\n", size_mb / best_copy_cold);
     printf("kdkit_open_validate_only_ms %.3f\n", best_open * 1e3);
+    printf("raw_read_cold_MBps %.0f\n", size_mb / best_raw_cold);
     for (size_t i = 0; i < n; i++)
         free(t[i].data);
     return 0;

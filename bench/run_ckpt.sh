@@ -81,17 +81,20 @@ echo "== ratios"
 echo "kdkit write / dd conv=fsync:               $(ratio "$w" "$best_dd")  (target >= 0.95)"
 echo "kdkit load+verify / torch.load (hot):      $(ratio "$lh" "${th:-0}")  (target >= 2)"
 echo "kdkit load+verify / torch.load (cold):     $(ratio "$lc" "${tc:-0}")  (target >= 2)"
+rc=$(get raw_read_cold_MBps)
+echo "cold read() of the same file, one stream of 4 MiB reads: ${rc:-?} MB/s;" \
+     "kdkit load+verify is $(ratio "$lc" "${rc:-0}")x that, torch.load $(ratio "${tc:-0}" "${rc:-0}")x"
 echo "kdkit load+copy (no hash) / torch.load (hot):  $(ratio "$ch" "${th:-0}")"
 echo "kdkit load+copy (no hash) / torch.load (cold): $(ratio "$cc" "${tc:-0}")"
 echo "kdkit write / torch.save+fsync:            $(ratio "$w" "${ts:-0}")"
 echo "kdkit write with SHA-256 too / dd:         $(ratio "$(get kdkit_write_sha256_MBps)" "$best_dd")  (checkpoint.hash: sha256)"
 echo "kdkit load+verify SHA-256 / torch (hot):   $(ratio "$(get kdkit_load_verify_sha256_hot_MBps)" "${th:-0}")  (a manifest from before XXH3)"
 # for bench/run.sh's closing table
-target() { # what ours peer peername min
+target() { # what ours peer peername min [note]
   r=$(ratio "$2" "$3")
   ok=$(awk -v r="$r" -v t="$5" 'BEGIN { print (r != "n/a" && r + 0 >= t ? "met" : "NOT met") }')
-  echo "target: $1 | ${r}x ($2 vs $3 MB/s $4) | >= ${5}x | $ok"
+  echo "target: $1 | ${r}x ($2 vs $3 MB/s $4${6:+; $6}) | >= ${5}x | $ok"
 }
 target "ckpt write / dd conv=fsync" "$w" "$best_dd" "dd" 0.95
 target "ckpt load+verify / torch.load, hot" "$lh" "${th:-0}" "torch" 2
-target "ckpt load+verify / torch.load, cold" "$lc" "${tc:-0}" "torch" 2
+target "ckpt load+verify / torch.load, cold" "$lc" "${tc:-0}" "torch" 2 "one-stream cold read() ${rc:-?} MB/s"
