@@ -16,7 +16,11 @@
    exported, so `import kdkit` cannot fail with an AttributeError on a
    library built from this tree.
 4. Every public function returning a result code says in its comment which
-   errors it can return (a KD_E* code, "Errors", or "Cannot fail").
+   errors it can return (a KD_E* code, "Errors", or "Cannot fail"), and that
+   list is complete for the codes its own body produces (returns, assigns,
+   or passes to kd_err_set/kd_err_sys and the layers' fail helpers):
+   KD_EINVAL and KD_ENOMEM excepted, which kdkit/error.h says any function
+   may return.  Codes that come from a callee's result are not traced.
 5. One version everywhere: KD_VERSION_* in kdkit/api.h, CMake's project
    version, `kdkit --version`, the shared library's file name, and the Python
    package's __version__ and pyproject.toml.
@@ -111,9 +115,53 @@ def undocumented_errors(path):
             block.append(L[j])
             j -= 1
         text = "\n".join(block)
-        if not re.search(r"KD_E[A-Z]+|[Ee]rrors?\b|[Cc]annot fail|never fails", text):
-            out.append((m.group(2), i + 2))
+        out.append((m.group(2), i + 2, text))
     return out
+
+
+def documents_errors(text):
+    return re.search(r"KD_E[A-Z]+|[Ee]rrors?\b|[Cc]annot fail|never fails", text) is not None
+
+
+# A code the body produces: in a return statement, assigned (rc = KD_EIO),
+# or in the arguments before the message of kd_err_set, kd_err_sys or a
+# layer's *fail* helper (errno == ENOENT ? KD_ENOTFOUND : KD_EIO included);
+# never a comparison with a callee's result (rc == KD_ENOTFOUND), nor a code
+# handed to a report callback as a finding.
+def produced(body):
+    codes = set()
+    for m in re.finditer(r"\breturn\b([^;]*);", body):
+        codes.update(re.findall(r"(?<![=!]=\s)\b(KD_E[A-Z]+)\b(?!\s*[=!]=)", m.group(1)))
+    codes.update(re.findall(r"\b\w+\s*(?<![=!<>])=\s*(KD_E[A-Z]+)\b\s*;", body))
+    for m in re.finditer(r"\b(?:kd_err_set|kd_err_sys|\w*fail\w*)\s*\(([^\"]*)", body):
+        codes.update(re.findall(r"(?<![=!]=\s)\b(KD_E[A-Z]+)\b(?!\s*[=!]=)", m.group(1)))
+    return codes
+
+
+ANY_FUNCTION_MAY = {"KD_EINVAL", "KD_ENOMEM"}
+
+
+def definitions(src):
+    """{name: (codes the body produces, file:line)} for the top-level
+    int-returning kd_ functions in src/."""
+    out = {}
+    for f in sorted(glob.glob(os.path.join(src, "src", "**", "*.c"), recursive=True)):
+        text = strip_comments_and_cpp(open(f, encoding="utf-8").read())
+        # literals emptied, so a brace inside one cannot end a body early
+        text = re.sub(r"'(?:\\.|[^'\\])'", "' '", re.sub(r'"(?:\\.|[^"\\\n])*"', '""', text))
+        for m in re.finditer(r"^int\s+(kd_\w+)\s*\([^;{]*\)\s*\{", text, re.M):
+            i, depth = m.end(), 1
+            while depth and i < len(text):
+                depth += {"{": 1, "}": -1}.get(text[i], 0)
+                i += 1
+            body = text[m.end():i]
+            codes = {c for c in produced(body) if c in KD_CODES}
+            out[m.group(1)] = (codes, "%s:%d" % (os.path.relpath(f, src),
+                                                text.count("\n", 0, m.start()) + 1))
+    return out
+
+
+KD_CODES = set()
 
 
 def exported(lib):
@@ -155,11 +203,31 @@ def main():
         problems.append("only %d public declarations found: the header parser is broken"
                         % len(declared))
 
+    err_h = open(os.path.join(src, "include", "kdkit", "error.h"), encoding="utf-8").read()
+    KD_CODES.update(re.findall(r"^\s+(KD_E[A-Z]+) = -\d+", err_h, re.M))
+    if len(KD_CODES) < 10:
+        problems.append("only %d KD_E* codes found in kdkit/error.h: the scan is broken"
+                        % len(KD_CODES))
+    defs = definitions(src)
+    checked = 0
     for h in sorted(glob.glob(os.path.join(src, "include", "kdkit", "*.h"))):
-        for name, line in undocumented_errors(h):
-            problems.append("%s:%d: %s: its comment lists no error it can return (KD_E*, "
-                            "\"Errors: ...\" or \"Cannot fail\")" % (os.path.relpath(h, src), line,
-                                                                      name))
+        rel = os.path.relpath(h, src)
+        for name, line, text in undocumented_errors(h):
+            if not documents_errors(text):
+                problems.append("%s:%d: %s: its comment lists no error it can return (KD_E*, "
+                                "\"Errors: ...\" or \"Cannot fail\")" % (rel, line, name))
+                continue
+            if name not in defs:
+                continue
+            checked += 1
+            listed = set(re.findall(r"KD_E[A-Z]+", text))
+            missing = sorted(defs[name][0] - listed - ANY_FUNCTION_MAY)
+            if missing:
+                problems.append("%s:%d: %s: its comment does not list %s, which its body (%s) "
+                                "returns" % (rel, line, name, ", ".join(missing), defs[name][1]))
+    if checked < 100:
+        problems.append("only %d error lists compared with their definitions: the scan is broken"
+                        % checked)
 
     syms = exported(lib)
     for name in sorted(set(syms) - set(declared)):

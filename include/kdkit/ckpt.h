@@ -97,7 +97,8 @@ int kd_ckpt_write(const char *path, const kd_tensor_view *tensors, size_t n,
                   kd_err *e);
 /* The same with flags: KD_CKPT_SHA256 also fills out->sha256 (one more
    hashing pass, on the second thread during the fsync).  The metadata key
-   KD_CKPT_DATA_HASH_KEY is the writer's own: passing it is KD_EINVAL. */
+   KD_CKPT_DATA_HASH_KEY is the writer's own: passing it is KD_EINVAL.
+   KD_ELIMIT when the tensors and metadata keys exceed the format's limits. */
 KD_API
 int kd_ckpt_write_ex(const char *path, const kd_tensor_view *tensors, size_t n,
                      const char *const *meta_kv, size_t nmeta, unsigned flags,
@@ -319,7 +320,8 @@ typedef struct kd_ckpt_retain_report {
  * kd_tracker_checkpoint_deleted and then unlinked; only regular files named
  * *.safetensors inside the tracker's directory are ever removed; the newest
  * and the best are never removed; the directory is fsync'd at the end.
- * rep may be NULL.
+ * rep may be NULL.  KD_EIO when the output directory cannot be resolved or
+ * a deletion fails (the message names the file).
  */
 KD_API
 int kd_ckpt_retain(kd_tracker *t, const kd_retention *policy, int64_t newest_step,

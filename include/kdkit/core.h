@@ -81,7 +81,8 @@ int kd_atomic_begin(kd_atomic **out, const char *path, kd_err *e);
 KD_API
 int kd_atomic_write(kd_atomic *a, const void *data, size_t len, kd_err *e);
 /* Overwrite bytes already written (off + len <= bytes written so far), e.g.
-   a header whose checksum is known only after the data (KD_EINVAL, KD_EIO). */
+   a header whose checksum is known only after the data (KD_EINVAL, KD_EIO,
+   KD_ESTATE after an earlier failed write). */
 KD_API
 int kd_atomic_pwrite(kd_atomic *a, const void *data, size_t len, uint64_t off, kd_err *e);
 KD_API
@@ -105,7 +106,8 @@ int kd_fsync_dir(const char *dir, kd_err *e);
 /*
  * Read a whole file into a NUL-terminated buffer.  Fails with KD_ELIMIT when
  * the file is larger than `max` bytes, KD_ENOTFOUND when it does not exist,
- * KD_EINVAL when it is a FIFO, device or socket (refused without blocking).
+ * KD_EINVAL when it is a FIFO, device or socket (refused without blocking),
+ * KD_EIO when it cannot be opened or read.
  */
 KD_API KD_NODISCARD
 int kd_file_read_all(const char *path, size_t max, char **out, size_t *len, kd_err *e);
@@ -177,7 +179,9 @@ int kd_jsonl_open(kd_jsonl **out, const char *path, const kd_jsonl_opts *opts,
  * buffered and go out with the next flush.  If even the truncation fails, the
  * handle answers KD_ESTATE from then on and the next open repairs the tail.
  * The record is not parsed (hot path): pass valid JSON, since an invalid last
- * line is moved aside by the next open.  KD_ELIMIT when longer than max_line.
+ * line is moved aside by the next open.  KD_ELIMIT when longer than max_line,
+ * KD_EINVAL when it holds a newline, KD_EIO when the write or fdatasync
+ * failed (the record is not in the journal).
  */
 KD_API
 int kd_jsonl_append(kd_jsonl *j, const char *line, size_t len, kd_err *e);
@@ -216,6 +220,8 @@ int kd_jsonl_close(kd_jsonl *j, kd_err *e);
  * last line without newline, KD_ELIMIT for a line longer than max_line.  It
  * does not parse JSON; kd_jsonl_reader_lineno gives the 1-based line number
  * and kd_jsonl_reader_offset the byte offset of the line just returned.
+ * kd_jsonl_reader_open: KD_ENOTFOUND when the file does not exist, KD_EIO
+ * when it cannot be opened or is not a regular file.
  */
 typedef struct kd_jsonl_reader kd_jsonl_reader;
 KD_API
@@ -240,8 +246,8 @@ void kd_jsonl_reader_close(kd_jsonl_reader *r);
 /*
  * Read the last complete line of a file without reading the rest: *out gets a
  * malloc'd copy (without '\n'), *offset its byte offset.  Returns KD_ENOTFOUND
- * when the file has no complete line, KD_ELIMIT when the line is over 16 MiB.
- * Cost is proportional to the line.
+ * when the file has no complete line, KD_ELIMIT when the line is over 16 MiB,
+ * KD_EIO when it cannot be opened or read.  Cost is proportional to the line.
  */
 KD_API
 int kd_jsonl_last_line(const char *path, char **out, uint64_t *offset, kd_err *e);
@@ -253,6 +259,9 @@ int kd_jsonl_last_line(const char *path, char **out, uint64_t *offset, kd_err *e
  * Take an exclusive flock on "<dir>/.kdkit.lock" and write our pid into it.
  * A second process gets KD_ELOCKED with a message naming the holder's pid.
  * The lock is released by kd_dir_unlock or by the process ending.
+ * KD_ENOTFOUND when dir does not exist, KD_ECORRUPT when the lock file is a
+ * symlink or not a regular file (left untouched), KD_EIO when it cannot be
+ * created, locked or written.
  */
 typedef struct kd_lock kd_lock;
 KD_API
@@ -347,7 +356,9 @@ KD_API
 int kd_config_load_yaml(const char *path, char **json_out, kd_err *e);
 
 /* The same for YAML text in memory; `name` stands for the file in error
-   messages (e.g. "--set model.n_layer=4"). */
+   messages (e.g. "--set model.n_layer=4").  KD_ECONFIG (message: name,
+   line, column) for malformed or refused YAML, KD_ELIMIT for text over the
+   loader's size limit. */
 KD_API
 int kd_config_parse_yaml(const char *name, const char *text, size_t len, char **json_out,
                          kd_err *e);

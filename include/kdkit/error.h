@@ -12,6 +12,12 @@
  * NULL when the caller does not want the message.  Handles (tracker, loader,
  * client) keep a kd_err of their own and expose it through *_errmsg().
  *
+ * Each public function's comment lists the codes it can return.  KD_EINVAL
+ * (a NULL handle or another bad argument) and KD_ENOMEM can come from any
+ * function that takes arguments or allocates and are not always repeated
+ * there; every other code a function's own body produces is listed
+ * (tests/abi_check.py compares the lists with the definitions).
+ *
  * The library never exits, aborts or prints on its own: errors come back.
  */
 #ifndef KDKIT_ERROR_H

@@ -148,7 +148,8 @@ int kd_ffi_ckpt_tensor(const kd_ckpt *c, size_t i, const char **name, const char
  * "BF16", "F64", "I64", "I32", "U8"), ndims[i], shapes[i*KD_TENSOR_MAX_DIMS
  * ...], datas[i], nbytes[i]; meta_kv holds 2*nmeta strings.  sha256_out
  * (KD_SHA256_HEX bytes) and size_out may be NULL.  Errors as kd_ckpt_write,
- * plus KD_EINVAL naming a tensor with an unknown dtype name.
+ * plus KD_EINVAL naming a tensor with an unknown dtype name and KD_ELIMIT
+ * for more tensors than the format's limit.
  */
 KD_API
 int kd_ffi_ckpt_write(const char *path, size_t n, const char *const *names,
@@ -241,7 +242,8 @@ int kd_ffi_cache_get(kd_ffi_teacher *w, const char *prompt, const char *messages
  * when is_text = 1, the answer text, which is wrapped in a minimal response
  * body of the client's endpoint kind.  *inserted (may be NULL) is 0 when an
  * entry was already there (first answer wins, as kd_cache_put).
- * KD_ECORRUPT when a body does not parse as a response.
+ * KD_ECORRUPT when a body does not parse as a response, KD_ESTATE when the
+ * config has no cache path.
  */
 KD_API
 int kd_ffi_cache_put(kd_ffi_teacher *w, const char *prompt, const char *messages_json,

@@ -89,7 +89,7 @@ int64_t kd_mix_completed(const kd_mix *m);      /* indices that have a row */
  * Row of sample `index` in O(1) (one pread through the sidecar, one of the
  * row).  KD_ENOTFOUND when the index has no row yet (or is out of range);
  * KD_ECORRUPT (message names file and offset) when the row fails validation
- * or is not the row of that index.
+ * or is not the row of that index; KD_EIO when a read fails.
  */
 KD_API
 int kd_mix_row_get(kd_mix *m, int64_t index, kd_mix_row *row, kd_err *e);

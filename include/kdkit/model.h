@@ -475,6 +475,10 @@ const kd_tensor_view *kd_adamw_views(const kd_adamw *o, size_t *n);
 KD_API
 int kd_adamw_add_tensors(kd_adamw *o, const kd_tensor_view *params, const kd_tensor_view *grads,
                          size_t n, kd_err *e);
+/* Restore the state kd_adamw_views gives (opt.* names only).  KD_ENOTFOUND
+   (opt.step or a moment missing), KD_EMISMATCH (a dtype or shape that is
+   not the parameter's), KD_ECORRUPT (a negative step count); on error the
+   optimizer is unchanged. */
 KD_API
 int kd_adamw_load_views(kd_adamw *o, const kd_tensor_view *v, size_t n, kd_err *e);
 

@@ -96,8 +96,13 @@ void kd_tracker_opts_init(kd_tracker_opts *o);
  * session the directory holds, without comparing its main config; with no
  * session there, a new one starts whose main config is {} (a training run
  * opened later then archives it, as for any other config).  The component
- * then records its own identity with kd_tracker_set_component.  On KD_EMISMATCH (strict mode) and other errors,
- * *out is NULL and *e names what is wrong, e.g. which config keys changed.
+ * then records its own identity with kd_tracker_set_component.  On
+ * KD_EMISMATCH (strict mode) and other errors, *out is NULL and *e names
+ * what is wrong, e.g. which config keys changed.  Others: KD_ELOCKED
+ * (another process holds the directory), KD_ENOTFOUND (opts->session_id is
+ * not the directory's session), KD_ECORRUPT (a state file or journal fails
+ * its validator; *e names file, line and the repair), KD_EIO (a file
+ * cannot be created, read or written).
  */
 KD_API
 int kd_tracker_open(kd_tracker **out, const char *output_dir, const char *config_json,
@@ -527,8 +532,9 @@ typedef int (*kd_verify_report_fn)(void *ctx, const kd_verify_problem *p);
  * Returns the number of problems (0: healthy), or a negative code when the
  * directory cannot be checked at all: KD_ENOTFOUND when it does not exist,
  * is not a directory or has no session.json (*e: "DIR is not a kdkit output
- * directory (no session.json)"), KD_EINVAL for bad arguments.  cb may be
- * NULL to only count.
+ * directory (no session.json)"), KD_EINVAL for bad arguments, KD_EIO when
+ * a file cannot be read, KD_ELIMIT when a path inside it is too long.  cb
+ * may be NULL to only count.
  */
 KD_API
 int kd_session_verify(const char *dir, unsigned flags, kd_verify_report_fn cb, void *ctx,

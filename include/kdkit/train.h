@@ -323,7 +323,8 @@ typedef struct kd_train_kd_eval_opts {
  * its config the thread count and batch size, so the figures equal those
  * the run wrote to eval.jsonl) on the held-out samples of the mix in
  * `mix_dir`.  Errors: those of kd_ckpt_open and kd_mix_open_read,
- * KD_ENOTFOUND (no held-out sample with an ok row).
+ * KD_ENOTFOUND (no held-out sample with an ok row), KD_ECORRUPT (the
+ * checkpoint lacks kdkit train's model metadata).
  */
 KD_API
 int kd_train_kd_evaluate(const char *ckpt_path, const char *mix_dir, kd_train_kd_eval_opts *o,
