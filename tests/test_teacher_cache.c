@@ -378,12 +378,19 @@ static void test_rebuild_from_ledger(void **state)
     assert_int_equal(r.skipped, 1);
     assert_int_equal(kd_cache_rebuild(c, ledger, 0, NULL, &r), KD_OK);
     assert_int_equal(r.present, 2);
-    assert_int_equal(kd_cache_has_key(c, k2), 1);
+    /* the lines name no teacher_version: kept under "unknown", not v1's */
+    assert_int_equal(r.unknown_version, 2);
+    assert_int_equal(kd_cache_has_key(c, k2), 0);
+    kd_cache_stats st;
+    assert_int_equal(kd_cache_stats_get(c, &st), KD_OK);
+    assert_int_equal(st.entries, 2);
+    assert_int_equal(st.entries_current, 0);
     kd_cache_close(c);
 }
 
 /* Ledger lines written by the tracker: each is filed under the teacher
-   version that bought it, and bodies that are not valid UTF-8 (kept as
+   version that bought it (a line without one under "unknown"), and bodies
+   that are not valid UTF-8 (kept as
    response_base64) come back as the exact bytes. */
 static void test_rebuild_versions_and_raw_bodies(void **state)
 {
@@ -441,11 +448,13 @@ static void test_rebuild_versions_and_raw_bodies(void **state)
     int incompat = 0;
     assert_int_equal(kd_cache_get(c, keys[0], NULL, &incompat), KD_ENOTFOUND);
     assert_int_equal(incompat, 1);
-    /* ...the line without a version is filed under the handle's... */
+    /* ...nor the line without a version: any teacher may have bought it, so
+       it is filed under "unknown", kept but never served... */
+    assert_int_equal(r.unknown_version, 1);
+    incompat = 0;
+    assert_int_equal(kd_cache_get(c, keys[1], NULL, &incompat), KD_ENOTFOUND);
+    assert_int_equal(incompat, 1);
     kd_cache_entry en;
-    assert_int_equal(kd_cache_get(c, keys[1], &en, NULL), KD_OK);
-    assert_string_equal(en.body, BODY);
-    kd_cache_entry_free(&en);
     /* ...and raw bodies are byte for byte what was paid for. */
     for (int i = 2; i < 5; i++) {
         assert_int_equal(kd_cache_get(c, keys[i], &en, NULL), KD_OK);
@@ -600,6 +609,9 @@ static void test_config_errors_name_the_key(void **state)
          "must not contain credentials"},
         {"{\"teacher\":{\"base_url\":\"http://tok@host\",\"model\":\"m\"}}",
          "teacher.base_url must not contain credentials"},
+        /* the rebuild's label for lines of no known version */
+        {"{\"teacher\":{\"base_url\":\"http://x\",\"model\":\"m\",\"teacher_version\":\"unknown\"}}",
+         "teacher.teacher_version"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         assert_int_equal(kd_teacher_config_from_json(bad[i].json, &c, &st, &e), KD_ECONFIG);

@@ -1831,6 +1831,90 @@ static void test_other_teacher_version_not_served_from_cache(void **state)
     kd_serve_stop(s);
 }
 
+/* A ledger line without teacher_version (an older kdkit, a hand-made
+   ledger, a binding call without a version) may hold an older teacher's
+   answer: kd_cache_rebuild files it under "unknown", so the configured
+   teacher misses and pays again, while the lines of its own version still
+   hit.  The ledger itself is left byte for byte as it was. */
+static void test_rebuild_never_serves_an_unversioned_line(void **state)
+{
+    (void)state;
+    kd_serve *s = serve_start(NULL, KD_RA_SECONDS, 1, 0, NULL);
+    run r;
+    run_new(&r, kd_serve_port(s), NULL);
+    r.cfg.teacher_version = "v1";
+    run_open(&r);
+    kd_teacher_result res;
+    assert_int_equal(ask(&r, "Old teacher's prompt", &res), KD_OK);
+    kd_teacher_result_free(&res);
+    assert_int_equal(ask(&r, "Current teacher's prompt", &res), KD_OK);
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    assert_int_equal(generations(s), 2);
+
+    /* The ledger as an older kdkit would have left it: the first line
+       without its teacher_version. */
+    char ledger[700], old[700];
+    snprintf(ledger, sizeof ledger, "%s/api_recovery.jsonl", r.dir);
+    snprintf(old, sizeof old, "%s/old_ledger.jsonl", r.dir);
+    size_t len = 0;
+    char *text = kdt_slurp(ledger, &len);
+    assert_non_null(text);
+    char *nl = strchr(text, '\n');
+    char *tv = strstr(text, ",\"teacher_version\":\"v1\"");
+    assert_non_null(nl);
+    assert_true(tv && tv < nl);
+    size_t cut = strlen(",\"teacher_version\":\"v1\"");
+    memmove(tv, tv + cut, len - (size_t)(tv - text) - cut + 1);
+    len -= cut;
+    assert_int_equal(kdt_spit(old, text, len), 0);
+    assert_int_equal(count_lines(r.dir, "old_ledger.jsonl", "teacher_version"), 1);
+
+    /* The cache lost: rebuilt from that ledger alone. */
+    char p[700];
+    static const char *const sfx[] = {"", "-wal", "-shm"};
+    for (size_t i = 0; i < 3; i++) {
+        snprintf(p, sizeof p, "%s%s", r.cache, sfx[i]);
+        unlink(p);
+    }
+    kd_cache *c = NULL;
+    kd_err e;
+    assert_int_equal(kd_cache_open(&c, r.cache, "v1", KD_CACHE_SYNC_NORMAL, &e), KD_OK);
+    kd_cache_rebuild_report rr;
+    assert_int_equal(kd_cache_rebuild(c, old, 0, NULL, &rr), KD_OK);
+    assert_int_equal(rr.lines, 2);
+    assert_int_equal(rr.inserted, 2);
+    assert_int_equal(rr.unknown_version, 1);
+    kd_cache_stats st;
+    assert_int_equal(kd_cache_stats_get(c, &st), KD_OK);
+    assert_int_equal(st.entries, 2);
+    assert_int_equal(st.entries_current, 1);
+    kd_cache_close(c);
+    size_t len2 = 0;
+    char *after = kdt_slurp(old, &len2);
+    assert_non_null(after);
+    assert_true(len2 == len && memcmp(after, text, len) == 0);
+    free(after);
+    free(text);
+    /* The reserved label cannot be opened as a teacher's version. */
+    assert_int_equal(kd_cache_open(&c, r.cache, KD_CACHE_UNKNOWN_VERSION, KD_CACHE_SYNC_NORMAL,
+                                   &e), KD_EINVAL);
+    assert_null(c);
+
+    run_open(&r);
+    assert_int_equal(ask(&r, "Current teacher's prompt", &res), KD_OK);
+    assert_int_equal(res.cache_hit, 1); /* its own version: still a hit */
+    kd_teacher_result_free(&res);
+    assert_int_equal(generations(s), 2);
+    assert_int_equal(ask(&r, "Old teacher's prompt", &res), KD_OK);
+    assert_int_equal(res.cache_hit, 0); /* of no known version: paid again */
+    assert_int_equal(res.attempts, 1);
+    kd_teacher_result_free(&res);
+    run_close(&r);
+    assert_int_equal(generations(s), 3);
+    kd_serve_stop(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1838,6 +1922,7 @@ int main(void)
         cmocka_unit_test(test_parse_agrees_with_json),
         cmocka_unit_test(test_ask_then_hit),
         cmocka_unit_test(test_other_teacher_version_not_served_from_cache),
+        cmocka_unit_test(test_rebuild_never_serves_an_unversioned_line),
         cmocka_unit_test(test_retries_recorded),
         cmocka_unit_test(test_possibly_billed),
         cmocka_unit_test(test_quota_and_4xx_stop),

@@ -58,6 +58,12 @@ extern "C" {
 /* Layout of one cache entry (columns and what `body` holds).  An entry with
    another schema version is incompatible: a counted miss, never reused. */
 #define KD_CACHE_SCHEMA_VERSION 1
+/* The teacher_version under which kd_cache_rebuild files a ledger line that
+   names none (a hand-written ledger, an older kdkit, a binding call without
+   a version): nobody knows which teacher bought it, so it must never be
+   served as the current teacher's answer.  Reserved: kd_cache_open and the
+   teacher config refuse it as a teacher_version, so no lookup can hit it. */
+#define KD_CACHE_UNKNOWN_VERSION "unknown"
 /* Most JSON values (and keys) the response scanner reads in one body, at 20
    bytes each: a larger body is refused with KD_ELIMIT, a failed attempt. */
 #define KD_TEACHER_SCAN_MAX_VALUES (1 << 22)
@@ -113,6 +119,8 @@ typedef struct kd_cache_stats {
  * Open (creating if needed) the cache database at `path` for entries of
  * `teacher_version`.  WAL mode, a busy timeout, so several processes on one
  * machine can share it.  KD_EVERSION if the file was made by a newer kdkit.
+ * KD_EINVAL when teacher_version is empty or KD_CACHE_UNKNOWN_VERSION (that
+ * label is reserved for ledger lines of no known version).
  */
 KD_API
 int kd_cache_open(kd_cache **out, const char *path, const char *teacher_version,
@@ -181,12 +189,17 @@ int kd_cache_verify(kd_cache *c, kd_cache_verify_report *r);
 typedef struct kd_cache_rebuild_report {
     int64_t lines, inserted, present;
     int64_t skipped;           /* no request_hash, no body, or bad response_base64 */
+    int64_t unknown_version;   /* of inserted + present: lines without a teacher_version,
+                                  filed under KD_CACHE_UNKNOWN_VERSION */
 } kd_cache_rebuild_report;
 
 /*
  * Repopulate the cache from a ledger (api_recovery.jsonl), starting at byte
  * `offset` (0 for all).  Each entry is filed under the line's
- * "teacher_version" when it has one, else under the handle's.  A line whose
+ * "teacher_version"; a line without one (or with "") is filed under
+ * KD_CACHE_UNKNOWN_VERSION, never under the handle's, so an answer of an
+ * older teacher is not served as the current one's (it is kept, and counted
+ * in r->unknown_version; the ledger is never changed).  A line whose
  * body was not valid UTF-8 carries "response": null and "response_base64":
  * the body is decoded to the exact bytes.  If only_key is non-NULL, only
  * lines with that request_hash are used.

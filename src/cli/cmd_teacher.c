@@ -59,7 +59,7 @@ static void cache_usage(FILE *f)
             "  rebuild                   re-insert every response of the ledger\n"
             "                            (--output-dir DIR or --ledger FILE), each under the\n"
             "                            teacher_version of its line (lines without one:\n"
-            "                            --teacher-version or the config's)\n"
+            "                            under \"unknown\", kept but never served)\n"
             "  export [--output FILE]    one JSON line per entry (stdout by default)\n"
             "  gc (--incompatible | --older-than-days N | --drop-version V) [--yes]\n"
             "                            say what would be dropped; drop it with --yes\n\n"
@@ -526,6 +526,10 @@ int kd_cmd_cache(int argc, char **argv)
             printf("ledger %s: %lld lines, %lld inserted, %lld already cached, %lld skipped "
                    "(no request_hash or response)\n", ledger, (long long)r.lines,
                    (long long)r.inserted, (long long)r.present, (long long)r.skipped);
+            if (r.unknown_version)
+                printf("%lld line(s) name no teacher_version: filed under \"%s\", never "
+                       "served as this teacher's answers\n",
+                       (long long)r.unknown_version, KD_CACHE_UNKNOWN_VERSION);
             status = 0;
         }
     } else if (strcmp(sub, "export") == 0) {

@@ -18,6 +18,8 @@
  * OpenAI response object.  An entry is usable (a hit) only when its
  * teacher_version equals the handle's and its schema_version equals
  * KD_CACHE_SCHEMA_VERSION; otherwise the lookup is an "incompatible" miss.
+ * A rebuild files ledger lines without a teacher_version under the reserved
+ * KD_CACHE_UNKNOWN_VERSION ("unknown"), which no handle may be opened with.
  * Nothing is ever evicted except by kd_cache_gc.
  *
  * Counters: hit/miss/incompatible deltas are kept in memory (so a hit costs
@@ -160,8 +162,13 @@ int kd_cache_open(kd_cache **out, const char *path, const char *teacher_version,
                   kd_cache_sync sync, kd_err *e)
 {
     *out = NULL;
-    if (!path || !*path || !teacher_version)
+    if (!path || !*path || !teacher_version || !*teacher_version)
         return kd_err_set(e, KD_EINVAL, "teacher cache: path and teacher_version are required");
+    if (strcmp(teacher_version, KD_CACHE_UNKNOWN_VERSION) == 0)
+        return kd_err_set(e, KD_EINVAL,
+                          "teacher cache: teacher_version \"%s\" is reserved for ledger lines "
+                          "that name no version; choose another label",
+                          KD_CACHE_UNKNOWN_VERSION);
     kd_cache *c = calloc(1, sizeof *c);
     if (!c)
         return kd_err_set(e, KD_ENOMEM, "teacher cache: out of memory");
@@ -757,10 +764,12 @@ int kd_cache_rebuild(kd_cache *c, const char *ledger_path, uint64_t offset,
         const char *ph = jstr(j, "prompt_hash");
         if (ph)
             snprintf(en.prompt_hash, sizeof en.prompt_hash, "%s", ph);
-        /* Filed under the version that bought it; the handle's when the line
-           predates the field. */
+        /* Filed under the version that bought it.  A line that names none
+           could come from any teacher: under the reserved "unknown" label,
+           which no handle can have, so it is kept but never served. */
         const char *ver = jstr(j, "teacher_version");
-        en.teacher_version = ver && *ver ? (char *)ver : NULL;
+        int unknown = !ver || !*ver;
+        en.teacher_version = unknown ? (char *)KD_CACHE_UNKNOWN_VERSION : (char *)ver;
         en.body = (char *)body;
         en.body_len = body_len;
         en.response_model = (char *)jstr(j, "model");
@@ -782,6 +791,7 @@ int kd_cache_rebuild(kd_cache *c, const char *ledger_path, uint64_t offset,
             r->inserted++;
         else
             r->present++;
+        r->unknown_version += unknown;
     }
     if (rc == KD_OK && s < 0)
         rc = s;

@@ -296,6 +296,13 @@ int kd_teacher_config_from_json(const char *config_json, kd_teacher_config *c,
         } else {
             TRY(get_str(p, t, "teacher_version", "teacher_version", &c->teacher_version, 0));
         }
+        if (json_is_string(tv) && strcmp(json_string_value(tv), KD_CACHE_UNKNOWN_VERSION) == 0) {
+            rc = bad(p, "teacher_version",
+                     "\"unknown\" is reserved for ledger lines that name no version "
+                     "(kdkit cache rebuild files them under it, never serving them); "
+                     "choose another label");
+            goto done;
+        }
     }
     json_t *o;
     TRY(get_obj(p, t, "prices", &o));
