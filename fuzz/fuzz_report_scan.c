@@ -1,10 +1,14 @@
 /*
  * fuzz/fuzz_report_scan.c - the fast metrics-line scanner of `kdkit report`
- * (src/cli/report_scan.c) against jansson on arbitrary lines.  Checks: a
- * line the scanner takes is one jansson parses as an object (the scanner
- * never accepts what the validator refuses), and the fields agree: the step
- * exactly, each drawn number within 1e-12 relative of jansson's, absent /
- * null / non-numbers as NAN on both sides.
+ * (src/cli/report_scan.c) against jansson and the run registry's
+ * metrics-line validator (kdi_run_check_metric, the one the writer, the
+ * reopen and `kdkit verify` use) on arbitrary lines.  Checks: a line the
+ * scanner takes is one jansson parses as an object and the validator
+ * accepts (the scanner never plots what the validator refuses); a line the
+ * validator refuses is never taken by the scanner, so the report hands it to
+ * the validator, which names it; and the fields agree: the step exactly,
+ * each drawn number within 1e-12 relative of jansson's, absent / null /
+ * non-numbers as NAN on both sides.
  */
 #include <jansson.h>
 #include <math.h>
@@ -14,6 +18,7 @@
 #include <string.h>
 
 #include "cli/report.h"
+#include "tracker/run.h"
 #include "../src/cli/report_scan.c"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -41,11 +46,22 @@ static void same(double a, double b, const char *what)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     rp_metric m;
-    if (!rp_scan_metric((const char *)data, size, &m))
-        return 0;
+    int took = rp_scan_metric((const char *)data, size, &m);
+    /* the report parses a line the scanner leaves exactly so (cmd_report.c) */
     json_t *o = json_loadb((const char *)data, size, 0, NULL);
+    char why[256];
+    int valid = json_is_object(o) && kdi_run_check_metric(o, why, sizeof why) == 0;
+    if (!took) {
+        json_decref(o);
+        return 0; /* the validator decides, and names what it refuses */
+    }
     if (!json_is_object(o)) {
         fprintf(stderr, "fuzz_report_scan: the scanner took a line jansson refuses\n");
+        abort();
+    }
+    if (!valid) {
+        fprintf(stderr, "fuzz_report_scan: the scanner took a line the validator refuses: %s\n",
+                why);
         abort();
     }
     json_t *st = json_object_get(o, "step");

@@ -19,6 +19,7 @@
 #include <cmocka.h>
 
 #include "cli/report.h"
+#include "tracker/run.h"
 #include "../src/cli/report_plot.c"
 #include "../src/cli/report_scan.c"
 
@@ -159,6 +160,55 @@ static void test_scanner_reads_the_tracker_line(void **state)
         assert_int_equal(rp_scan_metric(odd[i], strlen(odd[i]), &m), 0);
 }
 
+/* Lines the run registry's metrics validator refuses (the writer, the
+   reopen and kdkit verify use it) are never taken by the fast scanner, so
+   the report hands them to the validator, which names them; the scanner
+   once drew a negative step, a string loss and a negative counter. */
+static void test_scanner_leaves_refused_lines_to_the_validator(void **state)
+{
+    (void)state;
+    const char *refused[] = {
+        "{\"step\":-1,\"loss\":0.5}",
+        "{\"step\":3,\"loss\":\"high\"}",
+        "{\"step\":4,\"loss\":true}",
+        "{\"step\":5,\"loss\":1.0,\"samples_processed\":-2}",
+        "{\"step\":6,\"tokens_processed\":1.5}",
+        "{\"step\":7,\"tokens_processed\":\"many\"}",
+        "{\"step\":8,\"samples_processed\":null}",
+        "{\"step\":9,\"loss\":1,\"step\":-9}",
+        "{\"step\":10,\"step\":null}",
+        "{\"step\":1.0,\"loss\":1}",
+        "{\"loss\":1.25,\"timestamp\":1.0}",
+    };
+    rp_metric m;
+    char why[256];
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        json_t *o = json_loads(refused[i], 0, NULL);
+        assert_non_null(o);
+        if (kdi_run_check_metric(o, why, sizeof why) == 0)
+            fail_msg("the validator accepts %s (the test is wrong)", refused[i]);
+        json_decref(o);
+        if (rp_scan_metric(refused[i], strlen(refused[i]), &m) != 0)
+            fail_msg("the scanner takes %s, which the validator refuses (%s)", refused[i], why);
+    }
+    /* and what the validator accepts in the subset, the scanner still takes */
+    const char *taken[] = {
+        "{\"step\":0,\"loss\":null,\"loss_nonfinite\":\"nan\"}",
+        "{\"step\":-0,\"samples_processed\":0,\"tokens_processed\":9223372036854775807}",
+        "{\"step\":-1,\"step\":2,\"loss\":\"x\",\"loss\":3}",
+        "{\"step\":12,\"samples_processed\":-1,\"samples_processed\":4}",
+    };
+    for (size_t i = 0; i < sizeof taken / sizeof taken[0]; i++) {
+        json_t *o = json_loads(taken[i], 0, NULL);
+        assert_non_null(o);
+        assert_int_equal(kdi_run_check_metric(o, why, sizeof why), 0);
+        json_decref(o);
+        if (rp_scan_metric(taken[i], strlen(taken[i]), &m) != 1)
+            fail_msg("the scanner leaves %s to jansson", taken[i]);
+        assert_true(m.has_step && m.step >= 0);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -167,6 +217,7 @@ int main(void)
         cmocka_unit_test(test_escaping_leaves_no_markup_or_escape),
         cmocka_unit_test(test_chart_counts_what_it_draws),
         cmocka_unit_test(test_scanner_reads_the_tracker_line),
+        cmocka_unit_test(test_scanner_leaves_refused_lines_to_the_validator),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

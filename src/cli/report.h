@@ -67,8 +67,11 @@ typedef struct rp_metric {
     double timestamp, loss, kd, ce, inter, lr, tok, smp;
 } rp_metric;
 
-/* 1 when the line is in the strict JSON subset the scanner takes (*m filled);
-   0 when the line must go to jansson instead (it may still be valid). */
+/* 1 when the line is in the strict JSON subset the scanner takes and keeps
+   the metrics-line validator's rules (kdi_run_check_metric: step an integer
+   >= 0, counters integers >= 0, loss a number or null), *m filled; 0 when
+   the line must go to jansson and that validator instead (it may still be
+   valid; if not, the validator says why). */
 int rp_scan_metric(const char *line, size_t len, rp_metric *m);
 
 /* ------------------------------------------------------------------------ */

@@ -12,6 +12,15 @@
  * tracker's own reader and `kdkit verify` use, which then accepts or
  * rejects it.  So a line is never drawn that jansson would refuse.
  *
+ * Within that subset it also applies the rules of the run registry's
+ * metrics-line validator (kdi_run_check_metric, src/tracker/run.c) to the
+ * values that decide (the last occurrence of a key wins, as in jansson):
+ * "step" an integer >= 0, "samples_processed" and "tokens_processed" (when
+ * present) integers >= 0, "loss" (when present) a number or null.  A line
+ * that breaks one returns 0 as well, so the validator itself names it: the
+ * scanner takes a subset of what the validator accepts, never more.
+ * fuzz/fuzz_report_scan.c checks both inclusions, and the fields.
+ *
  * Numbers are converted for drawing: up to 19 significant digits times a
  * power of ten, within a few units in the last place of strtod's result
  * (far below a pixel); integers (the step) are exact.
@@ -21,8 +30,12 @@
 
 #include "cli/report.h"
 
+/* The validator's verdict on the keys it checks, by their last occurrence
+   (kdi_run_check_metric): 1 fine, 0 breaks its rule (or, for the step, is
+   missing). */
 typedef struct cur {
     const char *p, *end;
+    int step_ok, samples_ok, tokens_ok, loss_ok;
 } cur;
 
 static void ws(cur *c)
@@ -176,18 +189,23 @@ static int object(cur *c, rp_metric *m, int depth)
             return 0;
         /* which field: by length first, then one comparison */
         double *slot = NULL;
-        int is_step = 0, is_comp = 0;
+        int is_step = 0, is_comp = 0, is_loss = 0;
+        int *count_ok = NULL; /* a counter the validator wants an integer >= 0 */
         if (depth == 0) {
             switch (kn) {
             case 4:
-                if (KEY("loss"))
+                if (KEY("loss")) {
                     slot = &m->loss;
-                else
+                    is_loss = 1;
+                } else {
                     is_step = KEY("step");
+                }
                 break;
             case 9: slot = KEY("timestamp") ? &m->timestamp : NULL; break;
             case 13: slot = KEY("learning_rate") ? &m->lr : NULL; break;
             case 15: is_comp = KEY("loss_components"); break;
+            case 16: count_ok = KEY("tokens_processed") ? &c->tokens_ok : NULL; break;
+            case 17: count_ok = KEY("samples_processed") ? &c->samples_ok : NULL; break;
             case 25: slot = KEY("throughput_tokens_per_sec") ? &m->tok : NULL; break;
             case 26: slot = KEY("throughput_samples_per_sec") ? &m->smp : NULL; break;
             default: break;
@@ -200,6 +218,13 @@ static int object(cur *c, rp_metric *m, int depth)
         char ch = *c->p;
         if (is_comp && ch != '{')
             m->kd = m->ce = m->inter = NAN; /* a later duplicate wins, as in jansson */
+        /* the validator's rules, by the value's kind; numbers below */
+        if (is_step)
+            c->step_ok = 0;
+        if (count_ok)
+            *count_ok = 0;
+        if (is_loss)
+            c->loss_ok = ch == 'n';
         if (ch == '{') {
             if (!is_comp)
                 return 0;
@@ -240,7 +265,12 @@ static int object(cur *c, rp_metric *m, int depth)
             if (is_step) {
                 m->has_step = is_int;
                 m->step = iv;
+                c->step_ok = is_int && iv >= 0;
             }
+            if (count_ok)
+                *count_ok = is_int && iv >= 0;
+            if (is_loss)
+                c->loss_ok = 1;
         }
         ws(c);
         if (c->p >= c->end)
@@ -262,9 +292,12 @@ int rp_scan_metric(const char *line, size_t len, rp_metric *m)
     m->has_step = 0;
     m->step = 0;
     m->timestamp = m->loss = m->kd = m->ce = m->inter = m->lr = m->tok = m->smp = NAN;
-    cur c = {line, line + len};
+    cur c = {line, line + len, 0, 1, 1, 1};
     if (!object(&c, m, 0))
         return 0;
     ws(&c);
-    return c.p == c.end;
+    if (c.p != c.end)
+        return 0;
+    /* a line the validator refuses goes to it, to be named */
+    return c.step_ok && c.samples_ok && c.tokens_ok && c.loss_ok;
 }
