@@ -187,6 +187,81 @@ KD_API
 int kd_tracker_config_num(const kd_tracker *t, const char *component, const char *path, double *out);
 
 /*
+ * A recorded config as a flat list of keys, so a reader that compares
+ * configs (kdkit report's sessions table) never parses session.json: each
+ * leaf under its dotted path ("teacher.budget.max_cost"; a number, string,
+ * true/false/null, an array or an empty object is one leaf; a key that
+ * itself contains '.' is joined as it is), its value as canonical JSON text
+ * (kd_json_canonical: 0.5, "gpt-x", true, null, [1,2], {}), sorted by path
+ * with strcmp, so two lists are compared in one merge.  Ownership: the
+ * caller frees the list with kd_config_list_free.
+ */
+typedef struct kd_config_entry {
+    char *key;
+    char *value;
+} kd_config_entry;
+
+typedef struct kd_config_list {
+    kd_config_entry *v;
+    size_t n;
+} kd_config_list;
+
+/* Free the entries of *l (not l) and zero it; accepts NULL and an empty list.
+   Cannot fail. */
+KD_API
+void kd_config_list_free(kd_config_list *l);
+
+/*
+ * The main config (`component` NULL) or that component's, as the handle
+ * holds it, flattened into *out (empty unless KD_OK).  Works on writers and
+ * read-only handles; thread rule: any thread (it holds the handle's mutex).
+ * Errors: KD_EINVAL (NULL t or out), KD_ENOTFOUND (no such component, or
+ * none recorded a config), KD_ENOMEM.
+ */
+KD_API
+int kd_tracker_config_list(const kd_tracker *t, const char *component, kd_config_list *out);
+
+/* One archived session: sessions/<dir>/session.json, read with the session
+   rule the reopen applies (its JSON, session_id, config_hash, numbers,
+   signs, counters, components).  The strings are the list's. */
+typedef struct kd_archived_session {
+    char *dir;                  /* its directory under sessions/ */
+    char *file;                 /* "sessions/<dir>/session.json" */
+    int status;                 /* KD_OK; KD_ENOTFOUND: no session.json (files archived
+                                   without a session); KD_ECORRUPT: the rule refuses it;
+                                   KD_EIO / KD_ELIMIT: it cannot be read */
+    char *error;                /* NULL when KD_OK, else why, naming the file */
+    char *session_id;           /* NULL unless KD_OK */
+    char *config_hash;          /* NULL unless KD_OK */
+    double start_time;          /* Unix seconds; NAN when unknown */
+    int64_t steps_completed, total_steps_target;
+    int has_config;             /* 1 when it recorded its main config */
+    kd_config_list config;      /* that config flattened; empty unless has_config */
+} kd_archived_session;
+
+typedef struct kd_archived_list {
+    kd_archived_session *v;     /* in directory-name order (strcmp) */
+    size_t n;
+    size_t more;                /* directories beyond `max` that were not read */
+} kd_archived_list;
+
+/*
+ * The sessions archived under the run's sessions/ (a config change moves the
+ * old session there), at most `max` of them, into *out (empty unless KD_OK;
+ * free with kd_archived_list_free).  A session.json the rule refuses is
+ * listed with its status and error, never with a config: a reader names it
+ * instead of comparing it.  Reads files without the directory's lock (a
+ * writer never changes an archived session); thread rule: any thread.
+ * Errors: KD_EINVAL (NULL t or out), KD_EIO (sessions/ cannot be listed; no
+ * sessions/ at all is KD_OK with none), KD_ENOMEM.
+ */
+KD_API
+int kd_tracker_archived_sessions(const kd_tracker *t, size_t max, kd_archived_list *out);
+/* Free what *l holds (not l) and zero it; accepts NULL.  Cannot fail. */
+KD_API
+void kd_archived_list_free(kd_archived_list *l);
+
+/*
  * Note a repair another layer made in the directory (a damaged journal moved
  * aside): appended to events.jsonl as type "repair" with {file, what} and to
  * kd_tracker_open_report's text.  Errors: KD_EINVAL, KD_ESTATE (read-only),

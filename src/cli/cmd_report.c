@@ -6,9 +6,11 @@
  * Reads, without the lock and without changing anything (so it works beside
  * a running writer): the summary, the checkpoint records, the components and
  * config values through the tracker's read-only view (kd_tracker_open_readonly
- * and its typed accessors; the manifest has one reader), session.json's
- * config (for the sessions table's diff), the archived sessions'
- * sessions/<id>/session.json, a
+ * and its typed accessors; the manifest has one reader), the configs of the
+ * current and the archived sessions (sessions/<dir>/session.json) as
+ * flattened key lists for the sessions table's diff
+ * (kd_tracker_config_list, kd_tracker_archived_sessions: read with the
+ * reopen's session rule; a refused file is named, not compared), a
  * mix's mix_progress.json, and streams metrics.jsonl, metrics.rewound.jsonl,
  * eval.jsonl, events.jsonl, api_recovery.jsonl, failures.jsonl and
  * teacher_intents.jsonl (run_look.c) through core's JSONL reader, one line
@@ -105,8 +107,11 @@ typedef struct rep {
     uint64_t bytes_total, bytes_done;
     size_t nb;
 
-    json_t *session;  /* session.json: its config, for the sessions table only */
-    kd_tracker *t;    /* the read-only view: summary, checkpoints, components */
+    kd_tracker *t;    /* the read-only view: summary, checkpoints, components, configs */
+    kd_archived_list arch; /* sessions/<dir>/session.json, by the reopen's rule */
+    int arch_rc;
+    kd_config_list cur_cfg; /* the current session's config, flattened */
+    int cur_rc;
     kd_summary S;
     char notes[32][512]; /* problems met while reading, shown in the page */
     int nnotes;
@@ -181,32 +186,6 @@ static long long jint(const json_t *o, const char *k, long long dflt)
 static const char *jstr(const json_t *o, const char *k)
 {
     return json_string_value(json_object_get(o, k));
-}
-
-static json_t *load_doc(rep *r, const char *name, int quiet_missing)
-{
-    char p[4200];
-    snprintf(p, sizeof p, "%s/%s", r->dir, name);
-    char *text = NULL;
-    size_t len = 0;
-    kd_err e;
-    kd_err_clear(&e);
-    int rc = kd_file_read_all(p, STATE_MAX, &text, &len, &e);
-    if (rc != KD_OK) {
-        if (rc != KD_ENOTFOUND || !quiet_missing)
-            note(r, "%s", e.msg);
-        return NULL;
-    }
-    json_error_t je;
-    json_t *d = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
-    free(text);
-    if (!json_is_object(d)) {
-        note(r, "%s is not a valid JSON object (line %d); run 'kdkit verify'", name,
-             d ? 1 : je.line);
-        json_decref(d);
-        return NULL;
-    }
-    return d;
 }
 
 static uint64_t file_size(const rep *r, const char *name)
@@ -652,91 +631,103 @@ static double budget_cap(const rep *r, double cli)
     return cap;
 }
 
-/* Keys whose values differ between two configs, as "a.b, c" (at most n bytes). */
-static void config_diff(const json_t *a, const json_t *b, const char *prefix, char *out,
-                        size_t n)
+/* Keys whose values differ between two flattened configs (both sorted by
+   key, kd_tracker_config_list), as "a.b, c" (at most n bytes). */
+static void config_diff(const kd_config_list *a, const kd_config_list *b, char *out, size_t n)
 {
-    if (json_is_object(a) && json_is_object(b)) {
+    size_t i = 0, j = 0;
+    while (i < a->n || j < b->n) {
+        int c = i >= a->n ? 1 : j >= b->n ? -1 : strcmp(a->v[i].key, b->v[j].key);
         const char *k;
-        json_t *v;
-        json_object_foreach((json_t *)a, k, v)
-        {
-            char p[256];
-            int w = snprintf(p, sizeof p, "%s%s%s", prefix, *prefix ? "." : "", k);
-            if (w < 0 || (size_t)w >= sizeof p)
-                continue; /* a key path that long is not worth naming */
-            config_diff(v, json_object_get(b, k), p, out, n);
-        }
-        json_object_foreach((json_t *)b, k, v)
-        {
-            if (json_object_get(a, k))
+        if (c < 0) {
+            k = a->v[i++].key; /* gone */
+        } else if (c > 0) {
+            k = b->v[j++].key; /* new */
+        } else {
+            int same = strcmp(a->v[i].value, b->v[j].value) == 0;
+            k = a->v[i].key;
+            i++;
+            j++;
+            if (same)
                 continue;
-            char p[256];
-            int w = snprintf(p, sizeof p, "%s%s%s", prefix, *prefix ? "." : "", k);
-            if (w < 0 || (size_t)w >= sizeof p)
-                continue; /* a key path that long is not worth naming */
-            config_diff(NULL, v, p, out, n);
         }
-        return;
+        size_t used = strlen(out);
+        if (used + 1 < n)
+            snprintf(out + used, n - used, "%s%s", used ? ", " : "", *k ? k : "(config)");
     }
-    if (a && b && json_equal((json_t *)a, (json_t *)b))
-        return;
-    size_t used = strlen(out);
-    if (used + 1 < n)
-        snprintf(out + used, n - used, "%s%s", used ? ", " : "", *prefix ? prefix : "(config)");
 }
 
 typedef struct sess {
-    char *id, *hash, *where;
+    const char *id, *hash, *where;
     double start;
     long long steps, target;
-    json_t *config;
+    const kd_config_list *config; /* NULL: none recorded, or not trusted */
+    const char *error;            /* why the file is not compared; NULL when it is */
 } sess;
 
+/* by start time, unknown ones last */
 static int sess_cmp(const void *a, const void *b)
 {
     const sess *x = a, *y = b;
+    int nx = !isfinite(x->start), ny = !isfinite(y->start);
+    if (nx || ny)
+        return nx - ny;
     return x->start < y->start ? -1 : x->start > y->start;
+}
+
+/*
+ * The sessions table: the archived sessions and the current one, through
+ * the tracker's read-only accessors (kd_tracker_archived_sessions reads each
+ * sessions/<dir>/session.json with the reopen's session rule;
+ * kd_tracker_config_list gives each config as sorted keys).  An archived
+ * file the rule refuses is named (here and at the top of the page) and
+ * never compared; nothing in it is trusted, its start time neither, so it
+ * is listed after the others, which are compared in order among themselves.
+ */
+#define MAX_SESS 255
+
+/* Before the page is built, so a refused file is among the problems at its top. */
+static void read_sessions(rep *r)
+{
+    r->arch_rc = kd_tracker_archived_sessions(r->t, MAX_SESS, &r->arch);
+    if (r->arch_rc == KD_ENOMEM)
+        r->nomem = 1;
+    else if (r->arch_rc != KD_OK)
+        note(r, "%s/sessions: the archived sessions cannot be listed (%s)", r->dir,
+             kd_strerror(r->arch_rc));
+    for (size_t i = 0; r->arch_rc == KD_OK && i < r->arch.n; i++) {
+        const kd_archived_session *a = &r->arch.v[i];
+        if (a->status != KD_OK && a->status != KD_ENOTFOUND)
+            note(r, "%s; this archived session is not compared (run 'kdkit verify %s/sessions/%s')",
+                 a->error, r->dir, a->dir);
+    }
+    r->cur_rc = kd_tracker_config_list(r->t, NULL, &r->cur_cfg);
+    if (r->cur_rc == KD_ENOMEM)
+        r->nomem = 1;
 }
 
 static void write_sessions(rep *r, kd_sb *s)
 {
-    sess v[256];
+    sess v[MAX_SESS + 1];
     size_t n = 0;
-    char p[4200];
-    snprintf(p, sizeof p, "%s/sessions", r->dir);
-    DIR *d = opendir(p);
-    long long more = 0;
-    if (d) {
-        struct dirent *de;
-        while ((de = readdir(d))) {
-            if (de->d_name[0] == '.')
-                continue;
-            if (n >= 255) {
-                more++;
-                continue;
-            }
-            char name[4200];
-            snprintf(name, sizeof name, "sessions/%s/session.json", de->d_name);
-            json_t *o = load_doc(r, name, 0);
-            if (!o)
-                continue;
-            v[n] = (sess){rdup(r, jstr(o, "session_id") ? jstr(o, "session_id") : de->d_name),
-                          rdup(r, jstr(o, "config_hash") ? jstr(o, "config_hash") : "?"),
-                          rdup(r, name), jnum(o, "start_time"), jint(o, "steps_completed", 0),
-                          jint(o, "total_steps_target", 0),
-                          json_incref(json_object_get(o, "config"))};
-            json_decref(o);
-            n++;
-        }
-        closedir(d);
+    int rc = r->arch_rc;
+    for (size_t i = 0; rc == KD_OK && i < r->arch.n; i++) {
+        const kd_archived_session *a = &r->arch.v[i];
+        v[n++] = (sess){a->status == KD_OK ? a->session_id : a->dir,
+                        a->status == KD_OK ? a->config_hash : "?",
+                        a->file,
+                        a->start_time,
+                        (long long)a->steps_completed,
+                        (long long)a->total_steps_target,
+                        a->status == KD_OK && a->has_config ? &a->config : NULL,
+                        a->status == KD_OK ? NULL : a->error};
     }
-    if (r->t) { /* the current session: the tracker's view, its config for the diff */
+    if (r->t) { /* the current session: the tracker's view */
         const char *ch = kd_tracker_config_hash(r->t);
-        v[n++] = (sess){rdup(r, r->S.session_id), rdup(r, ch && ch[0] ? ch : "?"),
-                        rdup(r, "session.json (current)"), r->S.start_time,
-                        (long long)r->S.steps_completed, (long long)r->S.total_steps_target,
-                        json_incref(json_object_get(r->session, "config"))};
+        v[n++] = (sess){r->S.session_id, ch && ch[0] ? ch : "?", "session.json (current)",
+                        r->S.start_time, (long long)r->S.steps_completed,
+                        (long long)r->S.total_steps_target,
+                        r->cur_rc == KD_OK ? &r->cur_cfg : NULL, NULL};
     }
     qsort(v, n, sizeof v[0], sess_cmp);
     kdi_sb_lit(s, "<h2>Sessions</h2><table data-table=\"sessions\"><tr><th>session</th>"
@@ -745,10 +736,23 @@ static void write_sessions(rep *r, kd_sb *s)
     for (size_t i = 0; i < n; i++) {
         char t[64], diff[1024] = "";
         fmt_utc(t, sizeof t, v[i].start);
-        if (i > 0)
-            config_diff(v[i - 1].config, v[i].config, "", diff, sizeof diff);
+        const char *cell = diff;
+        if (v[i].error)
+            cell = v[i].error;
+        else if (i == 0)
+            cell = "-";
+        else if (v[i - 1].error)
+            cell = "not compared: the previous session's file is not valid";
+        else if (!v[i].config || !v[i - 1].config)
+            cell = "not compared: a config was not recorded";
+        else
+            config_diff(v[i - 1].config, v[i].config, diff, sizeof diff);
+        if (cell == diff && !diff[0])
+            cell = "nothing (same config)";
         kdi_sb_lit(s, "<tr data-session=\"");
         rp_html(s, v[i].id);
+        if (v[i].error)
+            kdi_sb_lit(s, "\" data-invalid=\"1");
         kdi_sb_lit(s, "\"><td class=\"mono\">");
         rp_html(s, v[i].id);
         kdi_sb_lit(s, "</td><td>");
@@ -757,18 +761,15 @@ static void write_sessions(rep *r, kd_sb *s)
                      v[i].target);
         rp_html(s, v[i].hash);
         kdi_sb_lit(s, "</td><td>");
-        rp_html(s, i == 0 ? "-" : diff[0] ? diff : "nothing (same config)");
+        rp_html(s, cell);
         kdi_sb_lit(s, "</td><td class=\"mono\">");
         rp_html(s, v[i].where);
         kdi_sb_lit(s, "</td></tr>");
-        free(v[i].id);
-        free(v[i].hash);
-        free(v[i].where);
-        json_decref(v[i].config);
     }
     kdi_sb_lit(s, "</table>");
-    if (more)
-        kdi_sb_printf(s, "<p class=\"note\">%lld more archived sessions not listed.</p>", more);
+    if (rc == KD_OK && r->arch.more)
+        kdi_sb_printf(s, "<p class=\"note\">%zu more archived sessions not listed.</p>",
+                      r->arch.more);
 }
 
 typedef struct ckv {
@@ -1145,7 +1146,8 @@ static void build_page(rep *r, kd_sb *s, double cli_budget)
 
 static void rep_free(rep *r)
 {
-    json_decref(r->session);
+    kd_archived_list_free(&r->arch);
+    kd_config_list_free(&r->cur_cfg);
     kd_tracker_close(r->t);
     for (size_t i = 0; i < r->nev; i++)
         free(r->evs[i].title);
@@ -1245,11 +1247,6 @@ int kd_cmd_report(int argc, char **argv)
         goto out;
     }
     kd_tracker_summary(r->t, &r->S);
-    r->session = load_doc(r, "session.json", 0);
-    if (!r->session) {
-        kd_cli_error(cmd, "%s: session.json cannot be read: %s", dir, r->nnotes ? r->notes[0] : "?");
-        goto out;
-    }
     rp_series *all[] = {&r->loss, &r->val, &r->rewound, &r->kd, &r->ce, &r->inter,
                         &r->lr, &r->tok, &r->smp, &r->cost, &r->resp};
     static const char *const keys[][3] = {
@@ -1300,6 +1297,7 @@ int kd_cmd_report(int argc, char **argv)
     if (r->ev_dropped)
         note(r, "events.jsonl: %lld events beyond the first %d not marked", r->ev_dropped,
              3 * MAX_MARKERS);
+    read_sessions(r);
     if (!quiet)
         kd_progress_end(&r->prog);
 
