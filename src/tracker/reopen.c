@@ -383,10 +383,11 @@ int kdi_trk_session_check(const json_t *s, char *why, size_t n)
         snprintf(why, n, "not a JSON object");
         return 1;
     }
+    /* readers show the id; the writer, which also makes it a directory name
+       when it archives the session, refuses '/' and a leading '.' besides */
     const char *id = json_string_value(json_object_get(s, "session_id"));
-    if (!id || !id[0] || strlen(id) >= sizeof ((kd_tracker *)0)->session_id || strchr(id, '/') ||
-        id[0] == '.') {
-        snprintf(why, n, "field 'session_id' is missing or not a usable session id");
+    if (!id || !id[0] || strlen(id) >= sizeof ((kd_tracker *)0)->session_id) {
+        snprintf(why, n, "field 'session_id' is missing, empty or longer than 63 bytes");
         return 1;
     }
     if (!kdi_trk_is_hex64(json_string_value(json_object_get(s, "config_hash")))) {

@@ -202,8 +202,9 @@ int kdi_trk_write_session(kd_tracker *t);       /* session.json + progress.json 
 char *kdi_trk_progress_doc(kd_tracker *t);
 /* The one rule for a session document before anything in it is trusted: the
    writer's reopen and the read-only view (both through kdi_trk_load) and the
-   archived sessions' listing (config_keys.c) call it.  A usable session_id,
-   a config_hash of 64 lowercase hex digits, the numbers the reopen reads of
+   archived sessions' listing (config_keys.c) call it.  A session_id string
+   of 1..63 bytes (the writer also refuses '/' and a leading '.', as it makes
+   the id a directory name when it archives), a config_hash of 64 lowercase hex digits, the numbers the reopen reads of
    type number (or null), "config" an object (or null, or absent), and the
    registry's kdi_run_check_session (signs, counters, components).  0, or 1
    with `why` saying what is wrong ("field 'total_cost' is negative (-1)"). */
