@@ -216,7 +216,8 @@ void kd_config_list_free(kd_config_list *l);
  * holds it, flattened into *out (empty unless KD_OK).  Works on writers and
  * read-only handles; thread rule: any thread (it holds the handle's mutex).
  * Errors: KD_EINVAL (NULL t or out), KD_ENOTFOUND (no such component, or
- * none recorded a config), KD_ENOMEM.
+ * none recorded a config), KD_ELIMIT (a key path longer than 1 MiB),
+ * KD_ENOMEM.
  */
 KD_API
 int kd_tracker_config_list(const kd_tracker *t, const char *component, kd_config_list *out);
@@ -253,7 +254,8 @@ typedef struct kd_archived_list {
  * instead of comparing it.  Reads files without the directory's lock (a
  * writer never changes an archived session); thread rule: any thread.
  * Errors: KD_EINVAL (NULL t or out), KD_EIO (sessions/ cannot be listed; no
- * sessions/ at all is KD_OK with none), KD_ENOMEM.
+ * sessions/ at all is KD_OK with none), KD_ENOMEM.  A file that cannot be
+ * read or is too large (KD_EIO, KD_ELIMIT) is listed with that status.
  */
 KD_API
 int kd_tracker_archived_sessions(const kd_tracker *t, size_t max, kd_archived_list *out);

@@ -54,11 +54,12 @@ static void add_entry(flat *f, const char *key, const json_t *v)
     kd_err e;
     kd_err_clear(&e);
     char *k = strdup(key);
-    if (!raw || !k || kd_json_canonical(raw, strlen(raw), &canon, &e) != KD_OK) {
+    int crc = raw && k ? kd_json_canonical(raw, strlen(raw), &canon, &e) : KD_ENOMEM;
+    if (crc != KD_OK) {
         free(raw);
         free(k);
         free(canon);
-        f->rc = KD_ENOMEM; /* jansson's own text always reads back */
+        f->rc = crc; /* KD_ENOMEM; jansson's own text always reads back */
         return;
     }
     free(raw);
@@ -73,7 +74,7 @@ static void walk(flat *f, kd_sb *path, const json_t *v)
         return;
     if (!json_is_object(v) || json_object_size(v) == 0) {
         if (kdi_sb_error(path)) {
-            f->rc = KD_ENOMEM;
+            f->rc = kdi_sb_error(path); /* KD_ELIMIT: a key path over 1 MiB */
             return;
         }
         add_entry(f, path->buf ? path->buf : "", v);
@@ -112,7 +113,8 @@ void kd_config_list_free(kd_config_list *l)
     l->n = 0;
 }
 
-/* cfg (an object) flattened into *out; KD_OK or KD_ENOMEM (out emptied). */
+/* cfg (an object) flattened into *out; KD_OK, KD_ENOMEM or KD_ELIMIT (out
+   emptied). */
 static int flatten(const json_t *cfg, kd_config_list *out)
 {
     out->v = NULL;
@@ -264,6 +266,15 @@ static int read_archived(const char *root, const char *name, kd_archived_session
     json_decref(s);
     if (!a->session_id || !a->config_hash)
         rc = KD_ENOMEM;
+    if (rc == KD_ELIMIT) { /* this file's problem, not the listing's */
+        free(a->session_id);
+        free(a->config_hash);
+        a->session_id = a->config_hash = NULL;
+        a->has_config = 0;
+        a->status = KD_ELIMIT;
+        a->error = fmt_dup("%s: a config key path is longer than 1 MiB", a->file);
+        rc = a->error ? KD_OK : KD_ENOMEM;
+    }
     return rc;
 }
 
