@@ -665,14 +665,16 @@ typedef struct sess {
     const char *error;            /* why the file is not compared; NULL when it is */
 } sess;
 
-/* by start time, unknown ones last */
+/* by start time, unknown ones last; then by file, so the order is stable */
 static int sess_cmp(const void *a, const void *b)
 {
     const sess *x = a, *y = b;
     int nx = !isfinite(x->start), ny = !isfinite(y->start);
-    if (nx || ny)
+    if (nx != ny)
         return nx - ny;
-    return x->start < y->start ? -1 : x->start > y->start;
+    if (!nx && x->start != y->start)
+        return x->start < y->start ? -1 : 1;
+    return strcmp(x->where, y->where);
 }
 
 /*
