@@ -18,6 +18,7 @@
 #include <jansson.h>
 
 #include "kdkit/ckpt.h"
+#include "support/kd_test.h"
 
 static char g_dir[] = "/tmp/kdkit-test-ckpt-cli-XXXXXX";
 static const char *g_kdkit;
@@ -236,9 +237,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[4200];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return kdt_remove_test_dir(g_dir);
 }
 
 int main(void)

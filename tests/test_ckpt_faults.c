@@ -20,6 +20,7 @@
 #include <cmocka.h>
 
 #include "kdkit/ckpt.h"
+#include "support/kd_test.h"
 
 static char g_dir[] = "/tmp/kdkit-test-ckpt-faults-XXXXXX";
 static char g_old[4096], g_new[4096];
@@ -252,9 +253,7 @@ static int teardown(void **state)
 {
     (void)state;
     kd_fault_clear();
-    char cmd[4200];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return kdt_remove_test_dir(g_dir);
 }
 
 int main(void)

@@ -24,6 +24,7 @@
 #include <cmocka.h>
 
 #include "kdkit/ckpt.h"
+#include "support/kd_test.h"
 
 static char g_dir[] = "/tmp/kdkit-test-ckpt-hostile-XXXXXX";
 
@@ -320,7 +321,7 @@ static void test_count_limits(void **state)
 }
 
 /* Files that look odd but follow every rule. */
-static void accept(const char *name, const char *hdr, size_t data, size_t ntensors)
+static void expect_accepted(const char *name, const char *hdr, size_t data, size_t ntensors)
 {
     size_t len;
     uint8_t *b = build(hdr, strlen(hdr), UINT64_MAX, data, &len);
@@ -338,15 +339,15 @@ static void accept(const char *name, const char *hdr, size_t data, size_t ntenso
 static void test_valid_edges(void **state)
 {
     (void)state;
-    accept("ok_empty", "{}", 0, 0);
-    accept("ok_padded", "{}      ", 0, 0);
-    accept("ok_whitespace", "{ \"a\" :\n{ \"dtype\" : \"U8\" ,\t\"shape\" : [ ] ,\r\"data_offsets\""
+    expect_accepted("ok_empty", "{}", 0, 0);
+    expect_accepted("ok_padded", "{}      ", 0, 0);
+    expect_accepted("ok_whitespace", "{ \"a\" :\n{ \"dtype\" : \"U8\" ,\t\"shape\" : [ ] ,\r\"data_offsets\""
            " : [ 0 , 1 ] } }  ", 1, 1);
-    accept("ok_zero_sized",
+    expect_accepted("ok_zero_sized",
            "{\"z\":{\"dtype\":\"F32\",\"shape\":[0,3],\"data_offsets\":[4,4]},"
            "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}",
            4, 2);
-    accept("ok_empty_meta", "{\"__metadata__\":{}}", 0, 0);
+    expect_accepted("ok_empty_meta", "{\"__metadata__\":{}}", 0, 0);
 
     /* escapes decode, names sort by bytes, find works */
     const char *h2 = "{\"\\u00e9\\ud83d\\ude00\\/\\n\":{\"dtype\":\"U8\",\"shape\":[1],"
@@ -454,9 +455,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[4200];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return kdt_remove_test_dir(g_dir);
 }
 
 int main(void)

@@ -21,6 +21,7 @@
 
 #include "kdkit/ckpt.h"
 #include "kdkit/tracker.h"
+#include "support/kd_test.h"
 
 static kd_checkpoint_record rec(int64_t step, double loss, const char *path)
 {
@@ -301,9 +302,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[4200];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return kdt_remove_test_dir(g_dir);
 }
 
 int main(void)

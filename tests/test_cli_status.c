@@ -24,6 +24,7 @@
 
 #include "kdkit/core.h"
 #include "kdkit/tracker.h"
+#include "support/kd_test.h"
 
 static const char *CFG = "{\"model\": {\"d_model\": 64}, \"lr\": 0.001}";
 
@@ -138,9 +139,7 @@ static char *tmpdir(void)
 
 static void rm_rf(const char *d)
 {
-    res r = sh("rm -rf '%s'", d);
-    assert_int_equal(r.code, 0);
-    res_free(&r);
+    assert_int_equal(kdt_remove_test_dir(d), 0);
 }
 
 static char *path_in(const char *dir, const char *name)

@@ -51,9 +51,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[400];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return kdt_remove_test_dir(tmpdir);
 }
 
 static const char *kdkit_bin(void)

@@ -24,6 +24,7 @@
 
 #include "kdkit/teacher.h"
 #include "kdkit/tracker.h"
+#include "support/kd_test.h"
 
 static char tmpdir[256];
 
@@ -38,9 +39,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[400];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return kdt_remove_test_dir(tmpdir);
 }
 
 static const char *path_in(const char *name)

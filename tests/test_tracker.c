@@ -23,6 +23,7 @@
 
 #include "kdkit/core.h"
 #include "kdkit/tracker.h"
+#include "support/kd_test.h"
 
 static const char *CFG = "{\"model\": {\"d_model\": 128, \"n_layer\": 4}, \"lr\": 0.001, \"seed\": 7}";
 
@@ -35,9 +36,7 @@ static char *mkdtemp_dir(void)
 
 static void rm_rf(const char *d)
 {
-    char cmd[8300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", d);
-    assert_int_equal(system(cmd), 0);
+    assert_int_equal(kdt_remove_test_dir(d), 0);
 }
 
 static char *path_in(const char *dir, const char *name)

@@ -34,6 +34,7 @@
 
 #include "kdkit/core.h"
 #include "kdkit/tracker.h"
+#include "support/kd_test.h"
 
 static const char *CFG = "{\"run\": \"crash-test\", \"lr\": 0.001}";
 
@@ -283,9 +284,7 @@ static void test_sigkill_at_random_moments(void **state)
     assert_true(json_object_size(acked) > 0);
     assert_true(max_step > 0);
     json_decref(acked);
-    char cmd[256];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    assert_int_equal(system(cmd), 0);
+    assert_int_equal(kdt_remove_test_dir(dir), 0);
 }
 
 int main(void)

@@ -26,6 +26,7 @@
 
 #include "kdkit/core.h"
 #include "kdkit/tracker.h"
+#include "support/kd_test.h"
 
 static const char *CFG = "{\"fault\": true}";
 
@@ -135,9 +136,7 @@ static kd_tracker *setup(char *dir)
 
 static void teardown_dir(const char *dir)
 {
-    char cmd[4200];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    assert_int_equal(system(cmd), 0);
+    assert_int_equal(kdt_remove_test_dir(dir), 0);
 }
 
 typedef int (*op_fn)(kd_tracker **t, const char *dir);

@@ -20,6 +20,7 @@
 
 #include "kdkit/core.h"
 #include "kdkit/train.h"
+#include "support/kd_test.h"
 
 static char g_dir[] = "/tmp/kdkit-test-train-config-XXXXXX";
 
@@ -43,9 +44,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[4300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return kdt_remove_test_dir(g_dir);
 }
 
 static char *effective(const char *path, const char *const *sets, size_t n)

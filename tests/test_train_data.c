@@ -19,6 +19,7 @@
 
 #include "kdkit/core.h"
 #include "kdkit/train.h"
+#include "support/kd_test.h"
 
 static void test_perm_is_a_bijection(void **state)
 {
@@ -83,9 +84,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[4300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return kdt_remove_test_dir(g_dir);
 }
 
 static void test_directory_rules(void **state)
