@@ -216,34 +216,35 @@ static void put8(char *o, uint32_t v)
 }
 
 /* Decimal digits of v, most significant first, no NUL; returns the count.
-   Eight digits at a time from the right: the 17-digit strings of most
+   The count comes first (from the bit length), so the digits are written in
+   place from the right, eight at a time: the 17-digit strings of most
    metrics were the longest serial chain in this file when cut two digits
-   per division. */
+   per division into a buffer and copied. */
 static int u64_to_str(uint64_t v, char *out)
 {
-    char b[24];
-    int i = 24;
+    int d = ((64 - __builtin_clzll(v | 1)) * 1233) >> 12; /* floor(bits * log10 2) */
+    int n = v ? d + (v >= POW10_64[d]) : 1;
+    char *p = out + n;
     while (v >= 100000000u) {
         uint64_t q = v / 100000000u;
-        i -= 8;
-        put8(b + i, (uint32_t)(v - q * 100000000u));
+        p -= 8;
+        put8(p, (uint32_t)(v - q * 100000000u));
         v = q;
     }
     uint32_t w = (uint32_t)v;
     while (w >= 100) {
-        uint32_t d = w % 100;
+        uint32_t r = w % 100;
         w /= 100;
-        i -= 2;
-        memcpy(b + i, DIGIT_PAIRS + 2 * d, 2);
+        p -= 2;
+        memcpy(p, DIGIT_PAIRS + 2 * r, 2);
     }
     if (w >= 10) {
-        i -= 2;
-        memcpy(b + i, DIGIT_PAIRS + 2 * w, 2);
+        p -= 2;
+        memcpy(p, DIGIT_PAIRS + 2 * w, 2);
     } else {
-        b[--i] = (char)('0' + w);
+        *--p = (char)('0' + w);
     }
-    memcpy(out, b + i, (size_t)(24 - i));
-    return 24 - i;
+    return n;
 }
 
 size_t kdi_u64_dec(uint64_t v, char *out)
@@ -284,27 +285,34 @@ static size_t layout_g(int neg, const char *dig, int nd, int x10, int prec, char
         *p++ = '-';
     if (x10 >= -4 && x10 < prec) {
         if (x10 >= 0) {
-            for (int i = 0; i <= x10; i++)
-                *p++ = i < nd ? dig[i] : '0';
-            if (nd > x10 + 1) {
-                *p++ = '.';
-                for (int i = x10 + 1; i < nd; i++)
-                    *p++ = dig[i];
+            int whole = x10 + 1; /* digits before the point */
+            if (nd >= whole) {
+                memcpy(p, dig, (size_t)whole);
+                p += whole;
+                if (nd > whole) {
+                    *p++ = '.';
+                    memcpy(p, dig + whole, (size_t)(nd - whole));
+                    p += nd - whole;
+                }
+            } else {
+                memcpy(p, dig, (size_t)nd);
+                memset(p + nd, '0', (size_t)(whole - nd));
+                p += whole;
             }
         } else {
             *p++ = '0';
             *p++ = '.';
-            for (int i = 0; i < -x10 - 1; i++)
-                *p++ = '0';
-            for (int i = 0; i < nd; i++)
-                *p++ = dig[i];
+            memset(p, '0', (size_t)(-x10 - 1));
+            p += -x10 - 1;
+            memcpy(p, dig, (size_t)nd);
+            p += nd;
         }
     } else {
         *p++ = dig[0];
         if (nd > 1) {
             *p++ = '.';
-            for (int i = 1; i < nd; i++)
-                *p++ = dig[i];
+            memcpy(p, dig + 1, (size_t)(nd - 1));
+            p += nd - 1;
         }
         *p++ = 'e';
         *p++ = x10 < 0 ? '-' : '+';
