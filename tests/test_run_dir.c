@@ -196,6 +196,68 @@ static void test_negative_total_cost_in_session_refused(void **state)
     free(s);
 }
 
+/* One rule for session.json: each edit below is refused by the reopen and
+   flagged by verify alike (verify used to accept a config that is not an
+   object, a config_hash in capitals or a 100-byte session_id, which the
+   reopen refuses). */
+static void test_verify_and_reopen_share_the_session_rule(void **state)
+{
+    const char *dir = *state;
+    kd_tracker *t = open_ok(dir, CFG);
+    assert_int_equal(kd_tracker_close(t), KD_OK);
+    char *orig = slurp(dir, "session.json");
+    char *p = kdt_path(dir, "session.json");
+    static const struct {
+        const char *key, *value, *why;
+    } edits[] = {
+        {"\"config\": ", "[1, 2]", "'config' must be an object"},
+        {"\"config_hash\": ", "\"ABCDEF\"", "'config_hash' must be 64 lowercase hex"},
+        {"\"session_id\": ",
+         "\"s-0123456789012345678901234567890123456789012345678901234567890123456789\"",
+         "'session_id' is missing, empty or longer than 63 bytes"},
+        {"\"saved_at\": ", "\"yesterday\"", "'saved_at' must be a number"},
+    };
+    for (size_t i = 0; i < sizeof edits / sizeof edits[0]; i++) {
+        /* replace the value after the key, up to the next ",\n" (or the
+           closing brace when it is the last key) */
+        char *at = strstr(orig, edits[i].key);
+        assert_non_null(at);
+        char *val = at + strlen(edits[i].key);
+        char *end = strstr(val, ",\n");
+        if (!end)
+            end = strstr(val, "\n}");
+        assert_non_null(end);
+        size_t pre = (size_t)(val - orig);
+        char *doc = malloc(strlen(orig) + strlen(edits[i].value) + 1);
+        memcpy(doc, orig, pre);
+        strcpy(doc + pre, edits[i].value);
+        strcat(doc, end);
+        assert_int_equal(kdt_spit(p, doc, strlen(doc)), 0);
+        kd_err e;
+        t = NULL;
+        assert_int_equal(kd_tracker_open(&t, dir, CFG, 100, NULL, &e), KD_ECORRUPT);
+        /* the reopen may meet the field in an earlier check of its own, but
+           it names the field */
+        char field[40];
+        const char *q = strchr(edits[i].why, '\'');
+        assert_non_null(q);
+        snprintf(field, sizeof field, "%.*s", (int)(strchr(q + 1, '\'') - q + 1), q);
+        if (!strstr(e.msg, field))
+            fail_msg("edit %zu: the reopen said \"%s\"", i, e.msg);
+        found f;
+        verify(dir, &f);
+        if (!strstr(f.text, edits[i].why))
+            fail_msg("edit %zu: verify did not flag it; it said:\n%s", i, f.text);
+        char *after = kdt_slurp(p, NULL);
+        assert_string_equal(after, doc); /* nothing was changed */
+        free(after);
+        free(doc);
+    }
+    assert_int_equal(kdt_spit(p, orig, strlen(orig)), 0);
+    free(p);
+    free(orig);
+}
+
 /* A clock stepped back after the run started (an RTC set a year ahead until
    NTP corrected it) puts start_time in the future.  The tracker used to
    write a negative elapsed_wall_clock_hours, which its own reader refuses,
@@ -746,6 +808,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_negative_cost_in_ledger_refused_by_reopen, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_clock_stepped_back_still_reopens, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_verify_and_reopen_share_the_session_rule, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_negative_total_cost_in_session_refused, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_metrics_tail_going_backwards_refused, setup,

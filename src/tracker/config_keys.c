@@ -3,7 +3,7 @@
  * for readers that compare them (kdkit report's sessions table), so no
  * command parses session.json itself: the main config and a component's
  * (from the handle), and each archived session's (sessions/<dir>/session.json,
- * read through kdi_trk_session_check, the rule the reopen applies).  Reads
+ * read through kdi_run_check_session, the rule the reopen and verify apply).  Reads
  * only; writes nothing.
  *
  * Flattening (include/kdkit/tracker.h, kd_config_list): each member of an
@@ -242,7 +242,7 @@ static int read_archived(const char *root, const char *name, kd_archived_session
     if (!s)
         snprintf(why, sizeof why, "not valid JSON (line %d, column %d: %s)", je.line, je.column,
                  je.text);
-    if (!s || kdi_trk_session_check(s, why, sizeof why)) {
+    if (!s || kdi_run_check_session(s, why, sizeof why)) {
         json_decref(s);
         a->status = KD_ECORRUPT;
         a->error = fmt_dup("%s: %s", a->file, why);

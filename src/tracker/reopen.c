@@ -377,40 +377,6 @@ static int count_since(kd_tracker *t, const char *name, uint64_t offset, const c
     return rc < 0 ? rc : KD_OK;
 }
 
-int kdi_trk_session_check(const json_t *s, char *why, size_t n)
-{
-    if (!json_is_object(s)) {
-        snprintf(why, n, "not a JSON object");
-        return 1;
-    }
-    /* readers show the id; the writer, which also makes it a directory name
-       when it archives the session, refuses '/' and a leading '.' besides */
-    const char *id = json_string_value(json_object_get(s, "session_id"));
-    if (!id || !id[0] || strlen(id) >= sizeof ((kd_tracker *)0)->session_id) {
-        snprintf(why, n, "field 'session_id' is missing, empty or longer than 63 bytes");
-        return 1;
-    }
-    if (!kdi_trk_is_hex64(json_string_value(json_object_get(s, "config_hash")))) {
-        snprintf(why, n, "field 'config_hash' must be 64 lowercase hex digits");
-        return 1;
-    }
-    static const char *numeric[] = {"start_time", "saved_at", "active_seconds", "paused_seconds",
-                                    "total_cost", "recent_steps_per_sec"};
-    for (size_t i = 0; i < sizeof numeric / sizeof numeric[0]; i++) {
-        json_t *x = json_object_get(s, numeric[i]);
-        if (x && !json_is_number(x) && !json_is_null(x)) {
-            snprintf(why, n, "field '%s' must be a number", numeric[i]);
-            return 1;
-        }
-    }
-    json_t *cfg = json_object_get(s, "config");
-    if (cfg && !json_is_null(cfg) && !json_is_object(cfg)) {
-        snprintf(why, n, "field 'config' must be an object");
-        return 1;
-    }
-    return kdi_run_check_session(s, why, n);
-}
-
 int kdi_trk_load(kd_tracker *t, json_t *s)
 {
     char spath[PATH_MAX];
@@ -418,7 +384,7 @@ int kdi_trk_load(kd_tracker *t, json_t *s)
     if (prc != KD_OK)
         return prc;
     char why[256];
-    if (kdi_trk_session_check(s, why, sizeof why))
+    if (kdi_run_check_session(s, why, sizeof why))
         return kdi_trk_fail(t, KD_ECORRUPT,
                            "%s: %s; nothing was changed. Correct it by hand (total_cost is the "
                            "sum of 'cost' over api_recovery.jsonl, the counters count its "

@@ -280,6 +280,23 @@ int kdi_run_check_session(const json_t *o, char *why, size_t n)
 {
     if (need_object(o, why, n))
         return 1;
+    /* readers show the id; the writer, which also makes it a directory name
+       when it archives the session, refuses '/' and a leading '.' besides */
+    const char *id = json_string_value(json_object_get(o, "session_id"));
+    if (!id || !id[0] || strlen(id) >= sizeof ((kd_tracker *)0)->session_id)
+        WHY("field 'session_id' is missing, empty or longer than 63 bytes");
+    if (!kdi_trk_is_hex64(json_string_value(json_object_get(o, "config_hash"))))
+        WHY("field 'config_hash' must be 64 lowercase hex digits");
+    static const char *numeric[] = {"start_time", "saved_at", "active_seconds", "paused_seconds",
+                                    "total_cost", "recent_steps_per_sec"};
+    for (size_t i = 0; i < sizeof numeric / sizeof numeric[0]; i++) {
+        json_t *x = json_object_get(o, numeric[i]);
+        if (x && !json_is_number(x) && !json_is_null(x))
+            WHY("field '%s' must be a number", numeric[i]);
+    }
+    json_t *cfg = json_object_get(o, "config");
+    if (cfg && !json_is_null(cfg) && !json_is_object(cfg))
+        WHY("field 'config' must be an object");
     static const char *nonneg[] = {"total_cost", "active_seconds", "paused_seconds",
                                    "elapsed_wall_clock_hours"};
     for (size_t i = 0; i < sizeof nonneg / sizeof nonneg[0]; i++)

@@ -75,7 +75,13 @@ int kdi_run_check_event(const json_t *o, char *why, size_t n);    /* events.json
 int kdi_run_check_eval(const json_t *o, char *why, size_t n);     /* eval.jsonl */
 int kdi_run_check_ckrec(const json_t *o, char *why, size_t n);    /* a manifest record */
 int kdi_run_check_intent(const json_t *o, char *why, size_t n);   /* teacher_intents.jsonl */
-/* The numeric fields of session.json the reopen trusts: types and signs. */
+/* session.json, the one rule before anything in it is trusted (the writer's
+   reopen, the read-only view, verify, the archived sessions' listing): a
+   session_id of 1..63 bytes (the writer also refuses '/' and a leading '.',
+   as it makes the id a directory name when it archives), a config_hash of
+   64 lowercase hex digits, the numbers the reopen reads of type number (or
+   null), "config" an object (or null, or absent), non-negative spend,
+   counters and times, and well-formed components. */
 int kdi_run_check_session(const json_t *o, char *why, size_t n);
 
 /* 1 if `path` resolves (symlinks followed) to a file inside directory `dir`

@@ -200,15 +200,6 @@ int kdi_trk_ck_frag(ckrec *c);
 int kdi_trk_write_state(kd_tracker *t);         /* checkpoints.json + session.json + progress.json */
 int kdi_trk_write_session(kd_tracker *t);       /* session.json + progress.json */
 char *kdi_trk_progress_doc(kd_tracker *t);
-/* The one rule for a session document before anything in it is trusted: the
-   writer's reopen and the read-only view (both through kdi_trk_load) and the
-   archived sessions' listing (config_keys.c) call it.  A session_id string
-   of 1..63 bytes (the writer also refuses '/' and a leading '.', as it makes
-   the id a directory name when it archives), a config_hash of 64 lowercase hex digits, the numbers the reopen reads of
-   type number (or null), "config" an object (or null, or absent), and the
-   registry's kdi_run_check_session (signs, counters, components).  0, or 1
-   with `why` saying what is wrong ("field 'total_cost' is negative (-1)"). */
-int kdi_trk_session_check(const json_t *s, char *why, size_t n);
 int kdi_trk_load(kd_tracker *t, json_t *session); /* state from session.json + tails */
 int kdi_trk_load_checkpoints(kd_tracker *t);
 int kdi_trk_load_deleted_journal(kd_tracker *t); /* completes a move a crash interrupted */
