@@ -77,6 +77,28 @@ static char *slurp(const char *dir, const char *name)
     return s;
 }
 
+/* session.json's text with the value of top-level `key` replaced by
+   `value` (up to the ",\n" after it, or the closing brace for the last
+   key); malloc'd. */
+static char *with_value(const char *doc, const char *key, const char *value)
+{
+    char k[64];
+    snprintf(k, sizeof k, "\"%s\": ", key);
+    const char *at = strstr(doc, k);
+    assert_non_null(at);
+    const char *val = at + strlen(k);
+    const char *end = strstr(val, ",\n");
+    if (!end)
+        end = strstr(val, "\n}");
+    assert_non_null(end);
+    size_t pre = (size_t)(val - doc);
+    char *out = malloc(strlen(doc) + strlen(value) + 1);
+    memcpy(out, doc, pre);
+    strcpy(out + pre, value);
+    strcat(out, end);
+    return out;
+}
+
 typedef struct found {
     int n;
     char text[8192];
@@ -163,17 +185,7 @@ static void test_negative_total_cost_in_session_refused(void **state)
     one_response(t, 0.5);
     assert_int_equal(kd_tracker_close(t), KD_OK);
     char *s = slurp(dir, "session.json");
-    char *at = strstr(s, "\"total_cost\": ");
-    assert_non_null(at);
-    /* "total_cost": 0.5 -> "total_cost": -9.5 */
-    char *num = at + strlen("\"total_cost\": ");
-    size_t rest = strlen(num);
-    char *fixed = malloc(strlen(s) + 8);
-    size_t pre = (size_t)(num - s);
-    memcpy(fixed, s, pre);
-    strcpy(fixed + pre, "-9.5");
-    strcat(fixed, strchr(num, ','));
-    (void)rest;
+    char *fixed = with_value(s, "total_cost", "-9.5"); /* was 0.5 */
     char *p = kdt_path(dir, "session.json");
     assert_int_equal(kdt_spit(p, fixed, strlen(fixed)), 0);
 
@@ -210,28 +222,15 @@ static void test_verify_and_reopen_share_the_session_rule(void **state)
     static const struct {
         const char *key, *value, *why;
     } edits[] = {
-        {"\"config\": ", "[1, 2]", "'config' must be an object"},
-        {"\"config_hash\": ", "\"ABCDEF\"", "'config_hash' must be 64 lowercase hex"},
-        {"\"session_id\": ",
+        {"config", "[1, 2]", "'config' must be an object"},
+        {"config_hash", "\"ABCDEF\"", "'config_hash' must be 64 lowercase hex"},
+        {"session_id",
          "\"s-0123456789012345678901234567890123456789012345678901234567890123456789\"",
          "'session_id' is missing, empty or longer than 63 bytes"},
-        {"\"saved_at\": ", "\"yesterday\"", "'saved_at' must be a number"},
+        {"saved_at", "\"yesterday\"", "'saved_at' must be a number"},
     };
     for (size_t i = 0; i < sizeof edits / sizeof edits[0]; i++) {
-        /* replace the value after the key, up to the next ",\n" (or the
-           closing brace when it is the last key) */
-        char *at = strstr(orig, edits[i].key);
-        assert_non_null(at);
-        char *val = at + strlen(edits[i].key);
-        char *end = strstr(val, ",\n");
-        if (!end)
-            end = strstr(val, "\n}");
-        assert_non_null(end);
-        size_t pre = (size_t)(val - orig);
-        char *doc = malloc(strlen(orig) + strlen(edits[i].value) + 1);
-        memcpy(doc, orig, pre);
-        strcpy(doc + pre, edits[i].value);
-        strcat(doc, end);
+        char *doc = with_value(orig, edits[i].key, edits[i].value);
         assert_int_equal(kdt_spit(p, doc, strlen(doc)), 0);
         kd_err e;
         t = NULL;
@@ -268,14 +267,9 @@ static void test_clock_stepped_back_still_reopens(void **state)
     kd_tracker *t = open_ok(dir, CFG);
     assert_int_equal(kd_tracker_close(t), KD_OK);
     char *s = slurp(dir, "session.json");
-    char *at = strstr(s, "\"start_time\": ");
-    assert_non_null(at);
-    char *num = at + strlen("\"start_time\": ");
-    char *fixed = malloc(strlen(s) + 32);
-    size_t pre = (size_t)(num - s);
-    memcpy(fixed, s, pre);
-    sprintf(fixed + pre, "%.3f", kd_now() + 365.0 * 86400.0);
-    strcat(fixed, strchr(num, ','));
+    char later[40];
+    snprintf(later, sizeof later, "%.3f", kd_now() + 365.0 * 86400.0);
+    char *fixed = with_value(s, "start_time", later);
     char *p = kdt_path(dir, "session.json");
     assert_int_equal(kdt_spit(p, fixed, strlen(fixed)), 0);
 
