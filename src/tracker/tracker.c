@@ -753,9 +753,9 @@ static size_t format_metric(char *out, const pending_metric *pm)
     p = put_int(p, m->step);
     PUT_LIT(p, ",\"timestamp\":");
     size_t n = kdi_dtoa_fixed(pm->timestamp, 6, p);
-    if (n == 0) /* outside the exact method's range: printf's text */
-        n = (size_t)snprintf(p, KD_DTOA_MAX, "%.6f", pm->timestamp);
-    p += n < KD_DTOA_MAX ? n : 0;
+    if (n == 0) /* not a time (|t| >= 2^63, NaN): still a JSON value, never cut */
+        n = kdi_dtoa_json(pm->timestamp, p);
+    p += n;
     PUT_LIT(p, ",\"loss\":");
     p = put_opt_double(p, m->loss); /* no loss measured: null without a marker */
     if (m->loss != KD_UNSET && !isfinite(m->loss)) {
