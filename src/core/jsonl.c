@@ -385,8 +385,6 @@ done:
     return rc;
 }
 
-/* Write the buffer in one go; on failure roll the file back to j->disk.  The
- * buffer is left as it is either way (the caller decides what to drop). */
 /* Reserve blocks past the end before a write that would pass the last
    reservation.  Best effort: a filesystem that cannot (EOPNOTSUPP) or a
    full disk (ENOSPC: the write itself then reports it) turns it off. */
@@ -402,6 +400,8 @@ static void reserve_ahead(kd_jsonl *j)
         j->o.prealloc_bytes = 0;
 }
 
+/* Write the buffer in one go; on failure roll the file back to j->disk.  The
+ * buffer is left as it is either way (the caller decides what to drop). */
 static int write_out(kd_jsonl *j, kd_err *e)
 {
     if (j->blen == 0)

@@ -392,9 +392,9 @@ static int open_journals(kd_tracker *t)
         if (prc != KD_OK)
             return prc;
         /* metrics: the tracker times its own writes (write_held), so the
-           journal need not read the clock at every line */
-        /* metrics also reserve their blocks 8 MiB ahead (core/jsonl.c):
-           its 64 KiB writes are a fifth of update_metrics' mean */
+           journal need not read the clock at every line; and it reserves
+           its blocks 8 MiB ahead (core/jsonl.c), since its 64 KiB writes
+           were a fifth of update_metrics' mean */
         kd_jsonl_opts o = {.sync = js[i].sync,
                            .interval_ms = js[i].slot == &t->metrics ? 0 : 1000,
                            .buffer_bytes = js[i].buffer,
