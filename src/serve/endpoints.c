@@ -185,21 +185,23 @@ static const char *parse_common(kd_serve *s, json_t *j, genreq *g, int chat, cha
     return NULL;
 }
 
-static const char *check_model(kd_serve *s, json_t *j, char *msg, size_t cap, int *notfound)
+/* The request's "model" checked against the one this server has; on a
+   mismatch the error is sent (400 when missing, 404 model_not_found as
+   OpenAI answers an unknown model) and 1 returned with *out its result. */
+static int refuse_model(kd_serve *s, struct MHD_Connection *c, json_t *j, enum MHD_Result *out)
 {
     json_t *m = json_object_get(j, "model");
-    *notfound = 0;
     if (!json_is_string(m)) {
-        snprintf(msg, cap, "model is required (a string; this server has '%s')", s->be.name);
-        return "model";
+        *out = BAD("model", "model is required (a string; this server has '%s')", s->be.name);
+        return 1;
     }
     if (strcmp(json_string_value(m), s->be.name) != 0) {
-        *notfound = 1;
-        snprintf(msg, cap, "The model '%.100s' does not exist; this server has '%s'",
-                 json_string_value(m), s->be.name);
-        return "model";
+        *out = send_error(s, c, 404, "invalid_request_error", "model", "model_not_found",
+                          "The model '%.100s' does not exist; this server has '%s'",
+                          json_string_value(m), s->be.name);
+        return 1;
     }
-    return NULL;
+    return 0;
 }
 
 /* messages -> "<|role|>\ncontent\n" ... "<|assistant|>\n" */
@@ -292,12 +294,10 @@ enum MHD_Result kdi_srv_do_generate(kd_serve *s, struct MHD_Connection *c, json_
                                    kd_serve_fault fault, uint64_t seqno)
 {
     char msg[512];
-    int nf;
-    const char *bad = check_model(s, j, msg, sizeof msg, &nf);
-    if (bad)
-        return nf ? send_error(s, c, 404, "invalid_request_error", "model", "model_not_found",
-                               "%s", msg)
-                  : BAD(bad, "%s", msg);
+    const char *bad;
+    enum MHD_Result refused;
+    if (refuse_model(s, c, j, &refused))
+        return refused;
     genreq g;
     memset(&g, 0, sizeof g);
     if ((bad = parse_common(s, j, &g, chat, msg, sizeof msg)))
@@ -464,13 +464,9 @@ static void b64_encode(const unsigned char *p, size_t n, char *out)
 enum MHD_Result kdi_srv_do_embed(kd_serve *s, struct MHD_Connection *c, json_t *j,
                                 kd_serve_fault fault)
 {
-    char msg[512];
-    int nf;
-    const char *bad = check_model(s, j, msg, sizeof msg, &nf);
-    if (bad)
-        return nf ? send_error(s, c, 404, "invalid_request_error", "model", "model_not_found",
-                               "%s", msg)
-                  : BAD(bad, "%s", msg);
+    enum MHD_Result refused;
+    if (refuse_model(s, c, j, &refused))
+        return refused;
     json_t *ef = json_object_get(j, "encoding_format");
     int b64 = 0;
     if (ef && !json_is_null(ef)) {
